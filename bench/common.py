@@ -1,0 +1,53 @@
+"""Timing helpers for the GPU benchmarks: CUDA events, medians, rotated inputs, ceilings."""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+_COPY_GBPS: list = []
+
+
+def time_ms(fn, input_sets, warmup=5, iters=30):
+    """Median milliseconds of fn(*inputs), cycling through input_sets so that successive calls
+    touch different memory (each set should be larger than L2, or use several sets)."""
+    n = len(input_sets)
+    for i in range(warmup):
+        fn(*input_sets[i % n])
+    torch.cuda.synchronize()
+    times = []
+    for i in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        args = input_sets[i % n]
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps() -> float:
+    """Measured device-to-device copy rate in GB/s (bytes read + bytes written), cached."""
+    if not _COPY_GBPS:
+        n = 1 << 30  # 1 GiB per buffer: far beyond L2
+        bufs = [torch.empty(n, dtype=torch.uint8, device="cuda") for _ in range(4)]
+        for b in bufs:
+            b.random_(0, 255)
+        pairs = [(bufs[0], bufs[1]), (bufs[2], bufs[3]), (bufs[1], bufs[0]), (bufs[3], bufs[2])]
+        ms = time_ms(lambda dst, src: dst.copy_(src), pairs, warmup=3, iters=20)
+        _COPY_GBPS.append(2 * n / ms / 1e6)
+        del bufs
+        torch.cuda.empty_cache()
+    return _COPY_GBPS[0]
+
+
+def matmul_tflops(m=8192, n=8192, k=8192) -> float:
+    a = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    b = [torch.randn(k, n, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    ms = time_ms(torch.matmul, list(zip(a, b)), warmup=3, iters=10)
+    return 2 * m * n * k / ms / 1e9
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "none"

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The single call on the GPU machine: build fastft._C for sm_90, run the gpu tests, run the
+# benchmarks; logs and JSON go to $OUT. Usage (repo root): bash bench/device.sh [pytest -k expr]
+# Carried wheels (.whl/: pytest, pytest-benchmark, bitsandbytes, liger-kernel, ...) are
+# installed first when present, since that machine has no package index.
+set -uo pipefail
+OUT=${OUT:-/tmp/fastft-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-16}
+export FASTFT_BUILD_CUDA=1
+SELECT=${1:-}
+PY=python3
+T0=$(date +%s)
+stamp() { echo "[device.sh +$(( $(date +%s) - T0 ))s] $*"; }
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl > "$OUT/wheels.log" 2>&1 || { cat "$OUT/wheels.log"; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+
+stamp "building fastft._C for $TORCH_CUDA_ARCH_LIST"
+$PY -m pip install --no-build-isolation --no-deps --no-index -v -e . > "$OUT/build.log" 2>&1
+rc=$?
+stamp "build rc=$rc"
+if [ $rc -ne 0 ]; then  # e.g. no setuptools/wheel there for an editable install: build in place
+  stamp "pip build failed; trying setup.py build_ext --inplace"
+  $PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+  [ -e fastft/triton_kernels ] || ln -s ../triton_kernels fastft/triton_kernels
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+$PY -m fastft.env 2>&1 | tee "$OUT/env.txt"
+# The CMake build of the same sources, in the background, into a scratch dir.
+( cmake -S . -B /tmp/cmake-build -G Ninja -DFASTFT_OUTPUT_DIR=/tmp/cmake-out \
+    -DCMAKE_PREFIX_PATH="$($PY -c 'import torch;print(torch.utils.cmake_prefix_path)')" \
+    -DPython3_EXECUTABLE="$(command -v $PY)" -DTORCH_CUDA_ARCH_LIST=9.0 \
+  && cmake --build /tmp/cmake-build ) > "$OUT/cmake.log" 2>&1 &
+CMAKE_PID=$!
+
+stamp "gpu tests"
+timeout ${TEST_TIMEOUT:-420} $PY -m pytest tests -m gpu -q -p no:cacheprovider -rfE \
+    ${SELECT:+-k "$SELECT"} --junitxml="$OUT/gpu-tests.xml" > "$OUT/gpu-tests.log" 2>&1
+echo "gpu tests rc=$?"; grep -E "passed|failed|error" "$OUT/gpu-tests.log" | tail -3
+grep -E "^(FAILED|ERROR)" "$OUT/gpu-tests.log" | head -30
+
+stamp "benchmarks"
+FASTFT_BENCH_OUT="$OUT/kernels.json" timeout ${BENCH_TIMEOUT:-420} $PY -m pytest bench -q \
+    -p no:cacheprovider -o python_files='bench_*.py' -o python_functions='bench_*' \
+    ${SELECT:+-k "$SELECT"} --benchmark-json="$OUT/pytest-benchmark.json" \
+    > "$OUT/bench.log" 2>&1
+echo "bench rc=$?"; tail -3 "$OUT/bench.log"
+for script in ${EXTRA_SCRIPTS:-}; do
+  stamp "$script"
+  timeout 300 $PY $script --out "$OUT" > "$OUT/$(basename $script .py).log" 2>&1
+  echo "$script rc=$?"; tail -5 "$OUT/$(basename $script .py).log"
+done
+wait $CMAKE_PID; echo "cmake build rc=$? ($(ls /tmp/cmake-out 2>/dev/null | tr '\n' ' '))"
+[ -f "$OUT/kernels.json" ] && $PY bench/summarize.py "$OUT/kernels.json"
+stamp done

@@ -1,0 +1,347 @@
+// RMSNorm and LayerNorm, forward and backward, over the last dim of a [rows, hidden] view.
+//
+// Fast path: one block per row (forward) with the row held in registers, 16-byte accesses,
+// so each element of x is read once and y written once. Rows whose width is not a multiple
+// of the vector width, misaligned rows, or rows too wide for the register cache take the
+// loop path, which re-reads the row (from L1/L2) instead of caching it.
+#include "common.cuh"
+#include "kernels.h"
+
+namespace fastft {
+namespace {
+
+constexpr int kMaxVPT = 8;  // vectors per thread in the register cache
+
+int pow2_ceil(int v) { int p = 1; while (p < v) p <<= 1; return p; }
+
+// ------------------------------------------------------------------ forward
+
+template <typename T, typename W, int VEC, int VPT, bool RMS>
+__global__ void __launch_bounds__(1024) norm_fwd_vec(const NormArgs a) {
+  __shared__ float scratch[32];
+  const int64_t row = blockIdx.x;
+  const int H = a.hidden;
+  const T* x = static_cast<const T*>(a.x) + row * a.x_stride;
+  T* y = static_cast<T*>(a.y) + row * a.y_stride;
+
+  float v[VPT][VEC];
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int c = (k * blockDim.x + threadIdx.x) * VEC;
+    if (c < H) {
+      load_f32<T, VEC>(x + c, v[k]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) v[k][i] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) s += RMS ? v[k][i] * v[k][i] : v[k][i];
+  }
+  float mean = 0.f, rstd;
+  if (RMS) {
+    rstd = rsqrtf(block_sum(s, scratch) / H + a.eps);
+  } else {
+    mean = block_sum(s, scratch) / H;
+    float q = 0.f;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int c = (k * blockDim.x + threadIdx.x) * VEC;
+      if (c < H) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) { float d = v[k][i] - mean; q += d * d; }
+      }
+    }
+    rstd = rsqrtf(block_sum(q, scratch) / H + a.eps);
+  }
+  if (threadIdx.x == 0) {
+    a.rstd[row] = rstd;
+    if (!RMS) a.mean[row] = mean;
+  }
+  const W* wp = static_cast<const W*>(a.weight);
+  const W* bp = static_cast<const W*>(a.bias);
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int c = (k * blockDim.x + threadIdx.x) * VEC;
+    if (c >= H) continue;
+    float w[VEC], b[VEC], out[VEC];
+    if (wp) load_f32<W, VEC>(wp + c, w);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      float wi = wp ? w[i] + a.offset : 1.f;
+      out[i] = (v[k][i] - mean) * rstd * wi;
+    }
+    if (bp) {
+      load_f32<W, VEC>(bp + c, b);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) out[i] += b[i];
+    }
+    store_f32<T, VEC>(y + c, out);
+  }
+}
+
+template <typename T, typename W, bool RMS>
+__global__ void __launch_bounds__(1024) norm_fwd_loop(const NormArgs a) {
+  __shared__ float scratch[32];
+  const int64_t row = blockIdx.x;
+  const int H = a.hidden;
+  const T* x = static_cast<const T*>(a.x) + row * a.x_stride;
+  T* y = static_cast<T*>(a.y) + row * a.y_stride;
+  const W* wp = static_cast<const W*>(a.weight);
+  const W* bp = static_cast<const W*>(a.bias);
+  float s = 0.f;
+  for (int c = threadIdx.x; c < H; c += blockDim.x) {
+    float xv = to_f32(x[c]);
+    s += RMS ? xv * xv : xv;
+  }
+  float mean = 0.f, rstd;
+  if (RMS) {
+    rstd = rsqrtf(block_sum(s, scratch) / H + a.eps);
+  } else {
+    mean = block_sum(s, scratch) / H;
+    float q = 0.f;
+    for (int c = threadIdx.x; c < H; c += blockDim.x) {
+      float d = to_f32(x[c]) - mean;
+      q += d * d;
+    }
+    rstd = rsqrtf(block_sum(q, scratch) / H + a.eps);
+  }
+  if (threadIdx.x == 0) {
+    a.rstd[row] = rstd;
+    if (!RMS) a.mean[row] = mean;
+  }
+  for (int c = threadIdx.x; c < H; c += blockDim.x) {
+    float wi = wp ? to_f32(wp[c]) + a.offset : 1.f;
+    float o = (to_f32(x[c]) - mean) * rstd * wi;
+    if (bp) o += to_f32(bp[c]);
+    y[c] = from_f32<T>(o);
+  }
+}
+
+// ------------------------------------------------------------------ backward
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w', xhat = (x - mean) * rstd
+// (RMSNorm: no mean terms). dW / dB partial sums: one float32 row per block.
+
+template <typename T, typename W, int VEC, int VPT, bool RMS>
+__global__ void __launch_bounds__(1024) norm_bwd_vec(const NormBwdArgs a, int64_t rows_per_block) {
+  __shared__ float scratch[32];
+  const int H = a.hidden;
+  const W* wp = static_cast<const W*>(a.weight);
+  float w[VPT][VEC];
+  float dw_acc[VPT][VEC], db_acc[VPT][VEC];
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int c = (k * blockDim.x + threadIdx.x) * VEC;
+    if (wp && c < H) load_f32<W, VEC>(wp + c, w[k]);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      w[k][i] = wp ? (c < H ? w[k][i] + a.offset : 0.f) : 1.f;
+      dw_acc[k][i] = 0.f;
+      db_acc[k][i] = 0.f;
+    }
+  }
+  const int64_t first = blockIdx.x * rows_per_block;
+  const int64_t last = min(a.rows, first + rows_per_block);
+  for (int64_t row = first; row < last; ++row) {
+    const T* x = static_cast<const T*>(a.x) + row * a.x_stride;
+    const T* dy = static_cast<const T*>(a.dy) + row * a.dy_stride;
+    T* dx = static_cast<T*>(a.dx) + row * a.dx_stride;
+    const float rstd = a.rstd[row];
+    const float mean = RMS ? 0.f : a.mean[row];
+    float xh[VPT][VEC], d[VPT][VEC];
+    float sum_g = 0.f, sum_gx = 0.f;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int c = (k * blockDim.x + threadIdx.x) * VEC;
+      if (c < H) {
+        load_f32<T, VEC>(x + c, xh[k]);
+        load_f32<T, VEC>(dy + c, d[k]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) { xh[k][i] = mean; d[k][i] = 0.f; }
+      }
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        xh[k][i] = (xh[k][i] - mean) * rstd;
+        float g = d[k][i] * w[k][i];
+        sum_g += g;
+        sum_gx += g * xh[k][i];
+      }
+    }
+    const float c2 = block_sum(sum_gx, scratch) / H;
+    const float c1 = RMS ? 0.f : block_sum(sum_g, scratch) / H;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int c = (k * blockDim.x + threadIdx.x) * VEC;
+      if (c >= H) continue;
+      float out[VEC];
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        out[i] = rstd * (d[k][i] * w[k][i] - c1 - xh[k][i] * c2);
+        dw_acc[k][i] += d[k][i] * xh[k][i];
+        db_acc[k][i] += d[k][i];
+      }
+      store_f32<T, VEC>(dx + c, out);
+    }
+  }
+  if (a.dw_partial || a.db_partial) {
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int c = (k * blockDim.x + threadIdx.x) * VEC;
+      if (c >= H) continue;
+      if (a.dw_partial) store_f32<float, VEC>(a.dw_partial + blockIdx.x * (int64_t)H + c, dw_acc[k]);
+      if (a.db_partial) store_f32<float, VEC>(a.db_partial + blockIdx.x * (int64_t)H + c, db_acc[k]);
+    }
+  }
+}
+
+template <typename T, typename W, bool RMS>
+__global__ void __launch_bounds__(1024) norm_bwd_loop(const NormBwdArgs a, int64_t rows_per_block) {
+  __shared__ float scratch[32];
+  const int H = a.hidden;
+  const W* wp = static_cast<const W*>(a.weight);
+  float* dwp = a.dw_partial ? a.dw_partial + blockIdx.x * (int64_t)H : nullptr;
+  float* dbp = a.db_partial ? a.db_partial + blockIdx.x * (int64_t)H : nullptr;
+  for (int c = threadIdx.x; c < H; c += blockDim.x) {
+    if (dwp) dwp[c] = 0.f;
+    if (dbp) dbp[c] = 0.f;
+  }
+  const int64_t first = blockIdx.x * rows_per_block;
+  const int64_t last = min(a.rows, first + rows_per_block);
+  for (int64_t row = first; row < last; ++row) {
+    const T* x = static_cast<const T*>(a.x) + row * a.x_stride;
+    const T* dy = static_cast<const T*>(a.dy) + row * a.dy_stride;
+    T* dx = static_cast<T*>(a.dx) + row * a.dx_stride;
+    const float rstd = a.rstd[row];
+    const float mean = RMS ? 0.f : a.mean[row];
+    float sum_g = 0.f, sum_gx = 0.f;
+    for (int c = threadIdx.x; c < H; c += blockDim.x) {
+      float wi = wp ? to_f32(wp[c]) + a.offset : 1.f;
+      float g = to_f32(dy[c]) * wi;
+      sum_g += g;
+      sum_gx += g * (to_f32(x[c]) - mean) * rstd;
+    }
+    const float c2 = block_sum(sum_gx, scratch) / H;
+    const float c1 = RMS ? 0.f : block_sum(sum_g, scratch) / H;
+    for (int c = threadIdx.x; c < H; c += blockDim.x) {
+      float wi = wp ? to_f32(wp[c]) + a.offset : 1.f;
+      float dyv = to_f32(dy[c]);
+      float xh = (to_f32(x[c]) - mean) * rstd;
+      dx[c] = from_f32<T>(rstd * (dyv * wi - c1 - xh * c2));
+      if (dwp) dwp[c] += dyv * xh;  // each block owns its partial row: no atomics
+      if (dbp) dbp[c] += dyv;
+    }
+  }
+}
+
+template <typename T>
+bool aligned(const void* p, int64_t stride_elems, int vec) {
+  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * vec) == 0 && stride_elems % vec == 0;
+}
+
+struct Plan { int threads; int vpt; int vec; };
+
+// vec = 16-byte accesses when every row allows them; vpt <= kMaxVPT else the loop path (vpt 0).
+Plan plan_rows(int hidden, int vec, int target_vpt) {
+  if (hidden % vec != 0) vec = 1;
+  const int nvec = hidden / vec;
+  int threads = pow2_ceil((nvec + target_vpt - 1) / target_vpt);
+  threads = threads < 32 ? 32 : (threads > 1024 ? 1024 : threads);
+  int vpt = pow2_ceil((nvec + threads - 1) / threads);
+  if (vpt > kMaxVPT || vec == 1) return {vec == 1 ? (threads < 128 ? threads : 256) : 1024, 0, 1};
+  return {threads, vpt, vec};
+}
+
+template <typename T, typename W, bool RMS, int VEC, int VPT>
+void launch_fwd(const NormArgs& a, int threads, cudaStream_t s) {
+  norm_fwd_vec<T, W, VEC, VPT, RMS><<<a.rows, threads, 0, s>>>(a);
+}
+
+template <typename T, typename W, bool RMS>
+void forward_typed(const NormArgs& a, cudaStream_t s) {
+  constexpr int VEC = 16 / sizeof(T);
+  bool ok = aligned<T>(a.x, a.x_stride, VEC) && aligned<T>(a.y, a.y_stride, VEC) &&
+            (!a.weight || aligned<W>(a.weight, 0, VEC)) && (!a.bias || aligned<W>(a.bias, 0, VEC));
+  Plan p = plan_rows(a.hidden, ok ? VEC : 1, 4);
+  switch (p.vpt) {
+    case 1: launch_fwd<T, W, RMS, VEC, 1>(a, p.threads, s); break;
+    case 2: launch_fwd<T, W, RMS, VEC, 2>(a, p.threads, s); break;
+    case 4: launch_fwd<T, W, RMS, VEC, 4>(a, p.threads, s); break;
+    case 8: launch_fwd<T, W, RMS, VEC, 8>(a, p.threads, s); break;
+    default: norm_fwd_loop<T, W, RMS><<<a.rows, p.threads, 0, s>>>(a);
+  }
+}
+
+template <typename T, typename W, bool RMS, int VEC, int VPT>
+void launch_bwd(const NormBwdArgs& a, int grid, int64_t rpb, int threads, cudaStream_t s) {
+  norm_bwd_vec<T, W, VEC, VPT, RMS><<<grid, threads, 0, s>>>(a, rpb);
+}
+
+template <typename T, typename W, bool RMS>
+void backward_typed(const NormBwdArgs& a, int grid, cudaStream_t s) {
+  constexpr int VEC = 16 / sizeof(T);
+  bool ok = aligned<T>(a.x, a.x_stride, VEC) && aligned<T>(a.dy, a.dy_stride, VEC) &&
+            aligned<T>(a.dx, a.dx_stride, VEC) && (!a.weight || aligned<W>(a.weight, 0, VEC));
+  const int64_t rpb = (a.rows + grid - 1) / grid;
+  Plan p = plan_rows(a.hidden, ok ? VEC : 1, 2);
+  switch (p.vpt) {
+    case 1: launch_bwd<T, W, RMS, VEC, 1>(a, grid, rpb, p.threads, s); break;
+    case 2: launch_bwd<T, W, RMS, VEC, 2>(a, grid, rpb, p.threads, s); break;
+    case 4: launch_bwd<T, W, RMS, VEC, 4>(a, grid, rpb, p.threads, s); break;
+    case 8: launch_bwd<T, W, RMS, VEC, 8>(a, grid, rpb, p.threads, s); break;
+    default: norm_bwd_loop<T, W, RMS><<<grid, p.threads, 0, s>>>(a, rpb);
+  }
+}
+
+// Runs f with (T, W): W is T or float (weights kept in float32 under mixed precision).
+template <typename F>
+void dispatch_xw(int dtype, int w_dtype, F&& f) {
+  dispatch_float(dtype, [&](auto t) {
+    using T = decltype(t);
+    if (w_dtype == kF32) f(T{}, float{});
+    else f(T{}, T{});
+  });
+}
+
+}  // namespace
+
+int64_t kernel_image_version(int64_t device) {
+  int prev = 0;
+  if (cudaGetDevice(&prev) != cudaSuccess) { cudaGetLastError(); return -1; }
+  cudaSetDevice((int)device);
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, norm_fwd_loop<float, float, true>);
+  cudaSetDevice(prev);
+  if (err != cudaSuccess) { cudaGetLastError(); return -1; }
+  return attr.binaryVersion;
+}
+
+void norm_forward(const NormArgs& a, cudaStream_t s) {
+  if (a.rows == 0) return;
+  dispatch_xw(a.dtype, a.w_dtype, [&](auto t, auto w) {
+    using T = decltype(t);
+    using W = decltype(w);
+    if (a.is_rms) forward_typed<T, W, true>(a, s);
+    else forward_typed<T, W, false>(a, s);
+  });
+}
+
+int norm_backward_partial_rows(int64_t rows, int hidden, int device_sms) {
+  // Enough blocks to fill the GPU; few enough that the float32 partial rows stay small
+  // next to the [rows, hidden] tensors the kernel streams.
+  int64_t g = (int64_t)device_sms * 4;
+  if (g > rows) g = rows;
+  return g < 1 ? 1 : (int)g;
+}
+
+void norm_backward(const NormBwdArgs& a, int grid, cudaStream_t s) {
+  if (a.rows == 0) return;
+  dispatch_xw(a.dtype, a.w_dtype, [&](auto t, auto w) {
+    using T = decltype(t);
+    using W = decltype(w);
+    if (a.is_rms) backward_typed<T, W, true>(a, grid, s);
+    else backward_typed<T, W, false>(a, grid, s);
+  });
+}
+
+}  // namespace fastft

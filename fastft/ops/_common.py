@@ -1,0 +1,39 @@
+"""Helpers shared by the op modules."""
+from __future__ import annotations
+
+import torch
+
+# Tests set this so that every output a kernel should write starts as NaN (or -1 for
+# integers): an element the kernel forgets to write then fails the comparison.
+POISON = False
+
+
+def new_empty(shape, dtype, device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON:
+        out.fill_(float("nan") if dtype.is_floating_point else -1)
+    return out
+
+
+def rows_view(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, last_dim] with a contiguous last dim (a view when possible)."""
+    if x.dim() == 0:
+        raise ValueError("expected a tensor with at least one dimension")
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        x = x.contiguous()
+    return x.reshape(-1, x.shape[-1])
+
+
+def triton_programs(device: torch.device, rows: int, per_sm: int = 4) -> int:
+    """How many programs a row-looping Triton kernel should launch."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(rows, sms * per_sm))
+    return max(1, min(rows, 4))  # interpreter: a few programs exercise the row loop
+
+
+def cuda_ops():
+    """torch.ops.fastft when fastft._C is loaded, else None."""
+    from fastft import _ext
+
+    return torch.ops.fastft if _ext.C is not None else None
