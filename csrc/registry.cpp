@@ -19,6 +19,9 @@ TORCH_LIBRARY(fastft, m) {
         "Tensor(c!) rstd, float eps) -> ()");
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, "
         "Tensor(a!) dx, Tensor(b!)? dw, Tensor(c!)? db) -> ()");
+  // ---- rope, swiglu / geglu (activations.cu, rope.cu)
+  // ---- cross_entropy (cross_entropy.cu)
+  // ---- nf4 (nf4.cu)
 }
 
 static PyModuleDef fastft_c_module = {PyModuleDef_HEAD_INIT, "_C",

@@ -24,6 +24,13 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TABLE: dict[str, tuple[str, ...]] = {
     "rms_norm": ("cuda", "triton", "torch"),
     "layer_norm": ("cuda", "triton", "torch"),
+    "rope": ("cuda", "triton", "torch"),
+    "swiglu": ("cuda", "triton", "torch"),
+    "geglu": ("cuda", "triton", "torch"),
+    "cross_entropy": ("cuda", "triton", "torch"),
+    "fused_linear_cross_entropy": ("cuda", "triton", "torch"),
+    "nf4_dequantize": ("cuda", "triton", "torch"),
+    "nf4_matmul": ("cuda", "triton", "torch"),
 }
 
 # op -> backend -> implementation object (registered by the op modules in fastft/ops/).
@@ -192,6 +199,9 @@ def clear_cache() -> None:
 
 def report(device=None) -> dict[str, str]:
     """op -> chosen backend (or the reason none can run) for a device, for `fastft env`."""
+    import fastft.ops
+
+    fastft.ops.load_all()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     out = {}

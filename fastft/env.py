@@ -62,7 +62,7 @@ def main() -> int:
         print(f"{key:<{width}}{value}")
     print("backend per op:")
     for op, choice in backends.items():
-        print(f"  {op:<{width - 2}}{choice}")
+        print(f"  {op:<{width}}{choice}")
     return 0
 
 
