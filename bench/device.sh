@@ -11,6 +11,8 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
 export FASTFT_BUILD_CUDA=1
 SELECT=${1:-}
+TESTS=${TESTS:-tests}      # e.g. TESTS="tests/test_norms.py tests/test_rope.py"
+BENCHES=${BENCHES:-bench}
 PY=python3
 T0=$(date +%s)
 stamp() { echo "[device.sh +$(( $(date +%s) - T0 ))s] $*"; }
@@ -41,13 +43,13 @@ $PY -m fastft.env 2>&1 | tee "$OUT/env.txt"
 CMAKE_PID=$!
 
 stamp "gpu tests"
-timeout ${TEST_TIMEOUT:-420} $PY -m pytest tests -m gpu -q -p no:cacheprovider -rfE \
+timeout ${TEST_TIMEOUT:-420} $PY -m pytest $TESTS -m gpu -q -p no:cacheprovider -rfE \
     ${SELECT:+-k "$SELECT"} --junitxml="$OUT/gpu-tests.xml" > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests rc=$?"; grep -E "passed|failed|error" "$OUT/gpu-tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/gpu-tests.log" | head -30
 
 stamp "benchmarks"
-FASTFT_BENCH_OUT="$OUT/kernels.json" timeout ${BENCH_TIMEOUT:-420} $PY -m pytest bench -q \
+FASTFT_BENCH_OUT="$OUT/kernels.json" timeout ${BENCH_TIMEOUT:-420} $PY -m pytest $BENCHES -q \
     -p no:cacheprovider -o python_files='bench_*.py' -o python_functions='bench_*' \
     ${SELECT:+-k "$SELECT"} --benchmark-json="$OUT/pytest-benchmark.json" \
     > "$OUT/bench.log" 2>&1
