@@ -62,10 +62,18 @@ def _dequantized_weight(linear) -> torch.Tensor:
     """fp32 weight of a plain or bitsandbytes-4-bit linear, on its own device."""
     weight = linear.weight
     if _is_bnb_4bit(linear):
+        import copy
+
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
-    return weight.detach().float()
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks 4-bit weights for its CPU kernel at the first eval forward
+            # (absmax then kept in bf16); undo that on a copy so the module stays as it is
+            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+        return bnbf.dequantize_4bit(data, state).float()
+    # a fresh fp32 copy: callers add the LoRA delta in place (.float() of fp32 would alias)
+    return weight.detach().to(torch.float32, copy=True)
 
 
 def _active_adapter_names(layer) -> list[str]:
@@ -125,7 +133,9 @@ def _merged_lora_bias(layer) -> torch.Tensor | None:
 
 @dataclass
 class PlannedTensor:
-    """One tensor of the merged checkpoint: its HF name, shape, and how to compute it (fp32)."""
+    """One tensor of the merged checkpoint: its HF name, shape, and how to compute it (fp32).
+
+    `produce()` may return a view of a live parameter: callers must not modify it in place."""
 
     name: str
     shape: tuple[int, ...]
