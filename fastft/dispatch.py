@@ -170,7 +170,17 @@ def _auto_choice(op: str, device: torch.device, dtype) -> str:
 def backend_for(op: str, device, dtype=None, backend: str | None = None) -> str:
     """The backend that runs `op` for tensors on `device` with `dtype`.
 
-    `backend` (a call argument) beats the environment; both are checked, never ignored."""
+    `backend` (a call argument) beats the environment; both are checked, never ignored.
+    Under torch.compile the choice is made once, at trace time, and baked into the graph."""
+    return _backend_for_constant(op, torch.device(device), dtype, backend)
+
+
+@torch.compiler.assume_constant_result
+def _backend_for_constant(op, device, dtype, backend):
+    return _backend_for(op, device, dtype, backend)
+
+
+def _backend_for(op: str, device, dtype=None, backend: str | None = None) -> str:
     if op not in TABLE:
         raise KeyError(f"unknown op {op!r}; known: {', '.join(sorted(TABLE))}")
     device = torch.device(device)
