@@ -1,0 +1,397 @@
+"""cross_entropy / fused_linear_cross_entropy against torch.nn.functional.cross_entropy in float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastft.ops import cross_entropy, fused_linear_cross_entropy
+from fastft.ops.cross_entropy import auto_chunk_rows, reference_cross_entropy
+from tests.helpers import DTYPES, RTOL, backends, gpu_backends, rel_err
+
+CE = "cross_entropy"
+FLCE = "fused_linear_cross_entropy"
+LOSS_RTOL = 2e-5  # losses are computed in float32 from the (rounded) inputs
+
+# (softcap, logit_scale, label_smoothing)
+OPTION_SETS = {
+    "plain": (None, None, 0.0),
+    "softcap_scale": (4.0, 0.7, 0.0),
+    "smoothing": (None, None, 0.1),
+    "all": (6.0, 1.3, 0.2),
+}
+
+
+def make_logits(rows, vocab, dtype, device="cpu", seed=0, ignored=0.25, strided=False):
+    g = torch.Generator().manual_seed(seed)
+    if strided:  # rows farther apart than the vocab: exercises the row stride
+        x = (torch.randn(rows, vocab + 5, generator=g) * 3)[:, :vocab]
+    else:
+        x = torch.randn(rows, vocab, generator=g) * 3
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    labels[torch.rand(rows, generator=g) < ignored] = -100
+    labels[0] = vocab - 1  # the last column (the masked tail of a block) as a target
+    return x.to(device=device, dtype=dtype), labels.to(device)
+
+
+def reference(x, labels, reduction, opts, num_items=None, grad_output=None):
+    """float64 loss and d loss / d x of the reference on the same (rounded) inputs."""
+    softcap, scale, smoothing = opts
+    x64 = x.detach().double().requires_grad_()
+    loss = reference_cross_entropy(x64, labels, -100, reduction, num_items, softcap, scale,
+                                   smoothing)
+    loss.backward(grad_output.double() if grad_output is not None else None)
+    return loss.detach(), x64.grad
+
+
+def run_ce(backend, x, labels, reduction, opts, num_items=None, grad_output=None,
+           inplace=False):
+    softcap, scale, smoothing = opts
+    xt = x.detach().clone().requires_grad_()
+    loss = cross_entropy(xt, labels, reduction=reduction, num_items_in_batch=num_items,
+                         softcap=softcap, logit_scale=scale, label_smoothing=smoothing,
+                         inplace_backward=inplace, backend=backend)
+    assert loss.dtype == torch.float32
+    loss.backward(grad_output)
+    return loss.detach(), xt.grad
+
+
+def check_ce(backend, rows, vocab, dtype, reduction, opts, device="cpu", strided=False, seed=0):
+    x, labels = make_logits(rows, vocab, dtype, device, seed=seed, strided=strided)
+    grad_output = None
+    if reduction == "none":  # non-uniform, with a zero and negatives: each row's own weight
+        grad_output = torch.randn(rows, generator=torch.Generator().manual_seed(seed + 1))
+        grad_output[1] = 0.0
+        grad_output = grad_output.to(device)
+    ref_loss, ref_grad = reference(x, labels, reduction, opts, grad_output=grad_output)
+    loss, grad = run_ce(backend, x, labels, reduction, opts, grad_output=grad_output)
+    assert loss.shape == ref_loss.shape
+    assert rel_err(loss, ref_loss) < LOSS_RTOL
+    assert grad.dtype == dtype and grad.shape == x.shape
+    assert rel_err(grad, ref_grad) < RTOL[dtype]
+    assert (grad[labels == -100] == 0).all()
+
+
+# ------------------------------------------------------------------- the reference itself
+
+def test_reference_is_torch_cross_entropy():
+    x, labels = make_logits(9, 40, torch.float64, seed=3)
+    for reduction in ("mean", "sum", "none"):
+        for smoothing in (0.0, 0.15):
+            ours = reference_cross_entropy(x, labels, reduction=reduction,
+                                           label_smoothing=smoothing)
+            torchs = F.cross_entropy(x, labels, reduction=reduction, label_smoothing=smoothing)
+            assert rel_err(ours, torchs) < 1e-14
+    # softcap and scale by their formulas; label smoothing by its definition
+    z = 5.0 * torch.tanh(x * 0.5 / 5.0)
+    ours = reference_cross_entropy(x, labels, reduction="sum", softcap=5.0, logit_scale=0.5,
+                                   label_smoothing=0.1)
+    logp = torch.log_softmax(z, -1)
+    valid = labels != -100
+    nll = -logp[valid].gather(1, labels[valid, None]).squeeze(1)
+    smooth = -logp[valid].mean(-1)
+    assert rel_err(ours, (0.9 * nll + 0.1 * smooth).sum()) < 1e-14
+    # num_items_in_batch: the sum divided by it; an all-ignored mean is 0
+    ours = reference_cross_entropy(x, labels, num_items_in_batch=17)
+    assert rel_err(ours, F.cross_entropy(x, labels, reduction="sum") / 17) < 1e-14
+    none = torch.full_like(labels, -100)
+    assert reference_cross_entropy(x, none).item() == 0.0
+
+
+# ------------------------------------------------------------------- cross_entropy on CPU
+
+@pytest.mark.parametrize("backend", backends(CE, "cpu"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_cpu(backend, dtype, reduction):
+    # vocab not a multiple of any block; rows strided for one case
+    check_ce(backend, 7, 1003, dtype, reduction, OPTION_SETS["plain"],
+             strided=dtype == torch.float16)
+
+
+@pytest.mark.parametrize("backend", backends(CE, "cpu"))
+@pytest.mark.parametrize("options", ["softcap_scale", "smoothing", "all"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_options_cpu(backend, options, reduction):
+    check_ce(backend, 6, 2999, torch.float32, reduction, OPTION_SETS[options], seed=5)
+    check_ce(backend, 5, 1500, torch.bfloat16, reduction, OPTION_SETS[options], seed=6)
+
+
+@pytest.mark.parametrize("backend", backends(CE, "cpu"))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_grads(backend, reduction):
+    x, _ = make_logits(4, 1001, torch.bfloat16)
+    labels = torch.full((4,), -100)
+    loss, grad = run_ce(backend, x, labels, reduction, OPTION_SETS["all"],
+                        grad_output=torch.ones(4) if reduction == "none" else None)
+    assert torch.isfinite(loss).all() and (loss == 0).all()
+    assert torch.isfinite(grad).all() and (grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", backends(CE, "cpu"))
+def test_gradient_accumulation_equals_one_batch(backend):
+    """Two micro-batches with num_items_in_batch = total non-ignored count == one big batch."""
+    x, labels = make_logits(10, 1201, torch.float32, seed=11, ignored=0.4)
+    labels[5:8] = -100  # micro-batches with different numbers of real tokens
+    big_loss, big_grad = run_ce(backend, x, labels, "mean", OPTION_SETS["smoothing"])
+    total = int((labels != -100).sum())
+    micro_losses, micro_grads = [], []
+    for part in (slice(0, 4), slice(4, 10)):
+        loss, grad = run_ce(backend, x[part], labels[part], "mean", OPTION_SETS["smoothing"],
+                            num_items=torch.tensor(total))
+        micro_losses.append(loss)
+        micro_grads.append(grad)
+    assert rel_err(sum(micro_losses), big_loss) < 1e-6
+    assert rel_err(torch.cat(micro_grads), big_grad) < 1e-6
+    # and against the float64 reference
+    ref_loss, ref_grad = reference(x, labels, "mean", OPTION_SETS["smoothing"])
+    assert rel_err(sum(micro_losses), ref_loss) < LOSS_RTOL
+    assert rel_err(torch.cat(micro_grads), ref_grad) < RTOL[torch.float32]
+    # an int num_items_in_batch and reduction="sum" mean the same thing
+    loss, _ = run_ce(backend, x[:4], labels[:4], "sum", OPTION_SETS["smoothing"], num_items=total)
+    assert rel_err(loss, micro_losses[0]) < 1e-7
+
+
+@pytest.mark.parametrize("backend", backends(CE, "cpu"))
+def test_grad_output_scales_the_gradient(backend):
+    """A scalar grad_output that is not 1 (loss scaling, loss / accumulation steps)."""
+    x, labels = make_logits(5, 1100, torch.float32, seed=2)
+    xt = x.clone().requires_grad_()
+    (cross_entropy(xt, labels, backend=backend) * -2.5).backward()
+    _, ref_grad = reference(x, labels, "mean", OPTION_SETS["plain"])
+    assert rel_err(xt.grad, -2.5 * ref_grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", backends(CE, "cpu"))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_inplace_backward(backend, reduction):
+    x, labels = make_logits(6, 1030, torch.bfloat16, seed=4)
+    logits = x.clone()
+    leaf = torch.zeros_like(x, requires_grad=True)
+    z = leaf + logits  # the gradient to `leaf` passes through the in-place buffer
+    grad_output = torch.linspace(-1, 2, 6) if reduction == "none" else None
+    loss = cross_entropy(z, labels, reduction=reduction, inplace_backward=True, backend=backend)
+    loss.backward(grad_output)
+    ref_loss, ref_grad = reference(x, labels, reduction, OPTION_SETS["plain"], None, grad_output)
+    assert rel_err(loss, ref_loss) < LOSS_RTOL
+    assert rel_err(leaf.grad, ref_grad) < RTOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", backends(CE, "cpu"))
+def test_no_grad_and_batched_shapes(backend):
+    x, labels = make_logits(6, 1001, torch.float32, seed=8)
+    with torch.no_grad():
+        loss = cross_entropy(x.view(2, 3, 1001), labels.view(2, 3), reduction="none",
+                             backend=backend)
+    assert loss.shape == (2, 3)
+    ref = reference_cross_entropy(x.double(), labels, reduction="none")
+    assert rel_err(loss.view(-1), ref) < LOSS_RTOL
+    loss = cross_entropy(x, labels, backend=backend)  # no grad needed: loss only
+    assert rel_err(loss, reference_cross_entropy(x.double(), labels)) < LOSS_RTOL
+
+
+def test_bad_arguments_raise_clear_errors():
+    x, labels = make_logits(3, 50, torch.float32)
+    with pytest.raises(ValueError, match="reduction"):
+        cross_entropy(x, labels, reduction="avg")
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        cross_entropy(x, labels, reduction="none", num_items_in_batch=3)
+    with pytest.raises(TypeError, match="integer"):
+        cross_entropy(x, labels.float())
+    with pytest.raises(ValueError, match="labels has"):
+        cross_entropy(x, labels[:2])
+    with pytest.raises(ValueError, match="softcap"):
+        cross_entropy(x, labels, softcap=0.0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        cross_entropy(x, labels, label_smoothing=1.5)
+    bad = labels.clone()
+    bad[1] = 50
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 50\)"):
+        cross_entropy(x, bad, backend="torch")
+    h = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="weight must be"):
+        fused_linear_cross_entropy(h, torch.randn(50, 9), labels)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_linear_cross_entropy(h, torch.randn(50, 8), labels, chunk_size=0)
+
+
+def test_float64_runs_on_the_reference():
+    x, labels = make_logits(4, 30, torch.float64)
+    xt = x.clone().requires_grad_()
+    loss = cross_entropy(xt, labels, softcap=3.0, label_smoothing=0.1)
+    loss.backward()
+    ref_loss, ref_grad = reference(x, labels, "mean", (3.0, None, 0.1))
+    assert rel_err(loss, ref_loss) < 1e-12 and rel_err(xt.grad, ref_grad) < 1e-12
+
+
+@pytest.mark.parametrize("backend", backends(CE, "cpu"))
+def test_compiles_fullgraph(backend):
+    x, labels = make_logits(4, 1001, torch.float32, seed=9)
+    xt = x.clone().requires_grad_()
+    f = torch.compile(lambda a, b: cross_entropy(a, b, softcap=5.0, backend=backend) * 3.0,
+                      backend="aot_eager", fullgraph=True)
+    loss = f(xt, labels)
+    loss.backward()
+    ref_loss, ref_grad = reference(x, labels, "mean", (5.0, None, 0.0))
+    assert rel_err(loss, 3.0 * ref_loss) < LOSS_RTOL
+    assert rel_err(xt.grad, 3.0 * ref_grad) < 1e-5
+
+
+# ------------------------------------------------------------------- fused_linear_cross_entropy
+
+def make_head(rows, hidden, vocab, dtype, device="cpu", seed=0, with_bias=False, ignored=0.25):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, hidden, generator=g).to(device=device, dtype=dtype)
+    w = (torch.randn(vocab, hidden, generator=g) * (2.0 / hidden ** 0.5)).to(device=device,
+                                                                            dtype=dtype)
+    b = (torch.randn(vocab, generator=g) * 0.5).to(device=device, dtype=dtype) \
+        if with_bias else None
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    labels[torch.rand(rows, generator=g) < ignored] = -100
+    return h, w, b, labels.to(device)
+
+
+def check_flce(backend, rows, hidden, vocab, dtype, reduction, opts, train_head, with_bias,
+               chunk, device="cpu", seed=0, num_items=None, labels=None):
+    h, w, b, y = make_head(rows, hidden, vocab, dtype, device, seed, with_bias)
+    if labels is not None:
+        y = labels.to(device)
+    softcap, scale, smoothing = opts
+    grad_output = None
+    if reduction == "none":
+        grad_output = torch.randn(rows, generator=torch.Generator().manual_seed(seed + 7))
+        grad_output[0] = 0.0
+        grad_output = grad_output.to(device)
+    # float64 reference on the full logits
+    h64 = h.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_(train_head)
+    b64 = b.detach().double().requires_grad_(train_head) if b is not None else None
+    logits = h64 @ w64.t() + (b64 if b64 is not None else 0)
+    ref = reference_cross_entropy(logits, y, -100, reduction, num_items, softcap, scale,
+                                  smoothing)
+    ref.backward(grad_output.double() if grad_output is not None else None)
+    # the op
+    ht = h.detach().requires_grad_()
+    wt = w.detach().requires_grad_(train_head)
+    bt = b.detach().requires_grad_(train_head) if b is not None else None
+    loss = fused_linear_cross_entropy(ht, wt, y, bt, reduction=reduction,
+                                      num_items_in_batch=num_items, softcap=softcap,
+                                      logit_scale=scale, label_smoothing=smoothing,
+                                      chunk_size=chunk, backend=backend)
+    loss.backward(grad_output)
+    # bf16/fp16 logits are rounded once by the matmul: a looser loss bound than plain CE
+    loss_tol = LOSS_RTOL if dtype == torch.float32 else RTOL[dtype] / 2
+    assert rel_err(loss, ref) < loss_tol
+    assert ht.grad.dtype == dtype and rel_err(ht.grad, h64.grad) < 2 * RTOL[dtype]
+    if train_head:
+        assert wt.grad.dtype == dtype and rel_err(wt.grad, w64.grad) < 2 * RTOL[dtype]
+        if b is not None:
+            assert bt.grad.dtype == dtype and rel_err(bt.grad, b64.grad) < 2 * RTOL[dtype]
+    else:
+        assert wt.grad is None and (bt is None or bt.grad is None)
+    return loss, ht.grad, wt.grad
+
+
+@pytest.mark.parametrize("backend", backends(FLCE, "cpu"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_linear_cpu(backend, dtype, reduction):
+    # 11 tokens in chunks of 4 (a short last chunk), trainable head with a bias
+    check_flce(backend, 11, 48, 1003, dtype, reduction, OPTION_SETS["plain"], train_head=True,
+               with_bias=True, chunk=4)
+
+
+@pytest.mark.parametrize("backend", backends(FLCE, "cpu"))
+@pytest.mark.parametrize("options", ["softcap_scale", "all"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_linear_options_frozen_head(backend, options, reduction):
+    """The LoRA case: frozen head, no dW computed."""
+    check_flce(backend, 9, 32, 1500, torch.bfloat16, reduction, OPTION_SETS[options],
+               train_head=False, with_bias=False, chunk=5, seed=3)
+
+
+@pytest.mark.parametrize("backend", backends(FLCE, "cpu"))
+def test_fused_linear_all_ignored_and_accumulation(backend):
+    labels = torch.full((6,), -100)
+    loss, dh, dw = check_flce(backend, 6, 24, 1001, torch.float32, "mean", OPTION_SETS["plain"],
+                              train_head=True, with_bias=False, chunk=4, labels=labels)
+    assert loss.item() == 0.0 and (dh == 0).all() and (dw == 0).all()
+    # two micro-batches with num_items_in_batch = the total count == one big batch
+    h, w, _, y = make_head(10, 24, 1001, torch.float32, seed=12, ignored=0.3)
+    total = int((y != -100).sum())
+    wt = w.clone().requires_grad_()
+    ht = h.clone().requires_grad_()
+    fused_linear_cross_entropy(ht, wt, y, label_smoothing=0.1, chunk_size=3,
+                               backend=backend).backward()
+    big_dh, big_dw = ht.grad.clone(), wt.grad.clone()
+    ht.grad, wt.grad = None, None
+    for part in (slice(0, 3), slice(3, 10)):
+        fused_linear_cross_entropy(ht[part], wt, y[part], label_smoothing=0.1,
+                                   num_items_in_batch=torch.tensor(total), chunk_size=3,
+                                   backend=backend).backward()
+    assert rel_err(ht.grad, big_dh) < 1e-6 and rel_err(wt.grad, big_dw) < 1e-6
+
+
+def test_fused_linear_chunk_choice():
+    assert auto_chunk_rows(16384, 128256, torch.bfloat16, "cpu") == 1024
+    assert auto_chunk_rows(100, 128256, torch.bfloat16, "cpu") == 100
+    assert auto_chunk_rows(10 ** 6, 262144, torch.float32, "cpu") == 256
+    assert auto_chunk_rows(10, 10 ** 9, torch.float32, "cpu") == 1
+
+
+def test_fused_linear_under_autocast_and_batched():
+    h, w, _, y = make_head(6, 16, 300, torch.float32, seed=1)
+    ht = h.view(2, 3, 16).clone().requires_grad_()
+    wt = w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(ht, wt, y.view(2, 3), reduction="none")
+    assert loss.shape == (2, 3)
+    loss.sum().backward()
+    assert ht.grad.dtype == torch.float32 and wt.grad.dtype == torch.float32
+    ref = reference_cross_entropy(h.bfloat16().double() @ w.bfloat16().double().t(), y,
+                                  reduction="none")
+    assert rel_err(loss.view(-1), ref) < 1e-2
+
+
+# ------------------------------------------------------------------------------ GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends(CE))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [128256, 262144, 32003])
+def test_cross_entropy_gpu(backend, dtype, vocab):
+    rows = 64 if vocab > 200000 else 96
+    for reduction in ("mean", "none"):
+        check_ce(backend, rows, vocab, dtype, reduction, OPTION_SETS["plain"], "cuda",
+                 strided=vocab == 32003)
+    check_ce(backend, rows, vocab, dtype, "sum", OPTION_SETS["all"], "cuda", seed=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends(CE))
+def test_cross_entropy_gpu_edge_cases(backend):
+    for reduction in ("mean", "sum", "none"):
+        x, _ = make_logits(33, 128256, torch.bfloat16, "cuda")
+        labels = torch.full((33,), -100, device="cuda")
+        loss, grad = run_ce(backend, x, labels, reduction, OPTION_SETS["all"],
+                            grad_output=torch.ones(33, device="cuda")
+                            if reduction == "none" else None)
+        assert torch.isfinite(loss).all() and (loss == 0).all() and (grad == 0).all()
+    for vocab in (1, 7, 4097):  # tiny and odd vocabularies, misaligned rows
+        check_ce(backend, 17, vocab, torch.bfloat16, "mean", OPTION_SETS["smoothing"], "cuda",
+                 strided=True)
+    x, labels = make_logits(40, 50000, torch.float16, "cuda", seed=3)
+    loss, grad = run_ce(backend, x, labels, "mean", OPTION_SETS["softcap_scale"], inplace=True)
+    ref_loss, ref_grad = reference(x, labels, "mean", OPTION_SETS["softcap_scale"])
+    assert rel_err(loss, ref_loss) < LOSS_RTOL and rel_err(grad, ref_grad) < RTOL[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends(FLCE))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("train_head", [False, True])
+def test_fused_linear_gpu(backend, reduction, train_head):
+    check_flce(backend, 600, 512, 128256, torch.bfloat16, reduction, OPTION_SETS["plain"],
+               train_head, with_bias=False, chunk=256, device="cuda")
+    check_flce(backend, 300, 256, 32003, torch.bfloat16, reduction, OPTION_SETS["all"],
+               train_head, with_bias=True, chunk=None, device="cuda", seed=4)
+    check_flce(backend, 130, 128, 5000, torch.float32, reduction, OPTION_SETS["smoothing"],
+               train_head, with_bias=True, chunk=64, device="cuda", seed=5, num_items=77)
