@@ -1,0 +1,249 @@
+"""swiglu / geglu: the reference against float64 and transformers' ACT2FN, every backend against
+the reference, separate and fused (strided) gate/up, in-place and out-of-place backward."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastft.ops import geglu, swiglu
+from fastft.ops import activations as A
+from tests.helpers import DTYPES, RTOL, backends, gpu_backends, rel_err
+
+ACTS = ["silu", "gelu", "gelu_tanh"]
+CPU_SHAPES = [(3, 37), (2, 5, 129), (4, 1030)]
+
+
+def call(act, gate, up, backend, inplace_backward=True):
+    if act == "silu":
+        return swiglu(gate, up, inplace_backward=inplace_backward, backend=backend)
+    return geglu(gate, up, "none" if act == "gelu" else "tanh",
+                 inplace_backward=inplace_backward, backend=backend)
+
+
+def op_name(act):
+    return "swiglu" if act == "silu" else "geglu"
+
+
+def make(shape, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gate = (torch.randn(*shape, generator=g) * 2).to(device, dtype)  # spans both GELU tails
+    up = torch.randn(*shape, generator=g).to(device, dtype)
+    dh = torch.randn(*shape, generator=g).to(device, dtype)
+    return gate, up, dh
+
+
+def run_case(backend, act, shape, dtype, device, kind):
+    """kind: 'proj' (separate non-leaf projections: backward in place), 'fused' (two halves of
+    one non-leaf gate_up tensor: in place), 'leaf' (leaves requiring grad: out of place),
+    'out_of_place' (inplace_backward=False)."""
+    gate0, up0, dh = make(shape, dtype, device)
+    g64, u64 = gate0.double().requires_grad_(), up0.double().requires_grad_()
+    ref = A.reference_glu(g64, u64, act)
+    ref.backward(dh.double())
+    tol = RTOL[dtype]
+    if kind == "fused":
+        base = torch.cat([gate0, up0], -1).requires_grad_()
+        fused = base * 1
+        gate, up = fused.chunk(2, dim=-1)
+    elif kind == "leaf":
+        gate, up = gate0.clone().requires_grad_(), up0.clone().requires_grad_()
+    else:
+        bg, bu = gate0.clone().requires_grad_(), up0.clone().requires_grad_()
+        gate, up = bg * 1, bu * 1
+    out = call(act, gate, up, backend, inplace_backward=kind != "out_of_place")
+    assert out.shape == gate.shape and out.dtype == dtype
+    assert rel_err(out, ref) < tol
+    out.backward(dh)
+    if kind == "fused":
+        d_gate, d_up = base.grad.chunk(2, dim=-1)
+        assert torch.equal(fused.detach(), base.grad)  # gradients were written into the buffer
+    elif kind == "leaf":
+        d_gate, d_up = gate.grad, up.grad
+        assert torch.equal(gate.detach(), gate0) and torch.equal(up.detach(), up0)
+    else:
+        d_gate, d_up = bg.grad, bu.grad
+        if kind == "proj":
+            assert torch.equal(gate.detach(), d_gate) and torch.equal(up.detach(), d_up)
+        else:
+            assert torch.equal(gate.detach(), gate0) and torch.equal(up.detach(), up0)
+    assert rel_err(d_gate, g64.grad) < 2 * tol
+    assert rel_err(d_up, u64.grad) < 2 * tol
+
+
+# ------------------------------------------------------------------------- reference
+
+@pytest.mark.parametrize("act", ACTS)
+def test_reference_matches_float64_formulas_and_transformers(act):
+    from transformers.activations import ACT2FN
+
+    hf = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[act]
+    gate, up, dh = make((6, 53), torch.float64, "cpu")
+    x = gate
+    if act == "silu":
+        expect = x / (1 + torch.exp(-x))
+    elif act == "gelu":
+        expect = 0.5 * x * (1 + torch.erf(x / 2 ** 0.5))
+    else:
+        expect = 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3)))
+    assert rel_err(A.reference_glu(gate, up, act), expect * up) < 1e-14
+    assert rel_err(ACT2FN[hf](gate) * up, expect * up) < 1e-14
+    # the explicit derivative the kernels use, against autograd of the formula
+    g = gate.clone().requires_grad_()
+    A.reference_glu(g, up, act).backward(dh)
+    a, da = A._act_and_grad(gate, act)
+    assert rel_err(a, expect) < 1e-14
+    assert rel_err(dh * up * da, g.grad) < 1e-13
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_in_low_precision_is_close_to_float64(act, dtype):
+    gate, up, _ = make((7, 301), dtype, "cpu")
+    out = A.reference_glu(gate, up, act)
+    assert out.dtype == dtype
+    assert rel_err(out, A.reference_glu(gate.double(), up.double(), act)) < RTOL[dtype] / 2
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_matches_transformers_activations_in_bf16(act):
+    from transformers.activations import ACT2FN
+
+    hf = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[act]
+    gate, up, _ = make((5, 211), torch.bfloat16, "cpu")
+    expect = ACT2FN[hf](gate.double()) * up.double()
+    for backend in backends(op_name(act), "cpu"):
+        assert rel_err(call(act, gate, up, backend), expect) < RTOL[torch.bfloat16]
+
+
+# ------------------------------------------------------------------------- backends
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CPU_SHAPES)
+@pytest.mark.parametrize("kind", ["proj", "fused", "leaf", "out_of_place"])
+def test_glu_cpu(act, dtype, shape, kind):
+    for backend in backends(op_name(act), "cpu"):
+        run_case(backend, act, shape, dtype, "cpu", kind)
+
+
+@pytest.mark.parametrize("backend", backends("swiglu", "cpu"))
+def test_same_tensor_as_gate_and_up_is_not_overwritten(backend):
+    x0, _, dh = make((4, 33), torch.float32, "cpu")
+    b = x0.clone().requires_grad_()
+    x = b * 1
+    out = swiglu(x, x, backend=backend)
+    out.backward(dh)
+    x64 = x0.double().requires_grad_()
+    (F.silu(x64) * x64).backward(dh.double())
+    assert rel_err(b.grad, x64.grad) < 1e-5
+    assert torch.equal(x.detach(), x0)
+
+
+@pytest.mark.parametrize("backend", backends("swiglu", "cpu"))
+def test_only_one_input_requires_grad(backend):
+    gate0, up0, dh = make((3, 40), torch.float32, "cpu")
+    w = up0.clone().requires_grad_()
+    up = w * 1
+    out = swiglu(gate0, up, backend=backend)  # gate: a plain tensor, never overwritten
+    out.backward(dh)
+    assert torch.equal(gate0, make((3, 40), torch.float32, "cpu")[0])
+    assert rel_err(w.grad, dh.double() * F.silu(gate0.double())) < 1e-5
+
+
+def test_overwriting_a_buffer_another_node_saved_fails_loudly():
+    gate0, up0, dh = make((3, 40), torch.float32, "cpu")
+    bg = gate0.clone().requires_grad_()
+    gate = bg * 1
+    other = gate * gate  # saves gate
+    out = swiglu(gate, up0.clone().requires_grad_() * 1, backend="torch")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (out * dh).sum().add(other.sum()).backward()
+
+
+def test_bad_inputs_raise_clear_errors():
+    a = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="same shape"):
+        swiglu(a, torch.randn(3, 9))
+    with pytest.raises(ValueError, match="dtype"):
+        swiglu(a, a.double())
+    with pytest.raises(ValueError, match="approximate"):
+        geglu(a, a, approximate="sigmoid")
+
+
+def test_float64_runs_on_the_reference():
+    gate, up, _ = make((3, 20), torch.float64, "cpu")
+    assert rel_err(geglu(gate, up, "tanh"), A.reference_glu(gate, up, "gelu_tanh")) < 1e-14
+
+
+def test_triton_custom_ops_pass_opcheck():
+    gate, up, dh = make((4, 40), torch.float32, "cpu")
+    fused = torch.cat([gate, up], -1)
+    g, u = fused.chunk(2, -1)
+    for act in range(3):
+        torch.library.opcheck(A._triton_glu_fwd, (g, u, torch.empty_like(gate), act))
+        torch.library.opcheck(A._triton_glu_bwd,
+                              (dh, g.clone(), u.clone(), torch.empty_like(gate),
+                               torch.empty_like(up), act))
+        torch.library.opcheck(A._triton_glu_bwd, (dh, gate.clone(), up.clone(), None, None, act))
+
+
+@pytest.mark.parametrize("backend", backends("swiglu", "cpu"))
+def test_compiles_fullgraph(backend):
+    gate0, up0, dh = make((3, 48), torch.float32, "cpu")
+    bg, bu = gate0.clone().requires_grad_(), up0.clone().requires_grad_()
+
+    def f(bg, bu):
+        return (geglu(bg * 1, bu * 1, "tanh", backend=backend) * dh).sum()
+
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(bg, bu)
+    out.backward()
+    g64, u64 = gate0.double().requires_grad_(), up0.double().requires_grad_()
+    ref = (A.reference_glu(g64, u64, "gelu_tanh") * dh.double()).sum()
+    ref.backward()
+    assert abs(out.item() - ref.item()) < 1e-4 * (1 + abs(ref.item()))
+    assert rel_err(bg.grad, g64.grad) < 1e-5 and rel_err(bu.grad, u64.grad) < 1e-5
+
+
+# ------------------------------------------------------------------------------ GPU
+
+GPU_SHAPES = [(4096, 14336), (3, 5, 4093), (257, 80), (33, 11)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("swiglu"))
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_glu_gpu(backend, act, dtype, shape):
+    for kind in ("proj", "fused", "leaf", "out_of_place"):
+        if shape[0] == 4096 and kind in ("leaf", "out_of_place"):
+            continue  # big shape: the in-place paths are the ones that matter
+        run_case(backend, act, shape, dtype, "cuda", kind)
+
+
+@pytest.mark.gpu
+def test_cuda_ops_pass_opcheck():
+    import fastft.ops.activations  # noqa: F401
+
+    gate, up, dh = make((64, 200), torch.bfloat16, "cuda")
+    fused = torch.cat([gate, up], -1)
+    g, u = fused.chunk(2, -1)
+    ops = torch.ops.fastft
+    for act in range(3):
+        torch.library.opcheck(ops.glu_fwd, (g, u, torch.empty_like(gate), act))
+        torch.library.opcheck(ops.glu_bwd, (dh, g.clone(), u.clone(), torch.empty_like(gate),
+                                            torch.empty_like(up), act))
+        torch.library.opcheck(ops.glu_bwd, (dh, gate.clone(), up.clone(), None, None, act))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("swiglu"))
+def test_gpu_compiles_fullgraph(backend):
+    gate0, up0, dh = make((64, 1000), torch.bfloat16, "cuda")
+    bg, bu = gate0.clone().requires_grad_(), up0.clone().requires_grad_()
+    f = torch.compile(lambda bg, bu: (swiglu(bg * 1, bu * 1, backend=backend) * dh).float().sum(),
+                      fullgraph=True)
+    f(bg, bu).backward()
+    g64, u64 = gate0.double().requires_grad_(), up0.double().requires_grad_()
+    (A.reference_glu(g64, u64, "silu") * dh.double()).sum().backward()
+    assert rel_err(bg.grad, g64.grad) < 2 * RTOL[torch.bfloat16]
+    assert rel_err(bu.grad, u64.grad) < 2 * RTOL[torch.bfloat16]
