@@ -560,3 +560,10 @@ def get_chat_template(
             stop_tokens.append(tokenizer.eos_token)
         _set_generation_stop(model, tokenizer, stop_tokens)
     return tokenizer
+
+
+# Scripts written for Unsloth import these helpers from its chat_templates module; keep that working.
+from fastft.data import standardize_data_formats, standardize_sharegpt, to_sharegpt  # noqa: E402
+from fastft.responses_only import train_on_responses_only  # noqa: E402
+
+__all__ += ["standardize_data_formats", "standardize_sharegpt", "to_sharegpt", "train_on_responses_only"]

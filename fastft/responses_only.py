@@ -46,14 +46,23 @@ def _decode(tokenizer, ids) -> str:
 
 
 def _common_token_prefix_chars(tokenizer, a: str, b: str) -> int:
-    """Length in characters of the longest common prefix of a and b that ends on a token boundary
-    of both (a plain character prefix could end inside a marker such as '<|')."""
+    """Length in characters of the common prefix of a and b: all of b when b is a prefix of a;
+    otherwise the common prefix ending on a token boundary (a plain character prefix could end
+    inside a marker such as '<|')."""
+    if a.startswith(b):
+        return len(b)
     ids_a, ids_b = _encode(tokenizer, a), _encode(tokenizer, b)
     k = 0
     while k < min(len(ids_a), len(ids_b)) and ids_a[k] == ids_b[k]:
         k += 1
     prefix = _decode(tokenizer, ids_a[:k])
-    return len(prefix) if a.startswith(prefix) else 0
+    if a.startswith(prefix):
+        return len(prefix)
+    # Decoding did not reproduce the text (e.g. SentencePiece spaces): fall back to characters.
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def derive_parts_from_template(tokenizer) -> tuple[str, str]:
@@ -102,24 +111,24 @@ def derive_parts_from_template(tokenizer) -> tuple[str, str]:
 
 
 class _Part:
-    """One marker string and the token-id sequences it may appear as."""
+    """One marker string and the token-id sequences it may appear as in tokenised text: as written;
+    with surrounding whitespace stripped (BPE may merge it into the neighbouring text); and
+    stripped with one leading space (GPT-2-style BPE merges a preceding space into the marker)."""
 
     def __init__(self, tokenizer, text: str):
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"instruction_part / response_part must be non-empty strings, got {text!r}.")
         self.text = text
-        self.exact = tuple(_encode(tokenizer, text))
         core = text.strip()
-        self.core = tuple(_encode(tokenizer, core)) if core != text else None
-        if self.core == self.exact:
-            self.core = None
+        self.variants: list[tuple[int, ...]] = []
+        for variant in (text, core, " " + core):
+            ids = tuple(_encode(tokenizer, variant))
+            if ids and ids not in self.variants:
+                self.variants.append(ids)
         self.trailing_ws = len(text) - len(text.rstrip())
 
     def describe(self) -> str:
-        out = f"{self.text!r} (token ids {list(self.exact)}"
-        if self.core:
-            out += f", or stripped {self.text.strip()!r} = {list(self.core)}"
-        return out + ")"
+        return f"{self.text!r} (token ids {' or '.join(str(list(v)) for v in self.variants)})"
 
 
 def _find(seq: np.ndarray, pattern: tuple) -> np.ndarray:
@@ -158,14 +167,15 @@ class ResponseMasker:
     # -- matching ----------------------------------------------------------------------------
 
     def _matches(self, seq: np.ndarray, parts) -> list[tuple[int, int, _Part, bool]]:
-        """(start, end, part, matched_core) for every occurrence of any part."""
+        """(start, end, part, stripped) for every occurrence of any part; `stripped` says a variant
+        without the part's trailing whitespace matched."""
         found = []
         for part in parts:
-            starts = _find(seq, part.exact)
-            if starts.size:
-                found += [(int(s), int(s) + len(part.exact), part, False) for s in starts]
-            elif part.core:
-                found += [(int(s), int(s) + len(part.core), part, True) for s in _find(seq, part.core)]
+            for index, variant in enumerate(part.variants):
+                starts = _find(seq, variant)
+                if starts.size:
+                    found += [(int(s), int(s) + len(variant), part, index > 0) for s in starts]
+                    break
         return found
 
     def _whitespace_chars(self, token_id: int) -> int | None:
@@ -182,8 +192,8 @@ class ResponseMasker:
         if not responses:
             return 0
         stops = sorted({m[0] for m in self._matches(seq, self.instruction_parts)} | {m[0] for m in responses})
-        for start, end, part, matched_core in responses:
-            if matched_core and part.trailing_ws:
+        for start, end, part, stripped in responses:
+            if stripped and part.trailing_ws:
                 # The stripped marker matched: its trailing whitespace is in the next token(s).
                 budget = part.trailing_ws
                 while end < len(seq):

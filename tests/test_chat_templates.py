@@ -340,3 +340,14 @@ def test_shipped_tokenizer_has_chatml():
     assert tokenizer.eos_token == "<|im_end|>"
     assert tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert tokenizer.bos_token is not None
+
+
+def test_unsloth_style_imports():
+    import fastft
+    from fastft.chat_templates import standardize_sharegpt, to_sharegpt, train_on_responses_only
+
+    assert fastft.get_chat_template is get_chat_template
+    assert fastft.standardize_sharegpt is standardize_sharegpt
+    assert fastft.to_sharegpt is to_sharegpt
+    assert fastft.train_on_responses_only is train_on_responses_only
+    assert callable(fastft.detect_format)

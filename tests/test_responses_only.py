@@ -310,3 +310,38 @@ def test_other_collators_are_wrapped(tmp_path):
         n = int(attention.sum())
         assert labels[:n].tolist() == masker.labels(ids[:n].tolist())
         assert (labels[n:] == -100).all()
+
+
+def test_guide_flow_sharegpt_text_field_llama31(tmp_path):
+    """The documented golden path: llama-3.1 template, ShareGPT data standardised, rendered to a
+    "text" column, SFTTrainer, then train_on_responses_only with the Llama 3 header strings."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from fastft.chat_templates import standardize_sharegpt
+    from fastft.data import chatml_to_sharegpt
+
+    tokenizer = get_chat_template(load_default_tokenizer(), chat_template="llama-3.1")
+    sharegpt = Dataset.from_list(chatml_to_sharegpt(load_default_dataset()[:16]))
+    ds = standardize_sharegpt(sharegpt)
+    ds = ds.map(
+        lambda examples: {
+            "text": [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=False)
+                     for c in examples["conversations"]]
+        },
+        batched=True,
+        remove_columns=["conversations"],
+    )
+    args = _sft_config(tmp_path, 1)
+    args.dataset_text_field = "text"
+    args.max_length = 256  # Llama 3.1's date header is long in this small BPE
+    trainer = SFTTrainer(model=_tiny_llama(tokenizer), args=args, train_dataset=ds, processing_class=tokenizer)
+    trainer = train_on_responses_only(
+        trainer,
+        instruction_part="<|start_header_id|>user<|end_header_id|>\n\n",
+        response_part="<|start_header_id|>assistant<|end_header_id|>\n\n",
+    )
+    assert len(trainer.train_dataset) == 16
+    for row in trainer.train_dataset:
+        (run,) = trained_runs(tokenizer, row["input_ids"], row["labels"])
+        assert run.endswith("<|eot_id|>") and run[: -len("<|eot_id|>")].isdigit(), run
