@@ -1,0 +1,388 @@
+"""nf4_dequantize and nf4_matmul: bitsandbytes' NF4 (4-bit NormalFloat) weights, our compute.
+
+The storage format is bitsandbytes' (so `*-bnb-4bit` checkpoints and BitsAndBytesConfig models
+work unchanged):
+  * the weight of shape `shape` is flattened (row-major) and cut into blocks of `blocksize`
+    values (the last block may be short); element i belongs to block i // blocksize;
+  * each value is a 4-bit index into `code` (the 16 NF4 levels in [-1, 1]); two indices per
+    byte, the element with the even flat index in the HIGH nibble;
+  * absmax[b] scales block b.  Plain: absmax is float32.  Nested ("double quantisation",
+    compress_statistics=True): absmax is uint8 indices into state2.code (256 float32 levels),
+    with one float32 state2.absmax per state2.blocksize (256) blocks, and a float32 `offset`:
+        scale[b] = state2.code[absmax[b]] * state2.absmax[b // 256] + offset
+  * value = code[index] * scale, computed in float32 and then rounded to the output dtype.
+Every backend follows exactly this order of float32 operations (one multiply, one add, one
+multiply: never fused into an FMA), so its output is bit-identical to bitsandbytes'.
+
+nf4_matmul(x, W) = x @ W.T (+ bias) where W is the dequantised [out, in] weight. Up to
+SMALL_M rows of x (decode) a fused kernel reads the packed weight directly; larger inputs
+dequantise W into a per-device workspace (reused by every layer) and call cuBLAS. Only x
+(and a bias) get gradients: the quantised weight is frozen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+from fastft import dispatch
+from fastft.ops._common import cuda_ops, new_empty
+
+# bitsandbytes' NF4 levels as float32 (the exact values of bitsandbytes.functional.get_4bit_type
+# ("nf4"), which its CPU and CUDA kernels use).
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+# Rows of x up to which nf4_matmul uses the fused kernel that reads the packed weight.
+SMALL_M = 16
+VALID_BLOCKSIZES = tuple(2 ** p for p in range(5, 13))  # 32 .. 4096, as bitsandbytes
+
+
+# ---------------------------------------------------------------- the quantisation state
+
+@dataclasses.dataclass
+class NF4NestedState:
+    """The second-level state of double-quantised absmax (bitsandbytes' QuantState.state2)."""
+
+    absmax: torch.Tensor          # float32 [ceil(blocks / blocksize)]
+    code: torch.Tensor            # float32 [256]: the 8-bit level table
+    blocksize: int = 256
+
+
+@dataclasses.dataclass
+class NF4State:
+    """fastft's own NF4 quantisation state: bitsandbytes' QuantState fields as plain tensors,
+    so the kernels run without bitsandbytes."""
+
+    absmax: torch.Tensor          # float32 [blocks], or uint8 [blocks] when nested
+    shape: torch.Size             # the dequantised weight's shape, e.g. [out, in]
+    code: torch.Tensor | None = None      # float32 [16]; None means NF4_LEVELS
+    dtype: torch.dtype = torch.bfloat16   # default output dtype of nf4_dequantize
+    blocksize: int = 64
+    quant_type: str = "nf4"
+    offset: torch.Tensor | float | None = None   # nested only
+    state2: NF4NestedState | None = None         # nested only
+
+    @property
+    def nested(self) -> bool:
+        return self.state2 is not None
+
+    @classmethod
+    def from_bnb(cls, quant_state: Any) -> "NF4State":
+        """Copy the fields of a bitsandbytes QuantState (no bitsandbytes import needed)."""
+        if not hasattr(quant_state, "absmax") or not hasattr(quant_state, "shape"):
+            raise TypeError(f"expected a bitsandbytes QuantState, got {type(quant_state).__name__}")
+        s2 = getattr(quant_state, "state2", None)
+        nested = None
+        if s2 is not None:
+            nested = NF4NestedState(absmax=s2.absmax, code=s2.code, blocksize=int(s2.blocksize))
+        return cls(absmax=quant_state.absmax, shape=torch.Size(quant_state.shape),
+                   code=getattr(quant_state, "code", None),
+                   dtype=getattr(quant_state, "dtype", None) or torch.bfloat16,
+                   blocksize=int(quant_state.blocksize),
+                   quant_type=getattr(quant_state, "quant_type", "nf4"),
+                   offset=getattr(quant_state, "offset", None) if nested else None,
+                   state2=nested)
+
+    def to(self, device) -> "NF4State":
+        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        s2 = self.state2
+        if s2 is not None:
+            s2 = NF4NestedState(move(s2.absmax), move(s2.code), s2.blocksize)
+        return dataclasses.replace(self, absmax=move(self.absmax), code=move(self.code),
+                                   offset=move(self.offset), state2=s2)
+
+
+class Resolved(NamedTuple):
+    """A validated state in the form the kernels take (all tensors on the packed's device)."""
+
+    packed: torch.Tensor          # uint8 [>= ceil(numel / 2)], flat
+    absmax: torch.Tensor          # float32 [blocks] or uint8 [blocks] (nested)
+    absmax2: torch.Tensor | None  # float32, nested only
+    code2: torch.Tensor | None    # float32 [256], nested only
+    offset: torch.Tensor | None   # float32 [1], nested only
+    code: torch.Tensor            # float32 [16]
+    blocksize: int
+    blocksize2: int               # 0 when not nested
+    shape: tuple
+    numel: int
+    dtype: torch.dtype
+
+
+_LEVELS_BY_DEVICE: dict = {}
+
+
+def _nf4_levels(device) -> torch.Tensor:
+    t = _LEVELS_BY_DEVICE.get(device)
+    if t is None:
+        t = _LEVELS_BY_DEVICE[device] = torch.tensor(NF4_LEVELS, dtype=torch.float32,
+                                                     device=device)
+    return t
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """Strip tensor subclasses (bitsandbytes' Params4bit) so custom ops see a plain tensor."""
+    if isinstance(t, torch.nn.Parameter) or type(t) is not torch.Tensor:
+        t = t.data
+        if type(t) is not torch.Tensor:
+            t = t.as_subclass(torch.Tensor)
+    return t
+
+
+def _on(t, device, name: str, dtype=None, numel=None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"nf4: quant_state.{name} must be a tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"nf4: quant_state.{name} is on {t.device} but the packed weight is on "
+                         f"{device}; move the state with the weight (quant_state.to(device))")
+    if dtype is not None and t.dtype != dtype:
+        if dtype == torch.float32 and t.dtype.is_floating_point:
+            t = t.float()
+        else:
+            raise ValueError(f"nf4: quant_state.{name} must be {dtype}, got {t.dtype}")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"nf4: quant_state.{name} has {t.numel()} elements, expected {numel}")
+    return _plain(t).reshape(-1).contiguous()
+
+
+def resolve(packed: torch.Tensor, quant_state=None) -> Resolved:
+    """Validate a packed NF4 weight and its state (bitsandbytes QuantState or NF4State)."""
+    if quant_state is None:
+        quant_state = getattr(packed, "quant_state", None)
+        if quant_state is None:
+            raise ValueError("nf4: no quant_state given and the packed weight has none "
+                             "(pass bitsandbytes' weight.quant_state or a fastft NF4State)")
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"nf4: packed must be a tensor, got {type(packed).__name__}")
+    qs = quant_state
+    quant_type = getattr(qs, "quant_type", "nf4")
+    if quant_type != "nf4":
+        raise ValueError(f"nf4: quant_type {quant_type!r} is not supported, only 'nf4' is; "
+                         f"quantise with bnb_4bit_quant_type='nf4'")
+    blocksize = int(getattr(qs, "blocksize", 64))
+    if blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"nf4: blocksize {blocksize} is not supported; use a power of two "
+                         f"from 32 to 4096 (bitsandbytes' default is 64)")
+    shape = tuple(int(s) for s in qs.shape)
+    numel = math.prod(shape)
+    device = packed.device
+    packed = _plain(packed)
+    if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage may be another dtype
+        if not packed.is_contiguous():
+            packed = packed.contiguous()
+        packed = packed.view(torch.uint8)
+    packed = packed.reshape(-1)
+    if not packed.is_contiguous():
+        packed = packed.contiguous()
+    if packed.numel() < (numel + 1) // 2:
+        raise ValueError(f"nf4: packed weight has {packed.numel()} bytes but shape {list(shape)} "
+                         f"needs {(numel + 1) // 2}")
+    blocks = -(-numel // blocksize)
+    code = getattr(qs, "code", None)
+    code = _nf4_levels(device) if code is None else _on(code, device, "code", torch.float32, 16)
+    state2 = getattr(qs, "state2", None)
+    if state2 is None:
+        absmax = _on(qs.absmax, device, "absmax", torch.float32, blocks)
+        return Resolved(packed, absmax, None, None, None, code, blocksize, 0, shape, numel,
+                        getattr(qs, "dtype", None) or torch.bfloat16)
+    blocksize2 = int(state2.blocksize)
+    if blocksize2 < 1 or blocksize2 & (blocksize2 - 1):
+        raise ValueError(f"nf4: state2.blocksize {blocksize2} must be a power of two")
+    absmax = _on(qs.absmax, device, "absmax (nested)", torch.uint8, blocks)
+    absmax2 = _on(state2.absmax, device, "state2.absmax", torch.float32,
+                  -(-blocks // blocksize2))
+    code2 = _on(state2.code, device, "state2.code", torch.float32, 256)
+    offset = getattr(qs, "offset", None)
+    if offset is None:
+        raise ValueError("nf4: a nested quant_state needs its offset")
+    if not isinstance(offset, torch.Tensor):
+        offset = torch.tensor([float(offset)], dtype=torch.float32, device=device)
+    offset = _on(offset, device, "offset", torch.float32, 1)
+    return Resolved(packed, absmax, absmax2, code2, offset, code, blocksize, blocksize2, shape,
+                    numel, getattr(qs, "dtype", None) or torch.bfloat16)
+
+
+# ---------------------------------------------------------------- the torch reference
+
+def reference_block_scales(st: Resolved) -> torch.Tensor:
+    """float32 scale of every block: absmax, or the nested formula in bitsandbytes' order."""
+    if st.absmax2 is None:
+        return st.absmax
+    blocks = st.absmax.numel()
+    group = torch.arange(blocks, device=st.absmax.device) // st.blocksize2
+    scaled = st.code2[st.absmax.long()] * st.absmax2[group]   # one rounding
+    return scaled + st.offset                                 # then a second, separately
+
+
+def reference_dequantize(st: Resolved, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantised weight (shape st.shape, dtype `dtype`) in plain torch."""
+    n, bs = st.numel, st.blocksize
+    flat = st.packed[: (n + 1) // 2]
+    idx = torch.stack((flat >> 4, flat & 15), dim=-1).reshape(-1).long()
+    blocks = -(-n // bs)
+    values = torch.zeros(blocks * bs, dtype=torch.float32, device=flat.device)
+    values[:n] = st.code[idx[:n]]
+    values = values.view(blocks, bs) * reference_block_scales(st)[:, None]
+    return values.reshape(-1)[:n].to(dtype).view(st.shape)
+
+
+class _TorchBackend:
+    @staticmethod
+    def dequantize(st: Resolved, out_flat: torch.Tensor) -> None:
+        out_flat.copy_(reference_dequantize(st, out_flat.dtype).reshape(-1))
+
+    @staticmethod
+    def fused_ok(st: Resolved, x: torch.Tensor) -> bool:
+        return False
+
+    @staticmethod
+    def gemv(x2, st, bias, y) -> None:  # pragma: no cover - fused_ok is False
+        raise NotImplementedError
+
+
+_BACKENDS: dict[str, Any] = {"torch": _TorchBackend}
+for _op in ("nf4_dequantize", "nf4_matmul"):
+    dispatch.register(_op, "torch", _TorchBackend)
+
+
+# ---------------------------------------------------------------- the shared workspace
+
+_WORKSPACES: dict = {}
+
+
+def workspace(numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A flat buffer of at least `numel` elements, one per (device, dtype), grown on demand and
+    shared by every nf4_matmul (ops on one stream run in order, so reuse is safe)."""
+    if torch.compiler.is_compiling():  # the compiler plans its own buffers
+        return torch.empty(numel, dtype=dtype, device=device)
+    key = (torch.device(device), dtype)
+    buf = _WORKSPACES.get(key)
+    if buf is None or buf.numel() < numel:
+        _WORKSPACES.pop(key, None)  # free the old one before allocating the larger
+        buf = _WORKSPACES[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def release_workspaces() -> None:
+    """Free the dequantisation workspaces (they are re-created on the next large-M call)."""
+    _WORKSPACES.clear()
+
+
+# ---------------------------------------------------------------- public functions
+
+def _check_out(out: torch.Tensor, st: Resolved, dtype) -> torch.Tensor:
+    if out.device != st.packed.device:
+        raise ValueError(f"nf4_dequantize: out is on {out.device}, the weight on "
+                         f"{st.packed.device}")
+    if out.dtype != dtype:
+        raise ValueError(f"nf4_dequantize: out has dtype {out.dtype} but dtype={dtype} was asked")
+    if not out.is_contiguous():
+        raise ValueError("nf4_dequantize: out must be contiguous")
+    if out.numel() < st.numel:
+        raise ValueError(f"nf4_dequantize: out has {out.numel()} elements, the weight "
+                         f"{list(st.shape)} needs {st.numel}")
+    return out.view(-1)[: st.numel]
+
+
+def _dequantize_into(st: Resolved, flat: torch.Tensor, backend: str) -> None:
+    if st.numel:
+        _BACKENDS[backend].dequantize(st, flat)
+
+
+def nf4_dequantize(packed, quant_state=None, out=None, dtype=None, *, backend=None):
+    """Dequantise a packed NF4 weight, bit-exactly as bitsandbytes.functional.dequantize_4bit.
+
+    quant_state: bitsandbytes' QuantState (e.g. weight.quant_state; may be omitted when
+    `packed` is a Params4bit) or fastft's NF4State. dtype: the output dtype (default: out's,
+    else the state's). out: a contiguous buffer of that dtype with at least as many elements
+    as the weight (a shared workspace may be larger): the result is written into its start and
+    returned viewed as the weight's shape."""
+    st = resolve(packed, quant_state)
+    if dtype is None:
+        dtype = out.dtype if out is not None else st.dtype
+    if dtype not in dispatch.KERNEL_DTYPES:
+        raise ValueError(f"nf4_dequantize: dtype {dtype} is not supported (float32, float16, "
+                         f"bfloat16 are)")
+    chosen = dispatch.backend_for("nf4_dequantize", st.packed.device, dtype, backend)
+    if out is None:
+        flat = new_empty((st.numel,), dtype, st.packed.device)
+    else:
+        flat = _check_out(out, st, dtype)
+    _dequantize_into(st, flat, chosen)
+    if out is not None and tuple(out.shape) == st.shape:
+        return out
+    return flat.view(st.shape)
+
+
+def _dequantized_weight(st: Resolved, dtype, backend: str) -> torch.Tensor:
+    if backend == "torch":
+        return reference_dequantize(st, dtype)
+    flat = workspace(st.numel, dtype, st.packed.device)
+    _dequantize_into(st, flat, backend)
+    return flat.view(st.shape)
+
+
+class _NF4MatmulFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, packed, absmax, absmax2, code2, offset, code, blocksize,
+                blocksize2, shape, backend):
+        st = Resolved(packed, absmax, absmax2, code2, offset, code, blocksize, blocksize2,
+                      shape, shape[0] * shape[1], x.dtype)
+        impl = _BACKENDS[backend]
+        x2 = x.reshape(-1, x.shape[-1])
+        if 0 < x2.shape[0] <= SMALL_M and impl.fused_ok(st, x2):
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            y = new_empty((x2.shape[0], shape[0]), x.dtype, x.device)
+            impl.gemv(x2, st, bias, y)
+        else:
+            w = _dequantized_weight(st, x.dtype, backend)
+            y = torch.nn.functional.linear(x2, w, bias)
+        ctx.save_for_backward(packed, absmax, absmax2, code2, offset, code)
+        ctx.meta = (blocksize, blocksize2, shape, backend, x.shape, bias is not None)
+        return y.view(*x.shape[:-1], shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        packed, absmax, absmax2, code2, offset, code = ctx.saved_tensors
+        blocksize, blocksize2, shape, backend, x_shape, has_bias = ctx.meta
+        dy2 = dy.reshape(-1, shape[0])
+        dx = db = None
+        if ctx.needs_input_grad[0]:
+            st = Resolved(packed, absmax, absmax2, code2, offset, code, blocksize, blocksize2,
+                          shape, shape[0] * shape[1], dy.dtype)
+            w = _dequantized_weight(st, dy.dtype, backend)
+            dx = (dy2 @ w).view(x_shape)
+        if has_bias and ctx.needs_input_grad[1]:
+            db = dy2.sum(0)
+        return dx, db, None, None, None, None, None, None, None, None, None, None
+
+
+def nf4_matmul(x, packed, quant_state=None, bias=None, *, backend=None):
+    """y = x @ W.T (+ bias) with W the dequantised [out, in] NF4 weight, computed in x's dtype.
+
+    Gradients flow to x (dx = dy @ W) and to bias; the quantised weight is frozen."""
+    st = resolve(packed, quant_state)
+    if len(st.shape) != 2:
+        raise ValueError(f"nf4_matmul: the weight must be 2-D [out, in], got shape "
+                         f"{list(st.shape)}")
+    out_features, in_features = st.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"nf4_matmul: x has {x.shape[-1]} features but the weight is "
+                         f"[{out_features}, {in_features}] (in={in_features})")
+    if x.device != st.packed.device:
+        raise ValueError(f"nf4_matmul: x is on {x.device}, the weight on {st.packed.device}")
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype):
+        if bias.shape != (out_features,):
+            raise ValueError(f"nf4_matmul: bias must have shape [{out_features}], got "
+                             f"{list(bias.shape)}")
+        bias = bias.to(x.dtype)
+    chosen = dispatch.backend_for("nf4_matmul", x.device, x.dtype, backend)
+    return _NF4MatmulFunction.apply(x, bias, st.packed, st.absmax, st.absmax2, st.code2,
+                                    st.offset, st.code, st.blocksize, st.blocksize2, st.shape,
+                                    chosen)

@@ -1,0 +1,400 @@
+"""nf4_dequantize / nf4_matmul against bitsandbytes (which quantises and dequantises NF4 on the
+CPU): dequantisation bit-exact for every backend and dtype, matmul within the dtype's
+tolerance of x @ W.T in float64, backward to x, workspace reuse, bad input."""
+import warnings
+
+import pytest
+import torch
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+from fastft.ops import nf4_dequantize, nf4_matmul  # noqa: E402
+from fastft.ops import nf4 as nf4_mod  # noqa: E402
+from fastft.ops.nf4 import NF4State, resolve  # noqa: E402
+from tests.helpers import DTYPES, RTOL, backends, gpu_backends, rel_err  # noqa: E402
+
+
+def quantize(shape, nested, blocksize=64, seed=0, device="cpu", scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, generator=g) * scale
+    w.view(-1)[:3] = torch.tensor([0.5, -0.7, 0.0])[: w.numel()]  # a block with a larger range
+    packed, state = bnb_functional.quantize_4bit(w.to(device), quant_type="nf4",
+                                                 compress_statistics=nested,
+                                                 blocksize=blocksize)
+    return w, packed, state
+
+
+def bnb_public(packed, state, dtype):
+    """bitsandbytes.functional.dequantize_4bit, the public entry point."""
+    old = state.dtype
+    state.dtype = dtype
+    try:
+        return bnb_functional.dequantize_4bit(packed, state)
+    finally:
+        state.dtype = old
+
+
+def bnb_generic(packed, state, dtype):
+    """bitsandbytes' own pure-torch NF4 dequantisation (its 'default' backend, which is what its
+    CPU entry point falls back to and what its CUDA kernel computes), called without its
+    torch.compile wrapper so tests stay fast. Its nested absmax comes from bitsandbytes'
+    dequantize_blockwise, as in dequantize_4bit."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2)
+        absmax += state.offset
+    compute = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
+    return compute(packed.reshape(-1), absmax.float(), state.code, state.blocksize,
+                   tuple(state.shape), dtype)
+
+
+# bitsandbytes' public CPU path is right for these shapes (rows that hold whole blocks, or
+# odd widths, which it sends to its generic path); see test_bnb_cpu_kernel_disagreement.
+PUBLIC_SHAPES = [(37, 64), (300, 129), (7, 200), (16, 320)]
+ODD_SHAPES = [(37, 96), (3, 32), (5, 7), (1, 1), (130, 33)]
+
+
+@pytest.mark.parametrize("backend", backends("nf4_dequantize", "cpu"))
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape", PUBLIC_SHAPES)
+def test_dequantize_bit_exact_with_bitsandbytes(backend, nested, shape):
+    _, packed, state = quantize(shape, nested)
+    for dtype in DTYPES:
+        ref = bnb_public(packed, state, dtype)
+        out = nf4_dequantize(packed, state, dtype=dtype, backend=backend)
+        assert out.dtype == dtype and out.shape == torch.Size(shape)
+        assert torch.equal(out, ref), (dtype, (out.float() - ref.float()).abs().max())
+        assert torch.equal(out, bnb_generic(packed, state, dtype))
+
+
+@pytest.mark.parametrize("backend", backends("nf4_dequantize", "cpu"))
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape", ODD_SHAPES)
+def test_dequantize_odd_shapes_bit_exact(backend, nested, shape):
+    _, packed, state = quantize(shape, nested)
+    for dtype in DTYPES:
+        out = nf4_dequantize(packed, state, dtype=dtype, backend=backend)
+        assert torch.equal(out, bnb_generic(packed, state, dtype)), dtype
+
+
+@pytest.mark.parametrize("backend", backends("nf4_dequantize", "cpu"))
+@pytest.mark.parametrize("blocksize", [32, 128, 256, 4096])
+def test_dequantize_other_blocksizes(backend, blocksize):
+    for nested in (True, False):
+        _, packed, state = quantize((45, 160), nested, blocksize=blocksize, seed=blocksize)
+        for dtype in (torch.bfloat16, torch.float32):
+            out = nf4_dequantize(packed, state, dtype=dtype, backend=backend)
+            assert torch.equal(out, bnb_generic(packed, state, dtype)), (nested, dtype)
+
+
+def test_bnb_cpu_kernel_disagreement_is_theirs():
+    """bitsandbytes 0.50's AVX-512 CPU kernel misplaces block scales when a row does not hold
+    whole blocks (e.g. 37x96 at blocksize 64); its generic path and its CUDA kernel agree with
+    the flat block layout, and so do we: check that our result reconstructs the weight."""
+    w, packed, state = quantize((37, 96), nested=False)
+    ours = nf4_dequantize(packed, state, dtype=torch.float32, backend="torch")
+    assert torch.equal(ours, bnb_generic(packed, state, torch.float32))
+    # NF4's largest gap is 0.31 of the block's absmax: half of that bounds the error
+    flat = torch.nn.functional.pad(w.reshape(-1).abs(), (0, 32))  # 3552 = 55.5 blocks
+    absmax = flat.view(-1, 64).amax(1).repeat_interleave(64)[: w.numel()].view(37, 96)
+    assert ((ours - w).abs() <= 0.16 * absmax + 1e-7).all()
+
+
+def test_reference_against_hand_built_state():
+    """An independent check of the format: two codes per byte, high nibble first, per-block
+    absmax, nested scale = code2[q] * absmax2 + offset."""
+    code2 = torch.linspace(-1, 1, 256)
+    levels = torch.tensor(nf4_mod.NF4_LEVELS)
+    idx = torch.tensor([15, 0, 7, 8, 3, 12, 1, 14] * 16)  # 128 values, 2 blocks of 64
+    packed = (idx[0::2] << 4 | idx[1::2]).to(torch.uint8)
+    plain = NF4State(absmax=torch.tensor([2.0, 0.5]), shape=torch.Size([4, 32]),
+                     dtype=torch.float32)
+    want = (levels[idx].view(2, 64) * torch.tensor([[2.0], [0.5]])).view(4, 32)
+    for backend in backends("nf4_dequantize", "cpu"):
+        assert torch.equal(nf4_dequantize(packed, plain, backend=backend), want)
+    nested = NF4State(absmax=torch.tensor([255, 128], dtype=torch.uint8),
+                      shape=torch.Size([4, 32]), dtype=torch.float32, offset=0.25,
+                      state2=nf4_mod.NF4NestedState(torch.tensor([3.0]), code2, 256))
+    scales = code2[[255, 128]] * 3.0 + 0.25
+    want = (levels[idx].view(2, 64) * scales[:, None]).view(4, 32)
+    for backend in backends("nf4_dequantize", "cpu"):
+        assert torch.equal(nf4_dequantize(packed, nested, backend=backend), want)
+
+
+@pytest.mark.parametrize("backend", backends("nf4_dequantize", "cpu"))
+def test_params4bit_and_own_state(backend):
+    from bitsandbytes.nn import Params4bit
+
+    w = torch.randn(40, 128) * 0.02
+    p = Params4bit(w, requires_grad=False, quant_type="nf4", blocksize=64,
+                   compress_statistics=True).to("cpu")
+    ref = bnb_public(p.data, p.quant_state, torch.bfloat16)
+    default = nf4_dequantize(p, backend=backend)  # the state's dtype (float32 here)
+    assert default.dtype == p.quant_state.dtype
+    assert torch.equal(default, bnb_public(p.data, p.quant_state, p.quant_state.dtype))
+    assert torch.equal(nf4_dequantize(p, p.quant_state, dtype=torch.bfloat16, backend=backend),
+                       ref)
+    own = NF4State.from_bnb(p.quant_state)
+    assert own.nested and own.blocksize == 64 and own.shape == (40, 128)
+    assert torch.equal(nf4_dequantize(p.data, own, dtype=torch.bfloat16, backend=backend), ref)
+    # a state made of plain tensors only (what a checkpoint loader builds without bnb)
+    plain = NF4State(absmax=own.absmax.clone(), shape=own.shape, code=None,
+                     dtype=torch.float16, offset=float(own.offset),
+                     state2=nf4_mod.NF4NestedState(own.state2.absmax.clone(),
+                                                   own.state2.code.clone()))
+    assert torch.equal(nf4_dequantize(p.data.clone(), plain, backend=backend),
+                       bnb_public(p.data, p.quant_state, torch.float16))
+
+
+@pytest.mark.parametrize("backend", backends("nf4_dequantize", "cpu"))
+def test_out_buffer_and_shared_workspace(backend):
+    _, p1, s1 = quantize((37, 64), True, seed=1)
+    _, p2, s2 = quantize((20, 130), False, seed=2)
+    buf = torch.full((5000,), float("nan"), dtype=torch.bfloat16)
+    y1 = nf4_dequantize(p1, s1, out=buf, backend=backend)
+    assert y1.shape == (37, 64) and y1.data_ptr() == buf.data_ptr()
+    assert torch.equal(y1, bnb_public(p1, s1, torch.bfloat16))
+    assert torch.isnan(buf[37 * 64:]).all()  # nothing past the weight is touched
+    y2 = nf4_dequantize(p2, s2, out=buf, backend=backend)
+    assert y2.data_ptr() == buf.data_ptr()
+    assert torch.equal(y2, bnb_generic(p2, s2, torch.bfloat16))
+    exact = torch.empty(37, 64, dtype=torch.float16)
+    assert nf4_dequantize(p1, s1, out=exact, backend=backend) is exact
+    assert torch.equal(exact, bnb_public(p1, s1, torch.float16))
+    with pytest.raises(ValueError, match="dtype"):
+        nf4_dequantize(p1, s1, out=exact, dtype=torch.float32, backend=backend)
+    with pytest.raises(ValueError, match="needs 2368"):
+        nf4_dequantize(p1, s1, out=torch.empty(100, dtype=torch.float16), backend=backend)
+    with pytest.raises(ValueError, match="contiguous"):
+        nf4_dequantize(p1, s1, out=torch.empty(64, 37, dtype=torch.float16).t(),
+                       backend=backend)
+
+
+def test_bad_states_are_rejected_clearly():
+    _, packed, state = quantize((8, 64), False)
+    fp4_packed, fp4_state = bnb_functional.quantize_4bit(torch.randn(8, 64), quant_type="fp4")
+    with pytest.raises(ValueError, match="'fp4' is not supported"):
+        nf4_dequantize(fp4_packed, fp4_state)
+    with pytest.raises(ValueError, match="blocksize 48"):
+        nf4_dequantize(packed, NF4State(absmax=state.absmax, shape=state.shape, blocksize=48))
+    with pytest.raises(ValueError, match="absmax has 8 elements, expected 16"):
+        nf4_dequantize(packed, NF4State(absmax=state.absmax, shape=state.shape, blocksize=32))
+    with pytest.raises(ValueError, match="bytes"):
+        nf4_dequantize(packed[:100], state)
+    with pytest.raises(ValueError, match="no quant_state"):
+        nf4_dequantize(packed)
+    with pytest.raises(ValueError, match="features"):
+        nf4_matmul(torch.randn(2, 63), packed, state)
+    with pytest.raises(ValueError, match="2-D"):
+        nf4_matmul(torch.randn(2, 64),
+                   packed, NF4State(absmax=state.absmax[:4], shape=torch.Size([2, 4, 32])))
+
+
+# ------------------------------------------------------------------------------ matmul
+
+def check_matmul(backend, x_shape, w_shape, dtype, nested, with_bias, device="cpu", seed=0):
+    _, packed, state = quantize(w_shape, nested, seed=seed, device=device)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*x_shape, generator=g).to(device=device, dtype=dtype)
+    dy = torch.randn(*x_shape[:-1], w_shape[0], generator=g).to(device=device, dtype=dtype)
+    bias = (torch.randn(w_shape[0], generator=g) * 0.1).to(device=device, dtype=dtype) \
+        if with_bias else None
+    w64 = nf4_dequantize(packed, state, dtype=torch.float32, backend="torch").double()
+    # reference in float64 on the same (rounded) inputs; W as the kernels see it in `dtype`
+    w64 = w64.to(dtype).double()
+    x64 = x.double().requires_grad_()
+    b64 = bias.double().requires_grad_() if with_bias else None
+    ref = x64 @ w64.t() + (b64 if with_bias else 0)
+    ref.backward(dy.double())
+    xt = x.clone().requires_grad_()
+    bt = bias.clone().requires_grad_() if with_bias else None
+    y = nf4_matmul(xt, packed, state, bt, backend=backend)
+    assert y.shape == (*x_shape[:-1], w_shape[0]) and y.dtype == dtype
+    y.backward(dy)
+    tol = RTOL[dtype]
+    assert rel_err(y, ref) < tol, rel_err(y, ref)
+    assert rel_err(xt.grad, x64.grad) < tol * 2
+    if with_bias:
+        assert rel_err(bt.grad, b64.grad) < tol * 2
+
+
+@pytest.mark.parametrize("backend", backends("nf4_matmul", "cpu"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape,w_shape", [
+    ((3, 128), (37, 128)),       # small M: the fused kernel where a backend has one
+    ((1, 256), (48, 256)),
+    ((2, 9, 128), (37, 128)),    # 18 rows: dequantise + matmul
+    ((4, 129), (30, 129)),       # odd width: blocks straddle rows
+])
+def test_matmul_cpu(backend, dtype, x_shape, w_shape):
+    check_matmul(backend, x_shape, w_shape, dtype, nested=True, with_bias=True)
+    check_matmul(backend, x_shape, w_shape, dtype, nested=False, with_bias=False, seed=3)
+
+
+@pytest.mark.parametrize("backend", backends("nf4_matmul", "cpu"))
+def test_matmul_takes_the_fused_path_only_for_small_m(backend, monkeypatch):
+    impl = nf4_mod._BACKENDS[backend]
+    calls = []
+    real = impl.gemv
+    monkeypatch.setattr(impl, "gemv", lambda *a: (calls.append(a[0].shape[0]), real(*a)))
+    _, packed, state = quantize((32, 128), True)
+    for rows in (1, 16, 17):
+        nf4_matmul(torch.randn(rows, 128, dtype=torch.bfloat16), packed, state, backend=backend)
+    assert calls == ([1, 16] if backend != "torch" else [])
+
+
+def test_matmul_frozen_weight_and_no_grad_input():
+    _, packed, state = quantize((32, 64), True)
+    x = torch.randn(5, 64)
+    y = nf4_matmul(x, packed, state)
+    assert not y.requires_grad
+    assert state.absmax.grad is None
+
+
+def test_workspace_is_reused_across_layers():
+    nf4_mod.release_workspaces()
+    _, p1, s1 = quantize((40, 128), True, seed=1)
+    _, p2, s2 = quantize((24, 64), True, seed=2)
+    a = nf4_mod.workspace(40 * 128, torch.bfloat16, "cpu")
+    b = nf4_mod.workspace(24 * 64, torch.bfloat16, "cpu")
+    assert a.data_ptr() == b.data_ptr() and b.numel() == 24 * 64
+    nf4_mod.release_workspaces()
+    assert not nf4_mod._WORKSPACES
+
+
+# ------------------------------------------------------------------------------ Triton ops
+
+def test_triton_custom_ops_pass_opcheck():
+    if "triton" not in backends("nf4_dequantize", "cpu"):
+        pytest.skip("Triton cannot run here")
+    for nested in (True, False):
+        _, packed, state = quantize((16, 128), nested)
+        st = resolve(packed, state)
+        out = torch.empty(16 * 128, dtype=torch.bfloat16)
+        torch.library.opcheck(nf4_mod._triton_dequantize,
+                              (st.packed, st.absmax, st.absmax2, st.code2, st.offset, st.code,
+                               st.blocksize, st.blocksize2, st.numel, out))
+        x = torch.randn(3, 128, dtype=torch.bfloat16)
+        y = torch.empty(3, 16, dtype=torch.bfloat16)
+        bias = torch.randn(16, dtype=torch.bfloat16)
+        torch.library.opcheck(nf4_mod._triton_gemv,
+                              (x, st.packed, st.absmax, st.absmax2, st.code2, st.offset,
+                               st.code, bias, st.blocksize, st.blocksize2, y))
+
+
+@pytest.mark.parametrize("backend", backends("nf4_matmul", "cpu"))
+def test_compiles_fullgraph(backend):
+    _, packed, state = quantize((32, 128), True)
+    st = NF4State.from_bnb(state)
+    x = torch.randn(4, 128, requires_grad=True)
+
+    def f(x):
+        return nf4_matmul(x, packed, st, backend=backend).sum()
+
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    out.backward()
+    w = nf4_dequantize(packed, state, dtype=torch.float32, backend="torch")
+    assert rel_err(out, (x.double() @ w.double().t()).sum()) < 1e-5
+    assert rel_err(x.grad, w.double().sum(0).expand(4, -1)) < 1e-5
+
+
+# ------------------------------------------------------------------------------ GPU
+
+def bnb_cuda_dequantize(packed, state, dtype):
+    """bitsandbytes' CUDA dequantize_4bit, or None when its CUDA library does not load."""
+    try:
+        return bnb_public(packed, state, dtype)
+    except Exception:  # its CUDA library missing for this CUDA version
+        return None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("nf4_dequantize"))
+@pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (37, 64), (300, 129),
+                                   (1000, 4097), (3, 5)])
+@pytest.mark.parametrize("nested", [True, False])
+def test_dequantize_gpu_bit_exact(backend, shape, nested):
+    w, packed_cpu, state_cpu = quantize(shape, nested)
+    _, packed, state = quantize(shape, nested, device="cuda")
+    assert torch.equal(packed.cpu(), packed_cpu)  # same quantisation on both devices
+    for dtype in DTYPES:
+        out = nf4_dequantize(packed, state, dtype=dtype, backend=backend)
+        ref = bnb_generic(packed_cpu, state_cpu, dtype)
+        assert torch.equal(out.cpu(), ref), (dtype, (out.cpu().float() - ref.float()).abs().max())
+        theirs = bnb_cuda_dequantize(packed, state, dtype)
+        if theirs is not None:
+            assert torch.equal(out, theirs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("nf4_dequantize"))
+def test_dequantize_gpu_blocksizes_and_misaligned_out(backend):
+    for blocksize in (32, 128, 256, 1024, 4096):
+        _, packed, state = quantize((333, 1000), True, blocksize=blocksize, device="cuda")
+        ref = nf4_dequantize(packed, state, dtype=torch.bfloat16, backend="torch")
+        assert torch.equal(nf4_dequantize(packed, state, dtype=torch.bfloat16,
+                                          backend=backend), ref), blocksize
+    _, packed, state = quantize((64, 4096), True, device="cuda")
+    ref = nf4_dequantize(packed, state, dtype=torch.float16, backend="torch")
+    for shift in (1, 3, 8):  # out not 16-byte aligned: the kernels' unvectorised path
+        buf = torch.full((64 * 4096 + shift,), float("nan"), dtype=torch.float16, device="cuda")
+        out = nf4_dequantize(packed, state, out=buf[shift:], backend=backend)
+        assert torch.equal(out, ref) and torch.isnan(buf[:shift]).all()
+    # packed weight not starting on a 16-byte boundary
+    flat = packed.reshape(-1)
+    shifted = torch.empty(flat.numel() + 1, dtype=torch.uint8, device="cuda")
+    shifted[1:] = flat
+    assert torch.equal(nf4_dequantize(shifted[1:], state, dtype=torch.float16, backend=backend),
+                       ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("nf4_matmul"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 9, 16, 17, 300])
+def test_matmul_gpu(backend, dtype, rows):
+    for w_shape in ((14336 // 4, 4096), (4096 // 4, 14336 // 4), (200, 384), (100, 129)):
+        check_matmul(backend, (rows, w_shape[1]), w_shape, dtype, nested=True,
+                     with_bias=rows % 2 == 1, device="cuda", seed=rows)
+    check_matmul(backend, (rows, 1024), (512, 1024), dtype, nested=False, with_bias=True,
+                 device="cuda", seed=7)
+
+
+@pytest.mark.gpu
+def test_cuda_ops_pass_opcheck():
+    import fastft.ops  # noqa: F401
+
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    ops = torch.ops.fastft
+    for nested in (True, False):
+        _, packed, state = quantize((64, 256), nested, device="cuda")
+        st = resolve(packed, state)
+        out = torch.empty(64 * 256, dtype=torch.bfloat16, device="cuda")
+        torch.library.opcheck(ops.nf4_dequantize, (st.packed, st.absmax, st.absmax2, st.code2,
+                                                   st.offset, st.code, st.blocksize,
+                                                   st.blocksize2, st.numel, out))
+        x = torch.randn(5, 256, dtype=torch.bfloat16, device="cuda")
+        y = torch.empty(5, 64, dtype=torch.bfloat16, device="cuda")
+        torch.library.opcheck(ops.nf4_gemv, (x, st.packed, st.absmax, st.absmax2, st.code2,
+                                             st.offset, st.code, None, st.blocksize,
+                                             st.blocksize2, y))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("nf4_matmul"))
+def test_gpu_compiles_fullgraph(backend):
+    _, packed, state = quantize((256, 512), True, device="cuda")
+    x = torch.randn(4, 512, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    f = torch.compile(lambda x: nf4_matmul(x, packed, state, backend=backend).float().sum(),
+                      fullgraph=True)
+    out = f(x)
+    out.backward()
+    w = nf4_dequantize(packed, state, dtype=torch.bfloat16, backend="torch").double()
+    ref = (x.double() @ w.t()).sum()
+    assert abs(out.item() - ref.item()) <= 1e-2 * abs(ref.item()) + 1e-1
+    assert rel_err(x.grad, w.sum(0).expand(4, -1)) < 1e-2
