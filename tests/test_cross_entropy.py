@@ -1,4 +1,9 @@
 """cross_entropy / fused_linear_cross_entropy against torch.nn.functional.cross_entropy in float64."""
+import importlib
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +12,7 @@ from fastft.ops import cross_entropy, fused_linear_cross_entropy
 from fastft.ops.cross_entropy import auto_chunk_rows, reference_cross_entropy
 from tests.helpers import DTYPES, RTOL, backends, gpu_backends, rel_err
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CE = "cross_entropy"
 FLCE = "fused_linear_cross_entropy"
 LOSS_RTOL = 2e-5  # losses are computed in float32 from the (rounded) inputs
@@ -233,6 +239,60 @@ def test_compiles_fullgraph(backend):
     ref_loss, ref_grad = reference(x, labels, "mean", (5.0, None, 0.0))
     assert rel_err(loss, 3.0 * ref_loss) < LOSS_RTOL
     assert rel_err(xt.grad, 3.0 * ref_grad) < 1e-5
+
+
+def test_triton_custom_ops_pass_opcheck():
+    module = importlib.import_module("fastft.ops.cross_entropy")  # the name is also the function
+
+    x, labels = make_logits(5, 1030, torch.float32, seed=1)
+    loss, grad = torch.empty(5), torch.empty_like(x)
+    weight = torch.full((1,), 0.25)
+    opcheck = torch.library.opcheck
+    opcheck(module._triton_cross_entropy, (x, labels, loss, grad, weight, -100, 3.0, 0.5, 0.1))
+    opcheck(module._triton_cross_entropy, (x, labels, loss, None, None, -100, 0.0, 1.0, 0.0))
+    opcheck(module._triton_cross_entropy_inplace,
+            (x.clone(), labels, loss, torch.rand(5), -100, 0.0, 1.0, 0.0))
+
+
+@pytest.mark.skipif("triton" not in backends(CE, "cpu"), reason="triton does not import")
+def test_triton_label_out_of_range_gives_nan():
+    x, labels = make_logits(3, 1000, torch.float32)
+    labels[1] = 1000
+    loss = cross_entropy(x, labels, reduction="none", backend="triton")
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+
+
+COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastft.triton_kernels import cross_entropy as K
+
+sig = {"X": "*bf16", "Labels": "*i64", "Loss": "*fp32", "G": "*bf16", "RowWeight": "*fp32",
+       "x_stride": "i64", "g_stride": "i64", "w_stride": "i32", "V": "i32",
+       "ignore_index": "i32", "softcap": "fp32", "scale": "fp32", "smoothing": "fp32"}
+for grad, extras in ((True, True), (False, False)):
+    flags = {"HAS_GRAD": grad, "HAS_SCALE": extras, "HAS_SOFTCAP": extras,
+             "HAS_SMOOTHING": extras, "BLOCK": 8192}
+    src = ASTSource(fn=K._cross_entropy_kernel,
+                    signature={**sig, **{k: "constexpr" for k in flags}}, constexprs=flags)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 16})
+    assert compiled.asm["cubin"]
+print("compiled")
+"""
+
+
+def test_triton_kernel_compiles_for_sm90():
+    """The interpreter is lenient: compile the real kernel variants for sm_90 (no GPU needed),
+    in a subprocess because this one runs Triton in interpreter mode."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": ROOT,
+           "TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode and ("ptxas" in proc.stderr or "GPUTarget" in proc.stderr):
+        pytest.skip(f"this triton cannot compile ahead of time: {proc.stderr[-300:]}")
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
 
 
 # ------------------------------------------------------------------- fused_linear_cross_entropy

@@ -127,9 +127,74 @@ class _TorchBackend:
                              smoothing)
 
 
-_BACKENDS = {"torch": _TorchBackend}
-dispatch.register("cross_entropy", "torch", _TorchBackend)
-dispatch.register("fused_linear_cross_entropy", "torch", _TorchBackend)
+# Triton launchers as custom ops so torch.compile and opcheck see a schema. Two ops, because
+# the in-place variant mutates the logits and the other must not say so.
+@torch.library.custom_op("fastft_triton::cross_entropy", mutates_args=("loss", "grad"))
+def _triton_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor,
+                          grad: torch.Tensor | None, row_weight: torch.Tensor | None,
+                          ignore_index: int, softcap: float, scale: float,
+                          smoothing: float) -> None:
+    from fastft.triton_kernels import cross_entropy as K
+
+    with _on_device(logits):
+        K.loss_and_grad(logits, labels, loss, grad, row_weight, ignore_index, softcap, scale,
+                        smoothing)
+
+
+@torch.library.custom_op("fastft_triton::cross_entropy_inplace", mutates_args=("logits", "loss"))
+def _triton_cross_entropy_inplace(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor,
+                                  row_weight: torch.Tensor, ignore_index: int, softcap: float,
+                                  scale: float, smoothing: float) -> None:
+    from fastft.triton_kernels import cross_entropy as K
+
+    with _on_device(logits):
+        K.loss_and_grad(logits, labels, loss, logits, row_weight, ignore_index, softcap, scale,
+                        smoothing)
+
+
+@_triton_cross_entropy.register_fake
+def _(logits, labels, loss, grad, row_weight, ignore_index, softcap, scale, smoothing):
+    return None
+
+
+@_triton_cross_entropy_inplace.register_fake
+def _(logits, labels, loss, row_weight, ignore_index, softcap, scale, smoothing):
+    return None
+
+
+class _on_device:
+    """Launch on the tensor's GPU (a no-op for CPU tensors)."""
+
+    def __init__(self, t):
+        self.ctx = torch.cuda.device(t.device) if t.is_cuda else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+        return False
+
+
+class _TritonBackend:
+    @staticmethod
+    def loss_and_grad(logits, labels, loss, grad, row_weight, ignore_index, softcap, scale,
+                      smoothing):
+        _check_kernel_args(logits, labels, loss, grad, row_weight)
+        if grad is logits:
+            _triton_cross_entropy_inplace(logits, labels, loss, row_weight, ignore_index,
+                                          softcap, scale, smoothing)
+        else:
+            _triton_cross_entropy(logits, labels, loss, grad, row_weight, ignore_index, softcap,
+                                  scale, smoothing)
+
+
+_BACKENDS = {"torch": _TorchBackend, "triton": _TritonBackend}
+for _op in ("cross_entropy", "fused_linear_cross_entropy"):
+    dispatch.register(_op, "torch", _TorchBackend)
+    dispatch.register(_op, "triton", _TritonBackend)
 
 
 # ---------------------------------------------------------------- options and reductions
