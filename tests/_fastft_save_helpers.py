@@ -47,17 +47,22 @@ def byte_level_bpe_tokenizer():
     return hf
 
 
-def sentencepiece_bpe_tokenizer():
+def sentencepiece_bpe_tokenizer(dummy_prefix=True):
     """SentencePiece-style BPE with byte fallback and the '▁' word marker (as Llama 2 / Mistral /
-    Gemma ship), with <unk>/<s>/</s> and Gemma-style turn markers."""
+    Gemma ship), with <unk>/<s>/</s> and Gemma-style turn markers. Llama 2 / Mistral put a '▁'
+    in front of the text (dummy prefix); Gemma does not."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
     specials = ["<unk>", "<s>", "</s>", "<start_of_turn>", "<end_of_turn>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.pre_tokenizer = None
+    if dummy_prefix:  # as current Llama 2 / Mistral tokenizer.json files do it
+        tok.normalizer = None
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    else:
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.pre_tokenizer = None
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
@@ -104,7 +109,11 @@ def tiny_config(family: str, vocab_size: int, bos_id: int, eos_id: int, pad_id: 
 
 
 def tokenizer_for(family: str):
-    return sentencepiece_bpe_tokenizer() if family in ("mistral", "gemma2", "gemma3") else byte_level_bpe_tokenizer()
+    if family == "mistral":
+        return sentencepiece_bpe_tokenizer(dummy_prefix=True)
+    if family in ("gemma2", "gemma3"):
+        return sentencepiece_bpe_tokenizer(dummy_prefix=False)
+    return byte_level_bpe_tokenizer()
 
 
 def tiny_model(family: str, tmp_path, tokenizer=None, dtype=torch.float32, load_in_4bit=False, seed=0):
@@ -116,9 +125,10 @@ def tiny_model(family: str, tmp_path, tokenizer=None, dtype=torch.float32, load_
     config = tiny_config(family, vocab, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # norms away from their init of exactly 1 (or 0 for Gemma) so the +1 handling is tested
+    # norms away from their init of exactly 1 (or 0 for Gemma) so the +1 handling is tested; biases non-zero
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
     src = os.path.join(str(tmp_path), f"base-{family}")
     model.save_pretrained(src)

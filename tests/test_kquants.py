@@ -8,8 +8,9 @@ the test derives D per sub-block from the data itself (range / 15 for Q4_K's 32-
 sub-blocks, range / 31 for Q5_K, max|x| / 32 for Q6_K's 16-value sub-blocks), i.e. the error of
 the plain min/max choice of scales before the 6-bit/8-bit scale rounding. A scale search should
 beat or match it; the quantised scales add a little, so the bound allows 3% on top. Measured on
-N(0,1) weights (seed 0, 256 x 2048): Q4_K 0.0720 vs 0.0799 theoretical, Q5_K 0.0363 vs 0.0391,
-Q6_K 0.0177 vs 0.0180.
+N(0,1) weights (seed 0, 256 x 2048): Q4_K 0.0718 vs 0.0808 theoretical, Q5_K 0.0362 vs 0.0391,
+Q6_K 0.0177 vs 0.0192 (llama.cpp's reference quantiser, which runs the same kind of search,
+reports about the same rel. RMSE for these types on Gaussian data).
 """
 import numpy as np
 import pytest
@@ -18,6 +19,16 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from fastft.gguf_export import kquants  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: one thread is faster, and OpenMP threads spinning on a shared CI box are
+    # far slower still; restored afterwards for the other test files
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def _roundtrip(w: torch.Tensor, type_name: str) -> np.ndarray:

@@ -53,7 +53,7 @@ def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
 
 def _chunks(n_rows: int, row_elems: int, device: torch.device):
     # Bound the temporaries of the candidate search (about 20 candidates x a few tensors).
-    budget = (1 << 24) if device.type == "cuda" else (1 << 20)
+    budget = (1 << 26) if device.type == "cuda" else (1 << 20)
     step = max(1, budget // max(1, row_elems))
     for start in range(0, n_rows, step):
         yield start, min(n_rows, start + step)

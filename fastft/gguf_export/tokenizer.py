@@ -33,6 +33,7 @@ class GGUFVocab:
     special_ids: dict[str, int] = field(default_factory=dict)  # bos / eos / unk / pad / eot
     add_bos: bool = False
     add_eos: bool = False
+    add_space_prefix: bool | None = None  # SentencePiece "dummy prefix" ('▁' before the text)
     chat_template: str | None = None
 
 
@@ -60,6 +61,17 @@ def _pre_tokenizer_name(tj: dict) -> str:
     if '"ByteLevel"' in text and '"use_regex": true' in text:
         return "gpt-2"
     return "default"
+
+
+def _adds_space_prefix(tj: dict) -> bool:
+    """Whether text gets a '▁' in front before tokenizing (Llama 2 / Mistral yes, Gemma no)."""
+    text = json.dumps([tj.get("normalizer"), tj.get("pre_tokenizer")])
+    if '"Prepend"' in text:
+        return True
+    for scheme in re.findall(r'"prepend_scheme": "(\w+)"', text):
+        if scheme in ("first", "always"):
+            return True
+    return '"add_prefix_space": true' in text and '"Metaspace"' in text
 
 
 def _merges_as_strings(merges) -> list[str]:
@@ -170,6 +182,7 @@ def build_vocab(tokenizer, vocab_size: int) -> GGUFVocab:
         special_ids=ids,
         add_bos=add_bos,
         add_eos=add_eos,
+        add_space_prefix=_adds_space_prefix(tj) if spm_like else None,
         chat_template=_chat_template_of(tokenizer),
     )
 
@@ -187,5 +200,7 @@ def add_vocab_to_writer(writer, v: GGUFVocab) -> None:
         getattr(writer, f"add_{role}_token_id")(tid)
     writer.add_add_bos_token(v.add_bos)
     writer.add_add_eos_token(v.add_eos)
+    if v.add_space_prefix is not None:
+        writer.add_add_space_prefix(v.add_space_prefix)
     if v.chat_template:
         writer.add_chat_template(v.chat_template)

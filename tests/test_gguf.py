@@ -1,0 +1,334 @@
+"""save_pretrained_gguf: every family's GGUF read back by the `gguf` reader (tensors, shapes, types,
+metadata, tokenizer) and by transformers' GGUF loader (logits against the un-merged LoRA model).
+
+Expected names, types and layouts are written out here independently of fastft's tables.
+Quantised files are judged against the error the format itself implies: each weight gets
+uniform noise of one quantisation step per sub-block (the step a plain min/max choice gives,
+see test_kquants.py), and the GGUF's logit error must be no worse than 1.5x that noise's.
+"""
+import copy
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from _fastft_save_helpers import FAMILIES, add_lora, logits, rel_err, sample_ids, tiny_model  # noqa: E402
+
+from fastft import save  # noqa: E402
+from fastft.gguf_export import ollama, writer  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: one thread is faster, and OpenMP threads spinning on a shared CI box are
+    # far slower still; restored afterwards for the other test files
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3"}
+GEMMA = ("gemma2", "gemma3")
+# llama.cpp tensor names for the HF module names of these families
+LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+}
+
+
+def expected_name(hf_name, family):
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    if hf_name in top:
+        return top[hf_name]
+    layer, module, kind = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name).groups()
+    if module == "post_attention_layernorm":
+        short = "post_attention_norm" if family in GEMMA else "ffn_norm"
+    else:
+        short = LAYER_NAMES[module]
+    return f"blk.{layer}.{short}.{kind}"
+
+
+def field(reader, key):
+    f = reader.fields[key]
+    return f.contents()
+
+
+def tensors_by_name(reader):
+    return {t.name: t for t in reader.tensors}
+
+
+def dequant(t):
+    return gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(s) for s in reversed(t.shape)))
+
+
+def step_per_value(w: np.ndarray, type_name: str) -> np.ndarray:
+    """Quantisation step of the plain min/max (or absmax) choice, per value, for `type_name`."""
+    def per_block(n, fn):
+        b = w.reshape(-1, n)
+        return np.repeat(fn(b), n).reshape(w.shape)
+
+    rng = lambda b: b.max(1) - np.minimum(b.min(1), 0.0)  # noqa: E731
+    amax = lambda b: np.abs(b).max(1)  # noqa: E731
+    table = {
+        "Q4_K": (32, lambda b: rng(b) / 15), "Q5_K": (32, lambda b: rng(b) / 31), "Q6_K": (16, lambda b: amax(b) / 32),
+        "Q8_0": (32, lambda b: amax(b) / 127), "Q4_0": (32, lambda b: amax(b) / 8), "Q5_0": (32, lambda b: amax(b) / 16),
+        "Q5_1": (32, lambda b: (b.max(1) - b.min(1)) / 31),
+    }
+    if type_name in ("F32", "F16", "BF16"):
+        return np.zeros_like(w)
+    n, fn = table[type_name]
+    return per_block(n, fn)
+
+
+def noise_model_logit_error(merged, type_of_hf_name, ids, seed=0):
+    """Logit error of the merged model after uniform +-step/2 noise on every quantised weight."""
+    noisy = copy.deepcopy(merged)
+    g = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, p in noisy.named_parameters():
+            ty = type_of_hf_name.get(name)
+            if ty is None or p.ndim != 2:
+                continue
+            w = p.detach().numpy()
+            noise = (g.random(w.shape, dtype=np.float32) - 0.5) * step_per_value(w, ty)
+            p.copy_(torch.from_numpy(w + noise))
+    return rel_err(logits(noisy, ids), logits(merged, ids))
+
+
+# every method on some family; each K-quant method costs a few seconds of CPU per family
+METHODS = {
+    "llama": ["f16", "q8_0", "q4_k_m", "bf16"],
+    "mistral": ["f16", "q4_k_m"],
+    "qwen2": ["f16", "q5_k_m"],
+    "qwen3": ["f16", "q8_0", "q6_k"],
+    "gemma2": ["f16", "q8_0", "q4_k_m"],
+    "gemma3": ["bf16", "q6_k"],
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_export_reads_back(family, tmp_path):
+    base, tok = tiny_model(family, tmp_path)
+    pm = add_lora(base)
+    ids = sample_ids(len(tok))
+    ref = logits(pm, ids)
+    merged = copy.deepcopy(pm).merge_and_unload()  # peft's own merge, as an independent reference
+    merged_sd = {k: v for k, v in merged.state_dict().items()}
+    if merged.config.tie_word_embeddings:
+        merged_sd.pop("lm_head.weight", None)
+    cfg = merged.config
+    methods = METHODS[family]
+
+    save.attach_save_methods(pm)
+    files = pm.save_pretrained_gguf(str(tmp_path / "gguf"), tok, quantization_method=methods)
+    assert [os.path.basename(f) for f in files] == [f"base-{family}.{m.upper()}.gguf" for m in methods]
+    folder = os.path.dirname(files[0])
+    assert sorted(os.listdir(folder)) == sorted([os.path.basename(f) for f in files] + ["Modelfile", save.MARKER_FILE])
+
+    expected = {expected_name(k, family): tuple(v.shape) for k, v in merged_sd.items()}
+    hf_of = {expected_name(k, family): k for k in merged_sd}
+    arch = GGUF_ARCH[family]
+    readers = {m: gguf.GGUFReader(f) for m, f in zip(methods, files)}
+    for m, r in readers.items():
+        ts = tensors_by_name(r)
+        assert set(ts) == set(expected), (m, set(ts) ^ set(expected))
+        for name, shape in expected.items():
+            assert tuple(int(s) for s in reversed(ts[name].shape)) == shape, name
+            if len(shape) == 1:
+                assert ts[name].tensor_type == gguf.GGMLQuantizationType.F32, name
+        assert field(r, "general.architecture") == arch
+        assert field(r, f"{arch}.block_count") == 2
+        assert field(r, f"{arch}.embedding_length") == 256
+        assert field(r, f"{arch}.feed_forward_length") == 512
+        assert field(r, f"{arch}.attention.head_count") == cfg.num_attention_heads
+        assert field(r, f"{arch}.attention.head_count_kv") == cfg.num_key_value_heads
+        assert field(r, f"{arch}.attention.key_length") == cfg.head_dim
+        assert field(r, f"{arch}.context_length") == 512
+        assert abs(field(r, f"{arch}.attention.layer_norm_rms_epsilon") - 1e-6) < 1e-12
+        assert field(r, "tokenizer.ggml.model") == ("gpt2" if family in ("llama", "qwen2", "qwen3") else "llama")
+        tokens = field(r, "tokenizer.ggml.tokens")
+        assert len(tokens) == cfg.vocab_size == len(tok)
+        assert tokens[tok.eos_token_id] == tok.eos_token
+        assert field(r, "tokenizer.ggml.bos_token_id") == tok.bos_token_id
+        assert field(r, "tokenizer.ggml.eos_token_id") == tok.eos_token_id
+        assert field(r, "tokenizer.chat_template") == tok.chat_template
+        types = field(r, "tokenizer.ggml.token_type")
+        assert types[tok.eos_token_id] == gguf.TokenType.CONTROL
+        if family in ("mistral",) + GEMMA:
+            assert types[tok.convert_tokens_to_ids("<0x41>")] == gguf.TokenType.BYTE
+            assert len(field(r, "tokenizer.ggml.scores")) == len(tok)
+            assert field(r, "tokenizer.ggml.add_space_prefix") == (family == "mistral")
+        else:
+            assert len(field(r, "tokenizer.ggml.merges")) > 100
+        if family == "gemma2":
+            assert field(r, "gemma2.attn_logit_softcapping") == 50.0
+            assert field(r, "gemma2.final_logit_softcapping") == 30.0
+        if family in GEMMA:
+            assert field(r, f"{arch}.attention.sliding_window") == 128
+
+    # tensor types of the K-quant mixes, as llama.cpp picks them for a 2-layer model
+    tied = "output.weight" not in expected
+    out_name = "token_embd.weight" if tied else "output.weight"
+    for m in methods:
+        ts = tensors_by_name(readers[m])
+        t = {n: ts[n].tensor_type.name for n in ts if len(expected[n]) == 2}
+        if m == "q4_k_m":
+            assert t[out_name] == "Q6_K"
+            assert t["blk.0.attn_v.weight"] == "Q4_K" and t["blk.1.attn_v.weight"] == "Q6_K"
+            assert t["blk.0.ffn_down.weight"] == "Q4_K" and t["blk.1.ffn_down.weight"] == "Q6_K"
+            assert t["blk.0.attn_q.weight"] == "Q4_K" and t["blk.1.ffn_gate.weight"] == "Q4_K"
+        if m == "q6_k":
+            assert set(t.values()) == {"Q6_K"}
+        if m == "q8_0":
+            assert set(t.values()) == {"Q8_0"}
+        if m in ("f16", "bf16"):
+            assert set(t.values()) == {m.upper()}
+
+    # stored values: Gemma norms are 1 + w; llama/mistral q/k rows interleaved per head
+    hi = readers[methods[0]]
+    ts = tensors_by_name(hi)
+    for gname, hf_name in hf_of.items():
+        stored = dequant(ts[gname])
+        want = merged_sd[hf_name].float().numpy()
+        if family in GEMMA and hf_name.endswith("norm.weight"):
+            want = want + 1.0
+        if family in ("llama", "mistral") and (".attn_q." in gname or ".attn_k." in gname):
+            heads = cfg.num_attention_heads if ".attn_q." in gname else cfg.num_key_value_heads
+            d = want.shape[0] // heads
+            perm = np.empty_like(want)
+            for h in range(heads):
+                for i in range(d // 2):
+                    perm[h * d + 2 * i] = want[h * d + i]
+                    perm[h * d + 2 * i + 1] = want[h * d + d // 2 + i]
+            want = perm
+        tol = 1e-2 if ts[gname].tensor_type != gguf.GGMLQuantizationType.F32 else 1e-6
+        assert rel_err(torch.from_numpy(np.array(stored, dtype=np.float32)), torch.from_numpy(want)) < tol, gname
+
+    # quantised tensors: round-trip error no worse than the format's plain-step error
+    for m in methods:
+        ts = tensors_by_name(readers[m])
+        for gname, hf_name in hf_of.items():
+            ty = ts[gname].tensor_type.name
+            if ty in ("F32", "F16", "BF16"):
+                continue
+            stored = dequant(ts[gname])
+            want = dequant(tensors_by_name(hi)[gname]).astype(np.float32)
+            err = np.sqrt(np.mean((stored - want) ** 2))
+            theory = np.sqrt(np.mean(step_per_value(want, ty) ** 2) / 12)
+            assert err <= 1.05 * theory + 1e-7, (m, gname, ty, err, theory)
+
+    # transformers' own GGUF loader
+    for m, f in zip(methods, files):
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=os.path.basename(f), dtype=torch.float32)
+        err = rel_err(logits(loaded, ids), ref)
+        if m in ("f16", "bf16"):
+            assert err <= 1e-2, (m, err)
+        elif m == "q8_0":
+            assert err <= 3e-2, (m, err)
+        else:
+            ts = tensors_by_name(readers[m])
+            type_of = {hf_of[n]: ts[n].tensor_type.name for n in ts}
+            if tied:
+                type_of["lm_head.weight"] = type_of["model.embed_tokens.weight"]
+            bound = noise_model_logit_error(merged, type_of, ids)
+            assert err <= 1.5 * bound, (m, err, bound)
+            assert err > 0.1 * bound  # the comparison is not vacuous
+
+    # the tokenizer llama.cpp / transformers rebuild from the file encodes like the original
+    gtok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=os.path.basename(files[0]))
+    for text in ["Hello world! The quick brown fox.", "café 12345 émigré\n  two  spaces", "capital of France?"]:
+        assert gtok(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"], text
+
+    modelfile = open(os.path.join(folder, "Modelfile")).read()
+    assert modelfile.startswith(f"FROM ./{os.path.basename(files[0])}\n")
+    marker = "<start_of_turn>" if family in ("mistral",) + GEMMA else "<|im_start|>"
+    assert marker in modelfile
+    assert f'PARAMETER stop "{tok.eos_token}"' in modelfile
+
+
+def test_choose_type_follows_llama_cpp_rules():
+    more_bits_32 = [i for i in range(32) if writer.choose_type(f"blk.{i}.ffn_down.weight", (4096, 14336), "q4_k_m", 32, True) == "Q6_K"]
+    assert more_bits_32 == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    assert writer.choose_type("blk.5.attn_q.weight", (4096, 4096), "q4_k_m", 32, True) == "Q4_K"
+    assert writer.choose_type("blk.5.attn_q.weight", (4096, 4096), "q5_k_m", 32, True) == "Q5_K"
+    assert writer.choose_type("output.weight", (128256, 4096), "q4_k_m", 32, True) == "Q6_K"
+    assert writer.choose_type("token_embd.weight", (128256, 4096), "q4_k_m", 32, True) == "Q4_K"
+    assert writer.choose_type("token_embd.weight", (128256, 4096), "q4_k_m", 32, False) == "Q6_K"  # tied
+    assert writer.choose_type("output.weight", (128256, 4096), "q8_0", 32, True) == "Q8_0"
+    assert writer.choose_type("blk.0.attn_norm.weight", (4096,), "q4_k_m", 32, True) == "F32"
+    # rows that are not a multiple of 256 (K-quants) or 32 (everything else)
+    # (4896 = 153 * 32; layer 4 of 24 is not a "more bits" layer, layer 0 is)
+    assert writer.choose_type("blk.4.ffn_down.weight", (896, 4896), "q4_k_m", 24, True) == "Q5_0"
+    assert writer.choose_type("blk.0.ffn_down.weight", (896, 4896), "q4_k_m", 24, True) == "Q8_0"
+    assert writer.choose_type("blk.4.ffn_down.weight", (896, 4896), "q5_k_m", 24, True) == "Q5_1"
+    assert writer.choose_type("blk.4.ffn_up.weight", (4896, 900), "q4_k_m", 24, True) == "F16"
+    assert writer.choose_type("blk.4.ffn_up.weight", (4896, 896), "bf16", 24, True) == "BF16"
+    with pytest.raises(ValueError, match="quantization_method"):
+        writer._normalise_methods(["q4_k_m", "q3_k_xl"])
+    assert writer._normalise_methods(["Q4_K_M", "q4_k", "not_quantized"]) == ["q4_k_m", "f16"]
+
+
+def test_llama3_rope_factors_match_transformers():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rp = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+    cfg = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072, rope_parameters=rp)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    plain = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
+    ours = writer.llama3_rope_factors(writer._rope_params(cfg), 128)
+    assert ours.shape == (64,)
+    torch.testing.assert_close(ours, (plain / scaled).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_modelfile_formats():
+    llama3 = "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+    text = ollama.modelfile_text("m.Q4_K_M.gguf", llama3, "<|eot_id|>")
+    assert text.startswith("FROM ./m.Q4_K_M.gguf\n")
+    assert 'TEMPLATE """' in text and "<|start_header_id|>{{ .Role }}<|end_header_id|>" in text
+    assert text.count('PARAMETER stop "<|eot_id|>"') == 1
+    assert ollama.detect_format("[INST] {{ message['content'] }} [/INST]") == "mistral"
+    assert ollama.detect_format("### Instruction:\n{{ x }}\n### Response:") == "alpaca"
+    assert ollama.detect_format(None) is None
+    plain = ollama.modelfile_text("m.gguf", "{{ messages }}", "</s>")
+    assert "TEMPLATE" not in plain and 'PARAMETER stop "</s>"' in plain
+
+
+def test_interrupted_gguf_save_and_bad_inputs(tmp_path, monkeypatch):
+    base, tok = tiny_model("qwen2", tmp_path)
+    from fastft.gguf_export import kquants
+
+    calls = {"n": 0}
+    real = kquants.quantize
+
+    def failing(x, t):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("simulated crash")
+        return real(x, t)
+
+    monkeypatch.setattr(kquants, "quantize", failing)
+    target = tmp_path / "g"
+    with pytest.raises(RuntimeError, match="simulated"):
+        save.save_pretrained_gguf(base, str(target), tok, quantization_method="q4_k_m")
+    assert not target.exists()
+    assert not [p for p in os.listdir(tmp_path) if "fastft-tmp" in p]
+    monkeypatch.undo()
+
+    with pytest.raises(ValueError, match="tokenizer"):
+        save.save_pretrained_gguf(base, str(target), None)
+    with pytest.raises(ValueError, match="quantization_method"):
+        save.save_pretrained_gguf(base, str(target), tok, quantization_method="q2_k_xxl")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=len(tok)))
+    with pytest.raises(NotImplementedError, match="supports"):
+        save.save_pretrained_gguf(gpt2, str(target), tok)
+    assert not target.exists()
