@@ -1,0 +1,99 @@
+"""h = act(gate) * up and its backward over [rows, I] views (rows may be strided, last dim
+contiguous). act: 0 = SiLU, 1 = GELU (erf), 2 = GELU (tanh). Math in float32.
+
+The backward writes d_gate and d_up; each element is read and then written by the same
+program, so d_gate / d_up may be the gate / up tensors themselves (in place)."""
+import triton
+import triton.language as tl
+
+_SQRT_2_OVER_PI = 0.7978845608028654
+_INV_SQRT_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_GELU_TANH_C = 0.044715
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (exp(2x) + 1): exact limits at +-inf, no overflow to nan
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _act_and_grad(g, ACT: tl.constexpr):
+    if ACT == 0:
+        s = tl.sigmoid(g)
+        a = g * s
+        da = s * (1.0 + g * (1.0 - s))
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(g * _INV_SQRT_2))
+        a = g * cdf
+        da = cdf + g * tl.exp(-0.5 * g * g) * _INV_SQRT_2PI
+    else:
+        t = _tanh(_SQRT_2_OVER_PI * (g + _GELU_TANH_C * g * g * g))
+        a = 0.5 * g * (1.0 + t)
+        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _SQRT_2_OVER_PI * (
+            1.0 + 3.0 * _GELU_TANH_C * g * g)
+    return a, da
+
+
+@triton.jit
+def _glu_fwd(G, U, O, g_stride, u_stride, o_stride, N, col_blocks,
+             ACT: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // col_blocks
+    cols = (pid % col_blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    g = tl.load(G + row * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    a, _ = _act_and_grad(g, ACT)
+    tl.store(O + row * o_stride + cols, (a * u).to(O.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _glu_bwd(DH, G, U, DG, DU, dh_stride, g_stride, u_stride, dg_stride, du_stride, N,
+             col_blocks, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // col_blocks
+    cols = (pid % col_blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    dh = tl.load(DH + row * dh_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + row * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    a, da = _act_and_grad(g, ACT)
+    tl.store(DG + row * dg_stride + cols, (dh * u * da).to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + row * du_stride + cols, (dh * a).to(DU.dtype.element_ty), mask=mask)
+
+
+def _flat(*tensors):
+    """All [rows, N] tensors contiguous: treat them as one row (longer blocks, no row math)."""
+    return all(t.is_contiguous() for t in tensors)
+
+
+def _layout(rows, n, block):
+    return rows * triton.cdiv(n, block), triton.cdiv(n, block)
+
+
+def glu_forward(gate, up, out, act):
+    rows, n = gate.shape
+    if rows * n == 0:
+        return
+    strides = (gate.stride(0), up.stride(0), out.stride(0))
+    if _flat(gate, up, out):
+        rows, n, strides = 1, rows * n, (0, 0, 0)
+    block = 1024 if n >= 1024 else triton.next_power_of_2(n)
+    programs, col_blocks = _layout(rows, n, block)
+    _glu_fwd[(programs,)](gate, up, out, *strides, n, col_blocks, ACT=int(act), BLOCK=block,
+                          num_warps=4)
+
+
+def glu_backward(dh, gate, up, d_gate, d_up, act):
+    rows, n = gate.shape
+    if rows * n == 0:
+        return
+    strides = (dh.stride(0), gate.stride(0), up.stride(0), d_gate.stride(0), d_up.stride(0))
+    if _flat(dh, gate, up, d_gate, d_up):
+        rows, n, strides = 1, rows * n, (0, 0, 0, 0, 0)
+    block = 1024 if n >= 1024 else triton.next_power_of_2(n)
+    programs, col_blocks = _layout(rows, n, block)
+    _glu_bwd[(programs,)](dh, gate, up, d_gate, d_up, *strides, n, col_blocks, ACT=int(act),
+                          BLOCK=block, num_warps=4)
