@@ -345,3 +345,32 @@ def test_guide_flow_sharegpt_text_field_llama31(tmp_path):
     for row in trainer.train_dataset:
         (run,) = trained_runs(tokenizer, row["input_ids"], row["labels"])
         assert run.endswith("<|eot_id|>") and run[: -len("<|eot_id|>")].isdigit(), run
+
+
+def test_sft_trainer_packing(tmp_path):
+    """With packing TRL concatenates examples (recording seq_lengths) and collates padding-free:
+    every packed example is masked on its own, so a system turn after an answer stays masked."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    tokenizer = load_default_tokenizer()
+    records = load_default_dataset()[:24]
+    records = [{"messages": [SYSTEM] + r["messages"]} if i % 2 else r for i, r in enumerate(records)]
+    args = _sft_config(tmp_path, 1)
+    args.packing = True
+    args.per_device_train_batch_size = 2
+    trainer = SFTTrainer(
+        model=_tiny_llama(tokenizer), args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer
+    )
+    trainer = train_on_responses_only(trainer)
+    answers = 0
+    for row in trainer.train_dataset:
+        assert "seq_lengths" in row and len(row["seq_lengths"]) > 1
+        runs = trained_runs(tokenizer, row["input_ids"], row["labels"])
+        assert all(run.endswith("<|im_end|>\n") and run[:-11].isdigit() for run in runs), runs
+        answers += len(runs)
+    assert answers == len(records)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "position_ids" in batch
+    trained = tokenizer.decode(batch["input_ids"][batch["labels"] != -100])
+    assert "terse" not in trained and "What" not in trained and "<|im_start|>" not in trained
