@@ -28,6 +28,7 @@ import importlib
 import inspect
 import logging
 import os
+import sys
 
 import torch
 from torch import nn
@@ -89,6 +90,15 @@ def unpatch_all() -> None:
 
 # ---------------------------------------------------------------- fused forwards
 
+def op(name: str):
+    """The public op `name` from its own module. (Not `from fastft.ops import name`: once a module
+    such as fastft/ops/rope.py is imported, the package attribute of that name is the module.)"""
+    from fastft.ops import _OPS
+
+    module = _OPS[name]
+    return getattr(sys.modules.get(module) or importlib.import_module(module), name)
+
+
 def _mark(fn, what: str):
     fn._fastft_patch = what
     return fn
@@ -96,20 +106,16 @@ def _mark(fn, what: str):
 
 def make_rms_norm_forward(offset: float):
     def forward(self, hidden_states):
-        from fastft.ops import rms_norm
-
         # Llama-style norms name it variance_epsilon, Gemma-style ones eps
         eps = self.variance_epsilon if hasattr(self, "variance_epsilon") else self.eps
-        return rms_norm(hidden_states, self.weight, eps, offset)
+        return op("rms_norm")(hidden_states, self.weight, eps, offset)
 
     return _mark(forward, f"rms_norm(offset={offset})")
 
 
 def fast_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     """transformers' apply_rotary_pos_emb through fastft.ops.rope (same contract)."""
-    from fastft.ops import rope
-
-    return rope(q, k, cos, sin, unsqueeze_dim)
+    return op("rope")(q, k, cos, sin, unsqueeze_dim)
 
 
 _mark(fast_apply_rotary_pos_emb, "rope")
@@ -138,13 +144,9 @@ def make_mlp_forward(orig_forward):
         gate = self.gate_proj(x)  # gate before up, as transformers does (same dropout RNG order)
         up = self.up_proj(x)
         if kind[0] == "swiglu":
-            from fastft.ops import swiglu
-
-            hidden = swiglu(gate, up)
+            hidden = op("swiglu")(gate, up)
         else:
-            from fastft.ops import geglu
-
-            hidden = geglu(gate, up, approximate=kind[1])
+            hidden = op("geglu")(gate, up, approximate=kind[1])
         return self.down_proj(hidden)
 
     return _mark(forward, "gated_mlp")
@@ -233,15 +235,11 @@ def make_causal_lm_forward(orig_forward, family: Family):
         flat_hidden = hidden.reshape(-1, hidden.shape[-1])
         flat_labels = shift_labels.reshape(-1)
         if _plain_linear_head(head):
-            from fastft.ops import fused_linear_cross_entropy
-
-            loss = fused_linear_cross_entropy(
+            loss = op("fused_linear_cross_entropy")(
                 flat_hidden, head.weight, flat_labels, bias=head.bias, ignore_index=ignore_index,
                 num_items_in_batch=num_items_in_batch, softcap=softcap)
         else:  # LoRA / modules_to_save / quantised head: its own forward, then the fused CE
-            from fastft.ops import cross_entropy
-
-            loss = cross_entropy(head(flat_hidden), flat_labels, ignore_index=ignore_index,
+            loss = op("cross_entropy")(head(flat_hidden), flat_labels, ignore_index=ignore_index,
                                  num_items_in_batch=num_items_in_batch, softcap=softcap)
 
         out_cls = _output_class()
@@ -266,9 +264,7 @@ def _base_model(model):
 def _op_available(name: str) -> str | None:
     """None when fastft.ops.<name> imports, else why not."""
     try:
-        import fastft.ops as ops
-
-        getattr(ops, name)
+        op(name)
         return None
     except Exception as exc:  # op module not written / broken: patch what we can, say so
         return f"{type(exc).__name__}: {exc}"
@@ -319,10 +315,10 @@ def patch_model(model) -> Family | None:
     mlp_cls = getattr(module, family.mlp_class, None)
     if mlp_cls is not None:
         act = next((m.act_fn for m in base.modules() if type(m) is mlp_cls), None)
-        op = (gated_activation(act) or ("swiglu",))[0] if act is not None else "swiglu"
-        if want(op, "MLP"):
+        act_op = (gated_activation(act) or ("swiglu",))[0] if act is not None else "swiglu"
+        if want(act_op, "MLP"):
             _set_patch(mlp_cls, "forward", make_mlp_forward(original(mlp_cls, "forward")))
-            done.append(f"MLP ({op})")
+            done.append(f"MLP ({act_op})")
 
     head_cls = getattr(module, family.causal_lm_class, None)
     if head_cls is not None and want("fused_linear_cross_entropy", "causal-LM loss") \
