@@ -245,9 +245,99 @@ class _TorchBackend:
         raise NotImplementedError
 
 
-_BACKENDS: dict[str, Any] = {"torch": _TorchBackend}
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _on_device(t):
+    return torch.device(t.device) if t.is_cuda else _nullcontext()
+
+
+# Triton launchers wrapped as custom ops so torch.compile and opcheck see a schema.
+@torch.library.custom_op("fastft_triton::nf4_dequantize", mutates_args=("out",))
+def _triton_dequantize(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
+                       code2: torch.Tensor | None, offset: torch.Tensor | None,
+                       code: torch.Tensor, blocksize: int, blocksize2: int, numel: int,
+                       out: torch.Tensor) -> None:
+    from fastft.triton_kernels import nf4
+
+    with _on_device(packed):
+        nf4.dequantize(packed, absmax, absmax2, code2, offset, code, blocksize, blocksize2,
+                       numel, out)
+
+
+@torch.library.custom_op("fastft_triton::nf4_gemv", mutates_args=("y",))
+def _triton_gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                 absmax2: torch.Tensor | None, code2: torch.Tensor | None,
+                 offset: torch.Tensor | None, code: torch.Tensor, bias: torch.Tensor | None,
+                 blocksize: int, blocksize2: int, y: torch.Tensor) -> None:
+    from fastft.triton_kernels import nf4
+
+    with _on_device(x):
+        nf4.gemv(x, packed, absmax, absmax2, code2, offset, code, bias, blocksize, blocksize2,
+                 y)
+
+
+@_triton_dequantize.register_fake
+def _(packed, absmax, absmax2, code2, offset, code, blocksize, blocksize2, numel, out):
+    return None
+
+
+@_triton_gemv.register_fake
+def _(x, packed, absmax, absmax2, code2, offset, code, bias, blocksize, blocksize2, y):
+    return None
+
+
+def _state_args(st: Resolved):
+    return (st.packed, st.absmax, st.absmax2, st.code2, st.offset, st.code)
+
+
+class _TritonBackend:
+    @staticmethod
+    def dequantize(st: Resolved, out_flat: torch.Tensor) -> None:
+        _triton_dequantize(*_state_args(st), st.blocksize, st.blocksize2, st.numel, out_flat)
+
+    @staticmethod
+    def fused_ok(st: Resolved, x: torch.Tensor) -> bool:
+        # bf16/fp16 only (tensor-core dot); rows whole multiples of the K tile
+        return x.dtype in (torch.bfloat16, torch.float16) and st.shape[1] % 64 == 0
+
+    @staticmethod
+    def gemv(x2, st, bias, y) -> None:
+        _triton_gemv(x2, *_state_args(st), bias, st.blocksize, st.blocksize2, y)
+
+
+class _CudaBackend:
+    @staticmethod
+    def dequantize(st: Resolved, out_flat: torch.Tensor) -> None:
+        cuda_ops().nf4_dequantize(*_state_args(st), st.blocksize, st.blocksize2, st.numel,
+                                  out_flat)
+
+    @staticmethod
+    def fused_ok(st: Resolved, x: torch.Tensor) -> bool:
+        # tensor-core kernel: bf16/fp16 inputs, rows whole multiples of its 128-value K chunk
+        return x.dtype in (torch.bfloat16, torch.float16) and st.shape[1] % 128 == 0
+
+    @staticmethod
+    def gemv(x2, st, bias, y) -> None:
+        cuda_ops().nf4_gemv(x2, *_state_args(st), bias, st.blocksize, st.blocksize2, y)
+
+
+_BACKENDS: dict[str, Any] = {"torch": _TorchBackend, "triton": _TritonBackend,
+                             "cuda": _CudaBackend}
 for _op in ("nf4_dequantize", "nf4_matmul"):
     dispatch.register(_op, "torch", _TorchBackend)
+    dispatch.register(_op, "triton", _TritonBackend)
+    if cuda_ops() is not None and hasattr(cuda_ops(), "nf4_dequantize"):
+        dispatch.register(_op, "cuda", _CudaBackend)
+
+if cuda_ops() is not None and hasattr(cuda_ops(), "nf4_dequantize"):
+    for _name in ("nf4_dequantize", "nf4_gemv"):
+        torch.library.register_fake(f"fastft::{_name}")(lambda *args, **kwargs: None)
 
 
 # ---------------------------------------------------------------- the shared workspace
