@@ -1,38 +1,20 @@
 """The public op API (a contract for downstream trainers; see DESIGN.md).
 
 Each op is one autograd function whose backend (CUDA, Triton or the torch reference) comes
-from fastft.dispatch. Modules load on first use of one of their ops."""
-import importlib
+from fastft.dispatch.
 
-# public name -> module that defines it (one module per op family)
-_OPS = {
-    "rms_norm": "fastft.ops.norms",
-    "layer_norm": "fastft.ops.norms",
-    "rope": "fastft.ops.rope",
-    "swiglu": "fastft.ops.activations",
-    "geglu": "fastft.ops.activations",
-    "cross_entropy": "fastft.ops.cross_entropy",
-    "fused_linear_cross_entropy": "fastft.ops.cross_entropy",
-    "nf4_dequantize": "fastft.ops.nf4",
-    "nf4_matmul": "fastft.ops.nf4",
-}
-__all__ = sorted(_OPS)
+The functions are imported eagerly, and after their modules: importing a submodule binds its
+name on this package, so a lazy `rope` would later resolve to the module fastft/ops/rope.py
+instead of the function. Importing them here once, function last, keeps the names right."""
+from fastft.ops.norms import layer_norm, rms_norm  # noqa: I001
+from fastft.ops.rope import rope
+from fastft.ops.activations import geglu, swiglu
+from fastft.ops.cross_entropy import cross_entropy, fused_linear_cross_entropy
+from fastft.ops.nf4 import nf4_dequantize, nf4_matmul
 
-
-def __getattr__(name):
-    module = _OPS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fastft.ops' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__all__ = ["rms_norm", "layer_norm", "rope", "swiglu", "geglu", "cross_entropy",
+           "fused_linear_cross_entropy", "nf4_dequantize", "nf4_matmul"]
 
 
 def load_all():
-    """Import every op module that exists (registers their backends with the dispatch table)."""
-    for module in sorted(set(_OPS.values())):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:  # a real import error inside the module: surface it
-                raise
+    """Every op module is imported above (each registers its backends with dispatch)."""
