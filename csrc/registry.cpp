@@ -20,8 +20,27 @@ TORCH_LIBRARY(fastft, m) {
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, "
         "Tensor(a!) dx, Tensor(b!)? dw, Tensor(c!)? db) -> ()");
   // ---- rope, swiglu / geglu (activations.cu, rope.cu)
+  // q/k: [batch, seq, heads, head_dim] views; q_out/k_out absent: rotated in place.
+  m.def("rope(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor(c!)? q_out, "
+        "Tensor(d!)? k_out, bool backward) -> ()");
+  // act: 0 SiLU, 1 GELU (erf), 2 GELU (tanh); d_gate/d_up absent: written into gate/up.
+  m.def("glu_fwd(Tensor gate, Tensor up, Tensor(a!) out, int act) -> ()");
+  m.def("glu_bwd(Tensor dh, Tensor(a!) gate, Tensor(b!) up, Tensor(c!)? d_gate, "
+        "Tensor(d!)? d_up, int act) -> ()");
   // ---- cross_entropy (cross_entropy.cu)
+  m.def("cross_entropy_fwd(Tensor logits, Tensor labels, Tensor(a!) loss, Tensor(b!)? grad, "
+        "Tensor? row_weight, int ignore_index, float softcap, float logit_scale, "
+        "float label_smoothing) -> ()");
+  m.def("cross_entropy_fwd_inplace(Tensor(a!) logits, Tensor labels, Tensor(b!) loss, "
+        "Tensor row_weight, int ignore_index, float softcap, float logit_scale, "
+        "float label_smoothing) -> ()");
   // ---- nf4 (nf4.cu)
+  m.def("nf4_dequantize(Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code2, "
+        "Tensor? offset, Tensor code, int blocksize, int blocksize2, int numel, "
+        "Tensor(a!) out) -> ()");
+  m.def("nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code2, "
+        "Tensor? offset, Tensor code, Tensor? bias, int blocksize, int blocksize2, "
+        "Tensor(a!) y) -> ()");
 }
 
 static PyModuleDef fastft_c_module = {PyModuleDef_HEAD_INIT, "_C",
