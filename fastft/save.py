@@ -115,6 +115,22 @@ def _merged_lora_weight(layer) -> torch.Tensor:
     return w
 
 
+def _merged_lora_embedding(layer) -> torch.Tensor:
+    """Embedding table + scaling * (B @ A)^T for the active adapters (peft's embedding LoRA:
+    lora_embedding_A is [r, num_embeddings], lora_embedding_B is [embedding_dim, r])."""
+    w = layer.get_base_layer().weight.detach().to(torch.float32, copy=True)
+    if getattr(layer, "disable_adapters", False):
+        return w
+    already = set(getattr(layer, "merged_adapters", []) or [])
+    for name in _active_adapter_names(layer):
+        if name in already or name not in layer.lora_embedding_A:
+            continue
+        a = layer.lora_embedding_A[name].detach().float().to(w.device)
+        b = layer.lora_embedding_B[name].detach().float().to(w.device)
+        w += (b @ a).t() * float(layer.scaling[name])
+    return w
+
+
 def _merged_lora_bias(layer) -> torch.Tensor | None:
     base = layer.get_base_layer()
     bias = None if getattr(base, "bias", None) is None else base.bias.detach().float().clone()
@@ -167,6 +183,11 @@ def merged_tensor_plan(model) -> list[PlannedTensor]:
         prefix = mod_name + "." if mod_name else ""
         if _is_lora_layer(module):
             base = module.get_base_layer()
+            if isinstance(base, torch.nn.Embedding) and hasattr(module, "lora_embedding_A"):
+                add(prefix + "weight", tuple(base.weight.shape), base.weight.dtype,
+                    (lambda m=module: _merged_lora_embedding(m)), mod_name)
+                done_prefixes.append(mod_name)
+                continue
             if not hasattr(base, "out_features"):
                 raise NotImplementedError(
                     f"{mod_name}: fastft merges LoRA on nn.Linear / bitsandbytes Linear4bit layers only "
@@ -512,9 +533,13 @@ def save_pretrained_merged(
     folder written."""
     if save_method not in SAVE_METHODS:
         raise ValueError(f"save_method={save_method!r}; choose one of {', '.join(SAVE_METHODS)}.")
+    # accepted for scripts written against the familiar signature; the save is always safetensors
     unknown = set(kwargs) - {"push_to_hub", "token", "safe_serialization", "temporary_location", "save_peft_format"}
     if unknown:
         raise TypeError(f"save_pretrained_merged got unexpected arguments: {', '.join(sorted(unknown))}.")
+    if kwargs.get("push_to_hub"):
+        raise ValueError("save_pretrained_merged(push_to_hub=True) is not supported; call "
+                         "model.push_to_hub_merged(repo_id, tokenizer, save_method=...) instead.")
     if save_method == "merged_4bit_forced":
         save_method = "merged_4bit"
 

@@ -29,14 +29,25 @@ GEMMA_TEMPLATE = (
 )
 
 
-def byte_level_bpe_tokenizer():
-    """GPT-2 style byte-level BPE (as Llama 3 / Qwen ship), with ChatML specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
+def byte_level_bpe_tokenizer(split=None):
+    """Byte-level BPE with ChatML specials: GPT-2's own split (split=None), or Llama 3's /
+    Qwen 2's split regex followed by a byte-level step, as their tokenizer.json files do."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
@@ -113,6 +124,10 @@ def tokenizer_for(family: str):
         return sentencepiece_bpe_tokenizer(dummy_prefix=True)
     if family in ("gemma2", "gemma3"):
         return sentencepiece_bpe_tokenizer(dummy_prefix=False)
+    if family == "llama":
+        return byte_level_bpe_tokenizer(LLAMA3_SPLIT)
+    if family == "qwen3":
+        return byte_level_bpe_tokenizer(QWEN2_SPLIT)
     return byte_level_bpe_tokenizer()
 
 

@@ -169,6 +169,7 @@ def test_gguf_export_reads_back(family, tmp_path):
             assert field(r, "tokenizer.ggml.add_space_prefix") == (family == "mistral")
         else:
             assert len(field(r, "tokenizer.ggml.merges")) > 100
+            assert field(r, "tokenizer.ggml.pre") == {"llama": "llama-bpe", "qwen3": "qwen2", "qwen2": "gpt-2"}[family]
         if family == "gemma2":
             assert field(r, "gemma2.attn_logit_softcapping") == 50.0
             assert field(r, "gemma2.final_logit_softcapping") == 30.0

@@ -258,3 +258,24 @@ def test_attach_and_push_wrappers_upload_what_save_writes(tmp_path):
         pm.push_to_hub_merged("", tok, uploader=fake_upload)
     with pytest.raises(ValueError, match="LoRA"):
         save.save_pretrained_merged(plain, str(tmp_path / "nolora"), tok, save_method="lora")
+
+
+def test_lora_on_embeddings_and_lm_head_merges(tmp_path):
+    """Continued pretraining targets embed_tokens and lm_head too (the guide's recipe)."""
+    import peft
+
+    base, tok = tiny_model("llama", tmp_path)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"])
+    pm = peft.get_peft_model(base, cfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n or "lora_embedding" in n:  # peft starts embedding A at zero
+                p.normal_(0, 0.05)
+    pm.eval()
+    ids = sample_ids(len(tok))
+    assert _lora_effect(pm, ids) > 1e-2
+    out = save.save_pretrained_merged(pm, str(tmp_path / "m"), tok)
+    merged = _load(out)
+    emb_change = rel_err(merged.model.embed_tokens.weight.detach(), base.model.embed_tokens.base_layer.weight.detach())
+    assert emb_change > 1e-3
+    assert rel_err(logits(merged, ids), logits(pm, ids)) < 1e-3
