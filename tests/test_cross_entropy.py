@@ -255,6 +255,24 @@ def test_triton_custom_ops_pass_opcheck():
 
 
 @pytest.mark.skipif("triton" not in backends(CE, "cpu"), reason="triton does not import")
+@pytest.mark.parametrize("backend", backends(CE, "cpu"))
+def test_masked_vocab_minus_inf_logits(backend):
+    """-inf logits (a masked vocabulary) add nothing and get a zero gradient, like torch."""
+    check_masked(backend, "cpu", torch.float32)
+
+
+def check_masked(backend, device, dtype):
+    x, labels = make_logits(5, 1100, dtype, device, seed=13, ignored=0.0)
+    x[:, 3:40] = float("-inf")
+    x[2, :] = float("-inf")  # a whole row but its label masked ...
+    x[2, labels[2]] = 1.0    # ... except the label
+    for opts in (OPTION_SETS["plain"], (None, 0.5, 0.0)):
+        ref_loss, ref_grad = reference(x, labels, "mean", opts)
+        loss, grad = run_ce(backend, x, labels, "mean", opts)
+        assert rel_err(loss, ref_loss) < LOSS_RTOL and rel_err(grad, ref_grad) < RTOL[dtype]
+
+
+@pytest.mark.skipif("triton" not in backends(CE, "cpu"), reason="triton does not import")
 def test_triton_label_out_of_range_gives_nan():
     x, labels = make_logits(3, 1000, torch.float32)
     labels[1] = 1000
@@ -442,6 +460,50 @@ def test_cross_entropy_gpu_edge_cases(backend):
     loss, grad = run_ce(backend, x, labels, "mean", OPTION_SETS["softcap_scale"], inplace=True)
     ref_loss, ref_grad = reference(x, labels, "mean", OPTION_SETS["softcap_scale"])
     assert rel_err(loss, ref_loss) < LOSS_RTOL and rel_err(grad, ref_grad) < RTOL[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends(CE))
+def test_cross_entropy_gpu_masked_vocab(backend):
+    check_masked(backend, "cuda", torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("blocks_per_sm", ["1", "2"])
+def test_cuda_kernel_layouts(monkeypatch, blocks_per_sm):
+    """Both layouts of the CUDA kernel (1024 threads / 512 threads and half the row cache)."""
+    monkeypatch.setenv("FASTFT_CE_BLOCKS_PER_SM", blocks_per_sm)
+    for vocab, dtype in ((128256, torch.bfloat16), (262144, torch.float32), (50001, torch.float16)):
+        check_ce("cuda", 48, vocab, dtype, "mean", OPTION_SETS["all"], "cuda", seed=1)
+        check_ce("cuda", 40, vocab, dtype, "none", OPTION_SETS["plain"], "cuda", seed=2,
+                 strided=True)
+
+
+@pytest.mark.gpu
+def test_cuda_ops_pass_opcheck():
+    importlib.import_module("fastft.ops.cross_entropy")  # registers the fake implementations
+    ops = torch.ops.fastft
+    x, labels = make_logits(16, 4099, torch.bfloat16, "cuda")
+    loss, grad = torch.empty(16, device="cuda"), torch.empty_like(x)
+    weight = torch.full((1,), 0.5, device="cuda")
+    opcheck = torch.library.opcheck
+    opcheck(ops.cross_entropy_fwd, (x, labels, loss, grad, weight, -100, 3.0, 0.5, 0.1))
+    opcheck(ops.cross_entropy_fwd, (x, labels, loss, None, None, -100, 0.0, 1.0, 0.0))
+    opcheck(ops.cross_entropy_fwd_inplace,
+            (x.clone(), labels, loss, torch.rand(16, device="cuda"), -100, 0.0, 1.0, 0.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends(CE))
+def test_gpu_compiles_fullgraph(backend):
+    x, labels = make_logits(64, 32000, torch.bfloat16, "cuda", seed=3)
+    xt = x.clone().requires_grad_()
+    f = torch.compile(lambda a, b: cross_entropy(a, b, logit_scale=0.5, backend=backend),
+                      fullgraph=True)
+    loss = f(xt, labels)
+    loss.backward()
+    ref_loss, ref_grad = reference(x, labels, "mean", (None, 0.5, 0.0))
+    assert rel_err(loss, ref_loss) < LOSS_RTOL and rel_err(xt.grad, ref_grad) < 1.2e-2
 
 
 @pytest.mark.gpu

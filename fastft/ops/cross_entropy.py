@@ -191,10 +191,29 @@ class _TritonBackend:
                                   scale, smoothing)
 
 
-_BACKENDS = {"torch": _TorchBackend, "triton": _TritonBackend}
+class _CudaBackend:
+    @staticmethod
+    def loss_and_grad(logits, labels, loss, grad, row_weight, ignore_index, softcap, scale,
+                      smoothing):
+        _check_kernel_args(logits, labels, loss, grad, row_weight)
+        if grad is logits:
+            cuda_ops().cross_entropy_fwd_inplace(logits, labels, loss, row_weight, ignore_index,
+                                                 softcap, scale, smoothing)
+        else:
+            cuda_ops().cross_entropy_fwd(logits, labels, loss, grad, row_weight, ignore_index,
+                                         softcap, scale, smoothing)
+
+
+_BACKENDS = {"torch": _TorchBackend, "triton": _TritonBackend, "cuda": _CudaBackend}
 for _op in ("cross_entropy", "fused_linear_cross_entropy"):
     dispatch.register(_op, "torch", _TorchBackend)
     dispatch.register(_op, "triton", _TritonBackend)
+    if cuda_ops() is not None:
+        dispatch.register(_op, "cuda", _CudaBackend)
+
+if cuda_ops() is not None:  # fake (meta) implementations of the CUDA schemas: outputs only
+    for _name in ("cross_entropy_fwd", "cross_entropy_fwd_inplace"):
+        torch.library.register_fake(f"fastft::{_name}")(lambda *args, **kwargs: None)
 
 
 # ---------------------------------------------------------------- options and reductions
