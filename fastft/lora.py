@@ -1,0 +1,288 @@
+"""Route a peft LoRA model's gated MLPs and attention projections through fastft's fused LoRA
+functions (fastft/ops/lora.py).
+
+    apply_fused_lora(model)   -> report dict; called by FastLanguageModel.get_peft_model
+    remove_fused_lora(model)  undoes it
+
+How the patch works (instance attributes only; nothing is changed on any class, so other
+models in the process and peft itself are untouched, and removal is `del module.forward`):
+
+* Gated MLP (a module with gate_proj / up_proj / down_proj and act_fn): its `forward` becomes
+  one fused autograd node (lora_mlp), tiled over tokens for long inputs.
+* Attention (q_proj / k_proj / v_proj / o_proj): the attention's own forward is NOT replaced, so
+  rope, caches and the attention interface stay exactly transformers' code for every family.
+  Instead the q/k/v projection modules get a forward that computes all three projections of
+  their input in one fused node (lora_qkv) when the first of them is called, and hands the
+  other two their results when they are then called with the same input tensor. o_proj gets
+  the single-projection fused node (lora_linear).
+
+Everything is read from peft's modules at call time: the active adapter(s), their A, B and
+scaling. A call falls back to the module's normal forward (peft's path) whenever fusing would
+not compute exactly what peft computes: adapters disabled (`disable_adapter()`, used by TRL as
+the reference model) or merged, dropout > 0, DoRA or other LoRA variants, lora_bias,
+fan_in_fan_out, a base layer that is neither a dense nn.Linear nor a bitsandbytes Linear4bit,
+extra call arguments (e.g. peft's adapter_names mixed batches), and small inputs under no_grad
+(generation, where bitsandbytes' 4-bit GEMV is the better kernel).
+Several active adapters are fused by stacking them into one rank-(r1+r2+…) term.
+"""
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+from torch import nn
+
+from fastft.ops.lora import Base, Projection, lora_linear, lora_mlp, lora_qkv
+
+logger = logging.getLogger(__name__)
+
+# Below this many tokens a no-grad call (generation) keeps peft's path.
+NO_GRAD_MIN_TOKENS = 1024
+
+_MARK = "_fastft_fused_lora"  # instance attribute: what we patched on this module
+
+
+# --- reading peft's modules ------------------------------------------------------------------
+
+def _is_lora_layer(module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
+
+
+def _base_of(linear) -> tuple[Base | None, str | None]:
+    """(Base, None) for a dense nn.Linear or a bitsandbytes Linear4bit, else (None, why)."""
+    weight = getattr(linear, "weight", None)
+    if weight is None:
+        return None, f"{type(linear).__name__} has no weight"
+    bias = getattr(linear, "bias", None)
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:
+        if getattr(quant_state, "quant_type", None) not in ("nf4", "fp4"):
+            return None, f"unsupported quantisation {getattr(quant_state, 'quant_type', None)}"
+        return Base(weight, bias, quant_state), None
+    if type(linear).__name__ not in ("Linear", "NonDynamicallyQuantizableLinear") \
+            or not isinstance(linear, nn.Linear):
+        return None, f"base layer {type(linear).__name__} is not a plain nn.Linear"
+    if not weight.is_floating_point() or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None, f"base weight dtype {weight.dtype}"
+    return Base(weight, bias), None
+
+
+def projection_of(module) -> tuple[Projection | None, str | None]:
+    """The fused view of one projection module as peft would compute it right now:
+    (Projection, None), or (None, why peft's own path must run)."""
+    if not _is_lora_layer(module):
+        if isinstance(module, nn.Linear):
+            base, why = _base_of(module)
+            return (Projection(base) if base else None), why
+        return None, f"{type(module).__name__} is not a Linear"
+    if module.disable_adapters:
+        return None, "adapters are disabled"
+    if module.merged:
+        return None, "adapters are merged"
+    if getattr(module, "fan_in_fan_out", False):
+        return None, "fan_in_fan_out"
+    base, why = _base_of(module.get_base_layer())
+    if base is None:
+        return None, why
+    terms = []
+    variants = getattr(module, "lora_variant", {}) or {}
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if name in variants or getattr(module, "use_dora", {}).get(name, False):
+            return None, f"adapter {name!r} is a LoRA variant (e.g. DoRA)"
+        if not isinstance(module.lora_dropout[name], nn.Identity):
+            return None, f"adapter {name!r} has lora_dropout > 0"
+        lora_A, lora_B = module.lora_A[name], module.lora_B[name]
+        if not isinstance(lora_A, nn.Linear) or not isinstance(lora_B, nn.Linear):
+            return None, f"adapter {name!r} is not a linear LoRA"
+        if lora_A.bias is not None or lora_B.bias is not None:
+            return None, f"adapter {name!r} has lora_bias"
+        terms.append((lora_A.weight, lora_B.weight, float(module.scaling[name])))
+    if not terms:
+        return Projection(base), None
+    if len(terms) == 1:
+        A, B, s = terms[0]
+        return Projection(base, A, B, s), None
+    # Several active adapters: one stacked term, scalings folded into B (autograd sees the cat).
+    dtype = terms[0][0].dtype
+    A = torch.cat([a.to(dtype) for a, _, _ in terms], dim=0)
+    B = torch.cat([b.to(dtype) * s for _, b, s in terms], dim=1)
+    return Projection(base, A, B, 1.0), None
+
+
+def _few_tokens_without_grad(x) -> bool:
+    return not torch.is_grad_enabled() and x.numel() // max(1, x.shape[-1]) < NO_GRAD_MIN_TOKENS
+
+
+# --- activation detection ---------------------------------------------------------------------
+
+def activation_kind(act_fn) -> str | None:
+    """'swiglu' / 'geglu' / 'geglu_tanh' when act_fn computes SiLU / erf-GELU / tanh-GELU
+    (checked numerically, so any class that implements them is recognised), else None."""
+    if act_fn is None:
+        return None
+    probe = torch.linspace(-6.0, 6.0, 97, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            got = act_fn(probe).double()
+    except Exception:
+        return None
+    candidates = {
+        "swiglu": torch.nn.functional.silu(probe),
+        "geglu": torch.nn.functional.gelu(probe),
+        "geglu_tanh": torch.nn.functional.gelu(probe, approximate="tanh"),
+    }
+    for kind, ref in candidates.items():
+        if got.shape == ref.shape and torch.allclose(got, ref, atol=1e-6, rtol=1e-5):
+            return kind
+    return None
+
+
+# --- the patched forwards ---------------------------------------------------------------------
+
+def _class_forward(module, *args, **kwargs):
+    return type(module).forward(module, *args, **kwargs)
+
+
+def _fused_mlp_forward(self, x, *args, **kwargs):
+    if args or kwargs or _few_tokens_without_grad(x):
+        return _class_forward(self, x, *args, **kwargs)
+    gate, _ = projection_of(self.gate_proj)
+    up, _ = projection_of(self.up_proj)
+    down, _ = projection_of(self.down_proj)
+    if gate is None or up is None or down is None:
+        return _class_forward(self, x)
+    return lora_mlp(x, gate, up, down, activation=getattr(self, _MARK)["activation"],
+                    tile_tokens=getattr(self, _MARK).get("tile_tokens", "auto"))
+
+
+class _QKVGroup:
+    """Shared by the q, k and v projections of one attention module: holds the results of one
+    fused call until each projection has taken its own."""
+
+    def __init__(self, q, k, v):
+        self.modules = (q, k, v)
+        self.pending = None  # [x, x._version, q_out, k_out, v_out] with taken outputs set None
+
+    def take(self, role, x):
+        p = self.pending
+        if p is not None and p[0] is x and p[1] == x._version and p[2 + role] is not None:
+            out = p[2 + role]
+            p[2 + role] = None
+            if p[2] is None and p[3] is None and p[4] is None:
+                self.pending = None
+            return out
+        return None
+
+
+def _fused_qkv_forward(self, x, *args, **kwargs):
+    mark = getattr(self, _MARK)
+    group, role = mark["group"], mark["role"]
+    if args or kwargs:
+        group.pending = None
+        return _class_forward(self, x, *args, **kwargs)
+    out = group.take(role, x)
+    if out is not None:
+        return out
+    group.pending = None
+    if _few_tokens_without_grad(x):
+        return _class_forward(self, x)
+    projs = [projection_of(m)[0] for m in group.modules]
+    if any(p is None for p in projs):
+        return _class_forward(self, x)
+    outs = list(lora_qkv(x, *projs))
+    mine = outs[role]
+    outs[role] = None
+    group.pending = [x, x._version, *outs]
+    return mine
+
+
+def _fused_linear_forward(self, x, *args, **kwargs):
+    if args or kwargs or _few_tokens_without_grad(x):
+        return _class_forward(self, x, *args, **kwargs)
+    proj, _ = projection_of(self)
+    if proj is None:
+        return _class_forward(self, x)
+    return lora_linear(x, proj)
+
+
+def _install(module, forward, mark):
+    module.forward = types.MethodType(forward, module)
+    object.__setattr__(module, _MARK, mark)
+
+
+# --- public entry points ----------------------------------------------------------------------
+
+def _unfusable_reason(modules) -> str | None:
+    """Why these projections cannot be fused as configured now (None: they can)."""
+    if not any(_is_lora_layer(m) for m in modules):
+        return "no LoRA adapter on its projections"
+    for m in modules:
+        _, why = projection_of(m)
+        if why is not None:
+            return why
+    return None
+
+
+def apply_fused_lora(model, mlp: bool = True, attention: bool = True,
+                     tile_tokens: int | None | str = "auto") -> dict:
+    """Route the LoRA-wrapped gated MLPs and q/k/v/o projections of `model` (a peft model or a
+    transformers model holding peft LoRA layers) through fastft's fused LoRA functions.
+
+    Returns {"mlp": n, "qkv": n, "o_proj": n, "skipped": {module name: reason}}. Modules that
+    cannot be fused (e.g. lora_dropout > 0) keep peft's path; one log line says why.
+    Calling it again is harmless (already patched modules are left as they are)."""
+    report = {"mlp": 0, "qkv": 0, "o_proj": 0, "skipped": {}}
+    for name, module in model.named_modules():
+        if mlp and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")):
+            if getattr(module, _MARK, None) is not None:
+                continue
+            projs = (module.gate_proj, module.up_proj, module.down_proj)
+            kind = activation_kind(getattr(module, "act_fn", None))
+            why = "activation is not SiLU / GELU" if kind is None else _unfusable_reason(projs)
+            if why is None:
+                _install(module, _fused_mlp_forward, {"activation": kind, "tile_tokens": tile_tokens})
+                report["mlp"] += 1
+            else:
+                report["skipped"][name] = why
+        if attention and all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj")):
+            projs = (module.q_proj, module.k_proj, module.v_proj)
+            if getattr(projs[0], _MARK, None) is None:
+                why = _unfusable_reason(projs)
+                if why is None:
+                    group = _QKVGroup(*projs)
+                    for role, proj in enumerate(projs):
+                        _install(proj, _fused_qkv_forward, {"group": group, "role": role})
+                    report["qkv"] += 1
+                else:
+                    report["skipped"][name + ".q_proj/k_proj/v_proj"] = why
+            o_proj = getattr(module, "o_proj", None)
+            if o_proj is not None and getattr(o_proj, _MARK, None) is None:
+                why = _unfusable_reason((o_proj,))
+                if why is None:
+                    _install(o_proj, _fused_linear_forward, {"single": True})
+                    report["o_proj"] += 1
+                else:
+                    report["skipped"][name + ".o_proj"] = why
+    if report["skipped"]:
+        reasons = sorted(set(report["skipped"].values()))
+        logger.warning("fastft: %d module(s) keep peft's LoRA path (%s)", len(report["skipped"]),
+                       "; ".join(reasons))
+    return report
+
+
+def remove_fused_lora(model) -> int:
+    """Undo apply_fused_lora; returns how many modules were restored."""
+    n = 0
+    for module in model.modules():
+        if getattr(module, _MARK, None) is not None:
+            module.__dict__.pop("forward", None)
+            object.__delattr__(module, _MARK)
+            n += 1
+    return n
+
+
+def is_fused(module) -> bool:
+    return getattr(module, _MARK, None) is not None

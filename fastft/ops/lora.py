@@ -1,0 +1,498 @@
+"""Fused LoRA projections with hand-written backward passes.
+
+Every projection computes  y = x·Wᵀ (+ bias) + s·(x·Aᵀ)·Bᵀ  with a frozen base weight W (dense
+bf16/fp16/fp32, or bitsandbytes NF4/FP4 dequantised into one shared workspace per device) and
+trainable LoRA factors A [r, in], B [out, r]. The backward returns dx, dA, dB and never dW.
+
+  lora_linear(x, proj)                   one projection (o_proj, or anything else)
+  lora_qkv(x, q, k, v)                   three projections of one input (q/k/v)
+  lora_mlp(x, gate, up, down, activation) the gated MLP: down(act(gate(x)) * up(x))
+
+`proj` arguments are `Projection`s: the base (`Base`) plus the adapter factors (A and B may be
+None when the module carries no adapter). What each function saves for backward:
+  lora_linear / lora_qkv: x and the small x·Aᵀ products ([tokens, r]).
+  lora_mlp: x and the gate/up pre-activations; the activation backward overwrites those two
+  buffers in place with d_gate / d_up. With tiling (long sequences) only x is saved and the
+  [tokens, intermediate] tensors exist one tile at a time, in forward and in backward.
+
+Computation happens in the autocast dtype when autocast is on for x's device, else in x's dtype;
+dA / dB come back in the factors' own dtype (peft keeps them in fp32).
+
+This module knows nothing about peft: fastft/lora.py reads peft's modules and calls these.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+# --- the frozen base weight ----------------------------------------------------------------
+
+
+@dataclass
+class Base:
+    """A frozen base weight: dense `weight` [out, in], or a bitsandbytes 4-bit `weight`
+    (packed uint8) with its `quant_state`. `bias` is the (frozen) base bias or None."""
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    quant_state: object = None
+
+    @property
+    def out_features(self) -> int:
+        return int(self.quant_state.shape[0]) if self.quant_state is not None else self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return int(self.quant_state.shape[1]) if self.quant_state is not None else self.weight.shape[1]
+
+
+@dataclass
+class Projection:
+    """Base weight plus one LoRA term (A, B, scaling); A/B None means no adapter."""
+    base: Base
+    A: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    scaling: float = 1.0
+
+    @property
+    def has_lora(self) -> bool:
+        return self.A is not None
+
+
+# One dequantisation workspace per (device, dtype), grown to the largest weight seen; the one
+# fastft.ops.nf4 keeps for nf4_matmul when that module is there. Every consumer uses the dense
+# weight before the next dequantisation is issued on the same stream, so one buffer serves all.
+_WORKSPACES: dict = {}
+
+
+def _nf4_module():
+    try:
+        from fastft.ops import nf4
+    except ModuleNotFoundError as exc:
+        if exc.name != "fastft.ops.nf4":
+            raise
+        return None
+    return nf4
+
+
+def _dequantize_4bit(packed, quant_state, out):
+    """bitsandbytes 4-bit -> dense `out`. On CUDA fastft's NF4 kernel when present; on the CPU
+    (and for FP4) bitsandbytes itself, whose CPU backend may also repack weights in its own
+    CPU layout."""
+    nf4 = _nf4_module()
+    if out.device.type == "cuda" and nf4 is not None and getattr(quant_state, "quant_type", "nf4") == "nf4":
+        result = nf4.nf4_dequantize(packed, quant_state, out=out)
+    else:
+        import bitsandbytes.functional as bnbf
+
+        if out.device.type == "cuda":
+            result = bnbf.dequantize_4bit(packed, quant_state, out=out)
+        else:  # bitsandbytes' CPU backend has no out= variant
+            result = bnbf.dequantize_4bit(packed, quant_state)
+    if result.data_ptr() != out.data_ptr():
+        out.copy_(result.view(out.shape))
+    return out
+
+
+def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    nf4 = _nf4_module()
+    if nf4 is not None and hasattr(nf4, "workspace"):
+        return nf4.workspace(numel, dtype, device)
+    key = (torch.device(device), dtype)
+    buf = _WORKSPACES.get(key)
+    if buf is None or buf.numel() < numel:
+        _WORKSPACES.pop(key, None)
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _WORKSPACES[key] = buf
+    return buf[:numel]
+
+
+def clear_workspaces() -> None:
+    _WORKSPACES.clear()
+    nf4 = _nf4_module()
+    if nf4 is not None and hasattr(nf4, "release_workspaces"):
+        nf4.release_workspaces()
+
+
+def dense_weight(base: Base, dtype: torch.dtype) -> torch.Tensor:
+    """W [out, in] in `dtype`. For 4-bit bases this is a view of the shared workspace: valid
+    until the next dense_weight call for a 4-bit base on this device."""
+    if base.quant_state is None:
+        return base.weight if base.weight.dtype == dtype else base.weight.to(dtype)
+    qs = base.quant_state
+    shape = tuple(int(d) for d in qs.shape)
+    qdtype = getattr(qs, "dtype", dtype) or dtype
+    out = workspace(shape[0] * shape[1], qdtype, base.weight.device).view(shape)
+    _dequantize_4bit(base.weight, qs, out)
+    return out if qdtype == dtype else out.to(dtype)
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    kind = x.device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
+def _cast(t, dtype):
+    return None if t is None else (t if t.dtype == dtype else t.to(dtype))
+
+
+def _base_matmul(x2, base: Base, dtype):
+    """x2 [N, in] @ Wᵀ (+ bias) in dtype."""
+    W = dense_weight(base, dtype)
+    if base.bias is not None:
+        return torch.addmm(_cast(base.bias, dtype), x2, W.t())
+    return x2.mm(W.t())
+
+
+def _project(x2, proj: Projection, dtype):
+    """(y, x·Aᵀ) for one projection; x·Aᵀ is None without an adapter."""
+    y = _base_matmul(x2, proj.base, dtype)
+    if not proj.has_lora:
+        return y, None
+    xa = x2.mm(_cast(proj.A, dtype).t())
+    y.addmm_(xa, _cast(proj.B, dtype).t(), alpha=proj.scaling)
+    return y, xa
+
+
+def _lora_grads(dy, x2, xa, proj: Projection, dtype):
+    """dA, dB and the [N, r] term d(xa)·s that feeds dx (all for one projection)."""
+    if not proj.has_lora:
+        return None, None, None
+    s = proj.scaling
+    B = _cast(proj.B, dtype)
+    dB = dy.t().mm(xa).mul_(s)                 # [out, r]
+    dxa = dy.mm(B).mul_(s)                     # [N, r]
+    dA = dxa.t().mm(x2)                        # [r, in]
+    return dA.to(proj.A.dtype), dB.to(proj.B.dtype), dxa
+
+
+def _accumulate_dx(dx, dy, dxa, proj: Projection, dtype):
+    """dx += dy·W + dxa·A (dx None: start a new buffer)."""
+    W = dense_weight(proj.base, dtype)
+    if dx is None:
+        dx = dy.mm(W)
+    else:
+        dx.addmm_(dy, W)
+    if dxa is not None:
+        dx.addmm_(dxa, _cast(proj.A, dtype))
+    return dx
+
+
+def _lora_tensors(projs):
+    """Flat tuple of the adapter tensors (so autograd sees them as inputs)."""
+    out = []
+    for p in projs:
+        out += [p.A, p.B]
+    return out
+
+
+def _rows(x):
+    return x.reshape(-1, x.shape[-1])
+
+
+class _AutocastOff:
+    """Our matmuls pick their dtype explicitly; autocast must not re-cast them."""
+
+    def __init__(self, device_type):
+        self.ctx = torch.autocast(device_type, enabled=False) if device_type in ("cuda", "cpu") else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+# --- one projection / q,k,v -----------------------------------------------------------------
+
+class _LoRAProjections(torch.autograd.Function):
+    """k projections of one input x; used for q/k/v (k=3) and for single linears (k=1)."""
+
+    @staticmethod
+    def forward(ctx, x, projs, *adapter_tensors):
+        dtype = _compute_dtype(x)
+        with _AutocastOff(x.device.type):
+            x2 = _cast(_rows(x), dtype)
+            outs, xas = [], []
+            for p in projs:
+                y, xa = _project(x2, p, dtype)
+                outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+                xas.append(xa)
+        ctx.projs = projs
+        ctx.dtype = dtype
+        ctx.x_dtype = x.dtype
+        ctx.x_shape = x.shape
+        ctx.has_xa = [xa is not None for xa in xas]
+        ctx.save_for_backward(x2, *[xa for xa in xas if xa is not None])
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, *saved_xa = ctx.saved_tensors
+        it = iter(saved_xa)
+        xas = [next(it) if has else None for has in ctx.has_xa]
+        dtype = ctx.dtype
+        dx = None
+        adapter_grads = []
+        with _AutocastOff(x2.device.type):
+            for p, g, xa in zip(ctx.projs, grads, xas):
+                if g is None:
+                    adapter_grads += [None, None]
+                    continue
+                dy = _cast(_rows(g), dtype)
+                dA, dB, dxa = _lora_grads(dy, x2, xa, p, dtype)
+                adapter_grads += [dA, dB]
+                if ctx.needs_input_grad[0]:
+                    dx = _accumulate_dx(dx, dy, dxa, p, dtype)
+        if dx is not None:
+            dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+        return (dx, None, *adapter_grads)
+
+
+def lora_linear(x: torch.Tensor, proj: Projection) -> torch.Tensor:
+    """y = x·Wᵀ (+ bias) + s·(x·Aᵀ)·Bᵀ with a manual backward (dx, dA, dB)."""
+    return _LoRAProjections.apply(x, (proj,), *_lora_tensors((proj,)))[0]
+
+
+def lora_qkv(x: torch.Tensor, q: Projection, k: Projection, v: Projection):
+    """(q, k, v) projections of one input in one autograd node; x is saved once."""
+    return _LoRAProjections.apply(x, (q, k, v), *_lora_tensors((q, k, v)))
+
+
+# --- activations -----------------------------------------------------------------------------
+
+ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+_GLU_ACT = {"swiglu": ("swiglu", "silu"), "geglu": ("geglu", "gelu"), "geglu_tanh": ("geglu", "gelu_tanh")}
+
+
+def _glu_backend(kind, device, dtype):
+    """fastft.ops.activations' backend object for this device (forward(gate, up, out, act),
+    backward(dh, gate, up, d_gate, d_up, act) writing into gate/up when d_* is None) and its
+    activation name; None when that module is not there. CPU uses its torch backend (the
+    Triton interpreter would only slow the CPU path down)."""
+    try:
+        from fastft.ops import activations
+    except ModuleNotFoundError as exc:
+        if exc.name != "fastft.ops.activations":
+            raise
+        return None
+    from fastft import dispatch
+
+    op, act = _GLU_ACT[kind]
+    backend = dispatch.backend_for(op, device, dtype, "torch" if device.type != "cuda" else None)
+    return dispatch.implementation(op, backend), act
+
+
+def _act_forward(kind, g, u):
+    """h = act(g) * u for [N, I] tensors (inside our Functions: no autograd needed)."""
+    found = _glu_backend(kind, g.device, g.dtype)
+    if found is None:
+        return _act_forward_reference(kind, g, u)
+    impl, act = found
+    h = torch.empty_like(g)
+    impl.forward(g, u, h, act)
+    return h
+
+
+def _act_forward_reference(kind, g, u):
+    gf = g.float()
+    if kind == "swiglu":
+        a = torch.nn.functional.silu(gf)
+    else:
+        a = torch.nn.functional.gelu(gf, approximate="tanh" if kind == "geglu_tanh" else "none")
+    return (a * u.float()).to(g.dtype)
+
+
+def _act_backward_inplace(kind, dh, g, u, need_h=True):
+    """For h = act(g)·u and dh = dL/dh: overwrites g with dL/dg and u with dL/du (in place, no
+    new [N, I] gradient buffers) and returns h (None when not needed). With fastft.ops.activations
+    h is computed first into a new buffer (its backward does not emit h); the torch reference
+    below writes h over dh."""
+    found = _glu_backend(kind, g.device, g.dtype)
+    if found is None:
+        return _act_backward_reference_(kind, dh, g, u)
+    impl, act = found
+    h = None
+    if need_h:
+        h = torch.empty_like(g)
+        impl.forward(g, u, h, act)
+    impl.backward(dh, g, u, None, None, act)
+    return h
+
+
+def _act_backward_reference_(kind, dh, g, u, chunk_elems=1 << 24):
+    h = dh  # each chunk of dh is read before h is written over it
+    rows = g.shape[0]
+    step = max(1, chunk_elems // max(1, g.shape[1]))
+    for i in range(0, rows, step):
+        gf, uf, dhf = g[i:i + step].float(), u[i:i + step].float(), dh[i:i + step].float()
+        if kind == "swiglu":
+            sg = torch.sigmoid(gf)
+            a = gf * sg
+            da = sg * (1.0 + gf * (1.0 - sg))
+        elif kind == "geglu":
+            cdf = 0.5 * (1.0 + torch.erf(gf * (1.0 / math.sqrt(2.0))))
+            pdf = torch.exp(-0.5 * gf * gf) * (1.0 / math.sqrt(2.0 * math.pi))
+            a = gf * cdf
+            da = cdf + gf * pdf
+        else:  # tanh approximation
+            inner = _SQRT_2_OVER_PI * (gf + 0.044715 * gf * gf * gf)
+            t = torch.tanh(inner)
+            a = 0.5 * gf * (1.0 + t)
+            da = 0.5 * (1.0 + t) + 0.5 * gf * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * gf * gf)
+        h[i:i + step] = (a * uf).to(h.dtype)
+        u[i:i + step] = (dhf * a).to(u.dtype)
+        g[i:i + step] = (dhf * uf * da).to(g.dtype)
+    return h
+
+
+# --- gated MLP -------------------------------------------------------------------------------
+
+# Tile the MLP over tokens when tokens × intermediate exceeds 2 × this many elements; each tile
+# then holds at most this many (so [tokens, intermediate] tensors never exist whole).
+MLP_TILE_ELEMENTS = int(os.environ.get("FASTFT_MLP_TILE_ELEMENTS", str(1 << 26)))
+
+
+def mlp_tile_tokens(tokens: int, intermediate: int, tile_elements: int | None = None) -> int | None:
+    """Tokens per tile for the tiled MLP, or None when the whole sequence fits one pass."""
+    limit = MLP_TILE_ELEMENTS if tile_elements is None else tile_elements
+    if limit <= 0 or tokens * intermediate <= 2 * limit:
+        return None
+    return max(1, limit // intermediate)
+
+
+def _mlp_tile_forward(x2, gate, up, down, kind, dtype):
+    g, xag = _project(x2, gate, dtype)
+    u, xau = _project(x2, up, dtype)
+    h = _act_forward(kind, g, u)
+    y, ha = _project(h, down, dtype)
+    return y, g, u, xag, xau, ha
+
+
+def _mlp_tile_backward(dy, x2, g, u, xag, xau, ha, gate, up, down, kind, dtype, need_dx):
+    """Backward of one tile; g and u are overwritten (they become d_gate, d_up).
+    Returns dx (or None) and the six adapter grads (gate A/B, up A/B, down A/B; None when absent)."""
+    dh = dy.mm(dense_weight(down.base, dtype))                 # [N, I]
+    dxa_d = None
+    if down.has_lora:
+        dxa_d = dy.mm(_cast(down.B, dtype)).mul_(down.scaling)  # [N, r]
+        dh.addmm_(dxa_d, _cast(down.A, dtype))
+    h = _act_backward_inplace(kind, dh, g, u, need_h=down.has_lora)  # g <- d_gate, u <- d_up
+    del dh
+    grads = []
+    for p, dout, inp, xa in ((gate, g, x2, xag), (up, u, x2, xau)):
+        dA, dB, dxa = _lora_grads(dout, inp, xa, p, dtype)
+        grads.append((dA, dB, dxa))
+    if down.has_lora:
+        dB_d = dy.t().mm(ha).mul_(down.scaling)
+        dA_d = dxa_d.t().mm(h)
+    else:
+        dA_d = dB_d = None
+    del h
+    dx = None
+    if need_dx:
+        dx = _accumulate_dx(None, g, grads[0][2], gate, dtype)
+        dx = _accumulate_dx(dx, u, grads[1][2], up, dtype)
+    return dx, [grads[0][0], grads[0][1], grads[1][0], grads[1][1], dA_d, dB_d]
+
+
+def _add(acc, value):
+    if value is None:
+        return acc
+    return value if acc is None else acc.add_(value)
+
+
+class _LoRAMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate, up, down, kind, tile_tokens, *adapter_tensors):
+        dtype = _compute_dtype(x)
+        with _AutocastOff(x.device.type):
+            x2 = _cast(_rows(x), dtype)
+            n = x2.shape[0]
+            if tile_tokens is None or tile_tokens >= n:
+                y, g, u, xag, xau, ha = _mlp_tile_forward(x2, gate, up, down, kind, dtype)
+                ctx.tiled = False
+                saved = [x2, g, u] + [t for t in (xag, xau, ha) if t is not None]
+            else:
+                y = torch.empty(n, down.base.out_features, dtype=dtype, device=x.device)
+                for i in range(0, n, tile_tokens):
+                    y[i:i + tile_tokens] = _mlp_tile_forward(x2[i:i + tile_tokens], gate, up, down,
+                                                             kind, dtype)[0]
+                ctx.tiled = True
+                saved = [x2]
+        ctx.projs = (gate, up, down)
+        ctx.kind = kind
+        ctx.tile_tokens = tile_tokens
+        ctx.dtype = dtype
+        ctx.x_dtype = x.dtype
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(*saved)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up, down = ctx.projs
+        dtype, kind = ctx.dtype, ctx.kind
+        need_dx = ctx.needs_input_grad[0]
+        dy2 = _cast(_rows(dy), dtype)
+        with _AutocastOff(dy.device.type):
+            if not ctx.tiled:
+                x2, g, u, *small = ctx.saved_tensors
+                it = iter(small)
+                xag = next(it) if gate.has_lora else None
+                xau = next(it) if up.has_lora else None
+                ha = next(it) if down.has_lora else None
+                dx, grads = _mlp_tile_backward(dy2, x2, g, u, xag, xau, ha, gate, up, down,
+                                               kind, dtype, need_dx)
+            else:
+                (x2,) = ctx.saved_tensors
+                n, step = x2.shape[0], ctx.tile_tokens
+                dx = torch.empty_like(x2) if need_dx else None
+                grads = [None] * 6
+                for i in range(0, n, step):
+                    xt = x2[i:i + step]
+                    g, xag = _project(xt, gate, dtype)
+                    u, xau = _project(xt, up, dtype)
+                    ha = None
+                    if down.has_lora:  # h·Aᵀ for dB of down: recompute h for this tile
+                        ha = _act_forward(kind, g, u).mm(_cast(down.A, dtype).t())
+                    dxt, tile_grads = _mlp_tile_backward(dy2[i:i + step], xt, g, u, xag, xau, ha,
+                                                         gate, up, down, kind, dtype, need_dx)
+                    if need_dx:
+                        dx[i:i + step] = dxt
+                    grads = [_add(a, b) for a, b in zip(grads, tile_grads)]
+        if dx is not None:
+            dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+        # computed (and tile-accumulated) in the compute dtype; handed back in the factors' dtype
+        adapter_grads = [None if t is None else gr.to(t.dtype)
+                         for gr, t in zip(grads, _lora_tensors(ctx.projs))]
+        return (dx, None, None, None, None, None, *adapter_grads)
+
+
+def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection,
+             activation: str = "swiglu", tile_tokens: int | None | str = "auto") -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) with LoRA on each projection and a manual backward.
+
+    activation: "swiglu" (SiLU), "geglu" (erf GELU) or "geglu_tanh".
+    tile_tokens: "auto" tiles long inputs (see MLP_TILE_ELEMENTS), None never tiles, an int
+    sets the tile size in tokens."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not supported; use one of {ACTIVATIONS}")
+    if tile_tokens == "auto":
+        tokens = x.numel() // x.shape[-1]
+        tile_tokens = mlp_tile_tokens(tokens, gate.base.out_features)
+    elif tile_tokens is not None and int(tile_tokens) < 1:
+        raise ValueError(f"tile_tokens={tile_tokens} must be a positive number of tokens, None or 'auto'")
+    projs = (gate, up, down)
+    return _LoRAMLP.apply(x, gate, up, down, activation, tile_tokens, *_lora_tensors(projs))

@@ -1,0 +1,330 @@
+"""Fused LoRA (fastft/ops/lora.py, fastft/lora.py) against independent references:
+plain torch autograd for the functions, peft's own unfused modules for the patched models."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fastft.lora import activation_kind, apply_fused_lora, is_fused, remove_fused_lora
+from fastft.ops.lora import Base, Projection, lora_linear, lora_mlp, lora_qkv, mlp_tile_tokens
+
+from helpers import rel_err
+
+TOL = 1e-5  # fp32, relative (norm) error
+
+
+def _proj(out_f, in_f, r=4, bias=False, lora=True, scaling=0.7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out_f, in_f, generator=g) / in_f ** 0.5
+    b = torch.randn(out_f, generator=g) if bias else None
+    if not lora:
+        return Projection(Base(W, b))
+    A = (torch.randn(r, in_f, generator=g) / in_f ** 0.5).requires_grad_()
+    B = torch.randn(out_f, r, generator=g).requires_grad_()  # non-zero B: the LoRA term counts
+    return Projection(Base(W, b), A, B, scaling)
+
+
+def _ref_linear(x, p):
+    y = x @ p.base.weight.t()
+    if p.base.bias is not None:
+        y = y + p.base.bias
+    if p.A is not None:
+        y = y + p.scaling * (x @ p.A.t()) @ p.B.t()
+    return y
+
+
+def _ref_act(kind, g, u):
+    if kind == "swiglu":
+        return nn.functional.silu(g) * u
+    return nn.functional.gelu(g, approximate="tanh" if kind == "geglu_tanh" else "none") * u
+
+
+def _grads(outs, params, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    gouts = [torch.randn(o.shape, generator=g) for o in outs]
+    return torch.autograd.grad(outs, params, gouts, allow_unused=True)
+
+
+def _adapter_params(projs):
+    return [t for p in projs for t in (p.A, p.B) if t is not None]
+
+
+def _check(out, ref, grads, ref_grads):
+    for o, r in zip(out, ref):
+        assert rel_err(o, r) <= TOL
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) <= TOL
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_linear_matches_autograd(bias):
+    p = _proj(19, 23, bias=bias)
+    x = torch.randn(2, 7, 23, requires_grad=True)
+    params = [x] + _adapter_params([p])
+    out = lora_linear(x, p)
+    ref = _ref_linear(x, p)
+    _check([out], [ref], _grads([out], params), _grads([ref], params))
+
+
+def test_lora_qkv_matches_autograd_with_one_plain_projection():
+    q, k, v = _proj(24, 20, seed=1), _proj(12, 20, lora=False, seed=2), _proj(12, 20, r=3, seed=3)
+    x = torch.randn(3, 5, 20, requires_grad=True)
+    params = [x] + _adapter_params([q, k, v])
+    outs = lora_qkv(x, q, k, v)
+    refs = [_ref_linear(x, p) for p in (q, k, v)]
+    _check(outs, refs, _grads(outs, params), _grads(refs, params))
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "geglu", "geglu_tanh"])
+@pytest.mark.parametrize("tile", [None, 4, 7])
+def test_lora_mlp_matches_autograd(kind, tile):
+    hidden, inter = 16, 37
+    gate, up, down = _proj(inter, hidden, seed=1), _proj(inter, hidden, r=2, seed=2), _proj(hidden, inter, seed=3)
+    x = torch.randn(3, 9, hidden, requires_grad=True)  # 27 tokens: tiles of 4 / 7 leave a ragged last tile
+    params = [x] + _adapter_params([gate, up, down])
+    out = lora_mlp(x, gate, up, down, activation=kind, tile_tokens=tile)
+    ref = _ref_linear(_ref_act(kind, _ref_linear(x, gate), _ref_linear(x, up)), down)
+    _check([out], [ref], _grads([out], params), _grads([ref], params))
+
+
+def test_mlp_auto_tiling_threshold():
+    assert mlp_tile_tokens(100, 10, tile_elements=1000) is None       # 1000 <= 2 * 1000
+    assert mlp_tile_tokens(300, 10, tile_elements=1000) == 100
+    assert mlp_tile_tokens(300, 10, tile_elements=0) is None
+    with pytest.raises(ValueError, match="activation"):
+        lora_mlp(torch.randn(2, 4), *[_proj(4, 4)] * 3, activation="relu")
+
+
+def test_activation_kind_recognises_transformers_activations():
+    from transformers.activations import ACT2FN
+
+    assert activation_kind(ACT2FN["silu"]) == "swiglu"
+    assert activation_kind(ACT2FN["gelu"]) == "geglu"
+    assert activation_kind(ACT2FN["gelu_pytorch_tanh"]) == "geglu_tanh"
+    assert activation_kind(ACT2FN["relu"]) is None
+
+
+# --- patched peft models against peft's own path -------------------------------------------------
+
+def _tiny_llama(hidden_act="silu", seed=0, init_std=0.02):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      hidden_act=hidden_act, attn_implementation="eager",
+                      initializer_range=init_std)
+    return LlamaForCausalLM(cfg).float()
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _peft(model, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    opts = dict(r=4, lora_alpha=8, lora_dropout=0.0, bias="none", target_modules=TARGETS,
+                init_lora_weights=False)  # random, non-zero B
+    opts.update(kw)
+    return get_peft_model(model, LoraConfig(**opts))
+
+
+def _loss_and_grads(model, ids, embeds_grad=True):
+    """Loss, logits, d(loss)/d(input embeddings) and every trainable parameter's grad."""
+    model.zero_grad(set_to_none=True)
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_(embeds_grad)
+    out = model(inputs_embeds=emb, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.loss.detach(), out.logits.detach(), (emb.grad.clone() if embeds_grad else None), grads
+
+
+def _assert_same(a, b):
+    loss_a, logits_a, dx_a, grads_a = a
+    loss_b, logits_b, dx_b, grads_b = b
+    assert rel_err(logits_a, logits_b) <= TOL
+    assert abs(loss_a.item() - loss_b.item()) <= TOL * abs(loss_b.item())
+    if dx_a is not None:
+        assert rel_err(dx_a, dx_b) <= TOL
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        assert rel_err(grads_a[name], grads_b[name]) <= TOL, name
+
+
+@pytest.mark.parametrize("hidden_act,rslora", [("silu", False), ("silu", True), ("gelu_pytorch_tanh", False)])
+def test_patched_model_matches_peft(hidden_act, rslora):
+    model = _peft(_tiny_llama(hidden_act), use_rslora=rslora)
+    ids = torch.randint(0, 97, (2, 11))
+    ref = _loss_and_grads(model, ids)
+    report = apply_fused_lora(model)
+    assert report == {"mlp": 2, "qkv": 2, "o_proj": 2, "skipped": {}}
+    layer = model.base_model.model.model.layers[0]
+    assert is_fused(layer.mlp) and is_fused(layer.self_attn.q_proj) and is_fused(layer.self_attn.o_proj)
+    if rslora:
+        assert layer.mlp.gate_proj.scaling["default"] == pytest.approx(8 / 4 ** 0.5)
+    calls = _count_fused_calls()
+    fused = _loss_and_grads(model, ids)
+    assert calls["mlp"] == 2 and calls["proj"] == 2 * 2  # one qkv node + one o node per layer
+    _assert_same(fused, ref)
+    assert remove_fused_lora(model) == 2 * (1 + 3 + 1)
+    assert not is_fused(layer.mlp)
+    _assert_same(_loss_and_grads(model, ids), ref)
+
+
+def _count_fused_calls():
+    """Count the fused autograd nodes built (proves the fused path ran, not peft's)."""
+    import fastft.ops.lora as ops
+
+    calls = {"mlp": 0, "proj": 0}
+    orig_mlp, orig_proj = ops._LoRAMLP.forward, ops._LoRAProjections.forward
+
+    def mlp_fwd(*a, **k):
+        calls["mlp"] += 1
+        return orig_mlp(*a, **k)
+
+    def proj_fwd(*a, **k):
+        calls["proj"] += 1
+        return orig_proj(*a, **k)
+
+    ops._LoRAMLP.forward = staticmethod(mlp_fwd)
+    ops._LoRAProjections.forward = staticmethod(proj_fwd)
+    _RESTORE.append(lambda: (setattr(ops._LoRAMLP, "forward", staticmethod(orig_mlp)),
+                             setattr(ops._LoRAProjections, "forward", staticmethod(orig_proj))))
+    return calls
+
+
+_RESTORE = []
+
+
+@pytest.fixture(autouse=True)
+def _restore_counters():
+    yield
+    while _RESTORE:
+        _RESTORE.pop()()
+
+
+def test_disable_adapter_merge_and_adapter_switching():
+    model = _peft(_tiny_llama())
+    ids = torch.randint(0, 97, (2, 9))
+    ref = _loss_and_grads(model, ids)
+    with model.disable_adapter():
+        base_logits = model(input_ids=ids).logits.detach()
+    apply_fused_lora(model)
+    fused = _loss_and_grads(model, ids)
+    _assert_same(fused, ref)
+    with model.disable_adapter():  # TRL's reference model: the base, not the adapter
+        with torch.no_grad():
+            disabled = model(input_ids=ids).logits
+    assert rel_err(disabled, base_logits) <= TOL
+    assert rel_err(disabled, ref[1]) > 1e-3  # the adapter really changes the output
+    # merged: base weights hold the adapter; the fused path must not add it a second time
+    model.merge_adapter()
+    with torch.no_grad():
+        merged = model(input_ids=ids).logits
+    assert rel_err(merged, ref[1]) <= 1e-4
+    model.unmerge_adapter()
+    _assert_same(_loss_and_grads(model, ids), ref)
+
+
+def test_multiple_adapters_follow_the_active_set():
+    from peft import LoraConfig
+
+    model = _peft(_tiny_llama())
+    model.add_adapter("second", LoraConfig(r=3, lora_alpha=5, lora_dropout=0.0, target_modules=TARGETS,
+                                           init_lora_weights=False))
+    unfused = copy.deepcopy(model)
+    ids = torch.randint(0, 97, (2, 8))
+    apply_fused_lora(model)
+    for active in ("second", ["default", "second"], "default"):
+        for m in (model, unfused):
+            m.base_model.set_adapter(active)
+            for n, p in m.named_parameters():  # set_adapter may freeze the others; train all active
+                if "lora_" in n:
+                    p.requires_grad_(any(f".{a}." in n for a in ([active] if isinstance(active, str) else active)))
+        _assert_same(_loss_and_grads(model, ids), _loss_and_grads(unfused, ids))
+
+
+def test_dropout_keeps_peft_path_and_says_why(caplog):
+    model = _peft(_tiny_llama(), lora_dropout=0.1)
+    with caplog.at_level("WARNING", logger="fastft.lora"):
+        report = apply_fused_lora(model)
+    assert report["mlp"] == report["qkv"] == report["o_proj"] == 0
+    assert set(report["skipped"].values()) == {"adapter 'default' has lora_dropout > 0"}
+    assert "keep peft's LoRA path" in caplog.text and "lora_dropout > 0" in caplog.text
+
+
+def test_partial_targets_and_qkv_called_with_other_inputs():
+    """Only q and v carry adapters (k, o, MLP plain): still fused where adapters exist, and a
+    projection called on a different tensor than the pending one is computed afresh."""
+    model = _peft(_tiny_llama(), target_modules=["q_proj", "v_proj"])
+    ids = torch.randint(0, 97, (1, 10))
+    ref = _loss_and_grads(model, ids)
+    report = apply_fused_lora(model)
+    assert report["qkv"] == 2 and report["mlp"] == 0 and report["o_proj"] == 0
+    _assert_same(_loss_and_grads(model, ids), ref)
+    attn = model.base_model.model.model.layers[0].self_attn
+    x1, x2 = torch.randn(1, 4, 32), torch.randn(1, 4, 32)
+    q1 = attn.q_proj(x1)
+    k2 = attn.k_proj(x2)  # not the pending input: must be k_proj(x2)
+    with model.disable_adapter():
+        pass
+    assert rel_err(k2, x2 @ attn.k_proj.weight.t()) <= TOL
+    assert rel_err(q1, type(attn.q_proj).forward(attn.q_proj, x1)) <= TOL
+
+
+def _nf4_linear(linear):
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    return q.to("cpu")  # quantises
+
+
+def test_nf4_base_matches_peft_bnb_layers():
+    pytest.importorskip("bitsandbytes")
+    base = _tiny_llama()
+    for layer in base.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, _nf4_linear(child))
+    base.is_loaded_in_4bit = True  # what a bitsandbytes-loaded model says: peft picks its bnb layer
+    model = _peft(base)
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    assert isinstance(model.base_model.model.model.layers[0].mlp.gate_proj, LoraLinear4bit)
+    ids = torch.randint(0, 97, (2, 7))
+    ref = _loss_and_grads(model, ids)
+    report = apply_fused_lora(model)
+    assert report == {"mlp": 2, "qkv": 2, "o_proj": 2, "skipped": {}}
+    calls = _count_fused_calls()
+    _assert_same(_loss_and_grads(model, ids), ref)
+    assert calls["mlp"] == 2
+    with model.disable_adapter():
+        with torch.no_grad():
+            off = model(input_ids=ids).logits
+    remove_fused_lora(model)
+    with model.disable_adapter():
+        with torch.no_grad():
+            off_ref = model(input_ids=ids).logits
+    assert rel_err(off, off_ref) <= TOL
+
+
+def test_tiny_model_trains_with_fused_lora():
+    model = _peft(_tiny_llama(init_std=0.3), init_lora_weights=True)  # standard init: B = 0
+    apply_fused_lora(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    # a learnable pattern (each row counts up in steps of 3 from a random start)
+    ids = (torch.randint(0, 97, (4, 1)) + 3 * torch.arange(16)) % 97
+    losses = []
+    for _ in range(20):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
