@@ -311,6 +311,17 @@ class _TritonBackend:
         _triton_gemv(x2, *_state_args(st), bias, st.blocksize, st.blocksize2, y)
 
 
+_MAJOR: dict = {}
+
+
+def _capability_major(device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major = _MAJOR.get(index)
+    if major is None:
+        major = _MAJOR[index] = torch.cuda.get_device_capability(index)[0]
+    return major
+
+
 class _CudaBackend:
     @staticmethod
     def dequantize(st: Resolved, out_flat: torch.Tensor) -> None:
@@ -319,8 +330,10 @@ class _CudaBackend:
 
     @staticmethod
     def fused_ok(st: Resolved, x: torch.Tensor) -> bool:
-        # tensor-core kernel: bf16/fp16 inputs, rows whole multiples of its 128-value K chunk
-        return x.dtype in (torch.bfloat16, torch.float16) and st.shape[1] % 128 == 0
+        # tensor-core kernel (mma, compute capability >= 8.0): bf16/fp16 inputs, rows whole
+        # multiples of its 128-value K chunk
+        return (x.dtype in (torch.bfloat16, torch.float16) and st.shape[1] % 128 == 0
+                and _capability_major(x.device) >= 8)
 
     @staticmethod
     def gemv(x2, st, bias, y) -> None:
@@ -428,6 +441,8 @@ class _NF4MatmulFunction(torch.autograd.Function):
         if 0 < x2.shape[0] <= SMALL_M and impl.fused_ok(st, x2):
             if x2.stride(-1) != 1:
                 x2 = x2.contiguous()
+            if bias is not None and not bias.is_contiguous():
+                bias = bias.contiguous()
             y = new_empty((x2.shape[0], shape[0]), x.dtype, x.device)
             impl.gemv(x2, st, bias, y)
         else:

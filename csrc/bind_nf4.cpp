@@ -1,0 +1,134 @@
+// torch.ops.fastft.nf4_dequantize / nf4_gemv: checks, then the launchers in nf4.cu.
+#include <cuda_runtime.h>
+
+#include "binding.h"
+#include "nf4.h"
+
+namespace fastft {
+namespace {
+
+int log2_of(int64_t v, const char* name) {
+  TORCH_CHECK(v > 0 && (v & (v - 1)) == 0, "fastft nf4: ", name, " must be a power of two, got ",
+              v);
+  int l = 0;
+  while ((int64_t(1) << l) < v) ++l;
+  return l;
+}
+
+void check_vector(const at::Tensor& t, const at::Tensor& like, at::ScalarType dtype,
+                  int64_t min_numel, const char* name) {
+  check_cuda(t, name);
+  TORCH_CHECK(t.device() == like.device(), "fastft nf4: ", name, " is on ", t.device(),
+              ", the packed weight on ", like.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "fastft nf4: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous() && t.numel() >= min_numel, "fastft nf4: ", name,
+              " must be contiguous with at least ", min_numel, " elements, got ", t.numel());
+}
+
+// The weight's tensors checked for `numel` values.
+NF4Weight weight_of(const at::Tensor& packed, const at::Tensor& absmax,
+                    const c10::optional<at::Tensor>& absmax2,
+                    const c10::optional<at::Tensor>& code2,
+                    const c10::optional<at::Tensor>& offset, const at::Tensor& code,
+                    int64_t blocksize, int64_t blocksize2, int64_t numel) {
+  check_vector(packed, packed, at::kByte, (numel + 1) / 2, "packed");
+  check_vector(code, packed, at::kFloat, 16, "code");
+  const int bs_log2 = log2_of(blocksize, "blocksize");
+  TORCH_CHECK(blocksize >= 32, "fastft nf4: blocksize must be >= 32, got ", blocksize);
+  const int64_t blocks = (numel + blocksize - 1) / blocksize;
+  const bool nested = absmax2.has_value();
+  TORCH_CHECK(nested == code2.has_value() && nested == offset.has_value(),
+              "fastft nf4: absmax2, code2 and offset come together (nested state) or not at all");
+  NF4Weight w{};
+  w.packed = packed.data_ptr<uint8_t>();
+  w.code = code.data_ptr<float>();
+  w.bs_log2 = bs_log2;
+  w.nested = nested;
+  if (nested) {
+    check_vector(absmax, packed, at::kByte, blocks, "absmax (nested)");
+    w.bs2_log2 = log2_of(blocksize2, "blocksize2");
+    check_vector(*absmax2, packed, at::kFloat, (blocks + blocksize2 - 1) / blocksize2, "absmax2");
+    check_vector(*code2, packed, at::kFloat, 256, "code2");
+    check_vector(*offset, packed, at::kFloat, 1, "offset");
+    w.absmax2 = absmax2->data_ptr<float>();
+    w.code2 = code2->data_ptr<float>();
+    w.offset = offset->data_ptr<float>();
+  } else {
+    check_vector(absmax, packed, at::kFloat, blocks, "absmax");
+  }
+  w.absmax = absmax.data_ptr();
+  return w;
+}
+
+void dequantize(const at::Tensor& packed, const at::Tensor& absmax,
+                const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
+                const c10::optional<at::Tensor>& offset, const at::Tensor& code, int64_t blocksize,
+                int64_t blocksize2, int64_t numel, const at::Tensor& out) {
+  TORCH_CHECK(numel >= 0, "fastft nf4: numel must be >= 0");
+  NF4Weight w = weight_of(packed, absmax, absmax2, code2, offset, code, blocksize, blocksize2,
+                          numel);
+  check_cuda(out, "out");
+  TORCH_CHECK(out.device() == packed.device(), "fastft nf4: out is on ", out.device(),
+              ", the packed weight on ", packed.device());
+  TORCH_CHECK(out.is_contiguous() && out.numel() >= numel, "fastft nf4: out must be contiguous "
+              "with at least ", numel, " elements");
+  const int tag = dtype_tag(out);
+  c10::cuda::CUDAGuard guard(packed.device());
+  nf4_dequantize(w, numel, out.data_ptr(), tag, stream_of(packed));
+  check_launch();
+}
+
+void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+          const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
+          const c10::optional<at::Tensor>& offset, const at::Tensor& code,
+          const c10::optional<at::Tensor>& bias, int64_t blocksize, int64_t blocksize2,
+          const at::Tensor& y) {
+  check_rows(x, "x");
+  check_rows(y, "y");
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
+  TORCH_CHECK(y.size(0) == M, "fastft nf4: y must have x's ", M, " rows, got ", y.size(0));
+  TORCH_CHECK(M <= 16, "fastft nf4: the fused kernel takes at most 16 rows of x, got ", M,
+              " (larger inputs: dequantise and use a matmul)");
+  TORCH_CHECK(K % 128 == 0, "fastft nf4: the fused kernel needs in_features % 128 == 0, got ", K);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "fastft nf4: the fused kernel takes bfloat16 or float16 x, got ", x.scalar_type());
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "fastft nf4: y must have x's dtype");
+  TORCH_CHECK(y.device() == x.device() && packed.device() == x.device(),
+              "fastft nf4: x, y and the weight must be on one device");
+  // The kernel reads x rows and the packed weight in 16-byte pieces: copy what is misaligned
+  // (a fresh allocation is aligned); views with odd offsets are rare.
+  at::Tensor xa = x, pa = packed;
+  if (x.stride(0) % 8 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0)
+    xa = x.clone(at::MemoryFormat::Contiguous);
+  if (reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 != 0)
+    pa = packed.clone(at::MemoryFormat::Contiguous);
+  NF4Weight w = weight_of(pa, absmax, absmax2, code2, offset, code, blocksize, blocksize2,
+                          N * K);
+  if (bias) {
+    check_cuda(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous() &&
+                    bias->scalar_type() == x.scalar_type(),
+                "fastft nf4: bias must be a contiguous [", N, "] tensor of x's dtype");
+  }
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index());
+  TORCH_CHECK(major >= 8, "fastft nf4: the fused kernel needs compute capability >= 8.0");
+  c10::cuda::CUDAGuard guard(x.device());
+  NF4GemvArgs a{};
+  a.x = xa.data_ptr(); a.x_stride = xa.stride(0);
+  a.bias = bias ? bias->data_ptr() : nullptr;
+  a.y = y.data_ptr(); a.y_stride = y.stride(0);
+  a.M = (int)M; a.N = (int)N; a.K = (int)K;
+  a.dtype = dtype_tag(x);
+  nf4_gemv(w, a, stream_of(x));
+  check_launch();
+}
+
+}  // namespace
+}  // namespace fastft
+
+TORCH_LIBRARY_IMPL(fastft, CUDA, m) {
+  m.impl("nf4_dequantize", &fastft::dequantize);
+  m.impl("nf4_gemv", &fastft::gemv);
+}

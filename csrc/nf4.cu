@@ -1,0 +1,293 @@
+// NF4 (bitsandbytes layout) dequantisation, bit-exact with bitsandbytes, and the fused
+// small-M NF4 matmul that reads the packed weight directly.
+//
+// Bit-exactness: every value is lut[code] * scale as ONE float32 multiply rounded to nearest
+// (__fmul_rn, never contracted with anything), converted with round-to-nearest-even; nested
+// scales are __fadd_rn(__fmul_rn(code2[q], absmax2[b >> bs2_log2]), offset), the order
+// bitsandbytes computes them in (multiply, round, add, round).
+#include <algorithm>
+#include <type_traits>
+
+#include "common.cuh"
+#include "nf4.h"
+
+namespace fastft {
+namespace {
+
+__device__ __forceinline__ float block_scale(const NF4Weight& w, int64_t blk) {
+  if (w.nested) {
+    const int q = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
+    const float scaled = __fmul_rn(__ldg(w.code2 + q), __ldg(w.absmax2 + (blk >> w.bs2_log2)));
+    return __fadd_rn(scaled, __ldg(w.offset));
+  }
+  return __ldg(static_cast<const float*>(w.absmax) + blk);
+}
+
+// The 16 levels in shared memory: per-thread lookups with a dynamic index.
+__device__ __forceinline__ void load_levels(const float* code, float* lut) {
+  if (threadIdx.x < 16) lut[threadIdx.x] = __ldg(code + threadIdx.x);
+  __syncthreads();
+}
+
+// Read-once data (the packed weight): don't let it evict what L1 holds (x, scales).
+__device__ __forceinline__ uint4 load_stream16(const void* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+#else
+  return __ldg(static_cast<const uint4*>(p));
+#endif
+}
+
+// ------------------------------------------------------------------ dequantisation
+
+constexpr int kThreads = 256;
+constexpr int kUnits = 4;  // 4-byte units (8 values) per thread, kThreads apart: coalesced
+
+// 8 values as 16-byte stores (one for 16-bit types, two for float32).
+template <typename T>
+__device__ __forceinline__ void store8(T* p, const float* v) {
+  constexpr int N = 16 / sizeof(T);
+#pragma unroll
+  for (int h = 0; h < 8; h += N) {
+    Vec<T, N> raw;
+#pragma unroll
+    for (int i = 0; i < N; ++i) raw.v[i] = from_f32<T>(v[h + i]);
+    *reinterpret_cast<Vec<T, N>*>(p + h) = raw;
+  }
+}
+
+// Values [0, units * 8): packed 4-byte aligned, out 16-byte aligned.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) nf4_dequant_vec(const NF4Weight w, int64_t units,
+                                                            T* __restrict__ out) {
+  __shared__ float lut[16];
+  load_levels(w.code, lut);
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(w.packed);
+  const int64_t first = (int64_t)blockIdx.x * (kThreads * kUnits) + threadIdx.x;
+  uint32_t word[kUnits];
+#pragma unroll
+  for (int u = 0; u < kUnits; ++u) {  // all loads first: kUnits in flight per thread
+    const int64_t i = first + (int64_t)u * kThreads;
+    word[u] = i < units ? __ldg(words + i) : 0u;
+  }
+#pragma unroll
+  for (int u = 0; u < kUnits; ++u) {
+    const int64_t i = first + (int64_t)u * kThreads;
+    if (i >= units) break;
+    const float scale = block_scale(w, (i * 8) >> w.bs_log2);  // 8 values, one block
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t byte = (word[u] >> (8 * j)) & 0xFFu;
+      v[2 * j] = __fmul_rn(lut[byte >> 4], scale);  // even index: high nibble
+      v[2 * j + 1] = __fmul_rn(lut[byte & 15u], scale);
+    }
+    store8(out + i * 8, v);
+  }
+}
+
+// Values [start, numel) one at a time: the tail, and any alignment.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) nf4_dequant_scalar(const NF4Weight w, int64_t start,
+                                                               int64_t numel, T* out) {
+  __shared__ float lut[16];
+  load_levels(w.code, lut);
+  const int64_t step = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t i = start + (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < numel; i += step) {
+    const uint32_t byte = w.packed[i >> 1];
+    const uint32_t nib = (i & 1) ? (byte & 15u) : (byte >> 4);
+    out[i] = from_f32<T>(__fmul_rn(lut[nib], block_scale(w, i >> w.bs_log2)));
+  }
+}
+
+// ------------------------------------------------------------------ fused small-M matmul
+//
+// One block: 16 weight rows (n) x all of K, kGemvWarps warps splitting K into 128-value
+// chunks; partial sums meet in shared memory (deterministic). Per chunk a warp issues
+// mma.m16n8k16 steps with A = the dequantised 16x16 weight tile and B = x^T (8 rows of x per
+// m-tile). Thread (g = lane/4, t = lane%4) loads 16 packed bytes (32 values, k0 = chunk*128 +
+// 32t) of rows g and g+8; for k-step s it feeds bytes 2s (fragment slots 2t, 2t+1) and 2s+1
+// (slots 2t+8, 2t+9), i.e. the k order inside a step is permuted — harmless for a dot
+// product as long as x's fragment uses the same order: x[m][k0 + 4s .. k0 + 4s + 3].
+constexpr int kGemvWarps = 8;
+constexpr int kRowsPerBlock = 16;
+constexpr int kChunk = 128;
+
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Two dequantised values (rounded exactly as nf4_dequantize rounds them), lower k in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t byte, float scale, const float* lut) {
+  return pack2<T>(__fmul_rn(lut[byte >> 4], scale), __fmul_rn(lut[byte & 15u], scale));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#else
+  __trap();  // the binding refuses devices below compute capability 8.0
+#endif
+}
+
+// MT: m-tiles of 8 rows of x (1 for M <= 8, 2 for M <= 16).
+template <typename T, int MT>
+__global__ void __launch_bounds__(kGemvWarps * 32) nf4_gemv_kernel(const NF4Weight w,
+                                                                   const NF4GemvArgs a) {
+  __shared__ float lut[16];
+  __shared__ float red[kGemvWarps][MT * 8][kRowsPerBlock];
+  load_levels(w.code, lut);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int K = a.K;
+  const int64_t n0 = (int64_t)blockIdx.x * kRowsPerBlock;
+  const int64_t ra = n0 + g, rb = n0 + g + 8;
+  const bool va = ra < a.N, vb = rb < a.N;
+  const uint8_t* pa = w.packed + ra * (K / 2) + t * 16;
+  const uint8_t* pb = w.packed + rb * (K / 2) + t * 16;
+  const T* x = static_cast<const T*>(a.x);
+  const int chunks = K / kChunk;
+
+  float acc[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
+
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  int c = warp;
+  uint4 next_a = zero, next_b = zero;  // the next chunk's bytes, loaded one step ahead
+  if (c < chunks) {
+    if (va) next_a = load_stream16(pa + (int64_t)c * (kChunk / 2));
+    if (vb) next_b = load_stream16(pb + (int64_t)c * (kChunk / 2));
+  }
+  for (; c < chunks; c += kGemvWarps) {
+    const uint4 cur_a = next_a, cur_b = next_b;
+    const int nc = c + kGemvWarps;
+    if (nc < chunks) {
+      if (va) next_a = load_stream16(pa + (int64_t)nc * (kChunk / 2));
+      if (vb) next_b = load_stream16(pb + (int64_t)nc * (kChunk / 2));
+    }
+    const int64_t k0 = (int64_t)c * kChunk + t * 32;
+    const float sa = va ? block_scale(w, (ra * K + k0) >> w.bs_log2) : 0.f;
+    const float sb = vb ? block_scale(w, (rb * K + k0) >> w.bs_log2) : 0.f;
+    uint32_t xw[MT][16];  // x[mt * 8 + g][k0 .. k0 + 31] as 16 words of two values
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int m = mt * 8 + g;
+      if (m < a.M) {
+        const uint4* px = reinterpret_cast<const uint4*>(x + m * a.x_stride + k0);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const uint4 v = __ldg(px + q);
+          xw[mt][4 * q] = v.x; xw[mt][4 * q + 1] = v.y;
+          xw[mt][4 * q + 2] = v.z; xw[mt][4 * q + 3] = v.w;
+        }
+      } else {
+#pragma unroll
+        for (int q = 0; q < 16; ++q) xw[mt][q] = 0u;
+      }
+    }
+    const uint32_t wa[4] = {cur_a.x, cur_a.y, cur_a.z, cur_a.w};
+    const uint32_t wb[4] = {cur_b.x, cur_b.y, cur_b.z, cur_b.w};
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      const int shift = 16 * (s & 1);  // bytes 2s and 2s + 1 of the 16
+      const uint32_t a_lo = (wa[s >> 1] >> shift) & 0xFFu, a_hi = (wa[s >> 1] >> (shift + 8)) & 0xFFu;
+      const uint32_t b_lo = (wb[s >> 1] >> shift) & 0xFFu, b_hi = (wb[s >> 1] >> (shift + 8)) & 0xFFu;
+      const uint32_t frag[4] = {dequant_pair<T>(a_lo, sa, lut), dequant_pair<T>(b_lo, sb, lut),
+                                dequant_pair<T>(a_hi, sa, lut), dequant_pair<T>(b_hi, sb, lut)};
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) mma_16816<T>(acc[mt], frag, xw[mt][2 * s], xw[mt][2 * s + 1]);
+    }
+  }
+  // acc[mt][0], [1]: weight row g, x rows mt*8 + 2t, + 1; acc[mt][2], [3]: weight row g + 8
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    red[warp][mt * 8 + 2 * t][g] = acc[mt][0];
+    red[warp][mt * 8 + 2 * t + 1][g] = acc[mt][1];
+    red[warp][mt * 8 + 2 * t][g + 8] = acc[mt][2];
+    red[warp][mt * 8 + 2 * t + 1][g + 8] = acc[mt][3];
+  }
+  __syncthreads();
+  const T* bias = static_cast<const T*>(a.bias);
+  T* y = static_cast<T*>(a.y);
+  for (int idx = threadIdx.x; idx < MT * 8 * kRowsPerBlock; idx += blockDim.x) {
+    const int m = idx / kRowsPerBlock, nl = idx % kRowsPerBlock;
+    const int64_t n = n0 + nl;
+    if (m < a.M && n < a.N) {
+      float sum = 0.f;
+#pragma unroll
+      for (int wp = 0; wp < kGemvWarps; ++wp) sum += red[wp][m][nl];
+      if (bias) sum += to_f32(bias[n]);
+      y[m * a.y_stride + n] = from_f32<T>(sum);
+    }
+  }
+}
+
+}  // namespace
+
+void nf4_dequantize(const NF4Weight& w, int64_t numel, void* out, int out_dtype,
+                    cudaStream_t stream) {
+  if (numel <= 0) return;
+  dispatch_float(out_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    T* o = static_cast<T*>(out);
+    const bool aligned = reinterpret_cast<uintptr_t>(w.packed) % 4 == 0 &&
+                         reinterpret_cast<uintptr_t>(out) % 16 == 0;
+    int64_t start = 0;
+    if (aligned) {
+      const int64_t units = numel / 8;
+      if (units > 0) {
+        const int64_t per_block = kThreads * kUnits;
+        const int64_t blocks = (units + per_block - 1) / per_block;
+        nf4_dequant_vec<T><<<(unsigned)blocks, kThreads, 0, stream>>>(w, units, o);
+      }
+      start = units * 8;
+    }
+    if (start < numel) {
+      const int64_t blocks = std::min<int64_t>((numel - start + kThreads - 1) / kThreads, 8192);
+      nf4_dequant_scalar<T><<<(unsigned)blocks, kThreads, 0, stream>>>(w, start, numel, o);
+    }
+  });
+}
+
+void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
+  if (a.M <= 0 || a.N <= 0) return;
+  const unsigned blocks = (unsigned)((a.N + kRowsPerBlock - 1) / kRowsPerBlock);
+  const int threads = kGemvWarps * 32;
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    if (a.M <= 8) nf4_gemv_kernel<T, 1><<<blocks, threads, 0, stream>>>(w, a);
+    else nf4_gemv_kernel<T, 2><<<blocks, threads, 0, stream>>>(w, a);
+  };
+  if (a.dtype == kBF16) launch(__nv_bfloat16{});
+  else launch(__half{});
+}
+
+}  // namespace fastft

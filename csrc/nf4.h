@@ -1,0 +1,41 @@
+// Host-side launchers of the NF4 kernels (nf4.cu): plain pointers and dtype tags only.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "kernels.h"
+
+namespace fastft {
+
+// A bitsandbytes NF4 weight: flat, two 4-bit codes per byte (even flat index in the high
+// nibble), one scale per 2^bs_log2 values. Nested scales are
+//   code2[absmax_u8[b]] * absmax2[b >> bs2_log2] + offset[0]   (float32, multiply then add).
+struct NF4Weight {
+  const uint8_t* packed;
+  const void* absmax;     // float [blocks], or uint8 [blocks] when nested
+  const float* absmax2;   // nested only
+  const float* code2;     // nested only, [256]
+  const float* offset;    // nested only, [1]
+  const float* code;      // [16] the NF4 levels
+  int bs_log2;            // >= 5 (blocks of >= 32 values)
+  int bs2_log2;
+  bool nested;
+};
+
+// out[0 .. numel) = dequantised values in `out_dtype`, bit-exact with bitsandbytes.
+void nf4_dequantize(const NF4Weight& w, int64_t numel, void* out, int out_dtype,
+                    cudaStream_t stream);
+
+// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for W [N, K], M <= 16, K % 128 == 0,
+// x/y/bias bf16 or f16 (`dtype`); x rows 16-byte aligned, packed 16-byte aligned.
+// Needs compute capability >= 8.0 (tensor-core mma).
+struct NF4GemvArgs {
+  const void* x; int64_t x_stride;
+  const void* bias;
+  void* y; int64_t y_stride;
+  int M, N, K;
+  int dtype;
+};
+void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream);
+
+}  // namespace fastft
