@@ -333,3 +333,20 @@ def test_interrupted_gguf_save_and_bad_inputs(tmp_path, monkeypatch):
     with pytest.raises(NotImplementedError, match="supports"):
         save.save_pretrained_gguf(gpt2, str(target), tok)
     assert not target.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gguf_export_of_a_cuda_model_matches_cpu_export(tmp_path):
+    base, tok = tiny_model("llama", tmp_path)
+    pm = add_lora(base)
+    ids = sample_ids(len(tok))
+    ref = logits(pm, ids)
+    cpu_file = save.save_pretrained_gguf(pm, str(tmp_path / "cpu"), tok, quantization_method="q4_k_m", device="cpu")[0]
+    pm.cuda()
+    gpu_file = save.save_pretrained_gguf(pm, str(tmp_path / "gpu"), tok, quantization_method="q4_k_m")[0]
+    errs = []
+    for f in (cpu_file, gpu_file):
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(f), gguf_file=os.path.basename(f), dtype=torch.float32)
+        errs.append(rel_err(logits(loaded, ids), ref))
+    assert abs(errs[0] - errs[1]) < 0.2 * errs[0], errs

@@ -112,6 +112,7 @@ def test_bad_row_length_is_a_clear_error():
         kquants.quantize(torch.randn(4, 320), "Q4_K")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     torch.manual_seed(4)
