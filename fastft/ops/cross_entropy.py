@@ -377,10 +377,16 @@ def _linear_ce_chunks(impl, hidden, weight, bias, labels, loss, row_weight, need
     db = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_db else None
     with_grad = row_weight is not None
     per_row = with_grad and row_weight.numel() > 1
+    # One buffer for every chunk's logits (a fresh one per chunk would briefly hold two).
+    buffer = torch.empty(min(chunk, rows), vocab, dtype=hidden.dtype, device=hidden.device)
     for start in range(0, rows, chunk):
         end = min(rows, start + chunk)
         h = hidden[start:end]
-        logits = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
+        logits = buffer[: end - start]
+        if bias is None:
+            torch.mm(h, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, h, weight.t(), out=logits)
         w = row_weight[start:end] if per_row else row_weight
         # in place: the chunk's logits become its d_logits
         impl.loss_and_grad(logits, labels[start:end], loss[start:end],
