@@ -315,7 +315,7 @@ def to_sharegpt(
     if conversation_extension > 1:
         rng = random.Random(random_state)
         extended = []
-        for i, conversation in enumerate(conversations):
+        for conversation in conversations:
             turns = list(conversation)
             for _ in range(conversation_extension - 1):
                 turns += conversations[rng.randrange(len(conversations))]
