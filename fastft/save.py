@@ -430,7 +430,21 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _write_config(model, folder: str, dtype: torch.dtype, quantization_config: dict | None) -> None:
+def _untied_output_name(model, plan: list[PlannedTensor]) -> bool:
+    """True when the config ties input/output embeddings but the merged checkpoint has its own
+    output weight (LoRA on lm_head made them differ): the written config must untie them."""
+    hf = base_transformers_model(model)
+    if not getattr(hf.config, "tie_word_embeddings", False) or not hasattr(hf, "get_output_embeddings"):
+        return False
+    out = hf.get_output_embeddings()
+    names = {t.name for t in plan}
+    for mod_name, module in hf.named_modules():
+        if module is out or (_is_lora_layer(module) and module.get_base_layer() is out):
+            return mod_name + ".weight" in names
+    return False
+
+
+def _write_config(model, folder: str, dtype: torch.dtype, quantization_config: dict | None, untie: bool = False) -> None:
     import copy
 
     hf = base_transformers_model(model)
@@ -440,6 +454,8 @@ def _write_config(model, folder: str, dtype: torch.dtype, quantization_config: d
     if quantization_config is not None:
         config.quantization_config = quantization_config
     config.dtype = _dtype_name(dtype)
+    if untie:
+        config.tie_word_embeddings = False
     if not getattr(config, "architectures", None):
         config.architectures = [type(hf).__name__]
     config.save_pretrained(folder)
@@ -587,7 +603,7 @@ def save_pretrained_merged(
                     writer.add(t.name, value)
                 del value
         writer.finish()
-        _write_config(model, tmp, dtype, quant_config)
+        _write_config(model, tmp, dtype, quant_config, untie=_untied_output_name(model, plan))
         _save_tokenizer(tokenizer, tmp)
     return os.path.abspath(save_directory)
 

@@ -279,3 +279,19 @@ def test_lora_on_embeddings_and_lm_head_merges(tmp_path):
     emb_change = rel_err(merged.model.embed_tokens.weight.detach(), base.model.embed_tokens.base_layer.weight.detach())
     assert emb_change > 1e-3
     assert rel_err(logits(merged, ids), logits(pm, ids)) < 1e-3
+
+
+def test_lora_on_tied_lm_head_unties_the_saved_model(tmp_path):
+    import peft
+
+    base, tok = tiny_model("qwen2", tmp_path)  # tie_word_embeddings=True
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    pm.eval()
+    ids = sample_ids(len(tok))
+    out = save.save_pretrained_merged(pm, str(tmp_path / "m"), tok)
+    assert json.load(open(os.path.join(out, "config.json")))["tie_word_embeddings"] is False
+    assert rel_err(logits(_load(out), ids), logits(pm, ids)) < 1e-3
