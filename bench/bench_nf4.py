@@ -1,0 +1,177 @@
+"""NF4 at Llama-3.1-8B MLP shapes, against bitsandbytes measured in the same run.
+
+* nf4_dequantize of a 14336x4096 weight (nested absmax, blocksize 64) to bf16.
+  Bytes: packed in + bf16 out (the scales, 1/32 of the packed size, are not counted).
+  Target: >= 85% of the copy bandwidth, and faster than bitsandbytes' dequantize_4bit.
+* the fused small-M nf4_matmul, M = 1..16, for 4096->14336 and 14336->4096.
+  Bytes: the packed weight only (the rate at which it is read). Target: >= 70% of copy bandwidth.
+  Peers: bitsandbytes.matmul_4bit and a dense bf16 x @ W.T (which reads 4x the bytes).
+* the large-M path at M = 4096: dequantise into the workspace + cuBLAS, against a plain bf16
+  matmul of the same size (target: within 1.07x) and bitsandbytes.matmul_4bit.
+
+The weights are random codes and scales (timing does not depend on the values); bitsandbytes
+gets the same tensors through its QuantState. Several weight copies rotate so the packed
+weight (29 MB) is not served from the 50 MB L2."""
+import pytest
+import torch
+
+from common import time_ms
+from fastft import dispatch
+from fastft.ops import nf4 as nf4_mod
+from fastft.ops.nf4 import NF4NestedState, NF4State, nf4_dequantize, nf4_matmul
+
+SHAPES = {"4096->14336": (14336, 4096), "14336->4096": (4096, 14336)}  # W: [out, in]
+BLOCK = 64
+
+
+def random_weight(out_f, in_f, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    n = out_f * in_f
+    blocks = n // BLOCK
+    packed = torch.randint(0, 256, (n // 2, 1), dtype=torch.uint8, device="cuda", generator=g)
+    absmax = torch.randint(0, 256, (blocks,), dtype=torch.uint8, device="cuda", generator=g)
+    absmax2 = torch.rand(-(-blocks // 256), device="cuda", generator=g) * 0.02 + 0.01
+    code2 = torch.linspace(-1, 1, 256, device="cuda")
+    offset = torch.tensor(0.02, device="cuda")
+    state = NF4State(absmax=absmax, shape=torch.Size([out_f, in_f]), dtype=torch.bfloat16,
+                     blocksize=BLOCK, offset=offset,
+                     state2=NF4NestedState(absmax2, code2, 256))
+    return packed, state
+
+
+def bnb_state(state):
+    """The same weight as a bitsandbytes QuantState, or None without a working bitsandbytes."""
+    try:
+        import bitsandbytes.functional as F
+
+        s2 = F.QuantState(absmax=state.state2.absmax, code=state.state2.code, blocksize=256,
+                          dtype=torch.float32)
+        return F.QuantState(absmax=state.absmax, shape=state.shape,
+                            code=nf4_mod._nf4_levels(state.absmax.device),
+                            blocksize=state.blocksize, quant_type="nf4", dtype=torch.bfloat16,
+                            offset=state.offset, state2=s2)
+    except Exception:
+        return None
+
+
+def bnb_runs(fn):
+    """Run fn once; skip the benchmark when bitsandbytes' CUDA library does not load."""
+    try:
+        fn()
+        torch.cuda.synchronize()
+    except Exception as exc:
+        pytest.skip(f"bitsandbytes does not run here: {type(exc).__name__}: {exc}")
+
+
+def need_backend(op, backend):
+    problem = dispatch.why_not(op, backend, "cuda", torch.bfloat16)
+    if problem:
+        pytest.skip(problem)
+
+
+# ---------------------------------------------------------------- dequantisation
+
+@pytest.mark.parametrize("variant", ["cuda", "triton", "bitsandbytes", "torch_eager",
+                                     "torch_compile"])
+def bench_nf4_dequantize(benchmark, record, variant):
+    out_f, in_f = 14336, 4096
+    n = out_f * in_f
+    weights = [random_weight(out_f, in_f, seed) for seed in range(2)]
+    outs = [torch.empty(n, dtype=torch.bfloat16, device="cuda") for _ in weights]
+    sets = [(p, s, o) for (p, s), o in zip(weights, outs)]
+    if variant in ("cuda", "triton"):
+        need_backend("nf4_dequantize", variant)
+        fn = lambda p, s, o: nf4_dequantize(p, s, out=o, backend=variant)  # noqa: E731
+    elif variant == "bitsandbytes":
+        import bitsandbytes.functional as F
+
+        sets = [(p, bnb_state(s), o) for p, s, o in sets]
+        if sets[0][1] is None:
+            pytest.skip("bitsandbytes does not import")
+        fn = lambda p, s, o: F.dequantize_4bit(p, s)  # noqa: E731
+        bnb_runs(lambda: fn(*sets[0]))
+        ours = nf4_dequantize(sets[0][0], weights[0][1], dtype=torch.bfloat16)
+        assert torch.equal(ours, fn(*sets[0])), "not bit-exact with bitsandbytes on this GPU"
+    else:
+        def eager(p, s, o):
+            return nf4_mod.reference_dequantize(nf4_mod.resolve(p, s), torch.bfloat16)
+
+        if variant == "torch_eager":
+            fn = eager
+        else:
+            ref = torch.compile(nf4_mod.reference_dequantize)
+            fn = lambda p, s, o: ref(nf4_mod.resolve(p, s), torch.bfloat16)  # noqa: E731
+    ms = time_ms(fn, sets)
+    record(op="nf4_dequantize", direction="fwd", shape=f"{out_f}x{in_f}", backend=variant,
+           ms=ms, bytes=n // 2 + 2 * n)
+    benchmark.pedantic(fn, args=sets[0], rounds=3, warmup_rounds=1)
+
+
+# ---------------------------------------------------------------- small-M matmul
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("variant", ["cuda", "triton", "bitsandbytes", "dense_bf16"])
+def bench_nf4_matmul_small(benchmark, record, variant, shape, rows):
+    out_f, in_f = SHAPES[shape]
+    copies = 3 if variant != "dense_bf16" else 2
+    weights = [random_weight(out_f, in_f, seed) for seed in range(copies)]
+    xs = [torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16) for _ in weights]
+    if variant in ("cuda", "triton"):
+        need_backend("nf4_matmul", variant)
+        st = nf4_mod.resolve(*weights[0])
+        if not nf4_mod._BACKENDS[variant].fused_ok(st, xs[0]):
+            pytest.skip(f"{variant} has no fused kernel for this case")
+        sets = [(x, p, s) for x, (p, s) in zip(xs, weights)]
+        fn = lambda x, p, s: nf4_matmul(x, p, s, backend=variant)  # noqa: E731
+    elif variant == "bitsandbytes":
+        import bitsandbytes as bnb
+
+        sets = [(x, p, bnb_state(s)) for x, (p, s) in zip(xs, weights)]
+        if sets[0][2] is None:
+            pytest.skip("bitsandbytes does not import")
+        fn = lambda x, p, s: bnb.matmul_4bit(x, p.t(), quant_state=s)  # noqa: E731
+        bnb_runs(lambda: fn(*sets[0]))
+    else:
+        sets = [(x, nf4_dequantize(p, s, dtype=torch.bfloat16)) for x, (p, s) in zip(xs, weights)]
+        del weights
+        fn = lambda x, w: x @ w.t()  # noqa: E731
+    ms = time_ms(fn, sets)
+    record(op="nf4_matmul_small_m", direction="fwd", shape=f"M={rows} {shape}",
+           backend=variant, ms=ms, bytes=out_f * in_f // 2)
+    benchmark.pedantic(fn, args=sets[0], rounds=3, warmup_rounds=1)
+
+
+# ---------------------------------------------------------------- large-M matmul
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("variant", ["cuda", "triton", "bitsandbytes", "dense_bf16"])
+def bench_nf4_matmul_large(benchmark, record, variant, shape):
+    rows = 4096
+    out_f, in_f = SHAPES[shape]
+    weights = [random_weight(out_f, in_f, seed) for seed in range(2)]
+    xs = [torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16) for _ in weights]
+    if variant in ("cuda", "triton"):
+        need_backend("nf4_matmul", variant)
+        sets = [(x, p, s) for x, (p, s) in zip(xs, weights)]
+        fn = lambda x, p, s: nf4_matmul(x, p, s, backend=variant)  # noqa: E731
+    elif variant == "bitsandbytes":
+        import bitsandbytes as bnb
+
+        sets = [(x, p, bnb_state(s)) for x, (p, s) in zip(xs, weights)]
+        if sets[0][2] is None:
+            pytest.skip("bitsandbytes does not import")
+        fn = lambda x, p, s: bnb.matmul_4bit(x, p.t(), quant_state=s)  # noqa: E731
+        bnb_runs(lambda: fn(*sets[0]))
+    else:
+        sets = [(x, nf4_dequantize(p, s, dtype=torch.bfloat16)) for x, (p, s) in zip(xs, weights)]
+        fn = lambda x, w: x @ w.t()  # noqa: E731
+    ms = time_ms(fn, sets)
+    row = record(op="nf4_matmul_large_m", direction="fwd", shape=f"M={rows} {shape}",
+                 backend=variant, ms=ms, flops=2 * rows * out_f * in_f)
+    if variant != "dense_bf16":  # the same shape as a plain bf16 matmul, in this run
+        dense = [(x, torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16))
+                 for x in xs]
+        row["vs_dense_bf16"] = ms / time_ms(lambda x, w: x @ w.t(), dense)
+        benchmark.extra_info["vs_dense_bf16"] = row["vs_dense_bf16"]
+    benchmark.pedantic(fn, args=sets[0], rounds=3, warmup_rounds=1)
