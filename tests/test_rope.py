@@ -8,7 +8,7 @@ import torch
 from fastft.ops import rope
 from tests.helpers import DTYPES, RTOL, backends, gpu_backends, rel_err
 
-# The module (fastft.ops.rope is also the name of the op: the module is callable as the op).
+# The module (fastft.ops.rope is the op; the module of the same name comes from sys.modules).
 R = importlib.import_module("fastft.ops.rope")
 reference_rope = R.reference_rope
 
@@ -214,8 +214,11 @@ def test_q_and_k_sharing_memory_are_not_overwritten():
 def test_module_and_function_are_both_the_op():
     import fastft.ops
 
-    fastft.ops.load_all()  # imports fastft.ops.rope as a module, shadowing the lazy name
+    fastft.ops.load_all()
+    import fastft.ops.rope  # noqa: F401  (must not rebind the op's name to the module)
     from fastft.ops import rope as op
+
+    assert callable(op) and not isinstance(op, type(R))
 
     qp, kp, cos, sin, _, _ = make_case((64, 64, 2, 1, 1, "random", "proj"), torch.float32,
                                        "cpu")

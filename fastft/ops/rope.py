@@ -26,9 +26,6 @@ the rotary modules return them.
 """
 from __future__ import annotations
 
-import sys
-import types
-
 import torch
 
 from fastft import dispatch
@@ -290,13 +287,3 @@ def rope(q, k, cos, sin, unsqueeze_dim=1, *, inplace=True, backend=None):
     k_inplace = apart and _overwritable(k)
     return _RopeFunction.apply(q, k, cos, sin, unsqueeze_dim, q_inplace, k_inplace, chosen)
 
-
-class _CallableModule(types.ModuleType):
-    """Importing this module sets the attribute `fastft.ops.rope` to the module, shadowing the
-    op of the same name that fastft.ops exports lazily; calling the module runs the op."""
-
-    def __call__(self, *args, **kwargs):
-        return rope(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
