@@ -14,7 +14,7 @@
 namespace fastft {
 namespace {
 
-constexpr int kUnroll = 4;  // 16-byte loads in flight per thread
+constexpr int kMaxUnroll = 4;  // 16-byte loads in flight per thread
 
 struct RowMath {
   float scale, softcap, inv_softcap;
@@ -79,10 +79,15 @@ __device__ __forceinline__ float grad_of(float x, int64_t c, const RowMath& rm, 
   return (p - (c == label ? on_label : off_label)) * w * dz;
 }
 
-template <typename T, int VEC>
+constexpr float kLog2e = 1.4426950408889634f;
+
+// TRANSFORM: a logit scale or softcap is on (else z = x and the inner loops skip that math).
+template <typename T, int VEC, bool TRANSFORM>
 __global__ void __launch_bounds__(1024) cross_entropy_kernel(const CrossEntropyArgs a,
                                                              int64_t cache_vecs) {
   using V = Vec<T, VEC>;
+  // the transform path is compute-heavier (tanhf) and needs the registers more than the loads
+  constexpr int kUnroll = TRANSFORM ? 2 : kMaxUnroll;
   extern __shared__ __align__(16) unsigned char cache_raw[];
   V* cache = reinterpret_cast<V*>(cache_raw);
   __shared__ float red_m[32], red_s[32], red_z[32];
@@ -108,8 +113,7 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const CrossEntropyA
   const int64_t nscalar = head + (vocab - tail);
   const V* xv = reinterpret_cast<const V*>(x + head);
   V* gv = g ? reinterpret_cast<V*>(g + head) : nullptr;
-  const bool use_cache = g != nullptr;
-  const int64_t cached = use_cache ? (cache_vecs < nvec ? cache_vecs : nvec) : 0;
+  const int64_t cached = g ? (cache_vecs < nvec ? cache_vecs : nvec) : 0;
 
   RowMath rm;
   rm.scale = a.scale; rm.softcap = a.softcap;
@@ -119,7 +123,7 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const CrossEntropyA
 
   if (valid) {
     // ---- pass 1: online max / sum of exp, sum of z (label smoothing), cache the row
-    float m = -INFINITY, s = 0.f, zsum = 0.f;
+    float m = -INFINITY, m_log2 = -INFINITY, s = 0.f, zsum = 0.f;
     for (int64_t base = tid; base < nvec; base += (int64_t)kUnroll * nthreads) {
       V raw[kUnroll];
 #pragma unroll
@@ -136,17 +140,21 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const CrossEntropyA
         float vmax = -INFINITY;
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-          z[i] = rm.z(to_f32(raw[u].v[i]));
+          z[i] = TRANSFORM ? rm.z(to_f32(raw[u].v[i])) : to_f32(raw[u].v[i]);
           vmax = fmaxf(vmax, z[i]);
-          zsum += z[i];
+        }
+        if (smoothing) {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) zsum += z[i];
         }
         if (vmax > m) {
-          s = (m == -INFINITY) ? 0.f : s * __expf(m - vmax);
+          s = (m == -INFINITY) ? 0.f : s * exp2f((m - vmax) * kLog2e);
           m = vmax;
+          m_log2 = m * kLog2e;
         }
-        if (m != -INFINITY) {  // else every z is -inf (masked vocabulary) and adds nothing
+        if (m != -INFINITY) {  // else every z so far is -inf (masked vocabulary): adds nothing
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) s += __expf(z[i] - m);
+          for (int i = 0; i < VEC; ++i) s += exp2f(fmaf(z[i], kLog2e, -m_log2));
         }
       }
     }
@@ -208,9 +216,13 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const CrossEntropyA
     return;
   }
   const float lse = row_lse;
+  const float lse_log2 = lse * kLog2e;
   const float w = a.row_weight[row * a.weight_stride];
   const float off_label = a.smoothing / (float)vocab;
   const float on_label = off_label + (1.f - a.smoothing);
+  // d/dx = (p - off_label - (1 - eps)[c == label]) * w * dz/dx, dz/dx = scale * (1 - t^2)
+  const float w_scaled = rm.has_scale ? w * rm.scale : w;
+  const float label_w = (1.f - a.smoothing) * w_scaled;
   for (int64_t base = tid; base < nvec; base += (int64_t)kUnroll * nthreads) {
     V raw[kUnroll];
 #pragma unroll
@@ -222,13 +234,33 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const CrossEntropyA
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t v = base + (int64_t)u * nthreads;
       if (v >= nvec) continue;
-      V out;
+      float gf[VEC], dz[VEC];
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        const int64_t c = head + v * VEC + i;
-        out.v[i] = from_f32<T>(grad_of(to_f32(raw[u].v[i]), c, rm, lse, label, on_label,
-                                       off_label, w));
+        float z = to_f32(raw[u].v[i]);
+        dz[i] = 1.f;
+        if (TRANSFORM) {
+          if (rm.has_scale) z *= rm.scale;
+          if (rm.has_softcap) {
+            const float t = tanhf(z * rm.inv_softcap);
+            z = rm.softcap * t;
+            dz[i] = 1.f - t * t;
+          }
+        }
+        const float p = exp2f(fmaf(z, kLog2e, -lse_log2));
+        gf[i] = (p - off_label) * (TRANSFORM ? w_scaled * dz[i] : w);
       }
+      // the label's element, once per vector rather than a compare per element
+      const int64_t rel = label - (head + v * VEC);
+      if (rel >= 0 && rel < VEC) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          if (i == rel) gf[i] -= label_w * dz[i];
+        }
+      }
+      V out;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) out.v[i] = from_f32<T>(gf[i]);
       store_vec<T, VEC>(gv + v, out);
     }
   }
@@ -244,7 +276,7 @@ int pow2_ceil(int64_t v) {
   return p;
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool TRANSFORM>
 void launch(const CrossEntropyArgs& a, int blocks_per_sm, cudaStream_t stream) {
   int dev = 0, optin = 0, per_sm = 0;
   cudaGetDevice(&dev);
@@ -268,7 +300,7 @@ void launch(const CrossEntropyArgs& a, int blocks_per_sm, cudaStream_t stream) {
     cache_vecs = nvec + 1 < fit ? nvec + 1 : fit;
   }
   const size_t smem = (size_t)cache_vecs * sizeof(Vec<T, VEC>);
-  auto kernel = cross_entropy_kernel<T, VEC>;
+  auto kernel = cross_entropy_kernel<T, VEC, TRANSFORM>;
   if (smem > 48 * 1024) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
@@ -298,8 +330,14 @@ void cross_entropy_forward(const CrossEntropyArgs& a, int blocks_per_sm, cudaStr
   dispatch_float(a.dtype, [&](auto t) {
     using T = decltype(t);
     constexpr int VEC = 16 / sizeof(T);
-    if (vector_ok<T>(a)) launch<T, VEC>(a, blocks_per_sm, stream);
-    else launch<T, 1>(a, blocks_per_sm, stream);
+    const bool transform = a.scale != 1.f || a.softcap > 0.f;
+    if (vector_ok<T>(a)) {
+      if (transform) launch<T, VEC, true>(a, blocks_per_sm, stream);
+      else launch<T, VEC, false>(a, blocks_per_sm, stream);
+    } else {
+      if (transform) launch<T, 1, true>(a, blocks_per_sm, stream);
+      else launch<T, 1, false>(a, blocks_per_sm, stream);
+    }
   });
 }
 
