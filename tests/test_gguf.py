@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+import fastft  # noqa: F401  (before transformers/peft, as users import it)
+
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -350,3 +352,32 @@ def test_gguf_export_of_a_cuda_model_matches_cpu_export(tmp_path):
         loaded = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(f), gguf_file=os.path.basename(f), dtype=torch.float32)
         errs.append(rel_err(logits(loaded, ids), ref))
     assert abs(errs[0] - errs[1]) < 0.2 * errs[0], errs
+
+
+def test_gemma3_vision_language_model_exports_its_text_model(tmp_path):
+    """Gemma 3 (4B and up) is a vision-language model; the GGUF holds its text model (llama.cpp
+    keeps the vision tower in a separate mmproj file)."""
+    from _fastft_save_helpers import tokenizer_for
+
+    tok = tokenizer_for("gemma3")
+    text = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, max_position_embeddings=512, sliding_window=128,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16)
+    torch.manual_seed(0)
+    vlm = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    with torch.no_grad():
+        for n, p in vlm.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    pm = add_lora(vlm)
+    ids = sample_ids(len(tok))
+    ref = logits(pm, ids)
+    f = save.save_pretrained_gguf(pm, str(tmp_path / "g"), tok, quantization_method="f16")[0]
+    r = gguf.GGUFReader(f)
+    names = {t.name for t in r.tensors}
+    assert "token_embd.weight" in names and "blk.1.post_ffw_norm.weight" in names and "output.weight" not in names
+    assert not any("vision" in n or "mm" in n for n in names)
+    assert field(r, "general.architecture") == "gemma3" and field(r, "gemma3.block_count") == 2
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(f), gguf_file=os.path.basename(f), dtype=torch.float32)
+    assert rel_err(logits(loaded, ids), ref) <= 1e-2

@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+import fastft  # noqa: F401  (before transformers/peft, as users import it)
+
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 

@@ -88,6 +88,21 @@ def gguf_tensor_name(hf_name: str, spec: ArchSpec) -> str:
     )
 
 
+_VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector.")
+
+
+def text_model_name(hf_name: str) -> str | None:
+    """Checkpoint name of the text model inside a vision-language model (Gemma 3), or None for
+    vision tensors, which llama.cpp keeps in a separate mmproj file."""
+    if hf_name.startswith(_VISION_PREFIXES):
+        return None
+    for outer, inner in (("model.language_model.", "model."), ("language_model.model.", "model."),
+                         ("language_model.lm_head.", "lm_head.")):
+        if hf_name.startswith(outer):
+            return inner + hf_name[len(outer):]
+    return hf_name
+
+
 def _permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     # HF stores each head's rotary pairs as [first halves | second halves]; llama.cpp's llama
     # graph expects them interleaved: rows (h, 2, d/2) -> (h, d/2, 2)
@@ -290,8 +305,10 @@ def save_gguf(
             f"GGUF export supports {', '.join(sorted(set(ARCHS) - {'gemma3_text'}))}; this model is {model_type!r}. "
             "Save with save_pretrained_merged and convert with llama.cpp's convert_hf_to_gguf.py."
         )
-    if hasattr(config, "text_config") and not hasattr(config, "hidden_size"):
-        config = config.text_config
+    top_config = config
+    if getattr(config, "text_config", None) is not None:
+        config = config.text_config  # vision-language model: the GGUF holds the text model
+    tokenizer = tokenizer if hasattr(tokenizer, "get_vocab") else getattr(tokenizer, "tokenizer", tokenizer)
 
     plan = fsave.merged_tensor_plan(model)
     n_vocab = int(config.vocab_size)
@@ -303,7 +320,10 @@ def save_gguf(
 
     entries = []  # (gguf name, shape, producer)
     for t in plan:
-        gname = gguf_tensor_name(t.name, spec)
+        text_name = text_model_name(t.name)
+        if text_name is None:
+            continue
+        gname = gguf_tensor_name(text_name, spec)
         shape = t.shape
 
         def produce(t=t, gname=gname):
@@ -314,13 +334,13 @@ def save_gguf(
                 x = _permute_qk(x, n_kv)
             elif spec.permute_qk and (gname.endswith("attn_q.bias") or gname.endswith("attn_k.bias")):
                 x = _permute_qk(x, n_head if "attn_q" in gname else n_kv)
-            if spec.norm_plus_one and t.name.endswith("norm.weight"):
+            if spec.norm_plus_one and gname.endswith("norm.weight"):
                 x = x + 1.0
             return x
 
         entries.append((gname, shape, produce))
 
-    stem = model_name or _file_stem(model, config)
+    stem = model_name or _file_stem(model, top_config)
     files = [f"{stem}.{m.upper()}.gguf" for m in methods]
 
     # a pass over the metadata only: the extra tensors (rope factors) and the byte sizes
