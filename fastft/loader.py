@@ -323,7 +323,7 @@ class FastLanguageModel:
 
         limit = getattr(config, "max_position_embeddings", None)
         if max_seq_length and limit and max_seq_length > limit:
-            logger.warning(f"fastft: max_seq_length={max_seq_length} is longer than the model's "
+            logger.info(f"fastft: max_seq_length={max_seq_length} is longer than the model's "
                            f"max_position_embeddings={limit}; quality beyond {limit} tokens is not assured.")
 
         if patch:

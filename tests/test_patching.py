@@ -10,6 +10,7 @@ import fastft.ops
 from fastft import dispatch
 from fastft.models import is_patched, patch_model, patched_names, unpatch_all
 from fastft.models.families import FAMILIES as FAMILY_SPECS
+from fastft.models.patcher import OP_MODULES
 from tests.helpers import rel_err
 from tests.tiny_models import FAMILIES, build_tiny_model
 
@@ -39,7 +40,7 @@ def op_calls(monkeypatch):
 
     calls = {name: 0 for name in OPS}
     for name in OPS:
-        module = importlib.import_module(fastft.ops._OPS[name])
+        module = importlib.import_module(OP_MODULES[name])
         fn = getattr(module, name)
 
         def counted(*args, _fn=fn, _name=name, **kwargs):

@@ -90,12 +90,20 @@ def unpatch_all() -> None:
 
 # ---------------------------------------------------------------- fused forwards
 
-def op(name: str):
-    """The public op `name` from its own module. (Not `from fastft.ops import name`: once a module
-    such as fastft/ops/rope.py is imported, the package attribute of that name is the module.)"""
-    from fastft.ops import _OPS
+# public op -> the module that defines it (looked up at call time, so tests can spy on the ops)
+OP_MODULES = {
+    "rms_norm": "fastft.ops.norms",
+    "rope": "fastft.ops.rope",
+    "swiglu": "fastft.ops.activations",
+    "geglu": "fastft.ops.activations",
+    "cross_entropy": "fastft.ops.cross_entropy",
+    "fused_linear_cross_entropy": "fastft.ops.cross_entropy",
+}
 
-    module = _OPS[name]
+
+def op(name: str):
+    """The public op `name`, from the module that defines it."""
+    module = OP_MODULES[name]
     return getattr(sys.modules.get(module) or importlib.import_module(module), name)
 
 
