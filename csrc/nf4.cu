@@ -33,7 +33,7 @@ __device__ __forceinline__ void load_levels(const float* code, float* lut) {
 __device__ __forceinline__ uint4 load_stream16(const void* p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
@@ -116,6 +116,7 @@ __global__ void __launch_bounds__(kThreads) nf4_dequant_scalar(const NF4Weight w
 constexpr int kGemvWarps = 8;
 constexpr int kRowsPerBlock = 16;
 constexpr int kChunk = 128;
+constexpr int kAhead = 4;  // chunks of packed weight in flight per warp
 
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
@@ -138,13 +139,13 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
                                           uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   } else {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -153,6 +154,47 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 #else
   __trap();  // the binding refuses devices below compute capability 8.0
 #endif
+}
+
+// One 128-value chunk: this thread's 16 packed bytes of rows ra and rb (k0 .. k0 + 31).
+template <typename T, int MT>
+__device__ __forceinline__ void gemv_chunk(const NF4Weight& w, const NF4GemvArgs& a, const T* x,
+                                           const float* lut, uint4 cur_a, uint4 cur_b,
+                                           int64_t k0, int64_t ra, int64_t rb, bool va, bool vb,
+                                           int g, float (&acc)[MT][4]) {
+  const int K = a.K;
+  const float sa = va ? block_scale(w, (ra * K + k0) >> w.bs_log2) : 0.f;
+  const float sb = vb ? block_scale(w, (rb * K + k0) >> w.bs_log2) : 0.f;
+  uint32_t xw[MT][16];  // x[mt * 8 + g][k0 .. k0 + 31] as 16 words of two values
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int m = mt * 8 + g;
+    if (m < a.M) {
+      const uint4* px = reinterpret_cast<const uint4*>(x + m * a.x_stride + k0);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint4 v = __ldg(px + q);
+        xw[mt][4 * q] = v.x; xw[mt][4 * q + 1] = v.y;
+        xw[mt][4 * q + 2] = v.z; xw[mt][4 * q + 3] = v.w;
+      }
+    } else {
+#pragma unroll
+      for (int q = 0; q < 16; ++q) xw[mt][q] = 0u;
+    }
+  }
+  const uint32_t wa[4] = {cur_a.x, cur_a.y, cur_a.z, cur_a.w};
+  const uint32_t wb[4] = {cur_b.x, cur_b.y, cur_b.z, cur_b.w};
+#pragma unroll
+  for (int s = 0; s < 8; ++s) {
+    const int shift = 16 * (s & 1);  // bytes 2s and 2s + 1 of the 16
+    const uint32_t a_lo = (wa[s >> 1] >> shift) & 0xFFu, a_hi = (wa[s >> 1] >> (shift + 8)) & 0xFFu;
+    const uint32_t b_lo = (wb[s >> 1] >> shift) & 0xFFu, b_hi = (wb[s >> 1] >> (shift + 8)) & 0xFFu;
+    // A fragment: {row g, slots 2t..}, {row g+8, 2t..}, {row g, 2t+8..}, {row g+8, 2t+8..}
+    const uint32_t frag[4] = {dequant_pair<T>(a_lo, sa, lut), dequant_pair<T>(b_lo, sb, lut),
+                              dequant_pair<T>(a_hi, sa, lut), dequant_pair<T>(b_hi, sb, lut)};
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) mma_16816<T>(acc[mt], frag, xw[mt][2 * s], xw[mt][2 * s + 1]);
+  }
 }
 
 // MT: m-tiles of 8 rows of x (1 for M <= 8, 2 for M <= 16).
@@ -165,7 +207,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) nf4_gemv_kernel(const NF4Weig
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int K = a.K;
-  const int64_t n0 = (int64_t)blockIdx.x * kRowsPerBlock;
+  const int64_t n0 = (int64_t)blockIdx.x * kRowsPerBlock;  // this block's first weight row
   const int64_t ra = n0 + g, rb = n0 + g + 8;
   const bool va = ra < a.N, vb = rb < a.N;
   const uint8_t* pa = w.packed + ra * (K / 2) + t * 16;
@@ -179,51 +221,30 @@ __global__ void __launch_bounds__(kGemvWarps * 32) nf4_gemv_kernel(const NF4Weig
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
 
+  // kAhead chunks of packed bytes in flight per warp (a register ring, hence the unrolled
+  // inner loop): enough outstanding loads per SM to cover DRAM latency even when the grid
+  // gives an SM only two blocks.
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-  int c = warp;
-  uint4 next_a = zero, next_b = zero;  // the next chunk's bytes, loaded one step ahead
-  if (c < chunks) {
-    if (va) next_a = load_stream16(pa + (int64_t)c * (kChunk / 2));
-    if (vb) next_b = load_stream16(pb + (int64_t)c * (kChunk / 2));
+  uint4 ring_a[kAhead], ring_b[kAhead];
+#pragma unroll
+  for (int i = 0; i < kAhead; ++i) {
+    const int c = warp + i * kGemvWarps;
+    ring_a[i] = (c < chunks && va) ? load_stream16(pa + (int64_t)c * (kChunk / 2)) : zero;
+    ring_b[i] = (c < chunks && vb) ? load_stream16(pb + (int64_t)c * (kChunk / 2)) : zero;
   }
-  for (; c < chunks; c += kGemvWarps) {
-    const uint4 cur_a = next_a, cur_b = next_b;
-    const int nc = c + kGemvWarps;
-    if (nc < chunks) {
-      if (va) next_a = load_stream16(pa + (int64_t)nc * (kChunk / 2));
-      if (vb) next_b = load_stream16(pb + (int64_t)nc * (kChunk / 2));
-    }
-    const int64_t k0 = (int64_t)c * kChunk + t * 32;
-    const float sa = va ? block_scale(w, (ra * K + k0) >> w.bs_log2) : 0.f;
-    const float sb = vb ? block_scale(w, (rb * K + k0) >> w.bs_log2) : 0.f;
-    uint32_t xw[MT][16];  // x[mt * 8 + g][k0 .. k0 + 31] as 16 words of two values
+  for (int c0 = warp; c0 < chunks; c0 += kAhead * kGemvWarps) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const int m = mt * 8 + g;
-      if (m < a.M) {
-        const uint4* px = reinterpret_cast<const uint4*>(x + m * a.x_stride + k0);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const uint4 v = __ldg(px + q);
-          xw[mt][4 * q] = v.x; xw[mt][4 * q + 1] = v.y;
-          xw[mt][4 * q + 2] = v.z; xw[mt][4 * q + 3] = v.w;
-        }
-      } else {
-#pragma unroll
-        for (int q = 0; q < 16; ++q) xw[mt][q] = 0u;
+    for (int i = 0; i < kAhead; ++i) {
+      const int c = c0 + i * kGemvWarps;
+      if (c >= chunks) break;
+      const uint4 cur_a = ring_a[i], cur_b = ring_b[i];
+      const int nc = c + kAhead * kGemvWarps;
+      if (nc < chunks) {
+        if (va) ring_a[i] = load_stream16(pa + (int64_t)nc * (kChunk / 2));
+        if (vb) ring_b[i] = load_stream16(pb + (int64_t)nc * (kChunk / 2));
       }
-    }
-    const uint32_t wa[4] = {cur_a.x, cur_a.y, cur_a.z, cur_a.w};
-    const uint32_t wb[4] = {cur_b.x, cur_b.y, cur_b.z, cur_b.w};
-#pragma unroll
-    for (int s = 0; s < 8; ++s) {
-      const int shift = 16 * (s & 1);  // bytes 2s and 2s + 1 of the 16
-      const uint32_t a_lo = (wa[s >> 1] >> shift) & 0xFFu, a_hi = (wa[s >> 1] >> (shift + 8)) & 0xFFu;
-      const uint32_t b_lo = (wb[s >> 1] >> shift) & 0xFFu, b_hi = (wb[s >> 1] >> (shift + 8)) & 0xFFu;
-      const uint32_t frag[4] = {dequant_pair<T>(a_lo, sa, lut), dequant_pair<T>(b_lo, sb, lut),
-                                dequant_pair<T>(a_hi, sa, lut), dequant_pair<T>(b_hi, sb, lut)};
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) mma_16816<T>(acc[mt], frag, xw[mt][2 * s], xw[mt][2 * s + 1]);
+      gemv_chunk<T, MT>(w, a, x, lut, cur_a, cur_b, (int64_t)c * kChunk + t * 32, ra, rb, va, vb,
+                        g, acc);
     }
   }
   // acc[mt][0], [1]: weight row g, x rows mt*8 + 2t, + 1; acc[mt][2], [3]: weight row g + 8

@@ -1,6 +1,8 @@
 """nf4_dequantize / nf4_matmul against bitsandbytes (which quantises and dequantises NF4 on the
 CPU): dequantisation bit-exact for every backend and dtype, matmul within the dtype's
 tolerance of x @ W.T in float64, backward to x, workspace reuse, bad input."""
+import copy
+import functools
 import warnings
 
 import pytest
@@ -17,11 +19,21 @@ from tests.helpers import DTYPES, RTOL, backends, gpu_backends, rel_err  # noqa:
 
 
 def quantize(shape, nested, blocksize=64, seed=0, device="cpu", scale=0.05):
+    """A random weight quantised by bitsandbytes on the CPU (its CUDA library need not load),
+    then moved to `device`."""
+    w, packed, state = _quantize_cpu(tuple(shape), nested, blocksize, seed, scale)
+    state = copy.deepcopy(state)  # tests may change its dtype; keep the cached one intact
+    if device != "cpu":
+        state.to(device)  # in place (bitsandbytes' QuantState.to returns None)
+    return w.clone(), packed.to(device, copy=True), state
+
+
+@functools.lru_cache(maxsize=32)
+def _quantize_cpu(shape, nested, blocksize, seed, scale):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(*shape, generator=g) * scale
     w.view(-1)[:3] = torch.tensor([0.5, -0.7, 0.0])[: w.numel()]  # a block with a larger range
-    packed, state = bnb_functional.quantize_4bit(w.to(device), quant_type="nf4",
-                                                 compress_statistics=nested,
+    packed, state = bnb_functional.quantize_4bit(w, quant_type="nf4", compress_statistics=nested,
                                                  blocksize=blocksize)
     return w, packed, state
 
@@ -314,20 +326,31 @@ def bnb_cuda_dequantize(packed, state, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", gpu_backends("nf4_dequantize"))
-@pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (37, 64), (300, 129),
-                                   (1000, 4097), (3, 5)])
 @pytest.mark.parametrize("nested", [True, False])
-def test_dequantize_gpu_bit_exact(backend, shape, nested):
-    w, packed_cpu, state_cpu = quantize(shape, nested)
-    _, packed, state = quantize(shape, nested, device="cuda")
-    assert torch.equal(packed.cpu(), packed_cpu)  # same quantisation on both devices
+def test_dequantize_gpu_bit_exact(backend, nested):
+    for shape in [(1024, 4096), (37, 64), (300, 129), (1000, 4097), (3, 5)]:
+        _, packed_cpu, state_cpu = quantize(shape, nested)
+        _, packed, state = quantize(shape, nested, device="cuda")
+        for dtype in DTYPES:
+            out = nf4_dequantize(packed, state, dtype=dtype, backend=backend)
+            ref = bnb_generic(packed_cpu, state_cpu, dtype)
+            assert torch.equal(out.cpu(), ref), (shape, dtype,
+                                                 (out.cpu().float() - ref.float()).abs().max())
+            theirs = bnb_cuda_dequantize(packed, state, dtype)
+            if theirs is not None:
+                assert torch.equal(out, theirs), (shape, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("nf4_dequantize"))
+def test_dequantize_gpu_large_against_reference(backend):
+    _, packed, state = quantize((14336, 4096), True, device="cuda")
     for dtype in DTYPES:
-        out = nf4_dequantize(packed, state, dtype=dtype, backend=backend)
-        ref = bnb_generic(packed_cpu, state_cpu, dtype)
-        assert torch.equal(out.cpu(), ref), (dtype, (out.cpu().float() - ref.float()).abs().max())
+        ref = nf4_dequantize(packed, state, dtype=dtype, backend="torch")
+        assert torch.equal(nf4_dequantize(packed, state, dtype=dtype, backend=backend), ref)
         theirs = bnb_cuda_dequantize(packed, state, dtype)
         if theirs is not None:
-            assert torch.equal(out, theirs)
+            assert torch.equal(ref, theirs), dtype
 
 
 @pytest.mark.gpu
@@ -350,18 +373,26 @@ def test_dequantize_gpu_blocksizes_and_misaligned_out(backend):
     shifted[1:] = flat
     assert torch.equal(nf4_dequantize(shifted[1:], state, dtype=torch.float16, backend=backend),
                        ref)
+    # and the fused matmul with that packed weight and a misaligned x
+    x = torch.randn(3 * 4096 + 1, dtype=torch.float16, device="cuda")[1:].view(3, 4096)
+    y = nf4_matmul(x, shifted[1:], state, backend=backend)
+    want = x.double() @ ref.double().t()
+    assert rel_err(y, want) < RTOL[torch.float16]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", gpu_backends("nf4_matmul"))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 9, 16, 17, 300])
-def test_matmul_gpu(backend, dtype, rows):
-    for w_shape in ((14336 // 4, 4096), (4096 // 4, 14336 // 4), (200, 384), (100, 129)):
-        check_matmul(backend, (rows, w_shape[1]), w_shape, dtype, nested=True,
-                     with_bias=rows % 2 == 1, device="cuda", seed=rows)
-    check_matmul(backend, (rows, 1024), (512, 1024), dtype, nested=False, with_bias=True,
-                 device="cuda", seed=7)
+def test_matmul_gpu(backend, dtype):
+    shapes = ((14336 // 4, 4096), (4096 // 4, 14336 // 2), (200, 384), (100, 129))
+    for rows in (1, 2, 3, 8, 9, 16, 17, 300):
+        for w_shape in shapes:
+            check_matmul(backend, (rows, w_shape[1]), w_shape, dtype, nested=True,
+                         with_bias=rows % 2 == 1, device="cuda")
+        check_matmul(backend, (rows, 1024), (512, 1024), dtype, nested=False, with_bias=True,
+                     device="cuda", seed=7)
+    check_matmul(backend, (2, 3, 4096), (1000, 4096), dtype, nested=True, with_bias=True,
+                 device="cuda", seed=8)  # 3-D x, N not a multiple of 16
 
 
 @pytest.mark.gpu
