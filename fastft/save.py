@@ -496,7 +496,9 @@ def _bnb_4bit_targets(model, plan: list[PlannedTensor]) -> tuple[set[str], dict]
     for t in plan:
         if not t.is_linear_weight:
             continue
-        if any(t.module_path == s or t.module_path.endswith("." + s) or t.module_path.split(".")[-1] == s for s in skip):
+        parts = t.module_path.split(".")
+        # a skip entry names a module ("lm_head") or a path prefix ("model.vision_tower")
+        if any(s in parts or t.module_path == s or t.module_path.startswith(s + ".") for s in skip):
             continue
         if t.shape[1] % 64 != 0:
             continue
