@@ -381,3 +381,14 @@ def test_gemma3_vision_language_model_exports_its_text_model(tmp_path):
     assert field(r, "general.architecture") == "gemma3" and field(r, "gemma3.block_count") == 2
     loaded = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(f), gguf_file=os.path.basename(f), dtype=torch.float32)
     assert rel_err(logits(loaded, ids), ref) <= 1e-2
+
+
+def test_gguf_from_a_4bit_qlora_model(tmp_path):
+    base, tok = tiny_model("qwen3", tmp_path, load_in_4bit=True)
+    pm = add_lora(base)
+    ids = sample_ids(len(tok))
+    pm.train()  # bitsandbytes' exact dequantisation path (its CPU eval path keeps absmax in bf16)
+    ref = logits(pm, ids)
+    f = save.save_pretrained_gguf(pm, str(tmp_path / "g"), tok, quantization_method="q8_0")[0]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(f), gguf_file=os.path.basename(f), dtype=torch.float32)
+    assert rel_err(logits(loaded, ids), ref) <= 3e-2
