@@ -132,6 +132,7 @@ void glu_forward(const GluFwdArgs& args, cudaStream_t s) {
   if (a.g_stride == a.n && a.u_stride == a.n && a.o_stride == a.n) {  // contiguous: one row
     a.n *= a.rows;
     a.rows = 1;
+    a.g_stride = a.u_stride = a.o_stride = a.n;
   }
   dispatch_float(a.dtype, [&](auto t) {
     using T = decltype(t);
@@ -154,6 +155,7 @@ void glu_backward(const GluBwdArgs& args, cudaStream_t s) {
       a.du_stride == a.n) {  // contiguous: one row
     a.n *= a.rows;
     a.rows = 1;
+    a.dh_stride = a.g_stride = a.u_stride = a.dg_stride = a.du_stride = a.n;
   }
   dispatch_float(a.dtype, [&](auto t) {
     using T = decltype(t);

@@ -42,6 +42,8 @@ CASES = [
     (256, 256, 2, 1, 1, "random", "proj"),
     (128, 64, 3, 1, 1, "random", "no_inplace"),
     (80, 80, 2, 2, 1, "packed", "plain"),      # plain tensors, no autograd
+    (64, 64, 4, 2, 1, "packed", "fused_qkv"),  # q, k sliced from one qkv projection
+    (96, 32, 3, 1, 2, "random", "fused_qkv"),
 ]
 
 
@@ -82,7 +84,12 @@ def run_case(backend, case, dtype, device, batch=2, seq=7):
         return
     base_q = qp.clone().requires_grad_()
     base_k = kp.clone().requires_grad_()
-    if kind == "leaf":
+    if kind == "fused_qkv":  # [b, s, (hq + 2 hk) d] -> q, k, v slices (Phi-3 style)
+        v_part = torch.zeros(batch, seq, hk * head_dim, device=device, dtype=dtype)
+        qkv = torch.cat([base_q, base_k, v_part], -1)
+        q = as_heads(qkv[..., : hq * head_dim], hq, layout)
+        k = as_heads(qkv[..., hq * head_dim: (hq + hk) * head_dim], hk, layout)
+    elif kind == "leaf":
         q = as_heads(base_q.detach(), hq, layout).requires_grad_()
         k = as_heads(base_k.detach(), hk, layout).requires_grad_()
         before_q, before_k = q.detach().clone(), k.detach().clone()
@@ -91,7 +98,7 @@ def run_case(backend, case, dtype, device, batch=2, seq=7):
         k = as_heads(base_k * 1, hk, layout)
     out_q, out_k = rope(q, k, cos, sin, layout, inplace=kind != "no_inplace", backend=backend)
     assert out_q.shape == q.shape and out_k.shape == k.shape and out_q.dtype == dtype
-    if kind == "proj":  # rotated in place, into the projection's storage
+    if kind in ("proj", "fused_qkv"):  # rotated in place, into the projection's storage
         assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr()
         assert torch.equal(q.detach(), out_q.detach())
     else:
@@ -227,6 +234,21 @@ def test_module_and_function_are_both_the_op():
     assert rel_err(q, ref[0]) < 1e-6
 
 
+def test_overlapping_slices_of_one_projection_are_not_overwritten():
+    g = torch.Generator().manual_seed(5)
+    proj = torch.randn(2, 7, 3 * 16, generator=g)
+    before = proj.clone()
+    q = proj[..., : 2 * 16].view(2, 7, 2, 16)  # heads 0-1
+    k = proj[..., 16: 2 * 16].view(2, 7, 1, 16)  # head 1 again: shares memory with q
+    cos, sin = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 16, generator=g)
+    ref = reference_rope(q.clone(), k.clone(), cos, sin, 2)
+    out = rope(q, k, cos, sin, 2, backend="torch")
+    assert torch.equal(proj, before)
+    assert rel_err(out[0], ref[0]) < 1e-6 and rel_err(out[1], ref[1]) < 1e-6
+    assert R._disjoint_tokens(proj[..., :16].view(2, 7, 1, 16), proj[..., 32:].view(2, 7, 1, 16))
+    assert not R._disjoint_tokens(q, k)
+
+
 def test_bad_inputs_raise_clear_errors():
     q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 1, 5, 8)
     cos = torch.randn(1, 5, 8)
@@ -290,6 +312,7 @@ GPU_CASES = [
     (256, 256, 8, 4, 1, "shared2d", "leaf"),   # Gemma head_dim 256
     (128, 64, 12, 4, 2, "random", "no_inplace"),
     (96, 96, 6, 2, 1, "packed", "plain"),
+    (128, 128, 32, 8, 1, "packed", "fused_qkv"),
 ]
 
 

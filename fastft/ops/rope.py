@@ -15,11 +15,13 @@ style): the dims past rot_dim pass through unchanged.
 In place: by default the rotated values are written into q's and k's storage (they are the
 projection outputs, which nothing else needs for backward) and the returned tensors alias it;
 q and k are consumed. Their version counters are bumped, so an autograd node that saved them
-fails loudly instead of computing with rotated values. A leaf that requires grad, tensors whose
-elements overlap (expanded) or q and k sharing memory are never overwritten: those get new
-outputs, as does every call with inplace=False. Backward applies the transposed rotation (the
-rotation by -theta when, as in every rotary module, cos/sin repeat their two halves) to the
-incoming gradients, in place when they own their memory.
+fails loudly instead of computing with rotated values. A leaf that requires grad (or a view
+of one), tensors whose elements overlap (expanded) or q and k sharing elements are never
+overwritten: those get new outputs, as does every call with inplace=False and every call
+traced by torch.compile (functionalization would copy back anyway). q and k sliced from one
+fused qkv projection share no element and are rotated in place. Backward applies the transposed
+rotation (the rotation by -theta when, as in every rotary module, cos/sin repeat their two
+halves) to the incoming gradients, in place when they own their memory.
 
 Math is float32 (float64 stays float64 in the reference); cos/sin are used in q's dtype, as
 the rotary modules return them.
@@ -162,6 +164,24 @@ def _may_overlap(a, b):
     return alo < bhi and blo < ahi
 
 
+def _disjoint_tokens(q4, k4):
+    """True when [b, s, h, d] views q4 and k4 share no element although their address ranges
+    interleave: q and k sliced out of one fused qkv projection, token rows `ss` apart."""
+    sb, ss = q4.stride(0), q4.stride(1)
+    if k4.stride()[:2] != (sb, ss) or ss <= 0 or (q4.shape[0] > 1 and sb % ss):
+        return False
+    size = q4.element_size()
+    shift_bytes = k4.data_ptr() - q4.data_ptr()
+    if shift_bytes % size:
+        return False
+
+    def width(t):  # elements one token of t spans
+        return 1 + sum((n - 1) * st for n, st in zip(t.shape[2:], t.stride()[2:]))
+
+    shift = (shift_bytes // size) % ss  # where k's token starts within q's token rows
+    return width(q4) <= shift <= ss - width(k4)
+
+
 def _overwritable(t):
     """May the kernel write into t's memory? Never into (a view of) a leaf requiring grad."""
     base = t if t._base is None else t._base
@@ -282,7 +302,8 @@ def rope(q, k, cos, sin, unsqueeze_dim=1, *, inplace=True, backend=None):
     if cos.dtype != q.dtype:
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
-    apart = inplace and not torch.compiler.is_compiling() and not _may_overlap(q, k)
+    apart = inplace and not torch.compiler.is_compiling() and (
+        not _may_overlap(q, k) or _disjoint_tokens(_bshd(q, unsqueeze_dim), _bshd(k, unsqueeze_dim)))
     q_inplace = apart and _overwritable(q)
     k_inplace = apart and _overwritable(k)
     return _RopeFunction.apply(q, k, cos, sin, unsqueeze_dim, q_inplace, k_inplace, chosen)
