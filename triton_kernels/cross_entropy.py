@@ -45,7 +45,9 @@ def _cross_entropy_kernel(X, Labels, Loss, G, RowWeight, x_stride, g_stride, w_s
         for start in range(0, V, BLOCK):
             c = start + cols
             mask = c < V
-            x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+            # keep the row in L2 for pass 2
+            x = tl.load(x_row + c, mask=mask, other=0.0, eviction_policy="evict_last")
+            x = x.to(tl.float32)
             z = tl.where(mask, _transform(x, softcap, scale, HAS_SCALE, HAS_SOFTCAP),
                          float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=0))
@@ -73,8 +75,8 @@ def _cross_entropy_kernel(X, Labels, Loss, G, RowWeight, x_stride, g_stride, w_s
         for start in range(0, V, BLOCK):
             c = start + cols
             mask = c < V
-            x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            z = x
+            x = tl.load(x_row + c, mask=mask, other=0.0, eviction_policy="evict_first")
+            z = x.to(tl.float32)
             if HAS_SCALE:
                 z = z * scale
             if HAS_SOFTCAP:
@@ -90,7 +92,7 @@ def _cross_entropy_kernel(X, Labels, Loss, G, RowWeight, x_stride, g_stride, w_s
                 g = g * scale
             # ignored rows: w == 0 and exp() of finite values, so exact zeros
             g = tl.where(valid, g, 0.0)
-            tl.store(g_row + c, g.to(G.dtype.element_ty), mask=mask)
+            tl.store(g_row + c, g.to(G.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
 
 def block_size(vocab: int, on_gpu: bool) -> int:

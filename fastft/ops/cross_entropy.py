@@ -486,7 +486,8 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
         chunk = int(chunk_size)
         if chunk < 1:
             raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size!r}")
-    row_weight = _row_weight(y, ignore_index, reduction, num_items_in_batch, row_weight_dtype(dtype))
+    row_weight = _row_weight(y, ignore_index, reduction, num_items_in_batch,
+                             row_weight_dtype(dtype))
     with torch.autocast(h.device.type, enabled=False):
         out = _FusedLinearCrossEntropyFunction.apply(h, w, b, y, row_weight, reduction,
                                                      int(ignore_index), softcap_f, scale_f,
