@@ -1,0 +1,324 @@
+"""Offloaded gradient checkpointing (use_gradient_checkpointing="unsloth" / "offload").
+
+Like plain checkpointing, each decoder layer runs its forward without keeping activations and
+is recomputed during backward. In addition the layer's input (the only tensor checkpointing
+keeps per layer) does not stay on the GPU: it is copied to pinned CPU memory on a side stream
+while the next layers compute, and copied back, again on the side stream, one layer ahead of
+its recomputation (layer i's backward starts layer i-1's copy), so both copies overlap compute.
+
+Installed through transformers' own hook: decoder layers are GradientCheckpointingLayer's and
+call `self._gradient_checkpointing_func(forward, *args)`; `enable_offloaded_checkpointing`
+sets that function (via the model's `_set_gradient_checkpointing`) and keeps it in place when a
+trainer later calls `gradient_checkpointing_enable()` again (HF Trainer / TRL do when
+`gradient_checkpointing=True`). torch.utils.checkpoint is not touched.
+
+On the CPU the "offload" is a plain copy, but the code path is the same.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+__all__ = ["enable_offloaded_checkpointing", "disable_offloaded_checkpointing", "offloaded_checkpoint"]
+
+# A leaf that requires grad, passed to every checkpointed call so that the call is recorded by
+# autograd even when no input requires grad (frozen embeddings + LoRA): the LoRA parameters
+# inside the layer are not inputs of the Function and would otherwise get no gradient.
+_ANCHOR = torch.empty(0, requires_grad=True)
+
+
+class _Slot:
+    """One layer input's trip to the host and back."""
+
+    __slots__ = ("host", "device_copy", "ready", "stream", "requires_grad", "prev", "__weakref__")
+
+    def __init__(self):
+        self.host = None         # CPU copy (pinned on CUDA)
+        self.device_copy = None  # the tensor brought back (prefetched or fetched on demand)
+        self.ready = None        # CUDA event: device_copy is complete
+        self.stream = None       # the side stream used for the copies
+        self.requires_grad = False
+        self.prev = None         # weakref to the slot of the layer before (prefetched next)
+
+
+class _Offloader:
+    """Per-model state: the side stream per device and the chain of slots of the current
+    forward pass (so that backward of layer i can prefetch layer i-1)."""
+
+    def __init__(self):
+        self.streams = {}
+        self.last = None  # weakref to the most recent slot
+
+    def stream_for(self, device):
+        if device.type != "cuda":
+            return None
+        s = self.streams.get(device)
+        if s is None:
+            s = self.streams[device] = torch.cuda.Stream(device)
+        return s
+
+    def offload(self, x: torch.Tensor) -> _Slot:
+        slot = _Slot()
+        slot.requires_grad = x.requires_grad
+        last = self.last() if self.last is not None else None
+        # link to the previous layer of the same pass (a consumed slot means a new pass began)
+        slot.prev = weakref.ref(last) if last is not None and last.host is not None else None
+        self.last = weakref.ref(slot)
+        stream = self.stream_for(x.device)
+        slot.stream = stream
+        if stream is None:
+            slot.host = x.detach().clone()
+            return slot
+        main = torch.cuda.current_stream(x.device)
+        stream.wait_stream(main)  # x is complete
+        with torch.cuda.stream(stream):
+            slot.host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
+            slot.host.copy_(x.detach(), non_blocking=True)
+        x.record_stream(stream)  # x's memory is not reused until the copy has read it
+        return slot
+
+    @staticmethod
+    def prefetch(slot: _Slot, device) -> None:
+        """Start copying slot's input back to the device (no-op when done or started)."""
+        if slot is None or slot.device_copy is not None or slot.host is None:
+            return
+        if slot.stream is None:
+            slot.device_copy = slot.host.to(device, copy=True)
+            return
+        main = torch.cuda.current_stream(device)
+        # allocated on the main stream, so its memory belongs there; the side stream waits for
+        # the main stream to reach this point before writing into it
+        buf = torch.empty(slot.host.shape, dtype=slot.host.dtype, device=device)
+        slot.stream.wait_stream(main)
+        with torch.cuda.stream(slot.stream):
+            buf.copy_(slot.host, non_blocking=True)
+            slot.ready = torch.cuda.Event()
+            slot.ready.record(slot.stream)
+        slot.device_copy = buf
+
+    def restore(self, slot: _Slot, device) -> torch.Tensor:
+        """Slot's input back on the device, ready for use on the current stream; also starts the
+        previous layer's prefetch so it overlaps this layer's recomputation."""
+        if slot.host is None:
+            raise RuntimeError(
+                "offloaded checkpointing: this layer's saved input was already used by an earlier "
+                "backward; backward through the same graph twice (retain_graph=True) is not "
+                "supported with use_gradient_checkpointing='unsloth'/'offload' (use True instead)")
+        self.prefetch(slot, device)
+        prev = slot.prev() if slot.prev is not None else None
+        if prev is not None:
+            self.prefetch(prev, device)
+        if slot.ready is not None:
+            torch.cuda.current_stream(device).wait_event(slot.ready)
+        x = slot.device_copy
+        slot.host = slot.device_copy = slot.ready = None
+        slot.prev = None
+        return x
+
+
+class OffloadedCheckpoint(torch.autograd.Function):
+    """Checkpoint one call run_function(x, *rest) with x offloaded to the host in between.
+
+    Only `x` (the first argument, the layer's hidden states) is offloaded; other tensor
+    arguments stay where they are (they are shared by all layers: masks, rotary cos/sin)."""
+
+    @staticmethod
+    def forward(ctx, run_function, offloader, preserve_rng, anchor, x, *rest):
+        ctx.run_function = run_function
+        ctx.preserve_rng = preserve_rng
+        ctx.offloader = offloader
+        device = x.device
+        ctx.device = device
+        ctx.autocast = _autocast_state(device)
+        if preserve_rng:
+            ctx.cpu_rng = torch.get_rng_state()
+            ctx.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        with torch.no_grad():
+            out = run_function(x, *rest)
+        ctx.slot = offloader.offload(x)
+        tensor_rest = [t for t in rest if isinstance(t, torch.Tensor)]
+        ctx.rest_is_tensor = [isinstance(t, torch.Tensor) for t in rest]
+        ctx.rest_plain = [None if isinstance(t, torch.Tensor) else t for t in rest]
+        ctx.save_for_backward(*tensor_rest)
+        outs, ctx.out_spec = _flatten(out)
+        ctx.n_out = len(outs)
+        return tuple(o.detach() if o.requires_grad else o for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        device = ctx.device
+        x = ctx.offloader.restore(ctx.slot, device)
+        x = x.detach().requires_grad_(ctx.slot.requires_grad)
+        it = iter(ctx.saved_tensors)
+        rest = []
+        for is_tensor, plain in zip(ctx.rest_is_tensor, ctx.rest_plain):
+            if is_tensor:
+                t = next(it)
+                rest.append(t.detach().requires_grad_(t.requires_grad))
+            else:
+                rest.append(plain)
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=ctx.preserve_rng):
+            if ctx.preserve_rng:
+                torch.set_rng_state(ctx.cpu_rng)
+                if ctx.cuda_rng is not None:
+                    torch.cuda.set_rng_state(ctx.cuda_rng, device)
+            with torch.enable_grad(), _restore_autocast(device, ctx.autocast):
+                out = ctx.run_function(x, *rest)
+        outs, _ = _flatten(out)
+        pairs = [(o, g) for o, g in zip(outs, grads)
+                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        ctx.run_function = None
+        rest_grads = [t.grad if isinstance(t, torch.Tensor) else None for t in rest]
+        return (None, None, None, None, x.grad, *rest_grads)
+
+
+def _flatten(out):
+    """(tensors, spec): a layer returns a tensor or a tuple/list of tensors and other things."""
+    if isinstance(out, torch.Tensor):
+        return [out], None
+    if isinstance(out, (tuple, list)):
+        tensors = [o for o in out if isinstance(o, torch.Tensor)]
+        spec = (type(out), [o if not isinstance(o, torch.Tensor) else _TENSOR for o in out])
+        return tensors, spec
+    raise TypeError(f"offloaded checkpointing: a checkpointed layer returned {type(out).__name__}; "
+                    "expected a tensor or a tuple of tensors")
+
+
+_TENSOR = object()
+
+
+def _unflatten(tensors, spec):
+    if spec is None:
+        return tensors[0]
+    kind, items = spec
+    it = iter(tensors)
+    return kind(next(it) if o is _TENSOR else o for o in items)
+
+
+def _autocast_state(device):
+    kinds = {"cpu", device.type} if device.type in ("cuda", "cpu") else {"cpu"}
+    return {k: (torch.is_autocast_enabled(k), torch.get_autocast_dtype(k)) for k in kinds}
+
+
+class _restore_autocast:
+    def __init__(self, device, state):
+        self.ctxs = [torch.autocast(k, dtype=dtype, enabled=enabled) for k, (enabled, dtype) in state.items()]
+
+    def __enter__(self):
+        for c in self.ctxs:
+            c.__enter__()
+
+    def __exit__(self, *exc):
+        for c in reversed(self.ctxs):
+            c.__exit__(*exc)
+
+
+class _CheckpointFunction:
+    """The `_gradient_checkpointing_func` we install: one offloader per model."""
+
+    def __init__(self):
+        self.offloader = _Offloader()
+
+    def __call__(self, function, *args, **kwargs):
+        if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+            raise TypeError("offloaded checkpointing expects the layer's hidden states as the "
+                            "first positional argument")
+        x, rest = args[0], args[1:]
+        holder = {}
+
+        def run(*a):
+            out = function(*a)
+            tensors, spec = _flatten(out)
+            holder["spec"] = spec
+            return out
+
+        outs = OffloadedCheckpoint.apply(run, self.offloader, kwargs.get("preserve_rng_state", True),
+                                         _ANCHOR, x, *rest)
+        return _unflatten(list(outs), holder["spec"])
+
+
+def offloaded_checkpoint(function, *args, **kwargs):
+    """One-off form of the installed function: offloaded_checkpoint(fn, x, *rest) = fn(x, *rest)
+    with x offloaded until backward (prefetch needs the per-model function, so none here)."""
+    return _CheckpointFunction()(function, *args, **kwargs)
+
+
+def _is_offloading(func) -> bool:
+    return isinstance(func, _CheckpointFunction)
+
+
+def enable_offloaded_checkpointing(model) -> int:
+    """Turn on offloaded gradient checkpointing for every GradientCheckpointingLayer of `model`
+    (a transformers PreTrainedModel, or a peft model wrapping one). Returns the number of
+    layers that will checkpoint. Later `gradient_checkpointing_enable()` calls (trainers make
+    them) keep the offloading function."""
+    target = _pretrained(model)
+    if not getattr(target, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(target).__name__} does not support gradient checkpointing, so "
+                         "use_gradient_checkpointing='unsloth' cannot apply; use False")
+    func = _CheckpointFunction()
+    original = target.__dict__.get("_fastft_original_set_gc")
+    if original is None:
+        original = target._set_gradient_checkpointing
+
+        def _set_gradient_checkpointing(enable: bool = True, gradient_checkpointing_func=None,
+                                        every_n_layers: int = 1):
+            # keep offloading when a trainer re-enables checkpointing with torch's checkpoint
+            chosen = target.__dict__["_fastft_checkpoint_func"] if enable else gradient_checkpointing_func
+            kwargs = {"enable": enable, "every_n_layers": every_n_layers}
+            if chosen is not None:
+                kwargs["gradient_checkpointing_func"] = chosen
+            try:
+                return original(**kwargs)
+            except TypeError:  # older signature without every_n_layers
+                kwargs.pop("every_n_layers")
+                return original(**kwargs)
+
+        target.__dict__["_fastft_original_set_gc"] = original
+        target.__dict__["_set_gradient_checkpointing"] = _set_gradient_checkpointing
+    target.__dict__["_fastft_checkpoint_func"] = func
+    enable = getattr(target, "gradient_checkpointing_enable")
+    kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # 5.x renamed it activation_checkpointing_enable
+        enable(**kwargs)
+    if hasattr(target, "config"):
+        target.config.use_cache = False
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return sum(1 for m in target.modules() if isinstance(m, GradientCheckpointingLayer)
+               and getattr(m, "gradient_checkpointing", False)
+               and _is_offloading(getattr(m, "_gradient_checkpointing_func", None)))
+
+
+def disable_offloaded_checkpointing(model) -> None:
+    """Back to transformers' own behaviour (checkpointing off)."""
+    target = _pretrained(model)
+    original = target.__dict__.pop("_fastft_original_set_gc", None)
+    target.__dict__.pop("_set_gradient_checkpointing", None)
+    target.__dict__.pop("_fastft_checkpoint_func", None)
+    if original is not None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            target.gradient_checkpointing_disable()
+
+
+def _pretrained(model):
+    """The transformers PreTrainedModel inside a peft wrapper (or the model itself)."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return model
+    get_base = getattr(model, "get_base_model", None)  # peft's PeftModel
+    inner = get_base() if callable(get_base) else getattr(model, "model", None)  # LoraModel: .model
+    if isinstance(inner, PreTrainedModel):
+        return inner
+    raise TypeError(f"expected a transformers model or a peft model wrapping one, got {type(model).__name__}")
