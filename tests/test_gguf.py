@@ -392,3 +392,28 @@ def test_gguf_from_a_4bit_qlora_model(tmp_path):
     f = save.save_pretrained_gguf(pm, str(tmp_path / "g"), tok, quantization_method="q8_0")[0]
     loaded = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(f), gguf_file=os.path.basename(f), dtype=torch.float32)
     assert rel_err(logits(loaded, ids), ref) <= 3e-2
+
+
+def test_pre_tokenizer_names_for_known_split_regexes():
+    from fastft.gguf_export.tokenizer import _pre_tokenizer_name
+
+    def tokenizer_json(pattern):
+        return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}}
+
+    upper, lower = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+    contractions = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+    tail = r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    tekken = rf"[^\r\n\p{{L}}\p{{N}}]?{upper}*{lower}+|[^\r\n\p{{L}}\p{{N}}]?{upper}+{lower}*|\p{{N}}" + tail
+    gpt4o = (rf"[^\r\n\p{{L}}\p{{N}}]?{upper}*{lower}+{contractions}?|[^\r\n\p{{L}}\p{{N}}]?{upper}+{lower}*{contractions}?"
+             r"|\p{N}{1,3}" + tail)
+    llama3 = contractions + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    qwen2 = contractions + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    assert _pre_tokenizer_name(tokenizer_json(tekken)) == "tekken"
+    assert _pre_tokenizer_name(tokenizer_json(gpt4o)) == "gpt-4o"
+    assert _pre_tokenizer_name(tokenizer_json(llama3)) == "llama-bpe"
+    assert _pre_tokenizer_name(tokenizer_json(qwen2)) == "qwen2"
+    assert _pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}) == "gpt-2"
+    with pytest.warns(UserWarning, match="split regex"):
+        assert _pre_tokenizer_name(tokenizer_json(r"\w+|\s+")) == "default"

@@ -53,10 +53,20 @@ def _pre_tokenizer_name(tj: dict) -> str:
     patterns = re.findall(r'"Regex": "((?:[^"\\]|\\.)*)"', text)
     pattern = json.loads('"' + patterns[0] + '"') if patterns else ""
     if pattern:
+        cased_words = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]"  # splits on case changes (GPT-4o / Tekken)
+        if cased_words in pattern:
+            return "gpt-4o" if _CONTRACTIONS[:-1] in pattern and _LLAMA3_DIGITS in pattern else "tekken"
         if _CONTRACTIONS in pattern and _LLAMA3_DIGITS in pattern:
             return "llama-bpe"
         if _CONTRACTIONS in pattern and r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|" in pattern:
             return "qwen2"
+        import warnings
+
+        warnings.warn(
+            f"fastft GGUF export: the tokenizer's split regex is not one fastft knows ({pattern[:80]}...); "
+            "llama.cpp will split text with its default regex, so tokenization may differ slightly.",
+            stacklevel=3,
+        )
         return "default"
     if '"ByteLevel"' in text and '"use_regex": true' in text:
         return "gpt-2"
