@@ -91,6 +91,8 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   TORCH_CHECK(M <= 16, "fastft nf4: the fused kernel takes at most 16 rows of x, got ", M,
               " (larger inputs: dequantise and use a matmul)");
   TORCH_CHECK(K % 128 == 0, "fastft nf4: the fused kernel needs in_features % 128 == 0, got ", K);
+  TORCH_CHECK(blocksize >= 64, "fastft nf4: the fused kernel needs blocksize >= 64, got ",
+              blocksize, " (use nf4_dequantize + matmul)");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "fastft nf4: the fused kernel takes bfloat16 or float16 x, got ", x.scalar_type());
   TORCH_CHECK(y.scalar_type() == x.scalar_type(), "fastft nf4: y must have x's dtype");

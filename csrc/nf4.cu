@@ -29,19 +29,6 @@ __device__ __forceinline__ void load_levels(const float* code, float* lut) {
   __syncthreads();
 }
 
-// Read-once data (the packed weight): don't let it evict what L1 holds (x, scales).
-__device__ __forceinline__ uint4 load_stream16(const void* p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-#else
-  return __ldg(static_cast<const uint4*>(p));
-#endif
-}
-
 // ------------------------------------------------------------------ dequantisation
 
 constexpr int kThreads = 256;
@@ -106,13 +93,23 @@ __global__ void __launch_bounds__(kThreads) nf4_dequant_scalar(const NF4Weight w
 
 // ------------------------------------------------------------------ fused small-M matmul
 //
-// One block: 16 weight rows (n) x all of K, kGemvWarps warps splitting K into 128-value
-// chunks; partial sums meet in shared memory (deterministic). Per chunk a warp issues
-// mma.m16n8k16 steps with A = the dequantised 16x16 weight tile and B = x^T (8 rows of x per
-// m-tile). Thread (g = lane/4, t = lane%4) loads 16 packed bytes (32 values, k0 = chunk*128 +
-// 32t) of rows g and g+8; for k-step s it feeds bytes 2s (fragment slots 2t, 2t+1) and 2s+1
-// (slots 2t+8, 2t+9), i.e. the k order inside a step is permuted — harmless for a dot
-// product as long as x's fragment uses the same order: x[m][k0 + 4s .. k0 + 4s + 3].
+// One block: 16 weight rows (n) x all of K; kGemvWarps warps split K into 128-value chunks and
+// their partial sums meet in shared memory (deterministic). Per chunk a warp runs
+// mma.m16n8k16 steps with A = a 16x16 tile of NF4 levels (not yet scaled) and B = x^T (8 rows
+// of x per m-tile); each 64-value half of a chunk lies inside one quantisation block
+// (blocksize >= 64), so its scale is applied to the half's fp32 partial sums after the mma:
+// no per-value multiply. Levels come from a shared table indexed by a whole packed byte
+// (two levels as one bf16x2 / half2 word), stored once per lane so lookups never conflict.
+//
+// Thread (g = lane/4, t = lane%4) loads 8 packed bytes of each half (values kh .. kh + 15,
+// kh = chunk*128 + 64*half + 16t) of rows g and g+8. For k-step s (0..3) of a half it feeds
+// byte 2s (fragment slots 2t, 2t+1) and byte 2s+1 (slots 2t+8, 2t+9): the k order inside a
+// step is permuted, harmless for a dot product since x's fragment uses the same order:
+// x[m][kh + 4s .. kh + 4s + 3].
+//
+// Numerics: weights enter the product as level (rounded to x's dtype) * fp32 scale, not as the
+// dequantised value rounded to x's dtype; within rounding of the dtype, not bit-identical to
+// nf4_dequantize + matmul.
 constexpr int kGemvWarps = 8;
 constexpr int kRowsPerBlock = 16;
 constexpr int kChunk = 128;
@@ -128,25 +125,17 @@ template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// Two dequantised values (rounded exactly as nf4_dequantize rounds them), lower k in the low half.
-template <typename T>
-__device__ __forceinline__ uint32_t dequant_pair(uint32_t byte, float scale, const float* lut) {
-  return pack2<T>(__fmul_rn(lut[byte >> 4], scale), __fmul_rn(lut[byte & 15u], scale));
-}
-
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                           uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   } else {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -156,44 +145,81 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 #endif
 }
 
-// One 128-value chunk: this thread's 16 packed bytes of rows ra and rb (k0 .. k0 + 31).
+// Read-once data (the packed weight): don't let it evict what L1 holds (x, scales).
+__device__ __forceinline__ uint2 load_stream8(const void* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint2 v;
+  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+#else
+  return __ldg(static_cast<const uint2*>(p));
+#endif
+}
+
+// This thread's packed bytes of one chunk: rows ra / rb, halves 0 / 1.
+struct ChunkBytes {
+  uint2 a[2], b[2];
+};
+
+__device__ __forceinline__ ChunkBytes load_chunk(const uint8_t* pa, const uint8_t* pb, int c,
+                                                 int chunks, bool va, bool vb) {
+  ChunkBytes r;
+  const uint2 zero = make_uint2(0u, 0u);
+  const int64_t off = (int64_t)c * (kChunk / 2);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    r.a[h] = (c < chunks && va) ? load_stream8(pa + off + 32 * h) : zero;
+    r.b[h] = (c < chunks && vb) ? load_stream8(pb + off + 32 * h) : zero;
+  }
+  return r;
+}
+
+// One 64-value half: partial sums of its 4 k-steps, then scaled into acc.
 template <typename T, int MT>
-__device__ __forceinline__ void gemv_chunk(const NF4Weight& w, const NF4GemvArgs& a, const T* x,
-                                           const float* lut, uint4 cur_a, uint4 cur_b,
-                                           int64_t k0, int64_t ra, int64_t rb, bool va, bool vb,
-                                           int g, float (&acc)[MT][4]) {
-  const int K = a.K;
-  const float sa = va ? block_scale(w, (ra * K + k0) >> w.bs_log2) : 0.f;
-  const float sb = vb ? block_scale(w, (rb * K + k0) >> w.bs_log2) : 0.f;
-  uint32_t xw[MT][16];  // x[mt * 8 + g][k0 .. k0 + 31] as 16 words of two values
+__device__ __forceinline__ void gemv_half(const NF4GemvArgs& a, const T* x,
+                                          const uint32_t* lut_lane, uint2 wa, uint2 wb,
+                                          int64_t kh, float sa, float sb, int g,
+                                          float (&acc)[MT][4]) {
+  uint32_t xw[MT][8];  // x[mt * 8 + g][kh .. kh + 15] as 8 words of two values
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     const int m = mt * 8 + g;
     if (m < a.M) {
-      const uint4* px = reinterpret_cast<const uint4*>(x + m * a.x_stride + k0);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const uint4 v = __ldg(px + q);
-        xw[mt][4 * q] = v.x; xw[mt][4 * q + 1] = v.y;
-        xw[mt][4 * q + 2] = v.z; xw[mt][4 * q + 3] = v.w;
-      }
+      const uint4* px = reinterpret_cast<const uint4*>(x + m * a.x_stride + kh);
+      const uint4 v0 = __ldg(px), v1 = __ldg(px + 1);
+      xw[mt][0] = v0.x; xw[mt][1] = v0.y; xw[mt][2] = v0.z; xw[mt][3] = v0.w;
+      xw[mt][4] = v1.x; xw[mt][5] = v1.y; xw[mt][6] = v1.z; xw[mt][7] = v1.w;
     } else {
 #pragma unroll
-      for (int q = 0; q < 16; ++q) xw[mt][q] = 0u;
+      for (int q = 0; q < 8; ++q) xw[mt][q] = 0u;
     }
   }
-  const uint32_t wa[4] = {cur_a.x, cur_a.y, cur_a.z, cur_a.w};
-  const uint32_t wb[4] = {cur_b.x, cur_b.y, cur_b.z, cur_b.w};
+  float part[MT][4];
 #pragma unroll
-  for (int s = 0; s < 8; ++s) {
-    const int shift = 16 * (s & 1);  // bytes 2s and 2s + 1 of the 16
-    const uint32_t a_lo = (wa[s >> 1] >> shift) & 0xFFu, a_hi = (wa[s >> 1] >> (shift + 8)) & 0xFFu;
-    const uint32_t b_lo = (wb[s >> 1] >> shift) & 0xFFu, b_hi = (wb[s >> 1] >> (shift + 8)) & 0xFFu;
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) part[mt][i] = 0.f;
+  const uint32_t ra_words[2] = {wa.x, wa.y}, rb_words[2] = {wb.x, wb.y};
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    const int shift = 16 * (s & 1);  // bytes 2s and 2s + 1 of the 8
+    const uint32_t a_lo = (ra_words[s >> 1] >> shift) & 0xFFu;
+    const uint32_t a_hi = (ra_words[s >> 1] >> (shift + 8)) & 0xFFu;
+    const uint32_t b_lo = (rb_words[s >> 1] >> shift) & 0xFFu;
+    const uint32_t b_hi = (rb_words[s >> 1] >> (shift + 8)) & 0xFFu;
     // A fragment: {row g, slots 2t..}, {row g+8, 2t..}, {row g, 2t+8..}, {row g+8, 2t+8..}
-    const uint32_t frag[4] = {dequant_pair<T>(a_lo, sa, lut), dequant_pair<T>(b_lo, sb, lut),
-                              dequant_pair<T>(a_hi, sa, lut), dequant_pair<T>(b_hi, sb, lut)};
+    const uint32_t frag[4] = {lut_lane[a_lo * 32], lut_lane[b_lo * 32], lut_lane[a_hi * 32],
+                              lut_lane[b_hi * 32]};
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) mma_16816<T>(acc[mt], frag, xw[mt][2 * s], xw[mt][2 * s + 1]);
+    for (int mt = 0; mt < MT; ++mt) mma_16816<T>(part[mt], frag, xw[mt][2 * s], xw[mt][2 * s + 1]);
+  }
+  // part[mt][0], [1]: weight row g (scale sa); [2], [3]: row g + 8 (scale sb)
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    acc[mt][0] += sa * part[mt][0];
+    acc[mt][1] += sa * part[mt][1];
+    acc[mt][2] += sb * part[mt][2];
+    acc[mt][3] += sb * part[mt][3];
   }
 }
 
@@ -201,19 +227,33 @@ __device__ __forceinline__ void gemv_chunk(const NF4Weight& w, const NF4GemvArgs
 template <typename T, int MT>
 __global__ void __launch_bounds__(kGemvWarps * 32) nf4_gemv_kernel(const NF4Weight w,
                                                                    const NF4GemvArgs a) {
-  __shared__ float lut[16];
+  // byte -> the two levels of its nibbles as a T pair (high nibble = lower k in the low half),
+  // one copy per lane: lut[byte * 32 + lane]
+  __shared__ uint32_t lut[256 * 32];
   __shared__ float red[kGemvWarps][MT * 8][kRowsPerBlock];
-  load_levels(w.code, lut);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int K = a.K;
   const int64_t n0 = (int64_t)blockIdx.x * kRowsPerBlock;  // this block's first weight row
   const int64_t ra = n0 + g, rb = n0 + g + 8;
   const bool va = ra < a.N, vb = rb < a.N;
-  const uint8_t* pa = w.packed + ra * (K / 2) + t * 16;
-  const uint8_t* pb = w.packed + rb * (K / 2) + t * 16;
+  const uint8_t* pa = w.packed + ra * (K / 2) + t * 8;
+  const uint8_t* pb = w.packed + rb * (K / 2) + t * 8;
   const T* x = static_cast<const T*>(a.x);
   const int chunks = K / kChunk;
+
+  // kAhead chunks of packed bytes in flight per warp (a register ring, hence the unrolled
+  // inner loop), issued before the table is built so the two overlap.
+  ChunkBytes ring[kAhead];
+#pragma unroll
+  for (int i = 0; i < kAhead; ++i) ring[i] = load_chunk(pa, pb, warp + i * kGemvWarps, chunks,
+                                                        va, vb);
+  for (int e = threadIdx.x; e < 256 * 32; e += blockDim.x) {
+    const int byte = e >> 5;
+    lut[e] = pack2<T>(__ldg(w.code + (byte >> 4)), __ldg(w.code + (byte & 15)));
+  }
+  __syncthreads();
+  const uint32_t* lut_lane = lut + lane;
 
   float acc[MT][4];
 #pragma unroll
@@ -221,30 +261,20 @@ __global__ void __launch_bounds__(kGemvWarps * 32) nf4_gemv_kernel(const NF4Weig
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
 
-  // kAhead chunks of packed bytes in flight per warp (a register ring, hence the unrolled
-  // inner loop): enough outstanding loads per SM to cover DRAM latency even when the grid
-  // gives an SM only two blocks.
-  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-  uint4 ring_a[kAhead], ring_b[kAhead];
-#pragma unroll
-  for (int i = 0; i < kAhead; ++i) {
-    const int c = warp + i * kGemvWarps;
-    ring_a[i] = (c < chunks && va) ? load_stream16(pa + (int64_t)c * (kChunk / 2)) : zero;
-    ring_b[i] = (c < chunks && vb) ? load_stream16(pb + (int64_t)c * (kChunk / 2)) : zero;
-  }
   for (int c0 = warp; c0 < chunks; c0 += kAhead * kGemvWarps) {
 #pragma unroll
     for (int i = 0; i < kAhead; ++i) {
       const int c = c0 + i * kGemvWarps;
       if (c >= chunks) break;
-      const uint4 cur_a = ring_a[i], cur_b = ring_b[i];
-      const int nc = c + kAhead * kGemvWarps;
-      if (nc < chunks) {
-        if (va) ring_a[i] = load_stream16(pa + (int64_t)nc * (kChunk / 2));
-        if (vb) ring_b[i] = load_stream16(pb + (int64_t)nc * (kChunk / 2));
+      const ChunkBytes cur = ring[i];
+      ring[i] = load_chunk(pa, pb, c + kAhead * kGemvWarps, chunks, va, vb);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t k_half = (int64_t)c * kChunk + 64 * h;  // one block holds all 64
+        const float sa = va ? block_scale(w, (ra * K + k_half) >> w.bs_log2) : 0.f;
+        const float sb = vb ? block_scale(w, (rb * K + k_half) >> w.bs_log2) : 0.f;
+        gemv_half<T, MT>(a, x, lut_lane, cur.a[h], cur.b[h], k_half + 16 * t, sa, sb, g, acc);
       }
-      gemv_chunk<T, MT>(w, a, x, lut, cur_a, cur_b, (int64_t)c * kChunk + t * 32, ra, rb, va, vb,
-                        g, acc);
     }
   }
   // acc[mt][0], [1]: weight row g, x rows mt*8 + 2t, + 1; acc[mt][2], [3]: weight row g + 8

@@ -27,6 +27,7 @@ void nf4_dequantize(const NF4Weight& w, int64_t numel, void* out, int out_dtype,
                     cudaStream_t stream);
 
 // y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for W [N, K], M <= 16, K % 128 == 0,
+// blocksize >= 64 (scales applied to 64-value partial sums; see nf4.cu for the numerics),
 // x/y/bias bf16 or f16 (`dtype`); x rows 16-byte aligned, packed 16-byte aligned.
 // Needs compute capability >= 8.0 (tensor-core mma).
 struct NF4GemvArgs {

@@ -331,9 +331,9 @@ class _CudaBackend:
     @staticmethod
     def fused_ok(st: Resolved, x: torch.Tensor) -> bool:
         # tensor-core kernel (mma, compute capability >= 8.0): bf16/fp16 inputs, rows whole
-        # multiples of its 128-value K chunk
+        # multiples of its 128-value K chunk, each 64-value half of a chunk in one block
         return (x.dtype in (torch.bfloat16, torch.float16) and st.shape[1] % 128 == 0
-                and _capability_major(x.device) >= 8)
+                and st.blocksize >= 64 and _capability_major(x.device) >= 8)
 
     @staticmethod
     def gemv(x2, st, bias, y) -> None:
