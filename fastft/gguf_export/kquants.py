@@ -168,7 +168,8 @@ def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     return (low | (high << 4)).reshape(nb, 128)
 
 
-def _by_chunks(w: torch.Tensor, block: int, fn) -> torch.Tensor:
+def _by_chunks(w: torch.Tensor, fn) -> torch.Tensor:
+    """Apply a row-wise quantiser to row chunks (bounded temporaries) and stack the bytes."""
     rows, cols = w.shape
     out = []
     for a, b in _chunks(rows, cols * 24, w.device):
@@ -184,7 +185,7 @@ def quantize_q4_k(w: torch.Tensor) -> torch.Tensor:
         return torch.cat([d, dmin, scales, _pack_nibbles(q)], dim=1)
 
     _as_blocks(w, QK_K, "Q4_K")
-    return _by_chunks(w, QK_K, one)
+    return _by_chunks(w, one)
 
 
 def quantize_q5_k(w: torch.Tensor) -> torch.Tensor:
@@ -198,7 +199,7 @@ def quantize_q5_k(w: torch.Tensor) -> torch.Tensor:
         return torch.cat([d, dmin, scales, qh, _pack_nibbles(q & 15)], dim=1)
 
     _as_blocks(w, QK_K, "Q5_K")
-    return _by_chunks(w, QK_K, one)
+    return _by_chunks(w, one)
 
 
 def _search_symmetric(x: torch.Tensor, nmax: int, nstep: int = 9):
@@ -252,14 +253,14 @@ def quantize_q6_k(w: torch.Tensor) -> torch.Tensor:
         return torch.cat([ql, qh, sc_bytes, d.contiguous().view(torch.uint8).reshape(nb, 2)], dim=1)
 
     _as_blocks(w, QK_K, "Q6_K")
-    return _by_chunks(w, QK_K, one)
+    return _by_chunks(w, one)
 
 
 def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
     """[rows, cols] float (cols % 32 == 0) -> [rows, cols/32*34] uint8 in block_q8_0 layout
     (bit-exact with gguf.quants.quantize, which mirrors ggml's reference)."""
-    rows, cols = w.shape if w.ndim == 2 else (None, None)
     blocks = _as_blocks(w, QK8_0, "Q8_0")
+    rows = w.shape[0]
     d = blocks.abs().amax(dim=1) / 127.0
     inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
     q = _round_half_away(blocks * inv[:, None]).to(torch.int8).view(torch.uint8)
