@@ -311,15 +311,9 @@ class _TritonBackend:
         _triton_gemv(x2, *_state_args(st), bias, st.blocksize, st.blocksize2, y)
 
 
-_MAJOR: dict = {}
-
-
 def _capability_major(device) -> int:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    major = _MAJOR.get(index)
-    if major is None:
-        major = _MAJOR[index] = torch.cuda.get_device_capability(index)[0]
-    return major
+    return dispatch._capability(index)[0]  # cached, as the dispatch table's own test
 
 
 class _CudaBackend:
