@@ -14,10 +14,13 @@ work unchanged):
 Every backend follows exactly this order of float32 operations (one multiply, one add, one
 multiply: never fused into an FMA), so its output is bit-identical to bitsandbytes'.
 
-nf4_matmul(x, W) = x @ W.T (+ bias) where W is the dequantised [out, in] weight. Up to
-SMALL_M rows of x (decode) a fused kernel reads the packed weight directly; larger inputs
-dequantise W into a per-device workspace (reused by every layer) and call cuBLAS. Only x
-(and a bias) get gradients: the quantised weight is frozen.
+nf4_matmul(x, W) = x @ W.T (+ bias) where W is the dequantised [out, in] weight, in x's dtype.
+Up to SMALL_M rows of x (decode) a fused kernel reads the packed weight directly (bf16/fp16 x;
+the Triton one uses exactly the dequantised W, the CUDA one applies block scales to fp32
+partial sums of 64 values, equal within the dtype's rounding); larger inputs, float32 x and
+shapes the fused kernels don't take dequantise W into a per-device workspace (reused by every
+layer, see workspace()) and call cuBLAS. Only x (and a bias) get gradients: the quantised
+weight is frozen; backward dequantises again (dx = dy @ W), nothing W-sized is saved.
 """
 from __future__ import annotations
 
