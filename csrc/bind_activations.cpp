@@ -36,9 +36,9 @@ void glu_fwd(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out
 }
 
 // d_gate / d_up absent: the gradients are written into gate / up (in place).
-void glu_bwd(const at::Tensor& dh, const at::Tensor& gate, const at::Tensor& up,
-             const c10::optional<at::Tensor>& d_gate, const c10::optional<at::Tensor>& d_up,
-             int64_t act) {
+void backward(const at::Tensor& dh, const at::Tensor& gate, const at::Tensor& up,
+              const c10::optional<at::Tensor>& d_gate, const c10::optional<at::Tensor>& d_up,
+              int64_t act) {
   check_rows(gate, "gate");
   check_like(up, gate, "up");
   check_like(dh, gate, "dh");
@@ -60,10 +60,21 @@ void glu_bwd(const at::Tensor& dh, const at::Tensor& gate, const at::Tensor& up,
   check_launch();
 }
 
+void glu_bwd(const at::Tensor& dh, const at::Tensor& gate, const at::Tensor& up,
+             const at::Tensor& d_gate, const at::Tensor& d_up, int64_t act) {
+  backward(dh, gate, up, d_gate, d_up, act);
+}
+
+void glu_bwd_inplace(const at::Tensor& dh, const at::Tensor& gate, const at::Tensor& up,
+                     int64_t act) {
+  backward(dh, gate, up, c10::nullopt, c10::nullopt, act);
+}
+
 }  // namespace
 }  // namespace fastft
 
 TORCH_LIBRARY_IMPL(fastft, CUDA, m) {
   m.impl("glu_fwd", &fastft::glu_fwd);
   m.impl("glu_bwd", &fastft::glu_bwd);
+  m.impl("glu_bwd_inplace", &fastft::glu_bwd_inplace);
 }

@@ -30,6 +30,7 @@ void check_table(const at::Tensor& t, const at::Tensor& q, const char* name) {
               q.scalar_type(), ", got ", t.scalar_type());
 }
 
+// q_out / k_out absent: rotated in place.
 void rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
           const c10::optional<at::Tensor>& q_out, const c10::optional<at::Tensor>& k_out,
           bool backward) {
@@ -70,7 +71,21 @@ void rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const
   check_launch();
 }
 
+void rope_inplace(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                  const at::Tensor& sin, bool backward) {
+  rope(q, k, cos, sin, c10::nullopt, c10::nullopt, backward);
+}
+
+void rope_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+              const at::Tensor& sin, const at::Tensor& q_out, const at::Tensor& k_out,
+              bool backward) {
+  rope(q, k, cos, sin, q_out, k_out, backward);
+}
+
 }  // namespace
 }  // namespace fastft
 
-TORCH_LIBRARY_IMPL(fastft, CUDA, m) { m.impl("rope", &fastft::rope); }
+TORCH_LIBRARY_IMPL(fastft, CUDA, m) {
+  m.impl("rope_inplace", &fastft::rope_inplace);
+  m.impl("rope_out", &fastft::rope_out);
+}

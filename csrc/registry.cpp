@@ -20,13 +20,16 @@ TORCH_LIBRARY(fastft, m) {
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, "
         "Tensor(a!) dx, Tensor(b!)? dw, Tensor(c!)? db) -> ()");
   // ---- rope, swiglu / geglu (activations.cu, rope.cu)
-  // q/k: [batch, seq, heads, head_dim] views; q_out/k_out absent: rotated in place.
-  m.def("rope(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor(c!)? q_out, "
-        "Tensor(d!)? k_out, bool backward) -> ()");
-  // act: 0 SiLU, 1 GELU (erf), 2 GELU (tanh); d_gate/d_up absent: written into gate/up.
+  // q/k: [batch, seq, heads, head_dim] views; in place or into q_out/k_out (each op declares
+  // exactly what it mutates: a declared mutation bumps version counters).
+  m.def("rope_inplace(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, bool backward) -> ()");
+  m.def("rope_out(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor(a!) q_out, "
+        "Tensor(b!) k_out, bool backward) -> ()");
+  // act: 0 SiLU, 1 GELU (erf), 2 GELU (tanh); glu_bwd_inplace writes d_gate/d_up into gate/up.
   m.def("glu_fwd(Tensor gate, Tensor up, Tensor(a!) out, int act) -> ()");
-  m.def("glu_bwd(Tensor dh, Tensor(a!) gate, Tensor(b!) up, Tensor(c!)? d_gate, "
-        "Tensor(d!)? d_up, int act) -> ()");
+  m.def("glu_bwd(Tensor dh, Tensor gate, Tensor up, Tensor(a!) d_gate, Tensor(b!) d_up, "
+        "int act) -> ()");
+  m.def("glu_bwd_inplace(Tensor dh, Tensor(a!) gate, Tensor(b!) up, int act) -> ()");
   // ---- cross_entropy (cross_entropy.cu)
   m.def("cross_entropy_fwd(Tensor logits, Tensor labels, Tensor(a!) loss, Tensor(b!)? grad, "
         "Tensor? row_weight, int ignore_index, float softcap, float logit_scale, "

@@ -149,6 +149,22 @@ def test_only_one_input_requires_grad(backend):
     assert rel_err(w.grad, dh.double() * F.silu(gate0.double())) < 1e-5
 
 
+@pytest.mark.parametrize("backend", backends("swiglu", "cpu"))
+def test_out_of_place_backward_leaves_versions_alone(backend):
+    """A leaf gate saved by another node too: no in-place write, no version bump, no error."""
+    gate0, up0, dh = make((3, 40), torch.float32, "cpu")
+    gate = gate0.clone().requires_grad_()  # leaf: never overwritten
+    bu = up0.clone().requires_grad_()
+    up = bu * 1  # an intermediate: could be overwritten, but only both or neither are
+    other = gate * up  # saves gate and up
+    out = swiglu(gate, up, backend=backend)
+    ((out * dh).sum() + other.sum()).backward()
+    assert gate._version == 0 and torch.equal(gate.detach(), gate0)
+    g64, u64 = gate0.double().requires_grad_(), up0.double().requires_grad_()
+    ((F.silu(g64) * u64 * dh.double()).sum() + (g64 * u64).sum()).backward()
+    assert rel_err(gate.grad, g64.grad) < 1e-5 and rel_err(bu.grad, u64.grad) < 1e-5
+
+
 def test_overwriting_a_buffer_another_node_saved_fails_loudly():
     gate0, up0, dh = make((3, 40), torch.float32, "cpu")
     bg = gate0.clone().requires_grad_()
@@ -183,7 +199,7 @@ def test_triton_custom_ops_pass_opcheck():
         torch.library.opcheck(A._triton_glu_bwd,
                               (dh, g.clone(), u.clone(), torch.empty_like(gate),
                                torch.empty_like(up), act))
-        torch.library.opcheck(A._triton_glu_bwd, (dh, gate.clone(), up.clone(), None, None, act))
+        torch.library.opcheck(A._triton_glu_bwd_inplace, (dh, gate.clone(), up.clone(), act))
 
 
 @pytest.mark.parametrize("backend", backends("swiglu", "cpu"))
@@ -232,7 +248,7 @@ def test_cuda_ops_pass_opcheck():
         torch.library.opcheck(ops.glu_fwd, (g, u, torch.empty_like(gate), act))
         torch.library.opcheck(ops.glu_bwd, (dh, g.clone(), u.clone(), torch.empty_like(gate),
                                             torch.empty_like(up), act))
-        torch.library.opcheck(ops.glu_bwd, (dh, gate.clone(), up.clone(), None, None, act))
+        torch.library.opcheck(ops.glu_bwd_inplace, (dh, gate.clone(), up.clone(), act))
 
 
 @pytest.mark.gpu

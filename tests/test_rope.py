@@ -208,6 +208,32 @@ def test_overwriting_a_tensor_another_node_saved_fails_loudly():
         (q.sum() + other.sum()).backward()
 
 
+@pytest.mark.parametrize("backend", backends("rope", "cpu"))
+def test_out_of_place_leaves_inputs_and_their_versions_alone(backend):
+    """inplace=False (and leaves) must not bump version counters: another node saved them."""
+    qp, kp, cos, sin, _, _ = make_case((64, 64, 2, 1, 1, "random", "proj"), torch.float32,
+                                       "cpu")
+    bq, bk = qp.clone().requires_grad_(), kp.clone().requires_grad_()
+    proj_q, proj_k = bq * 1, bk * 1
+    other = (proj_q * proj_q).sum() + (proj_k * proj_k).sum()  # saves both projections
+    q, k = as_heads(proj_q, 2, 1), as_heads(proj_k, 1, 1)
+    versions = (q._version, k._version)
+    out_q, out_k = rope(q, k, cos, sin, inplace=False, backend=backend)
+    assert (q._version, k._version) == versions
+    assert torch.equal(proj_q.detach(), qp) and torch.equal(proj_k.detach(), kp)
+    (out_q.sum() + out_k.sum() + other).backward()  # no "modified by an inplace operation"
+    q64, k64 = qp.double().requires_grad_(), kp.double().requires_grad_()
+    rq, rk = reference_rope(as_heads(q64, 2, 1), as_heads(k64, 1, 1), cos.double(),
+                            sin.double())
+    (rq.sum() + rk.sum() + (q64 * q64).sum() + (k64 * k64).sum()).backward()
+    assert rel_err(bq.grad, q64.grad) < 1e-5 and rel_err(bk.grad, k64.grad) < 1e-5
+    # a leaf k (requires grad) keeps both out of place, whatever inplace says
+    leaf_k = as_heads(kp.clone(), 1, 1).requires_grad_()
+    q2 = as_heads(qp.clone().requires_grad_() * 1, 2, 1)
+    out_q, _ = rope(q2, leaf_k, cos, sin, backend=backend)
+    assert out_q.data_ptr() != q2.data_ptr() and leaf_k._version == 0
+
+
 def test_q_and_k_sharing_memory_are_not_overwritten():
     qp, _, cos, sin, _, _ = make_case((64, 64, 2, 2, 1, "random", "proj"), torch.float32, "cpu")
     q = as_heads(qp, 2, 1)
@@ -277,8 +303,8 @@ def test_triton_custom_op_passes_opcheck():
     qp, kp, cos, sin, _, _ = make_case((64, 48, 2, 1, 2, "random", "proj"), torch.float32,
                                        "cpu", seq=5)
     q, k = as_heads(qp, 2, 2), as_heads(kp, 1, 2)
-    torch.library.opcheck(R._triton_rope, (q, k, cos, sin, None, None, False))
-    torch.library.opcheck(R._triton_rope,
+    torch.library.opcheck(R._triton_rope_inplace, (q, k, cos, sin, False))
+    torch.library.opcheck(R._triton_rope_out,
                           (q, k, cos, sin, torch.empty_like(q), torch.empty_like(k), True))
 
 
@@ -339,13 +365,10 @@ def test_cuda_op_passes_opcheck():
     qp, kp, cos, sin, _, _ = make_case((128, 64, 4, 2, 1, "random", "proj"), torch.bfloat16,
                                        "cuda", seq=33)
     q, k = as_heads(qp, 4, 1), as_heads(kp, 2, 1)
-    c, s = cos.expand(2, 33, 64), sin.expand(2, 33, 64)
-    torch.library.opcheck(torch.ops.fastft.rope, (q.transpose(1, 2), k.transpose(1, 2), c, s,
-                                                  None, None, False))
-    torch.library.opcheck(torch.ops.fastft.rope,
-                          (q.transpose(1, 2), k.transpose(1, 2), c, s,
-                           torch.empty_like(q.transpose(1, 2)), torch.empty_like(k.transpose(1, 2)),
-                           True))
+    q4, k4 = q.transpose(1, 2), k.transpose(1, 2)
+    torch.library.opcheck(torch.ops.fastft.rope_inplace, (q4, k4, cos, sin, False))
+    torch.library.opcheck(torch.ops.fastft.rope_out,
+                          (q4, k4, cos, sin, torch.empty_like(q4), torch.empty_like(k4), True))
 
 
 @pytest.mark.gpu

@@ -10,9 +10,9 @@ reference); h has gate's dtype.
 
 Backward consumes its inputs: with inplace_backward=True (default) d_gate is written into the
 gate buffer the forward saved and d_up into the up buffer, so the MLP backward allocates no
-[tokens, intermediate] tensors of its own. That happens only where it is safe: a buffer is
-overwritten when it is an intermediate result of autograd (never a leaf, e.g. a tensor the
-caller made or a parameter) and gate and up do not overlap; otherwise new gradient tensors are
+[tokens, intermediate] tensors of its own. That happens only where it is safe: both buffers are
+intermediate results of autograd (never a leaf, e.g. a tensor the caller made or a parameter,
+nor a view of one) and gate and up share no element; otherwise new gradient tensors are
 allocated, as with inplace_backward=False. The version counters of overwritten buffers are
 bumped, so another autograd node that saved the same gate/up fails loudly rather than reading
 gradients (and so does a second backward through a retained graph: use
@@ -81,7 +81,7 @@ def _act_and_grad(g, act):
 
 # ---------------------------------------------------------------- backends
 # forward(gate, up, out, act): [rows, I] views, contiguous last dim; out is new.
-# backward(dh, gate, up, d_gate, d_up, act): d_gate / d_up None means "write into gate / up".
+# backward(dh, gate, up, d_gate, d_up, act): d_gate and d_up both None: write into gate and up.
 
 class _TorchBackend:
     @staticmethod
@@ -98,6 +98,10 @@ class _TorchBackend:
         (up if d_up is None else d_up).copy_(du)
 
 
+# Triton launchers as custom ops; the in-place backward is its own op so that every op
+# declares exactly what it mutates (a declared mutation bumps the version counter).
+
+
 @torch.library.custom_op("fastft_triton::glu_fwd", mutates_args=("out",))
 def _triton_glu_fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, act: int) -> None:
     from fastft.triton_kernels import activations as kernels
@@ -106,15 +110,22 @@ def _triton_glu_fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, act
         kernels.glu_forward(gate, up, out, act)
 
 
-@torch.library.custom_op("fastft_triton::glu_bwd",
-                         mutates_args=("gate", "up", "d_gate", "d_up"))
+@torch.library.custom_op("fastft_triton::glu_bwd", mutates_args=("d_gate", "d_up"))
 def _triton_glu_bwd(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                    d_gate: torch.Tensor | None, d_up: torch.Tensor | None, act: int) -> None:
+                    d_gate: torch.Tensor, d_up: torch.Tensor, act: int) -> None:
     from fastft.triton_kernels import activations as kernels
 
     with torch.device(gate.device) if gate.is_cuda else _nullcontext():
-        kernels.glu_backward(dh, gate, up, gate if d_gate is None else d_gate,
-                             up if d_up is None else d_up, act)
+        kernels.glu_backward(dh, gate, up, d_gate, d_up, act)
+
+
+@torch.library.custom_op("fastft_triton::glu_bwd_inplace", mutates_args=("gate", "up"))
+def _triton_glu_bwd_inplace(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                            act: int) -> None:
+    from fastft.triton_kernels import activations as kernels
+
+    with torch.device(gate.device) if gate.is_cuda else _nullcontext():
+        kernels.glu_backward(dh, gate, up, gate, up, act)
 
 
 @_triton_glu_fwd.register_fake
@@ -124,6 +135,11 @@ def _(gate, up, out, act):
 
 @_triton_glu_bwd.register_fake
 def _(dh, gate, up, d_gate, d_up, act):
+    return None
+
+
+@_triton_glu_bwd_inplace.register_fake
+def _(dh, gate, up, act):
     return None
 
 
@@ -142,7 +158,10 @@ class _TritonBackend:
 
     @staticmethod
     def backward(dh, gate, up, d_gate, d_up, act):
-        _triton_glu_bwd(dh, gate, up, d_gate, d_up, ACTS[act])
+        if d_gate is None:
+            _triton_glu_bwd_inplace(dh, gate, up, ACTS[act])
+        else:
+            _triton_glu_bwd(dh, gate, up, d_gate, d_up, ACTS[act])
 
 
 class _CudaBackend:
@@ -152,7 +171,10 @@ class _CudaBackend:
 
     @staticmethod
     def backward(dh, gate, up, d_gate, d_up, act):
-        cuda_ops().glu_bwd(dh, gate, up, d_gate, d_up, ACTS[act])
+        if d_gate is None:
+            cuda_ops().glu_bwd_inplace(dh, gate, up, ACTS[act])
+        else:
+            cuda_ops().glu_bwd(dh, gate, up, d_gate, d_up, ACTS[act])
 
 
 _BACKENDS = {"torch": _TorchBackend, "triton": _TritonBackend, "cuda": _CudaBackend}
@@ -162,7 +184,7 @@ for _op in ("swiglu", "geglu"):
     if cuda_ops() is not None:
         dispatch.register(_op, "cuda", _CudaBackend)
 if cuda_ops() is not None:
-    for _name in ("glu_fwd", "glu_bwd"):
+    for _name in ("glu_fwd", "glu_bwd", "glu_bwd_inplace"):
         torch.library.register_fake(f"fastft::{_name}")(lambda *args, **kwargs: None)
 
 
@@ -221,7 +243,8 @@ class _GluFunction(torch.autograd.Function):
 
         inplace = (inplace_backward and not torch.compiler.is_compiling()
                    and _disjoint_rows(g2, u2))
-        ctx.inplace = (inplace and overwritable(gate, g2), inplace and overwritable(up, u2))
+        # both in place or neither (one launch writes both gradients)
+        ctx.inplace = inplace and overwritable(gate, g2) and overwritable(up, u2)
         ctx.save_for_backward(g2, u2)
         ctx.meta = (impl, act, gate.shape)
         return out.view(gate.shape)
@@ -230,17 +253,16 @@ class _GluFunction(torch.autograd.Function):
     def backward(ctx, dh):
         g2, u2 = ctx.saved_tensors
         impl, act, shape = ctx.meta
-        g_inplace, u_inplace = ctx.inplace
         dh2 = rows_view(dh)
-        d_gate = None if g_inplace else new_empty(g2.shape, g2.dtype, g2.device)
-        d_up = None if u_inplace else new_empty(u2.shape, u2.dtype, u2.device)
-        impl.backward(dh2, g2, u2, d_gate, d_up, act)
-        if d_gate is None:
-            d_gate = g2
+        if ctx.inplace:
+            impl.backward(dh2, g2, u2, None, None, act)
+            d_gate, d_up = g2, u2
             _consumed(g2)
-        if d_up is None:
-            d_up = u2
             _consumed(u2)
+        else:
+            d_gate = new_empty(g2.shape, g2.dtype, g2.device)
+            d_up = new_empty(u2.shape, u2.dtype, u2.device)
+            impl.backward(dh2, g2, u2, d_gate, d_up, act)
         return d_gate.view(shape), d_up.view(shape), None, None, None
 
 

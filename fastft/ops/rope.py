@@ -17,7 +17,7 @@ projection outputs, which nothing else needs for backward) and the returned tens
 q and k are consumed. Their version counters are bumped, so an autograd node that saved them
 fails loudly instead of computing with rotated values. A leaf that requires grad (or a view
 of one), tensors whose elements overlap (expanded) or q and k sharing elements are never
-overwritten: those get new outputs, as does every call with inplace=False and every call
+overwritten: then both get new outputs, as with inplace=False and in every call
 traced by torch.compile (functionalization would copy back anyway). q and k sliced from one
 fused qkv projection share no element and are rotated in place. Backward applies the transposed
 rotation (the rotation by -theta when, as in every rotary module, cos/sin repeat their two
@@ -66,7 +66,7 @@ def reference_rope(q, k, cos, sin, unsqueeze_dim=1):
 
 # ---------------------------------------------------------------- backends
 # Every backend takes [batch, seq, heads, head_dim] views (contiguous last dim) of q, k and of
-# their outputs (None: write into q / k themselves), and cos/sin as
+# their outputs (both None: write into q and k themselves), and cos/sin as
 # [batch, seq, rot_dim] (batch stride 0 when shared). backward=True applies the transposed map:
 #   forward:  y1 = x1*c1 - x2*s1,  y2 = x2*c2 + x1*s2
 #   backward: y1 = x1*c1 + x2*s2,  y2 = x2*c2 - x1*s1
@@ -94,19 +94,33 @@ class _TorchBackend:
                 out[..., rot:].copy_(x[..., rot:])
 
 
-# Triton launcher as a custom op (torch.compile and opcheck see a schema). q_out/k_out None
-# means "write into q/k": q and k are declared mutated for that case.
-@torch.library.custom_op("fastft_triton::rope", mutates_args=("q", "k", "q_out", "k_out"))
-def _triton_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 q_out: torch.Tensor | None, k_out: torch.Tensor | None, backward: bool) -> None:
+# Triton launchers as custom ops (torch.compile and opcheck see a schema), one in place and one
+# out of place, so that each declares exactly what it mutates (a declared mutation bumps the
+# tensor's version counter, which must not happen to an input an out-of-place call keeps).
+@torch.library.custom_op("fastft_triton::rope_inplace", mutates_args=("q", "k"))
+def _triton_rope_inplace(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         backward: bool) -> None:
     from fastft.triton_kernels import rope as kernels
 
     with torch.device(q.device) if q.is_cuda else _nullcontext():
-        kernels.rope(q, k, cos, sin, q if q_out is None else q_out,
-                     k if k_out is None else k_out, backward)
+        kernels.rope(q, k, cos, sin, q, k, backward)
 
 
-@_triton_rope.register_fake
+@torch.library.custom_op("fastft_triton::rope_out", mutates_args=("q_out", "k_out"))
+def _triton_rope_out(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     q_out: torch.Tensor, k_out: torch.Tensor, backward: bool) -> None:
+    from fastft.triton_kernels import rope as kernels
+
+    with torch.device(q.device) if q.is_cuda else _nullcontext():
+        kernels.rope(q, k, cos, sin, q_out, k_out, backward)
+
+
+@_triton_rope_inplace.register_fake
+def _(q, k, cos, sin, backward):
+    return None
+
+
+@_triton_rope_out.register_fake
 def _(q, k, cos, sin, q_out, k_out, backward):
     return None
 
@@ -122,13 +136,19 @@ class _nullcontext:
 class _TritonBackend:
     @staticmethod
     def rotate(q, k, q_out, k_out, cos, sin, backward):
-        _triton_rope(q, k, cos, sin, q_out, k_out, backward)
+        if q_out is None:
+            _triton_rope_inplace(q, k, cos, sin, backward)
+        else:
+            _triton_rope_out(q, k, cos, sin, q_out, k_out, backward)
 
 
 class _CudaBackend:
     @staticmethod
     def rotate(q, k, q_out, k_out, cos, sin, backward):
-        cuda_ops().rope(q, k, cos, sin, q_out, k_out, backward)
+        if q_out is None:
+            cuda_ops().rope_inplace(q, k, cos, sin, backward)
+        else:
+            cuda_ops().rope_out(q, k, cos, sin, q_out, k_out, backward)
 
 
 _BACKENDS = {"torch": _TorchBackend, "triton": _TritonBackend, "cuda": _CudaBackend}
@@ -136,7 +156,8 @@ dispatch.register("rope", "torch", _TorchBackend)
 dispatch.register("rope", "triton", _TritonBackend)
 if cuda_ops() is not None:
     dispatch.register("rope", "cuda", _CudaBackend)
-    torch.library.register_fake("fastft::rope")(lambda *args, **kwargs: None)
+    for _name in ("rope_inplace", "rope_out"):
+        torch.library.register_fake(f"fastft::{_name}")(lambda *args, **kwargs: None)
 
 
 # ---------------------------------------------------------------- memory-safety helpers
@@ -182,6 +203,12 @@ def _disjoint_tokens(q4, k4):
     return width(q4) <= shift <= ss - width(k4)
 
 
+def _apart(q, k, unsqueeze_dim):
+    """q and k share no element."""
+    return not _may_overlap(q, k) or _disjoint_tokens(_bshd(q, unsqueeze_dim),
+                                                      _bshd(k, unsqueeze_dim))
+
+
 def _overwritable(t):
     """May the kernel write into t's memory? Never into (a view of) a leaf requiring grad."""
     base = t if t._base is None else t._base
@@ -218,15 +245,17 @@ def _cos3(c, batch, seq):
     return c.expand(batch, seq, c.shape[-1])
 
 
-def _rotate(impl, q, k, cos, sin, unsqueeze_dim, q_inplace, k_inplace, backward):
+def _rotate(impl, q, k, cos, sin, unsqueeze_dim, inplace, backward):
     """Rotates (the bshd views of) q and k; returns the outputs in the caller's layout."""
     q4, k4 = _bshd(q, unsqueeze_dim), _bshd(k, unsqueeze_dim)
-    q_out = q if q_inplace else _empty_like(q)
-    k_out = k if k_inplace else _empty_like(k)
     batch, seq = q4.shape[0], q4.shape[1]
-    impl.rotate(q4, k4, None if q_inplace else _bshd(q_out, unsqueeze_dim),
-                None if k_inplace else _bshd(k_out, unsqueeze_dim),
-                _cos3(cos, batch, seq), _cos3(sin, batch, seq), backward)
+    cos3, sin3 = _cos3(cos, batch, seq), _cos3(sin, batch, seq)
+    if inplace:
+        impl.rotate(q4, k4, None, None, cos3, sin3, backward)
+        return q, k
+    q_out, k_out = _empty_like(q), _empty_like(k)
+    impl.rotate(q4, k4, _bshd(q_out, unsqueeze_dim), _bshd(k_out, unsqueeze_dim), cos3, sin3,
+                backward)
     return q_out, k_out
 
 
@@ -236,12 +265,11 @@ def _last_dim_contiguous(t):
 
 class _RopeFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, cos, sin, unsqueeze_dim, q_inplace, k_inplace, backend):
+    def forward(ctx, q, k, cos, sin, unsqueeze_dim, inplace, backend):
         impl = _BACKENDS[backend]
-        q_out, k_out = _rotate(impl, q, k, cos, sin, unsqueeze_dim, q_inplace, k_inplace, False)
-        if q_inplace:
+        q_out, k_out = _rotate(impl, q, k, cos, sin, unsqueeze_dim, inplace, False)
+        if inplace:
             _consumed(q)
-        if k_inplace:
             _consumed(k)
         ctx.save_for_backward(cos, sin)
         ctx.meta = (impl, unsqueeze_dim)
@@ -256,11 +284,10 @@ class _RopeFunction(torch.autograd.Function):
         # The incoming gradients are ours to overwrite unless they alias each other or
         # themselves (expanded gradients of a sum, for instance). Traced (torch.compile):
         # out of place, as functionalization would copy back anyway.
-        apart = not torch.compiler.is_compiling() and not _may_overlap(dq, dk)
-        dq_inplace = apart and _no_internal_overlap(dq)
-        dk_inplace = apart and _no_internal_overlap(dk)
-        dq, dk = _rotate(impl, dq, dk, cos, sin, unsqueeze_dim, dq_inplace, dk_inplace, True)
-        return dq, dk, None, None, None, None, None, None
+        inplace = (not torch.compiler.is_compiling() and not _may_overlap(dq, dk)
+                   and _no_internal_overlap(dq) and _no_internal_overlap(dk))
+        dq, dk = _rotate(impl, dq, dk, cos, sin, unsqueeze_dim, inplace, True)
+        return dq, dk, None, None, None, None, None
 
 
 def _check(q, k, cos, sin, unsqueeze_dim):
@@ -302,9 +329,8 @@ def rope(q, k, cos, sin, unsqueeze_dim=1, *, inplace=True, backend=None):
     if cos.dtype != q.dtype:
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
-    apart = inplace and not torch.compiler.is_compiling() and (
-        not _may_overlap(q, k) or _disjoint_tokens(_bshd(q, unsqueeze_dim), _bshd(k, unsqueeze_dim)))
-    q_inplace = apart and _overwritable(q)
-    k_inplace = apart and _overwritable(k)
-    return _RopeFunction.apply(q, k, cos, sin, unsqueeze_dim, q_inplace, k_inplace, chosen)
+    # In place only when both may be overwritten (one launch rotates both).
+    inplace = (inplace and not torch.compiler.is_compiling() and _overwritable(q)
+               and _overwritable(k) and _apart(q, k, unsqueeze_dim))
+    return _RopeFunction.apply(q, k, cos, sin, unsqueeze_dim, inplace, chosen)
 
