@@ -96,11 +96,9 @@ def _merged_lora_weight(layer) -> torch.Tensor:
     for name in _active_adapter_names(layer):
         if name in already or name not in layer.lora_A:
             continue
-        if getattr(layer, "use_dora", {}).get(name, False):
-            raise NotImplementedError(
-                "fastft cannot merge DoRA adapters yet; save the adapters with save_method='lora' "
-                "or merge with peft's merge_and_unload() first."
-            )
+        dora = getattr(layer, "use_dora", {}).get(name, False)
+        if dora and getattr(layer, "fan_in_fan_out", False):
+            raise NotImplementedError("fastft cannot merge DoRA on fan_in_fan_out layers; save with save_method='lora'.")
         if not hasattr(layer.lora_A[name], "weight") or layer.lora_A[name].weight.ndim != 2:
             raise NotImplementedError(
                 f"fastft merges LoRA on linear layers only; {type(layer).__name__} is not one. "
@@ -111,7 +109,13 @@ def _merged_lora_weight(layer) -> torch.Tensor:
         delta = (b @ a) * float(layer.scaling[name])
         if getattr(layer, "fan_in_fan_out", False):
             delta = delta.t()
-        w += delta
+        if dora:
+            # DoRA: rows of W + dW rescaled to the learned magnitudes, m / ||W + dW|| per output row
+            w += delta
+            magnitude = layer.lora_magnitude_vector[name].weight.detach().float().to(w.device)
+            w *= (magnitude / torch.linalg.norm(w, dim=1)).unsqueeze(1)
+        else:
+            w += delta
     return w
 
 

@@ -297,3 +297,21 @@ def test_lora_on_tied_lm_head_unties_the_saved_model(tmp_path):
     out = save.save_pretrained_merged(pm, str(tmp_path / "m"), tok)
     assert json.load(open(os.path.join(out, "config.json")))["tie_word_embeddings"] is False
     assert rel_err(logits(_load(out), ids), logits(pm, ids)) < 1e-3
+
+
+def test_dora_adapters_merge(tmp_path):
+    import peft
+
+    base, tok = tiny_model("qwen3", tmp_path)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+    pm.eval()
+    ids = sample_ids(len(tok))
+    assert _lora_effect(pm, ids) > 1e-2
+    out = save.save_pretrained_merged(pm, str(tmp_path / "m"), tok)
+    assert rel_err(logits(_load(out), ids), logits(pm, ids)) < 1e-3
