@@ -136,18 +136,21 @@ def logits_inputs(sets=2):
     return out
 
 
-@pytest.mark.parametrize("variant", ["cuda", "cuda_2_blocks_per_sm", "triton", "torch_eager",
-                                     "torch_compile"])
+@pytest.mark.parametrize("variant", ["cuda", "cuda_2_blocks_per_sm", "triton",
+                                     "triton_1_program_per_sm", "triton_2_programs_per_sm",
+                                     "torch_eager", "torch_compile"])
 def bench_cross_entropy(benchmark, record, variant, monkeypatch):
     from fastft import dispatch
 
-    backend = variant.split("_")[0] if variant.startswith("cuda") or variant == "triton" else None
+    backend = variant.split("_")[0] if variant.split("_")[0] in ("cuda", "triton") else None
     if backend:
         problem = dispatch.why_not("cross_entropy", backend, "cuda", torch.bfloat16)
         if problem:
             pytest.skip(problem)
         if variant == "cuda_2_blocks_per_sm":
             monkeypatch.setenv("FASTFT_CE_BLOCKS_PER_SM", "2")
+        if variant.startswith("triton_"):  # programs looping over rows, N per SM
+            monkeypatch.setenv("FASTFT_CE_TRITON_PROGRAMS_PER_SM", variant.split("_")[1])
         fn = lambda x, y: cross_entropy(x, y, backend=backend)  # noqa: E731
     else:
         eager = lambda x, y: F.cross_entropy(x.float(), y, ignore_index=-100)  # noqa: E731

@@ -255,6 +255,14 @@ def test_triton_custom_ops_pass_opcheck():
 
 
 @pytest.mark.skipif("triton" not in backends(CE, "cpu"), reason="triton does not import")
+@pytest.mark.skipif("triton" not in backends(CE, "cpu"), reason="triton does not import")
+def test_triton_programs_looping_over_rows(monkeypatch):
+    """FASTFT_CE_TRITON_PROGRAMS_PER_SM: fewer programs than rows, each looping over rows."""
+    monkeypatch.setenv("FASTFT_CE_TRITON_PROGRAMS_PER_SM", "1")
+    check_ce("triton", 7, 1003, torch.bfloat16, "mean", OPTION_SETS["all"], seed=21)
+    check_ce("triton", 5, 1003, torch.float32, "none", OPTION_SETS["plain"], seed=22)
+
+
 @pytest.mark.parametrize("backend", backends(CE, "cpu"))
 def test_masked_vocab_minus_inf_logits(backend):
     """-inf logits (a masked vocabulary) add nothing and get a zero gradient, like torch."""
@@ -287,7 +295,7 @@ from triton.compiler import ASTSource
 from fastft.triton_kernels import cross_entropy as K
 
 sig = {"X": "*bf16", "Labels": "*i64", "Loss": "*fp32", "G": "*bf16", "RowWeight": "*fp32",
-       "x_stride": "i64", "g_stride": "i64", "w_stride": "i32", "V": "i32",
+       "x_stride": "i64", "g_stride": "i64", "w_stride": "i32", "V": "i32", "rows": "i32",
        "ignore_index": "i32", "softcap": "fp32", "scale": "fp32", "smoothing": "fp32"}
 for grad, extras in ((True, True), (False, False)):
     flags = {"HAS_GRAD": grad, "HAS_SCALE": extras, "HAS_SOFTCAP": extras,
@@ -477,6 +485,14 @@ def test_cuda_kernel_layouts(monkeypatch, blocks_per_sm):
         check_ce("cuda", 48, vocab, dtype, "mean", OPTION_SETS["all"], "cuda", seed=1)
         check_ce("cuda", 40, vocab, dtype, "none", OPTION_SETS["plain"], "cuda", seed=2,
                  strided=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("per_sm", ["1", "2"])
+def test_triton_programs_per_sm_gpu(monkeypatch, per_sm):
+    monkeypatch.setenv("FASTFT_CE_TRITON_PROGRAMS_PER_SM", per_sm)
+    check_ce("triton", 300, 128256, torch.bfloat16, "mean", OPTION_SETS["plain"], "cuda")
+    check_ce("triton", 280, 32003, torch.float32, "none", OPTION_SETS["all"], "cuda", seed=3)
 
 
 @pytest.mark.gpu

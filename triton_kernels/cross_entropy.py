@@ -4,6 +4,9 @@ Pass 1 walks the row in BLOCK-wide chunks keeping an online max / sum of exponen
 sum of the transformed logits for label smoothing); pass 2 walks it again writing
 d row_loss / d logits * row_weight. The gradient may be written over the logits themselves:
 every element is read before the same program overwrites it."""
+import os
+
+import torch
 import triton
 import triton.language as tl
 
@@ -25,12 +28,25 @@ def _transform(x, softcap, scale, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.const
 
 
 @triton.jit
-def _cross_entropy_kernel(X, Labels, Loss, G, RowWeight, x_stride, g_stride, w_stride, V,
+def _cross_entropy_kernel(X, Labels, Loss, G, RowWeight, x_stride, g_stride, w_stride, V, rows,
                           ignore_index, softcap, scale, smoothing,
                           HAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
                           HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                           BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+    # Programs stride over the rows: one row each when the grid has a program per row, or a
+    # fixed number of programs per SM (fewer rows in flight, so each stays in L2 between passes).
+    first = tl.program_id(0).to(tl.int64)
+    step = tl.num_programs(0)
+    for i in range(0, tl.cdiv(rows - tl.program_id(0), step)):
+        _one_row(first + i * step, X, Labels, Loss, G, RowWeight, x_stride, g_stride, w_stride,
+                 V, ignore_index, softcap, scale, smoothing, HAS_GRAD, HAS_SCALE, HAS_SOFTCAP,
+                 HAS_SMOOTHING, BLOCK)
+
+
+@triton.jit
+def _one_row(row, X, Labels, Loss, G, RowWeight, x_stride, g_stride, w_stride, V, ignore_index,
+             softcap, scale, smoothing, HAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
+             HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     x_row = X + row * x_stride
     label = tl.load(Labels + row)
@@ -100,6 +116,19 @@ def block_size(vocab: int, on_gpu: bool) -> int:
     return min(cap, triton.next_power_of_2(max(vocab, 16)))
 
 
+def programs(rows: int, device) -> int:
+    """Grid size: a program per row, or FASTFT_CE_TRITON_PROGRAMS_PER_SM per SM when set (the
+    benchmark compares both)."""
+    per_sm = int(os.environ.get("FASTFT_CE_TRITON_PROGRAMS_PER_SM", "0") or 0)
+    if per_sm <= 0:
+        return rows
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 2  # the interpreter: a couple of programs, each looping over rows
+    return max(1, min(rows, sms * per_sm))
+
+
 def loss_and_grad(logits, labels, loss, grad, row_weight, ignore_index, softcap, scale,
                   smoothing):
     """logits [rows, V] (contiguous last dim); labels int64 [rows]; loss float32 [rows] out;
@@ -111,11 +140,11 @@ def loss_and_grad(logits, labels, loss, grad, row_weight, ignore_index, softcap,
     on_gpu = logits.is_cuda
     block = block_size(vocab, on_gpu)
     has_grad = grad is not None
-    _cross_entropy_kernel[(rows,)](
+    _cross_entropy_kernel[(programs(rows, logits.device),)](
         logits, labels, loss, grad if has_grad else logits,
         row_weight if row_weight is not None else loss,
         logits.stride(0), grad.stride(0) if has_grad else 0,
-        1 if row_weight is not None and row_weight.numel() > 1 else 0, vocab,
+        1 if row_weight is not None and row_weight.numel() > 1 else 0, vocab, rows,
         ignore_index, softcap if softcap else 1.0, scale, smoothing,
         HAS_GRAD=has_grad, HAS_SCALE=scale != 1.0, HAS_SOFTCAP=bool(softcap),
         HAS_SMOOTHING=smoothing != 0.0, BLOCK=block,

@@ -25,6 +25,8 @@ when the head is trainable) are accumulated during the forward.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastft import dispatch
@@ -227,7 +229,7 @@ def _options(reduction, num_items_in_batch, softcap, logit_scale, label_smoothin
                          "reduction='none' (use reduction='sum' or 'mean', or drop it)")
     if softcap is not None and not float(softcap) > 0:
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
-    if logit_scale is not None and not torch.isfinite(torch.tensor(float(logit_scale))):
+    if logit_scale is not None and not math.isfinite(float(logit_scale)):
         raise ValueError(f"logit_scale must be a finite number or None, got {logit_scale!r}")
     smoothing = float(label_smoothing)
     if not 0.0 <= smoothing <= 1.0:
