@@ -67,18 +67,22 @@ def _nf4_dequant(P, Absmax, Absmax2, Code2, Offset, Code, Out, numel, n_bytes, B
 
 @triton.jit
 def _nf4_gemv(X, P, Absmax, Absmax2, Code2, Offset, Code, Bias, Y, M, N, K, x_stride,
-              y_stride, BS_LOG2, BS2_LOG2, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              INTERPRETER: tl.constexpr):
-    # y[m, n] = sum_k x[m, k] * W[n, k]; W rows are K/2 bytes (K % BLOCK_K == 0).
+              y_stride, k_per_split, BS_LOG2, BS2_LOG2, NESTED: tl.constexpr,
+              HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRETER: tl.constexpr):
+    # y[m, n] = sum_k x[m, k] * W[n, k]; W rows are K/2 bytes (K % BLOCK_K == 0). With SPLIT,
+    # program (i, j) sums k in [j * k_per_split, (j + 1) * k_per_split) into float32 partials
+    # Y[j, m, n] (summed by the launcher: deterministic, unlike atomics).
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     n = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     m = tl.arange(0, BLOCK_M)
     m_mask = m < M
     half = tl.arange(0, BLOCK_K // 2)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = split * k_per_split
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         byte = n[:, None] * (K // 2) + (k0 // 2 + half)[None, :]
         b = tl.load(P + byte, mask=n_mask[:, None], other=0).to(tl.int32)
         blk = (byte * 2) >> BS_LOG2
@@ -94,10 +98,14 @@ def _nf4_gemv(X, P, Absmax, Absmax2, Code2, Offset, Code, Bias, Y, M, N, K, x_st
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
         else:
             acc += tl.dot(x, tl.trans(w))
-    if HAS_BIAS:
-        acc += tl.load(Bias + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out = Y + m[:, None] * y_stride + n[None, :]
-    tl.store(out, acc.to(Y.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT:
+        tl.store(Y + split.to(tl.int64) * M * N + m[:, None] * N + n[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(Bias + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out = Y + m[:, None] * y_stride + n[None, :]
+        tl.store(out, acc.to(Y.dtype.element_ty), mask=mask)
 
 
 def _interpreted():
@@ -129,17 +137,43 @@ def gemv_block_k(K):
     return None
 
 
+def _splits(N, K, block_n, block_k, device):
+    """How many K ranges to split into so that the grid fills the GPU (a few programs per SM)."""
+    programs = triton.cdiv(N, block_n)
+    chunks = K // block_k
+    if device.type == "cuda":
+        import torch
+
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 2 * programs  # the interpreter: exercise the split path on small shapes
+    split = max(1, min(chunks, triton.cdiv(target, programs)))
+    while chunks % split:  # equal ranges, each a whole number of K tiles
+        split -= 1
+    return split
+
+
 def gemv(x, packed, absmax, absmax2, code2, offset, code, bias, blocksize, blocksize2, y):
     """x: [M <= 16, K] (last dim contiguous), y: [M, N]; W: [N, K] packed, K % 64 == 0."""
+    import torch
+
     M, K = x.shape
     N = y.shape[1]
     block_k = gemv_block_k(K)
     block_n = 32
     nested = absmax2 is not None
-    grid = (triton.cdiv(N, block_n),)
+    split = _splits(N, K, block_n, block_k, x.device)
+    out = y if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(N, block_n), split)
     _nf4_gemv[grid](x, packed, absmax, absmax2 if nested else absmax,
                     code2 if nested else code, offset if nested else code, code,
-                    bias if bias is not None else y, y, M, N, K, x.stride(0), y.stride(0),
-                    _log2(blocksize), _log2(blocksize2) if nested else 0, NESTED=nested,
-                    HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-                    INTERPRETER=_interpreted(), num_warps=4, enable_fp_fusion=False)
+                    bias if bias is not None else y, out, M, N, K, x.stride(0), y.stride(0),
+                    K // split, _log2(blocksize), _log2(blocksize2) if nested else 0,
+                    NESTED=nested, HAS_BIAS=bias is not None, SPLIT=split > 1, BLOCK_M=16,
+                    BLOCK_N=block_n, BLOCK_K=block_k, INTERPRETER=_interpreted(), num_warps=4,
+                    enable_fp_fusion=False)
+    if split > 1:
+        total = out.sum(0)
+        if bias is not None:
+            total += bias.float()
+        y.copy_(total)
