@@ -363,7 +363,7 @@ def _accumulate_fp32(acc, a, b):
         return
     try:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    except (RuntimeError, TypeError):  # a torch without the mixed-dtype addmm
+    except (RuntimeError, TypeError, NotImplementedError):  # no mixed-dtype addmm here
         acc.add_(torch.mm(a, b))
 
 
