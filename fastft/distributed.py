@@ -1,0 +1,413 @@
+"""Multi-GPU training helpers: fastft models on PyTorch's own engines (DDP and FSDP2).
+
+fastft does not ship a distributed engine. A model from FastLanguageModel trains under
+`torchrun` / `accelerate launch` with DistributedDataParallel or with FSDP2
+(`torch.distributed.fsdp.fully_shard`), through TRL's SFTTrainer or a plain loop. These helpers
+are the small pieces users need around that:
+
+    init_distributed()                  process group from torchrun's env (nccl on GPU, gloo on CPU)
+    is_main_process(), rank(), local_rank(), world_size()
+    ddp_wrap(model)                     DistributedDataParallel with the options fastft models need
+    fsdp2_wrap(model)                   fully_shard each decoder layer, then the root
+    trainer_distributed_kwargs(model)   TrainingArguments / SFTConfig keywords for DDP or FSDP2
+    full_state_dict(model)              the unsharded state dict on rank 0 (collective under FSDP2)
+    save_on_main(model, directory)      the files a single-GPU run would write, written by rank 0
+
+Why the wrapping is what it is:
+- fastft's fused causal-LM loss reads `lm_head.weight` inside the causal-LM forward instead of
+  calling `lm_head(...)`. Under FSDP2 a parameter is unsharded only while the forward of the
+  unit owning it runs, so the head must belong to the unit whose forward calls the op: the
+  root (fsdp2_wrap never shards lm_head, the embeddings or the final norm on their own), or a
+  group that also holds the final norm, whose forward runs just before (accelerate's FSDP2
+  preparation does that). A head sharded alone would reach the op as a sharded DTensor.
+- fused LoRA and the other fused ops read their weights from the modules at call time, inside
+  the decoder layer's forward, where FSDP2 has gathered the layer: they see full weights.
+- DDP: every LoRA parameter is used in every step, and transformers' Trainer would otherwise
+  ask DDP to search for unused parameters for a PeftModel (it only skips that search for
+  plain PreTrainedModels), which is slower and fails with reentrant checkpointing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+logger = logging.getLogger("fastft")
+
+
+# ---------------------------------------------------------------- ranks and process group
+
+def world_size() -> int:
+    """Processes in the job: the process group's size, else torchrun's WORLD_SIZE, else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    """Global rank of this process (0 when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    """Rank of this process on its machine (torchrun / accelerate set LOCAL_RANK)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def is_main_process() -> bool:
+    """True on global rank 0 (and in a single-process run): the process that saves and logs."""
+    return rank() == 0
+
+
+def distributed_device_map():
+    """What FastLanguageModel.from_pretrained should use as device_map when none is given:
+    {"": local_rank} under a multi-process launch on GPUs (every process holds its own copy,
+    on its own GPU; device_map="auto" would split one model over all GPUs in every process),
+    {"": "cuda:0"}-style current device for one GPU, None on the CPU."""
+    if not torch.cuda.is_available():
+        return None
+    if is_distributed():
+        return {"": local_rank()}
+    return {"": torch.cuda.current_device()}
+
+
+def bnb_4bit_quant_storage(compute_dtype: torch.dtype):
+    """The bnb_4bit_quant_storage QLoRA should load with: under a multi-process launch the
+    compute dtype (FSDP2 shards and all-gathers floating tensors; packed uint8 weights cannot be
+    sharded, and a bf16 / fp16 storage holds the same bytes), else None (bitsandbytes' uint8)."""
+    if is_distributed():
+        return compute_dtype if compute_dtype in (torch.bfloat16, torch.float16, torch.float32) \
+            else torch.bfloat16
+    return None
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) -> tuple[int, int]:
+    """Create the default process group from the launcher's environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT) when it does not exist yet; on GPUs also select this process's GPU.
+    backend None: nccl with CUDA, gloo on the CPU. Returns (rank, world_size); a single-process
+    run (no WORLD_SIZE, or 1) creates nothing and returns (0, 1)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {missing} are not set: start the "
+                           "script with `torchrun --nproc_per_node N script.py` or `accelerate launch`.")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- unwrapping
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / torch.compile wrappers (FSDP2 needs no unwrapping: it keeps
+    the model object and changes its class)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def is_fsdp2(model: nn.Module) -> bool:
+    """True when fully_shard has been applied to `model` or any module in it."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in unwrap_model(model).modules())
+
+
+# ---------------------------------------------------------------- DDP
+
+def ddp_wrap(model: nn.Module, **ddp_kwargs) -> nn.Module:
+    """DistributedDataParallel for a plain training loop: this process's GPU (or CPU with gloo),
+    find_unused_parameters=False (see the module doc). Extra keywords go to DDP."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("ddp_wrap needs a process group: call fastft.distributed.init_distributed() "
+                           "first (under torchrun / accelerate launch).")
+    if is_fsdp2(model):
+        raise ValueError("The model is already sharded with FSDP2 (fully_shard); use it as it is, "
+                         "without DDP.")
+    device = next(model.parameters()).device
+    ddp_kwargs.setdefault("find_unused_parameters", False)
+    if device.type == "cuda":
+        ddp_kwargs.setdefault("device_ids", [device.index])
+        ddp_kwargs.setdefault("output_device", device.index)
+    return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+
+
+# ---------------------------------------------------------------- FSDP2
+
+def _base_transformers_model(model):
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def decoder_layer_classes(model: nn.Module) -> list[type]:
+    """The classes fsdp2_wrap shards one by one: transformers' `_no_split_modules` (the decoder
+    layer, e.g. LlamaDecoderLayer) present in the model, else every GradientCheckpointingLayer."""
+    model = unwrap_model(model)
+    base = _base_transformers_model(model)
+    present = {type(m) for m in model.modules()}
+    # FSDP2 changes a sharded module's class to a subclass: match the original class names too
+    by_name = {}
+    for cls in present:
+        for c in cls.__mro__:
+            by_name.setdefault(c.__name__, c)
+    names = list(getattr(base, "_no_split_modules", None) or [])
+    found = [by_name[n] for n in names if n in by_name]
+    if not found:
+        try:
+            from transformers.modeling_layers import GradientCheckpointingLayer
+        except ImportError:
+            GradientCheckpointingLayer = None
+        if GradientCheckpointingLayer is not None:
+            found = sorted({c for c in present if issubclass(c, GradientCheckpointingLayer)
+                            and c is not GradientCheckpointingLayer}, key=lambda c: c.__name__)
+    return found
+
+
+def _layer_class_names(model) -> list[str]:
+    names = []
+    for cls in decoder_layer_classes(model):
+        # the class transformers defines, not FSDP2's dynamic FSDP<Name> subclass
+        orig = next((c for c in cls.__mro__ if not c.__name__.startswith("FSDP")), cls)
+        if orig.__name__ not in names:
+            names.append(orig.__name__)
+    return names
+
+
+def default_mixed_precision(device: torch.device):
+    """GPU: compute in bf16 (fp16 where bf16 is unsupported), reduce gradients in fp32.
+    CPU: none (everything stays in the parameters' dtype)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if device.type != "cuda":
+        return None
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+
+
+def _uniform_trainable_dtypes(units: list[nn.Module]) -> list[str]:
+    """FSDP2 needs one dtype for the trainable parameters of each unit. LoRA factors are fp32
+    while e.g. a modules_to_save copy of lm_head is bf16: upcast such units' trainable
+    parameters to fp32 (the mixed-precision policy still computes in bf16). Returns the names."""
+    upcast = []
+    seen = set()
+    for unit in units:
+        params = [(n, p) for n, p in unit.named_parameters() if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for _, p in unit.named_parameters())
+        if len({p.dtype for _, p in params}) > 1:
+            for n, p in params:
+                if p.dtype != torch.float32:
+                    p.data = p.data.float()
+                    upcast.append(n)
+    return upcast
+
+
+def fsdp2_wrap(model: nn.Module, *, mesh=None, mixed_precision="auto", reshard_after_forward: bool = True,
+               layer_classes=None, cpu_offload: bool = False) -> nn.Module:
+    """Shard `model` (a FastLanguageModel model, with or without LoRA) with FSDP2 for a plain
+    training loop: fully_shard on every decoder layer, then on the root, which keeps the
+    embeddings, the final norm and lm_head (where fastft's fused loss reads the head weight).
+
+    mesh: a 1-D DeviceMesh (default: all processes, on this process's GPU or the CPU).
+    mixed_precision: "auto" (GPU: bf16 params, fp32 gradient reduction; CPU: none), None, or a
+    torch.distributed.fsdp.MixedPrecisionPolicy. layer_classes: classes or class names to shard
+    one by one (default: the model's decoder layer, see decoder_layer_classes). cpu_offload:
+    keep sharded parameters and gradients in CPU memory between uses.
+
+    4-bit QLoRA weights must be stored in a floating dtype to be sharded (load with
+    BitsAndBytesConfig(bnb_4bit_quant_storage=torch.bfloat16); FastLanguageModel does that under
+    a multi-process launch); uint8-packed ones are left unsharded (replicated) with a warning.
+    Returns the same model object (FSDP2 changes its class in place); build the optimizer after."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError("fsdp2_wrap got a DDP-wrapped model; pass the model itself (FSDP2 replaces DDP).")
+    if isinstance(model, FSDPModule):
+        return model
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("fsdp2_wrap needs a process group: call fastft.distributed.init_distributed() "
+                           "first (under torchrun / accelerate launch).")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("fsdp2_wrap: the model has no parameters.")
+    device = next((p.device for p in params if p.device.type != "meta"), params[0].device)
+    if mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type if device.type in ("cuda", "cpu") else "cpu",
+                                (dist.get_world_size(),))
+    if mixed_precision == "auto":
+        mixed_precision = default_mixed_precision(device)
+    if mixed_precision is None:
+        mixed_precision = MixedPrecisionPolicy()
+
+    if layer_classes is None:
+        classes = decoder_layer_classes(model)
+    else:
+        wanted = {c if isinstance(c, str) else c.__name__ for c in layer_classes}
+        classes = [c for c in {type(m) for m in model.modules()}
+                   if any(k.__name__ in wanted for k in c.__mro__)]
+    if not classes:
+        raise ValueError(
+            f"fsdp2_wrap found no decoder layers to shard in {type(unwrap_model(model)).__name__}; pass "
+            "layer_classes=[...] (e.g. ['LlamaDecoderLayer']).")
+    layers = [m for m in model.modules() if isinstance(m, tuple(classes)) and m is not model]
+    # innermost first: a unit must be sharded before the unit that contains it
+    depth = {id(m): name.count(".") for name, m in model.named_modules()}
+    layers.sort(key=lambda m: -depth[id(m)])
+
+    head = getattr(_base_transformers_model(model), "get_output_embeddings", lambda: None)()
+    if head is not None and any(head is m or any(head is s for s in m.modules()) for m in layers):
+        raise ValueError("fsdp2_wrap: lm_head sits inside a layer chosen for sharding; fastft's fused loss "
+                         "needs the head in the root unit. Choose layer_classes that exclude it.")
+
+    upcast = _uniform_trainable_dtypes(layers + [model])
+    if upcast:
+        logger.info(f"fastft: FSDP2 needs one dtype per unit for trainable weights; {len(upcast)} "
+                    f"trainable tensor(s) upcast to float32 (e.g. {upcast[0]}).")
+
+    ignored = {p for p in params if not p.is_floating_point() and not p.requires_grad}
+    if ignored:
+        logger.warning(
+            f"fastft: {len(ignored)} frozen non-floating parameter(s) (4-bit weights packed as uint8) "
+            "cannot be sharded and stay replicated on every GPU. Load QLoRA with "
+            "BitsAndBytesConfig(bnb_4bit_quant_storage=torch.bfloat16) to shard them.")
+
+    kwargs = dict(mesh=mesh, mp_policy=mixed_precision)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    if ignored:
+        kwargs["ignored_params"] = ignored
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
+    # root: torch's default (None) keeps the root's parameters gathered from forward to
+    # backward, the head included, which the loss needs again at the start of backward.
+    fully_shard(model, **kwargs)
+    return model
+
+
+# ---------------------------------------------------------------- Trainer / SFTConfig glue
+
+def trainer_distributed_kwargs(model=None, fsdp: bool = False, reshard_after_forward: bool = True) -> dict:
+    """Keywords to add to TrainingArguments / SFTConfig so a fastft model trains under a
+    multi-process launch. DDP: ddp_find_unused_parameters=False. fsdp=True: FSDP2 sharding each
+    decoder layer (class names read from `model`) when the script is started by `torchrun`
+    (with `accelerate launch --config_file examples/accelerate_fsdp2.yaml` the config file
+    supplies this instead). Empty in a single-process run."""
+    if not is_distributed():
+        return {}
+    out = {"ddp_find_unused_parameters": False}
+    if fsdp:
+        if model is None:
+            raise ValueError("trainer_distributed_kwargs(fsdp=True) needs the model, to name its decoder layer class.")
+        names = _layer_class_names(model)
+        if not names:
+            raise ValueError(f"No decoder layer class found in {type(unwrap_model(model)).__name__} for FSDP2 "
+                             "auto-wrapping; set fsdp_config['transformer_layer_cls_to_wrap'] yourself.")
+        config = {"version": 2, "transformer_layer_cls_to_wrap": names,
+                  "reshard_after_forward": reshard_after_forward, "state_dict_type": "FULL_STATE_DICT",
+                  "cpu_ram_efficient_loading": False}
+        out["fsdp"] = _fsdp_flag()
+        out["fsdp_config"] = config
+    return out
+
+
+def _fsdp_flag():
+    """`fsdp=True` on transformers versions that take it, else the legacy option string."""
+    from transformers import TrainingArguments
+
+    if hasattr(TrainingArguments, "_apply_legacy_fsdp_to_config"):
+        return True
+    return "full_shard auto_wrap"
+
+
+# ---------------------------------------------------------------- state dicts and saving
+
+def full_state_dict(model: nn.Module, trainable_only: bool = False) -> dict:
+    """The model's complete (unsharded) state dict, on the CPU, with the same keys as
+    `model.state_dict()` of the unwrapped model. Under FSDP2 this is a collective (call it on
+    every rank) and only rank 0 gets the tensors (the others get {}). trainable_only: only the
+    parameters that train (e.g. LoRA factors), so the frozen base is not gathered."""
+    inner = unwrap_model(model)
+    if is_fsdp2(inner):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+        state = get_model_state_dict(inner, options=options)
+        return state if is_main_process() else {}
+    if trainable_only:
+        names = {n for n, p in inner.named_parameters() if p.requires_grad}
+        return {k: v for k, v in inner.state_dict().items() if k in names}
+    return inner.state_dict()
+
+
+def _is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def save_on_main(model: nn.Module, save_directory: str, tokenizer=None, save_method: str = "lora",
+                 **kwargs) -> None:
+    """Save from rank 0 exactly what a single-GPU run saves. Call it on EVERY rank: under FSDP2
+    the full weights are gathered collectively first; all ranks return once the files exist.
+
+    save_method "lora" (default): the adapter (a PeftModel) or, for a model without adapters
+    (full fine-tuning), the whole model, through save_pretrained. "merged_16bit" / "merged_4bit" /
+    "merged_4bit_forced": model.save_pretrained_merged under DDP or a single process; under
+    FSDP2 save the adapter, then merge in one process (see the error). kwargs go to the save call."""
+    inner = unwrap_model(model)
+    sharded = is_fsdp2(inner)
+    if save_method not in ("lora", None):
+        if sharded:
+            raise NotImplementedError(
+                f"save_method={save_method!r} needs the full model in one process; under FSDP2 save the "
+                "adapter with save_on_main(model, dir) and merge afterwards in a single process: "
+                "model, tok = FastLanguageModel.from_pretrained(dir); "
+                f"model.save_pretrained_merged(out_dir, tok, save_method={save_method!r}).")
+        if is_main_process():
+            saver = getattr(inner, "save_pretrained_merged", None)
+            if saver is None:
+                raise AttributeError("This model has no save_pretrained_merged; load it with FastLanguageModel.")
+            saver(save_directory, tokenizer, save_method=save_method, **kwargs)
+        barrier()
+        return
+
+    state = None
+    if sharded:
+        # gather on every rank; only rank 0 keeps tensors
+        state = full_state_dict(inner, trainable_only=_is_peft_model(inner))
+    if is_main_process():
+        if state is not None:
+            kwargs["state_dict"] = state
+        inner.save_pretrained(save_directory, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(save_directory)
+    barrier()
