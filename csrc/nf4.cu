@@ -14,13 +14,18 @@
 namespace fastft {
 namespace {
 
-__device__ __forceinline__ float block_scale(const NF4Weight& w, int64_t blk) {
+// `offset` is w.offset[0] when nested (callers load it once).
+__device__ __forceinline__ float block_scale(const NF4Weight& w, int64_t blk, float offset) {
   if (w.nested) {
     const int q = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
     const float scaled = __fmul_rn(__ldg(w.code2 + q), __ldg(w.absmax2 + (blk >> w.bs2_log2)));
-    return __fadd_rn(scaled, __ldg(w.offset));
+    return __fadd_rn(scaled, offset);
   }
   return __ldg(static_cast<const float*>(w.absmax) + blk);
+}
+
+__device__ __forceinline__ float nested_offset(const NF4Weight& w) {
+  return w.nested ? __ldg(w.offset) : 0.f;
 }
 
 // The 16 levels in shared memory: per-thread lookups with a dynamic index.
@@ -53,6 +58,7 @@ __global__ void __launch_bounds__(kThreads) nf4_dequant_vec(const NF4Weight w, i
                                                             T* __restrict__ out) {
   __shared__ float lut[16];
   load_levels(w.code, lut);
+  const float offset = nested_offset(w);
   const uint32_t* words = reinterpret_cast<const uint32_t*>(w.packed);
   const int64_t first = (int64_t)blockIdx.x * (kThreads * kUnits) + threadIdx.x;
   uint32_t word[kUnits];
@@ -65,7 +71,7 @@ __global__ void __launch_bounds__(kThreads) nf4_dequant_vec(const NF4Weight w, i
   for (int u = 0; u < kUnits; ++u) {
     const int64_t i = first + (int64_t)u * kThreads;
     if (i >= units) break;
-    const float scale = block_scale(w, (i * 8) >> w.bs_log2);  // 8 values, one block
+    const float scale = block_scale(w, (i * 8) >> w.bs_log2, offset);  // 8 values, one block
     float v[8];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -83,11 +89,12 @@ __global__ void __launch_bounds__(kThreads) nf4_dequant_scalar(const NF4Weight w
                                                                int64_t numel, T* out) {
   __shared__ float lut[16];
   load_levels(w.code, lut);
+  const float offset = nested_offset(w);
   const int64_t step = (int64_t)gridDim.x * blockDim.x;
   for (int64_t i = start + (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < numel; i += step) {
     const uint32_t byte = w.packed[i >> 1];
     const uint32_t nib = (i & 1) ? (byte & 15u) : (byte >> 4);
-    out[i] = from_f32<T>(__fmul_rn(lut[nib], block_scale(w, i >> w.bs_log2)));
+    out[i] = from_f32<T>(__fmul_rn(lut[nib], block_scale(w, i >> w.bs_log2, offset)));
   }
 }
 
@@ -248,11 +255,19 @@ __global__ void __launch_bounds__(kGemvWarps * 32) nf4_gemv_kernel(const NF4Weig
 #pragma unroll
   for (int i = 0; i < kAhead; ++i) ring[i] = load_chunk(pa, pb, warp + i * kGemvWarps, chunks,
                                                         va, vb);
-  for (int e = threadIdx.x; e < 256 * 32; e += blockDim.x) {
-    const int byte = e >> 5;
-    lut[e] = pack2<T>(__ldg(w.code + (byte >> 4)), __ldg(w.code + (byte & 15)));
+  {
+    // warp fills bytes warp + 8i (i = 0..31), whose high nibble is i / 2 and low nibble
+    // warp + 8 (i % 2): every level index is a compile-time constant or one of two values.
+    static_assert(kGemvWarps == 8, "the table fill below assumes 8 warps");
+    float levels[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) levels[j] = __ldg(w.code + j);
+    const float low[2] = {__ldg(w.code + warp), __ldg(w.code + warp + 8)};
+#pragma unroll
+    for (int i = 0; i < 32; ++i) lut[(warp + 8 * i) * 32 + lane] = pack2<T>(levels[i >> 1], low[i & 1]);
   }
   __syncthreads();
+  const float offset = nested_offset(w);
   const uint32_t* lut_lane = lut + lane;
 
   float acc[MT][4];
@@ -271,8 +286,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32) nf4_gemv_kernel(const NF4Weig
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t k_half = (int64_t)c * kChunk + 64 * h;  // one block holds all 64
-        const float sa = va ? block_scale(w, (ra * K + k_half) >> w.bs_log2) : 0.f;
-        const float sb = vb ? block_scale(w, (rb * K + k_half) >> w.bs_log2) : 0.f;
+        const float sa = va ? block_scale(w, (ra * K + k_half) >> w.bs_log2, offset) : 0.f;
+        const float sb = vb ? block_scale(w, (rb * K + k_half) >> w.bs_log2, offset) : 0.f;
         gemv_half<T, MT>(a, x, lut_lane, cur.a[h], cur.b[h], k_half + 16 * t, sa, sb, g, acc);
       }
     }
