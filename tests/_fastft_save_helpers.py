@@ -131,13 +131,16 @@ def tokenizer_for(family: str):
     return byte_level_bpe_tokenizer()
 
 
-def tiny_model(family: str, tmp_path, tokenizer=None, dtype=torch.float32, load_in_4bit=False, seed=0):
-    """A random-init model saved to disk and loaded back (as users load checkpoints)."""
+def tiny_model(family: str, tmp_path, tokenizer=None, dtype=torch.float32, load_in_4bit=False, seed=0, **overrides):
+    """A random-init model saved to disk and loaded back (as users load checkpoints);
+    `overrides` change config fields (e.g. intermediate_size)."""
     import transformers as tf
 
     tokenizer = tokenizer or tokenizer_for(family)
     vocab = len(tokenizer)
     config = tiny_config(family, vocab, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    for key, value in overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config)
     # norms away from their init of exactly 1 (or 0 for Gemma) so the +1 handling is tested; biases non-zero

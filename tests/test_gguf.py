@@ -417,3 +417,22 @@ def test_pre_tokenizer_names_for_known_split_regexes():
     assert _pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}) == "gpt-2"
     with pytest.warns(UserWarning, match="split regex"):
         assert _pre_tokenizer_name(tokenizer_json(r"\w+|\s+")) == "default"
+
+
+def test_rows_that_do_not_fit_k_quant_blocks_fall_back(tmp_path):
+    # intermediate 320 = 10 * 32: ffn_down rows are not a multiple of 256, so Q4_K -> Q5_0 and
+    # the "more bits" layer's Q6_K -> Q8_0, as llama-quantize does
+    base, tok = tiny_model("llama", tmp_path, intermediate_size=320)
+    pm = add_lora(base)
+    ids = sample_ids(len(tok))
+    ref = logits(pm, ids)
+    f = save.save_pretrained_gguf(pm, str(tmp_path / "g"), tok, quantization_method="q4_k_m")[0]
+    ts = tensors_by_name(gguf.GGUFReader(f))
+    assert ts["blk.0.ffn_down.weight"].tensor_type.name == "Q5_0"
+    assert ts["blk.1.ffn_down.weight"].tensor_type.name == "Q8_0"
+    assert ts["blk.0.ffn_up.weight"].tensor_type.name == "Q4_K"
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(f), gguf_file=os.path.basename(f), dtype=torch.float32)
+    err = rel_err(logits(loaded, ids), ref)
+    merged = copy.deepcopy(pm).merge_and_unload()
+    type_of = {k: ts[expected_name(k, "llama")].tensor_type.name for k in merged.state_dict()}
+    assert err <= 1.5 * noise_model_logit_error(merged, type_of, ids), err
