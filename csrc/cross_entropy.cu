@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const CrossEntropyA
 
   if (valid) {
     // ---- pass 1: online max / sum of exp, sum of z (label smoothing), cache the row
-    float m = -INFINITY, m_log2 = -INFINITY, s = 0.f, zsum = 0.f;
+    float m = -INFINITY, s = 0.f, zsum = 0.f;
     for (int64_t base = tid; base < nvec; base += (int64_t)kUnroll * nthreads) {
       V raw[kUnroll];
 #pragma unroll
@@ -150,11 +150,11 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const CrossEntropyA
         if (vmax > m) {
           s = (m == -INFINITY) ? 0.f : s * exp2f((m - vmax) * kLog2e);
           m = vmax;
-          m_log2 = m * kLog2e;
         }
+        // (z - m) first: the max element then contributes exactly 1
         if (m != -INFINITY) {  // else every z so far is -inf (masked vocabulary): adds nothing
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) s += exp2f(fmaf(z[i], kLog2e, -m_log2));
+          for (int i = 0; i < VEC; ++i) s += exp2f((z[i] - m) * kLog2e);
         }
       }
     }
@@ -216,7 +216,6 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const CrossEntropyA
     return;
   }
   const float lse = row_lse;
-  const float lse_log2 = lse * kLog2e;
   const float w = a.row_weight[row * a.weight_stride];
   const float off_label = a.smoothing / (float)vocab;
   const float on_label = off_label + (1.f - a.smoothing);
@@ -247,7 +246,7 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const CrossEntropyA
             dz[i] = 1.f - t * t;
           }
         }
-        const float p = exp2f(fmaf(z, kLog2e, -lse_log2));
+        const float p = exp2f((z - lse) * kLog2e);
         gf[i] = (p - off_label) * (TRANSFORM ? w_scaled * dz[i] : w);
       }
       // the label's element, once per vector rather than a compare per element
