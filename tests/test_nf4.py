@@ -267,6 +267,26 @@ def test_matmul_frozen_weight_and_no_grad_input():
     assert state.absmax.grad is None
 
 
+@pytest.mark.parametrize("backend", [b for b in backends("nf4_matmul", "cpu") if b != "torch"])
+def test_two_layers_share_the_workspace_through_backward(backend):
+    """Layer 2's forward overwrites the workspace layer 1 used; layer 1's backward must still
+    see its own weight (it dequantises again)."""
+    nf4_mod.release_workspaces()
+    _, p1, s1 = quantize((96, 64), True, seed=11)
+    _, p2, s2 = quantize((48, 96), False, seed=12)
+    w1 = nf4_dequantize(p1, s1, dtype=torch.float32, backend="torch").double()
+    w2 = nf4_dequantize(p2, s2, dtype=torch.float32, backend="torch").double()
+    x = torch.randn(20, 64)  # 20 rows: the workspace path
+    xt = x.clone().requires_grad_()
+    y = nf4_matmul(torch.relu(nf4_matmul(xt, p1, s1, backend=backend)), p2, s2, backend=backend)
+    y.sum().backward()
+    x64 = x.double().requires_grad_()
+    ref = torch.relu(x64 @ w1.t()) @ w2.t()
+    ref.sum().backward()
+    assert rel_err(y, ref) < 1e-5 and rel_err(xt.grad, x64.grad) < 1e-5
+    assert len(nf4_mod._WORKSPACES) == 1  # one float32 buffer on the CPU, shared
+
+
 def test_workspace_is_reused_across_layers():
     nf4_mod.release_workspaces()
     _, p1, s1 = quantize((40, 128), True, seed=1)
