@@ -7,7 +7,14 @@ path (full logits, float32 cross-entropy) and Liger-Kernel's fused op when it im
 
 cross_entropy forward+backward on [16384, 128256] bf16 logits: bytes = logits read once +
 gradient written once, as a fraction of the measured copy bandwidth, against torch eager and
-torch.compile of F.cross_entropy."""
+torch.compile of F.cross_entropy.
+
+Layout variants recorded side by side (to choose the defaults from one run):
+FASTFT_CE_BLOCKS_PER_SM=1|2 for the CUDA kernel (1024 threads and ~226 KB of the row cached in
+shared memory, or 512 threads and half that, two blocks per SM), and
+FASTFT_CE_TRITON_PROGRAMS_PER_SM=N for Triton (N programs per SM looping over rows, instead of
+one program per row). Fused-head rows carry extra_gib (peak beyond inputs and outputs) and
+vs_matmuls (time / the matmul floor; the bar is <= 1.07 with a frozen head)."""
 
 import pytest
 import torch
