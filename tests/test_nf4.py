@@ -197,6 +197,10 @@ def test_bad_states_are_rejected_clearly():
         nf4_dequantize(packed, NF4State(absmax=state.absmax, shape=state.shape, blocksize=32))
     with pytest.raises(ValueError, match="bytes"):
         nf4_dequantize(packed[:100], state)
+    repacked = copy.deepcopy(state)
+    repacked.packing_format_for_cpu = True  # what bitsandbytes sets after repacking for its CPU gemm
+    with pytest.raises(ValueError, match="CPU-repacked"):
+        nf4_dequantize(packed, repacked)
     with pytest.raises(ValueError, match="no quant_state"):
         nf4_dequantize(packed)
     with pytest.raises(ValueError, match="features"):

@@ -167,6 +167,11 @@ def resolve(packed: torch.Tensor, quant_state=None) -> Resolved:
     if quant_type != "nf4":
         raise ValueError(f"nf4: quant_type {quant_type!r} is not supported, only 'nf4' is; "
                          f"quantise with bnb_4bit_quant_type='nf4'")
+    if getattr(qs, "packing_format_for_cpu", False):
+        raise ValueError("nf4: this weight is in bitsandbytes' CPU-repacked layout (a Linear4bit "
+                         "ran inference on the CPU), not the NF4 storage layout; undo it with "
+                         "bitsandbytes.functional._convert_weight_packed_for_cpu_inverse(weight."
+                         "data, weight.quant_state) or run that layer in training mode")
     blocksize = int(getattr(qs, "blocksize", 64))
     if blocksize not in VALID_BLOCKSIZES:
         raise ValueError(f"nf4: blocksize {blocksize} is not supported; use a power of two "
