@@ -1,0 +1,122 @@
+"""Trainer glue: FastTrainer (trl's SFTTrainer) whose optimizer can give the embeddings and the
+LM head their own learning rate, as continued pretraining wants (new-domain text moves the
+embeddings a lot; a smaller rate there keeps them stable):
+
+    args = FastTrainingArguments(learning_rate=5e-5, embedding_learning_rate=5e-6, ...)
+    trainer = FastTrainer(model=model, processing_class=tokenizer, train_dataset=ds, args=args)
+
+UnslothTrainer / UnslothTrainingArguments are the same classes under the names ported scripts use.
+FastTrainer also accepts the older SFTTrainer keywords those scripts pass (tokenizer=,
+dataset_text_field=, max_seq_length=, packing=, dataset_num_proc=) and moves them where trl
+expects them now.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from torch import nn
+from trl import SFTConfig, SFTTrainer
+
+logger = logging.getLogger("fastft")
+
+# Parameter-name parts that mark input embeddings / output head (incl. peft's wrapped copies).
+EMBEDDING_NAME_PARTS = ("embed_tokens", "lm_head")
+
+
+def is_embedding_parameter(name: str) -> bool:
+    parts = name.split(".")
+    return any(part in parts for part in EMBEDDING_NAME_PARTS)
+
+
+@dataclass
+class FastTrainingArguments(SFTConfig):
+    """trl's SFTConfig plus `embedding_learning_rate`: the learning rate of embed_tokens / lm_head
+    parameters (None: the same as learning_rate)."""
+
+    embedding_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate for embed_tokens / lm_head (continued pretraining); "
+                          "None uses learning_rate."},
+    )
+
+    def __post_init__(self):
+        import torch
+
+        if self.bf16 is None and not self.fp16 and not torch.cuda.is_available():
+            self.bf16 = False  # trl would pick bf16 and then refuse to run on a CPU-only machine
+        super().__post_init__()
+        if self.embedding_learning_rate is not None and self.embedding_learning_rate < 0:
+            raise ValueError(f"embedding_learning_rate must be >= 0, got {self.embedding_learning_rate}.")
+
+
+# SFTTrainer keywords of older trl versions -> the SFTConfig field that holds them now.
+_LEGACY_ARGS = {"dataset_text_field": "dataset_text_field", "max_seq_length": "max_length",
+                "packing": "packing", "dataset_num_proc": "dataset_num_proc"}
+
+
+class FastTrainer(SFTTrainer):
+    def __init__(self, *args, tokenizer=None, **kwargs):
+        legacy = {k: kwargs.pop(k) for k in list(kwargs) if k in _LEGACY_ARGS}
+        if tokenizer is not None:
+            if kwargs.get("processing_class") is not None:
+                raise ValueError("Pass the tokenizer once: tokenizer= or processing_class=, not both.")
+            kwargs["processing_class"] = tokenizer
+        if legacy:
+            train_args = kwargs.get("args")
+            if train_args is None:
+                raise ValueError(f"{sorted(legacy)} need args=FastTrainingArguments(...) (or SFTConfig) "
+                                 "to hold them; put them there.")
+            if not isinstance(train_args, SFTConfig):
+                raise ValueError(f"{sorted(legacy)} are SFTConfig options; pass args=FastTrainingArguments"
+                                 f"(...) instead of {type(train_args).__name__}.")
+            for old, new in _LEGACY_ARGS.items():
+                if old in legacy and legacy[old] is not None:
+                    setattr(train_args, new, legacy[old])
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        lr_embed = getattr(self.args, "embedding_learning_rate", None)
+        if lr_embed is None or self.optimizer is not None:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[bool, bool], list] = {}
+        counts = {True: 0, False: 0}
+        for name, p in opt_model.named_parameters():
+            if not p.requires_grad:
+                continue
+            embed = is_embedding_parameter(name)
+            groups.setdefault((embed, name in decay), []).append(p)
+            counts[embed] += p.numel()
+        param_groups = []
+        for (embed, decays), params in groups.items():
+            group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
+            if embed:
+                group["lr"] = lr_embed
+            param_groups.append(group)
+        if counts[True] == 0:
+            logger.warning("fastft: embedding_learning_rate is set but no trainable embed_tokens / lm_head "
+                           "parameters exist (add them to modules_to_save or target_modules).")
+        else:
+            logger.info(f"fastft: {counts[True]:,} embedding/lm_head parameters train at lr={lr_embed}, "
+                        f"{counts[False]:,} others at lr={self.args.learning_rate}.")
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        for key in ("params", "model", "optimizer_dict"):
+            if key in optimizer_kwargs:
+                raise ValueError(f"optim={self.args.optim!r} builds its own parameter groups; it cannot be "
+                                 "combined with embedding_learning_rate.")
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        if "bitsandbytes" in str(optimizer_cls) and optimizer_kwargs.get("optim_bits") == 8:
+            # as transformers does: 8-bit optimizer states are too coarse for embeddings
+            import bitsandbytes
+
+            manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+            for module in opt_model.modules():
+                if isinstance(module, nn.Embedding):
+                    manager.register_module_override(module, "weight", {"optim_bits": 32})
+        return self.optimizer
+
+
+UnslothTrainer = FastTrainer
+UnslothTrainingArguments = FastTrainingArguments

@@ -1,0 +1,117 @@
+"""FastTrainer / FastTrainingArguments: embed_tokens / lm_head get embedding_learning_rate, the
+rest learning_rate; Unsloth aliases; the older SFTTrainer keywords ported scripts pass."""
+import pytest
+import torch
+
+from fastft import dispatch
+from fastft.models import unpatch_all
+from tests.tiny_models import save_tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(monkeypatch):
+    monkeypatch.setenv("FASTFT_BACKEND", "torch")
+    dispatch.clear_cache()
+    unpatch_all()
+    yield
+    unpatch_all()
+    dispatch.clear_cache()
+
+
+@pytest.fixture
+def cpt_setup(tmp_path):
+    """A tiny llama with LoRA + trainable embed_tokens / lm_head and a raw-text data set."""
+    from datasets import Dataset
+
+    from fastft import FastLanguageModel
+
+    path = save_tiny_model("llama", tmp_path / "model")
+    model, tok = FastLanguageModel.from_pretrained(path, max_seq_length=48)
+    model = FastLanguageModel.get_peft_model(
+        model, r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                    "down_proj"],
+        modules_to_save=["embed_tokens", "lm_head"], use_gradient_checkpointing=False)
+    texts = [f"Line {i}: the cat sat on mat number {i * 7 % 13}." for i in range(24)]
+    return model, tok, Dataset.from_dict({"text": texts}), tmp_path
+
+
+def _args(tmp_path, **kw):
+    from fastft import FastTrainingArguments
+
+    base = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                learning_rate=5e-3, embedding_learning_rate=5e-4, weight_decay=0.01,
+                logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
+                use_cpu=not torch.cuda.is_available(), max_length=48, lr_scheduler_type="linear")
+    base.update(kw)
+    return FastTrainingArguments(**base)
+
+
+def _group_lrs(trainer, model):
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for group in trainer.optimizer.param_groups:
+        for p in group["params"]:
+            out[by_id[id(p)]] = (group["lr"], group["weight_decay"])
+    return out
+
+
+def test_embedding_learning_rate_groups(cpt_setup):
+    from fastft import FastTrainer
+    from fastft.trainer import is_embedding_parameter
+
+    model, tok, ds, tmp = cpt_setup
+    trainer = FastTrainer(model=model, processing_class=tok, train_dataset=ds, args=_args(tmp))
+    trainer.create_optimizer()
+    lrs = _group_lrs(trainer, model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(lrs) == trainable  # every trainable parameter is in exactly one group
+    embed = {n for n in trainable if is_embedding_parameter(n)}
+    assert any("embed_tokens" in n for n in embed) and any("lm_head" in n for n in embed)
+    assert all(lrs[n][0] == 5e-4 for n in embed)
+    assert all(lrs[n][0] == 5e-3 for n in trainable - embed)
+    decay = set(trainer.get_decay_parameter_names(model))
+    assert all(lrs[n][1] == (0.01 if n in decay else 0.0) for n in trainable)
+
+
+def test_training_keeps_the_ratio_and_moves_embeddings(cpt_setup):
+    from fastft import FastTrainer
+
+    model, tok, ds, tmp = cpt_setup
+    emb = next(p for n, p in model.named_parameters() if "embed_tokens" in n and p.requires_grad)
+    before = emb.detach().clone()
+    trainer = FastTrainer(model=model, processing_class=tok, train_dataset=ds,
+                          args=_args(tmp, max_steps=3))
+    trainer.train()
+    assert not torch.equal(before, emb.detach())
+    # the scheduler scales both groups from their own starting rates
+    lrs = sorted({g["initial_lr"] for g in trainer.optimizer.param_groups})
+    assert lrs == [5e-4, 5e-3]
+
+
+def test_without_embedding_learning_rate_is_plain_sft(cpt_setup):
+    from fastft import FastTrainer
+
+    model, tok, ds, tmp = cpt_setup
+    trainer = FastTrainer(model=model, processing_class=tok, train_dataset=ds,
+                          args=_args(tmp, embedding_learning_rate=None))
+    trainer.create_optimizer()
+    assert {g["lr"] for g in trainer.optimizer.param_groups} == {5e-3}
+
+
+def test_unsloth_names_and_legacy_keywords(cpt_setup):
+    from fastft import FastTrainer, FastTrainingArguments, UnslothTrainer, UnslothTrainingArguments
+
+    assert UnslothTrainer is FastTrainer and UnslothTrainingArguments is FastTrainingArguments
+    model, tok, ds, tmp = cpt_setup
+    ds = ds.rename_column("text", "body")
+    args = _args(tmp)
+    trainer = UnslothTrainer(model=model, tokenizer=tok, train_dataset=ds, dataset_text_field="body",
+                             max_seq_length=40, packing=False, args=args)
+    assert trainer.processing_class is tok
+    assert args.dataset_text_field == "body" and args.max_length == 40
+    assert max(len(x) for x in trainer.train_dataset["input_ids"]) <= 40
+    with pytest.raises(ValueError, match="not both"):
+        FastTrainer(model=model, tokenizer=tok, processing_class=tok, train_dataset=ds, args=args)
+    with pytest.raises(ValueError, match="embedding_learning_rate"):
+        FastTrainingArguments(output_dir=str(tmp), embedding_learning_rate=-1.0,
+                              use_cpu=not torch.cuda.is_available())
