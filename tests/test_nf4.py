@@ -163,6 +163,17 @@ def test_params4bit_and_own_state(backend):
 
 
 @pytest.mark.parametrize("backend", backends("nf4_dequantize", "cpu"))
+def test_other_quant_storage_dtype(backend):
+    """bitsandbytes may store the packed bytes in another dtype (quant_storage, for FSDP)."""
+    w = torch.randn(40, 128) * 0.02
+    packed, state = bnb_functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True,
+                                                 quant_storage=torch.bfloat16)
+    assert packed.dtype == torch.bfloat16
+    out = nf4_dequantize(packed, state, dtype=torch.float32, backend=backend)
+    assert torch.equal(out, bnb_public(packed, state, torch.float32))
+
+
+@pytest.mark.parametrize("backend", backends("nf4_dequantize", "cpu"))
 def test_out_buffer_and_shared_workspace(backend):
     _, p1, s1 = quantize((37, 64), True, seed=1)
     _, p2, s2 = quantize((20, 130), False, seed=2)
