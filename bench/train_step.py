@@ -1,0 +1,395 @@
+"""End-to-end training-step benchmark: fastft vs transformers + peft, one process per variant.
+
+    python bench/train_step.py --out DIR [--models 1b,8b] [--modes lora,qlora]
+                               [--batches 2x2048,4x4096,1x16384] [--impls baseline,fastft]
+                               [--quick] [--warmup N] [--steps N]
+                               [--longest] [--longest-lengths 344064,...] [--cap-gb 80]
+
+Every variant runs in its own subprocess (so one variant's allocations, patches and OOMs cannot
+affect another) on the same random-init model (LlamaConfig of the Llama-3.2-1B / Llama-3.1-8B
+shape, bf16, built directly on the GPU from one seed) and the same random token batches (never
+zeros). LoRA: r=16, alpha=16, dropout 0, all 7 projections; QLoRA: the decoder's linear layers
+are NF4 (bitsandbytes Linear4bit, double quantisation, bf16 compute) in both variants.
+
+  baseline: transformers + peft (+ bitsandbytes for QLoRA), SDPA attention, transformers'
+            gradient checkpointing (non-reentrant), the model's own loss.
+  fastft:   fastft.models.patch_model + FastLanguageModel.get_peft_model with
+            use_gradient_checkpointing="unsloth" (fused LoRA, offloaded checkpointing, fused
+            kernels and loss, whatever the loader enables).
+
+Reported per variant (JSON, one file per variant plus summary.json in DIR): tokens/s (median
+over the timed steps after warm-up; a step = forward + backward + AdamW step), peak GPU memory,
+memory after load + LoRA setup, their difference ("beyond_setup"), and the loss of every step
+(same seed and data in both variants, so the curves can be compared).
+
+--longest: the longest batch-1 sequence that trains one step of the 8B QLoRA model with the
+process capped at --cap-gb (torch.cuda.set_per_process_memory_fraction), by binary search over
+lengths (each probe its own subprocess), fastft and baseline. Long probes take minutes each
+(attention is quadratic); --longest-lengths probes given lengths only (e.g. the bar's 344064).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
+    # for a CPU smoke run of the worker code path only
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=300, tie_word_embeddings=False),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK = 16
+
+
+# ------------------------------------------------------------------------------- worker side
+
+def _config(shape: str, seq: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        **SHAPES[shape], rms_norm_eps=1e-5, max_position_embeddings=max(131072, seq),
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+        attn_implementation="sdpa", use_cache=False,
+        bos_token_id=128000 if shape != "tiny" else None, eos_token_id=128001 if shape != "tiny" else None)
+
+
+def _build_model(shape: str, seq: int, seed: int, device: str = "cuda"):
+    """Random-init LlamaForCausalLM in bf16, constructed directly on the GPU."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(_config(shape, seq))
+    finally:
+        torch.set_default_dtype(old)
+    return model.to(torch.bfloat16)
+
+
+def _quantize_decoder_linears(model, device="cuda"):
+    """Replace every nn.Linear inside the decoder layers by an NF4 bitsandbytes Linear4bit
+    (double quantisation, bf16 compute) holding the same weights, as a QLoRA load would."""
+    import bitsandbytes as bnb
+    import torch
+    from torch import nn
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True,
+                                      quant_type="nf4", device="meta")
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True).to(device)
+                if child.bias is not None:
+                    q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(parent, name, q)
+                del child
+    model.is_loaded_in_4bit = True  # what a bitsandbytes load reports; peft picks its 4-bit LoRA layer
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return model
+
+
+def _setup_baseline(model, mode):
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, bias="none",
+                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
+    base = model.get_base_model()
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    base.config.use_cache = False
+    return model, {"checkpointing": "transformers (non-reentrant)", "attention": "sdpa"}
+
+
+def _setup_fastft(model, mode):
+    info = {}
+    try:
+        from fastft.loader import FastLanguageModel
+        from fastft.models import patch_model
+    except ImportError as exc:  # the loader is not there: assemble the same from the pieces
+        info["loader"] = f"unavailable ({exc}); built from fastft.lora + fastft.offload"
+        from peft import LoraConfig, get_peft_model
+
+        from fastft.lora import apply_fused_lora
+        from fastft.offload import enable_offloaded_checkpointing
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, bias="none",
+                                                 target_modules=TARGETS, task_type="CAUSAL_LM"))
+        info["fused_lora"] = {k: v for k, v in apply_fused_lora(model).items() if k != "skipped"}
+        enable_offloaded_checkpointing(model)
+        return model, info
+    family = patch_model(model)
+    info["family"] = getattr(family, "name", str(family))
+    model = FastLanguageModel.get_peft_model(model, r=RANK, lora_alpha=RANK, lora_dropout=0.0, bias="none",
+                                             target_modules=TARGETS, use_gradient_checkpointing="unsloth")
+    from fastft.lora import is_fused
+
+    base = model.get_base_model()
+    layer = base.model.layers[0]
+    info["fused_lora"] = {"mlp": is_fused(layer.mlp), "qkv": is_fused(layer.self_attn.q_proj),
+                          "o_proj": is_fused(layer.self_attn.o_proj)}
+    info["checkpointing"] = type(getattr(layer, "_gradient_checkpointing_func", None)).__name__
+    return model, info
+
+
+def run_worker(spec: dict) -> dict:
+    import torch
+
+    sys.path.insert(0, ROOT)
+    if spec["impl"] == "fastft":
+        import fastft  # noqa: F401  (before transformers / peft, as users are told to)
+    device = spec.get("device", "cuda")
+    cuda = device == "cuda"
+    result = dict(spec)
+    gib = 1024 ** 3
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:
+        result["gpu"] = torch.cuda.get_device_name()
+        total = torch.cuda.get_device_properties(0).total_memory
+        if spec.get("cap_gb"):
+            torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gb"] * 1e9 / total))
+    t0 = time.time()
+    model = _build_model(spec["model"], spec["seq"], spec["seed"], device)
+    if spec["mode"] == "qlora":
+        model = _quantize_decoder_linears(model, device)
+    setup = _setup_baseline if spec["impl"] == "baseline" else _setup_fastft
+    model, info = setup(model, spec["mode"])
+    model.train()
+    result["setup"] = info
+    params = [p for p in model.parameters() if p.requires_grad]
+    result["trainable_params"] = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    vocab = SHAPES[spec["model"]]["vocab_size"]
+    n_steps = spec["warmup"] + spec["steps"]
+    gen = torch.Generator(device=device).manual_seed(spec["seed"] + 1)
+    batches = [torch.randint(0, vocab, (spec["batch"], spec["seq"]), device=device, generator=gen)
+               for _ in range(min(n_steps, 4))]
+    sync()
+    result["setup_s"] = round(time.time() - t0, 1)
+    result["mem_after_setup_gib"] = torch.cuda.memory_allocated() / gib if cuda else 0.0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(n_steps):
+        ids = batches[i % len(batches)]
+        sync()
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss.detach()))
+    timed = times[spec["warmup"]:] or times
+    tokens = spec["batch"] * spec["seq"]
+    result["step_s"] = [round(t, 4) for t in times]
+    result["tokens_per_s"] = tokens / statistics.median(timed)
+    result["peak_gib"] = torch.cuda.max_memory_allocated() / gib if cuda else 0.0
+    result["beyond_setup_gib"] = result["peak_gib"] - result["mem_after_setup_gib"]
+    result["losses"] = losses
+    result["ok"] = True
+    return result
+
+
+# ------------------------------------------------------------------------------- driver side
+
+def _run(spec: dict, timeout: float) -> dict:
+    """One variant in a fresh interpreter; OOM / errors / timeouts become results too."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"))
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return dict(spec, ok=False, error=f"timeout after {timeout:.0f} s")
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            res = json.loads(line[len("RESULT "):])
+            res["wall_s"] = round(time.time() - t0, 1)
+            return res
+    tail = (proc.stderr or proc.stdout)[-3000:]
+    oom = "OutOfMemoryError" in tail or "out of memory" in tail
+    return dict(spec, ok=False, oom=oom, error=tail, wall_s=round(time.time() - t0, 1))
+
+
+def _name(spec):
+    return f"{spec['model']}_{spec['mode']}_{spec['batch']}x{spec['seq']}_{spec['impl']}"
+
+
+def _fmt(res):
+    if not res.get("ok"):
+        return f"{_name(res):<40} FAILED{' (OOM)' if res.get('oom') else ''}: {res.get('error', '')[-200:]!r}"
+    return (f"{_name(res):<40} {res['tokens_per_s']:>10.0f} tok/s  peak {res['peak_gib']:6.2f} GiB  "
+            f"setup {res['mem_after_setup_gib']:6.2f} GiB  beyond {res['beyond_setup_gib']:6.2f} GiB  "
+            f"loss {res['losses'][0]:.4f}->{res['losses'][-1]:.4f}")
+
+
+def _longest(args, impl, out_dir, summary):
+    """Binary search (granularity args.longest_step tokens) for the longest fitting length."""
+    def probe(length):
+        spec = dict(model="8b", mode="qlora", impl=impl, batch=1, seq=length, warmup=0, steps=1,
+                    seed=0, cap_gb=args.cap_gb)
+        res = _run(spec, args.longest_timeout)
+        res["probe"] = "longest"
+        summary["longest_probes"].append(res)
+        print(_fmt(res), flush=True)
+        _write(out_dir, f"longest_{impl}_{length}", res)
+        return bool(res.get("ok"))
+
+    if args.longest_lengths:
+        fits = [n for n in args.longest_lengths if probe(n)]
+        return max(fits) if fits else None
+    lo, hi = (args.baseline_range if impl == "baseline" else args.fastft_range)
+    step = args.longest_step
+    best = None
+    if not probe(lo):
+        return None
+    best = lo
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        if mid <= lo:
+            break
+        if probe(mid):
+            lo = best = mid
+        else:
+            hi = mid
+    return best
+
+
+def _write(out_dir, name, obj):
+    with open(os.path.join(out_dir, name + ".json"), "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def _ratio(summary):
+    """fastft / baseline ratios per (model, mode, batch)."""
+    by = {}
+    for r in summary["runs"]:
+        if r.get("ok"):
+            by[(r["model"], r["mode"], r["batch"], r["seq"], r["impl"])] = r
+    rows = []
+    for (m, mode, b, s, impl), r in sorted(by.items()):
+        if impl != "fastft" or (m, mode, b, s, "baseline") not in by:
+            continue
+        base = by[(m, mode, b, s, "baseline")]
+        rows.append({"model": m, "mode": mode, "batch": b, "seq": s,
+                     "speedup": r["tokens_per_s"] / base["tokens_per_s"],
+                     "beyond_setup_ratio": r["beyond_setup_gib"] / max(base["beyond_setup_gib"], 1e-9),
+                     "first_loss_rel_diff": abs(r["losses"][0] - base["losses"][0]) / abs(base["losses"][0])})
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=False, help="directory for the JSON results")
+    ap.add_argument("--models", default="1b,8b")
+    ap.add_argument("--modes", default="lora,qlora")
+    ap.add_argument("--batches", default="2x2048,4x4096,1x16384")
+    ap.add_argument("--impls", default="baseline,fastft")
+    ap.add_argument("--quick", action="store_true", help="fewer steps per variant (total ~8 min for both models)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per variant")
+    ap.add_argument("--longest", action="store_true", help="also search the longest 8B QLoRA sequence")
+    ap.add_argument("--longest-only", action="store_true")
+    ap.add_argument("--longest-lengths", default="", help="comma-separated lengths to probe instead of searching")
+    ap.add_argument("--cap-gb", type=float, default=80.0)
+    ap.add_argument("--fastft-range", default="65536,524288")
+    ap.add_argument("--baseline-range", default="8192,65536")
+    ap.add_argument("--longest-step", type=int, default=4096)
+    ap.add_argument("--longest-timeout", type=float, default=590.0)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        res = run_worker(json.loads(args.worker))
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+    if not args.out:
+        ap.error("--out DIR is required")
+    os.makedirs(args.out, exist_ok=True)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    steps = args.steps if args.steps is not None else (2 if args.quick else 5)
+    timeout = args.timeout or (150 if args.quick else 400)
+    args.longest_lengths = [int(x) for x in args.longest_lengths.split(",") if x]
+    args.fastft_range = [int(x) for x in args.fastft_range.split(",")]
+    args.baseline_range = [int(x) for x in args.baseline_range.split(",")]
+
+    summary = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "warmup": warmup, "steps": steps,
+               "runs": [], "longest_probes": [], "env": _env()}
+    if not args.longest_only:
+        for model in args.models.split(","):
+            for mode in args.modes.split(","):
+                for batch in args.batches.split(","):
+                    b, s = (int(v) for v in batch.lower().split("x"))
+                    for impl in args.impls.split(","):
+                        spec = dict(model=model, mode=mode, impl=impl, batch=b, seq=s, warmup=warmup,
+                                    steps=steps, seed=0)
+                        res = _run(spec, timeout)
+                        summary["runs"].append(res)
+                        print(_fmt(res), flush=True)
+                        _write(args.out, _name(spec), res)
+                        _write(args.out, "summary", summary)
+        summary["ratios"] = _ratio(summary)
+        for r in summary["ratios"]:
+            print(f"{r['model']} {r['mode']} {r['batch']}x{r['seq']}: speedup {r['speedup']:.2f}x, "
+                  f"memory beyond setup {r['beyond_setup_ratio']:.3f}x of baseline", flush=True)
+    if args.longest or args.longest_only:
+        summary["longest"] = {impl: _longest(args, impl, args.out, summary)
+                              for impl in args.impls.split(",")}
+        print("longest 8B QLoRA sequence under", args.cap_gb, "GB:", summary["longest"], flush=True)
+    summary["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    _write(args.out, "summary", summary)
+    return 0
+
+
+def _env():
+    """Versions only: the driver must not create a CUDA context of its own (it would take GPU
+    memory from the variants); each worker records the GPU's name."""
+    from importlib import metadata
+
+    info = {}
+    for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes", "triton"):
+        try:
+            info[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            info[pkg] = None
+    return info
+
+
+if __name__ == "__main__":
+    sys.exit(main())
