@@ -333,6 +333,7 @@ def main(argv=None):
     ap.add_argument("--longest-step", type=int, default=4096)
     ap.add_argument("--longest-timeout", type=float, default=590.0)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: smoke run with --models tiny
     args = ap.parse_args(argv)
 
     if args.worker:
@@ -358,7 +359,7 @@ def main(argv=None):
                     b, s = (int(v) for v in batch.lower().split("x"))
                     for impl in args.impls.split(","):
                         spec = dict(model=model, mode=mode, impl=impl, batch=b, seq=s, warmup=warmup,
-                                    steps=steps, seed=0)
+                                    steps=steps, seed=0, device=args.device)
                         res = _run(spec, timeout)
                         summary["runs"].append(res)
                         print(_fmt(res), flush=True)
