@@ -263,3 +263,62 @@ def test_gpu_compiles_fullgraph(backend):
     (A.reference_glu(g64, u64, "silu") * dh.double()).sum().backward()
     assert rel_err(bg.grad, g64.grad) < 2 * RTOL[torch.bfloat16]
     assert rel_err(bu.grad, u64.grad) < 2 * RTOL[torch.bfloat16]
+
+
+# ------------------------------------------------------------------- inside a real model
+
+@pytest.mark.parametrize("backend,checkpointing",
+                         [("torch", False), ("torch", True)]
+                         + [(b, True) for b in backends("swiglu", "cpu") if b != "torch"])
+def test_tiny_llama_with_fused_rope_and_swiglu_matches_transformers(monkeypatch, backend,
+                                                                    checkpointing):
+    """rope (in place on the projection views) and swiglu (in-place backward) swapped into a
+    random-init Llama: loss and every gradient match the unpatched model, with and without
+    gradient checkpointing (which recomputes the layers, ops included, during backward)."""
+    import transformers.models.llama.modeling_llama as llama
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastft.ops import rope
+
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=88,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).float()
+    if checkpointing:  # renamed activation_checkpointing_enable in newer transformers
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        assert getattr(model, "is_activation_checkpointing", None) or \
+            model.is_gradient_checkpointing
+    model.train()
+    ids = torch.randint(0, 97, (2, 13))
+    position_ids = torch.stack([torch.arange(13), torch.cat([torch.arange(6), torch.arange(7)])])
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids, position_ids=position_ids)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_loss, ref_grads = loss_and_grads()
+    calls = {"rope": 0, "swiglu": 0}
+
+    def fused_rope(q, k, cos, sin, unsqueeze_dim=1):
+        calls["rope"] += 1
+        out_q, out_k = rope(q, k, cos, sin, unsqueeze_dim, backend=backend)
+        assert out_q.data_ptr() == q.data_ptr()  # rotated in place into the projection output
+        return out_q, out_k
+
+    def fused_mlp(self, x):
+        calls["swiglu"] += 1
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=backend))
+
+    monkeypatch.setattr(llama, "apply_rotary_pos_emb", fused_rope)
+    monkeypatch.setattr(llama.LlamaMLP, "forward", fused_mlp)
+    loss, grads = loss_and_grads()
+    assert calls["rope"] >= 2 and calls["swiglu"] >= 2
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+    for name, g in ref_grads.items():
+        assert rel_err(grads[name], g) < 1e-4, name
