@@ -197,6 +197,10 @@ def set_gradient_checkpointing(model, mode) -> str:
         raise ValueError(f"use_gradient_checkpointing={mode!r} is not valid; use True (standard "
                          "checkpointing), \"unsloth\" or \"offload\" (offloaded) or False.")
     base = _base_model(model)
+    if mode in (True, False) and "_fastft_checkpoint_func" in vars(base):
+        from fastft.offload import disable_offloaded_checkpointing  # back to transformers' own
+
+        disable_offloaded_checkpointing(base)
     if mode is False:
         _disable_checkpointing(model)
         applied = "off"
@@ -540,7 +544,11 @@ def _maybe_fuse_lora(model, lora_dropout, bias):
         return
     from fastft.lora import apply_fused_lora
 
-    apply_fused_lora(model)
+    report = apply_fused_lora(model)
+    object.__setattr__(model, "fastft_fused_lora", report)
+    if isinstance(report, dict):
+        logger.info(f"fastft: fused LoRA on {report.get('mlp', 0)} MLPs, {report.get('qkv', 0)} q/k/v "
+                    f"groups, {report.get('o_proj', 0)} o_proj.")
 
 
 def _has_tokenizer(path) -> bool:

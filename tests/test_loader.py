@@ -1,6 +1,7 @@
 """FastLanguageModel / FastModel: loading from local dirs (16-bit, 4-bit through bitsandbytes,
 pre-quantised), pad tokens, attention choice, get_peft_model, checkpointing, modes, unknown
 architectures, adapter save/load, the import-order warning."""
+import importlib.util
 import logging
 import os
 import subprocess
@@ -299,3 +300,47 @@ def test_import_order_warning():
     early = _run("import fastft\nimport transformers, peft")
     assert early.returncode == 0, early.stderr
     assert "fastft was imported after" not in early.stderr
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_fast_path_matches_plain_transformers_and_peft(family, model_dirs):
+    """The whole fastft path (patches, fused LoRA when available, offloaded checkpointing)
+    against plain transformers + peft with the same weights: loss and LoRA grads."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model, tok = FastLanguageModel.from_pretrained(model_dirs[family])
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=5,
+                                             use_gradient_checkpointing="unsloth")
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    enc, labels = _batch(tok)
+
+    def loss_and_grads(m):
+        m.train()
+        loss = m(**enc, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.detach().clone() for n, p in m.named_parameters() if "lora_" in n}
+
+    if importlib.util.find_spec("fastft.lora") is not None:  # the fused LoRA path is what runs
+        assert model.fastft_fused_lora["mlp"] == 2 and model.fastft_fused_lora["qkv"] == 2
+    got = loss_and_grads(model)
+    unpatch_all()
+    plain = AutoModelForCausalLM.from_pretrained(model_dirs[family],
+                                                 attn_implementation=model.config._attn_implementation)
+    plain = get_peft_model(plain, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in plain.named_parameters():
+            if "lora_" in n:
+                p.copy_(lora[n])
+    ref = loss_and_grads(plain)
+    assert rel_err(got[0], ref[0]) <= 1e-4
+    assert set(got[1]) == set(ref[1])
+    for n in ref[1]:
+        assert rel_err(got[1][n], ref[1][n]) <= 1e-4, n
