@@ -1,4 +1,5 @@
 // torch.ops.fastft.nf4_dequantize / nf4_gemv: checks, then the launchers in nf4.cu.
+#include <ATen/ops/empty.h>
 #include <cuda_runtime.h>
 
 #include "binding.h"
@@ -123,6 +124,12 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   a.y = y.data_ptr(); a.y_stride = y.stride(0);
   a.M = (int)M; a.N = (int)N; a.K = (int)K;
   a.dtype = dtype_tag(x);
+  a.split = nf4_gemv_splits(N, K, sm_count(x));
+  at::Tensor partial;
+  if (a.split > 1) {
+    partial = at::empty({a.split, M, N}, x.options().dtype(at::kFloat));
+    a.partial = partial.data_ptr<float>();
+  }
   nf4_gemv(w, a, stream_of(x));
   check_launch();
 }

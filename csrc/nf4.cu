@@ -100,8 +100,9 @@ __global__ void __launch_bounds__(kThreads) nf4_dequant_scalar(const NF4Weight w
 
 // ------------------------------------------------------------------ fused small-M matmul
 //
-// One block: 16 weight rows (n) x all of K; kGemvWarps warps split K into 128-value chunks and
-// their partial sums meet in shared memory (deterministic). Per chunk a warp runs
+// One block: 16 weight rows (n) x all of K (or, when there are fewer row tiles than SMs, one of
+// `split` K ranges, whose float32 results nf4_gemv_reduce adds); kGemvWarps warps split the
+// block's K into 128-value chunks and their partial sums meet in shared memory (deterministic). Per chunk a warp runs
 // mma.m16n8k16 steps with A = a 16x16 tile of NF4 levels (not yet scaled) and B = x^T (8 rows
 // of x per m-tile); each 64-value half of a chunk lies inside one quantisation block
 // (blocksize >= 64), so its scale is applied to the half's fp32 partial sums after the mma:
@@ -247,14 +248,18 @@ __global__ void __launch_bounds__(kGemvWarps * 32) nf4_gemv_kernel(const NF4Weig
   const uint8_t* pa = w.packed + ra * (K / 2) + t * 8;
   const uint8_t* pb = w.packed + rb * (K / 2) + t * 8;
   const T* x = static_cast<const T*>(a.x);
-  const int chunks = K / kChunk;
+  // this block's chunks: split blockIdx.y of a.split equal K ranges (possibly empty)
+  const int total_chunks = K / kChunk;
+  const int per_split = (total_chunks + a.split - 1) / a.split;
+  const int first = blockIdx.y * per_split;
+  const int chunks = min(total_chunks, first + per_split);  // end of this block's range
 
   // kAhead chunks of packed bytes in flight per warp (a register ring, hence the unrolled
   // inner loop), issued before the table is built so the two overlap.
   ChunkBytes ring[kAhead];
 #pragma unroll
-  for (int i = 0; i < kAhead; ++i) ring[i] = load_chunk(pa, pb, warp + i * kGemvWarps, chunks,
-                                                        va, vb);
+  for (int i = 0; i < kAhead; ++i) ring[i] = load_chunk(pa, pb, first + warp + i * kGemvWarps,
+                                                        chunks, va, vb);
   {
     // warp fills bytes warp + 8i (i = 0..31), whose high nibble is i / 2 and low nibble
     // warp + 8 (i % 2): every level index is a compile-time constant or one of two values.
@@ -276,7 +281,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) nf4_gemv_kernel(const NF4Weig
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
 
-  for (int c0 = warp; c0 < chunks; c0 += kAhead * kGemvWarps) {
+  for (int c0 = first + warp; c0 < chunks; c0 += kAhead * kGemvWarps) {
 #pragma unroll
     for (int i = 0; i < kAhead; ++i) {
       const int c = c0 + i * kGemvWarps;
@@ -310,10 +315,27 @@ __global__ void __launch_bounds__(kGemvWarps * 32) nf4_gemv_kernel(const NF4Weig
       float sum = 0.f;
 #pragma unroll
       for (int wp = 0; wp < kGemvWarps; ++wp) sum += red[wp][m][nl];
-      if (bias) sum += to_f32(bias[n]);
-      y[m * a.y_stride + n] = from_f32<T>(sum);
+      if (a.partial) {  // split K: nf4_gemv_reduce adds the splits and the bias
+        a.partial[((int64_t)blockIdx.y * a.M + m) * a.N + n] = sum;
+      } else {
+        if (bias) sum += to_f32(bias[n]);
+        y[m * a.y_stride + n] = from_f32<T>(sum);
+      }
     }
   }
+}
+
+// y = sum of the split-K partials [split, M, N] (+ bias), in a fixed order: deterministic.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) nf4_gemv_reduce(const NF4GemvArgs a) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t mn = (int64_t)a.M * a.N;
+  if (i >= mn) return;
+  const int64_t m = i / a.N, n = i % a.N;
+  float sum = 0.f;
+  for (int s = 0; s < a.split; ++s) sum += a.partial[s * mn + i];
+  if (a.bias) sum += to_f32(static_cast<const T*>(a.bias)[n]);
+  static_cast<T*>(a.y)[m * a.y_stride + n] = from_f32<T>(sum);
 }
 
 }  // namespace
@@ -343,14 +365,27 @@ void nf4_dequantize(const NF4Weight& w, int64_t numel, void* out, int out_dtype,
   });
 }
 
+int nf4_gemv_splits(int64_t N, int64_t K, int sms) {
+  const int64_t tiles = (N + kRowsPerBlock - 1) / kRowsPerBlock;
+  if (tiles >= sms) return 1;  // at least a block per SM already
+  const int64_t chunks = K / kChunk;
+  const int64_t most = std::max<int64_t>(1, chunks / kGemvWarps);  // a chunk per warp at least
+  const int64_t want = (2 * sms + tiles - 1) / tiles;                // about two blocks per SM
+  return (int)std::max<int64_t>(1, std::min(want, most));
+}
+
 void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
   if (a.M <= 0 || a.N <= 0) return;
-  const unsigned blocks = (unsigned)((a.N + kRowsPerBlock - 1) / kRowsPerBlock);
+  const dim3 grid((unsigned)((a.N + kRowsPerBlock - 1) / kRowsPerBlock), (unsigned)a.split);
   const int threads = kGemvWarps * 32;
   auto launch = [&](auto tag) {
     using T = decltype(tag);
-    if (a.M <= 8) nf4_gemv_kernel<T, 1><<<blocks, threads, 0, stream>>>(w, a);
-    else nf4_gemv_kernel<T, 2><<<blocks, threads, 0, stream>>>(w, a);
+    if (a.M <= 8) nf4_gemv_kernel<T, 1><<<grid, threads, 0, stream>>>(w, a);
+    else nf4_gemv_kernel<T, 2><<<grid, threads, 0, stream>>>(w, a);
+    if (a.partial) {
+      const int64_t mn = (int64_t)a.M * a.N;
+      nf4_gemv_reduce<T><<<(unsigned)((mn + kThreads - 1) / kThreads), kThreads, 0, stream>>>(a);
+    }
   };
   if (a.dtype == kBF16) launch(__nv_bfloat16{});
   else launch(__half{});

@@ -36,7 +36,11 @@ struct NF4GemvArgs {
   void* y; int64_t y_stride;
   int M, N, K;
   int dtype;
+  int split;        // K ranges (grid.y); 1, or nf4_gemv_splits(...)
+  float* partial;   // split > 1: [split, M, N] float32 scratch, else null
 };
+// How many K ranges to split into so that a weight with few rows still fills `sms` SMs.
+int nf4_gemv_splits(int64_t N, int64_t K, int sms);
 void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream);
 
 }  // namespace fastft
