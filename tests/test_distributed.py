@@ -35,7 +35,7 @@ GLOBAL_BATCH = 4
 SEQ = 24
 LR = 0.05
 SEED = 1234
-CPU_MODES = ("ddp", "fsdp2", "fsdp2_tail", "sft_ddp")
+CPU_MODES = ("ddp", "fsdp2", "fsdp2_tail", "ddp_offload", "fsdp2_offload", "sft_ddp")
 TOL = 1e-5
 
 
@@ -48,7 +48,7 @@ def global_batches(n_steps=STEPS):
     return torch.randint(0, 256, (n_steps, GLOBAL_BATCH, SEQ), generator=g)
 
 
-def load_model(model_dir, device="cpu", dtype=torch.float32, load_in_4bit=False):
+def load_model(model_dir, device="cpu", dtype=torch.float32, load_in_4bit=False, checkpointing=True):
     """A fastft LoRA model: FastLanguageModel when the loader is there, else transformers + fastft
     patching + peft + fused LoRA (the same pieces the loader puts together)."""
     lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, bias="none", init_lora_weights=False,
@@ -60,7 +60,7 @@ def load_model(model_dir, device="cpu", dtype=torch.float32, load_in_4bit=False)
     if FastLanguageModel is not None:
         model, tokenizer = FastLanguageModel.from_pretrained(model_dir, dtype=dtype, load_in_4bit=load_in_4bit,
                                                              device_map={"": device}, max_seq_length=64)
-        model = FastLanguageModel.get_peft_model(model, use_gradient_checkpointing=True,
+        model = FastLanguageModel.get_peft_model(model, use_gradient_checkpointing=checkpointing,
                                                  random_state=SEED, **lora)
     else:
         from peft import LoraConfig, get_peft_model
@@ -72,9 +72,15 @@ def load_model(model_dir, device="cpu", dtype=torch.float32, load_in_4bit=False)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map={"": device})
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         patch_model(model)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(SEED)
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+        if checkpointing == "unsloth":
+            from fastft.offload import enable_offloaded_checkpointing
+
+            enable_offloaded_checkpointing(model)
+        elif checkpointing:
+            model.get_base_model().gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         apply_fused_lora(model)
     model.config.use_cache = False
     return model.train(), tokenizer
@@ -161,8 +167,12 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
     report = {}
     for mode in modes:
         t0 = time.process_time()
-        model, tokenizer = load_model(model_dir, device=device, dtype=dtype, load_in_4bit=qlora)
-        info = {"fused_modules": sum(1 for m in model.modules() if is_fused(m))}
+        offload = mode.endswith("_offload")
+        model, tokenizer = load_model(model_dir, device=device, dtype=dtype, load_in_4bit=qlora,
+                                      checkpointing="unsloth" if offload else True)
+        info = {"fused_modules": sum(1 for m in model.modules() if is_fused(m)),
+                "checkpointing": _checkpointing_kind(model)}
+        mode = mode.replace("_offload", "") if offload else mode
         if mode == "ddp":
             wrapped = fd.ddp_wrap(model)
             info["losses"] = plain_train(wrapped, rank, world, device)
@@ -184,18 +194,28 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
             info["losses"] = sft_train(model, tokenizer, os.path.join(out_dir, "trainer_" + mode), world, device)
         else:
             raise ValueError(mode)
+        name = mode + ("_offload" if offload else "")
         state = trainable_state(model)
-        fd.save_on_main(model, os.path.join(out_dir, mode))
+        fd.save_on_main(model, os.path.join(out_dir, name))
         if fd.is_main_process():
-            torch.save(state, os.path.join(out_dir, mode, "state.pt"))
-        info["saved_files_seen_by_rank"] = sorted(os.listdir(os.path.join(out_dir, mode)))
+            torch.save(state, os.path.join(out_dir, name, "state.pt"))
+        info["saved_files_seen_by_rank"] = sorted(os.listdir(os.path.join(out_dir, name)))
         info["cpu_s"] = time.process_time() - t0
-        report[mode] = info
+        report[name] = info
         del model
         dist.barrier()
     with open(os.path.join(out_dir, f"report_rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()
+
+
+def _checkpointing_kind(model) -> str:
+    """'offload' / 'torch' / 'none': what the decoder layers checkpoint with."""
+    layer = model.get_base_model().model.layers[0]
+    if not getattr(layer, "gradient_checkpointing", False):
+        return "none"
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    return "offload" if type(func).__name__ == "_CheckpointFunction" else "torch"
 
 
 def _free_port():
@@ -299,6 +319,8 @@ def test_fused_paths_stay_on_under_sharding(cpu_run):
     for rep in cpu_run["reports"]:
         for mode in cpu_run["modes"]:
             assert rep[mode]["fused_modules"] > 0, f"{mode}: fused LoRA was not applied"
+            want = "offload" if mode.endswith("_offload") else "torch"
+            assert rep[mode]["checkpointing"] == want, f"{mode}: checkpointing {rep[mode]['checkpointing']}"
         assert rep["fsdp2"]["sharded_layers"] == 2 and rep["fsdp2"]["root_sharded"]
         assert rep["fsdp2"]["head_own_unit"] is False  # the fused loss needs the head in the root
         assert rep["fsdp2_tail"]["sharded_layers"] == 2
