@@ -326,3 +326,124 @@ def test_tiny_model_trains_with_fused_lora():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+# --- GPU (run on the device machine) ---------------------------------------------------------
+
+def _gpu_proj(out_f, in_f, dtype, r=16, seed=0, nf4=False):
+    """Base weight in `dtype` (or NF4 via bitsandbytes), A/B in fp32 as peft keeps them."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    W = (torch.randn(out_f, in_f, generator=g, device="cuda") / in_f ** 0.5).to(dtype)
+    A = (torch.randn(r, in_f, generator=g, device="cuda") / in_f ** 0.5).requires_grad_()
+    B = (torch.randn(out_f, r, generator=g, device="cuda") * 0.1).requires_grad_()
+    if nf4:
+        import bitsandbytes as bnb
+
+        p = bnb.nn.Params4bit(W.float().cpu(), requires_grad=False, quant_type="nf4").to("cuda")
+        p.quant_state.dtype = dtype
+        base = Base(p, None, p.quant_state)
+        import bitsandbytes.functional as bnbf
+
+        W = bnbf.dequantize_4bit(p, p.quant_state).to(dtype)  # what the reference uses
+    else:
+        base = Base(W)
+    return Projection(base, A, B, 2.0), W
+
+
+def _ref64(x, p, W):
+    x = x.double()
+    return x @ W.double().t() + p.scaling * (x @ p.A.double().t()) @ p.B.double().t()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nf4", [False, True])
+def test_gpu_fused_functions_against_float64(dtype, nf4):
+    from helpers import RTOL
+
+    if nf4:
+        pytest.importorskip("bitsandbytes")
+    tol = 2 * RTOL[dtype]
+    hidden, inter = 1024, 2816
+    (gate, Wg), (up, Wu), (down, Wd) = (_gpu_proj(inter, hidden, dtype, seed=1, nf4=nf4),
+                                        _gpu_proj(inter, hidden, dtype, seed=2, nf4=nf4),
+                                        _gpu_proj(hidden, inter, dtype, seed=3, nf4=nf4))
+    x = torch.randn(2, 513, hidden, device="cuda", dtype=dtype, requires_grad=True)
+    params = [x, gate.A, gate.B, up.A, up.B, down.A, down.B]
+    for tile in (None, 300):
+        out = lora_mlp(x, gate, up, down, tile_tokens=tile)
+        assert out.dtype == dtype
+        g_, u_ = _ref64(x, gate, Wg), _ref64(x, up, Wu)
+        ref = _ref64(nn.functional.silu(g_) * u_, down, Wd)
+        dy = torch.randn_like(out)
+        grads = torch.autograd.grad(out, params, dy)
+        ref_grads = torch.autograd.grad(ref, params, dy.double())
+        assert rel_err(out, ref) <= tol
+        assert grads[0].dtype == dtype and grads[1].dtype == torch.float32  # dx like x, dA like A
+        for a, b in zip(grads, ref_grads):
+            assert rel_err(a, b) <= tol
+    (q, Wq), (k, Wk), (v, Wv) = (_gpu_proj(1024, hidden, dtype, seed=4, nf4=nf4),
+                                 _gpu_proj(256, hidden, dtype, seed=5, nf4=nf4),
+                                 _gpu_proj(256, hidden, dtype, seed=6, nf4=nf4))
+    outs = lora_qkv(x, q, k, v)
+    refs = [_ref64(x, p, W) for p, W in ((q, Wq), (k, Wk), (v, Wv))]
+    params = [x, q.A, q.B, k.A, k.B, v.A, v.B]
+    dys = [torch.randn_like(o) for o in outs]
+    grads = torch.autograd.grad(outs, params, dys)
+    ref_grads = torch.autograd.grad(refs, params, [d.double() for d in dys])
+    for o, r in zip(outs, refs):
+        assert rel_err(o, r) <= tol
+    for a, b in zip(grads, ref_grads):
+        assert rel_err(a, b) <= tol
+
+
+@pytest.mark.gpu
+def test_gpu_tiled_mlp_uses_less_memory():
+    hidden, inter, tokens = 1024, 4096, 16384
+    projs = [_gpu_proj(inter, hidden, torch.bfloat16, seed=1)[0], _gpu_proj(inter, hidden, torch.bfloat16, seed=2)[0],
+             _gpu_proj(hidden, inter, torch.bfloat16, seed=3)[0]]
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    peaks, grads = {}, {}
+    for tile in (None, 1024):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        out = lora_mlp(x, *projs, tile_tokens=tile)
+        grads[tile] = torch.autograd.grad(out, [x, projs[0].A], dy)
+        del out
+        torch.cuda.synchronize()
+        peaks[tile] = torch.cuda.max_memory_allocated() - start
+    one = tokens * inter * 2  # one [tokens, intermediate] bf16 tensor
+    assert peaks[None] > 3 * one
+    assert peaks[1024] < one  # never a whole [tokens, intermediate] tensor
+    for a, b in zip(grads[None], grads[1024]):
+        assert rel_err(a, b) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_patched_qlora_model_matches_peft():
+    pytest.importorskip("bitsandbytes")
+    base = _tiny_llama().cuda()
+    for layer in base.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    import bitsandbytes as bnb
+
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                          compute_dtype=torch.float32, quant_type="nf4")
+                    q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                    setattr(parent, name, q.to("cuda"))
+    base.is_loaded_in_4bit = True
+    model = _peft(base)
+    ids = torch.randint(0, 97, (2, 33), device="cuda")
+    ref = _loss_and_grads(model, ids)
+    apply_fused_lora(model)
+    got = _loss_and_grads(model, ids)
+    loss_a, logits_a, dx_a, grads_a = got
+    loss_b, logits_b, dx_b, grads_b = ref
+    assert rel_err(logits_a, logits_b) <= 1e-4  # fp32 compute; cuBLAS vs bnb kernels differ slightly
+    assert rel_err(dx_a, dx_b) <= 1e-4
+    for name in grads_a:
+        assert rel_err(grads_a[name], grads_b[name]) <= 1e-4, name

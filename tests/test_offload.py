@@ -173,3 +173,24 @@ def test_trl_sft_trainer_trains_with_offloaded_checkpointing(tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert calls["backward"] > 0  # the trainer's gradient_checkpointing=True kept our function
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.gpu
+def test_gpu_offload_uses_pinned_host_copies_and_matches():
+    model = _model().cuda()
+    batches = [torch.randint(0, 300, (2, 64), device="cuda") for _ in range(2)]
+    ref = _grads(model, batches)
+    enable_offloaded_checkpointing(model)
+    pinned = []
+    orig = offload._Offloader.offload
+
+    def spy(self, x):
+        slot = orig(self, x)
+        pinned.append((slot.host.device.type, slot.host.is_pinned(), slot.stream is not None))
+        return slot
+
+    offload._Offloader.offload = spy
+    _UNDO.append(lambda: setattr(offload._Offloader, "offload", orig))
+    got = _grads(model, batches)
+    assert pinned and all(p == ("cpu", True, True) for p in pinned)
+    _assert_same(got, ref)
