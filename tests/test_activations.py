@@ -221,7 +221,7 @@ def test_compiles_fullgraph(backend):
 
 # ------------------------------------------------------------------------------ GPU
 
-GPU_SHAPES = [(4096, 14336), (3, 5, 4093), (257, 80), (33, 11)]
+GPU_SHAPES = [(3, 5, 4093), (257, 80), (33, 11), (2, 1000, 688)]
 
 
 @pytest.mark.gpu
@@ -231,9 +231,15 @@ GPU_SHAPES = [(4096, 14336), (3, 5, 4093), (257, 80), (33, 11)]
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 def test_glu_gpu(backend, act, dtype, shape):
     for kind in ("proj", "fused", "leaf", "out_of_place"):
-        if shape[0] == 4096 and kind in ("leaf", "out_of_place"):
-            continue  # big shape: the in-place paths are the ones that matter
         run_case(backend, act, shape, dtype, "cuda", kind)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("swiglu"))
+@pytest.mark.parametrize("act", ACTS)
+def test_glu_gpu_llama_shape(backend, act):
+    for kind in ("proj", "fused"):
+        run_case(backend, act, (4096, 14336), torch.bfloat16, "cuda", kind)
 
 
 @pytest.mark.gpu
