@@ -234,6 +234,20 @@ def test_out_of_place_leaves_inputs_and_their_versions_alone(backend):
     assert out_q.data_ptr() != q2.data_ptr() and leaf_k._version == 0
 
 
+@pytest.mark.parametrize("backend", backends("rope", "cpu"))
+def test_inference_mode_and_no_grad(backend):
+    qp, kp, cos, sin, _, _ = make_case((64, 48, 2, 1, 1, "packed", "plain"), torch.bfloat16,
+                                       "cpu")
+    ref = reference_rope(as_heads(qp, 2, 1), as_heads(kp, 1, 1), cos, sin)
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            q, k = as_heads(qp.clone(), 2, 1), as_heads(kp.clone(), 1, 1)
+            out_q, out_k = rope(q, k, cos, sin, backend=backend)
+        assert out_q.data_ptr() == q.data_ptr()
+        assert rel_err(out_q, ref[0]) < RTOL[torch.bfloat16]
+        assert rel_err(out_k, ref[1]) < RTOL[torch.bfloat16]
+
+
 def test_q_and_k_sharing_memory_are_not_overwritten():
     qp, _, cos, sin, _, _ = make_case((64, 64, 2, 2, 1, "random", "proj"), torch.float32, "cpu")
     q = as_heads(qp, 2, 1)
