@@ -23,6 +23,8 @@ logger = logging.getLogger("fastft")
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHECKPOINTING_CHOICES = (True, False, "unsloth", "offload")
+# target_modules entries that are trained in full (moved to modules_to_save) rather than by LoRA
+FULLY_TRAINED_TARGETS = ("lm_head", "embed_tokens")
 
 # Existing tokens that can serve as padding (checked in order) before a new one is added.
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|finetune_right_pad|>", "<pad>", "<|pad|>",
@@ -394,6 +396,18 @@ class FastLanguageModel:
             raise ValueError(f"use_gradient_checkpointing={use_gradient_checkpointing!r} is not valid; use "
                              "True, False, \"unsloth\" or \"offload\".")
         target_modules = check_target_modules(model, target_modules, "target_modules")
+        if not isinstance(target_modules, str):
+            # Embeddings / head named as targets train in full (modules_to_save), as continued
+            # pretraining recipes intend; trl's fused LM head also refuses a LoRA-wrapped lm_head.
+            full = [t for t in target_modules if t in FULLY_TRAINED_TARGETS]
+            if full:
+                target_modules = [t for t in target_modules if t not in FULLY_TRAINED_TARGETS]
+                if not target_modules:
+                    raise ValueError(f"target_modules {full} alone: name at least one projection for "
+                                     "LoRA, or use modules_to_save to train only those.")
+                modules_to_save = list(dict.fromkeys(list(modules_to_save or []) + full))
+                logger.info(f"fastft: {full} in target_modules train in full (modules_to_save), "
+                            "not through LoRA.")
         if modules_to_save is not None:
             modules_to_save = list(check_target_modules(model, modules_to_save, "modules_to_save"))
 

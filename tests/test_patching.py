@@ -326,8 +326,12 @@ def _gpu_model(family, dtype):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_patched_matches_transformers_bf16_gpu(family, backend, monkeypatch):
-    if dispatch.why_not("rms_norm", backend, "cuda", torch.bfloat16):
-        pytest.skip(dispatch.why_not("rms_norm", backend, "cuda", torch.bfloat16))
+    fastft.ops.load_all()
+    act = "geglu" if family.startswith("gemma") else "swiglu"
+    for op in ("rms_norm", "rope", act, "fused_linear_cross_entropy"):
+        problem = dispatch.why_not(op, backend, "cuda", torch.bfloat16)
+        if problem:
+            pytest.skip(f"{op}: {problem}")
     ids, mask, labels = (t.cuda() for t in make_batch(vocab=1000, batch=4, seq=67))
     ref32 = run(_gpu_model(family, torch.float32), ids, mask, labels)   # the oracle
     model = _gpu_model(family, torch.bfloat16)

@@ -115,3 +115,28 @@ def test_unsloth_names_and_legacy_keywords(cpt_setup):
     with pytest.raises(ValueError, match="embedding_learning_rate"):
         FastTrainingArguments(output_dir=str(tmp), embedding_learning_rate=-1.0,
                               use_cpu=not torch.cuda.is_available())
+
+
+def test_embeddings_in_target_modules_train_in_full(tmp_path):
+    """The continued-pretraining recipe names lm_head / embed_tokens in target_modules: they
+    train in full (modules_to_save) at embedding_learning_rate; trl accepts that."""
+    from datasets import Dataset
+
+    from fastft import FastLanguageModel, FastTrainer
+
+    path = save_tiny_model("llama", tmp_path / "model")
+    model, tok = FastLanguageModel.from_pretrained(path, max_seq_length=48)
+    model = FastLanguageModel.get_peft_model(
+        model, r=4, target_modules=["q_proj", "v_proj", "lm_head", "embed_tokens"],
+        use_gradient_checkpointing=False)
+    cfg = model.peft_config["default"]
+    assert set(cfg.target_modules) == {"q_proj", "v_proj"}
+    assert set(cfg.modules_to_save) >= {"lm_head", "embed_tokens"}
+    head = next(p for n, p in model.named_parameters() if "lm_head.modules_to_save" in n)
+    before = head.detach().clone()
+    ds = Dataset.from_dict({"text": [f"row {i} says {i * 3}" for i in range(16)]})
+    trainer = FastTrainer(model=model, processing_class=tok, train_dataset=ds,
+                          args=_args(tmp_path, max_steps=2))
+    trainer.train()
+    assert not torch.equal(before, head.detach())
+    assert sorted({g["initial_lr"] for g in trainer.optimizer.param_groups}) == [5e-4, 5e-3]
