@@ -64,8 +64,11 @@ def resolve_dtype(dtype) -> torch.dtype:
 
 
 def _default_device_map():
-    # One GPU holds the whole model (splitting layers across GPUs makes training slow); CPU: none.
-    return {"": torch.cuda.current_device()} if _cuda() else None
+    # One GPU holds the whole model (splitting layers across GPUs makes training slow); under
+    # torchrun / accelerate each process takes its LOCAL_RANK's GPU. CPU: none.
+    if not _cuda():
+        return None
+    return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
 
 
 def check_bitsandbytes(device: str) -> None:

@@ -399,3 +399,18 @@ def test_qlora_gpu_matches_plain_transformers_and_peft(family, tmp_path, monkeyp
     assert rel_err(got[0], ref[0]) <= 1e-2
     for n in ref[1]:
         assert rel_err(got[1][n], ref[1][n]) <= 5e-2, n
+
+
+def test_fast_model_loads_a_non_causal_architecture(tmp_path, caplog):
+    from transformers import DistilBertConfig, DistilBertModel
+
+    config = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                              max_position_embeddings=64)
+    DistilBertModel(config).save_pretrained(tmp_path / "bert")
+    tiny_tokenizer().save_pretrained(tmp_path / "bert")
+    with caplog.at_level(logging.WARNING, logger="fastft"):
+        model, tok = FastModel.from_pretrained(str(tmp_path / "bert"))
+    assert type(model).__name__ == "DistilBertModel"
+    assert "not a causal LM" in caplog.text and "no fused patches for model type 'distilbert'" in caplog.text
+    out = model(**tok(["hello"], return_tensors="pt"))
+    assert out.last_hidden_state.shape[-1] == 32
