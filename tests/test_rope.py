@@ -248,6 +248,23 @@ def test_inference_mode_and_no_grad(backend):
         assert rel_err(out_k, ref[1]) < RTOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("backend", backends("rope", "cpu"))
+def test_outputs_may_be_modified_in_place(backend):
+    qp, kp, cos, sin, dq, dk = make_case((64, 64, 2, 1, 1, "random", "proj"), torch.float32,
+                                         "cpu")
+    bq, bk = qp.clone().requires_grad_(), kp.clone().requires_grad_()
+    q, k = as_heads(bq * 1, 2, 1), as_heads(bk * 1, 1, 1)
+    out_q, out_k = rope(q, k, cos, sin, backend=backend)
+    assert out_q.data_ptr() == q.data_ptr()
+    out_q.mul_(0.5)  # as a model scaling q in place would
+    ((out_q * dq).sum() + (out_k * dk).sum()).backward()
+    q64, k64 = qp.double().requires_grad_(), kp.double().requires_grad_()
+    rq, rk = reference_rope(as_heads(q64, 2, 1), as_heads(k64, 1, 1), cos.double(),
+                            sin.double())
+    ((rq * 0.5 * dq.double()).sum() + (rk * dk.double()).sum()).backward()
+    assert rel_err(bq.grad, q64.grad) < 1e-5 and rel_err(bk.grad, k64.grad) < 1e-5
+
+
 def test_q_and_k_sharing_memory_are_not_overwritten():
     qp, _, cos, sin, _, _ = make_case((64, 64, 2, 2, 1, "random", "proj"), torch.float32, "cpu")
     q = as_heads(qp, 2, 1)

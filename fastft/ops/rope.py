@@ -273,7 +273,10 @@ class _RopeFunction(torch.autograd.Function):
             _consumed(k)
         ctx.save_for_backward(cos, sin)
         ctx.meta = (impl, unsqueeze_dim)
-        # Returning an input makes autograd hand the caller a fresh alias with our grad_fn.
+        if inplace:
+            # New tensors over q's and k's memory (not views of the inputs, which autograd
+            # would forbid the caller to modify in place later).
+            return q_out.detach(), k_out.detach()
         return q_out, k_out
 
     @staticmethod
