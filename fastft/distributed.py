@@ -227,6 +227,20 @@ def _uniform_trainable_dtypes(units: list[nn.Module]) -> list[str]:
     return upcast
 
 
+def _check_4bit_storage(model, param_dtype) -> None:
+    """Packed 4-bit weights stored as a float dtype must not be cast by the mixed-precision
+    policy (a cast would convert the packed bytes as numbers): storage dtype == param_dtype."""
+    if param_dtype is None:
+        return
+    for name, p in model.named_parameters():
+        if type(p).__name__ == "Params4bit" and p.is_floating_point() and p.dtype != param_dtype:
+            raise ValueError(
+                f"{name} holds packed 4-bit data stored as {p.dtype}, but FSDP2 would cast it to "
+                f"{param_dtype} (mixed precision) and corrupt it. Load with "
+                f"BitsAndBytesConfig(bnb_4bit_quant_storage={param_dtype}) and dtype={param_dtype}, or pass "
+                f"mixed_precision=MixedPrecisionPolicy(param_dtype={p.dtype}, reduce_dtype=torch.float32).")
+
+
 def fsdp2_wrap(model: nn.Module, *, mesh=None, mixed_precision="auto", reshard_after_forward: bool = True,
                layer_classes=None, cpu_offload: bool = False) -> nn.Module:
     """Shard `model` (a FastLanguageModel model, with or without LoRA) with FSDP2 for a plain
@@ -291,6 +305,7 @@ def fsdp2_wrap(model: nn.Module, *, mesh=None, mixed_precision="auto", reshard_a
         logger.info(f"fastft: FSDP2 needs one dtype per unit for trainable weights; {len(upcast)} "
                     f"trainable tensor(s) upcast to float32 (e.g. {upcast[0]}).")
 
+    _check_4bit_storage(model, mixed_precision.param_dtype)
     ignored = {p for p in params if not p.is_floating_point() and not p.requires_grad}
     if ignored:
         logger.warning(

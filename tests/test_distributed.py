@@ -35,7 +35,8 @@ GLOBAL_BATCH = 4
 SEQ = 24
 LR = 0.05
 SEED = 1234
-CPU_MODES = ("ddp", "fsdp2", "fsdp2_tail", "ddp_offload", "fsdp2_offload", "sft_ddp")
+CPU_MODES = ("ddp", "fsdp2", "fsdp2_tail", "ddp_offload", "fsdp2_offload", "ddp_qlora", "fsdp2_qlora",
+             "sft_ddp")
 TOL = 1e-5
 
 
@@ -57,9 +58,20 @@ def load_model(model_dir, device="cpu", dtype=torch.float32, load_in_4bit=False,
         from fastft.loader import FastLanguageModel
     except ImportError:
         FastLanguageModel = None
+    extra = {}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        from fastft.distributed import bnb_4bit_quant_storage
+
+        # under several processes the packed weights are stored as `dtype` (FSDP2 shards floats)
+        storage = bnb_4bit_quant_storage(dtype)
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, **({"bnb_4bit_quant_storage": storage} if storage else {}))
     if FastLanguageModel is not None:
         model, tokenizer = FastLanguageModel.from_pretrained(model_dir, dtype=dtype, load_in_4bit=load_in_4bit,
-                                                             device_map={"": device}, max_seq_length=64)
+                                                             device_map={"": device}, max_seq_length=64, **extra)
         model = FastLanguageModel.get_peft_model(model, use_gradient_checkpointing=checkpointing,
                                                  random_state=SEED, **lora)
     else:
@@ -69,7 +81,11 @@ def load_model(model_dir, device="cpu", dtype=torch.float32, load_in_4bit=False,
         from fastft.lora import apply_fused_lora
         from fastft.models import patch_model
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map={"": device})
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map={"": device}, **extra)
+        if load_in_4bit:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         patch_model(model)
         torch.manual_seed(SEED)
@@ -157,6 +173,7 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
     torch.set_num_threads(1)
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.tensor import DTensor
 
     from fastft import distributed as fd
     from fastft.lora import is_fused
@@ -167,12 +184,11 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
     report = {}
     for mode in modes:
         t0 = time.process_time()
-        offload = mode.endswith("_offload")
-        model, tokenizer = load_model(model_dir, device=device, dtype=dtype, load_in_4bit=qlora,
-                                      checkpointing="unsloth" if offload else True)
+        name, mode, variant = mode, *(mode.split("_", 1) if mode.endswith(("_offload", "_qlora")) else (mode, ""))
+        model, tokenizer = load_model(model_dir, device=device, dtype=dtype, load_in_4bit=qlora or variant == "qlora",
+                                      checkpointing="unsloth" if variant == "offload" else True)
         info = {"fused_modules": sum(1 for m in model.modules() if is_fused(m)),
                 "checkpointing": _checkpointing_kind(model)}
-        mode = mode.replace("_offload", "") if offload else mode
         if mode == "ddp":
             wrapped = fd.ddp_wrap(model)
             info["losses"] = plain_train(wrapped, rank, world, device)
@@ -189,12 +205,14 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
             info["sharded_layers"] = sum(isinstance(layer, FSDPModule) for layer in base.model.layers)
             info["root_sharded"] = isinstance(model, FSDPModule)
             info["head_own_unit"] = isinstance(base.lm_head, FSDPModule)
+            weight = base.model.layers[0].mlp.gate_proj.base_layer.weight
+            info["base_weight"] = ["DTensor" if isinstance(weight, DTensor) else type(weight).__name__,
+                                   str(weight.dtype)]
             info["losses"] = plain_train(model, rank, world, device)
         elif mode == "sft_ddp":
             info["losses"] = sft_train(model, tokenizer, os.path.join(out_dir, "trainer_" + mode), world, device)
         else:
             raise ValueError(mode)
-        name = mode + ("_offload" if offload else "")
         state = trainable_state(model)
         fd.save_on_main(model, os.path.join(out_dir, name))
         if fd.is_main_process():
@@ -277,10 +295,10 @@ def _cpu_run(tmp_path_factory):
     reports = [json.load(open(os.path.join(out_dir, f"report_rank{r}.json"))) for r in range(2)]
 
     refs = {}
-    for kind in ("plain", "sft") if "sft_ddp" in modes else ("plain",):
-        model, tokenizer = load_model(model_dir)
+    for kind in ("plain", "qlora", "sft") if "sft_ddp" in modes else ("plain", "qlora"):
+        model, tokenizer = load_model(model_dir, load_in_4bit=kind == "qlora")
         init = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-        if kind == "plain":
+        if kind in ("plain", "qlora"):
             losses = plain_train(model)
         else:
             losses = sft_train(model, tokenizer, str(base / "ref_trainer"))
@@ -291,7 +309,7 @@ def _cpu_run(tmp_path_factory):
 
 
 def _ref_for(mode):
-    return "sft" if mode.startswith("sft") else "plain"
+    return "sft" if mode.startswith("sft") else "qlora" if mode.endswith("qlora") else "plain"
 
 
 @pytest.mark.parametrize("mode", CPU_MODES)
@@ -324,6 +342,9 @@ def test_fused_paths_stay_on_under_sharding(cpu_run):
         assert rep["fsdp2"]["sharded_layers"] == 2 and rep["fsdp2"]["root_sharded"]
         assert rep["fsdp2"]["head_own_unit"] is False  # the fused loss needs the head in the root
         assert rep["fsdp2_tail"]["sharded_layers"] == 2
+        # 4-bit weights stored as float are sharded like any weight (uint8 ones could not be)
+        assert rep["fsdp2_qlora"]["base_weight"] == ["DTensor", "torch.float32"]
+        assert rep["fsdp2"]["base_weight"] == ["DTensor", "torch.float32"]
 
 
 @pytest.mark.parametrize("mode", CPU_MODES)
@@ -350,7 +371,7 @@ def test_rank0_save_matches_single_process_save(cpu_run, mode):
     assert max((got[k] - want[k]).abs().max().item() for k in got) < TOL
 
     model = ref["model"]
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     try:
         set_peft_model_state_dict(model, got)
         resaved = os.path.join(os.path.dirname(ref["dir"]), f"resaved_{mode}")
@@ -359,7 +380,10 @@ def test_rank0_save_matches_single_process_save(cpu_run, mode):
                 open(os.path.join(dist_dir, "adapter_model.safetensors"), "rb") as b:
             assert a.read() == b.read()
     finally:
-        model.load_state_dict(saved)
+        with torch.no_grad():
+            for k, v in model.named_parameters():
+                if k in saved:
+                    v.copy_(saved[k])
 
 
 # ---------------------------------------------------------------- single-process helpers
