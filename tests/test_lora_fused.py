@@ -137,7 +137,8 @@ def _loss_and_grads(model, ids, embeds_grad=True):
     out = model(inputs_embeds=emb, labels=ids)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return out.loss.detach(), out.logits.detach(), (emb.grad.clone() if embeds_grad else None), grads
+    logits = None if out.logits is None else out.logits.detach()  # fastft's fused loss skips logits
+    return out.loss.detach(), logits, (emb.grad.clone() if embeds_grad else None), grads
 
 
 def _assert_same(a, b):
@@ -447,3 +448,35 @@ def test_gpu_patched_qlora_model_matches_peft():
     assert rel_err(dx_a, dx_b) <= 1e-4
     for name in grads_a:
         assert rel_err(grads_a[name], grads_b[name]) <= 1e-4, name
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_fused_lora_under_fastft_model_patches(family):
+    """With the loader's class patches (in-place RoPE on the q/k projection outputs, fused norms,
+    MLP and loss) the fused LoRA model still matches unpatched peft."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from fastft.models import patch_model, unpatch_all
+    from tiny_models import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, attn_implementation="eager")).float()
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
+                                             init_lora_weights=False))
+    ids = torch.randint(0, 300, (2, 21))
+    ref = _loss_and_grads(model, ids)
+    try:
+        patch_model(model)
+        report = apply_fused_lora(model)
+        assert report["mlp"] == report["qkv"] == report["o_proj"] == 2
+        got = _loss_and_grads(model, ids)
+    finally:
+        unpatch_all()
+        remove_fused_lora(model)
+    loss_a, logits_a, dx_a, grads_a = got
+    loss_b, logits_b, dx_b, grads_b = ref
+    assert abs(loss_a.item() - loss_b.item()) <= 1e-5 * abs(loss_b.item())
+    assert rel_err(dx_a, dx_b) <= 1e-5
+    for name in grads_b:
+        assert rel_err(grads_a[name], grads_b[name]) <= 1e-5, name

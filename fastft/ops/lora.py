@@ -142,17 +142,25 @@ def _cast(t, dtype):
     return None if t is None else (t if t.dtype == dtype else t.to(dtype))
 
 
-def _base_matmul(x2, base: Base, dtype):
-    """x2 [N, in] @ Wᵀ (+ bias) in dtype."""
+def _base_matmul(x2, base: Base, dtype, out=None):
+    """x2 [N, in] @ Wᵀ (+ bias) in dtype (into `out` [N, out_features] when given)."""
     W = dense_weight(base, dtype)
     if base.bias is not None:
-        return torch.addmm(_cast(base.bias, dtype), x2, W.t())
-    return x2.mm(W.t())
+        return torch.addmm(_cast(base.bias, dtype), x2, W.t(), out=out)
+    return torch.mm(x2, W.t(), out=out)
 
 
-def _project(x2, proj: Projection, dtype):
+def _new_output(lead_shape, features, dtype, device):
+    """An output tensor of its final shape and its [N, features] view to compute into: autograd
+    forbids in-place changes (e.g. fastft's in-place RoPE on q / k) of outputs of a custom
+    Function that are views, so what we return must not be one."""
+    y = torch.empty(*lead_shape, features, dtype=dtype, device=device)
+    return y, y.view(-1, features)
+
+
+def _project(x2, proj: Projection, dtype, out=None):
     """(y, x·Aᵀ) for one projection; x·Aᵀ is None without an adapter."""
-    y = _base_matmul(x2, proj.base, dtype)
+    y = _base_matmul(x2, proj.base, dtype, out=out)
     if not proj.has_lora:
         return y, None
     xa = x2.mm(_cast(proj.A, dtype).t())
@@ -223,8 +231,9 @@ class _LoRAProjections(torch.autograd.Function):
             x2 = _cast(_rows(x), dtype)
             outs, xas = [], []
             for p in projs:
-                y, xa = _project(x2, p, dtype)
-                outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+                y, y2 = _new_output(x.shape[:-1], p.base.out_features, dtype, x.device)
+                _, xa = _project(x2, p, dtype, out=y2)
+                outs.append(y)
                 xas.append(xa)
         ctx.projs = projs
         ctx.dtype = dtype
@@ -372,12 +381,12 @@ def mlp_tile_tokens(tokens: int, intermediate: int, tile_elements: int | None = 
     return max(1, limit // intermediate)
 
 
-def _mlp_tile_forward(x2, gate, up, down, kind, dtype):
+def _mlp_tile_forward(x2, gate, up, down, kind, dtype, out):
     g, xag = _project(x2, gate, dtype)
     u, xau = _project(x2, up, dtype)
     h = _act_forward(kind, g, u)
-    y, ha = _project(h, down, dtype)
-    return y, g, u, xag, xau, ha
+    _, ha = _project(h, down, dtype, out=out)
+    return g, u, xag, xau, ha
 
 
 def _mlp_tile_backward(dy, x2, g, u, xag, xau, ha, gate, up, down, kind, dtype, need_dx):
@@ -420,15 +429,15 @@ class _LoRAMLP(torch.autograd.Function):
         with _AutocastOff(x.device.type):
             x2 = _cast(_rows(x), dtype)
             n = x2.shape[0]
+            y, y2 = _new_output(x.shape[:-1], down.base.out_features, dtype, x.device)
             if tile_tokens is None or tile_tokens >= n:
-                y, g, u, xag, xau, ha = _mlp_tile_forward(x2, gate, up, down, kind, dtype)
+                g, u, xag, xau, ha = _mlp_tile_forward(x2, gate, up, down, kind, dtype, y2)
                 ctx.tiled = False
                 saved = [x2, g, u] + [t for t in (xag, xau, ha) if t is not None]
             else:
-                y = torch.empty(n, down.base.out_features, dtype=dtype, device=x.device)
                 for i in range(0, n, tile_tokens):
-                    y[i:i + tile_tokens] = _mlp_tile_forward(x2[i:i + tile_tokens], gate, up, down,
-                                                             kind, dtype)[0]
+                    _mlp_tile_forward(x2[i:i + tile_tokens], gate, up, down, kind, dtype,
+                                      y2[i:i + tile_tokens])
                 ctx.tiled = True
                 saved = [x2]
         ctx.projs = (gate, up, down)
@@ -438,7 +447,7 @@ class _LoRAMLP(torch.autograd.Function):
         ctx.x_dtype = x.dtype
         ctx.x_shape = x.shape
         ctx.save_for_backward(*saved)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
