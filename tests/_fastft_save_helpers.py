@@ -126,7 +126,7 @@ def tokenizer_for(family: str):
         return sentencepiece_bpe_tokenizer(dummy_prefix=False)
     if family == "llama":
         return byte_level_bpe_tokenizer(LLAMA3_SPLIT)
-    if family == "qwen3":
+    if family in ("qwen2", "qwen3"):
         return byte_level_bpe_tokenizer(QWEN2_SPLIT)
     return byte_level_bpe_tokenizer()
 

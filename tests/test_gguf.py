@@ -171,7 +171,7 @@ def test_gguf_export_reads_back(family, tmp_path):
             assert field(r, "tokenizer.ggml.add_space_prefix") == (family == "mistral")
         else:
             assert len(field(r, "tokenizer.ggml.merges")) > 100
-            assert field(r, "tokenizer.ggml.pre") == {"llama": "llama-bpe", "qwen3": "qwen2", "qwen2": "gpt-2"}[family]
+            assert field(r, "tokenizer.ggml.pre") == {"llama": "llama-bpe", "qwen3": "qwen2", "qwen2": "qwen2"}[family]
         if family == "gemma2":
             assert field(r, "gemma2.attn_logit_softcapping") == 50.0
             assert field(r, "gemma2.final_logit_softcapping") == 30.0
@@ -246,10 +246,20 @@ def test_gguf_export_reads_back(family, tmp_path):
             assert err <= 1.5 * bound, (m, err, bound)
             assert err > 0.1 * bound  # the comparison is not vacuous
 
-    # the tokenizer llama.cpp / transformers rebuild from the file encodes like the original
+    # the tokenizer transformers rebuilds from the file encodes like the original (transformers
+    # releases without a GGUF Gemma BPE builder rebuild Gemma vocabularies as a Unigram model from
+    # the scores, an approximation of BPE: there the Gemma files are not compared)
     gtok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=os.path.basename(files[0]))
-    for text in ["Hello world! The quick brown fox.", "café 12345 émigré\n  two  spaces", "capital of France?"]:
-        assert gtok(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"], text
+    import importlib
+
+    try:
+        mapping = importlib.import_module("transformers.integrations.gguf.gguf_tokenizer_mapping")
+        gemma_as_bpe = hasattr(mapping, "gemma_tokenizer")
+    except ImportError:
+        gemma_as_bpe = False
+    if gemma_as_bpe or family not in GEMMA:
+        for text in ["Hello world! The quick brown fox.", "café 12345 émigré\n  two  spaces", "capital of France?"]:
+            assert gtok(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"], text
 
     modelfile = open(os.path.join(folder, "Modelfile")).read()
     assert modelfile.startswith(f"FROM ./{os.path.basename(files[0])}\n")

@@ -165,16 +165,20 @@ def build_vocab(tokenizer, vocab_size: int) -> GGUFVocab:
                 if i < vocab_size:
                     scores[i] = float(s)
         else:
-            # the token a merge produces scores -rank: earlier merges win, as in SentencePiece BPE
-            scores = [0.0] * vocab_size
+            # as SentencePiece scores BPE pieces: the token a merge produces scores -rank (earlier
+            # merges win), single characters score below every merge, byte tokens 0
+            n_merges = len(merges)
+            scores = [-float(n_merges + 1)] * vocab_size
             for rank, m in enumerate(merges):
                 left, right = m.split(" ", 1)
                 idx = vocab.get(left + right)
-                if idx is not None and scores[idx] == 0.0:
+                if idx is not None and scores[idx] == -float(n_merges + 1):
                     scores[idx] = -float(rank + 1)
             for i, ty in enumerate(types):
-                if ty in (CONTROL, USER_DEFINED, UNUSED):
-                    scores[i] = -1000.0
+                if ty == BYTE:
+                    scores[i] = 0.0
+                elif ty in (CONTROL, USER_DEFINED, UNUSED, UNKNOWN):
+                    scores[i] = -1000.0 - n_merges
 
     ids = {}
     for role in ("bos", "eos", "unk", "pad"):
