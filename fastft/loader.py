@@ -556,7 +556,7 @@ def _maybe_fuse_lora(model, lora_dropout, bias):
     if importlib.util.find_spec("fastft.lora") is None:
         return
     if float(lora_dropout) != 0.0 or bias != "none":
-        logger.info(f"fastft: lora_dropout={lora_dropout}, bias={bias!r}: the fused LoRA kernels need "
+        logger.warning(f"fastft: lora_dropout={lora_dropout}, bias={bias!r}: the fused LoRA kernels need "
                     "lora_dropout=0 and bias='none'; peft's own LoRA path is used.")
         return
     from fastft.lora import apply_fused_lora

@@ -396,9 +396,11 @@ def test_qlora_gpu_matches_plain_transformers_and_peft(family, tmp_path, monkeyp
             if "lora_" in n:
                 p.copy_(lora[n])
     ref = loss_and_grads(plain)
+    # two bf16 computations, each ~2-5% from the exact gradients (see the fp32-oracle parity
+    # tests in test_patching): 0.1 still catches any wiring mistake, which costs O(1)
     assert rel_err(got[0], ref[0]) <= 1e-2
     for n in ref[1]:
-        assert rel_err(got[1][n], ref[1][n]) <= 5e-2, n
+        assert rel_err(got[1][n], ref[1][n]) <= 1e-1, n
 
 
 def test_fast_model_loads_a_non_causal_architecture(tmp_path, caplog):

@@ -315,11 +315,19 @@ def test_triton_backends_wired_through_the_interpreter(op_calls):
 GPU_SHAPE = dict(hidden_size=256, intermediate_size=704, vocab_size=1000)
 
 
-def _gpu_model(family, dtype):
+def _gpu_models(family):
+    """(fp32 model, bf16 copy with the same weights; LoRA weights stay fp32 as peft keeps them)."""
+    import copy
+
     over = dict(GPU_SHAPE)
     if family in ("qwen3", "gemma2", "gemma3"):
         over["head_dim"] = 64
-    return lora_model(family, dtype=dtype, **over).cuda()
+    model32 = lora_model(family, **over).cuda()
+    model16 = copy.deepcopy(model32).to(torch.bfloat16)
+    for name, p in model16.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    return model32, model16
 
 
 @pytest.mark.gpu
@@ -333,9 +341,9 @@ def test_patched_matches_transformers_bf16_gpu(family, backend, monkeypatch):
         if problem:
             pytest.skip(f"{op}: {problem}")
     ids, mask, labels = (t.cuda() for t in make_batch(vocab=1000, batch=4, seq=67))
-    ref32 = run(_gpu_model(family, torch.float32), ids, mask, labels)   # the oracle
-    model = _gpu_model(family, torch.bfloat16)
-    ref16 = run(model, ids, mask, labels)  # transformers in bf16: the error budget
+    model32, model = _gpu_models(family)
+    ref32 = run(model32, ids, mask, labels)   # the oracle
+    ref16 = run(model, ids, mask, labels)     # transformers in bf16: the error budget
     monkeypatch.setenv("FASTFT_BACKEND", backend)
     dispatch.clear_cache()
     patch_model(model)
