@@ -16,6 +16,7 @@ On the CPU the "offload" is a plain copy, but the code path is the same.
 """
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -28,12 +29,51 @@ __all__ = ["enable_offloaded_checkpointing", "disable_offloaded_checkpointing", 
 _ANCHOR = torch.empty(0, requires_grad=True)
 
 
+# Layer inputs at least this large go to exact-size host buffers that fastft page-locks itself
+# (cudaHostRegister) and reuses across steps: torch's pinned allocator rounds every block up to a
+# power of two, which for the GB-sized inputs of very long sequences nearly doubles host memory.
+REGISTERED_MIN_BYTES = int(os.environ.get("FASTFT_OFFLOAD_REGISTERED_BYTES", str(1 << 30)))
+
+
+class _RegisteredHost:
+    """An exact-size page-locked host buffer (plain allocation + cudaHostRegister)."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.buf = torch.empty(nbytes, dtype=torch.uint8)
+        rc = int(torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), nbytes, 0))
+        if rc != 0:
+            self.buf = None
+            raise RuntimeError(f"offloaded checkpointing: cudaHostRegister of {nbytes / 2**30:.1f} GiB "
+                               f"failed (cudaError {rc}); is the host out of memory?")
+
+    def view(self, shape, dtype) -> torch.Tensor:
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        return self.buf[:nbytes].view(dtype).view(shape)
+
+    def release(self) -> None:
+        if self.buf is not None:
+            torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
+            self.buf = None
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown
+            pass
+
+
 class _Slot:
     """One layer input's trip to the host and back."""
 
-    __slots__ = ("host", "device_copy", "ready", "stream", "requires_grad", "prev", "__weakref__")
+    __slots__ = ("host", "device_copy", "ready", "stream", "requires_grad", "prev", "pooled",
+                 "__weakref__")
 
     def __init__(self):
+        self.pooled = None       # the _RegisteredHost behind `host`, if any
         self.host = None         # CPU copy (pinned on CUDA)
         self.device_copy = None  # the tensor brought back (prefetched or fetched on demand)
         self.ready = None        # CUDA event: device_copy is complete
@@ -49,6 +89,20 @@ class _Offloader:
     def __init__(self):
         self.streams = {}
         self.last = None  # weakref to the most recent slot
+        self.free = []    # reusable _RegisteredHost buffers (all their copies ran on `stream`)
+
+    def _host_buffer(self, nbytes, stream):
+        """A registered buffer of at least nbytes (at most 25% larger) from the pool, else a new
+        one (first releasing the pool's others: the shapes changed)."""
+        for i, b in enumerate(self.free):
+            if nbytes <= b.nbytes <= nbytes * 5 // 4:
+                return self.free.pop(i)
+        if self.free:
+            stream.synchronize()  # no copy may still read or write what is released
+            for b in self.free:
+                b.release()
+            self.free.clear()
+        return _RegisteredHost(nbytes)
 
     def stream_for(self, device):
         if device.type != "cuda":
@@ -72,8 +126,13 @@ class _Offloader:
             return slot
         main = torch.cuda.current_stream(x.device)
         stream.wait_stream(main)  # x is complete
+        nbytes = x.numel() * x.element_size()
         with torch.cuda.stream(stream):
-            slot.host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
+            if nbytes >= REGISTERED_MIN_BYTES:
+                slot.pooled = self._host_buffer(nbytes, stream)
+                slot.host = slot.pooled.view(x.shape, x.dtype)
+            else:
+                slot.host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
             slot.host.copy_(x.detach(), non_blocking=True)
         x.record_stream(stream)  # x's memory is not reused until the copy has read it
         return slot
@@ -112,6 +171,11 @@ class _Offloader:
         if slot.ready is not None:
             torch.cuda.current_stream(device).wait_event(slot.ready)
         x = slot.device_copy
+        if slot.pooled is not None:
+            # reusable once this H2D copy is done: the next user's D2H copy runs on the same
+            # side stream, so it is ordered after it
+            self.free.append(slot.pooled)
+            slot.pooled = None
         slot.host = slot.device_copy = slot.ready = None
         slot.prev = None
         return x

@@ -176,7 +176,12 @@ def test_trl_sft_trainer_trains_with_offloaded_checkpointing(tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpu_offload_uses_pinned_host_copies_and_matches():
+@pytest.mark.parametrize("registered", [False, True])
+def test_gpu_offload_uses_pinned_host_copies_and_matches(registered, monkeypatch):
+    """Host copies are page-locked (torch's pinned allocator, or for large inputs fastft's
+    registered buffers, reused across steps) and the gradients match no checkpointing."""
+    if registered:
+        monkeypatch.setattr(offload, "REGISTERED_MIN_BYTES", 0)
     model = _model().cuda()
     batches = [torch.randint(0, 300, (2, 64), device="cuda") for _ in range(2)]
     ref = _grads(model, batches)
@@ -186,11 +191,16 @@ def test_gpu_offload_uses_pinned_host_copies_and_matches():
 
     def spy(self, x):
         slot = orig(self, x)
-        pinned.append((slot.host.device.type, slot.host.is_pinned(), slot.stream is not None))
+        pinned.append((slot.host.device.type, slot.host.is_pinned(), slot.stream is not None,
+                       slot.pooled is not None))
         return slot
 
     offload._Offloader.offload = spy
     _UNDO.append(lambda: setattr(offload._Offloader, "offload", orig))
     got = _grads(model, batches)
-    assert pinned and all(p == ("cpu", True, True) for p in pinned)
+    assert pinned and all(p == ("cpu", True, True, registered) for p in pinned)
     _assert_same(got, ref)
+    if registered:  # the second micro-batch reused the first one's buffers
+        func = model.get_base_model().model.layers[0]._gradient_checkpointing_func
+        assert len(func.offloader.free) == 2
+        _assert_same(_grads(model, batches), ref)
