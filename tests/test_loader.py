@@ -416,3 +416,17 @@ def test_fast_model_loads_a_non_causal_architecture(tmp_path, caplog):
     assert "not a causal LM" in caplog.text and "no fused patches for model type 'distilbert'" in caplog.text
     out = model(**tok(["hello"], return_tensors="pt"))
     assert out.last_hidden_state.shape[-1] == 32
+
+
+def test_lora_dropout_keeps_peft_path_with_one_line(model_dirs, caplog):
+    if importlib.util.find_spec("fastft.lora") is None:
+        pytest.skip("fastft.lora (fused LoRA) is not in this checkout")
+    model, tok = FastLanguageModel.from_pretrained(model_dirs["llama"])
+    with caplog.at_level(logging.WARNING, logger="fastft"):
+        model = FastLanguageModel.get_peft_model(model, r=4, lora_dropout=0.1,
+                                                 use_gradient_checkpointing=False)
+    lines = [r.getMessage() for r in caplog.records if "peft's own LoRA path" in r.getMessage()]
+    assert len(lines) == 1 and "lora_dropout=0.1" in lines[0]
+    assert getattr(model, "fastft_fused_lora", None) is None
+    enc, labels = _batch(tok)
+    model(**enc, labels=labels).loss.backward()
