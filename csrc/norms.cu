@@ -16,8 +16,10 @@ int pow2_ceil(int v) { int p = 1; while (p < v) p <<= 1; return p; }
 
 // ------------------------------------------------------------------ forward
 
+constexpr int kVecThreads = 256;  // register-cached kernels: up to 255 registers a thread
+
 template <typename T, typename W, int VEC, int VPT, bool RMS>
-__global__ void __launch_bounds__(1024) norm_fwd_vec(const NormArgs a) {
+__global__ void __launch_bounds__(kVecThreads) norm_fwd_vec(const NormArgs a) {
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const int H = a.hidden;
@@ -122,23 +124,19 @@ __global__ void __launch_bounds__(1024) norm_fwd_loop(const NormArgs a) {
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w', xhat = (x - mean) * rstd
 // (RMSNorm: no mean terms). dW / dB partial sums: one float32 row per block.
 
-template <typename T, typename W, int VEC, int VPT, bool RMS>
-__global__ void __launch_bounds__(1024) norm_bwd_vec(const NormBwdArgs a, int64_t rows_per_block) {
+// PARTIAL: accumulate dW / dB partial rows (a block loops over rows); without it the block
+// does one row and keeps no accumulators, so the frozen-weight case stays light on registers.
+template <typename T, typename W, int VEC, int VPT, bool RMS, bool PARTIAL>
+__global__ void __launch_bounds__(kVecThreads) norm_bwd_vec(const NormBwdArgs a, int64_t rows_per_block) {
   __shared__ float scratch[32];
   const int H = a.hidden;
   const W* wp = static_cast<const W*>(a.weight);
-  float w[VPT][VEC];
-  float dw_acc[VPT][VEC], db_acc[VPT][VEC];
+  constexpr int ACC = PARTIAL ? VPT : 1;
+  float dw_acc[ACC][VEC], db_acc[ACC][VEC];
 #pragma unroll
-  for (int k = 0; k < VPT; ++k) {
-    const int c = (k * blockDim.x + threadIdx.x) * VEC;
-    if (wp && c < H) load_f32<W, VEC>(wp + c, w[k]);
+  for (int k = 0; k < ACC; ++k) {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      w[k][i] = wp ? (c < H ? w[k][i] + a.offset : 0.f) : 1.f;
-      dw_acc[k][i] = 0.f;
-      db_acc[k][i] = 0.f;
-    }
+    for (int i = 0; i < VEC; ++i) { dw_acc[k][i] = 0.f; db_acc[k][i] = 0.f; }
   }
   const int64_t first = blockIdx.x * rows_per_block;
   const int64_t last = min(a.rows, first + rows_per_block);
@@ -153,9 +151,11 @@ __global__ void __launch_bounds__(1024) norm_bwd_vec(const NormBwdArgs a, int64_
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
       const int c = (k * blockDim.x + threadIdx.x) * VEC;
+      float w[VEC];  // re-read per row from L1/L2: cheaper than holding it in registers
       if (c < H) {
         load_f32<T, VEC>(x + c, xh[k]);
         load_f32<T, VEC>(dy + c, d[k]);
+        if (wp) load_f32<W, VEC>(wp + c, w);
       } else {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) { xh[k][i] = mean; d[k][i] = 0.f; }
@@ -163,7 +163,14 @@ __global__ void __launch_bounds__(1024) norm_bwd_vec(const NormBwdArgs a, int64_
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         xh[k][i] = (xh[k][i] - mean) * rstd;
-        float g = d[k][i] * w[k][i];
+        // d becomes g = dy * (w + offset); dy itself is only needed again for dW / dB
+        const float wi = wp ? (c < H ? w[i] + a.offset : 0.f) : 1.f;
+        const float g = d[k][i] * wi;
+        if (PARTIAL) {
+          dw_acc[k % ACC][i] += d[k][i] * xh[k][i];
+          db_acc[k % ACC][i] += d[k][i];
+        }
+        d[k][i] = g;
         sum_g += g;
         sum_gx += g * xh[k][i];
       }
@@ -176,21 +183,17 @@ __global__ void __launch_bounds__(1024) norm_bwd_vec(const NormBwdArgs a, int64_
       if (c >= H) continue;
       float out[VEC];
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        out[i] = rstd * (d[k][i] * w[k][i] - c1 - xh[k][i] * c2);
-        dw_acc[k][i] += d[k][i] * xh[k][i];
-        db_acc[k][i] += d[k][i];
-      }
+      for (int i = 0; i < VEC; ++i) out[i] = rstd * (d[k][i] - c1 - xh[k][i] * c2);
       store_f32<T, VEC>(dx + c, out);
     }
   }
-  if (a.dw_partial || a.db_partial) {
+  if (PARTIAL) {
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
       const int c = (k * blockDim.x + threadIdx.x) * VEC;
       if (c >= H) continue;
-      if (a.dw_partial) store_f32<float, VEC>(a.dw_partial + blockIdx.x * (int64_t)H + c, dw_acc[k]);
-      if (a.db_partial) store_f32<float, VEC>(a.db_partial + blockIdx.x * (int64_t)H + c, db_acc[k]);
+      if (a.dw_partial) store_f32<float, VEC>(a.dw_partial + blockIdx.x * (int64_t)H + c, dw_acc[k % ACC]);
+      if (a.db_partial) store_f32<float, VEC>(a.db_partial + blockIdx.x * (int64_t)H + c, db_acc[k % ACC]);
     }
   }
 }
@@ -241,14 +244,16 @@ bool aligned(const void* p, int64_t stride_elems, int vec) {
 
 struct Plan { int threads; int vpt; int vec; };
 
-// vec = 16-byte accesses when every row allows them; vpt <= kMaxVPT else the loop path (vpt 0).
+// vec = 16-byte accesses when every row allows them, threads <= kVecThreads, vpt <= kMaxVPT;
+// otherwise the loop path (vpt 0), which needs no register cache.
 Plan plan_rows(int hidden, int vec, int target_vpt) {
   if (hidden % vec != 0) vec = 1;
   const int nvec = hidden / vec;
   int threads = pow2_ceil((nvec + target_vpt - 1) / target_vpt);
-  threads = threads < 32 ? 32 : (threads > 1024 ? 1024 : threads);
-  int vpt = pow2_ceil((nvec + threads - 1) / threads);
-  if (vpt > kMaxVPT || vec == 1) return {vec == 1 ? (threads < 128 ? threads : 256) : 1024, 0, 1};
+  threads = threads < 32 ? 32 : (threads > kVecThreads ? kVecThreads : threads);
+  const int vpt = pow2_ceil((nvec + threads - 1) / threads);
+  if (vec == 1) return {hidden <= 1024 ? 128 : 256, 0, 1};
+  if (vpt > kMaxVPT) return {1024, 0, 1};
   return {threads, vpt, vec};
 }
 
@@ -274,7 +279,10 @@ void forward_typed(const NormArgs& a, cudaStream_t s) {
 
 template <typename T, typename W, bool RMS, int VEC, int VPT>
 void launch_bwd(const NormBwdArgs& a, int grid, int64_t rpb, int threads, cudaStream_t s) {
-  norm_bwd_vec<T, W, VEC, VPT, RMS><<<grid, threads, 0, s>>>(a, rpb);
+  if (a.dw_partial || a.db_partial)
+    norm_bwd_vec<T, W, VEC, VPT, RMS, true><<<grid, threads, 0, s>>>(a, rpb);
+  else
+    norm_bwd_vec<T, W, VEC, VPT, RMS, false><<<grid, threads, 0, s>>>(a, rpb);
 }
 
 template <typename T, typename W, bool RMS>

