@@ -6,10 +6,10 @@ program, so d_gate / d_up may be the gate / up tensors themselves (in place)."""
 import triton
 import triton.language as tl
 
-_SQRT_2_OVER_PI = 0.7978845608028654
-_INV_SQRT_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_GELU_TANH_C = 0.044715
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_INV_SQRT_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_GELU_TANH_C = tl.constexpr(0.044715)
 
 
 @triton.jit
