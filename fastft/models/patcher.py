@@ -297,7 +297,7 @@ def patch_model(model) -> Family | None:
         logger.warning(f"fastft: cannot import {family.modeling_module} ({exc}); {arch} runs unpatched.")
         return None
 
-    done, skipped = [], []
+    done, skipped, notes = [], [], []
     present = {type(m) for m in base.modules()}
 
     def want(op: str, what: str) -> bool:
@@ -329,7 +329,9 @@ def patch_model(model) -> Family | None:
             done.append(f"MLP ({act_op})")
 
     head_cls = getattr(module, family.causal_lm_class, None)
-    if head_cls is not None and want("fused_linear_cross_entropy", "causal-LM loss") \
+    if head_cls is not None and not isinstance(base, head_cls):
+        notes.append(f"head/loss stay transformers' ({arch} is not {family.causal_lm_class})")
+    elif head_cls is not None and want("fused_linear_cross_entropy", "causal-LM loss") \
             and want("cross_entropy", "causal-LM loss"):
         _set_patch(head_cls, "forward",
                    make_causal_lm_forward(original(head_cls, "forward"), family))
@@ -338,6 +340,8 @@ def patch_model(model) -> Family | None:
     if norm_cls is not None and norm_cls not in present:
         skipped.append(f"no {family.norm_class} modules in {arch}")
     msg = f"fastft: patched {family.name} ({arch}): {', '.join(done) or 'nothing'}"
+    if notes:
+        msg += "; " + "; ".join(notes)
     if skipped:
         msg += "; not patched: " + "; ".join(skipped)
         logger.warning(msg)
