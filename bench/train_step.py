@@ -313,6 +313,30 @@ def _ratio(summary):
     return rows
 
 
+def markdown(summary) -> str:
+    """A table of the runs (and the longest-sequence result) for bench/RESULTS.md."""
+    lines = ["| model | mode | batch | impl | tokens/s | peak GiB | after setup GiB | beyond setup GiB |"
+             " speedup | memory ratio |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    ratios = {(r["model"], r["mode"], r["batch"], r["seq"]): r for r in summary.get("ratios", [])}
+    for r in summary["runs"]:
+        key = (r["model"], r["mode"], r["batch"], r["seq"])
+        ratio = ratios.get(key) if r["impl"] == "fastft" else None
+        if not r.get("ok"):
+            lines.append(f"| {r['model']} | {r['mode']} | {r['batch']}x{r['seq']} | {r['impl']} | "
+                         f"{'OOM' if r.get('oom') else 'failed'} | | | | | |")
+            continue
+        speedup = f"{ratio['speedup']:.2f}x" if ratio else ""
+        memory = f"{ratio['beyond_setup_ratio']:.3f}x" if ratio else ""
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r['batch']}x{r['seq']} | {r['impl']} | {r['tokens_per_s']:.0f} | "
+            f"{r['peak_gib']:.2f} | {r['mem_after_setup_gib']:.2f} | {r['beyond_setup_gib']:.2f} | "
+            f"{speedup} | {memory} |")
+    if summary.get("longest"):
+        lines += ["", f"Longest 8B QLoRA sequence at batch 1 under the memory cap: "
+                      + ", ".join(f"{k}: {v if v else 'none fitted'}" for k, v in summary["longest"].items())]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=False, help="directory for the JSON results")
@@ -375,6 +399,8 @@ def main(argv=None):
         print("longest 8B QLoRA sequence under", args.cap_gb, "GB:", summary["longest"], flush=True)
     summary["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     _write(args.out, "summary", summary)
+    with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
+        f.write(markdown(summary))
     return 0
 
 

@@ -480,3 +480,26 @@ def test_fused_lora_under_fastft_model_patches(family):
     assert rel_err(dx_a, dx_b) <= 1e-5
     for name in grads_b:
         assert rel_err(grads_a[name], grads_b[name]) <= 1e-5, name
+
+
+@pytest.mark.parametrize("tile", [5, "auto"])
+def test_tiled_mlp_in_a_model_matches_peft(tile, monkeypatch):
+    """Long inputs: the MLP runs in token tiles (explicitly, or automatically past the element
+    threshold) and still matches peft exactly."""
+    import fastft.ops.lora as ops
+
+    monkeypatch.setattr(ops, "MLP_TILE_ELEMENTS", 4 * 56)  # auto: tiles of 4 tokens for 22 tokens
+    model = _peft(_tiny_llama())
+    ids = torch.randint(0, 97, (2, 11))
+    ref = _loss_and_grads(model, ids)
+    apply_fused_lora(model, tile_tokens=tile)
+    seen = []
+    orig = ops._LoRAMLP.forward
+
+    def spy(ctx, x, gate, up, down, kind, tile_tokens, *rest):
+        seen.append(tile_tokens)
+        return orig(ctx, x, gate, up, down, kind, tile_tokens, *rest)
+
+    monkeypatch.setattr(ops._LoRAMLP, "forward", staticmethod(spy))
+    _assert_same(_loss_and_grads(model, ids), ref)
+    assert seen == [5, 5] if tile == 5 else seen == [4, 4]
