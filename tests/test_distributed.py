@@ -218,6 +218,12 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
         if fd.is_main_process():
             torch.save(state, os.path.join(out_dir, name, "state.pt"))
         info["saved_files_seen_by_rank"] = sorted(os.listdir(os.path.join(out_dir, name)))
+        if name in ("ddp", "fsdp2"):  # merged save: written by rank 0 under DDP, refused under FSDP2
+            try:
+                fd.save_on_main(model, os.path.join(out_dir, name + "_merged"), tokenizer, save_method="merged_16bit")
+                info["merged"] = "saved"
+            except NotImplementedError as exc:
+                info["merged"] = str(exc)
         info["cpu_s"] = time.process_time() - t0
         report[name] = info
         del model
@@ -304,6 +310,8 @@ def _cpu_run(tmp_path_factory):
             losses = sft_train(model, tokenizer, str(base / "ref_trainer"))
         ref_dir = str(base / f"ref_{kind}")
         model.save_pretrained(ref_dir)
+        if kind == "plain":
+            model.save_pretrained_merged(str(base / "ref_merged"), tokenizer, save_method="merged_16bit")
         refs[kind] = dict(model=model, init=init, losses=losses, dir=ref_dir, state=trainable_state(model))
     return dict(model_dir=model_dir, out=out_dir, reports=reports, refs=refs, modes=modes)
 
@@ -386,6 +394,26 @@ def test_rank0_save_matches_single_process_save(cpu_run, mode):
                     v.copy_(saved[k])
 
 
+def test_merged_save_from_rank0_under_ddp_and_refused_under_fsdp2(cpu_run):
+    import glob
+
+    from safetensors.torch import load_file
+
+    got_dir = os.path.join(cpu_run["out"], "ddp_merged")
+    want_dir = os.path.join(os.path.dirname(cpu_run["refs"]["plain"]["dir"]), "ref_merged")
+    assert sorted(os.listdir(got_dir)) == sorted(os.listdir(want_dir))
+    with open(os.path.join(got_dir, "config.json")) as a, open(os.path.join(want_dir, "config.json")) as b:
+        assert json.load(a) == json.load(b)
+    got = {k: v for f in sorted(glob.glob(os.path.join(got_dir, "*.safetensors"))) for k, v in load_file(f).items()}
+    want = {k: v for f in sorted(glob.glob(os.path.join(want_dir, "*.safetensors"))) for k, v in load_file(f).items()}
+    assert sorted(got) == sorted(want) and not any("lora" in k for k in got)
+    assert max((got[k].float() - want[k].float()).abs().max().item() for k in got) < TOL
+    for rep in cpu_run["reports"]:
+        assert rep["ddp"]["merged"] == "saved"
+        assert "save the adapter with save_on_main" in rep["fsdp2"]["merged"]
+    assert not os.path.exists(os.path.join(cpu_run["out"], "fsdp2_merged"))
+
+
 # ---------------------------------------------------------------- single-process helpers
 
 def test_helpers_outside_a_distributed_job(monkeypatch):
@@ -461,16 +489,21 @@ def test_two_gpus_match_one_gpu(tmp_path, qlora):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
 
     model, _ = load_model(str(model_dir), device="cuda:0", dtype=torch.bfloat16, load_in_4bit=qlora)
+    init = trainable_state(model)
     plain_train(model, device="cuda:0")
     want = trainable_state(model)
     for mode in modes:
-        got = torch.load(out_dir / mode / "state.pt")
-        if mode == "sft_ddp":
-            continue  # different optimiser path (Trainer): finite and saved is what is checked here
-        for k in want:
-            err = (got[k] - want[k]).norm() / want[k].norm()
-            assert err < 3e-2, f"{mode} {k}: relative difference {err:.3g} from one GPU"
         assert (out_dir / mode / "adapter_model.safetensors").exists()
+        got = torch.load(out_dir / mode / "state.pt")
+        assert sorted(got) == sorted(want)
+        if mode == "sft_ddp":
+            assert all(torch.isfinite(v).all() for v in got.values())
+            continue
+        # what training changed, against one GPU (bf16 compute: a few % per tensor)
+        for k in want:
+            step, ref_step = got[k] - init[k], want[k] - init[k]
+            err = (step - ref_step).norm() / ref_step.norm()
+            assert err < 5e-2, f"{mode} {k}: update differs from one GPU by {err:.3g} (relative)"
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:  # under torchrun (the GPU test)
