@@ -6,10 +6,8 @@ program, so d_gate / d_up may be the gate / up tensors themselves (in place)."""
 import triton
 import triton.language as tl
 
-_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
-_INV_SQRT_2 = tl.constexpr(0.7071067811865476)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-_GELU_TANH_C = tl.constexpr(0.044715)
+# Constants are written inline: the compiler rejects non-constexpr globals in @jit code and
+# the interpreter rejects tl.constexpr ones in arithmetic.
 
 
 @triton.jit
@@ -25,14 +23,14 @@ def _act_and_grad(g, ACT: tl.constexpr):
         a = g * s
         da = s * (1.0 + g * (1.0 - s))
     elif ACT == 1:
-        cdf = 0.5 * (1.0 + tl.math.erf(g * _INV_SQRT_2))
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
         a = g * cdf
-        da = cdf + g * tl.exp(-0.5 * g * g) * _INV_SQRT_2PI
+        da = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
     else:
-        t = _tanh(_SQRT_2_OVER_PI * (g + _GELU_TANH_C * g * g * g))
+        t = _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
         a = 0.5 * g * (1.0 + t)
-        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _SQRT_2_OVER_PI * (
-            1.0 + 3.0 * _GELU_TANH_C * g * g)
+        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (
+            1.0 + 3.0 * 0.044715 * g * g)
     return a, da
 
 
