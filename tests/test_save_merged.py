@@ -315,3 +315,25 @@ def test_dora_adapters_merge(tmp_path):
     assert _lora_effect(pm, ids) > 1e-2
     out = save.save_pretrained_merged(pm, str(tmp_path / "m"), tok)
     assert rel_err(logits(_load(out), ids), logits(pm, ids)) < 1e-3
+
+
+def test_through_fastft_loader(tmp_path):
+    """The golden path: FastLanguageModel.from_pretrained -> get_peft_model -> save_pretrained_merged
+    (the loader binds the save methods; its fused LoRA forwards stay in place)."""
+    try:
+        from fastft import FastLanguageModel
+    except ImportError as e:  # the loader is optional for these tests
+        pytest.skip(f"fastft.loader not importable: {e}")
+    _, tok = tiny_model("llama", tmp_path)
+    model, tok2 = FastLanguageModel.from_pretrained(str(tmp_path / "base-llama"), max_seq_length=128,
+                                                    load_in_4bit=False, dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    model.eval()
+    ids = sample_ids(len(tok))
+    ref = logits(model, ids)
+    out = model.save_pretrained_merged(str(tmp_path / "m"), tok2, save_method="merged_16bit")
+    assert rel_err(logits(_load(out), ids), ref) < 1e-3
