@@ -21,8 +21,8 @@ scaling. A call falls back to the module's normal forward (peft's path) whenever
 not compute exactly what peft computes: adapters disabled (`disable_adapter()`, used by TRL as
 the reference model) or merged, dropout > 0, DoRA or other LoRA variants, lora_bias,
 fan_in_fan_out, a base layer that is neither a dense nn.Linear nor a bitsandbytes Linear4bit,
-extra call arguments (e.g. peft's adapter_names mixed batches), and small inputs under no_grad
-(generation, where bitsandbytes' 4-bit GEMV is the better kernel).
+extra call arguments (e.g. peft's adapter_names mixed batches), and small inputs in eval mode
+under no_grad (generation, where bitsandbytes' 4-bit GEMV is the better kernel).
 Several active adapters are fused by stacking them into one rank-(r1+r2+…) term.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from fastft.ops.lora import Base, Projection, lora_linear, lora_mlp, lora_qkv
 
 logger = logging.getLogger(__name__)
 
-# Below this many tokens a no-grad call (generation) keeps peft's path.
+# Below this many tokens an eval-mode no-grad call (generation) keeps peft's path.
 NO_GRAD_MIN_TOKENS = 1024
 
 _MARK = "_fastft_fused_lora"  # instance attribute: what we patched on this module
@@ -112,8 +112,12 @@ def projection_of(module) -> tuple[Projection | None, str | None]:
     return Projection(base, A, B, 1.0), None
 
 
-def _few_tokens_without_grad(x) -> bool:
-    return not torch.is_grad_enabled() and x.numel() // max(1, x.shape[-1]) < NO_GRAD_MIN_TOKENS
+def _generation_step(module, x) -> bool:
+    """Eval mode, no grad and few tokens: generation, where peft's path (bitsandbytes' 4-bit
+    GEMV for QLoRA) is the better one. Training mode always fuses, so a checkpointed layer's
+    no-grad forward and its recomputation compute exactly the same thing."""
+    return (not module.training and not torch.is_grad_enabled()
+            and x.numel() // max(1, x.shape[-1]) < NO_GRAD_MIN_TOKENS)
 
 
 # --- activation detection ---------------------------------------------------------------------
@@ -147,7 +151,7 @@ def _class_forward(module, *args, **kwargs):
 
 
 def _fused_mlp_forward(self, x, *args, **kwargs):
-    if args or kwargs or _few_tokens_without_grad(x):
+    if args or kwargs or _generation_step(self, x):
         return _class_forward(self, x, *args, **kwargs)
     gate, _ = projection_of(self.gate_proj)
     up, _ = projection_of(self.up_proj)
@@ -187,7 +191,7 @@ def _fused_qkv_forward(self, x, *args, **kwargs):
     if out is not None:
         return out
     group.pending = None
-    if _few_tokens_without_grad(x):
+    if _generation_step(self, x):
         return _class_forward(self, x)
     projs = [projection_of(m)[0] for m in group.modules]
     if any(p is None for p in projs):
@@ -200,7 +204,7 @@ def _fused_qkv_forward(self, x, *args, **kwargs):
 
 
 def _fused_linear_forward(self, x, *args, **kwargs):
-    if args or kwargs or _few_tokens_without_grad(x):
+    if args or kwargs or _generation_step(self, x):
         return _class_forward(self, x, *args, **kwargs)
     proj, _ = projection_of(self)
     if proj is None:

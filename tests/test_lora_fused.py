@@ -503,3 +503,19 @@ def test_tiled_mlp_in_a_model_matches_peft(tile, monkeypatch):
     monkeypatch.setattr(ops._LoRAMLP, "forward", staticmethod(spy))
     _assert_same(_loss_and_grads(model, ids), ref)
     assert seen == [5, 5] if tile == 5 else seen == [4, 4]
+
+
+def test_generation_keeps_peft_path_training_fuses_even_without_grad():
+    model = _peft(_tiny_llama())
+    apply_fused_lora(model)
+    ids = torch.randint(0, 97, (1, 6))
+    calls = _count_fused_calls()
+    model.eval()
+    with torch.no_grad():
+        eval_logits = model(input_ids=ids).logits
+    assert calls == {"mlp": 0, "proj": 0}  # a generation step: peft's (bitsandbytes GEMV) path
+    model.train()
+    with torch.no_grad():  # e.g. the first pass of a checkpointed layer: same math as its recompute
+        train_logits = model(input_ids=ids).logits
+    assert calls == {"mlp": 2, "proj": 4}
+    assert rel_err(train_logits, eval_logits) <= TOL
