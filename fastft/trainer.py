@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 
 from torch import nn
+from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
 logger = logging.getLogger("fastft")
@@ -40,8 +41,18 @@ class FastTrainingArguments(SFTConfig):
                           "None uses learning_rate."},
     )
 
+    loss_head: str = field(
+        default="trl",
+        metadata={"help": "'trl': trl's fused LM head (also logs entropy and token accuracy); "
+                          "'fastft': the model's own forward, whose loss fastft computes with its fused "
+                          "linear cross-entropy kernels (no entropy / accuracy metrics)."},
+    )
+
     def __post_init__(self):
         import torch
+
+        if self.loss_head not in ("trl", "fastft"):
+            raise ValueError(f"loss_head={self.loss_head!r} is not valid; use 'trl' or 'fastft'.")
 
         if self.bf16 is None and not self.fp16 and not torch.cuda.is_available():
             self.bf16 = False  # trl would pick bf16 and then refuse to run on a CPU-only machine
@@ -74,6 +85,18 @@ class FastTrainer(SFTTrainer):
                 if old in legacy and legacy[old] is not None:
                     setattr(train_args, new, legacy[old])
         super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if (getattr(self.args, "loss_head", "trl") == "fastft" and self.args.loss_type == "nll"
+                and self.compute_loss_func is None and self.label_smoother is None):
+            # transformers' Trainer path: model(**inputs, labels, num_items_in_batch) -> the patched
+            # causal-LM forward -> fastft.ops.fused_linear_cross_entropy
+            inputs = dict(inputs)
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
 
     def create_optimizer(self, model=None):
         lr_embed = getattr(self.args, "embedding_learning_rate", None)

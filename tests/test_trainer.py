@@ -140,3 +140,41 @@ def test_embeddings_in_target_modules_train_in_full(tmp_path):
     trainer.train()
     assert not torch.equal(before, head.detach())
     assert sorted({g["initial_lr"] for g in trainer.optimizer.param_groups}) == [5e-4, 5e-3]
+
+
+def test_fastft_loss_head_matches_trl_loss(tmp_path, monkeypatch):
+    """loss_head="fastft" computes the loss through the patched forward (fastft's fused linear
+    cross-entropy); its first-step loss equals trl's fused head's on the same model and batch."""
+    from datasets import Dataset
+
+    import importlib
+
+    from fastft import FastLanguageModel, FastTrainer
+
+    # (importlib: the package attribute fastft.ops.cross_entropy is the function, not the module)
+    ce = importlib.import_module("fastft.ops.cross_entropy")
+
+    calls = []
+    real = ce.fused_linear_cross_entropy
+    monkeypatch.setattr(ce, "fused_linear_cross_entropy",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    path = save_tiny_model("qwen2", tmp_path / "model")
+    ds = Dataset.from_dict({"text": [f"item {i}: {i * 11 % 17} apples" for i in range(16)]})
+    first = {}
+    for head in ("trl", "fastft"):
+        unpatch_all()
+        model, tok = FastLanguageModel.from_pretrained(path, max_seq_length=48)
+        model = FastLanguageModel.get_peft_model(model, r=4, random_state=1,
+                                                 use_gradient_checkpointing=False)
+        calls.clear()
+        trainer = FastTrainer(model=model, processing_class=tok, train_dataset=ds,
+                              args=_args(tmp_path, embedding_learning_rate=None, max_steps=2,
+                                         loss_head=head, gradient_accumulation_steps=2))
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        assert len(losses) == 2
+        first[head] = losses[0]
+        assert (len(calls) > 0) == (head == "fastft")
+    assert first["fastft"] == pytest.approx(first["trl"], rel=1e-4)
+    with pytest.raises(ValueError, match="loss_head"):
+        _args(tmp_path, loss_head="liger")
