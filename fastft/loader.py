@@ -296,6 +296,7 @@ class FastLanguageModel:
                 getattr(config.quantization_config, "quant_method", None)
             if str(method) in ("bitsandbytes", "QuantizationMethod.BITS_AND_BYTES"):
                 check_bitsandbytes(device)
+            logger.info(f"fastft: {model_name} is already quantised ({method}); it loads as it is.")
         elif quantization_config is None and (load_in_4bit or load_in_8bit):
             check_bitsandbytes(device)
             if load_in_4bit:
@@ -356,6 +357,9 @@ class FastLanguageModel:
 
             model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
             object.__setattr__(model, "max_seq_length", max_seq_length)
+            adapter_cfg = model.peft_config[model.active_adapter]
+            _maybe_fuse_lora(model, getattr(adapter_cfg, "lora_dropout", 0.0),
+                             getattr(adapter_cfg, "bias", "none"))
 
         from fastft.save import attach_save_methods
 
