@@ -186,7 +186,9 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
         t0 = time.process_time()
         name, mode, variant = mode, *(mode.split("_", 1) if mode.endswith(("_offload", "_qlora")) else (mode, ""))
         model, tokenizer = load_model(model_dir, device=device, dtype=dtype, load_in_4bit=qlora or variant == "qlora",
-                                      checkpointing="unsloth" if variant == "offload" else True)
+                                      # sft_ddp: fastft's default (offloaded), which needs
+                                      # ddp_find_unused_parameters=False from trainer_distributed_kwargs
+                                      checkpointing="unsloth" if variant == "offload" or mode == "sft_ddp" else True)
         info = {"fused_modules": sum(1 for m in model.modules() if is_fused(m)),
                 "checkpointing": _checkpointing_kind(model)}
         if mode == "ddp":
@@ -345,7 +347,7 @@ def test_fused_paths_stay_on_under_sharding(cpu_run):
     for rep in cpu_run["reports"]:
         for mode in cpu_run["modes"]:
             assert rep[mode]["fused_modules"] > 0, f"{mode}: fused LoRA was not applied"
-            want = "offload" if mode.endswith("_offload") else "torch"
+            want = "offload" if mode.endswith("_offload") or mode == "sft_ddp" else "torch"
             assert rep[mode]["checkpointing"] == want, f"{mode}: checkpointing {rep[mode]['checkpointing']}"
         assert rep["fsdp2"]["sharded_layers"] == 2 and rep["fsdp2"]["root_sharded"]
         assert rep["fsdp2"]["head_own_unit"] is False  # the fused loss needs the head in the root
