@@ -17,6 +17,7 @@ On the CPU the "offload" is a plain copy, but the code path is the same.
 from __future__ import annotations
 
 import os
+import types
 import weakref
 
 import torch
@@ -287,6 +288,9 @@ class _CheckpointFunction:
     def __init__(self):
         self.offloader = _Offloader()
 
+    def __deepcopy__(self, memo):
+        return _CheckpointFunction()  # a copied model gets its own streams and host buffers
+
     def __call__(self, function, *args, **kwargs):
         if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
             raise TypeError("offloaded checkpointing expects the layer's hidden states as the "
@@ -315,6 +319,23 @@ def _is_offloading(func) -> bool:
     return isinstance(func, _CheckpointFunction)
 
 
+def _sticky_set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
+                                       every_n_layers: int = 1):
+    """Installed on the model: transformers' own _set_gradient_checkpointing, except that
+    enabling always installs our offloading function (trainers re-enable checkpointing with
+    torch's checkpoint when gradient_checkpointing=True)."""
+    original = type(self)._set_gradient_checkpointing
+    chosen = self.__dict__["_fastft_checkpoint_func"] if enable else gradient_checkpointing_func
+    kwargs = {"enable": enable, "every_n_layers": every_n_layers}
+    if chosen is not None:
+        kwargs["gradient_checkpointing_func"] = chosen
+    try:
+        return original(self, **kwargs)
+    except TypeError:  # older signature without every_n_layers
+        kwargs.pop("every_n_layers")
+        return original(self, **kwargs)
+
+
 def enable_offloaded_checkpointing(model) -> int:
     """Turn on offloaded gradient checkpointing for every GradientCheckpointingLayer of `model`
     (a transformers PreTrainedModel, or a peft model wrapping one). Returns the number of
@@ -325,25 +346,8 @@ def enable_offloaded_checkpointing(model) -> int:
         raise ValueError(f"{type(target).__name__} does not support gradient checkpointing, so "
                          "use_gradient_checkpointing='unsloth' cannot apply; use False")
     func = _CheckpointFunction()
-    original = target.__dict__.get("_fastft_original_set_gc")
-    if original is None:
-        original = target._set_gradient_checkpointing
-
-        def _set_gradient_checkpointing(enable: bool = True, gradient_checkpointing_func=None,
-                                        every_n_layers: int = 1):
-            # keep offloading when a trainer re-enables checkpointing with torch's checkpoint
-            chosen = target.__dict__["_fastft_checkpoint_func"] if enable else gradient_checkpointing_func
-            kwargs = {"enable": enable, "every_n_layers": every_n_layers}
-            if chosen is not None:
-                kwargs["gradient_checkpointing_func"] = chosen
-            try:
-                return original(**kwargs)
-            except TypeError:  # older signature without every_n_layers
-                kwargs.pop("every_n_layers")
-                return original(**kwargs)
-
-        target.__dict__["_fastft_original_set_gc"] = original
-        target.__dict__["_set_gradient_checkpointing"] = _set_gradient_checkpointing
+    # an instance attribute bound to the model (a deepcopy rebinds it to the copy)
+    target.__dict__["_set_gradient_checkpointing"] = types.MethodType(_sticky_set_gradient_checkpointing, target)
     target.__dict__["_fastft_checkpoint_func"] = func
     enable = getattr(target, "gradient_checkpointing_enable")
     kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
@@ -364,10 +368,9 @@ def enable_offloaded_checkpointing(model) -> int:
 def disable_offloaded_checkpointing(model) -> None:
     """Back to transformers' own behaviour (checkpointing off)."""
     target = _pretrained(model)
-    original = target.__dict__.pop("_fastft_original_set_gc", None)
-    target.__dict__.pop("_set_gradient_checkpointing", None)
+    installed = target.__dict__.pop("_set_gradient_checkpointing", None)
     target.__dict__.pop("_fastft_checkpoint_func", None)
-    if original is not None:
+    if installed is not None:
         import warnings
 
         with warnings.catch_warnings():

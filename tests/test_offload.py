@@ -204,3 +204,18 @@ def test_gpu_offload_uses_pinned_host_copies_and_matches(registered, monkeypatch
         func = model.get_base_model().model.layers[0]._gradient_checkpointing_func
         assert len(func.offloader.free) == 2
         _assert_same(_grads(model, batches), ref)
+
+
+def test_deepcopy_of_an_offloading_model_is_independent():
+    import copy
+
+    model = _model()
+    enable_offloaded_checkpointing(model)
+    clone = copy.deepcopy(model)
+    base, cbase = model.get_base_model(), clone.get_base_model()
+    func, cfunc = base.model.layers[0]._gradient_checkpointing_func, cbase.model.layers[0]._gradient_checkpointing_func
+    assert isinstance(cfunc, offload._CheckpointFunction) and cfunc is not func
+    assert cbase.model.layers[1]._gradient_checkpointing_func is cfunc
+    assert cbase._set_gradient_checkpointing.__self__ is cbase
+    batches = [torch.randint(0, 300, (2, 9))]
+    _assert_same(_grads(clone, batches), _grads(model, batches))
