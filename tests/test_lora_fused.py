@@ -519,3 +519,25 @@ def test_generation_keeps_peft_path_training_fuses_even_without_grad():
         train_logits = model(input_ids=ids).logits
     assert calls == {"mlp": 2, "proj": 4}
     assert rel_err(train_logits, eval_logits) <= TOL
+
+
+def test_autocast_and_deepcopy():
+    """Under CPU bf16 autocast the fused path computes in bf16 like peft does (grads come back in
+    the factors' fp32); a deep copy of a fused model is fused on its own modules."""
+    model = _peft(_tiny_llama())
+    ids = torch.randint(0, 97, (2, 9))
+    exact = _loss_and_grads(model, ids)  # fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _loss_and_grads(model, ids)
+    apply_fused_lora(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _loss_and_grads(model, ids)
+    assert abs(got[0].item() - exact[0].item()) <= 1e-2 * abs(exact[0].item())
+    for name in exact[3]:  # as close to the fp32 result as peft's own bf16 autocast result is
+        assert got[3][name].dtype == torch.float32
+        assert rel_err(got[3][name], exact[3][name]) <= 2 * rel_err(ref[3][name], exact[3][name]) + 1e-2, name
+    clone = copy.deepcopy(model)
+    attn = clone.base_model.model.model.layers[0].self_attn
+    assert attn.q_proj.forward.__self__ is attn.q_proj
+    assert attn.k_proj._fastft_fused_lora["group"].modules[1] is attn.k_proj
+    _assert_same(_loss_and_grads(clone, ids), _loss_and_grads(model, ids))
