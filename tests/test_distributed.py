@@ -37,6 +37,7 @@ LR = 0.05
 SEED = 1234
 CPU_MODES = ("ddp", "fsdp2", "fsdp2_tail", "ddp_offload", "fsdp2_offload", "ddp_qlora", "fsdp2_qlora",
              "sft_ddp")
+FULL_MODE = "fsdp2_full"  # full fine-tuning (no adapters), its own test
 TOL = 1e-5
 
 
@@ -49,9 +50,10 @@ def global_batches(n_steps=STEPS):
     return torch.randint(0, 256, (n_steps, GLOBAL_BATCH, SEQ), generator=g)
 
 
-def load_model(model_dir, device="cpu", dtype=torch.float32, load_in_4bit=False, checkpointing=True):
+def load_model(model_dir, device="cpu", dtype=torch.float32, load_in_4bit=False, checkpointing=True, full=False):
     """A fastft LoRA model: FastLanguageModel when the loader is there, else transformers + fastft
-    patching + peft + fused LoRA (the same pieces the loader puts together)."""
+    patching + peft + fused LoRA (the same pieces the loader puts together). full=True: full
+    fine-tuning (every weight trains, no adapters)."""
     lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, bias="none", init_lora_weights=False,
                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     try:
@@ -71,7 +73,8 @@ def load_model(model_dir, device="cpu", dtype=torch.float32, load_in_4bit=False,
             bnb_4bit_compute_dtype=dtype, **({"bnb_4bit_quant_storage": storage} if storage else {}))
     if FastLanguageModel is not None:
         model, tokenizer = FastLanguageModel.from_pretrained(model_dir, dtype=dtype, load_in_4bit=load_in_4bit,
-                                                             device_map={"": device}, max_seq_length=64, **extra)
+                                                             device_map={"": device}, max_seq_length=64,
+                                                             full_finetuning=full, **extra)
         model = FastLanguageModel.get_peft_model(model, use_gradient_checkpointing=checkpointing,
                                                  random_state=SEED, **lora)
     else:
@@ -89,13 +92,16 @@ def load_model(model_dir, device="cpu", dtype=torch.float32, load_in_4bit=False,
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         patch_model(model)
         torch.manual_seed(SEED)
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+        if full:
+            model.requires_grad_(True)
+        else:
+            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
         if checkpointing == "unsloth":
             from fastft.offload import enable_offloaded_checkpointing
 
             enable_offloaded_checkpointing(model)
         elif checkpointing:
-            model.get_base_model().gradient_checkpointing_enable(
+            getattr(model, "get_base_model", lambda: model)().gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         apply_fused_lora(model)
     model.config.use_cache = False
@@ -184,8 +190,10 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
     report = {}
     for mode in modes:
         t0 = time.process_time()
-        name, mode, variant = mode, *(mode.split("_", 1) if mode.endswith(("_offload", "_qlora")) else (mode, ""))
+        name, mode, variant = mode, *(mode.split("_", 1) if mode.endswith(("_offload", "_qlora", "_full"))
+                                      else (mode, ""))
         model, tokenizer = load_model(model_dir, device=device, dtype=dtype, load_in_4bit=qlora or variant == "qlora",
+                                      full=variant == "full",
                                       # sft_ddp: fastft's default (offloaded), which needs
                                       # ddp_find_unused_parameters=False from trainer_distributed_kwargs
                                       checkpointing="unsloth" if variant == "offload" or mode == "sft_ddp" else True)
@@ -198,16 +206,17 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
             if mode == "fsdp2":
                 fd.fsdp2_wrap(model)
             else:  # accelerate's FSDP2 layout
-                base = model.get_base_model()
+                base = getattr(model, "get_base_model", lambda: model)()
                 for layer in base.model.layers:
                     fully_shard(layer)
                 fully_shard([base.model.norm, base.lm_head], reshard_after_forward=False)
                 fully_shard(model)
-            base = model.get_base_model()
+            base = getattr(model, "get_base_model", lambda: model)()
             info["sharded_layers"] = sum(isinstance(layer, FSDPModule) for layer in base.model.layers)
             info["root_sharded"] = isinstance(model, FSDPModule)
             info["head_own_unit"] = isinstance(base.lm_head, FSDPModule)
-            weight = base.model.layers[0].mlp.gate_proj.base_layer.weight
+            gate = base.model.layers[0].mlp.gate_proj
+            weight = getattr(gate, "base_layer", gate).weight
             info["base_weight"] = ["DTensor" if isinstance(weight, DTensor) else type(weight).__name__,
                                    str(weight.dtype)]
             info["losses"] = plain_train(model, rank, world, device)
@@ -237,7 +246,7 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
 
 def _checkpointing_kind(model) -> str:
     """'offload' / 'torch' / 'none': what the decoder layers checkpoint with."""
-    layer = model.get_base_model().model.layers[0]
+    layer = getattr(model, "get_base_model", lambda: model)().model.layers[0]
     if not getattr(layer, "gradient_checkpointing", False):
         return "none"
     func = getattr(layer, "_gradient_checkpointing_func", None)
@@ -289,7 +298,7 @@ def _cpu_run(tmp_path_factory):
     model_dir = save_model_dir(base / "model")
     out_dir = str(base / "out")
     os.makedirs(out_dir)
-    modes = [m for m in CPU_MODES if m != "sft_ddp" or _have_trl_and_loader()]
+    modes = [m for m in CPU_MODES if m != "sft_ddp" or _have_trl_and_loader()] + [FULL_MODE]
     # fork: the children reuse this process's imports (spawning would re-import torch,
     # transformers and peft in each, which costs most of the time on a busy CPU)
     ctx = mp.start_processes(run_worker, args=(2, _free_port(), model_dir, out_dir, modes),
@@ -303,10 +312,10 @@ def _cpu_run(tmp_path_factory):
     reports = [json.load(open(os.path.join(out_dir, f"report_rank{r}.json"))) for r in range(2)]
 
     refs = {}
-    for kind in ("plain", "qlora", "sft") if "sft_ddp" in modes else ("plain", "qlora"):
-        model, tokenizer = load_model(model_dir, load_in_4bit=kind == "qlora")
+    for kind in ("plain", "qlora", "full", "sft") if "sft_ddp" in modes else ("plain", "qlora", "full"):
+        model, tokenizer = load_model(model_dir, load_in_4bit=kind == "qlora", full=kind == "full")
         init = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-        if kind in ("plain", "qlora"):
+        if kind in ("plain", "qlora", "full"):
             losses = plain_train(model)
         else:
             losses = sft_train(model, tokenizer, str(base / "ref_trainer"))
@@ -346,6 +355,8 @@ def test_two_processes_match_one_process(cpu_run, mode):
 def test_fused_paths_stay_on_under_sharding(cpu_run):
     for rep in cpu_run["reports"]:
         for mode in cpu_run["modes"]:
+            if mode == FULL_MODE:
+                continue
             assert rep[mode]["fused_modules"] > 0, f"{mode}: fused LoRA was not applied"
             want = "offload" if mode.endswith("_offload") or mode == "sft_ddp" else "torch"
             assert rep[mode]["checkpointing"] == want, f"{mode}: checkpointing {rep[mode]['checkpointing']}"
@@ -394,6 +405,38 @@ def test_rank0_save_matches_single_process_save(cpu_run, mode):
             for k, v in model.named_parameters():
                 if k in saved:
                     v.copy_(saved[k])
+
+
+def test_full_finetuning_fsdp2_matches_and_saves_like_one_process(cpu_run):
+    """No adapters: every weight trains and is sharded; rank 0 writes the whole model, the
+    same files (and, with the same values, the same bytes) as one process."""
+    from safetensors.torch import load_file
+
+    ref = cpu_run["refs"]["full"]
+    got = torch.load(os.path.join(cpu_run["out"], FULL_MODE, "state.pt"))
+    assert sorted(got) == sorted(ref["state"]) and len(got) == len(list(ref["model"].parameters()))
+    moved = max((ref["state"][k] - ref["init"][k]).abs().max().item() for k in ref["state"])
+    assert moved > 100 * TOL
+    worst = max((got[k] - ref["state"][k]).abs().max().item() for k in got)
+    assert worst < TOL, f"full fine-tuning under FSDP2 differs from one process by {worst:.3g}"
+    assert cpu_run["reports"][0][FULL_MODE]["base_weight"] == ["DTensor", "torch.float32"]
+
+    dist_dir = os.path.join(cpu_run["out"], FULL_MODE)
+    assert sorted(f for f in os.listdir(dist_dir) if f != "state.pt") == sorted(os.listdir(ref["dir"]))
+    for name in ("config.json", "generation_config.json"):
+        with open(os.path.join(dist_dir, name)) as a, open(os.path.join(ref["dir"], name)) as b:
+            assert json.load(a) == json.load(b)
+    saved = load_file(os.path.join(dist_dir, "model.safetensors"))
+    want = load_file(os.path.join(ref["dir"], "model.safetensors"))
+    assert sorted(saved) == sorted(want)
+    assert max((saved[k] - want[k]).abs().max().item() for k in saved) < TOL
+    model = ref["model"]
+    model.load_state_dict(saved)
+    resaved = os.path.join(os.path.dirname(ref["dir"]), "resaved_full")
+    model.save_pretrained(resaved)
+    with open(os.path.join(resaved, "model.safetensors"), "rb") as a, \
+            open(os.path.join(dist_dir, "model.safetensors"), "rb") as b:
+        assert a.read() == b.read()
 
 
 def test_merged_save_from_rank0_under_ddp_and_refused_under_fsdp2(cpu_run):
