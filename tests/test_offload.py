@@ -219,3 +219,25 @@ def test_deepcopy_of_an_offloading_model_is_independent():
     assert cbase._set_gradient_checkpointing.__self__ is cbase
     batches = [torch.randint(0, 300, (2, 9))]
     _assert_same(_grads(clone, batches), _grads(model, batches))
+
+
+def test_offloaded_checkpoint_function_on_its_own():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(3, 8, requires_grad=True)
+
+    def block(h, scale):
+        return torch.tanh(lin(h)) * scale, None
+
+    out, extra = offload.offloaded_checkpoint(block, x, 2.0)
+    assert extra is None
+    out.sum().backward()
+    got = (x.grad.clone(), lin.weight.grad.clone())
+    x.grad = None
+    lin.zero_grad()
+    ref_out, _ = block(x, 2.0)
+    ref_out.sum().backward()
+    assert torch.equal(out.detach(), ref_out.detach())
+    assert rel_err(got[0], x.grad) <= 1e-6 and rel_err(got[1], lin.weight.grad) <= 1e-6
+    with pytest.raises(TypeError, match="hidden states"):
+        offload.offloaded_checkpoint(block, 3, 2.0)
