@@ -199,14 +199,21 @@ def _layer_class_names(model) -> list[str]:
     return names
 
 
-def default_mixed_precision(device: torch.device):
-    """GPU: compute in bf16 (fp16 where bf16 is unsupported), reduce gradients in fp32.
-    CPU: none (everything stays in the parameters' dtype)."""
+def default_mixed_precision(device: torch.device, model: nn.Module | None = None):
+    """GPU: compute in the model's 16-bit dtype (that of most of its weights: what one GPU
+    computes in; fp32 LoRA factors are cast to it for the forward), reduce gradients in fp32.
+    A float32 model, or the CPU: none (everything stays in the parameters' dtype)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if device.type != "cuda":
         return None
-    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    counts: dict = {}
+    for p in (model.parameters() if model is not None else ()):
+        if p.is_floating_point() and type(p).__name__ != "Params4bit":
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    compute = max(counts, key=counts.get) if counts else torch.bfloat16
+    if compute not in (torch.bfloat16, torch.float16):
+        return None
     return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
 
 
@@ -248,14 +255,15 @@ def fsdp2_wrap(model: nn.Module, *, mesh=None, mixed_precision="auto", reshard_a
     embeddings, the final norm and lm_head (where fastft's fused loss reads the head weight).
 
     mesh: a 1-D DeviceMesh (default: all processes, on this process's GPU or the CPU).
-    mixed_precision: "auto" (GPU: bf16 params, fp32 gradient reduction; CPU: none), None, or a
+    mixed_precision: "auto" (GPU: compute in the model's bf16/fp16, reduce gradients in fp32; a
+    float32 model or the CPU: none), None, or a
     torch.distributed.fsdp.MixedPrecisionPolicy. layer_classes: classes or class names to shard
     one by one (default: the model's decoder layer, see decoder_layer_classes). cpu_offload:
     keep sharded parameters and gradients in CPU memory between uses.
 
-    4-bit QLoRA weights must be stored in a floating dtype to be sharded (load with
-    BitsAndBytesConfig(bnb_4bit_quant_storage=torch.bfloat16); FastLanguageModel does that under
-    a multi-process launch); uint8-packed ones are left unsharded (replicated) with a warning.
+    4-bit QLoRA weights must be stored in a floating dtype to be sharded: load with
+    BitsAndBytesConfig(bnb_4bit_quant_storage=<the compute dtype>) (bnb_4bit_quant_storage(dtype)
+    below gives it); uint8-packed ones are left unsharded (replicated) with a warning.
     Returns the same model object (FSDP2 changes its class in place); build the optimizer after."""
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -276,7 +284,7 @@ def fsdp2_wrap(model: nn.Module, *, mesh=None, mixed_precision="auto", reshard_a
         mesh = init_device_mesh(device.type if device.type in ("cuda", "cpu") else "cpu",
                                 (dist.get_world_size(),))
     if mixed_precision == "auto":
-        mixed_precision = default_mixed_precision(device)
+        mixed_precision = default_mixed_precision(device, model)
     if mixed_precision is None:
         mixed_precision = MixedPrecisionPolicy()
 

@@ -499,6 +499,34 @@ def test_trainer_kwargs_name_the_decoder_layer(monkeypatch):
     TrainingArguments(output_dir="unused", use_cpu=True, **{k: v for k, v in kw.items() if k != "fsdp"})
 
 
+def test_fsdp2_mixed_precision_follows_the_model_dtype():
+    from fastft import distributed as fd
+    from tests.tiny_models import build_tiny_model
+
+    cuda = torch.device("cuda")  # only the policy is built; no GPU is touched
+    for dtype in (torch.bfloat16, torch.float16):
+        policy = fd.default_mixed_precision(cuda, build_tiny_model("llama", dtype=dtype))
+        assert (policy.param_dtype, policy.reduce_dtype) == (dtype, torch.float32)
+    assert fd.default_mixed_precision(cuda, build_tiny_model("llama")) is None  # float32 model
+    assert fd.default_mixed_precision(torch.device("cpu"), build_tiny_model("llama", dtype=torch.bfloat16)) is None
+
+
+def test_fsdp2_refuses_to_cast_float_stored_4bit_weights():
+    import bitsandbytes as bnb
+
+    from fastft import distributed as fd
+
+    layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                              quant_storage=torch.float16)
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4",
+                                     quant_storage=torch.float16, module=layer).to("cpu")
+    assert layer.weight.dtype == torch.float16
+    fd._check_4bit_storage(layer, torch.float16)  # same dtype: no cast, fine
+    fd._check_4bit_storage(layer, None)
+    with pytest.raises(ValueError, match="bnb_4bit_quant_storage=torch.bfloat16"):
+        fd._check_4bit_storage(layer, torch.bfloat16)
+
+
 def test_wrappers_refuse_without_a_process_group():
     from fastft import distributed as fd
     from tests.tiny_models import build_tiny_model
