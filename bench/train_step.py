@@ -22,10 +22,13 @@ over the timed steps after warm-up; a step = forward + backward + AdamW step), p
 memory after load + LoRA setup, their difference ("beyond_setup"), and the loss of every step
 (same seed and data in both variants, so the curves can be compared).
 
---longest: the longest batch-1 sequence that trains one step of the 8B QLoRA model with the
-process capped at --cap-gb (torch.cuda.set_per_process_memory_fraction), by binary search over
-lengths (each probe its own subprocess), fastft and baseline. Long probes take minutes each
-(attention is quadratic); --longest-lengths probes given lengths only (e.g. the bar's 344064).
+--longest / --longest-only: the longest batch-1 sequence that trains one step of the 8B QLoRA
+model with the process capped at --cap-gb GB (10^9 bytes, torch.cuda.set_per_process_memory_fraction),
+each probe its own subprocess. Baseline: binary search over --baseline-range (short: each probe
+is about a minute). fastft: one probe at --fastft-probe (344064 tokens; such a step takes several
+minutes since attention is quadratic), or a binary search with --fastft-search.
+--longest-lengths probes exactly the given lengths for every impl. Run it as its own command, e.g.
+    python bench/train_step.py --out DIR --longest-only --impls fastft
 """
 from __future__ import annotations
 
@@ -270,8 +273,11 @@ def _longest(args, impl, out_dir, summary):
         _write(out_dir, f"longest_{impl}_{length}", res)
         return bool(res.get("ok"))
 
-    if args.longest_lengths:
-        fits = [n for n in args.longest_lengths if probe(n)]
+    lengths = args.longest_lengths
+    if not lengths and impl == "fastft" and not args.fastft_search:
+        lengths = [args.fastft_probe]  # one probe at the target: a search would take hours
+    if lengths:
+        fits = [n for n in lengths if probe(n)]
         return max(fits) if fits else None
     lo, hi = (args.baseline_range if impl == "baseline" else args.fastft_range)
     step = args.longest_step
@@ -352,6 +358,10 @@ def main(argv=None):
     ap.add_argument("--longest-only", action="store_true")
     ap.add_argument("--longest-lengths", default="", help="comma-separated lengths to probe instead of searching")
     ap.add_argument("--cap-gb", type=float, default=80.0)
+    ap.add_argument("--fastft-probe", type=int, default=344064,
+                    help="fastft's longest-sequence check probes this length only (the target)")
+    ap.add_argument("--fastft-search", action="store_true",
+                    help="binary-search fastft over --fastft-range instead (each probe takes minutes)")
     ap.add_argument("--fastft-range", default="65536,524288")
     ap.add_argument("--baseline-range", default="8192,65536")
     ap.add_argument("--longest-step", type=int, default=4096)
