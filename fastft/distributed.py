@@ -93,8 +93,8 @@ def bnb_4bit_quant_storage(compute_dtype: torch.dtype):
 
 def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) -> tuple[int, int]:
     """Create the default process group from the launcher's environment (RANK, WORLD_SIZE,
-    MASTER_ADDR, MASTER_PORT) when it does not exist yet; on GPUs also select this process's GPU.
-    backend None: nccl with CUDA, gloo on the CPU. Returns (rank, world_size); a single-process
+    MASTER_ADDR, MASTER_PORT) when it does not exist yet; with a GPU backend also select this
+    process's GPU (LOCAL_RANK). backend None: nccl with CUDA, gloo on the CPU. Returns (rank, world_size); a single-process
     run (no WORLD_SIZE, or 1) creates nothing and returns (0, 1)."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -104,9 +104,9 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) 
     if missing:
         raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {missing} are not set: start the "
                            "script with `torchrun --nproc_per_node N script.py` or `accelerate launch`.")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend != "gloo":  # a GPU backend: this process's GPU (gloo leaves CUDA untouched)
+        torch.cuda.set_device(local_rank())
     dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size()
 

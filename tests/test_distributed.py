@@ -184,7 +184,7 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
     from fastft import distributed as fd
     from fastft.lora import is_fused
 
-    fd.init_distributed()
+    fd.init_distributed(backend="nccl" if device_kind == "cuda" else "gloo")
     device = f"cuda:{rank}" if device_kind == "cuda" else "cpu"
     dtype = torch.bfloat16 if device_kind == "cuda" else torch.float32
     report = {}
@@ -300,9 +300,11 @@ def _cpu_run(tmp_path_factory):
     os.makedirs(out_dir)
     modes = [m for m in CPU_MODES if m != "sft_ddp" or _have_trl_and_loader()] + [FULL_MODE]
     # fork: the children reuse this process's imports (spawning would re-import torch,
-    # transformers and peft in each, which costs most of the time on a busy CPU)
+    # transformers and peft in each, which costs most of the time on a busy CPU); spawn when
+    # this process has a CUDA context (a forked child cannot have one)
+    method = "spawn" if torch.cuda.is_initialized() else "fork"
     ctx = mp.start_processes(run_worker, args=(2, _free_port(), model_dir, out_dir, modes),
-                             nprocs=2, join=False, start_method="fork")
+                             nprocs=2, join=False, start_method=method)
     deadline = time.monotonic() + 600
     while not ctx.join(timeout=10):
         if time.monotonic() > deadline:
