@@ -78,9 +78,11 @@ def _nf4_module():
 
 
 def _dequantize_4bit(packed, quant_state, out):
-    """bitsandbytes 4-bit -> dense `out`. On CUDA fastft's NF4 kernel when present; on the CPU
-    (and for FP4) bitsandbytes itself, whose CPU backend may also repack weights in its own
-    CPU layout."""
+    """bitsandbytes 4-bit -> dense `out`. On CUDA fastft's NF4 kernel when present (bit-exact
+    with bitsandbytes' CUDA kernel). On the CPU (and for FP4) bitsandbytes itself, so the fused
+    path computes what peft's bitsandbytes layers compute there: bitsandbytes' AVX-512 CPU kernel
+    places block scales differently when rows do not hold whole blocks, and its CPU backend may
+    repack weights into its own layout."""
     nf4 = _nf4_module()
     if out.device.type == "cuda" and nf4 is not None and getattr(quant_state, "quant_type", "nf4") == "nf4":
         result = nf4.nf4_dequantize(packed, quant_state, out=out)
