@@ -219,10 +219,13 @@ def _install(module, forward, mark):
 
 # --- public entry points ----------------------------------------------------------------------
 
+_NO_ADAPTER = "no LoRA adapter on its projections"  # nothing to fuse: not reported as skipped
+
+
 def _unfusable_reason(modules) -> str | None:
     """Why these projections cannot be fused as configured now (None: they can)."""
     if not any(_is_lora_layer(m) for m in modules):
-        return "no LoRA adapter on its projections"
+        return _NO_ADAPTER
     for m in modules:
         _, why = projection_of(m)
         if why is not None:
@@ -240,16 +243,17 @@ def apply_fused_lora(model, mlp: bool = True, attention: bool = True,
     Calling it again is harmless (already patched modules are left as they are)."""
     report = {"mlp": 0, "qkv": 0, "o_proj": 0, "skipped": {}}
     for name, module in model.named_modules():
-        if mlp and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")):
-            if getattr(module, _MARK, None) is not None:
-                continue
+        if mlp and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")) \
+                and getattr(module, _MARK, None) is None:
             projs = (module.gate_proj, module.up_proj, module.down_proj)
+            why = _unfusable_reason(projs)
             kind = activation_kind(getattr(module, "act_fn", None))
-            why = "activation is not SiLU / GELU" if kind is None else _unfusable_reason(projs)
+            if why is None and kind is None:
+                why = "its activation is not SiLU / GELU"
             if why is None:
                 _install(module, _fused_mlp_forward, {"activation": kind, "tile_tokens": tile_tokens})
                 report["mlp"] += 1
-            else:
+            elif why != _NO_ADAPTER:
                 report["skipped"][name] = why
         if attention and all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj")):
             projs = (module.q_proj, module.k_proj, module.v_proj)
@@ -260,7 +264,7 @@ def apply_fused_lora(model, mlp: bool = True, attention: bool = True,
                     for role, proj in enumerate(projs):
                         _install(proj, _fused_qkv_forward, {"group": group, "role": role})
                     report["qkv"] += 1
-                else:
+                elif why != _NO_ADAPTER:
                     report["skipped"][name + ".q_proj/k_proj/v_proj"] = why
             o_proj = getattr(module, "o_proj", None)
             if o_proj is not None and getattr(o_proj, _MARK, None) is None:
@@ -268,7 +272,7 @@ def apply_fused_lora(model, mlp: bool = True, attention: bool = True,
                 if why is None:
                     _install(o_proj, _fused_linear_forward, {"single": True})
                     report["o_proj"] += 1
-                else:
+                elif why != _NO_ADAPTER:
                     report["skipped"][name + ".o_proj"] = why
     if report["skipped"]:
         reasons = sorted(set(report["skipped"].values()))
