@@ -389,6 +389,67 @@ def full_state_dict(model: nn.Module, trainable_only: bool = False) -> dict:
     return inner.state_dict()
 
 
+def _is_quantized(model: nn.Module) -> bool:
+    """bitsandbytes 4-/8-bit layers inside (checked on modules: FSDP2 replaces the parameters)."""
+    base = _base_transformers_model(model)
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        return True
+    return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+
+
+def _original_class(module: nn.Module) -> type:
+    """The class a module had before fully_shard swapped in its FSDP<Name> subclass."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+def _unsharded_copy(model: nn.Module, state: dict) -> nn.Module:
+    """A plain CPU copy of an FSDP2-sharded transformers / peft model holding `state` (the full
+    state dict): same classes, config, adapters and fastft save methods; no FSDP. Built on the
+    meta device and filled by assignment, so the copy costs no second set of weights."""
+    base = _base_transformers_model(model)
+    with torch.device("meta"):
+        copy = _original_class(base)(base.config)
+    if _is_peft_model(model):
+        from peft import PeftModel
+
+        names = list(model.peft_config)
+        copy = PeftModel(copy, model.peft_config[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            copy.add_adapter(name, model.peft_config[name])
+        copy.set_adapter(model.active_adapter)
+    missing, unexpected = copy.load_state_dict(state, strict=False, assign=True)
+    # non-persistent buffers (e.g. rotary inv_freq) are not in a state dict; FSDP2 leaves buffers
+    # unsharded, so this process's own ones are complete
+    own = dict(model.named_buffers())
+    for name, buf in list(copy.named_buffers()):
+        if buf.is_meta and name in own:
+            owner, _, leaf = name.rpartition(".")
+            copy.get_submodule(owner).register_buffer(leaf, own[name].detach().cpu().clone(), persistent=False)
+    getattr(_base_transformers_model(copy), "tie_weights", lambda: None)()
+    if getattr(base, "generation_config", None) is not None:  # the loaded one, not one derived from config
+        import copy as _copy
+
+        _base_transformers_model(copy).generation_config = _copy.deepcopy(base.generation_config)
+    left = [n for n, t in list(copy.named_parameters()) + list(copy.named_buffers()) if t.is_meta]
+    if left or unexpected:
+        raise RuntimeError(f"fastft: cannot rebuild the unsharded model for saving (missing {left[:5]}, "
+                           f"unexpected {unexpected[:5]}).")
+    for attr in ("max_seq_length", "_fastft_full_finetuning", "_fastft_checkpointing", "fastft_family"):
+        for src, dst in ((model, copy), (base, _base_transformers_model(copy))):
+            if attr in src.__dict__:
+                object.__setattr__(dst, attr, src.__dict__[attr])
+    copy.eval()
+    try:
+        from fastft.save import attach_save_methods
+
+        attach_save_methods(copy)
+    except ImportError:
+        pass
+    return copy
+
+
 def _is_peft_model(model) -> bool:
     try:
         from peft import PeftModel
@@ -404,19 +465,24 @@ def save_on_main(model: nn.Module, save_directory: str, tokenizer=None, save_met
 
     save_method "lora" (default): the adapter (a PeftModel) or, for a model without adapters
     (full fine-tuning), the whole model, through save_pretrained. "merged_16bit" / "merged_4bit" /
-    "merged_4bit_forced": model.save_pretrained_merged under DDP or a single process; under
-    FSDP2 save the adapter, then merge in one process (see the error). kwargs go to the save call."""
+    "merged_4bit_forced": model.save_pretrained_merged on rank 0; under FSDP2 the full weights
+    are gathered to rank 0's CPU memory first (4-bit QLoRA models sharded with FSDP2: save the
+    adapter and merge in one process, see the error). kwargs go to the save call."""
     inner = unwrap_model(model)
     sharded = is_fsdp2(inner)
     if save_method not in ("lora", None):
-        if sharded:
+        if sharded and _is_quantized(inner):
+            # decided identically on every rank, before any collective
             raise NotImplementedError(
-                f"save_method={save_method!r} needs the full model in one process; under FSDP2 save the "
-                "adapter with save_on_main(model, dir) and merge afterwards in a single process: "
+                f"save_method={save_method!r} of a 4-/8-bit (QLoRA) model sharded with FSDP2 is not supported; "
+                "save the adapter with save_on_main(model, dir) and merge afterwards in a single process: "
                 "model, tok = FastLanguageModel.from_pretrained(dir); "
                 f"model.save_pretrained_merged(out_dir, tok, save_method={save_method!r}).")
+        # FSDP2: gather every weight to rank 0's CPU and merge from an unsharded copy there
+        state = full_state_dict(inner) if sharded else None
         if is_main_process():
-            saver = getattr(inner, "save_pretrained_merged", None)
+            target = _unsharded_copy(inner, state) if sharded else inner
+            saver = getattr(target, "save_pretrained_merged", None)
             if saver is None:
                 raise AttributeError("This model has no save_pretrained_merged; load it with FastLanguageModel.")
             saver(save_directory, tokenizer, save_method=save_method, **kwargs)

@@ -229,7 +229,7 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
         if fd.is_main_process():
             torch.save(state, os.path.join(out_dir, name, "state.pt"))
         info["saved_files_seen_by_rank"] = sorted(os.listdir(os.path.join(out_dir, name)))
-        if name in ("ddp", "fsdp2"):  # merged save: written by rank 0 under DDP, refused under FSDP2
+        if name in ("ddp", "fsdp2", "fsdp2_qlora"):  # merged saves (refused for sharded 4-bit)
             try:
                 fd.save_on_main(model, os.path.join(out_dir, name + "_merged"), tokenizer, save_method="merged_16bit")
                 info["merged"] = "saved"
@@ -441,24 +441,32 @@ def test_full_finetuning_fsdp2_matches_and_saves_like_one_process(cpu_run):
         assert a.read() == b.read()
 
 
-def test_merged_save_from_rank0_under_ddp_and_refused_under_fsdp2(cpu_run):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_merged_save_from_rank0_matches_one_process(cpu_run, mode):
+    """merged_16bit from rank 0 (FSDP2: gathered to rank 0's CPU first) = one process's."""
     import glob
 
     from safetensors.torch import load_file
 
-    got_dir = os.path.join(cpu_run["out"], "ddp_merged")
+    for rep in cpu_run["reports"]:
+        assert rep[mode]["merged"] == "saved"
+    got_dir = os.path.join(cpu_run["out"], mode + "_merged")
     want_dir = os.path.join(os.path.dirname(cpu_run["refs"]["plain"]["dir"]), "ref_merged")
     assert sorted(os.listdir(got_dir)) == sorted(os.listdir(want_dir))
-    with open(os.path.join(got_dir, "config.json")) as a, open(os.path.join(want_dir, "config.json")) as b:
-        assert json.load(a) == json.load(b)
+    for name in ("config.json", "generation_config.json"):
+        with open(os.path.join(got_dir, name)) as a, open(os.path.join(want_dir, name)) as b:
+            assert json.load(a) == json.load(b)
     got = {k: v for f in sorted(glob.glob(os.path.join(got_dir, "*.safetensors"))) for k, v in load_file(f).items()}
     want = {k: v for f in sorted(glob.glob(os.path.join(want_dir, "*.safetensors"))) for k, v in load_file(f).items()}
     assert sorted(got) == sorted(want) and not any("lora" in k for k in got)
+    assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in want.items()}
     assert max((got[k].float() - want[k].float()).abs().max().item() for k in got) < TOL
+
+
+def test_merged_save_of_sharded_qlora_is_refused_with_a_how_to(cpu_run):
     for rep in cpu_run["reports"]:
-        assert rep["ddp"]["merged"] == "saved"
-        assert "save the adapter with save_on_main" in rep["fsdp2"]["merged"]
-    assert not os.path.exists(os.path.join(cpu_run["out"], "fsdp2_merged"))
+        assert "save the adapter with save_on_main" in rep["fsdp2_qlora"]["merged"]
+    assert not os.path.exists(os.path.join(cpu_run["out"], "fsdp2_qlora_merged"))
 
 
 # ---------------------------------------------------------------- single-process helpers
