@@ -22,11 +22,12 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # op -> backends in order of preference.
 TABLE: dict[str, tuple[str, ...]] = {
-    "rms_norm": ("cuda", "triton", "torch"),
+    # Order by measurement (bench/RESULTS.md, H200): Triton first where it was faster.
+    "rms_norm": ("triton", "cuda", "torch"),
     "layer_norm": ("cuda", "triton", "torch"),
-    "rope": ("cuda", "triton", "torch"),
+    "rope": ("triton", "cuda", "torch"),
     "swiglu": ("cuda", "triton", "torch"),
-    "geglu": ("cuda", "triton", "torch"),
+    "geglu": ("triton", "cuda", "torch"),
     "cross_entropy": ("cuda", "triton", "torch"),
     "fused_linear_cross_entropy": ("cuda", "triton", "torch"),
     "nf4_dequantize": ("cuda", "triton", "torch"),

@@ -253,10 +253,13 @@ def _rotate(impl, q, k, cos, sin, unsqueeze_dim, inplace, backward):
     if inplace:
         impl.rotate(q4, k4, None, None, cos3, sin3, backward)
         return q, k
-    q_out, k_out = _empty_like(q), _empty_like(k)
-    impl.rotate(q4, k4, _bshd(q_out, unsqueeze_dim), _bshd(k_out, unsqueeze_dim), cos3, sin3,
-                backward)
-    return q_out, k_out
+    # Outputs are allocated in [b, s, h, d] order and the op writes those tensors themselves,
+    # never a view of them: inductor dropped writes made through a transposed view of a fresh
+    # buffer (all-zero q/k gradients under torch.compile on the H200).
+    q_out4 = _common.new_empty(q4.shape, q4.dtype, q4.device)
+    k_out4 = _common.new_empty(k4.shape, k4.dtype, k4.device)
+    impl.rotate(q4, k4, q_out4, k_out4, cos3, sin3, backward)
+    return _bshd(q_out4, unsqueeze_dim), _bshd(k_out4, unsqueeze_dim)
 
 
 def _last_dim_contiguous(t):
