@@ -415,7 +415,8 @@ def _unsharded_copy(model: nn.Module, state: dict) -> nn.Module:
         from peft import PeftModel
 
         names = list(model.peft_config)
-        copy = PeftModel(copy, model.peft_config[names[0]], adapter_name=names[0])
+        peft_cls = _original_class(model) if issubclass(_original_class(model), PeftModel) else PeftModel
+        copy = peft_cls(copy, model.peft_config[names[0]], adapter_name=names[0])
         for name in names[1:]:
             copy.add_adapter(name, model.peft_config[name])
         copy.set_adapter(model.active_adapter)
@@ -480,23 +481,45 @@ def save_on_main(model: nn.Module, save_directory: str, tokenizer=None, save_met
                 f"model.save_pretrained_merged(out_dir, tok, save_method={save_method!r}).")
         # FSDP2: gather every weight to rank 0's CPU and merge from an unsharded copy there
         state = full_state_dict(inner) if sharded else None
-        if is_main_process():
+
+        def save_merged():
             target = _unsharded_copy(inner, state) if sharded else inner
             saver = getattr(target, "save_pretrained_merged", None)
             if saver is None:
                 raise AttributeError("This model has no save_pretrained_merged; load it with FastLanguageModel.")
             saver(save_directory, tokenizer, save_method=save_method, **kwargs)
-        barrier()
+
+        _on_main(save_merged)
         return
 
     state = None
     if sharded:
         # gather on every rank; only rank 0 keeps tensors
         state = full_state_dict(inner, trainable_only=_is_peft_model(inner))
-    if is_main_process():
+
+    def save():
         if state is not None:
             kwargs["state_dict"] = state
         inner.save_pretrained(save_directory, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(save_directory)
-    barrier()
+
+    _on_main(save)
+
+
+def _on_main(fn) -> None:
+    """Run fn on rank 0; every rank returns when it is done, and raises if it failed (instead
+    of the other ranks waiting for rank 0 until the process-group timeout)."""
+    error = None
+    if is_main_process():
+        try:
+            fn()
+        except Exception as exc:  # re-raised below, after telling the other ranks
+            error = exc
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        message = [f"{type(error).__name__}: {error}" if error is not None else None]
+        dist.broadcast_object_list(message, src=0)
+        if error is None and message[0] is not None:
+            raise RuntimeError(f"fastft: saving on rank 0 failed ({message[0]}).")
+    if error is not None:
+        raise error

@@ -229,6 +229,12 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
         if fd.is_main_process():
             torch.save(state, os.path.join(out_dir, name, "state.pt"))
         info["saved_files_seen_by_rank"] = sorted(os.listdir(os.path.join(out_dir, name)))
+        if name == "ddp":  # a failing save on rank 0 raises on every rank (no rank left waiting)
+            try:
+                fd.save_on_main(model, os.path.join(out_dir, name, "state.pt", "cannot_be_a_dir"))
+                info["failed_save"] = "no error"
+            except Exception as exc:
+                info["failed_save"] = type(exc).__name__
         if name in ("ddp", "fsdp2", "fsdp2_qlora"):  # merged saves (refused for sharded 4-bit)
             try:
                 fd.save_on_main(model, os.path.join(out_dir, name + "_merged"), tokenizer, save_method="merged_16bit")
@@ -461,6 +467,11 @@ def test_merged_save_from_rank0_matches_one_process(cpu_run, mode):
     assert sorted(got) == sorted(want) and not any("lora" in k for k in got)
     assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in want.items()}
     assert max((got[k].float() - want[k].float()).abs().max().item() for k in got) < TOL
+
+
+def test_a_failed_save_on_rank0_raises_on_every_rank(cpu_run):
+    r0, r1 = (rep["ddp"]["failed_save"] for rep in cpu_run["reports"])
+    assert r0 != "no error" and r1 == "RuntimeError"
 
 
 def test_merged_save_of_sharded_qlora_is_refused_with_a_how_to(cpu_run):
