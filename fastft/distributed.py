@@ -17,9 +17,11 @@ Why the wrapping is what it is:
 - fastft's fused causal-LM loss reads `lm_head.weight` inside the causal-LM forward instead of
   calling `lm_head(...)`. Under FSDP2 a parameter is unsharded only while the forward of the
   unit owning it runs, so the head must belong to the unit whose forward calls the op: the
-  root (fsdp2_wrap never shards lm_head, the embeddings or the final norm on their own), or a
-  group that also holds the final norm, whose forward runs just before (accelerate's FSDP2
-  preparation does that). A head sharded alone would reach the op as a sharded DTensor.
+  root. fsdp2_wrap never shards lm_head, the embeddings or the final norm on their own, so the
+  fused linear cross-entropy runs on the full head weight. (When the head is a unit of its own,
+  as accelerate's FSDP2 preparation makes it, together with the final norm, its class is no
+  longer nn.Linear and fastft's patched forward calls `lm_head(...)`, then the fused
+  cross-entropy on the logits: correct, but the [tokens, vocab] logits are built.)
 - fused LoRA and the other fused ops read their weights from the modules at call time, inside
   the decoder layer's forward, where FSDP2 has gathered the layer: they see full weights.
 - DDP: every LoRA parameter is used in every step, and transformers' Trainer would otherwise

@@ -185,11 +185,13 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
     from fastft.lora import is_fused
 
     fd.init_distributed(backend="nccl" if device_kind == "cuda" else "gloo")
+    head_calls = _count_fused_head_calls()
     device = f"cuda:{rank}" if device_kind == "cuda" else "cpu"
     dtype = torch.bfloat16 if device_kind == "cuda" else torch.float32
     report = {}
     for mode in modes:
         t0 = time.process_time()
+        head_calls.clear()
         name, mode, variant = mode, *(mode.split("_", 1) if mode.endswith(("_offload", "_qlora", "_full"))
                                       else (mode, ""))
         model, tokenizer = load_model(model_dir, device=device, dtype=dtype, load_in_4bit=qlora or variant == "qlora",
@@ -241,6 +243,7 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
                 info["merged"] = "saved"
             except NotImplementedError as exc:
                 info["merged"] = str(exc)
+        info["fused_head_calls"] = head_calls.get("fused_linear_cross_entropy", 0)
         info["cpu_s"] = time.process_time() - t0
         report[name] = info
         del model
@@ -248,6 +251,27 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
     with open(os.path.join(out_dir, f"report_rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()
+
+
+def _count_fused_head_calls() -> dict:
+    """Count the ops fastft's patched causal-LM forward calls (e.g. fused_linear_cross_entropy,
+    which reads lm_head.weight directly)."""
+    from fastft.models import patcher
+
+    calls: dict = {}
+    lookup = patcher.op
+
+    def counting_op(name):
+        fn = lookup(name)
+
+        def call(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    patcher.op = counting_op
+    return calls
 
 
 def _checkpointing_kind(model) -> str:
@@ -368,6 +392,10 @@ def test_fused_paths_stay_on_under_sharding(cpu_run):
             assert rep[mode]["fused_modules"] > 0, f"{mode}: fused LoRA was not applied"
             want = "offload" if mode.endswith("_offload") or mode == "sft_ddp" else "torch"
             assert rep[mode]["checkpointing"] == want, f"{mode}: checkpointing {rep[mode]['checkpointing']}"
+        # fastft's fused linear cross-entropy ran (reading lm_head.weight inside the root's
+        # forward) with the head replicated (DDP) and sharded in the root unit (fsdp2_wrap)
+        for mode in ("ddp", "fsdp2", "ddp_offload", "fsdp2_offload", "ddp_qlora", "fsdp2_qlora", FULL_MODE):
+            assert rep[mode]["fused_head_calls"] == STEPS, f"{mode}: {rep[mode]['fused_head_calls']} fused-head calls"
         assert rep["fsdp2"]["sharded_layers"] == 2 and rep["fsdp2"]["root_sharded"]
         assert rep["fsdp2"]["head_own_unit"] is False  # the fused loss needs the head in the root
         assert rep["fsdp2_tail"]["sharded_layers"] == 2
