@@ -8,12 +8,16 @@ LoRA and QLoRA, compared with a single-GPU run at bf16 tolerance.
 Each distributed run trains a tiny Llama (LoRA on every projection, fused LoRA, fused
 linear cross-entropy, gradient checkpointing) for STEPS SGD steps; rank r takes its half of each
 global batch. Modes:
-  ddp        fastft.distributed.ddp_wrap
-  fsdp2      fastft.distributed.fsdp2_wrap (decoder layers + root)
-  fsdp2_tail fully_shard as accelerate prepares FSDP2: decoder layers, then [final norm, lm_head]
-             as one group, then the root (the fused loss reads lm_head.weight without calling
-             lm_head: the group is gathered by the norm's forward just before)
-  sft_ddp    TRL's SFTTrainer under DDP (Trainer's own DDP wrapping, with our kwargs)
+  ddp            fastft.distributed.ddp_wrap
+  fsdp2          fastft.distributed.fsdp2_wrap (decoder layers + root)
+  fsdp2_tail     fully_shard as accelerate prepares FSDP2: decoder layers, then [final norm,
+                 lm_head] as one group, then the root
+  *_offload      the same with fastft's offloaded checkpointing ("unsloth")
+  *_qlora        4-bit NF4 base (packed weights stored as float under several processes)
+  fsdp2_full     full fine-tuning (no adapters) under fsdp2_wrap
+  sft_ddp        TRL's SFTTrainer under DDP (Trainer's own DDP wrapping, with
+                 trainer_distributed_kwargs), offloaded checkpointing
+Rank 0 saves each run with save_on_main (adapter; merged_16bit for ddp / fsdp2).
 """
 from __future__ import annotations
 
