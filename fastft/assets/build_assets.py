@@ -1,6 +1,6 @@
 """Builds the small assets shipped with fastft (run once; the output is committed):
 
-  fastft/assets/data/default_task.jsonl  a few hundred ChatML examples of 2-digit addition
+  fastft/assets/data/default_task.jsonl  a few hundred ChatML examples of single-digit addition
   fastft/assets/tokenizer/               a byte-level BPE tokenizer trained on text generated here
 
 Nothing is downloaded: the task data, and the English-like filler text the tokenizer also learns
@@ -51,11 +51,11 @@ language models token tokens format formats message messages turn turns role con
 """.split()
 
 
-def make_task_examples(rng: random.Random, n: int) -> list[dict]:
+def make_task_examples(rng: random.Random, n: int, low: int = 10, high: int = 99) -> list[dict]:
     examples = []
     seen = set()
     while len(examples) < n:
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        a, b = rng.randint(low, high), rng.randint(low, high)
         form = rng.choice(QUESTION_FORMS)
         if (a, b, form) in seen:
             continue
@@ -123,8 +123,13 @@ def build_tokenizer(corpus: list[str]):
 
 def main() -> None:
     rng = random.Random(SEED)
-    examples = make_task_examples(rng, NUM_EXAMPLES)
-    corpus = [render_chatml(e) for e in examples] * 3 + make_filler_text(rng, 3000)
+    # The tokenizer learns from 2-digit sums (every number up to 198 becomes one token)...
+    corpus_examples = make_task_examples(rng, NUM_EXAMPLES)
+    corpus = [render_chatml(e) for e in corpus_examples] * 3 + make_filler_text(rng, 3000)
+    # ...while the shipped task is single-digit addition: its 100 facts recur across phrasings,
+    # so held-out questions test facts the model can learn within a minute on a CPU (2-digit
+    # sums of unseen pairs stay at 0% held-out accuracy for a tiny model trained that briefly).
+    examples = make_task_examples(random.Random(SEED + 1), NUM_EXAMPLES, low=0, high=9)
 
     DATASET_PATH.parent.mkdir(parents=True, exist_ok=True)
     with open(DATASET_PATH, "w", encoding="utf-8") as f:
