@@ -300,9 +300,13 @@ class FastLanguageModel:
         elif quantization_config is None and (load_in_4bit or load_in_8bit):
             check_bitsandbytes(device)
             if load_in_4bit:
+                # Several processes (FSDP2): pack the 4-bit bytes in the compute dtype, the storage
+                # bitsandbytes can shard; one process keeps the default uint8.
+                storage = {"bnb_4bit_quant_storage": dtype} \
+                    if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
                 quantization_config = BitsAndBytesConfig(
                     load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=dtype)
+                    bnb_4bit_compute_dtype=dtype, **storage)
             else:
                 quantization_config = BitsAndBytesConfig(load_in_8bit=True)
 

@@ -55,7 +55,8 @@ def _base_of(linear) -> tuple[Base | None, str | None]:
     if weight is None:
         return None, f"{type(linear).__name__} has no weight"
     bias = getattr(linear, "bias", None)
-    quant_state = getattr(weight, "quant_state", None)
+    # bitsandbytes keeps a copy on the module: FSDP2's gathered weight has lost its own
+    quant_state = getattr(weight, "quant_state", None) or getattr(linear, "quant_state", None)
     if quant_state is not None:
         if getattr(quant_state, "quant_type", None) not in ("nf4", "fp4"):
             return None, f"unsupported quantisation {getattr(quant_state, 'quant_type', None)}"

@@ -13,6 +13,7 @@ expects them now.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -56,6 +57,10 @@ class FastTrainingArguments(SFTConfig):
 
         if self.bf16 is None and not self.fp16 and not torch.cuda.is_available():
             self.bf16 = False  # trl would pick bf16 and then refuse to run on a CPU-only machine
+        if self.ddp_find_unused_parameters is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # The Trainer turns the search on for peft models; with fastft's offloaded
+            # checkpointing that fails ("marked as ready twice"), and LoRA uses every parameter.
+            self.ddp_find_unused_parameters = False
         super().__post_init__()
         if self.embedding_learning_rate is not None and self.embedding_learning_rate < 0:
             raise ValueError(f"embedding_learning_rate must be >= 0, got {self.embedding_learning_rate}.")

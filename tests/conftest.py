@@ -11,6 +11,10 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one intra-op thread per xdist worker: -n auto already fills the cores, and oversubscribed
+    # OpenMP pools made CPU-heavy tests (the K-quant quantisers) tens of times slower
+    torch.set_num_threads(1)
 if not HAS_CUDA:
     # Must be set before triton.jit decorates anything (our kernels are imported lazily).
     os.environ.setdefault("TRITON_INTERPRET", "1")

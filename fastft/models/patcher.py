@@ -195,8 +195,20 @@ def keep_positions(t: torch.Tensor, logits_to_keep) -> torch.Tensor:
 
 
 def _plain_linear_head(head) -> bool:
-    """A dense nn.Linear whose weight the fused op can read (not LoRA / modules_to_save / 4-bit)."""
-    return type(head) is nn.Linear
+    """A dense nn.Linear whose weight the fused op can read (not LoRA / modules_to_save / 4-bit).
+
+    FSDP2's fully_shard swaps a module's class for a subclass named FSDP<name>; that head is
+    still plain (its weight is a DTensor, gathered by _full_tensor)."""
+    cls = type(head)
+    if cls is nn.Linear:
+        return True
+    return (cls.__name__ == "FSDPLinear" and cls.__mro__[1] is nn.Linear
+            and head.weight.is_floating_point())
+
+
+def _full_tensor(t):
+    """The whole tensor of an FSDP2-sharded parameter (differentiable), else t itself."""
+    return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
 
 
 def _output_class():
@@ -244,7 +256,8 @@ def make_causal_lm_forward(orig_forward, family: Family):
         flat_labels = shift_labels.reshape(-1)
         if _plain_linear_head(head):
             loss = op("fused_linear_cross_entropy")(
-                flat_hidden, head.weight, flat_labels, bias=head.bias, ignore_index=ignore_index,
+                flat_hidden, _full_tensor(head.weight), flat_labels, bias=_full_tensor(head.bias),
+                ignore_index=ignore_index,
                 num_items_in_batch=num_items_in_batch, softcap=softcap)
         else:  # LoRA / modules_to_save / quantised head: its own forward, then the fused CE
             loss = op("cross_entropy")(head(flat_hidden), flat_labels, ignore_index=ignore_index,
