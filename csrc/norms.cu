@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(1024) norm_fwd_loop(const NormArgs a) {
 // PARTIAL: accumulate dW / dB partial rows (a block loops over rows); without it the block
 // does one row and keeps no accumulators, so the frozen-weight case stays light on registers.
 template <typename T, typename W, int VEC, int VPT, bool RMS, bool PARTIAL>
-__global__ void __launch_bounds__(kVecThreads) norm_bwd_vec(const NormBwdArgs a, int64_t rows_per_block) {
+__global__ void __launch_bounds__(kVecThreads, (PARTIAL || VPT > 2) ? 1 : 4) norm_bwd_vec(const NormBwdArgs a, int64_t rows_per_block) {
   __shared__ float scratch[32];
   const int H = a.hidden;
   const W* wp = static_cast<const W*>(a.weight);
