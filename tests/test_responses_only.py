@@ -261,7 +261,10 @@ def test_sft_trainer_trains_on_responses_only(tmp_path):
     full_labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)[:, 1:].reshape(-1)
     full_loss = torch.nn.functional.cross_entropy(shifted_logits, full_labels, ignore_index=-100).item()
     assert trainer_loss == pytest.approx(response_loss, rel=1e-4)
-    assert abs(response_loss - full_loss) > 1e-2
+    # ...and that is a real restriction: far fewer tokens than the whole sequences. (Comparing
+    # the two loss values instead is data-dependent: at random init both sit near log(vocab).)
+    assert (shifted_labels != -100).sum() * 3 < (full_labels != -100).sum()
+    assert trainer_loss != pytest.approx(full_loss, rel=1e-6)
 
     model.train()
     trainer.train()
