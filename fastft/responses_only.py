@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fastft.data import _column_names, _first_rows, _is_hf_dataset
+
 __all__ = ["ResponseMasker", "derive_parts_from_template", "train_on_responses_only"]
 
 logger = logging.getLogger(__name__)
@@ -271,7 +273,7 @@ class ResponseMasker:
             columns = _column_names(dataset)
             if "input_ids" not in columns:
                 raise ValueError(_NOT_TOKENISED.format(name=name, columns=columns))
-            self.check_sample(_take(dataset, _SAMPLE_SIZE))
+            self.check_sample(_first_rows(dataset, _SAMPLE_SIZE))
             kwargs = {}
             if type(dataset).__name__ == "Dataset":
                 kwargs = {"num_proc": num_proc, "desc": f"Masking non-response tokens of the {name} dataset"}
@@ -339,27 +341,6 @@ _NOT_TOKENISED = (
 
 def _has_trainable_label(example) -> bool:
     return any(label != IGNORE_INDEX for label in example["labels"])
-
-
-def _is_hf_dataset(ds) -> bool:
-    return type(ds).__module__.startswith("datasets.")
-
-
-def _column_names(ds) -> list[str]:
-    names = getattr(ds, "column_names", None)
-    if names is None:
-        first = next(iter(ds), None)
-        return list(first) if first else []
-    return list(names)
-
-
-def _take(ds, n: int) -> list[dict]:
-    rows = []
-    for row in ds:
-        rows.append(row)
-        if len(rows) >= n:
-            break
-    return rows
 
 
 def _tokenise_records(records, tokenizer, max_length=None) -> list[dict]:

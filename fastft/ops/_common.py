@@ -1,6 +1,8 @@
 """Helpers shared by the op modules."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # Tests set this so that every output a kernel should write starts as NaN (or -1 for
@@ -37,3 +39,9 @@ def cuda_ops():
     from fastft import _ext
 
     return torch.ops.fastft if _ext.C is not None else None
+
+
+def launch_device(t: torch.Tensor):
+    """Context in which a Triton kernel for `t` launches on t's GPU (Triton launches on the
+    current CUDA device); nothing to do for CPU tensors under the interpreter."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -106,7 +106,7 @@ class _TorchBackend:
 def _triton_glu_fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, act: int) -> None:
     from fastft.triton_kernels import activations as kernels
 
-    with torch.device(gate.device) if gate.is_cuda else _nullcontext():
+    with _common.launch_device(gate):
         kernels.glu_forward(gate, up, out, act)
 
 
@@ -115,7 +115,7 @@ def _triton_glu_bwd(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                     d_gate: torch.Tensor, d_up: torch.Tensor, act: int) -> None:
     from fastft.triton_kernels import activations as kernels
 
-    with torch.device(gate.device) if gate.is_cuda else _nullcontext():
+    with _common.launch_device(gate):
         kernels.glu_backward(dh, gate, up, d_gate, d_up, act)
 
 
@@ -124,7 +124,7 @@ def _triton_glu_bwd_inplace(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tens
                             act: int) -> None:
     from fastft.triton_kernels import activations as kernels
 
-    with torch.device(gate.device) if gate.is_cuda else _nullcontext():
+    with _common.launch_device(gate):
         kernels.glu_backward(dh, gate, up, gate, up, act)
 
 
@@ -141,14 +141,6 @@ def _(dh, gate, up, d_gate, d_up, act):
 @_triton_glu_bwd_inplace.register_fake
 def _(dh, gate, up, act):
     return None
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _TritonBackend:

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fastft import dispatch
+from fastft.ops import _common
 from fastft.ops._common import cuda_ops, new_empty
 
 # bitsandbytes' NF4 levels as float32 (the exact values of bitsandbytes.functional.get_4bit_type
@@ -253,16 +254,8 @@ class _TorchBackend:
         raise NotImplementedError
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _on_device(t):
-    return torch.device(t.device) if t.is_cuda else _nullcontext()
+    return _common.launch_device(t)
 
 
 # Triton launchers wrapped as custom ops so torch.compile and opcheck see a schema.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastft import dispatch
+from fastft.ops import _common
 from fastft.ops._common import cuda_ops, new_empty, rows_view, triton_programs
 
 
@@ -108,7 +109,7 @@ def _triton_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
                      offset: float, is_rms: bool) -> None:
     from fastft.triton_kernels import norms
 
-    with torch.device(x.device) if x.is_cuda else _nullcontext():
+    with _common.launch_device(x):
         norms.norm_forward(x, weight, bias, y, mean, rstd, eps, offset, is_rms)
 
 
@@ -120,16 +121,8 @@ def _triton_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | N
                      offset: float, is_rms: bool) -> None:
     from fastft.triton_kernels import norms
 
-    with torch.device(x.device) if x.is_cuda else _nullcontext():
+    with _common.launch_device(x):
         norms.norm_backward(dy, x, weight, mean, rstd, dx, dw_partial, db_partial, offset, is_rms)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _TritonBackend:

@@ -102,7 +102,7 @@ def _triton_rope_inplace(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
                          backward: bool) -> None:
     from fastft.triton_kernels import rope as kernels
 
-    with torch.device(q.device) if q.is_cuda else _nullcontext():
+    with _common.launch_device(q):
         kernels.rope(q, k, cos, sin, q, k, backward)
 
 
@@ -111,7 +111,7 @@ def _triton_rope_out(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
                      q_out: torch.Tensor, k_out: torch.Tensor, backward: bool) -> None:
     from fastft.triton_kernels import rope as kernels
 
-    with torch.device(q.device) if q.is_cuda else _nullcontext():
+    with _common.launch_device(q):
         kernels.rope(q, k, cos, sin, q_out, k_out, backward)
 
 
@@ -123,14 +123,6 @@ def _(q, k, cos, sin, backward):
 @_triton_rope_out.register_fake
 def _(q, k, cos, sin, q_out, k_out, backward):
     return None
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _TritonBackend:
