@@ -344,6 +344,12 @@ class FastLanguageModel:
             from fastft.models import patch_model
 
             patch_model(model)
+        if cls._auto_class == "AutoModelForCausalLM":
+            # Packed rows (position_ids restarting, no attention mask) stay inside their own
+            # sequence even when the caller leaves use_cache on (transformers then ignores them).
+            from fastft.packing import ensure_packed_attention
+
+            ensure_packed_attention(model)
 
         object.__setattr__(model, "max_seq_length", max_seq_length)
         object.__setattr__(model, "_fastft_full_finetuning", bool(full_finetuning))

@@ -201,3 +201,20 @@ def test_tiny_model_trains_padding_free(tmp_path):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_fast_language_model_keeps_packed_rows_apart(tmp_path):
+    """A packed row sent to a FastLanguageModel model with a plain call (use_cache left at its
+    default, which makes transformers ignore the packing) matches the padded batch."""
+    from fastft import FastLanguageModel
+    from tiny_models import save_tiny_model
+
+    save_tiny_model("llama", tmp_path / "m")
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m"), max_seq_length=64)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8,
+                                             use_gradient_checkpointing=False)
+    seqs = _sequences()
+    ref_logits, _ = _padded_reference(model, seqs)
+    logits, _ = _packed_results(model, pack_sequences(seqs), seqs)
+    for a, b in zip(logits, ref_logits):
+        assert rel_err(a, b) <= 1e-5
