@@ -52,3 +52,18 @@ def fresh_dispatch():
     dispatch.clear_cache()
     yield
     dispatch.clear_cache()
+
+
+@pytest.fixture
+def torch_backend_unpatched(monkeypatch):
+    """Model tests on the torch reference backend (fast on CPU), with every class patch undone
+    before and after, so tests that patch and tests that compare with plain transformers mix."""
+    from fastft import dispatch
+    from fastft.models import unpatch_all
+
+    monkeypatch.setenv("FASTFT_BACKEND", "torch")
+    dispatch.clear_cache()
+    unpatch_all()
+    yield
+    unpatch_all()
+    dispatch.clear_cache()

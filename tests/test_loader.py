@@ -19,14 +19,7 @@ from tests.tiny_models import EOS, FAMILIES, VOCAB, save_tiny_model, tiny_tokeni
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _torch_backend_and_unpatch(monkeypatch):
-    monkeypatch.setenv("FASTFT_BACKEND", "torch")
-    dispatch.clear_cache()
-    unpatch_all()
-    yield
-    unpatch_all()
-    dispatch.clear_cache()
+pytestmark = pytest.mark.usefixtures("torch_backend_unpatched")
 
 
 @pytest.fixture(scope="module")

@@ -3,19 +3,11 @@ rest learning_rate; Unsloth aliases; the older SFTTrainer keywords ported script
 import pytest
 import torch
 
-from fastft import dispatch
 from fastft.models import unpatch_all
 from tests.tiny_models import save_tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch):
-    monkeypatch.setenv("FASTFT_BACKEND", "torch")
-    dispatch.clear_cache()
-    unpatch_all()
-    yield
-    unpatch_all()
-    dispatch.clear_cache()
+pytestmark = pytest.mark.usefixtures("torch_backend_unpatched")
 
 
 @pytest.fixture
