@@ -22,3 +22,29 @@ def backends(op, device):
 
 def gpu_backends(op):
     return [b for b in ("cuda", "triton") if b in dispatch.TABLE[op]]
+
+
+# The BOS / EOS strings of each family's own tokenizer; the shipped test tokenizer is given them so
+# that templates printing bos_token / eos_token show the family's real tokens.
+FAMILY_SPECIAL = {
+    "llama-3.1": ("<|begin_of_text|>", "<|eot_id|>"),
+    "llama-3": ("<|begin_of_text|>", "<|eot_id|>"),
+    "mistral": ("<s>", "</s>"),
+    "gemma": ("<bos>", "<eos>"),
+    "gemma-3": ("<bos>", "<eos>"),
+    "alpaca": ("<s>", "</s>"),
+    "vicuna": ("<s>", "</s>"),
+    "zephyr": ("<s>", "</s>"),
+    "unsloth": ("<s>", "</s>"),
+}
+
+
+def family_tokenizer(name):
+    """The shipped tokenizer with chat format `name`'s BOS / EOS tokens (no template installed)."""
+    from fastft.assets import load_default_tokenizer
+
+    tokenizer = load_default_tokenizer()
+    if name in FAMILY_SPECIAL:
+        bos, eos = FAMILY_SPECIAL[name]
+        tokenizer.add_special_tokens({"bos_token": bos, "eos_token": eos})
+    return tokenizer

@@ -5,6 +5,7 @@ import pytest
 
 from fastft.assets import load_default_tokenizer
 from fastft.chat_templates import available_chat_templates, get_chat_template
+from tests.helpers import family_tokenizer
 
 SYSTEM = {"role": "system", "content": "You are a terse calculator."}
 CONVERSATION = [
@@ -15,19 +16,6 @@ CONVERSATION = [
 ]
 PROMPT_ONLY = CONVERSATION[:3]
 
-# The BOS / EOS strings of each family's own tokenizer; the shipped test tokenizer is given them so
-# that templates printing bos_token / eos_token show the family's real tokens.
-FAMILY_SPECIAL = {
-    "llama-3.1": ("<|begin_of_text|>", "<|eot_id|>"),
-    "llama-3": ("<|begin_of_text|>", "<|eot_id|>"),
-    "mistral": ("<s>", "</s>"),
-    "gemma": ("<bos>", "<eos>"),
-    "gemma-3": ("<bos>", "<eos>"),
-    "alpaca": ("<s>", "</s>"),
-    "vicuna": ("<s>", "</s>"),
-    "zephyr": ("<s>", "</s>"),
-    "unsloth": ("<s>", "</s>"),
-}
 
 # name -> (no system, with system, generation prompt after the second question)
 EXPECTED = {
@@ -170,14 +158,6 @@ EXPECTED = {
         ">>> User: And 4+4?\n>>> Assistant: ",
     ),
 }
-
-
-def family_tokenizer(name):
-    tokenizer = load_default_tokenizer()
-    if name in FAMILY_SPECIAL:
-        bos, eos = FAMILY_SPECIAL[name]
-        tokenizer.add_special_tokens({"bos_token": bos, "eos_token": eos})
-    return tokenizer
 
 
 def render(tokenizer, messages, generation_prompt=False, **kwargs):

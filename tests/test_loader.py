@@ -22,6 +22,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("torch_backend_unpatched")
 
 
+def _plain_peft_with(model, lora):
+    """peft's own LoRA (r=8, all 7 projections) on `model`, holding the adapter weights `lora`."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(lora[n])
+    return model
+
+
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
@@ -299,7 +313,6 @@ def test_import_order_warning():
 def test_fast_path_matches_plain_transformers_and_peft(family, model_dirs):
     """The whole fastft path (patches, fused LoRA when available, offloaded checkpointing)
     against plain transformers + peft with the same weights: loss and LoRA grads."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model, tok = FastLanguageModel.from_pretrained(model_dirs[family])
@@ -325,14 +338,7 @@ def test_fast_path_matches_plain_transformers_and_peft(family, model_dirs):
     unpatch_all()
     plain = AutoModelForCausalLM.from_pretrained(model_dirs[family],
                                                  attn_implementation=model.config._attn_implementation)
-    plain = get_peft_model(plain, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                             "gate_proj", "up_proj", "down_proj"]))
-    with torch.no_grad():
-        for n, p in plain.named_parameters():
-            if "lora_" in n:
-                p.copy_(lora[n])
-    ref = loss_and_grads(plain)
+    ref = loss_and_grads(_plain_peft_with(plain, lora))
     assert rel_err(got[0], ref[0]) <= 1e-4
     assert set(got[1]) == set(ref[1])
     for n in ref[1]:
@@ -345,7 +351,6 @@ def test_qlora_gpu_matches_plain_transformers_and_peft(family, tmp_path, monkeyp
     """bf16 QLoRA on the GPU through the whole fastft path (automatic backends) against plain
     transformers + peft on the same 4-bit weights."""
     pytest.importorskip("bitsandbytes")
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     monkeypatch.delenv("FASTFT_BACKEND", raising=False)
@@ -381,14 +386,7 @@ def test_qlora_gpu_matches_plain_transformers_and_peft(family, tmp_path, monkeyp
     plain = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
                                                  device_map={"": 0},
                                                  attn_implementation=model.config._attn_implementation)
-    plain = get_peft_model(plain, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                             "gate_proj", "up_proj", "down_proj"]))
-    with torch.no_grad():
-        for n, p in plain.named_parameters():
-            if "lora_" in n:
-                p.copy_(lora[n])
-    ref = loss_and_grads(plain)
+    ref = loss_and_grads(_plain_peft_with(plain, lora))
     # two bf16 computations, each ~2-5% from the exact gradients (see the fp32-oracle parity
     # tests in test_patching): 0.1 still catches any wiring mistake, which costs O(1)
     assert rel_err(got[0], ref[0]) <= 1e-2

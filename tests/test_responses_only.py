@@ -6,6 +6,7 @@ import torch
 
 from fastft.assets import load_default_dataset, load_default_tokenizer
 from fastft.chat_templates import available_chat_templates, get_chat_template
+from tests import helpers
 from fastft.responses_only import ResponseMasker, derive_parts_from_template, train_on_responses_only
 
 SYSTEM = {"role": "system", "content": "You are a terse calculator."}
@@ -15,17 +16,6 @@ CONVERSATION = [
     {"role": "user", "content": "And 4+4?"},
     {"role": "assistant", "content": "8"},
 ]
-FAMILY_SPECIAL = {
-    "llama-3.1": ("<|begin_of_text|>", "<|eot_id|>"),
-    "llama-3": ("<|begin_of_text|>", "<|eot_id|>"),
-    "mistral": ("<s>", "</s>"),
-    "gemma": ("<bos>", "<eos>"),
-    "gemma-3": ("<bos>", "<eos>"),
-    "alpaca": ("<s>", "</s>"),
-    "vicuna": ("<s>", "</s>"),
-    "zephyr": ("<s>", "</s>"),
-    "unsloth": ("<s>", "</s>"),
-}
 # The text of each run of trained tokens in CONVERSATION (with a system message): the answers, each
 # with its end-of-turn marker; nothing of the system or user turns.
 TRAINED_RUNS = {
@@ -48,11 +38,7 @@ TRAINED_RUNS = {
 
 
 def family_tokenizer(name):
-    tokenizer = load_default_tokenizer()
-    if name in FAMILY_SPECIAL:
-        bos, eos = FAMILY_SPECIAL[name]
-        tokenizer.add_special_tokens({"bos_token": bos, "eos_token": eos})
-    return get_chat_template(tokenizer, name)
+    return get_chat_template(helpers.family_tokenizer(name), name)
 
 
 def tokenize(tokenizer, messages):
