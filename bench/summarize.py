@@ -22,7 +22,8 @@ def table(data):
         base = group.get("torch_compile")
         for backend, r in group.items():
             frac = f"{100 * r['frac_copy_bw']:.1f}%" if "frac_copy_bw" in r else "-"
-            gbps = f"{r['gbps']:.0f}" if "gbps" in r else "-"
+            gbps = (f"{r['gbps']:.0f}" if "gbps" in r else
+                    f"{r['tflops']:.0f} TFLOP/s" if "tflops" in r else r.get("unsupported", "-"))
             ratio = f"{base['ms'] / r['ms']:.2f}x" if base else "-"
             lines.append(f"| {op} | {direction} | {shape} | {backend} | {r['ms']:.4f} | {gbps} | "
                          f"{frac} | {ratio} |")

@@ -216,6 +216,8 @@ def run_worker(spec: dict) -> dict:
         sync()
         times.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))
+    if spec.get("profile") and cuda:
+        result["profile"] = _profile_step(model, opt, batches[0])
     timed = times[spec["warmup"]:] or times
     tokens = spec["batch"] * spec["seq"]
     result["step_s"] = [round(t, 4) for t in times]
@@ -225,6 +227,40 @@ def run_worker(spec: dict) -> dict:
     result["losses"] = losses
     result["ok"] = True
     return result
+
+
+def _profile_step(model, opt, ids, top=40):
+    """One more step under torch.profiler: the GPU time of the step's kernels, grouped by kernel
+    name (top `top`) and by a coarse kind, to show where a step's time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    kernels = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        k = kernels.setdefault(ev.name, [0.0, 0])
+        k[0] += ev.device_time / 1e3  # us -> ms
+        k[1] += 1
+    kinds = {}
+    for name, (ms, _) in kernels.items():
+        low = name.lower()
+        kind = ("attention" if any(w in low for w in ("flash", "fmha", "attention", "cudnn", "sdpa")) else
+                "gemm" if any(w in low for w in ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul")) else
+                "copy" if any(w in low for w in ("memcpy", "copy")) else
+                "fastft" if "fastft" in low else "other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"gpu_ms_total": sum(v[0] for v in kernels.values()),
+            "by_kind_ms": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": n[:160], "ms": round(v[0], 3), "count": v[1]} for n, v in ranked]}
 
 
 # ------------------------------------------------------------------------------- driver side
@@ -366,6 +402,8 @@ def main(argv=None):
     ap.add_argument("--baseline-range", default="8192,65536")
     ap.add_argument("--longest-step", type=int, default=4096)
     ap.add_argument("--longest-timeout", type=float, default=590.0)
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed steps, profile one more step: GPU time per kernel and kind")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: smoke run with --models tiny
     args = ap.parse_args(argv)
@@ -393,7 +431,7 @@ def main(argv=None):
                     b, s = (int(v) for v in batch.lower().split("x"))
                     for impl in args.impls.split(","):
                         spec = dict(model=model, mode=mode, impl=impl, batch=b, seq=s, warmup=warmup,
-                                    steps=steps, seed=0, device=args.device)
+                                    steps=steps, seed=0, device=args.device, profile=args.profile)
                         res = _run(spec, timeout)
                         summary["runs"].append(res)
                         print(_fmt(res), flush=True)
