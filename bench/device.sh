@@ -42,23 +42,38 @@ $PY -m fastft.env 2>&1 | tee "$OUT/env.txt"
   && cmake --build /tmp/cmake-build ) > "$OUT/cmake.log" 2>&1 &
 CMAKE_PID=$!
 
+if [ -n "${SKIP_TESTS:-}" ]; then stamp "gpu tests skipped (SKIP_TESTS)"; else
 stamp "gpu tests"
 timeout ${TEST_TIMEOUT:-420} $PY -m pytest $TESTS -m gpu -q -p no:cacheprovider -rfE --continue-on-collection-errors \
     ${SELECT:+-k "$SELECT"} --junitxml="$OUT/gpu-tests.xml" > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests rc=$?"; grep -E "passed|failed|error" "$OUT/gpu-tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/gpu-tests.log" | head -30
+fi
 
+if [ "$BENCHES" = none ]; then stamp "benchmarks skipped (BENCHES=none)"; else
 stamp "benchmarks"
 FASTFT_BENCH_OUT="$OUT/kernels.json" timeout ${BENCH_TIMEOUT:-420} $PY -m pytest $BENCHES -q \
     -p no:cacheprovider -o python_files='bench_*.py' -o python_functions='bench_*' \
     ${SELECT:+-k "$SELECT"} --benchmark-json="$OUT/pytest-benchmark.json" \
     > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"; tail -3 "$OUT/bench.log"
+fi
+# The training-step benchmark, e.g. TRAIN_ARGS="--models 8b --modes lora --batches 2x2048 --quick"
+if [ -n "${TRAIN_ARGS:-}" ]; then
+  stamp "train_step $TRAIN_ARGS"
+  timeout ${TRAIN_TIMEOUT:-400} $PY bench/train_step.py --out "$OUT/train" $TRAIN_ARGS > "$OUT/train_step.log" 2>&1
+  echo "train_step rc=$?"; grep -vE "^\s*$" "$OUT/train_step.log" | tail -12
+fi
 for script in ${EXTRA_SCRIPTS:-}; do
   stamp "$script"
   timeout 300 $PY $script --out "$OUT" > "$OUT/$(basename $script .py).log" 2>&1
   echo "$script rc=$?"; tail -5 "$OUT/$(basename $script .py).log"
 done
 wait $CMAKE_PID; echo "cmake build rc=$? ($(ls /tmp/cmake-out 2>/dev/null | tr '\n' ' '))"
-[ -f "$OUT/kernels.json" ] && $PY bench/summarize.py "$OUT/kernels.json"
+[ -f "$OUT/kernels.json" ] && $PY bench/summarize.py "$OUT/kernels.json" > "$OUT/kernels.md" 2>&1
+# Only a few files come back from $OUT: logs and per-variant JSON travel as two archives.
+( cd "$OUT" && tar czf logs.tar.gz --ignore-failed-read *.log *.txt *.xml pytest-benchmark.json 2>/dev/null;
+  rm -f *.log *.txt *.xml pytest-benchmark.json;
+  [ -d train ] && tar czf train.tar.gz train && rm -rf train ) || true
+ls "$OUT"
 stamp done
