@@ -351,7 +351,10 @@ def _ratio(summary):
         rows.append({"model": m, "mode": mode, "batch": b, "seq": s,
                      "speedup": r["tokens_per_s"] / base["tokens_per_s"],
                      "beyond_setup_ratio": r["beyond_setup_gib"] / max(base["beyond_setup_gib"], 1e-9),
-                     "first_loss_rel_diff": abs(r["losses"][0] - base["losses"][0]) / abs(base["losses"][0])})
+                     "first_loss_rel_diff": abs(r["losses"][0] - base["losses"][0]) / abs(base["losses"][0]),
+                     # the loss curves (same seed and data): the largest relative gap over all steps
+                     "max_loss_rel_diff": max(abs(a - b) / abs(b) for a, b in zip(r["losses"], base["losses"])),
+                     "steps_compared": min(len(r["losses"]), len(base["losses"]))})
     return rows
 
 
@@ -440,7 +443,8 @@ def main(argv=None):
         summary["ratios"] = _ratio(summary)
         for r in summary["ratios"]:
             print(f"{r['model']} {r['mode']} {r['batch']}x{r['seq']}: speedup {r['speedup']:.2f}x, "
-                  f"memory beyond setup {r['beyond_setup_ratio']:.3f}x of baseline", flush=True)
+                  f"memory beyond setup {r['beyond_setup_ratio']:.3f}x of baseline, loss curves within "
+                  f"{100 * r['max_loss_rel_diff']:.3f}% over {r['steps_compared']} steps", flush=True)
     if args.longest or args.longest_only:
         summary["longest"] = {impl: _longest(args, impl, args.out, summary)
                               for impl in args.impls.split(",")}
