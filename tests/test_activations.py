@@ -114,6 +114,60 @@ def test_matches_transformers_activations_in_bf16(act):
         assert rel_err(call(act, gate, up, backend), expect) < RTOL[torch.bfloat16]
 
 
+# ------------------------------------------------- the erf approximation of the kernels
+
+# erfc(z) = t * exp(-z^2 + P(t)), t = 1 / (1 + z/2) for z >= 0: the formula the CUDA and Triton
+# GeGLU kernels use (coefficients copied from csrc/activations.cu, highest degree first).
+ERFC_COEFFS = (0.17087277, -0.82215223, 1.48851587, -1.13520398, 0.27886807, -0.18628806,
+               0.09678418, 0.37409196, 1.00002368, -1.26551223)
+
+
+def erfc_fit(z):
+    t = 1 / (1 + 0.5 * z)
+    p = torch.zeros_like(z)
+    for c in ERFC_COEFFS:
+        p = p * t + c
+    return t * torch.exp(p - z * z)
+
+
+def test_erfc_fit_is_accurate_in_float64_and_float32():
+    z = torch.linspace(0, 14, 1_400_001, dtype=torch.float64)
+    ref = torch.special.erfc(z)
+    fit = erfc_fit(z)
+    assert ((fit - ref).abs() / ref).max() < 1.1e-7  # relative, tails included
+    # GELU's cdf as the kernels form it, evaluated in float32 over gates in [-20, 20]
+    g = torch.linspace(-20, 20, 800_001, dtype=torch.float64)
+    g32 = g.float()
+    half = 0.5 * erfc_fit(g32.abs() * 0.7071067811865476)
+    cdf = torch.where(g32 >= 0, 1 - half, half).double()
+    ref_cdf = 0.5 * torch.special.erfc(-g32.double() / 2 ** 0.5)
+    assert (cdf - ref_cdf).abs().max() < 5e-7
+    low = ref_cdf > 1e-30  # the lower tail keeps its relative accuracy (no 1 - x cancellation)
+    assert ((cdf - ref_cdf).abs() / ref_cdf)[low & (g < 0)].max() < 1e-4
+
+
+def check_pointwise_gelu_erf(backend, device):
+    """fp32 GeGLU (erf) value and gradient at every gate in a dense grid over both tails,
+    elementwise against float64: catches a bad coefficient that a norm-based check could hide."""
+    g64 = torch.linspace(-12, 12, 24_003, dtype=torch.float64)
+    gate = g64.float().to(device).reshape(3, -1).requires_grad_()
+    up = torch.ones_like(gate, requires_grad=True)
+    out = geglu(gate, up, "none", inplace_backward=False, backend=backend)
+    out.backward(torch.ones_like(out))
+    g = gate.detach().double().cpu().flatten()
+    cdf = 0.5 * torch.special.erfc(-g / 2 ** 0.5)
+    pdf = torch.exp(-0.5 * g * g) / (2 * torch.pi) ** 0.5
+    bound = 2e-6 + 1e-6 * g.abs()
+    assert ((out.detach().double().cpu().flatten() - g * cdf).abs() <= bound).all()
+    assert ((gate.grad.double().cpu().flatten() - (cdf + g * pdf)).abs() <= bound).all()
+    assert ((up.grad.double().cpu().flatten() - g * cdf).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("backend", backends("geglu", "cpu"))
+def test_gelu_erf_pointwise_accuracy_cpu(backend):
+    check_pointwise_gelu_erf(backend, "cpu")
+
+
 # ------------------------------------------------------------------------- backends
 
 @pytest.mark.parametrize("act", ACTS)
@@ -240,6 +294,33 @@ def test_glu_gpu(backend, act, dtype, shape):
 def test_glu_gpu_llama_shape(backend, act):
     for kind in ("proj", "fused"):
         run_case(backend, act, (4096, 14336), torch.bfloat16, "cuda", kind)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("geglu"))
+def test_gelu_erf_pointwise_accuracy_gpu(backend):
+    check_pointwise_gelu_erf(backend, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("swiglu"))
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_glu_gpu_misaligned_falls_back_to_scalar_path(backend, act, dtype):
+    # gate/up one element off a 16-byte boundary and an odd width: the 1-element-vector kernels
+    gate0, up0, dh = make((37, 1001), dtype, "cuda", seed=3)
+    n = gate0.numel()
+    buf = torch.zeros(2 * n + 1, dtype=dtype, device="cuda")
+    gate = buf[1:1 + n].view_as(gate0).copy_(gate0).requires_grad_()
+    up = buf[1 + n:].view_as(up0).copy_(up0).requires_grad_()
+    g64, u64 = gate0.double().requires_grad_(), up0.double().requires_grad_()
+    ref = A.reference_glu(g64, u64, act)
+    ref.backward(dh.double())
+    out = call(act, gate, up, backend, inplace_backward=False)
+    assert rel_err(out, ref) < RTOL[dtype]
+    out.backward(dh)
+    assert rel_err(gate.grad, g64.grad) < 2 * RTOL[dtype]
+    assert rel_err(up.grad, u64.grad) < 2 * RTOL[dtype]
 
 
 @pytest.mark.gpu
