@@ -33,6 +33,7 @@ import types
 import torch
 from torch import nn
 
+from fastft.offload import recomputing
 from fastft.ops.lora import Base, Projection, lora_linear, lora_mlp, lora_qkv
 
 logger = logging.getLogger(__name__)
@@ -159,8 +160,11 @@ def _fused_mlp_forward(self, x, *args, **kwargs):
     down, _ = projection_of(self.down_proj)
     if gate is None or up is None or down is None:
         return _class_forward(self, x)
-    return lora_mlp(x, gate, up, down, activation=getattr(self, _MARK)["activation"],
-                    tile_tokens=getattr(self, _MARK).get("tile_tokens", "auto"))
+    mark = getattr(self, _MARK)
+    # In an offloaded checkpoint's recompute the layer output is only a root for backward.
+    output_needed = not (mark.get("output_into_residual") and recomputing())
+    return lora_mlp(x, gate, up, down, activation=mark["activation"],
+                    tile_tokens=mark.get("tile_tokens", "auto"), output_needed=output_needed)
 
 
 class _QKVGroup:
@@ -234,15 +238,30 @@ def _unfusable_reason(modules) -> str | None:
     return None
 
 
+def _mlp_output_into_residual(model) -> bool:
+    """Whether the model's family adds the MLP output straight into the residual stream
+    (families.py); unknown models: False, the safe answer."""
+    from fastft.models.families import family_for
+
+    config = getattr(model, "config", None)
+    family = family_for(getattr(config, "model_type", None))
+    return bool(family is not None and family.mlp_output_into_residual)
+
+
 def apply_fused_lora(model, mlp: bool = True, attention: bool = True,
                      tile_tokens: int | None | str = "auto") -> dict:
     """Route the LoRA-wrapped gated MLPs and q/k/v/o projections of `model` (a peft model or a
     transformers model holding peft LoRA layers) through fastft's fused LoRA functions.
 
+    For families whose MLP output goes straight into the residual sum, the fused MLP skips its
+    down projection's matmul while an offloaded checkpoint recomputes the layer (the output
+    values are not needed there, only the graph).
+
     Returns {"mlp": n, "qkv": n, "o_proj": n, "skipped": {module name: reason}}. Modules that
     cannot be fused (e.g. lora_dropout > 0) keep peft's path; one log line says why.
     Calling it again is harmless (already patched modules are left as they are)."""
     report = {"mlp": 0, "qkv": 0, "o_proj": 0, "skipped": {}}
+    into_residual = _mlp_output_into_residual(model)
     for name, module in model.named_modules():
         if mlp and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")) \
                 and getattr(module, _MARK, None) is None:
@@ -252,7 +271,8 @@ def apply_fused_lora(model, mlp: bool = True, attention: bool = True,
             if why is None and kind is None:
                 why = "its activation is not SiLU / GELU"
             if why is None:
-                _install(module, _fused_mlp_forward, {"activation": kind, "tile_tokens": tile_tokens})
+                _install(module, _fused_mlp_forward, {"activation": kind, "tile_tokens": tile_tokens,
+                                                      "output_into_residual": into_residual})
                 report["mlp"] += 1
             elif why != _NO_ADAPTER:
                 report["skipped"][name] = why

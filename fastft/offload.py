@@ -17,6 +17,7 @@ On the CPU the "offload" is a plain copy, but the code path is the same.
 from __future__ import annotations
 
 import os
+import threading
 import types
 import weakref
 
@@ -182,6 +183,24 @@ class _Offloader:
         return x
 
 
+_RECOMPUTE = threading.local()
+
+
+def recomputing() -> bool:
+    """True while an offloaded checkpoint re-runs a layer's forward inside backward. Then the
+    layer's output values are never read (only its autograd graph is), which lets a fused MLP
+    skip the matmul that only produces its output."""
+    return getattr(_RECOMPUTE, "depth", 0) > 0
+
+
+class _Recomputing:
+    def __enter__(self):
+        _RECOMPUTE.depth = getattr(_RECOMPUTE, "depth", 0) + 1
+
+    def __exit__(self, *exc):
+        _RECOMPUTE.depth -= 1
+
+
 class OffloadedCheckpoint(torch.autograd.Function):
     """Checkpoint one call run_function(x, *rest) with x offloaded to the host in between.
 
@@ -229,7 +248,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
                 torch.set_rng_state(ctx.cpu_rng)
                 if ctx.cuda_rng is not None:
                     torch.cuda.set_rng_state(ctx.cuda_rng, device)
-            with torch.enable_grad(), _restore_autocast(device, ctx.autocast):
+            with torch.enable_grad(), _restore_autocast(device, ctx.autocast), _Recomputing():
                 out = ctx.run_function(x, *rest)
         outs, _ = _flatten(out)
         pairs = [(o, g) for o, g in zip(outs, grads)

@@ -241,3 +241,44 @@ def test_offloaded_checkpoint_function_on_its_own():
     assert rel_err(got[0], x.grad) <= 1e-6 and rel_err(got[1], lin.weight.grad) <= 1e-6
     with pytest.raises(TypeError, match="hidden states"):
         offload.offloaded_checkpoint(block, 3, 2.0)
+
+
+def _record_mlp_output_needed():
+    import fastft.ops.lora as ops
+
+    seen = []
+    orig = ops._LoRAMLP.forward
+
+    def recording(ctx, x, gate, up, down, kind, tile_tokens, output_needed, *rest):
+        seen.append(output_needed)
+        return orig(ctx, x, gate, up, down, kind, tile_tokens, output_needed, *rest)
+
+    ops._LoRAMLP.forward = staticmethod(recording)
+    _UNDO.append(lambda: setattr(ops._LoRAMLP, "forward", staticmethod(orig)))
+    return seen
+
+
+@pytest.mark.parametrize("family,tile_tokens,skips", [
+    ("llama", "auto", True),    # MLP output goes straight into the residual: recompute skips it
+    ("llama", 5, True),         # tiled MLP: the recompute computes nothing at all
+    ("gemma2", "auto", False),  # post_feedforward_layernorm reads the MLP output: never skipped
+])
+def test_recompute_skips_the_mlp_output_only_where_nothing_reads_it(family, tile_tokens, skips):
+    from peft import LoraConfig, get_peft_model
+
+    from tiny_models import build_tiny_model
+
+    model = build_tiny_model(family, num_hidden_layers=2, attn_implementation="eager", initializer_range=0.2)
+    model = get_peft_model(model, LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model.train()
+    apply_fused_lora(model, tile_tokens=tile_tokens)
+    batches = [torch.randint(0, 200, (2, 13)), torch.randint(0, 200, (1, 9))]
+    ref = _grads(model, batches)
+    enable_offloaded_checkpointing(model)
+    seen = _record_mlp_output_needed()
+    got = _grads(model, batches)
+    # per batch: 2 layers forward (output needed), then 2 recomputes
+    assert seen == ([True, True] + [not skips] * 2) * 2
+    _assert_same(got, ref)

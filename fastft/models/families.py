@@ -21,6 +21,9 @@ class Family:
     qk_norm: bool = False                 # RMSNorm on q and k per head (same norm class, so patched too)
     sliding_window: bool = False          # some/all layers use a sliding-window mask (transformers' own)
     attn_logit_softcap: bool = False      # attention scores are softcapped: SDPA cannot do it
+    # The MLP's output goes straight into the residual sum (no norm after it), so a checkpoint
+    # recompute never needs its values and the fused MLP may skip computing them.
+    mlp_output_into_residual: bool = True
     causal_lm: str | None = None          # causal-LM class name when not <prefix>ForCausalLM
     norm: str | None = None               # RMSNorm class name when not <prefix>RMSNorm
     mlp: str | None = None                # MLP class name when not <prefix>MLP
@@ -48,12 +51,12 @@ QWEN2 = Family("qwen2", ("qwen2",), "qwen2", "Qwen2", sliding_window=True)
 QWEN3 = Family("qwen3", ("qwen3",), "qwen3", "Qwen3", qk_norm=True, sliding_window=True)
 GEMMA2 = Family("gemma2", ("gemma2",), "gemma2", "Gemma2", norm_offset=1.0,
                 activation="gelu_pytorch_tanh", final_logit_softcap=True, sliding_window=True,
-                attn_logit_softcap=True)
+                attn_logit_softcap=True, mlp_output_into_residual=False)  # post_feedforward_layernorm
 # Gemma 3 text (Gemma3ForCausalLM, model_type gemma3_text). The multimodal "gemma3" checkpoints
 # share the norm / MLP / rope code, so those are patched too; their head stays transformers'.
 GEMMA3 = Family("gemma3", ("gemma3_text", "gemma3"), "gemma3", "Gemma3", norm_offset=1.0,
                 activation="gelu_pytorch_tanh", final_logit_softcap=True, qk_norm=True,
-                sliding_window=True)
+                sliding_window=True, mlp_output_into_residual=False)  # post_feedforward_layernorm
 
 FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3)
 

@@ -424,15 +424,37 @@ def _add(acc, value):
     return value if acc is None else acc.add_(value)
 
 
+def _mlp_saved_only(x2, gate, up, down, kind, dtype):
+    """What the backward needs from one untiled forward, without the down projection's base
+    matmul (its output is not needed for any gradient)."""
+    g, xag = _project(x2, gate, dtype)
+    u, xau = _project(x2, up, dtype)
+    ha = None
+    if down.has_lora:
+        ha = _act_forward(kind, g, u).mm(_cast(down.A, dtype).t())
+    return g, u, xag, xau, ha
+
+
 class _LoRAMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate, up, down, kind, tile_tokens, *adapter_tensors):
+    def forward(ctx, x, gate, up, down, kind, tile_tokens, output_needed, *adapter_tensors):
         dtype = _compute_dtype(x)
         with _AutocastOff(x.device.type):
             x2 = _cast(_rows(x), dtype)
             n = x2.shape[0]
             y, y2 = _new_output(x.shape[:-1], down.base.out_features, dtype, x.device)
-            if tile_tokens is None or tile_tokens >= n:
+            if not output_needed:
+                # A checkpoint recompute whose output values nobody reads: skip the down
+                # projection (a third of the MLP's FLOPs); tiled, the backward recomputes
+                # each tile itself, so nothing at all is computed here. y stays unwritten.
+                if tile_tokens is None or tile_tokens >= n:
+                    ctx.tiled = False
+                    g, u, xag, xau, ha = _mlp_saved_only(x2, gate, up, down, kind, dtype)
+                    saved = [x2, g, u] + [t for t in (xag, xau, ha) if t is not None]
+                else:
+                    ctx.tiled = True
+                    saved = [x2]
+            elif tile_tokens is None or tile_tokens >= n:
                 g, u, xag, xau, ha = _mlp_tile_forward(x2, gate, up, down, kind, dtype, y2)
                 ctx.tiled = False
                 saved = [x2, g, u] + [t for t in (xag, xau, ha) if t is not None]
@@ -488,16 +510,20 @@ class _LoRAMLP(torch.autograd.Function):
         # computed (and tile-accumulated) in the compute dtype; handed back in the factors' dtype
         adapter_grads = [None if t is None else gr.to(t.dtype)
                          for gr, t in zip(grads, _lora_tensors(ctx.projs))]
-        return (dx, None, None, None, None, None, *adapter_grads)
+        return (dx, None, None, None, None, None, None, *adapter_grads)
 
 
 def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection,
-             activation: str = "swiglu", tile_tokens: int | None | str = "auto") -> torch.Tensor:
+             activation: str = "swiglu", tile_tokens: int | None | str = "auto",
+             output_needed: bool = True) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) with LoRA on each projection and a manual backward.
 
     activation: "swiglu" (SiLU), "geglu" (erf GELU) or "geglu_tanh".
     tile_tokens: "auto" tiles long inputs (see MLP_TILE_ELEMENTS), None never tiles, an int
-    sets the tile size in tokens."""
+    sets the tile size in tokens.
+    output_needed=False: the caller will only backpropagate through the result and never read
+    its values (a checkpoint recompute whose output goes straight into a residual sum): the
+    returned tensor is left unwritten and the down projection's matmul is skipped."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not supported; use one of {ACTIVATIONS}")
     if tile_tokens == "auto":
@@ -506,4 +532,5 @@ def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection
     elif tile_tokens is not None and int(tile_tokens) < 1:
         raise ValueError(f"tile_tokens={tile_tokens} must be a positive number of tokens, None or 'auto'")
     projs = (gate, up, down)
-    return _LoRAMLP.apply(x, gate, up, down, activation, tile_tokens, *_lora_tensors(projs))
+    return _LoRAMLP.apply(x, gate, up, down, activation, tile_tokens, bool(output_needed),
+                          *_lora_tensors(projs))
