@@ -32,9 +32,11 @@ void check_weight(const at::Tensor& w, const at::Tensor& logits) {
   TORCH_CHECK(w.device() == logits.device(), "fastft: row_weight must be on the logits' device");
 }
 
-// FASTFT_CE_BLOCKS_PER_SM=1|2 picks the kernel's layout (benchmarks compare them); 0 = default.
-int blocks_per_sm_setting() {
-  const char* v = std::getenv("FASTFT_CE_BLOCKS_PER_SM");
+// Layout switches (benchmarks and tests compare them): FASTFT_CE_BLOCKS_PER_SM=1|2 forces the
+// one-block-per-row kernel with that layout; FASTFT_CE_CLUSTER=1|2|4|8 forces the sm_90
+// cluster kernel's blocks per row. Unset or 0 = the defaults.
+int env_int(const char* name) {
+  const char* v = std::getenv(name);
   return v ? std::atoi(v) : 0;
 }
 
@@ -53,7 +55,8 @@ void launch(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor
   a.ignore_index = ignore_index;
   a.softcap = (float)softcap; a.scale = (float)logit_scale; a.smoothing = (float)label_smoothing;
   TORCH_CHECK(a.rows < (int64_t{1} << 31), "fastft: cross_entropy takes fewer than 2^31 rows");
-  cross_entropy_forward(a, blocks_per_sm_setting(), stream_of(logits));
+  cross_entropy_forward(a, env_int("FASTFT_CE_BLOCKS_PER_SM"), env_int("FASTFT_CE_CLUSTER"),
+                        stream_of(logits));
   check_launch();
 }
 

@@ -27,8 +27,13 @@ struct CrossEntropyArgs {
   float smoothing;  // label smoothing eps in [0, 1]
 };
 
-// blocks_per_sm: 1 (1024 threads, up to ~226 KB of each row cached in shared memory) or
-// 2 (512 threads, half the cache each); 0 picks the default.
-void cross_entropy_forward(const CrossEntropyArgs& a, int blocks_per_sm, cudaStream_t stream);
+// blocks_per_sm: 0 = the default (on sm_90, a thread-block cluster per row when its slices fit
+// in shared memory; otherwise the one-block-per-row kernel with 1024 threads); 1 or 2 = the
+// one-block-per-row kernel with 1024 threads and up to ~226 KB of the row cached in shared
+// memory, or 512 threads and half the cache (two blocks per SM).
+// cluster_size: 1, 2, 4 or 8 forces that many blocks per row in the cluster kernel (used only
+// if the slice fits, else the choice is automatic); anything else = automatic.
+void cross_entropy_forward(const CrossEntropyArgs& a, int blocks_per_sm, int cluster_size,
+                           cudaStream_t stream);
 
 }  // namespace fastft

@@ -490,6 +490,82 @@ def test_cuda_kernel_layouts(monkeypatch, blocks_per_sm):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cluster", ["0", "1", "2", "4", "8"])
+def test_cuda_cluster_kernel(monkeypatch, cluster):
+    """The sm_90 cluster kernel at every cluster size (a size whose slices would not fit falls
+    back to the one-block-per-row kernel, which must be right too): every dtype, odd vocabs,
+    tiny vocabs (no whole vector), every option, rows of 'none' with their own weights."""
+    monkeypatch.setenv("FASTFT_CE_CLUSTER", cluster)
+    cases = ((128256, torch.bfloat16), (32003, torch.bfloat16), (50001, torch.float16),
+             (24577, torch.float32), (128256, torch.float32), (7, torch.bfloat16),
+             (3, torch.float32), (4097, torch.float16))
+    for i, (vocab, dtype) in enumerate(cases):
+        check_ce("cuda", 37, vocab, dtype, "mean", OPTION_SETS["all"], "cuda", seed=i)
+        check_ce("cuda", 29, vocab, dtype, "none", OPTION_SETS["plain"], "cuda", seed=50 + i)
+        check_ce("cuda", 19, vocab, dtype, "sum", OPTION_SETS["smoothing"], "cuda", seed=90 + i)
+    check_masked("cuda", "cuda", torch.bfloat16)
+
+
+def strided_inplace(backend, rows, vocab, dtype, offset, opts, seed=0):
+    """cross_entropy in place on a [rows, vocab] view of a wider buffer starting `offset`
+    elements in: rows misaligned by different amounts (the kernels peel each row's head), and
+    the gradient written into that view, so the elements around it must stay untouched."""
+    x, labels = make_logits(rows, vocab, dtype, "cuda", seed=seed)
+    leaf = torch.zeros(rows, vocab + 11, dtype=dtype, device="cuda", requires_grad=True)
+    filler = torch.randn(rows, vocab + 11, device="cuda").to(dtype)
+    filler[:, offset:offset + vocab] = x
+    wide = leaf + filler
+    view = wide[:, offset:offset + vocab]
+    softcap, scale, smoothing = opts
+    loss = cross_entropy(view, labels, softcap=softcap, logit_scale=scale,
+                         label_smoothing=smoothing, inplace_backward=True, backend=backend)
+    loss.backward()
+    ref_loss, ref_grad = reference(x, labels, "mean", opts)
+    assert rel_err(loss, ref_loss) < LOSS_RTOL
+    assert rel_err(leaf.grad[:, offset:offset + vocab], ref_grad) < RTOL[dtype]
+    def outside(t):
+        return torch.cat([t[:, :offset], t[:, offset + vocab:]], 1)
+
+    assert (outside(leaf.grad) == 0).all()  # the gradient of the columns outside the view
+    assert torch.equal(outside(wide.detach()), outside(filler))  # no write outside the view
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends(CE))
+def test_cross_entropy_gpu_strided_inplace(backend):
+    for offset, (vocab, dtype) in zip((1, 3, 2), ((128256, torch.bfloat16),
+                                                  (32003, torch.float16),
+                                                  (50001, torch.float32))):
+        strided_inplace(backend, 23, vocab, dtype, offset, OPTION_SETS["all"], seed=offset)
+        strided_inplace(backend, 21, vocab, dtype, offset, OPTION_SETS["plain"], seed=7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends(CE))
+def test_cross_entropy_gpu_many_rows_and_loss_only(backend):
+    """Llama-3's vocab over many rows (several waves of clusters / blocks), the gradient in
+    place and separate, and the loss alone (no gradient buffer) against the reference."""
+    x, labels = make_logits(1200, 128256, torch.bfloat16, "cuda", seed=17)
+    for inplace in (False, True):
+        loss, grad = run_ce(backend, x, labels, "mean", OPTION_SETS["smoothing"], inplace=inplace)
+        ref_loss, ref_grad = reference(x, labels, "mean", OPTION_SETS["smoothing"])
+        assert rel_err(loss, ref_loss) < LOSS_RTOL and rel_err(grad, ref_grad) < RTOL[x.dtype]
+        assert (grad[labels == -100] == 0).all()
+    with torch.no_grad():
+        loss = cross_entropy(x, labels, reduction="none", softcap=30.0, backend=backend)
+    ref = reference_cross_entropy(x.double(), labels, reduction="none", softcap=30.0)
+    assert rel_err(loss, ref) < LOSS_RTOL and (loss[labels == -100] == 0).all()
+    bad = labels.clone()
+    bad[5] = 128256  # out of range, not ignored: NaN, not a silently wrong number
+    if backend == "cuda":
+        with torch.no_grad():
+            loss = cross_entropy(x, bad, reduction="none", backend=backend)
+        others = torch.ones_like(bad, dtype=torch.bool)
+        others[5] = False
+        assert torch.isnan(loss[5]) and torch.isfinite(loss[others]).all()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("per_sm", ["1", "2"])
 def test_triton_programs_per_sm_gpu(monkeypatch, per_sm):
     monkeypatch.setenv("FASTFT_CE_TRITON_PROGRAMS_PER_SM", per_sm)
