@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops import cross_entropy, fused_linear_cross_entropy
-from fastft.ops.cross_entropy import auto_chunk_rows, reference_cross_entropy
+from fastft.ops.cross_entropy import (TRAIN_HEAD_CHUNK_BYTES, auto_chunk_rows,
+                                      reference_cross_entropy)
 from tests.helpers import DTYPES, RTOL, backends, gpu_backends, rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -416,8 +417,39 @@ def test_fused_linear_all_ignored_and_accumulation(backend):
     assert rel_err(ht.grad, big_dh) < 1e-6 and rel_err(wt.grad, big_dw) < 1e-6
 
 
+def check_dw_accumulation(backend, rows, hidden, vocab, chunk, device, seed=3, tol=1e-2):
+    """dW summed chunk by chunk in bf16 (rounded once per chunk) against float64 over many
+    chunks, with a grad_output that is not 1. The tolerance is a few times the measured error
+    (0.46% for 16 chunks on CPU; bf16 rounding of the exact dW alone is 0.17%) and far below the
+    error of a dW that misses one chunk's tokens (checked here too, so the bound can fail)."""
+    h, w, _, y = make_head(rows, hidden, vocab, torch.bfloat16, device, seed=seed)
+    wt = w.clone().requires_grad_()
+    ht = h.clone().requires_grad_()
+    (fused_linear_cross_entropy(ht, wt, y, chunk_size=chunk, backend=backend) * 0.75).backward()
+    w64 = w.double().requires_grad_()
+    h64 = h.double().requires_grad_()
+    (reference_cross_entropy(h64 @ w64.t(), y) * 0.75).backward()
+    assert wt.grad.dtype == torch.bfloat16 and rel_err(wt.grad, w64.grad) < tol
+    assert rel_err(ht.grad, h64.grad) < tol
+    # the same dW without one chunk's tokens: a wrong gradient this bound must reject
+    keep = torch.ones(rows, dtype=torch.bool, device=device)
+    keep[chunk:2 * chunk] = False
+    w64b = w.double().requires_grad_()
+    n = (y != -100).sum()
+    (reference_cross_entropy(h.double()[keep] @ w64b.t(), y[keep], reduction="sum") * 0.75 / n
+     ).backward()
+    assert rel_err(w64b.grad, w64.grad) > 5 * tol
+
+
+@pytest.mark.parametrize("backend", backends(FLCE, "cpu"))
+def test_fused_linear_dw_accumulates_in_weight_dtype(backend):
+    check_dw_accumulation(backend, 64, 32, 1003, 4, "cpu")
+
+
 def test_fused_linear_chunk_choice():
     assert auto_chunk_rows(16384, 128256, torch.bfloat16, "cpu") == 1024
+    # a trainable head: bigger chunks (fewer passes over dW), 0.375 GiB of logits at most
+    assert auto_chunk_rows(16384, 128256, torch.bfloat16, "cpu", TRAIN_HEAD_CHUNK_BYTES) == 1536
     assert auto_chunk_rows(100, 128256, torch.bfloat16, "cpu") == 100
     assert auto_chunk_rows(10 ** 6, 262144, torch.float32, "cpu") == 256
     assert auto_chunk_rows(10, 10 ** 9, torch.float32, "cpu") == 1
@@ -615,3 +647,30 @@ def test_fused_linear_gpu(backend, reduction, train_head):
     # Gemma-sized vocabulary with its final-logit softcap
     check_flce(backend, 200, 256, 262144, torch.bfloat16, reduction, (30.0, None, 0.0),
                train_head, with_bias=False, chunk=64, device="cuda", seed=6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends(FLCE))
+def test_fused_linear_gpu_dw_accumulation(backend):
+    """dW in bf16 over 16 chunks, at Llama-3's vocab too; the auto chunk of a trainable head."""
+    check_dw_accumulation(backend, 2048, 256, 32003, 128, "cuda")
+    check_dw_accumulation(backend, 1024, 128, 128256, 64, "cuda", seed=4)
+    check_flce(backend, 700, 256, 128256, torch.bfloat16, "mean", OPTION_SETS["plain"],
+               train_head=True, with_bias=True, chunk=None, device="cuda", seed=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends(FLCE))
+def test_fused_linear_gpu_autocast_trainable(backend):
+    """float32 master weights under bf16 autocast: gradients come back in float32."""
+    h, w, b, y = make_head(300, 128, 32003, torch.float32, "cuda", seed=9, with_bias=True)
+    ht, wt, bt = (t.clone().requires_grad_() for t in (h, w, b))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(ht, wt, y, bt, chunk_size=64, backend=backend)
+    (loss * 2.0).backward()
+    assert wt.grad.dtype == torch.float32 and bt.grad.dtype == torch.float32
+    h64, w64, b64 = (t.bfloat16().double().requires_grad_() for t in (h, w, b))
+    (reference_cross_entropy(h64 @ w64.t() + b64, y) * 2.0).backward()
+    assert rel_err(loss, reference_cross_entropy(h64 @ w64.t() + b64, y)) < RTOL[torch.bfloat16]
+    for ours, ref in ((ht.grad, h64.grad), (wt.grad, w64.grad), (bt.grad, b64.grad)):
+        assert rel_err(ours, ref) < 2 * RTOL[torch.bfloat16]

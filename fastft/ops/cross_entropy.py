@@ -20,8 +20,8 @@ kernel again with grad_output as each row's weight, so per-token upstream gradie
 
 fused_linear_cross_entropy(hidden, weight, labels, bias=None, ...) computes the same loss of
 hidden @ weight.T (+ bias) a chunk of tokens at a time: each chunk's logits exist only inside the
-loop, the CE kernel turns them into d_logits in place, and d_hidden (plus dW / db in float32
-when the head is trainable) are accumulated during the forward.
+loop, the CE kernel turns them into d_logits in place, and d_hidden (plus dW, accumulated in the
+weight's dtype, and db when the head is trainable) are accumulated during the forward.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from fastft.ops._common import cuda_ops, new_empty, rows_view
 
 REDUCTIONS = ("mean", "sum", "none")
 CHUNK_BYTES = 256 << 20  # logits of one fused-linear chunk, at most (before the free-memory cap)
+TRAIN_HEAD_CHUNK_BYTES = 384 << 20  # the same with a trainable head (see auto_chunk_rows' caller)
 
 
 # ---------------------------------------------------------------- the torch reference
@@ -342,10 +343,9 @@ def cross_entropy(logits, labels, ignore_index=-100, reduction="mean", num_items
 
 # ---------------------------------------------------------------- fused_linear_cross_entropy
 
-def auto_chunk_rows(tokens, vocab, dtype, device):
-    """Tokens per chunk so that one chunk of logits takes at most CHUNK_BYTES (and at most a
+def auto_chunk_rows(tokens, vocab, dtype, device, budget=CHUNK_BYTES):
+    """Tokens per chunk so that one chunk of logits takes at most `budget` bytes (and at most a
     quarter of the free GPU memory)."""
-    budget = CHUNK_BYTES
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -356,26 +356,23 @@ def auto_chunk_rows(tokens, vocab, dtype, device):
     return max(1, min(tokens, rows))
 
 
-def _accumulate_fp32(acc, a, b):
-    """acc += a @ b with a float32 accumulator and inputs in their own dtype."""
-    if a.dtype == torch.float32 or acc.device.type != "cuda":
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-        return
-    try:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    except (RuntimeError, TypeError, NotImplementedError):  # no mixed-dtype addmm here
-        acc.add_(torch.mm(a, b))
-
-
 def _linear_ce_chunks(impl, hidden, weight, bias, labels, loss, row_weight, need_dh, need_dw,
                       need_db, opts, chunk):
     """One pass over token chunks: row losses into `loss`; when row_weight is given also the
-    gradients d_hidden (hidden's dtype), dW and db (float32 accumulators)."""
+    gradients d_hidden and dW (hidden's dtype) and db (float32, cast by the caller).
+
+    dW is accumulated straight into the returned gradient, in the weight's dtype: each chunk's
+    d_logits.T @ h is one GEMM with beta = 1 (cuBLAS sums the chunk's tokens in float32 and
+    rounds into dW once per chunk). A float32 accumulator would be vocab x hidden x 4 bytes
+    (1.96 GiB for Llama-3's head) beyond the outputs, plus a pass to cast it; the per-chunk
+    rounding costs about 2^-9 relative error per chunk (bf16), far below the bf16 noise of the
+    logits themselves (tests bound it against float64). db is only vocab floats: float32."""
     rows, hidden_dim = hidden.shape
     vocab = weight.shape[0]
     dh = new_empty(hidden.shape, hidden.dtype, hidden.device) if need_dh else None
-    dw = torch.zeros(vocab, hidden_dim, dtype=torch.float32, device=hidden.device) \
-        if need_dw else None
+    dw = new_empty((vocab, hidden_dim), weight.dtype, hidden.device) if need_dw else None
+    if dw is not None and rows == 0:
+        dw.zero_()
     db = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_db else None
     with_grad = row_weight is not None
     per_row = with_grad and row_weight.numel() > 1
@@ -398,7 +395,10 @@ def _linear_ce_chunks(impl, hidden, weight, bias, labels, loss, row_weight, need
         if need_dh:
             torch.mm(logits, weight, out=dh[start:end])
         if need_dw:
-            _accumulate_fp32(dw, logits.t(), h)
+            if start == 0:  # the first chunk writes dW (no zero fill, no read of it)
+                torch.mm(logits.t(), h, out=dw)
+            else:
+                dw.addmm_(logits.t(), h)
         if need_db:
             db.add_(logits.sum(0, dtype=torch.float32))
     return dh, dw, db
@@ -443,13 +443,13 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
                                    "same graph; call backward once")
             dh, dw, db = ctx.grads
             ctx.grads = None
-            g = grad_output.detach().reshape(()).to(ctx.math_dtype)
-            for t in (dh, dw, db):  # small next to the matmuls: no need to test for g == 1
-                if t is not None:
-                    t.mul_(g)
-        w_dtype, b_dtype = ctx.param_dtypes
-        dw = dw.to(w_dtype) if dw is not None else None
-        db = db.to(b_dtype) if db is not None else None
+            if not _is_one(grad_output):  # a pass over dW (1 GiB for Llama-3) saved when 1
+                g = grad_output.detach().reshape(()).to(ctx.math_dtype)
+                for t in (dh, dw, db):
+                    if t is not None:
+                        t.mul_(g)
+        b_dtype = ctx.param_dtypes[1]
+        db = db.to(b_dtype) if db is not None else None  # dW is already in the weight's dtype
         return dh, dw, db, None, None, None, None, None, None, None, None, None
 
 
@@ -460,8 +460,9 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
     """cross_entropy(hidden @ weight.T (+ bias), labels) without materialising the logits.
 
     hidden [..., H], weight [V, H], bias [V] or None, labels [...]. Matmuls run in the inputs'
-    dtype (autocast's dtype when autocast is on) with float32 accumulation; dW / db are
-    computed (in float32, then cast) only when weight / bias require grad.
+    dtype (autocast's dtype when autocast is on) with float32 accumulation inside each GEMM;
+    dW / db are computed only when weight / bias require grad (dW accumulated chunk by chunk in
+    the matmul dtype, db in float32).
     chunk_size: tokens per chunk (default: auto_chunk_rows)."""
     softcap_f, scale_f, smoothing = _options(reduction, num_items_in_batch, softcap, logit_scale,
                                              label_smoothing)
@@ -483,7 +484,11 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
         raise ValueError("hidden, weight and labels must be on one device")
     chosen = dispatch.backend_for("fused_linear_cross_entropy", h.device, dtype, backend)
     if chunk_size is None:
-        chunk = auto_chunk_rows(h.shape[0], w.shape[0], dtype, h.device)
+        # A trainable head rewrites dW (vocab x hidden) once per chunk: bigger chunks, fewer
+        # passes over it, still well inside the 0.5 GiB of extra memory.
+        trainable = torch.is_grad_enabled() and weight.requires_grad
+        chunk = auto_chunk_rows(h.shape[0], w.shape[0], dtype, h.device,
+                                TRAIN_HEAD_CHUNK_BYTES if trainable else CHUNK_BYTES)
     else:
         chunk = int(chunk_size)
         if chunk < 1:
