@@ -91,8 +91,9 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   TORCH_CHECK(y.size(0) == M, "fastft nf4: y must have x's ", M, " rows, got ", y.size(0));
   TORCH_CHECK(M <= 16, "fastft nf4: the fused kernel takes at most 16 rows of x, got ", M,
               " (larger inputs: dequantise and use a matmul)");
-  TORCH_CHECK(K % 128 == 0, "fastft nf4: the fused kernel needs in_features % 128 == 0, got ", K);
-  TORCH_CHECK(blocksize >= 64, "fastft nf4: the fused kernel needs blocksize >= 64, got ",
+  TORCH_CHECK(K % 32 == 0, "fastft nf4: the fused kernel needs in_features % 32 == 0, got ", K,
+              " (use nf4_dequantize + matmul)");
+  TORCH_CHECK(blocksize >= 32, "fastft nf4: the fused kernel needs blocksize >= 32, got ",
               blocksize, " (use nf4_dequantize + matmul)");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "fastft nf4: the fused kernel takes bfloat16 or float16 x, got ", x.scalar_type());
@@ -124,7 +125,7 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   a.y = y.data_ptr(); a.y_stride = y.stride(0);
   a.M = (int)M; a.N = (int)N; a.K = (int)K;
   a.dtype = dtype_tag(x);
-  a.split = nf4_gemv_splits(N, K, sm_count(x));
+  nf4_gemv_plan(a, sm_count(x));
   at::Tensor partial;
   if (a.split > 1) {
     partial = at::empty({a.split, M, N}, x.options().dtype(at::kFloat));

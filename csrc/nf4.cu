@@ -100,28 +100,49 @@ __global__ void __launch_bounds__(kThreads) nf4_dequant_scalar(const NF4Weight w
 
 // ------------------------------------------------------------------ fused small-M matmul
 //
-// One block: 16 weight rows (n) x all of K (or, when there are fewer row tiles than SMs, one of
-// `split` K ranges, whose float32 results nf4_gemv_reduce adds); kGemvWarps warps split the
-// block's K into 128-value chunks and their partial sums meet in shared memory (deterministic). Per chunk a warp runs
-// mma.m16n8k16 steps with A = a 16x16 tile of NF4 levels (not yet scaled) and B = x^T (8 rows
-// of x per m-tile); each 64-value half of a chunk lies inside one quantisation block
-// (blocksize >= 64), so its scale is applied to the half's fp32 partial sums after the mma:
-// no per-value multiply. Levels come from a shared table indexed by a whole packed byte
-// (two levels as one bf16x2 / half2 word), stored once per lane so lookups never conflict.
+// Tensor-core GEMV for M <= 16 rows of x, reading the packed weight once, straight from
+// bitsandbytes' layout.
 //
-// Thread (g = lane/4, t = lane%4) loads 8 packed bytes of each half (values kh .. kh + 15,
-// kh = chunk*128 + 64*half + 16t) of rows g and g+8. For k-step s (0..3) of a half it feeds
-// byte 2s (fragment slots 2t, 2t+1) and byte 2s+1 (slots 2t+8, 2t+9): the k order inside a
-// step is permuted, harmless for a dot product since x's fragment uses the same order:
-// x[m][kh + 4s .. kh + 4s + 3].
+// Work split: a block is kGemvWarps warps x 16 weight rows each (128 rows) over one K range
+// (blockIdx.y of a.split ranges of whole 128-value chunks; float32 partials summed by
+// nf4_gemv_reduce when split > 1). The block's x[:, range] is staged once in shared memory;
+// each warp then streams its 16 rows chunk by chunk, kAhead chunks of packed bytes and their
+// scale inputs in flight per thread (a register ring), and runs mma.m16n8k16 with A = the
+// dequantised weight (16 rows x 16 k) and B = x^T (16 k x 8 tokens; MT = 2 tiles for M > 8).
 //
-// Numerics: weights enter the product as level (rounded to x's dtype) * fp32 scale, not as the
-// dequantised value rounded to x's dtype; within rounding of the dtype, not bit-identical to
-// nf4_dequantize + matmul.
+// The k permutation (a dot product is invariant under any permutation of k applied to both
+// operands). Lane = 4g + t (g = 0..7, t = 0..3). In a 128-value chunk, thread (g, t) owns
+// k = 32t .. 32t+31 (16 packed bytes: one 16-byte load per row) of weight rows g and g+8.
+// For mma step s = 0..7 it feeds
+//   A slots (row, 2t), (row, 2t+1)   <- packed byte 2s     = k 32t+4s, 32t+4s+1
+//   A slots (row, 2t+8), (row, 2t+9) <- packed byte 2s + 1 = k 32t+4s+2, 32t+4s+3
+//   B slots (2t, 2t+1) / (2t+8, 2t+9) of token column g <- x[token][same k]
+// so over the 8 steps the chunk's 128 k are each used exactly once. x for thread (g, t) is
+// x[token][32t .. 32t+31]: four 16-byte shared loads; step s takes 32-bit words 2s, 2s+1.
+// bitsandbytes' byte order: the EVEN flat index is the HIGH nibble, so a byte decodes to the
+// pair (code[hi], code[lo]) with code[hi] in the low 16 bits (the lower k, like x's word).
+//
+// Scales: 32 consecutive k starting at a multiple of 32 (K % 32 == 0, blocksize >= 32 and a
+// power of two) lie in one quantisation block, so each thread needs one scale per row and
+// chunk: it multiplies the decoded pair (bf16x2 / half2 from a 256-entry table, one copy per
+// lane so lookups never conflict) by the scale rounded to x's dtype before the mma. Within
+// rounding of the dtype, not bit-identical to nf4_dequantize + matmul.
+//
+// x in shared memory: token rows of `xs_stride` elements (stride in bytes = 32 mod 128) and
+// inside each 128-value chunk the 16-byte unit u stored at u ^ ((u >> 3) & 1): each quarter
+// warp's 16-byte loads then hit 8 distinct bank groups.
 constexpr int kGemvWarps = 8;
-constexpr int kRowsPerBlock = 16;
-constexpr int kChunk = 128;
-constexpr int kAhead = 4;  // chunks of packed weight in flight per warp
+constexpr int kTileRows = 16;                              // weight rows per warp (mma M)
+constexpr int kBlockRows = kGemvWarps * kTileRows;         // 128
+constexpr int kChunk = 128;                                // k per warp step
+constexpr int kAhead = 4;                                  // chunks in flight per warp
+constexpr int kLutBytes = 256 * 32 * 4;
+constexpr int kCode2Bytes = 256 * 4;
+constexpr int kMaxXBytes = 64 * 1024;                      // x staging per block
+
+template <typename T> struct Pair;
+template <> struct Pair<__nv_bfloat16> { using type = __nv_bfloat162; };
+template <> struct Pair<__half> { using type = __half2; };
 
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
@@ -133,143 +154,206 @@ template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// pair * (s, s) in the dtype (one HMUL2).
+template <typename T>
+__device__ __forceinline__ uint32_t scale2(uint32_t pair, uint32_t s2) {
+  using P = typename Pair<T>::type;
+  P r = __hmul2(*reinterpret_cast<const P*>(&pair), *reinterpret_cast<const P*>(&s2));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                           uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
-#else
-  __trap();  // the binding refuses devices below compute capability 8.0
 #endif
 }
 
-// Read-once data (the packed weight): don't let it evict what L1 holds (x, scales).
-__device__ __forceinline__ uint2 load_stream8(const void* p) {
+// Read-once data (the packed weight): don't let it evict what L1 holds (scales).
+__device__ __forceinline__ uint4 load_stream16(const void* p) {
+  uint4 v;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  uint2 v;
-  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
-  return v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
 #else
-  return __ldg(static_cast<const uint2*>(p));
+  v = __ldg(static_cast<const uint4*>(p));
 #endif
+  return v;
 }
 
-// This thread's packed bytes of one chunk: rows ra / rb, halves 0 / 1.
-struct ChunkBytes {
-  uint2 a[2], b[2];
+// One thread's inputs for one chunk: 16 packed bytes of rows g and g+8 and the raw scale
+// inputs of their blocks (nested: absmax index + absmax2; plain: the float32 absmax bits in q).
+struct ChunkIn {
+  uint4 wa, wb;
+  uint32_t qa, qb;
+  float a2a, a2b;
 };
 
-__device__ __forceinline__ ChunkBytes load_chunk(const uint8_t* pa, const uint8_t* pb, int c,
-                                                 int chunks, bool va, bool vb) {
-  ChunkBytes r;
-  const uint2 zero = make_uint2(0u, 0u);
-  const int64_t off = (int64_t)c * (kChunk / 2);
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    r.a[h] = (c < chunks && va) ? load_stream8(pa + off + 32 * h) : zero;
-    r.b[h] = (c < chunks && vb) ? load_stream8(pb + off + 32 * h) : zero;
-  }
-  return r;
-}
+struct GemvRows {
+  const uint8_t* pa;  // row g, at this thread's first byte of the block's K range
+  const uint8_t* pb;  // row g + 8
+  int64_t blk_a, blk_b;  // flat value index of the same points
+  int64_t k_first;       // global k of this thread's first value (chunk 0)
+  bool va, vb;           // rows inside N
+};
 
-// One 64-value half: partial sums of its 4 k-steps, then scaled into acc.
-template <typename T, int MT>
-__device__ __forceinline__ void gemv_half(const NF4GemvArgs& a, const T* x,
-                                          const uint32_t* lut_lane, uint2 wa, uint2 wb,
-                                          int64_t kh, float sa, float sb, int g,
-                                          float (&acc)[MT][4]) {
-  uint32_t xw[MT][8];  // x[mt * 8 + g][kh .. kh + 15] as 8 words of two values
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const int m = mt * 8 + g;
-    if (m < a.M) {
-      const uint4* px = reinterpret_cast<const uint4*>(x + m * a.x_stride + kh);
-      const uint4 v0 = __ldg(px), v1 = __ldg(px + 1);
-      xw[mt][0] = v0.x; xw[mt][1] = v0.y; xw[mt][2] = v0.z; xw[mt][3] = v0.w;
-      xw[mt][4] = v1.x; xw[mt][5] = v1.y; xw[mt][6] = v1.z; xw[mt][7] = v1.w;
+__device__ __forceinline__ ChunkIn load_chunk_in(const NF4Weight& w, const GemvRows& r, int c,
+                                                 int nch, int K) {
+  ChunkIn in;
+  in.wa = in.wb = make_uint4(0u, 0u, 0u, 0u);
+  in.qa = in.qb = 0u;  // plain: scale 0.0f for what is outside the weight
+  in.a2a = in.a2b = 0.f;
+  const int64_t k = r.k_first + (int64_t)c * kChunk;
+  if (c >= nch || k >= K) return in;
+  const int64_t off = (int64_t)c * (kChunk / 2);
+  const int64_t dv = (int64_t)c * kChunk;
+  if (r.va) {
+    in.wa = load_stream16(r.pa + off);
+    const int64_t blk = (r.blk_a + dv) >> w.bs_log2;
+    if (w.nested) {
+      in.qa = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
+      in.a2a = __ldg(w.absmax2 + (blk >> w.bs2_log2));
     } else {
-#pragma unroll
-      for (int q = 0; q < 8; ++q) xw[mt][q] = 0u;
+      in.qa = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + blk));
     }
   }
-  float part[MT][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) part[mt][i] = 0.f;
-  const uint32_t ra_words[2] = {wa.x, wa.y}, rb_words[2] = {wb.x, wb.y};
-#pragma unroll
-  for (int s = 0; s < 4; ++s) {
-    const int shift = 16 * (s & 1);  // bytes 2s and 2s + 1 of the 8
-    const uint32_t a_lo = (ra_words[s >> 1] >> shift) & 0xFFu;
-    const uint32_t a_hi = (ra_words[s >> 1] >> (shift + 8)) & 0xFFu;
-    const uint32_t b_lo = (rb_words[s >> 1] >> shift) & 0xFFu;
-    const uint32_t b_hi = (rb_words[s >> 1] >> (shift + 8)) & 0xFFu;
-    // A fragment: {row g, slots 2t..}, {row g+8, 2t..}, {row g, 2t+8..}, {row g+8, 2t+8..}
-    const uint32_t frag[4] = {lut_lane[a_lo * 32], lut_lane[b_lo * 32], lut_lane[a_hi * 32],
-                              lut_lane[b_hi * 32]};
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) mma_16816<T>(part[mt], frag, xw[mt][2 * s], xw[mt][2 * s + 1]);
+  if (r.vb) {
+    in.wb = load_stream16(r.pb + off);
+    const int64_t blk = (r.blk_b + dv) >> w.bs_log2;
+    if (w.nested) {
+      in.qb = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
+      in.a2b = __ldg(w.absmax2 + (blk >> w.bs2_log2));
+    } else {
+      in.qb = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + blk));
+    }
   }
-  // part[mt][0], [1]: weight row g (scale sa); [2], [3]: row g + 8 (scale sb)
+  return in;
+}
+
+// The float32 scale of one row's block, as a pair in the dtype. Rows / chunks outside the
+// weight have scale 0 (nested: they also skip the offset) so their A values are 0.
+template <typename T>
+__device__ __forceinline__ uint32_t scale_pair(const NF4Weight& w, uint32_t q, float a2,
+                                               bool valid, const float* code2_s, float offset) {
+  float s;
+  if (w.nested) s = valid ? __fadd_rn(__fmul_rn(code2_s[q], a2), offset) : 0.f;
+  else s = __uint_as_float(q);
+  return pack2<T>(s, s);
+}
+
+// One 128-value chunk: 8 mma steps per token tile.
+template <typename T, int MT>
+__device__ __forceinline__ void gemv_chunk(const NF4Weight& w, const ChunkIn& in, bool valid_k,
+                                           bool va, bool vb, const uint32_t* lut_lane,
+                                           const float* code2_s, float offset,
+                                           const T* xs_chunk, int xs_stride, int g, int t,
+                                           float (&acc)[MT][4]) {
+  const uint32_t sa = scale_pair<T>(w, in.qa, in.a2a, valid_k && va, code2_s, offset);
+  const uint32_t sb = scale_pair<T>(w, in.qb, in.a2b, valid_k && vb, code2_s, offset);
+  uint32_t xw[MT][16];  // x[token mt*8 + g][32t .. 32t + 31] as 16 words of two values
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-    acc[mt][0] += sa * part[mt][0];
-    acc[mt][1] += sa * part[mt][1];
-    acc[mt][2] += sb * part[mt][2];
-    acc[mt][3] += sb * part[mt][3];
+    const T* row = xs_chunk + (mt * 8 + g) * xs_stride;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int u = (4 * t + j) ^ ((t >> 1) & 1);  // the swizzled 16-byte unit
+      const uint4 v = *reinterpret_cast<const uint4*>(row + 8 * u);
+      xw[mt][4 * j] = v.x; xw[mt][4 * j + 1] = v.y; xw[mt][4 * j + 2] = v.z; xw[mt][4 * j + 3] = v.w;
+    }
+  }
+  const uint32_t wa[4] = {in.wa.x, in.wa.y, in.wa.z, in.wa.w};
+  const uint32_t wb[4] = {in.wb.x, in.wb.y, in.wb.z, in.wb.w};
+#pragma unroll
+  for (int s = 0; s < 8; ++s) {
+    const int word = s >> 1, sh = 16 * (s & 1);  // bytes 2s, 2s+1 of the 16
+    const uint32_t a_lo = (wa[word] >> sh) & 0xFFu, a_hi = (wa[word] >> (sh + 8)) & 0xFFu;
+    const uint32_t b_lo = (wb[word] >> sh) & 0xFFu, b_hi = (wb[word] >> (sh + 8)) & 0xFFu;
+    // {row g, slots 2t..}, {row g+8, 2t..}, {row g, 2t+8..}, {row g+8, 2t+8..}
+    const uint32_t frag[4] = {scale2<T>(lut_lane[a_lo * 32], sa), scale2<T>(lut_lane[b_lo * 32], sb),
+                              scale2<T>(lut_lane[a_hi * 32], sa), scale2<T>(lut_lane[b_hi * 32], sb)};
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) mma_16816<T>(acc[mt], frag, xw[mt][2 * s], xw[mt][2 * s + 1]);
   }
 }
 
-// MT: m-tiles of 8 rows of x (1 for M <= 8, 2 for M <= 16).
+// Chunks [first, first + count) of the K range of split `split` (count may be short or 0).
+__host__ __device__ __forceinline__ int split_first(int split, int per_split) {
+  return split * per_split;
+}
+
+// MT: token tiles of 8 rows of x (1 for M <= 8, 2 for M <= 16). Dynamic shared memory:
+// lut (kLutBytes) | code2 (kCode2Bytes) | xs [MT * 8][xs_stride] of T.
 template <typename T, int MT>
-__global__ void __launch_bounds__(kGemvWarps * 32) nf4_gemv_kernel(const NF4Weight w,
-                                                                   const NF4GemvArgs a) {
-  // byte -> the two levels of its nibbles as a T pair (high nibble = lower k in the low half),
-  // one copy per lane: lut[byte * 32 + lane]
-  __shared__ uint32_t lut[256 * 32];
-  __shared__ float red[kGemvWarps][MT * 8][kRowsPerBlock];
+__global__ void __launch_bounds__(kGemvWarps * 32, 2)
+    nf4_gemv_kernel(const NF4Weight w, const NF4GemvArgs a, int per_split, int xs_stride) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint32_t* lut = reinterpret_cast<uint32_t*>(smem);
+  float* code2_s = reinterpret_cast<float*>(smem + kLutBytes);
+  T* xs = reinterpret_cast<T*>(smem + kLutBytes + kCode2Bytes);
+
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int K = a.K;
-  const int64_t n0 = (int64_t)blockIdx.x * kRowsPerBlock;  // this block's first weight row
-  const int64_t ra = n0 + g, rb = n0 + g + 8;
-  const bool va = ra < a.N, vb = rb < a.N;
-  const uint8_t* pa = w.packed + ra * (K / 2) + t * 8;
-  const uint8_t* pb = w.packed + rb * (K / 2) + t * 8;
-  const T* x = static_cast<const T*>(a.x);
-  // this block's chunks: split blockIdx.y of a.split equal K ranges (possibly empty)
-  const int total_chunks = K / kChunk;
-  const int per_split = (total_chunks + a.split - 1) / a.split;
-  const int first = blockIdx.y * per_split;
-  const int chunks = min(total_chunks, first + per_split);  // end of this block's range
+  const int chunks_total = (K + kChunk - 1) / kChunk;
+  const int c_first = split_first(blockIdx.y, per_split);
+  const int nch = max(0, min(per_split, chunks_total - c_first));  // this block's chunks
+  const int64_t k0 = (int64_t)c_first * kChunk;
 
-  // kAhead chunks of packed bytes in flight per warp (a register ring, hence the unrolled
-  // inner loop), issued before the table is built so the two overlap.
-  ChunkBytes ring[kAhead];
+  GemvRows r;
+  const int64_t ra = (int64_t)blockIdx.x * kBlockRows + warp * kTileRows + g, rb = ra + 8;
+  r.va = ra < a.N;
+  r.vb = rb < a.N;
+  r.k_first = k0 + 32 * t;
+  r.pa = w.packed + (ra * K + r.k_first) / 2;
+  r.pb = w.packed + (rb * K + r.k_first) / 2;
+  r.blk_a = ra * K + r.k_first;
+  r.blk_b = rb * K + r.k_first;
+
+  // Weight bytes first, so their latency overlaps the table and x staging below.
+  ChunkIn ring[kAhead];
 #pragma unroll
-  for (int i = 0; i < kAhead; ++i) ring[i] = load_chunk(pa, pb, first + warp + i * kGemvWarps,
-                                                        chunks, va, vb);
+  for (int i = 0; i < kAhead; ++i) ring[i] = load_chunk_in(w, r, i, nch, K);
+
   {
-    // warp fills bytes warp + 8i (i = 0..31), whose high nibble is i / 2 and low nibble
-    // warp + 8 (i % 2): every level index is a compile-time constant or one of two values.
+    // warp fills bytes warp + 8i (i = 0..31): high nibble i / 2, low nibble warp + 8 (i % 2)
     static_assert(kGemvWarps == 8, "the table fill below assumes 8 warps");
     float levels[16];
 #pragma unroll
     for (int j = 0; j < 16; ++j) levels[j] = __ldg(w.code + j);
     const float low[2] = {__ldg(w.code + warp), __ldg(w.code + warp + 8)};
 #pragma unroll
-    for (int i = 0; i < 32; ++i) lut[(warp + 8 * i) * 32 + lane] = pack2<T>(levels[i >> 1], low[i & 1]);
+    for (int i = 0; i < 32; ++i)
+      lut[(warp + 8 * i) * 32 + lane] = pack2<T>(levels[i >> 1], low[i & 1]);
+  }
+  if (w.nested) code2_s[threadIdx.x] = __ldg(w.code2 + threadIdx.x);  // 256 threads
+  {
+    // x[token][k0 + kk] for kk < nch * 128 (zeros outside M and K), 16-byte units
+    const T* x = static_cast<const T*>(a.x);
+    const int units_per_row = nch * (kChunk / 8);
+    const int units = MT * 8 * units_per_row;
+    for (int i = threadIdx.x; i < units; i += blockDim.x) {
+      const int tok = i / units_per_row, uu = i % units_per_row;
+      const int64_t k = k0 + (int64_t)uu * 8;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (tok < a.M && k < K) v = __ldg(reinterpret_cast<const uint4*>(x + tok * a.x_stride + k));
+      const int c = uu >> 4, u = uu & 15;
+      *reinterpret_cast<uint4*>(xs + tok * xs_stride + c * kChunk + 8 * (u ^ ((u >> 3) & 1))) = v;
+    }
   }
   __syncthreads();
   const float offset = nested_offset(w);
@@ -281,48 +365,39 @@ __global__ void __launch_bounds__(kGemvWarps * 32) nf4_gemv_kernel(const NF4Weig
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
 
-  for (int c0 = first + warp; c0 < chunks; c0 += kAhead * kGemvWarps) {
+  for (int c0 = 0; c0 < nch; c0 += kAhead) {
 #pragma unroll
     for (int i = 0; i < kAhead; ++i) {
-      const int c = c0 + i * kGemvWarps;
-      if (c >= chunks) break;
-      const ChunkBytes cur = ring[i];
-      ring[i] = load_chunk(pa, pb, c + kAhead * kGemvWarps, chunks, va, vb);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t k_half = (int64_t)c * kChunk + 64 * h;  // one block holds all 64
-        const float sa = va ? block_scale(w, (ra * K + k_half) >> w.bs_log2, offset) : 0.f;
-        const float sb = vb ? block_scale(w, (rb * K + k_half) >> w.bs_log2, offset) : 0.f;
-        gemv_half<T, MT>(a, x, lut_lane, cur.a[h], cur.b[h], k_half + 16 * t, sa, sb, g, acc);
-      }
+      const int c = c0 + i;
+      if (c >= nch) break;
+      const ChunkIn cur = ring[i];
+      ring[i] = load_chunk_in(w, r, c + kAhead, nch, K);
+      const bool valid_k = r.k_first + (int64_t)c * kChunk < K;
+      gemv_chunk<T, MT>(w, cur, valid_k, r.va, r.vb, lut_lane, code2_s, offset,
+                        xs + c * kChunk, xs_stride, g, t, acc);
     }
   }
-  // acc[mt][0], [1]: weight row g, x rows mt*8 + 2t, + 1; acc[mt][2], [3]: weight row g + 8
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    red[warp][mt * 8 + 2 * t][g] = acc[mt][0];
-    red[warp][mt * 8 + 2 * t + 1][g] = acc[mt][1];
-    red[warp][mt * 8 + 2 * t][g + 8] = acc[mt][2];
-    red[warp][mt * 8 + 2 * t + 1][g + 8] = acc[mt][3];
-  }
-  __syncthreads();
+
+  // acc[mt][0], [1]: weight row ra, tokens mt*8 + 2t, + 1; acc[mt][2], [3]: row rb
   const T* bias = static_cast<const T*>(a.bias);
   T* y = static_cast<T*>(a.y);
-  for (int idx = threadIdx.x; idx < MT * 8 * kRowsPerBlock; idx += blockDim.x) {
-    const int m = idx / kRowsPerBlock, nl = idx % kRowsPerBlock;
-    const int64_t n = n0 + nl;
-    if (m < a.M && n < a.N) {
-      float sum = 0.f;
 #pragma unroll
-      for (int wp = 0; wp < kGemvWarps; ++wp) sum += red[wp][m][nl];
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int m = mt * 8 + 2 * t + (i & 1);
+      const int64_t n = i < 2 ? ra : rb;
+      if (m >= a.M || n >= a.N) continue;
+      float v = acc[mt][i];
       if (a.partial) {  // split K: nf4_gemv_reduce adds the splits and the bias
-        a.partial[((int64_t)blockIdx.y * a.M + m) * a.N + n] = sum;
+        a.partial[((int64_t)blockIdx.y * a.M + m) * a.N + n] = v;
       } else {
-        if (bias) sum += to_f32(bias[n]);
-        y[m * a.y_stride + n] = from_f32<T>(sum);
+        if (bias) v += to_f32(bias[n]);
+        y[m * a.y_stride + n] = from_f32<T>(v);
       }
     }
   }
+#endif
 }
 
 // y = sum of the split-K partials [split, M, N] (+ bias), in a fixed order: deterministic.
@@ -365,23 +440,58 @@ void nf4_dequantize(const NF4Weight& w, int64_t numel, void* out, int out_dtype,
   });
 }
 
-int nf4_gemv_splits(int64_t N, int64_t K, int sms) {
-  const int64_t tiles = (N + kRowsPerBlock - 1) / kRowsPerBlock;
-  if (tiles >= sms) return 1;  // at least a block per SM already
-  const int64_t chunks = K / kChunk;
-  const int64_t most = std::max<int64_t>(1, chunks / kGemvWarps);  // a chunk per warp at least
-  const int64_t want = (2 * sms + tiles - 1) / tiles;                // about two blocks per SM
-  return (int)std::max<int64_t>(1, std::min(want, most));
+void nf4_gemv_plan(NF4GemvArgs& a, int sms) {
+  const int tokens = a.M <= 8 ? 8 : 16;
+  const int chunks = (a.K + kChunk - 1) / kChunk;
+  // x staging (tokens x (per_split * 128 + 16) values) must fit kMaxXBytes
+  const int max_per = (kMaxXBytes / (tokens * 2) - 16) / kChunk;
+  const int64_t row_blocks = (a.N + kBlockRows - 1) / kBlockRows;
+  const int64_t resident = 2 * (int64_t)std::max(1, sms);  // __launch_bounds__(256, 2)
+  // Cost model: waves of resident blocks x (chunks per block + ~3 chunks of block start-up);
+  // the fewest splits among the cheapest (fewer float32 partials to add).
+  int best_per = std::min(chunks, max_per), best_split = 0;
+  int64_t best_cost = INT64_MAX;
+  for (int s = (chunks + max_per - 1) / max_per; s <= chunks; ++s) {
+    const int per = (chunks + s - 1) / s;
+    const int s_eff = (chunks + per - 1) / per;
+    if (s_eff == best_split) continue;
+    const int64_t waves = (row_blocks * s_eff + resident - 1) / resident;
+    const int64_t cost = waves * (per + 3);
+    if (cost < best_cost) {
+      best_cost = cost;
+      best_per = per;
+      best_split = s_eff;
+    }
+  }
+  a.per_split = std::max(1, best_per);
+  a.split = std::max(1, best_split);
 }
+
+namespace {
+template <typename T, int MT>
+void launch_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
+  constexpr int kMaxSmem = kLutBytes + kCode2Bytes + kMaxXBytes;
+  int device = 0;
+  cudaGetDevice(&device);
+  static bool raised[256] = {};  // the opt-in to > 48 KB of shared memory, per device
+  if (device >= 0 && device < 256 && !raised[device]) {
+    cudaFuncSetAttribute(nf4_gemv_kernel<T, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         kMaxSmem);
+    raised[device] = true;
+  }
+  const int xs_stride = a.per_split * kChunk + 16;  // 32 bytes mod 128: see the layout note
+  const size_t smem = kLutBytes + kCode2Bytes + (size_t)MT * 8 * xs_stride * sizeof(T);
+  const dim3 grid((unsigned)((a.N + kBlockRows - 1) / kBlockRows), (unsigned)a.split);
+  nf4_gemv_kernel<T, MT><<<grid, kGemvWarps * 32, smem, stream>>>(w, a, a.per_split, xs_stride);
+}
+}  // namespace
 
 void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
   if (a.M <= 0 || a.N <= 0) return;
-  const dim3 grid((unsigned)((a.N + kRowsPerBlock - 1) / kRowsPerBlock), (unsigned)a.split);
-  const int threads = kGemvWarps * 32;
   auto launch = [&](auto tag) {
     using T = decltype(tag);
-    if (a.M <= 8) nf4_gemv_kernel<T, 1><<<grid, threads, 0, stream>>>(w, a);
-    else nf4_gemv_kernel<T, 2><<<grid, threads, 0, stream>>>(w, a);
+    if (a.M <= 8) launch_gemv<T, 1>(w, a, stream);
+    else launch_gemv<T, 2>(w, a, stream);
     if (a.partial) {
       const int64_t mn = (int64_t)a.M * a.N;
       nf4_gemv_reduce<T><<<(unsigned)((mn + kThreads - 1) / kThreads), kThreads, 0, stream>>>(a);

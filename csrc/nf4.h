@@ -26,21 +26,22 @@ struct NF4Weight {
 void nf4_dequantize(const NF4Weight& w, int64_t numel, void* out, int out_dtype,
                     cudaStream_t stream);
 
-// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for W [N, K], M <= 16, K % 128 == 0,
-// blocksize >= 64 (scales applied to 64-value partial sums; see nf4.cu for the numerics),
-// x/y/bias bf16 or f16 (`dtype`); x rows 16-byte aligned, packed 16-byte aligned.
-// Needs compute capability >= 8.0 (tensor-core mma).
+// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for W [N, K], M <= 16, K % 32 == 0,
+// blocksize >= 32 (each 32 consecutive k of a row inside one quantisation block), x/y/bias
+// bf16 or f16 (`dtype`); x rows 16-byte aligned (x_stride % 8 == 0), packed 16-byte aligned.
+// Tensor-core mma: compute capability >= 8.0 (the kernel body is empty below that).
 struct NF4GemvArgs {
   const void* x; int64_t x_stride;
   const void* bias;
   void* y; int64_t y_stride;
   int M, N, K;
   int dtype;
-  int split;        // K ranges (grid.y); 1, or nf4_gemv_splits(...)
+  int split;        // K ranges (grid.y), set by nf4_gemv_plan
+  int per_split;    // 128-value chunks per K range, set by nf4_gemv_plan
   float* partial;   // split > 1: [split, M, N] float32 scratch, else null
 };
-// How many K ranges to split into so that a weight with few rows still fills `sms` SMs.
-int nf4_gemv_splits(int64_t N, int64_t K, int sms);
+// Chooses a.split / a.per_split for a.M, a.N, a.K on a device with `sms` SMs.
+void nf4_gemv_plan(NF4GemvArgs& a, int sms);
 void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream);
 
 }  // namespace fastft

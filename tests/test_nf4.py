@@ -467,3 +467,92 @@ def test_gpu_compiles_fullgraph(backend):
     ref = (x.double() @ w.t()).sum()
     assert abs(out.item() - ref.item()) <= 1e-2 * abs(ref.item()) + 1e-1
     assert rel_err(x.grad, w.sum(0).expand(4, -1)) < 1e-2
+
+
+# ---------------------------------------------------------------- the fused small-M kernels on GPU
+
+# (out, in, blocksize): N not a multiple of the CUDA kernel's 128-row block nor of 16; K with a
+# half (64-value) or quarter (32-value) last chunk; K long enough to be split into K ranges;
+# rows that straddle quantisation blocks (288 % 64 != 0)
+FUSED_SHAPES = [(320, 448, 64), (1000, 4544, 64), (200, 288, 32), (77, 4096, 128),
+                (136, 96, 64), (64, 288, 64)]
+FUSED_ROWS = (1, 2, 3, 7, 8, 9, 15, 16, 17)
+
+
+def check_fused_gpu(backend, rows, w_shape, blocksize, dtype, nested, with_bias, seed=0,
+                    x_pad=0):
+    """nf4_matmul on the GPU against x @ W.T in float64, W dequantised in float32 (not rounded
+    to x's dtype): norm-wise within the dtype's tolerance AND every element within a bound
+    from the products' rounding, so a single wrong row / column / k-slice fails. Returns y."""
+    out_f, in_f = w_shape
+    _, packed, state = quantize(w_shape, nested, blocksize=blocksize, seed=seed, device="cuda")
+    g = torch.Generator().manual_seed(seed + 1)
+    # x may be a column slice of a wider tensor (row stride != in_features)
+    x_full = torch.randn(rows, in_f + x_pad, generator=g).to(device="cuda", dtype=dtype)
+    x = x_full[:, :in_f]
+    bias = (torch.randn(out_f, generator=g) * 0.1).to(device="cuda", dtype=dtype) \
+        if with_bias else None
+    w = nf4_dequantize(packed, state, dtype=torch.float32, backend="torch").double()
+    ref = x.double() @ w.t() + (bias.double() if with_bias else 0)
+    y = nf4_matmul(x, packed, state, bias, backend=backend)
+    assert y.shape == (rows, out_f) and y.dtype == dtype
+    assert torch.isfinite(y).all(), "unwritten (poisoned) or non-finite outputs"
+    assert rel_err(y, ref) < RTOL[dtype], (rows, w_shape, rel_err(y, ref))
+    # per element: each weight enters with a few roundings of the dtype (level, scale, product:
+    # relative errors of a few eps, random over k), y itself is rounded once; the rounding noise
+    # of a sum of products is ~ eps * sqrt(sum_k (x_k w_k)^2), so 10x that is a safe bound that
+    # still catches one wrong element or k-slice (not the loose L1 bound sum_k |x_k w_k|)
+    eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    noise = ((x.double() ** 2) @ (w ** 2).t()).sqrt()
+    bound = 10 * eps * noise + eps * ref.abs() + 1e-6
+    bad = ((y.double() - ref).abs() > bound).nonzero()
+    assert bad.numel() == 0, (rows, w_shape, dtype, nested, bad[:8].tolist(),
+                              (y.double() - ref).abs().max().item())
+    return x, packed, state, bias, y
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("nf4_matmul"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nested", [True, False])
+def test_fused_matmul_gpu_every_m_and_odd_shapes(backend, dtype, nested, monkeypatch):
+    impl = nf4_mod._BACKENDS[backend]
+    calls = []
+    real = impl.gemv
+    monkeypatch.setattr(impl, "gemv", lambda *a: (calls.append(a[0].shape[0]), real(*a)))
+    expected = []
+    for i, (out_f, in_f, blocksize) in enumerate(FUSED_SHAPES):
+        for rows in FUSED_ROWS:
+            check_fused_gpu(backend, rows, (out_f, in_f), blocksize, dtype, nested,
+                            with_bias=(rows + i) % 2 == 0, seed=i)
+            if rows <= 16 and impl.fused_ok(resolve(*quantize((out_f, in_f), nested,
+                                                              blocksize=blocksize, seed=i,
+                                                              device="cuda")[1:]),
+                                            torch.empty(1, in_f, dtype=dtype, device="cuda")):
+                expected.append(rows)
+    assert calls == expected
+    if backend == "cuda":  # every shape above is one the CUDA kernel takes
+        assert len(expected) == len(FUSED_SHAPES) * 8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("nf4_matmul"))
+def test_fused_matmul_gpu_strided_x_and_deterministic(backend):
+    for rows in (1, 5, 12, 16):
+        # row stride in_features + 8 (16-byte aligned: no copy) and + 3 (misaligned: copied)
+        for pad in (8, 3):
+            x, packed, state, bias, y = check_fused_gpu(
+                backend, rows, (1000, 4544), 64, torch.bfloat16, True, with_bias=True,
+                seed=rows, x_pad=pad)
+            again = nf4_matmul(x, packed, state, bias, backend=backend)
+            assert torch.equal(y, again), "split-K results must not depend on the run"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("nf4_matmul"))
+@pytest.mark.parametrize("w_shape", [(14336, 4096), (4096, 14336)])
+def test_fused_matmul_gpu_llama_shapes(backend, w_shape):
+    for rows in (1, 16):
+        for dtype in (torch.bfloat16, torch.float16):
+            check_fused_gpu(backend, rows, w_shape, 64, dtype, True, with_bias=rows == 16)
+    check_fused_gpu(backend, 9, w_shape, 64, torch.bfloat16, False, with_bias=True)

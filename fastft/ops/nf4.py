@@ -16,8 +16,8 @@ multiply: never fused into an FMA), so its output is bit-identical to bitsandbyt
 
 nf4_matmul(x, W) = x @ W.T (+ bias) where W is the dequantised [out, in] weight, in x's dtype.
 Up to SMALL_M rows of x (decode) a fused kernel reads the packed weight directly (bf16/fp16 x;
-the Triton one uses exactly the dequantised W, the CUDA one applies block scales to fp32
-partial sums of 64 values, equal within the dtype's rounding); larger inputs, float32 x and
+the Triton one uses exactly the dequantised W, the CUDA one multiplies each level by its
+block scale in x's dtype on tensor cores, equal within the dtype's rounding); larger inputs, float32 x and
 shapes the fused kernels don't take dequantise W into a per-device workspace (reused by every
 layer, see workspace()) and call cuBLAS. Only x (and a bias) get gradients: the quantised
 weight is frozen; backward dequantises again (dx = dy @ W), nothing W-sized is saved.
@@ -325,10 +325,11 @@ class _CudaBackend:
 
     @staticmethod
     def fused_ok(st: Resolved, x: torch.Tensor) -> bool:
-        # tensor-core kernel (mma, compute capability >= 8.0): bf16/fp16 inputs, rows whole
-        # multiples of its 128-value K chunk, each 64-value half of a chunk in one block
-        return (x.dtype in (torch.bfloat16, torch.float16) and st.shape[1] % 128 == 0
-                and st.blocksize >= 64 and _capability_major(x.device) >= 8)
+        # tensor-core kernel (mma, compute capability >= 8.0): bf16/fp16 inputs; each 32
+        # consecutive k of a row (one 16-byte load) inside one quantisation block, which
+        # in_features % 32 == 0 and a power-of-two blocksize >= 32 guarantee
+        return (x.dtype in (torch.bfloat16, torch.float16) and st.shape[1] % 32 == 0
+                and st.blocksize >= 32 and _capability_major(x.device) >= 8)
 
     @staticmethod
     def gemv(x2, st, bias, y) -> None:
