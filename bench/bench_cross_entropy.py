@@ -1,20 +1,24 @@
 """Cross-entropy at Llama-3 shapes (16384 tokens, hidden 4096, vocab 128256, bf16).
 
-fused_linear_cross_entropy forward+backward: time against the two matmuls it cannot avoid
-(logits = h @ W.T and d_hidden = d_logits @ W, timed as plain matmuls in the same run) and
-memory beyond its inputs and outputs (torch.cuda.max_memory_allocated delta), next to the plain
+fused_linear_cross_entropy forward+backward: time against the matmuls it cannot avoid, timed as
+plain full-size cuBLAS matmuls in the same run: with a frozen head the two of logits = h @ W.T and
+d_hidden = d_logits @ W; with a trainable head also d_W = d_logits.T @ h (three). Each row names
+its floor (floor_matmuls) and gives every matmul's time. Also memory beyond its inputs and
+outputs (torch.cuda.max_memory_allocated delta; W.grad counts as an output), next to the plain
 path (full logits, float32 cross-entropy) and Liger-Kernel's fused op when it imports.
 
 cross_entropy forward+backward on [16384, 128256] bf16 logits: bytes = logits read once +
 gradient written once, as a fraction of the measured copy bandwidth, against torch eager and
 torch.compile of F.cross_entropy.
 
-Layout variants recorded side by side (to choose the defaults from one run):
-FASTFT_CE_BLOCKS_PER_SM=1|2 for the CUDA kernel (1024 threads and ~226 KB of the row cached in
-shared memory, or 512 threads and half that, two blocks per SM), and
+Layout variants recorded side by side (to choose the defaults from one run): "cuda" is the
+default (on sm_90 a thread-block cluster per row, its slices in shared memory);
+FASTFT_CE_CLUSTER=4|8 forces the cluster size; FASTFT_CE_BLOCKS_PER_SM=1|2 forces the
+one-block-per-row kernel (1024 threads and ~226 KB of the row cached in shared memory, or 512
+threads and half that, two blocks per SM: the fallback, and the default before clusters), and
 FASTFT_CE_TRITON_PROGRAMS_PER_SM=N for Triton (N programs per SM looping over rows, instead of
 one program per row). Fused-head rows carry extra_gib (peak beyond inputs and outputs) and
-vs_matmuls (time / the matmul floor; the bar is <= 1.07 with a frozen head)."""
+vs_matmuls (time / the matmul floor; the bar is <= 1.07)."""
 
 import pytest
 import torch
@@ -89,17 +93,20 @@ def memory_and_time(loss_fn, h, w, labels):
 MATMUL_MS: dict = {}
 
 
-def two_matmuls_ms(h, w):
-    """logits = h @ W.T and d_hidden = d_logits @ W as plain cuBLAS matmuls (same run)."""
+def matmuls_ms(h, w):
+    """logits = h @ W.T, d_hidden = d_logits @ W and d_W = d_logits.T @ h as plain full-size
+    cuBLAS matmuls into preallocated outputs (same run)."""
     if not MATMUL_MS:
         wd = w.detach()
         logits = torch.empty(TOKENS, VOCAB, device="cuda", dtype=torch.bfloat16)
         dlogits = torch.randn(TOKENS, VOCAB, device="cuda", dtype=torch.bfloat16) * 1e-3
         dh = torch.empty(TOKENS, HIDDEN, device="cuda", dtype=torch.bfloat16)
+        dw = torch.empty(VOCAB, HIDDEN, device="cuda", dtype=torch.bfloat16)
         MATMUL_MS["logits"] = time_ms(lambda: torch.mm(h, wd.t(), out=logits), [()], iters=10)
         MATMUL_MS["d_hidden"] = time_ms(lambda: torch.mm(dlogits, wd, out=dh), [()], iters=10)
-        MATMUL_MS["d_weight"] = time_ms(lambda: torch.mm(dlogits.t(), h), [()], iters=10)
-        del logits, dlogits, dh
+        MATMUL_MS["d_weight"] = time_ms(lambda: torch.mm(dlogits.t(), h, out=dw), [()],
+                                        iters=10)
+        del logits, dlogits, dh, dw
         torch.cuda.empty_cache()
     return MATMUL_MS
 
@@ -121,14 +128,16 @@ def bench_fused_linear_cross_entropy(benchmark, record, variant, train_head):
     else:
         fn = plain_head_loss
     h, w, labels = head_inputs(train_head)
-    mm = two_matmuls_ms(h, w)
-    floor = mm["logits"] + mm["d_hidden"] + (mm["d_weight"] if train_head else 0.0)
+    mm = matmuls_ms(h, w)
+    # the unavoidable matmuls: two with a frozen head, three (plus d_W) with a trainable one
+    floor_names = ("logits", "d_hidden", "d_weight") if train_head else ("logits", "d_hidden")
+    floor = sum(mm[name] for name in floor_names)
     extra, ms = memory_and_time(fn, h, w, labels)
     flops = 2 * TOKENS * HIDDEN * VOCAB * (3 if train_head else 2)
     record(op="fused_linear_cross_entropy", direction="fwd+bwd",
            shape=SHAPE + ("/train_head" if train_head else "/frozen_head"), backend=variant,
-           ms=ms, flops=flops, extra_gib=extra / GIB, matmul_floor_ms=floor,
-           vs_matmuls=ms / floor, matmuls_ms=dict(mm))
+           ms=ms, flops=flops, extra_gib=extra / GIB, floor_matmuls="+".join(floor_names),
+           matmul_floor_ms=floor, vs_matmuls=ms / floor, matmuls_ms=dict(mm))
     benchmark.pedantic(lambda: None, rounds=1)
 
 
@@ -143,7 +152,8 @@ def logits_inputs(sets=2):
     return out
 
 
-@pytest.mark.parametrize("variant", ["cuda", "cuda_2_blocks_per_sm", "triton",
+@pytest.mark.parametrize("variant", ["cuda", "cuda_cluster_4", "cuda_cluster_8",
+                                     "cuda_1_block_per_sm", "cuda_2_blocks_per_sm", "triton",
                                      "triton_1_program_per_sm", "triton_2_programs_per_sm",
                                      "torch_eager", "torch_compile"])
 def bench_cross_entropy(benchmark, record, variant, monkeypatch):
@@ -154,8 +164,10 @@ def bench_cross_entropy(benchmark, record, variant, monkeypatch):
         problem = dispatch.why_not("cross_entropy", backend, "cuda", torch.bfloat16)
         if problem:
             pytest.skip(problem)
-        if variant == "cuda_2_blocks_per_sm":
-            monkeypatch.setenv("FASTFT_CE_BLOCKS_PER_SM", "2")
+        if variant.startswith("cuda_") and variant.endswith("_per_sm"):
+            monkeypatch.setenv("FASTFT_CE_BLOCKS_PER_SM", variant.split("_")[1])
+        if variant.startswith("cuda_cluster_"):
+            monkeypatch.setenv("FASTFT_CE_CLUSTER", variant.split("_")[2])
         if variant.startswith("triton_"):  # programs looping over rows, N per SM
             monkeypatch.setenv("FASTFT_CE_TRITON_PROGRAMS_PER_SM", variant.split("_")[1])
         fn = lambda x, y: cross_entropy(x, y, backend=backend)  # noqa: E731
