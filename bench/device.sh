@@ -58,11 +58,18 @@ FASTFT_BENCH_OUT="$OUT/kernels.json" timeout ${BENCH_TIMEOUT:-420} $PY -m pytest
     > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"; tail -3 "$OUT/bench.log"
 fi
-# The training-step benchmark, e.g. TRAIN_ARGS="--models 8b --modes lora --batches 2x2048 --quick"
+# The training-step benchmark: TRAIN_ARGS holds one or more argument sets separated by ';', e.g.
+# TRAIN_ARGS="--models 8b --modes lora --batches 2x2048 --quick; --longest-only --impls fastft"
 if [ -n "${TRAIN_ARGS:-}" ]; then
-  stamp "train_step $TRAIN_ARGS"
-  timeout ${TRAIN_TIMEOUT:-400} $PY bench/train_step.py --out "$OUT/train" $TRAIN_ARGS > "$OUT/train_step.log" 2>&1
-  echo "train_step rc=$?"; grep -vE "^\s*$" "$OUT/train_step.log" | tail -12
+  i=0
+  IFS=';' read -ra TRAIN_SETS <<< "$TRAIN_ARGS"
+  for args in "${TRAIN_SETS[@]}"; do
+    i=$((i + 1))
+    stamp "train_step $args"
+    timeout ${TRAIN_TIMEOUT:-400} $PY bench/train_step.py --out "$OUT/train/run$i" $args \
+        > "$OUT/train_step$i.log" 2>&1
+    echo "train_step rc=$?"; grep -vE "^\s*$" "$OUT/train_step$i.log" | tail -14
+  done
 fi
 for script in ${EXTRA_SCRIPTS:-}; do
   stamp "$script"
