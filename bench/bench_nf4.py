@@ -109,7 +109,7 @@ def bench_nf4_dequantize(benchmark, record, variant):
 
 # ---------------------------------------------------------------- small-M matmul
 
-@pytest.mark.parametrize("rows", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 9, 16])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("variant", ["cuda", "triton", "bitsandbytes", "dense_bf16"])
 def bench_nf4_matmul_small(benchmark, record, variant, shape, rows):
@@ -124,6 +124,12 @@ def bench_nf4_matmul_small(benchmark, record, variant, shape, rows):
             pytest.skip(f"{variant} has no fused kernel for this case")
         sets = [(x, p, s) for x, (p, s) in zip(xs, weights)]
         fn = lambda x, p, s: nf4_matmul(x, p, s, backend=variant)  # noqa: E731
+        # a wrong kernel must not report a rate: compare with x @ W.T in float32 once
+        w32 = nf4_dequantize(*weights[0], dtype=torch.float32, backend="torch")
+        want = xs[0].float() @ w32.t()
+        err = ((fn(*sets[0]).float() - want).norm() / want.norm()).item()
+        assert err < 2e-2, f"{variant} fused nf4_matmul is wrong here: relative error {err:.3g}"
+        del w32, want
     elif variant == "bitsandbytes":
         import bitsandbytes as bnb
 

@@ -37,7 +37,7 @@ __device__ __forceinline__ void load_levels(const float* code, float* lut) {
 // ------------------------------------------------------------------ dequantisation
 
 constexpr int kThreads = 256;
-constexpr int kUnits = 4;  // 4-byte units (8 values) per thread, kThreads apart: coalesced
+constexpr int kUnits = 8;  // 4-byte units (8 values) per thread, kThreads apart: coalesced
 
 // 8 values as 16-byte stores (one for 16-bit types, two for float32).
 template <typename T>
@@ -57,16 +57,16 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) nf4_dequant_vec(const NF4Weight w, int64_t units,
                                                             T* __restrict__ out) {
   __shared__ float lut[16];
-  load_levels(w.code, lut);
-  const float offset = nested_offset(w);
   const uint32_t* words = reinterpret_cast<const uint32_t*>(w.packed);
   const int64_t first = (int64_t)blockIdx.x * (kThreads * kUnits) + threadIdx.x;
   uint32_t word[kUnits];
 #pragma unroll
-  for (int u = 0; u < kUnits; ++u) {  // all loads first: kUnits in flight per thread
-    const int64_t i = first + (int64_t)u * kThreads;
+  for (int u = 0; u < kUnits; ++u) {  // all loads first (kUnits in flight per thread), before
+    const int64_t i = first + (int64_t)u * kThreads;  // the table's barrier, to overlap it
     word[u] = i < units ? __ldg(words + i) : 0u;
   }
+  load_levels(w.code, lut);
+  const float offset = nested_offset(w);
 #pragma unroll
   for (int u = 0; u < kUnits; ++u) {
     const int64_t i = first + (int64_t)u * kThreads;
@@ -342,19 +342,25 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
   }
   if (w.nested) code2_s[threadIdx.x] = __ldg(w.code2 + threadIdx.x);  // 256 threads
   {
-    // x[token][k0 + kk] for kk < nch * 128 (zeros outside M and K), 16-byte units
+    // x[token][k0 + kk] for kk < nch * 128 in 16-byte units, copied asynchronously (all in
+    // flight at once, no registers); units outside M and K are zero-filled (source size 0)
     const T* x = static_cast<const T*>(a.x);
     const int units_per_row = nch * (kChunk / 8);
     const int units = MT * 8 * units_per_row;
     for (int i = threadIdx.x; i < units; i += blockDim.x) {
       const int tok = i / units_per_row, uu = i % units_per_row;
       const int64_t k = k0 + (int64_t)uu * 8;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (tok < a.M && k < K) v = __ldg(reinterpret_cast<const uint4*>(x + tok * a.x_stride + k));
+      const bool inside = tok < a.M && k < K;
+      const T* src = inside ? x + tok * a.x_stride + k : x;  // a valid address either way
       const int c = uu >> 4, u = uu & 15;
-      *reinterpret_cast<uint4*>(xs + tok * xs_stride + c * kChunk + 8 * (u ^ ((u >> 3) & 1))) = v;
+      T* dst = xs + tok * xs_stride + c * kChunk + 8 * (u ^ ((u >> 3) & 1));
+      const uint32_t dst_s = (uint32_t)__cvta_generic_to_shared(dst);
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_s), "l"(src),
+                   "r"(inside ? 16 : 0));
     }
+    asm volatile("cp.async.commit_group;\n" ::);
   }
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
   __syncthreads();
   const float offset = nested_offset(w);
   const uint32_t* lut_lane = lut + lane;
