@@ -513,7 +513,8 @@ def test_cross_entropy_gpu_masked_vocab(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("blocks_per_sm", ["1", "2"])
 def test_cuda_kernel_layouts(monkeypatch, blocks_per_sm):
-    """Both layouts of the CUDA kernel (1024 threads / 512 threads and half the row cache)."""
+    """Both layouts of the one-block-per-row CUDA kernel (1024 threads / 512 threads and half
+    the row cache): the fallback of the sm_90 cluster kernel, forced by the variable."""
     monkeypatch.setenv("FASTFT_CE_BLOCKS_PER_SM", blocks_per_sm)
     for vocab, dtype in ((128256, torch.bfloat16), (262144, torch.float32), (50001, torch.float16)):
         check_ce("cuda", 48, vocab, dtype, "mean", OPTION_SETS["all"], "cuda", seed=1)
