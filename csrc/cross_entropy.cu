@@ -20,6 +20,9 @@
 #include <math.h>
 
 #include <cooperative_groups.h>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "common.cuh"
 #include "cross_entropy.h"
@@ -585,6 +588,35 @@ bool cluster_capable_device() {
   return major >= 9;
 }
 
+// Whether `kernel` (a cluster_kernel instance) was compiled for sm_90+ and a cluster of `csize`
+// blocks with `smem` bytes each can be resident on this device. Decided once per (device,
+// kernel, csize, smem) and cached, so that later calls (e.g. inside CUDA-graph capture, after an
+// eager warm-up) make no occupancy queries.
+bool cluster_launchable(const void* kernel, int csize, size_t smem, cudaLaunchConfig_t* cfg) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, const void*, int, size_t>, bool> cache;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  const auto key = std::make_tuple(dev, kernel, csize, smem);
+  std::lock_guard<std::mutex> lock(mu);
+  const auto found = cache.find(key);
+  if (found != cache.end()) return found->second;
+  bool ok = false;
+  cudaFuncAttributes attrs{};
+  // a build without sm_90 code has an empty kernel body: never launch that
+  if (cudaFuncGetAttributes(&attrs, kernel) == cudaSuccess && attrs.ptxVersion >= 90 &&
+      attrs.binaryVersion >= 90 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) ==
+          cudaSuccess) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+    int clusters = 0;
+    ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, cfg) == cudaSuccess && clusters >= 1;
+  }
+  cudaGetLastError();  // a refused query leaves no error behind: the caller falls back
+  cache[key] = ok;
+  return ok;
+}
+
 // Launches the cluster kernel and returns true, or returns false (nothing launched) when the
 // row does not fit, the device or the compiled code lacks clusters, or the launch is refused.
 // forced_size: 1, 2, 4 or 8 to use that cluster size (if its slice fits), else 0.
@@ -604,19 +636,7 @@ bool launch_cluster(const CrossEntropyArgs& a, int forced_size, cudaStream_t str
   if (csize == 0 || slice_vecs * kVecBytes > kClusterMaxSlice) return false;
   if (a.rows > (int64_t)0x7fffffff / csize) return false;  // grid.x limit
   auto kernel = cluster_kernel<T, VEC, TRANSFORM>;
-  cudaFuncAttributes attrs{};
-  if (cudaFuncGetAttributes(&attrs, kernel) != cudaSuccess || attrs.ptxVersion < 90 ||
-      attrs.binaryVersion < 90) {
-    cudaGetLastError();
-    return false;  // a build without sm_90 code: the kernel body is empty there
-  }
   const size_t smem = (size_t)(slice_vecs > 0 ? slice_vecs : 1) * kVecBytes;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
-      cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((unsigned)(a.rows * csize), 1, 1);
   cfg.blockDim = dim3(kClusterThreads, 1, 1);
@@ -629,8 +649,11 @@ bool launch_cluster(const CrossEntropyArgs& a, int forced_size, cudaStream_t str
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters < 1) {
+  if (!cluster_launchable(reinterpret_cast<const void*>(kernel), csize, smem, &cfg)) {
+    return false;
+  }
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
+      cudaSuccess) {
     cudaGetLastError();
     return false;
   }
