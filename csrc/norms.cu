@@ -124,13 +124,37 @@ __global__ void __launch_bounds__(1024) norm_fwd_loop(const NormArgs a) {
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w', xhat = (x - mean) * rstd
 // (RMSNorm: no mean terms). dW / dB partial sums: one float32 row per block.
 
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_raw(const T* p) {
+  return *reinterpret_cast<const Vec<T, N>*>(p);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> zero_raw() {
+  Vec<T, N> r;
+#pragma unroll
+  for (int i = 0; i < N; ++i) r.v[i] = from_f32<T>(0.f);
+  return r;
+}
+
+// The row stays in registers as raw 16-byte vectors (x, dy: 2 * VPT vectors), all of a row's
+// loads are issued before any math (so 3 * VPT of them are in flight per thread, not one
+// vector's worth at a time), one __syncthreads per row (double-buffered scratch), and the
+// weight is re-read from L1 for the output pass instead of being held across the reduction.
+// Elements past `hidden` load as zeros: they add nothing to the sums and are not stored.
 // PARTIAL: accumulate dW / dB partial rows (a block loops over rows); without it the block
 // does one row and keeps no accumulators, so the frozen-weight case stays light on registers.
+// Register caps. Frozen weight, VPT <= 2: 64 registers, 4 blocks (rows) of up to 256 threads an
+// SM; VPT 4: 128. PARTIAL: its grid is a multiple of the SM count (norm_backward_partial_rows), so 2 resident
+// blocks a SM (<= 128 registers) or 1 (wide rows: accumulators + row cache need more) both run
+// in whole waves.
 template <typename T, typename W, int VEC, int VPT, bool RMS, bool PARTIAL>
-__global__ void __launch_bounds__(kVecThreads, (PARTIAL || VPT > 2) ? 1 : 4) norm_bwd_vec(const NormBwdArgs a, int64_t rows_per_block) {
-  __shared__ float scratch[32];
+__global__ void __launch_bounds__(kVecThreads, PARTIAL ? (VPT <= 2 ? 2 : 1) : (VPT <= 2 ? 4 : (VPT <= 4 ? 2 : 1)))
+norm_bwd_vec(const NormBwdArgs a, int64_t rows_per_block) {
+  __shared__ float scratch[2][2][32];  // [row parity][sum_gx, sum_g][warp]
   const int H = a.hidden;
   const W* wp = static_cast<const W*>(a.weight);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   constexpr int ACC = PARTIAL ? VPT : 1;
   float dw_acc[ACC][VEC], db_acc[ACC][VEC];
 #pragma unroll
@@ -140,50 +164,73 @@ __global__ void __launch_bounds__(kVecThreads, (PARTIAL || VPT > 2) ? 1 : 4) nor
   }
   const int64_t first = blockIdx.x * rows_per_block;
   const int64_t last = min(a.rows, first + rows_per_block);
-  for (int64_t row = first; row < last; ++row) {
+  int parity = 0;
+  for (int64_t row = first; row < last; ++row, parity ^= 1) {
     const T* x = static_cast<const T*>(a.x) + row * a.x_stride;
     const T* dy = static_cast<const T*>(a.dy) + row * a.dy_stride;
     T* dx = static_cast<T*>(a.dx) + row * a.dx_stride;
     const float rstd = a.rstd[row];
     const float mean = RMS ? 0.f : a.mean[row];
-    float xh[VPT][VEC], d[VPT][VEC];
-    float sum_g = 0.f, sum_gx = 0.f;
+    Vec<T, VEC> xr[VPT], dr[VPT];
+    Vec<W, VEC> wr[VPT];
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
       const int c = (k * blockDim.x + threadIdx.x) * VEC;
-      float w[VEC];  // re-read per row from L1/L2: cheaper than holding it in registers
       if (c < H) {
-        load_f32<T, VEC>(x + c, xh[k]);
-        load_f32<T, VEC>(dy + c, d[k]);
-        if (wp) load_f32<W, VEC>(wp + c, w);
+        xr[k] = load_raw<T, VEC>(x + c);
+        dr[k] = load_raw<T, VEC>(dy + c);
+        if (wp) wr[k] = load_raw<W, VEC>(wp + c);
       } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) { xh[k][i] = mean; d[k][i] = 0.f; }
-      }
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        xh[k][i] = (xh[k][i] - mean) * rstd;
-        // d becomes g = dy * (w + offset); dy itself is only needed again for dW / dB
-        const float wi = wp ? (c < H ? w[i] + a.offset : 0.f) : 1.f;
-        const float g = d[k][i] * wi;
-        if (PARTIAL) {
-          dw_acc[k % ACC][i] += d[k][i] * xh[k][i];
-          db_acc[k % ACC][i] += d[k][i];
-        }
-        d[k][i] = g;
-        sum_g += g;
-        sum_gx += g * xh[k][i];
+        xr[k] = zero_raw<T, VEC>();
+        dr[k] = zero_raw<T, VEC>();
+        if (wp) wr[k] = zero_raw<W, VEC>();
       }
     }
-    const float c2 = block_sum(sum_gx, scratch) / H;
-    const float c1 = RMS ? 0.f : block_sum(sum_g, scratch) / H;
+    // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * (w + offset)
+    float sum_g = 0.f, sum_gx = 0.f;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const float xh = (to_f32(xr[k].v[i]) - mean) * rstd;
+        const float g = to_f32(dr[k].v[i]) * (wp ? to_f32(wr[k].v[i]) + a.offset : 1.f);
+        sum_g += g;
+        sum_gx += g * xh;
+      }
+    }
+    sum_gx = warp_sum(sum_gx);
+    if (!RMS) sum_g = warp_sum(sum_g);
+    if (lane == 0) {
+      scratch[parity][0][warp] = sum_gx;
+      if (!RMS) scratch[parity][1][warp] = sum_g;
+    }
+    // One barrier per row: the next row writes the other half of scratch, and a warp can only
+    // reach the row after next (same half) once every warp has passed the next row's barrier,
+    // i.e. has finished reading this one.
+    __syncthreads();
+    float t_gx = 0.f, t_g = 0.f;
+    for (int w = 0; w < warps; ++w) {
+      t_gx += scratch[parity][0][w];
+      if (!RMS) t_g += scratch[parity][1][w];
+    }
+    const float c2 = t_gx / H;
+    const float c1 = RMS ? 0.f : t_g / H;
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
       const int c = (k * blockDim.x + threadIdx.x) * VEC;
       if (c >= H) continue;
-      float out[VEC];
+      float w[VEC], out[VEC];
+      if (wp) load_f32<W, VEC>(wp + c, w);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) out[i] = rstd * (d[k][i] - c1 - xh[k][i] * c2);
+      for (int i = 0; i < VEC; ++i) {
+        const float xh = (to_f32(xr[k].v[i]) - mean) * rstd;
+        const float dyv = to_f32(dr[k].v[i]);
+        out[i] = rstd * (dyv * (wp ? w[i] + a.offset : 1.f) - c1 - xh * c2);
+        if (PARTIAL) {
+          dw_acc[k % ACC][i] += dyv * xh;
+          db_acc[k % ACC][i] += dyv;
+        }
+      }
       store_f32<T, VEC>(dx + c, out);
     }
   }
@@ -291,6 +338,9 @@ void backward_typed(const NormBwdArgs& a, int grid, cudaStream_t s) {
   bool ok = aligned<T>(a.x, a.x_stride, VEC) && aligned<T>(a.dy, a.dy_stride, VEC) &&
             aligned<T>(a.dx, a.dx_stride, VEC) && (!a.weight || aligned<W>(a.weight, 0, VEC));
   const int64_t rpb = (a.rows + grid - 1) / grid;
+  // 2 vectors per thread: H = 4096 bf16 is 256 threads a row with 6 16-byte loads each in
+  // flight and 4 rows per SM (64 registers). 4 vectors with 128 threads needs ~130 registers
+  // (ptxas keeps the converted floats) and spills when capped lower.
   Plan p = plan_rows(a.hidden, ok ? VEC : 1, 2);
   switch (p.vpt) {
     case 1: launch_bwd<T, W, RMS, VEC, 1>(a, grid, rpb, p.threads, s); break;

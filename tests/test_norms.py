@@ -191,3 +191,45 @@ def test_gpu_compiles_fullgraph(backend):
     out.backward()
     ref = reference_rms_norm(x.double(), w.double()).sum()
     assert abs(out.item() - ref.item()) <= 1e-2 * abs(ref.item()) + 1e-2
+
+
+# Widths that reach every backward configuration of the CUDA kernel: 1 / 2 / 4 / 8 vectors a
+# thread, a partly filled last vector slot (1032, 6144), the scalar loop (4093, odd), and row
+# counts above, below and not a multiple of the dW partial-row grid (4 x SMs blocks).
+BWD_SHAPES = [(1000, 8192), (7, 2, 6144), (5, 1032), (600, 4096), (3, 40), (9, 4093)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("rms_norm"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", BWD_SHAPES)
+def test_rms_norm_backward_variants_gpu(backend, dtype, shape):
+    for offset in (0.0, 1.0):
+        fn = lambda x, w, backend: rms_norm(x, w, 1e-6, offset, backend=backend)  # noqa: E731
+        ref = lambda x, w: reference_rms_norm(x, w, 1e-6, offset)  # noqa: E731
+        for w_dtype in (None, torch.float32):
+            for frozen in (False, True):
+                run_case(fn, ref, backend, shape, dtype, "cuda", strided=offset == 1.0,
+                         w_dtype=w_dtype, frozen=frozen, with_bias=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("layer_norm"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", BWD_SHAPES)
+def test_layer_norm_backward_variants_gpu(backend, dtype, shape):
+    fn = lambda x, w, b, backend: layer_norm(x, w, b, 1e-5, backend=backend)  # noqa: E731
+    ref = lambda x, w, b: reference_layer_norm(x, w, b, 1e-5)  # noqa: E731
+    for w_dtype in (None, torch.float32):
+        for frozen in (False, True):
+            run_case(fn, ref, backend, shape, dtype, "cuda", strided=frozen, w_dtype=w_dtype,
+                     frozen=frozen)
+    # no affine parameters: dx only
+    x, _, _, dy = make(shape, dtype, "cuda")
+    xt = x.clone().requires_grad_()
+    out = layer_norm(xt, None, None, backend=backend)
+    out.backward(dy)
+    x64 = x.double().requires_grad_()
+    expect = F.layer_norm(x64, (shape[-1],), eps=1e-5)
+    expect.backward(dy.double())
+    assert rel_err(out, expect) < RTOL[dtype] and rel_err(xt.grad, x64.grad) < 2 * RTOL[dtype]
