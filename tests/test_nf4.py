@@ -469,7 +469,23 @@ def test_gpu_compiles_fullgraph(backend):
     assert rel_err(x.grad, w.sum(0).expand(4, -1)) < 1e-2
 
 
-# ---------------------------------------------------------------- the fused small-M kernels on GPU
+# ---------------------------------------------------------------- the fused small-M kernels
+
+@pytest.mark.parametrize("backend", [b for b in backends("nf4_matmul", "cpu") if b != "torch"])
+@pytest.mark.parametrize("blocksize", [32, 128])
+def test_fused_matmul_cpu_blocksizes(backend, blocksize, monkeypatch):
+    """The fused kernel (Triton under the interpreter here) with per-32-value scale groups:
+    blocksizes other than 64, N not a multiple of its row tile, nested and plain."""
+    impl = nf4_mod._BACKENDS[backend]
+    calls = []
+    real = impl.gemv
+    monkeypatch.setattr(impl, "gemv", lambda *a: (calls.append(a[0].shape[0]), real(*a)))
+    check_fused_gpu(backend, 3, (37, 192), blocksize, torch.bfloat16, True, True, seed=5,
+                    device="cpu")
+    check_fused_gpu(backend, 2, (20, 128), blocksize, torch.float16, False, False, seed=6,
+                    device="cpu")
+    assert calls == [3, 2]
+
 
 # (out, in, blocksize): N not a multiple of the CUDA kernel's 128-row block nor of 16; K with a
 # half (64-value) or quarter (32-value) last chunk; K long enough to be split into K ranges;
@@ -480,17 +496,17 @@ FUSED_ROWS = (1, 2, 3, 7, 8, 9, 15, 16, 17)
 
 
 def check_fused_gpu(backend, rows, w_shape, blocksize, dtype, nested, with_bias, seed=0,
-                    x_pad=0):
+                    x_pad=0, device="cuda"):
     """nf4_matmul on the GPU against x @ W.T in float64, W dequantised in float32 (not rounded
     to x's dtype): norm-wise within the dtype's tolerance AND every element within a bound
     from the products' rounding, so a single wrong row / column / k-slice fails. Returns y."""
     out_f, in_f = w_shape
-    _, packed, state = quantize(w_shape, nested, blocksize=blocksize, seed=seed, device="cuda")
+    _, packed, state = quantize(w_shape, nested, blocksize=blocksize, seed=seed, device=device)
     g = torch.Generator().manual_seed(seed + 1)
     # x may be a column slice of a wider tensor (row stride != in_features)
-    x_full = torch.randn(rows, in_f + x_pad, generator=g).to(device="cuda", dtype=dtype)
+    x_full = torch.randn(rows, in_f + x_pad, generator=g).to(device=device, dtype=dtype)
     x = x_full[:, :in_f]
-    bias = (torch.randn(out_f, generator=g) * 0.1).to(device="cuda", dtype=dtype) \
+    bias = (torch.randn(out_f, generator=g) * 0.1).to(device=device, dtype=dtype) \
         if with_bias else None
     w = nf4_dequantize(packed, state, dtype=torch.float32, backend="torch").double()
     ref = x.double() @ w.t() + (bias.double() if with_bias else 0)
