@@ -17,7 +17,7 @@ FASTFT_CE_CLUSTER=4|8 forces the cluster size; FASTFT_CE_BLOCKS_PER_SM=1|2 force
 one-block-per-row kernel (1024 threads and ~226 KB of the row cached in shared memory, or 512
 threads and half that, two blocks per SM: the fallback, and the default before clusters), and
 FASTFT_CE_TRITON_PROGRAMS_PER_SM=N for Triton (N programs per SM looping over rows, instead of
-one program per row). Fused-head rows carry extra_gib (peak beyond inputs and outputs) and
+one program per row), with FASTFT_CE_TRITON_BLOCK=16384 for twice the loads in flight. Fused-head rows carry extra_gib (peak beyond inputs and outputs) and
 vs_matmuls (time / the matmul floor; the bar is <= 1.07)."""
 
 import pytest
@@ -155,6 +155,7 @@ def logits_inputs(sets=2):
 @pytest.mark.parametrize("variant", ["cuda", "cuda_cluster_4", "cuda_cluster_8",
                                      "cuda_1_block_per_sm", "cuda_2_blocks_per_sm", "triton",
                                      "triton_1_program_per_sm", "triton_2_programs_per_sm",
+                                     "triton_1_program_per_sm_block16384",
                                      "torch_eager", "torch_compile"])
 def bench_cross_entropy(benchmark, record, variant, monkeypatch):
     from fastft import dispatch
@@ -170,6 +171,8 @@ def bench_cross_entropy(benchmark, record, variant, monkeypatch):
             monkeypatch.setenv("FASTFT_CE_CLUSTER", variant.split("_")[2])
         if variant.startswith("triton_"):  # programs looping over rows, N per SM
             monkeypatch.setenv("FASTFT_CE_TRITON_PROGRAMS_PER_SM", variant.split("_")[1])
+        if "_block" in variant:  # elements per step (loads in flight per program)
+            monkeypatch.setenv("FASTFT_CE_TRITON_BLOCK", variant.split("_block")[1])
         fn = lambda x, y: cross_entropy(x, y, backend=backend)  # noqa: E731
     else:
         eager = lambda x, y: F.cross_entropy(x.float(), y, ignore_index=-100)  # noqa: E731

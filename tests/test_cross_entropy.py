@@ -262,6 +262,11 @@ def test_triton_programs_looping_over_rows(monkeypatch):
     monkeypatch.setenv("FASTFT_CE_TRITON_PROGRAMS_PER_SM", "1")
     check_ce("triton", 7, 1003, torch.bfloat16, "mean", OPTION_SETS["all"], seed=21)
     check_ce("triton", 5, 1003, torch.float32, "none", OPTION_SETS["plain"], seed=22)
+    monkeypatch.setenv("FASTFT_CE_TRITON_BLOCK", "256")  # four steps per row, a short last one
+    check_ce("triton", 5, 1003, torch.bfloat16, "sum", OPTION_SETS["all"], seed=23)
+    monkeypatch.setenv("FASTFT_CE_TRITON_BLOCK", "100")
+    with pytest.raises(ValueError, match="FASTFT_CE_TRITON_BLOCK"):
+        check_ce("triton", 5, 1003, torch.bfloat16, "sum", OPTION_SETS["all"], seed=23)
 
 
 @pytest.mark.parametrize("backend", backends(CE, "cpu"))
@@ -298,9 +303,9 @@ from fastft.triton_kernels import cross_entropy as K
 sig = {"X": "*bf16", "Labels": "*i64", "Loss": "*fp32", "G": "*bf16", "RowWeight": "*fp32",
        "x_stride": "i64", "g_stride": "i64", "w_stride": "i32", "V": "i32", "rows": "i32",
        "ignore_index": "i32", "softcap": "fp32", "scale": "fp32", "smoothing": "fp32"}
-for grad, extras in ((True, True), (False, False)):
+for grad, extras, block in ((True, True, 8192), (False, False, 8192), (True, False, 16384)):
     flags = {"HAS_GRAD": grad, "HAS_SCALE": extras, "HAS_SOFTCAP": extras,
-             "HAS_SMOOTHING": extras, "BLOCK": 8192}
+             "HAS_SMOOTHING": extras, "BLOCK": block}
     src = ASTSource(fn=K._cross_entropy_kernel,
                     signature={**sig, **{k: "constexpr" for k in flags}}, constexprs=flags)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 16})
@@ -604,6 +609,8 @@ def test_triton_programs_per_sm_gpu(monkeypatch, per_sm):
     monkeypatch.setenv("FASTFT_CE_TRITON_PROGRAMS_PER_SM", per_sm)
     check_ce("triton", 300, 128256, torch.bfloat16, "mean", OPTION_SETS["plain"], "cuda")
     check_ce("triton", 280, 32003, torch.float32, "none", OPTION_SETS["all"], "cuda", seed=3)
+    monkeypatch.setenv("FASTFT_CE_TRITON_BLOCK", "16384")  # the benchmark's variant
+    check_ce("triton", 300, 128256, torch.bfloat16, "mean", OPTION_SETS["all"], "cuda", seed=4)
 
 
 @pytest.mark.gpu

@@ -112,7 +112,15 @@ def _one_row(row, X, Labels, Loss, G, RowWeight, x_stride, g_stride, w_stride, V
 
 
 def block_size(vocab: int, on_gpu: bool) -> int:
+    """Elements per step along a row. FASTFT_CE_TRITON_BLOCK (a power of two) overrides the cap,
+    so the benchmark can try more loads in flight per program (e.g. 16384 with one program per
+    SM, whose rows then stay in L2 between the two passes)."""
     cap = 8192 if on_gpu else 1024  # the interpreter: small blocks, several of them per row
+    forced = int(os.environ.get("FASTFT_CE_TRITON_BLOCK", "0") or 0)
+    if forced > 0:
+        if forced & (forced - 1) or forced < 16:
+            raise ValueError(f"FASTFT_CE_TRITON_BLOCK must be a power of two >= 16, got {forced}")
+        cap = forced
     return min(cap, triton.next_power_of_2(max(vocab, 16)))
 
 
