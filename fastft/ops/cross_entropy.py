@@ -443,7 +443,13 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
                                    "same graph; call backward once")
             dh, dw, db = ctx.grads
             ctx.grads = None
-            if not _is_one(grad_output):  # a pass over dW (1 GiB for Llama-3) saved when 1
+            # Skipping the scaling when grad_output == 1 saves a pass over dW (1 GiB for
+            # Llama-3) but costs a host sync: only worth it with a trainable head, and not
+            # possible inside CUDA-graph capture.
+            skip = (dw is not None and not (grad_output.is_cuda and
+                                            torch.cuda.is_current_stream_capturing())
+                    and _is_one(grad_output))
+            if not skip:
                 g = grad_output.detach().reshape(()).to(ctx.math_dtype)
                 for t in (dh, dw, db):
                     if t is not None:
