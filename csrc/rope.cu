@@ -1,65 +1,93 @@
 // RoPE of q and k in one launch, forward and backward (see rope.h for the math).
 //
-// One block per token: its threads walk the (head, vector) items of every q and k head of
-// that token, so q and k are read and written once each, with 16-byte accesses when the
-// head layout allows (half of rot a multiple of the vector width, aligned strides), and the
-// token's cos/sin row (a few hundred bytes) is re-read from L1 for each head.
+// A block holds several tokens; a token gets `col_lanes * head_slots` threads. A thread owns
+// one column vector of the rotated half-rows: it loads that column's cos/sin once (they are
+// shared by every head of the token) and walks heads head_slot, head_slot + head_slots, ...,
+// kHeadUnroll heads at a time with all their 16-byte loads issued before any math, so q and k
+// are read and written once each with several loads in flight per thread. Layouts (strided
+// heads), GQA (hq != hk), per-token positions (cos/sin rows), in place or not and partial rotary
+// are all handled by the strides; heads whose layout does not allow 16-byte vectors take the
+// same kernel with 1-element vectors.
 #include "common.cuh"
 #include "rope.h"
 
 namespace fastft {
 namespace {
 
+constexpr int kMaxThreads = 256;
+constexpr int kHeadUnroll = 3;  // 4 spills (bf16, sm_90) under the 128-register cap
+
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_raw(const T* p) {
+  return *reinterpret_cast<const Vec<T, N>*>(p);
+}
+
 template <typename T, int VEC, bool BWD>
-__global__ void __launch_bounds__(512) rope_kernel(const RopeArgs a) {
-  const int64_t token = blockIdx.x;
-  const int64_t b = token / a.seq, s = token - (token / a.seq) * a.seq;
+__global__ void __launch_bounds__(kMaxThreads, 2)
+rope_kernel(const RopeArgs a, int col_lanes, int head_slots, int tokens_per_block) {
+  const int lanes = col_lanes * head_slots;
+  const int local = threadIdx.x / lanes;
+  const int lane = threadIdx.x - local * lanes;
+  const int64_t token = (int64_t)blockIdx.x * tokens_per_block + local;
+  if (local >= tokens_per_block || token >= a.batch * a.seq) return;  // no barriers below
+  const int64_t b = token / a.seq, s = token - b * a.seq;
   const int half = a.rot / 2;
   const int nv = half / VEC;  // vectors per half-row
-  const int items = (a.hq + a.hk) * nv;
+  const int heads = a.hq + a.hk;
+  const int col_lane = lane % col_lanes, head_slot = lane / col_lanes;
   const T* cp = static_cast<const T*>(a.cos) + b * a.c_sb + s * a.c_ss;
   const T* sp = static_cast<const T*>(a.sin) + b * a.s_sb + s * a.s_ss;
   const T* q = static_cast<const T*>(a.q) + b * a.q_sb + s * a.q_ss;
   const T* k = static_cast<const T*>(a.k) + b * a.k_sb + s * a.k_ss;
   T* qo = static_cast<T*>(a.q_out) + b * a.qo_sb + s * a.qo_ss;
   T* ko = static_cast<T*>(a.k_out) + b * a.ko_sb + s * a.ko_ss;
-  for (int it = threadIdx.x; it < items; it += blockDim.x) {
-    const int head = it / nv;
-    const int c = (it - head * nv) * VEC;
-    const T* x;
-    T* y;
-    if (head < a.hq) {
-      x = q + head * a.q_sh;
-      y = qo + head * a.qo_sh;
-    } else {
-      x = k + (head - a.hq) * a.k_sh;
-      y = ko + (head - a.hq) * a.ko_sh;
-    }
-    float x1[VEC], x2[VEC], c1[VEC], c2[VEC], s1[VEC], s2[VEC], y1[VEC], y2[VEC];
-    load_f32<T, VEC>(x + c, x1);
-    load_f32<T, VEC>(x + half + c, x2);
-    load_f32<T, VEC>(cp + c, c1);
-    load_f32<T, VEC>(cp + half + c, c2);
-    load_f32<T, VEC>(sp + c, s1);
-    load_f32<T, VEC>(sp + half + c, s2);
+#pragma unroll 1
+  for (int v = col_lane; v < nv; v += col_lanes) {
+    const int c = v * VEC;
+    // kept raw (half the registers of float32) and widened where used
+    const Vec<T, VEC> c1 = load_raw<T, VEC>(cp + c), c2 = load_raw<T, VEC>(cp + half + c);
+    const Vec<T, VEC> s1 = load_raw<T, VEC>(sp + c), s2 = load_raw<T, VEC>(sp + half + c);
+#pragma unroll 1  // the j loops already put kHeadUnroll heads in flight
+    for (int h0 = head_slot; h0 < heads; h0 += head_slots * kHeadUnroll) {
+      Vec<T, VEC> x1[kHeadUnroll], x2[kHeadUnroll];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      if (BWD) {
-        y1[i] = x1[i] * c1[i] + x2[i] * s2[i];
-        y2[i] = x2[i] * c2[i] - x1[i] * s1[i];
-      } else {
-        y1[i] = x1[i] * c1[i] - x2[i] * s1[i];
-        y2[i] = x2[i] * c2[i] + x1[i] * s2[i];
+      for (int j = 0; j < kHeadUnroll; ++j) {
+        const int h = h0 + j * head_slots;
+        if (h < heads) {
+          const T* x = h < a.hq ? q + h * a.q_sh : k + (h - a.hq) * a.k_sh;
+          x1[j] = load_raw<T, VEC>(x + c);
+          x2[j] = load_raw<T, VEC>(x + half + c);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kHeadUnroll; ++j) {
+        const int h = h0 + j * head_slots;
+        if (h >= heads) continue;
+        T* y = h < a.hq ? qo + h * a.qo_sh : ko + (h - a.hq) * a.ko_sh;
+        float y1[VEC], y2[VEC];
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          const float u1 = to_f32(x1[j].v[i]), u2 = to_f32(x2[j].v[i]);
+          const float cos1 = to_f32(c1.v[i]), cos2 = to_f32(c2.v[i]);
+          const float sin1 = to_f32(s1.v[i]), sin2 = to_f32(s2.v[i]);
+          if (BWD) {
+            y1[i] = u1 * cos1 + u2 * sin2;
+            y2[i] = u2 * cos2 - u1 * sin1;
+          } else {
+            y1[i] = u1 * cos1 - u2 * sin1;
+            y2[i] = u2 * cos2 + u1 * sin2;
+          }
+        }
+        store_f32<T, VEC>(y + c, y1);
+        store_f32<T, VEC>(y + half + c, y2);
       }
     }
-    store_f32<T, VEC>(y + c, y1);
-    store_f32<T, VEC>(y + half + c, y2);
   }
   // Out of place with partial rotary: the pass-through dims are copied as they are.
   const int tail = a.head_dim - a.rot;
   if (tail > 0 && (a.copy_tail_q || a.copy_tail_k)) {
-    const int tail_items = (a.hq + a.hk) * tail;
-    for (int it = threadIdx.x; it < tail_items; it += blockDim.x) {
+    const int tail_items = heads * tail;
+    for (int it = lane; it < tail_items; it += lanes) {
       const int head = it / tail;
       const int c = a.rot + (it - head * tail);
       if (head < a.hq) {
@@ -74,11 +102,31 @@ __global__ void __launch_bounds__(512) rope_kernel(const RopeArgs a) {
 
 bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
+struct Shape { int col_lanes, head_slots, tokens_per_block; };
+
+// col_lanes threads share a token's columns (up to a warp), head_slots split its heads so that
+// each thread has about kHeadUnroll of them (all in flight at once), and the block takes as
+// many whole tokens as fit in kMaxThreads.
+Shape shape_for(const RopeArgs& a, int vec) {
+  const int nv = a.rot / 2 / vec;
+  const int col_lanes = nv < 1 ? 1 : (nv < 32 ? nv : 32);
+  const int heads = a.hq + a.hk;
+  int head_slots = (heads + kHeadUnroll - 1) / kHeadUnroll;
+  const int max_slots = kMaxThreads / col_lanes;
+  head_slots = head_slots < 1 ? 1 : (head_slots > max_slots ? max_slots : head_slots);
+  return {col_lanes, head_slots, kMaxThreads / (col_lanes * head_slots)};
+}
+
 template <typename T, int VEC>
-void launch(const RopeArgs& a, int threads, cudaStream_t s) {
-  const unsigned grid = (unsigned)(a.batch * a.seq);
-  if (a.backward) rope_kernel<T, VEC, true><<<grid, threads, 0, s>>>(a);
-  else rope_kernel<T, VEC, false><<<grid, threads, 0, s>>>(a);
+void launch(const RopeArgs& a, cudaStream_t s) {
+  const Shape sh = shape_for(a, VEC);
+  const int64_t tokens = a.batch * a.seq;
+  const unsigned grid = (unsigned)((tokens + sh.tokens_per_block - 1) / sh.tokens_per_block);
+  const int threads = sh.col_lanes * sh.head_slots * sh.tokens_per_block;
+  if (a.backward)
+    rope_kernel<T, VEC, true><<<grid, threads, 0, s>>>(a, sh.col_lanes, sh.head_slots, sh.tokens_per_block);
+  else
+    rope_kernel<T, VEC, false><<<grid, threads, 0, s>>>(a, sh.col_lanes, sh.head_slots, sh.tokens_per_block);
 }
 
 template <typename T>
@@ -92,12 +140,8 @@ void apply_typed(const RopeArgs& a, cudaStream_t s) {
   for (int64_t st : strides) vec = vec && st % VEC == 0;
   const void* ptrs[] = {a.q, a.k, a.q_out, a.k_out, a.cos, a.sin};
   for (const void* p : ptrs) vec = vec && aligned(p, 16);
-  const int v = vec ? VEC : 1;
-  const int items = (a.hq + a.hk) * (half / v);
-  int threads = (items + 31) / 32 * 32;
-  threads = threads < 64 ? 64 : (threads > 512 ? 512 : threads);
-  if (vec) launch<T, VEC>(a, threads, s);
-  else launch<T, 1>(a, threads, s);
+  if (vec) launch<T, VEC>(a, s);
+  else launch<T, 1>(a, s);
 }
 
 }  // namespace

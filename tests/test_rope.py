@@ -370,6 +370,14 @@ GPU_CASES = [
     (128, 64, 12, 4, 2, "random", "no_inplace"),
     (96, 96, 6, 2, 1, "packed", "plain"),
     (128, 128, 32, 8, 1, "packed", "fused_qkv"),
+    # CUDA kernel shapes: more heads than head slots (each thread loops over head groups),
+    # rotated half-rows wider than a warp's column lanes (a thread takes several columns),
+    # one vector a half-row, and out-of-place partial rotary with a wide tail copy
+    (64, 64, 64, 64, 1, "packed", "proj"),
+    (1024, 1024, 2, 1, 1, "random", "proj"),
+    (1024, 512, 3, 1, 2, "random", "no_inplace"),
+    (32, 16, 5, 3, 1, "random", "leaf"),
+    (80, 32, 7, 1, 2, "packed", "leaf"),
 ]
 
 
