@@ -79,6 +79,11 @@ def bench_rms_norm(benchmark, record, tokens, variant):
                                                          False, False), bsets)
         record(op="rms_norm", direction="bwd", shape=f"{tokens}x{HIDDEN}", backend=variant,
                ms=ms_b, bytes=3 * nbytes)
+        # trainable weight: dW partial rows + their reduction (bytes: the same three tensors)
+        ms_bw = time_ms(lambda dy, x, rstd: impl.backward(dy, x, weight(), None, rstd, 0.0, True,
+                                                          True, False), bsets)
+        record(op="rms_norm", direction="bwd_dw", shape=f"{tokens}x{HIDDEN}", backend=variant,
+               ms=ms_bw, bytes=3 * nbytes)
     benchmark.pedantic(fwd, args=(sets[0][0],), rounds=5, warmup_rounds=1)
 
 
@@ -108,4 +113,12 @@ def bench_layer_norm(benchmark, record, tokens, variant):
     ms_fb = time_ms(fwd_bwd, sets)
     record(op="layer_norm", direction="fwd+bwd", shape=f"{tokens}x{HIDDEN}", backend=variant,
            ms=ms_fb, bytes=5 * nbytes)
+    if variant in ("cuda", "triton"):  # the backward kernel alone, with dW and dB
+        impl = N._BACKENDS[variant]
+        stats = [impl.forward(x, w, b, 1e-5, 0.0, False) for x, _ in sets]
+        bsets = [(dy, x, st[1], st[2]) for (x, dy), st in zip(sets, stats)]
+        ms_b = time_ms(lambda dy, x, mean, rstd: impl.backward(dy, x, w, mean, rstd, 0.0, False,
+                                                               True, True), bsets)
+        record(op="layer_norm", direction="bwd_dw_db", shape=f"{tokens}x{HIDDEN}",
+               backend=variant, ms=ms_b, bytes=3 * nbytes)
     benchmark.pedantic(fwd, args=(sets[0][0],), rounds=5, warmup_rounds=1)
