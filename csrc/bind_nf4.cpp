@@ -1,6 +1,10 @@
 // torch.ops.fastft.nf4_dequantize / nf4_gemv: checks, then the launchers in nf4.cu.
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <cuda_runtime.h>
+
+#include <atomic>
+#include <mutex>
 
 #include "binding.h"
 #include "nf4.h"
@@ -80,6 +84,35 @@ void dequantize(const at::Tensor& packed, const at::Tensor& absmax,
   check_launch();
 }
 
+// Split-K counters of the fused kernel (see NF4GemvArgs::counters): per device, kSlots slots
+// of kSlotRows counters, a call takes the next slot round-robin so that calls in flight at the
+// same time on different streams (rare) don't share counters unless kSlots are in flight.
+// Allocated (zeroed, synchronously) on first use outside CUDA graph capture; until then, and
+// for weights with more row blocks than a slot holds, the splits are added by a second kernel.
+constexpr int64_t kSlots = 64, kSlotRows = 4096;
+
+unsigned* gemv_counters(const at::Tensor& like, int64_t row_blocks, cudaStream_t stream) {
+  if (row_blocks > kSlotRows) return nullptr;
+  static std::mutex mu;
+  static at::Tensor buffers[64];
+  static std::atomic<unsigned> next{0};
+  const int dev = like.device().index();
+  if (dev < 0 || dev >= 64) return nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!buffers[dev].defined()) {
+      cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+      if (cudaStreamIsCapturing(stream, &status) != cudaSuccess ||
+          status != cudaStreamCaptureStatusNone)
+        return nullptr;
+      buffers[dev] = at::zeros({kSlots * kSlotRows}, like.options().dtype(at::kInt));
+      C10_CUDA_CHECK(cudaStreamSynchronize(stream));  // zeroed before any stream uses it
+    }
+  }
+  const int64_t slot = next.fetch_add(1u) % kSlots;
+  return reinterpret_cast<unsigned*>(buffers[dev].data_ptr<int>()) + slot * kSlotRows;
+}
+
 void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
           const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
           const c10::optional<at::Tensor>& offset, const at::Tensor& code,
@@ -130,6 +163,7 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   if (a.split > 1) {
     partial = at::empty({a.split, M, N}, x.options().dtype(at::kFloat));
     a.partial = partial.data_ptr<float>();
+    a.counters = gemv_counters(x, nf4_gemv_row_blocks(N), stream_of(x));
   }
   nf4_gemv(w, a, stream_of(x));
   check_launch();

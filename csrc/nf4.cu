@@ -134,6 +134,7 @@ __global__ void __launch_bounds__(kThreads) nf4_dequant_scalar(const NF4Weight w
 constexpr int kGemvWarps = 8;
 constexpr int kTileRows = 16;                              // weight rows per warp (mma M)
 constexpr int kBlockRows = kGemvWarps * kTileRows;         // 128
+static_assert(kBlockRows == 128, "nf4_gemv_row_blocks in nf4.h assumes 128-row blocks");
 constexpr int kChunk = 128;                                // k per warp step
 constexpr int kAhead = 4;                                  // chunks in flight per warp
 constexpr int kLutBytes = 256 * 32 * 4;
@@ -395,14 +396,37 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
       const int64_t n = i < 2 ? ra : rb;
       if (m >= a.M || n >= a.N) continue;
       float v = acc[mt][i];
-      if (a.partial) {  // split K: nf4_gemv_reduce adds the splits and the bias
-        a.partial[((int64_t)blockIdx.y * a.M + m) * a.N + n] = v;
+      if (a.partial) {  // split K: the splits' sum (+ bias) is written below or by
+        a.partial[((int64_t)blockIdx.y * a.M + m) * a.N + n] = v;  // nf4_gemv_reduce
       } else {
         if (bias) v += to_f32(bias[n]);
         y[m * a.y_stride + n] = from_f32<T>(v);
       }
     }
   }
+  if (a.partial == nullptr || a.counters == nullptr) return;
+  // Split K in one kernel: the last of the row block's `split` blocks to finish adds the
+  // partials in split order (deterministic) and resets the counter for the next call.
+  __shared__ bool last;
+  __threadfence();  // this block's partials visible device-wide before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(a.counters + blockIdx.x, 1u) == (unsigned)(a.split - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int64_t n0 = (int64_t)blockIdx.x * kBlockRows;
+  const int64_t mn = (int64_t)a.M * a.N;
+  for (int idx = threadIdx.x; idx < a.M * kBlockRows; idx += blockDim.x) {
+    const int m = idx / kBlockRows;
+    const int64_t n = n0 + idx % kBlockRows;
+    if (n >= a.N) continue;
+    const float* p = a.partial + (int64_t)m * a.N + n;
+    float sum = 0.f;
+    for (int sp = 0; sp < a.split; ++sp) sum += __ldcg(p + sp * mn);  // L2: other SMs wrote
+    if (bias) sum += to_f32(bias[n]);
+    y[m * a.y_stride + n] = from_f32<T>(sum);
+  }
+  if (threadIdx.x == 0) a.counters[blockIdx.x] = 0u;
 #endif
 }
 
@@ -498,7 +522,7 @@ void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
     using T = decltype(tag);
     if (a.M <= 8) launch_gemv<T, 1>(w, a, stream);
     else launch_gemv<T, 2>(w, a, stream);
-    if (a.partial) {
+    if (a.partial && !a.counters) {
       const int64_t mn = (int64_t)a.M * a.N;
       nf4_gemv_reduce<T><<<(unsigned)((mn + kThreads - 1) / kThreads), kThreads, 0, stream>>>(a);
     }

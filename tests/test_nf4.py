@@ -572,3 +572,31 @@ def test_fused_matmul_gpu_llama_shapes(backend, w_shape):
         for dtype in (torch.bfloat16, torch.float16):
             check_fused_gpu(backend, rows, w_shape, 64, dtype, True, with_bias=rows == 16)
     check_fused_gpu(backend, 9, w_shape, 64, torch.bfloat16, False, with_bias=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("nf4_matmul"))
+def test_fused_matmul_gpu_cuda_graph_replays(backend):
+    """Captured once, replayed with new x each time: the split-K bookkeeping (counters the
+    kernel resets itself) must give the eager result on every replay."""
+    _, packed, state = quantize((1000, 4544), True, device="cuda")
+    bias = torch.randn(1000, device="cuda", dtype=torch.bfloat16)
+    for rows in (1, 16):
+        x = torch.randn(rows, 4544, device="cuda", dtype=torch.bfloat16)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                nf4_matmul(x, packed, state, bias, backend=backend)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = nf4_matmul(x, packed, state, bias, backend=backend)
+        for seed in range(3):
+            x.copy_(torch.randn(rows, 4544, generator=torch.Generator().manual_seed(seed))
+                    .to(device="cuda", dtype=torch.bfloat16))
+            y.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            want = nf4_matmul(x, packed, state, bias, backend=backend)
+            assert torch.equal(y, want), (rows, seed)
