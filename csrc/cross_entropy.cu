@@ -328,10 +328,12 @@ __device__ __forceinline__ void cluster_wait() {
 // back (and writes the gradient of) exactly the vectors it copied, so the copy needs no block
 // barrier: cp.async.wait_all makes a thread's own copies visible to it.
 // 6 blocks per SM: what a 128k bf16 row's 32 KB slices allow in shared memory (40 registers;
-// ptxas reports no spills).
+// ptxas reports no spills). 1 where the body is empty (sm_75 could not hold 6 x 256 threads).
+constexpr int kClusterMinBlocks = FASTFT_CE_CLUSTER_CODE ? 6 : 1;
+
 template <typename T, int VEC, bool TRANSFORM>
-__global__ void __launch_bounds__(kClusterThreads, 6) cluster_kernel(const CrossEntropyArgs a,
-                                                                     int64_t slice_vecs) {
+__global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocks)
+    cluster_kernel(const CrossEntropyArgs a, int64_t slice_vecs) {
 #if FASTFT_CE_CLUSTER_CODE
   namespace cg = cooperative_groups;
   using V = Vec<T, VEC>;
