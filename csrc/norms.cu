@@ -165,27 +165,40 @@ norm_bwd_vec(const NormBwdArgs a, int64_t rows_per_block) {
   const int64_t first = blockIdx.x * rows_per_block;
   const int64_t last = min(a.rows, first + rows_per_block);
   int parity = 0;
-  for (int64_t row = first; row < last; ++row, parity ^= 1) {
-    const T* x = static_cast<const T*>(a.x) + row * a.x_stride;
-    const T* dy = static_cast<const T*>(a.dy) + row * a.dy_stride;
-    T* dx = static_cast<T*>(a.dx) + row * a.dx_stride;
-    const float rstd = a.rstd[row];
-    const float mean = RMS ? 0.f : a.mean[row];
-    Vec<T, VEC> xr[VPT], dr[VPT];
-    Vec<W, VEC> wr[VPT];
+  // x / dy of a row as raw vectors, zero past the row end (no masks needed in the math)
+  auto load_row = [&](int64_t r, Vec<T, VEC>(&xo)[VPT], Vec<T, VEC>(&dyo)[VPT]) {
+    const T* x = static_cast<const T*>(a.x) + r * a.x_stride;
+    const T* dy = static_cast<const T*>(a.dy) + r * a.dy_stride;
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
       const int c = (k * blockDim.x + threadIdx.x) * VEC;
       if (c < H) {
-        xr[k] = load_raw<T, VEC>(x + c);
-        dr[k] = load_raw<T, VEC>(dy + c);
-        if (wp) wr[k] = load_raw<W, VEC>(wp + c);
+        xo[k] = load_raw<T, VEC>(x + c);
+        dyo[k] = load_raw<T, VEC>(dy + c);
       } else {
-        xr[k] = zero_raw<T, VEC>();
-        dr[k] = zero_raw<T, VEC>();
-        if (wp) wr[k] = zero_raw<W, VEC>();
+        xo[k] = zero_raw<T, VEC>();
+        dyo[k] = zero_raw<T, VEC>();
       }
     }
+  };
+  Vec<T, VEC> xr[VPT], dr[VPT];
+  // PARTIAL blocks loop over rows with only 1-2 blocks a SM: the next row's x / dy loads are
+  // issued before this row's math and reduction, so they stay in flight across it (not at
+  // VPT 8, whose accumulators already fill the registers).
+  constexpr bool PREFETCH = PARTIAL && VPT <= 4;
+  Vec<T, VEC> xn[VPT], dn[VPT];
+  for (int64_t row = first; row < last; ++row, parity ^= 1) {
+    T* dx = static_cast<T*>(a.dx) + row * a.dx_stride;
+    const float rstd = a.rstd[row];
+    const float mean = RMS ? 0.f : a.mean[row];
+    if (!PREFETCH || row == first) load_row(row, xr, dr);
+    Vec<W, VEC> wr[VPT];
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int c = (k * blockDim.x + threadIdx.x) * VEC;
+      if (wp) wr[k] = c < H ? load_raw<W, VEC>(wp + c) : zero_raw<W, VEC>();
+    }
+    if (PREFETCH && row + 1 < last) load_row(row + 1, xn, dn);
     // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * (w + offset)
     float sum_g = 0.f, sum_gx = 0.f;
 #pragma unroll
@@ -232,6 +245,10 @@ norm_bwd_vec(const NormBwdArgs a, int64_t rows_per_block) {
         }
       }
       store_f32<T, VEC>(dx + c, out);
+    }
+    if (PREFETCH) {
+#pragma unroll
+      for (int k = 0; k < VPT; ++k) { xr[k] = xn[k]; dr[k] = dn[k]; }
     }
   }
   if (PARTIAL) {
