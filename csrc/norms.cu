@@ -3,7 +3,8 @@
 // Fast path: one block per row (forward) with the row held in registers, 16-byte accesses,
 // so each element of x is read once and y written once. Rows whose width is not a multiple
 // of the vector width, misaligned rows, or rows too wide for the register cache take the
-// loop path, which re-reads the row (from L1/L2) instead of caching it.
+// loop path, which re-reads the row (from L1/L2) instead of caching it. The backward issues
+// all of a row's x / dy / w loads before its math (see norm_bwd_vec).
 #include "common.cuh"
 #include "kernels.h"
 
