@@ -49,10 +49,6 @@ def _set_patch(owner, name: str, new) -> bool:
     key = (id(owner), name)
     if key in _ORIGINALS:
         return False
-    if isinstance(owner, dict):  # an entry of a registry dict (transformers' attention functions)
-        _ORIGINALS[key] = (owner, name, owner.get(name, _MISSING))
-        owner[name] = new
-        return True
     _ORIGINALS[key] = (owner, name, owner.__dict__.get(name, _MISSING))
     setattr(owner, name, new)
     return True
@@ -77,9 +73,6 @@ def patched_names() -> list[str]:
     """'module.Class.attr' of everything currently patched (for logs and tests)."""
     out = []
     for owner, name, _ in _ORIGINALS.values():
-        if isinstance(owner, dict):
-            out.append(f"AttentionInterface[{name!r}]")
-            continue
         where = owner.__name__ if not isinstance(owner, type) else f"{owner.__module__}.{owner.__qualname__}"
         out.append(f"{where}.{name}")
     return out
@@ -88,12 +81,7 @@ def patched_names() -> list[str]:
 def unpatch_all() -> None:
     """Restore every original fastft replaced (newest first)."""
     for owner, name, value in reversed(list(_ORIGINALS.values())):
-        if isinstance(owner, dict):
-            if value is _MISSING:
-                owner.pop(name, None)
-            else:
-                owner[name] = value
-        elif value is _MISSING:
+        if value is _MISSING:
             delattr(owner, name)
         else:
             setattr(owner, name, value)
@@ -288,57 +276,6 @@ def make_causal_lm_forward(orig_forward, family: Family):
 
 # ---------------------------------------------------------------- patching a model
 
-# SDPA backends in priority order for CUDA tensors, from FASTFT_SDPA_BACKENDS (comma-separated
-# names of torch.nn.attention.SDPBackend, e.g. "cudnn_attention,flash_attention"; "torch" keeps
-# torch's own order). Default: cuDNN's fused attention first, which ran causal bf16 attention
-# about 1.9x faster than the flash backend on the H200; bench/bench_attention.py measures every
-# backend fwd+bwd at the training shapes (numbers in bench/RESULTS.md).
-DEFAULT_SDPA_BACKENDS = "cudnn_attention,flash_attention,efficient_attention,math"
-
-
-def sdpa_backends() -> list | None:
-    """The SDPBackend priority list fastft asks SDPA for, or None for torch's default order."""
-    from torch.nn.attention import SDPBackend
-
-    spec = os.environ.get("FASTFT_SDPA_BACKENDS", DEFAULT_SDPA_BACKENDS).strip().lower()
-    if spec in ("", "torch", "default"):
-        return None
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    known = {name.lower(): getattr(SDPBackend, name)
-             for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")}
-    bad = [n for n in names if n not in known]
-    if bad:
-        raise ValueError(f"FASTFT_SDPA_BACKENDS names unknown SDPA backends {bad}; use some of "
-                         f"{sorted(known)} (comma-separated, in priority order) or 'torch'")
-    # any backend not listed stays allowed after the listed ones, so nothing that ran before fails
-    return [known[n] for n in names] + [b for b in known.values() if b not in [known[n] for n in names]]
-
-
-def make_sdpa_forward(orig):
-    def sdpa_attention_forward(module, query, key, value, *args, **kwargs):
-        backends = sdpa_backends() if query.is_cuda else None
-        if backends is None:
-            return orig(module, query, key, value, *args, **kwargs)
-        from torch.nn.attention import sdpa_kernel
-
-        with sdpa_kernel(backends, set_priority=True):
-            return orig(module, query, key, value, *args, **kwargs)
-
-    return _mark(sdpa_attention_forward, "sdpa backend priority")
-
-
-def _patch_sdpa_priority() -> bool:
-    try:
-        from transformers.modeling_utils import AttentionInterface
-    except ImportError:
-        return False
-    mapping = AttentionInterface._global_mapping
-    if "sdpa" not in mapping:
-        return False
-    _set_patch(mapping, "sdpa", make_sdpa_forward(mapping["sdpa"]))
-    return True
-
-
 def _base_model(model):
     """The transformers model under a peft wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
@@ -403,9 +340,6 @@ def patch_model(model) -> Family | None:
         if want(act_op, "MLP"):
             _set_patch(mlp_cls, "forward", make_mlp_forward(original(mlp_cls, "forward")))
             done.append(f"MLP ({act_op})")
-
-    if getattr(config, "_attn_implementation", None) == "sdpa" and _patch_sdpa_priority():
-        done.append("SDPA backend order")
 
     head_cls = getattr(module, family.causal_lm_class, None)
     if head_cls is not None and not isinstance(base, head_cls):
