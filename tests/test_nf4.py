@@ -600,3 +600,17 @@ def test_fused_matmul_gpu_cuda_graph_replays(backend):
             torch.cuda.synchronize()
             want = nf4_matmul(x, packed, state, bias, backend=backend)
             assert torch.equal(y, want), (rows, seed)
+
+
+def test_resolve_is_cached_per_state_until_its_tensors_change():
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(3))
+    packed, qs = bnb_functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    first = resolve(packed, qs)
+    assert resolve(packed, qs) is first  # the validated state is reused
+    qs.absmax = qs.absmax.clone()           # a new tensor behind the state: resolved again
+    second = resolve(packed, qs)
+    assert second is not first and second.absmax.data_ptr() == qs.absmax.data_ptr()
+    other = packed.clone()                  # another packed weight with the same state
+    assert resolve(other, qs).packed.data_ptr() == other.data_ptr()
+    qs.state2.absmax = qs.state2.absmax * 2  # the nested scales changed
+    assert resolve(other, qs).absmax2.data_ptr() == qs.state2.absmax.data_ptr()

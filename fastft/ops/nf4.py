@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -154,8 +155,26 @@ def _on(t, device, name: str, dtype=None, numel=None) -> torch.Tensor:
     return _plain(t).reshape(-1).contiguous()
 
 
+# id(quant_state) -> (weak ref to it, identity key, Resolved): QLoRA dequantises every frozen
+# weight several times a step, and validating its state each time cost more host time than the
+# kernel takes. Keyed by id: bitsandbytes' QuantState defines __eq__ and so is unhashable.
+_RESOLVED: dict = {}
+
+
+def _identity(packed, qs) -> tuple:
+    """What a Resolved depends on: the storage of every tensor it views, and the scalars."""
+    state2 = getattr(qs, "state2", None)
+    ptr = lambda t: (t.data_ptr(), t.device, t.dtype, t.numel()) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return (ptr(packed), ptr(getattr(qs, "absmax", None)), ptr(getattr(qs, "code", None)),
+            ptr(getattr(qs, "offset", None)), tuple(getattr(qs, "shape", ())),
+            getattr(qs, "blocksize", None), getattr(qs, "quant_type", None), getattr(qs, "dtype", None),
+            getattr(qs, "packing_format_for_cpu", False),
+            None if state2 is None else (ptr(state2.absmax), ptr(state2.code), state2.blocksize))
+
+
 def resolve(packed: torch.Tensor, quant_state=None) -> Resolved:
-    """Validate a packed NF4 weight and its state (bitsandbytes QuantState or NF4State)."""
+    """Validate a packed NF4 weight and its state (bitsandbytes QuantState or NF4State).
+    The result is cached per state object until any tensor or field it depends on changes."""
     if quant_state is None:
         quant_state = getattr(packed, "quant_state", None)
         if quant_state is None:
@@ -163,7 +182,24 @@ def resolve(packed: torch.Tensor, quant_state=None) -> Resolved:
                              "(pass bitsandbytes' weight.quant_state or a fastft NF4State)")
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"nf4: packed must be a tensor, got {type(packed).__name__}")
-    qs = quant_state
+    try:
+        key = _identity(packed, quant_state)
+    except RuntimeError:  # tensors without storage (fake tensors while tracing): no caching
+        return _resolve(packed, quant_state)
+    sid = id(quant_state)
+    hit = _RESOLVED.get(sid)
+    if hit is not None and hit[0]() is quant_state and hit[1] == key:
+        return hit[2]
+    resolved = _resolve(packed, quant_state)
+    try:
+        ref = weakref.ref(quant_state, lambda _, sid=sid: _RESOLVED.pop(sid, None))
+    except TypeError:  # cannot be weakly referenced: not cached
+        return resolved
+    _RESOLVED[sid] = (ref, key, resolved)
+    return resolved
+
+
+def _resolve(packed: torch.Tensor, qs) -> Resolved:
     quant_type = getattr(qs, "quant_type", "nf4")
     if quant_type != "nf4":
         raise ValueError(f"nf4: quant_type {quant_type!r} is not supported, only 'nf4' is; "
