@@ -262,6 +262,7 @@ def apply_fused_lora(model, mlp: bool = True, attention: bool = True,
     Calling it again is harmless (already patched modules are left as they are)."""
     report = {"mlp": 0, "qkv": 0, "o_proj": 0, "skipped": {}}
     into_residual = _mlp_output_into_residual(model)
+    _hook_forward_passes(model)
     for name, module in model.named_modules():
         if mlp and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")) \
                 and getattr(module, _MARK, None) is None:
@@ -302,9 +303,28 @@ def apply_fused_lora(model, mlp: bool = True, attention: bool = True,
     return report
 
 
+_PASS_HOOK = "_fastft_forward_pass_hook"
+
+
+def _hook_forward_passes(model) -> None:
+    """Each forward of the model (or of a transformers model inside it, when called directly)
+    starts a new pass for the cached LoRA factor casts (fastft.ops.lora.new_forward_pass)."""
+    from transformers import PreTrainedModel
+
+    from fastft.ops.lora import new_forward_pass
+
+    for m in model.modules():
+        if (m is model or isinstance(m, PreTrainedModel)) and _PASS_HOOK not in m.__dict__:
+            object.__setattr__(m, _PASS_HOOK, m.register_forward_pre_hook(new_forward_pass))
+
+
 def remove_fused_lora(model) -> int:
     """Undo apply_fused_lora; returns how many modules were restored."""
     n = 0
+    for m in model.modules():
+        handle = m.__dict__.pop(_PASS_HOOK, None)
+        if handle is not None:
+            handle.remove()
     for module in model.modules():
         if getattr(module, _MARK, None) is not None:
             module.__dict__.pop("forward", None)

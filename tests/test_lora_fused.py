@@ -541,3 +541,33 @@ def test_autocast_and_deepcopy():
     assert attn.q_proj.forward.__self__ is attn.q_proj
     assert attn.k_proj._fastft_fused_lora["group"].modules[1] is attn.k_proj
     _assert_same(_loss_and_grads(clone, ids), _loss_and_grads(model, ids))
+
+
+def test_factor_casts_follow_updates_the_version_counter_cannot_see():
+    """bf16 base with float32 LoRA factors: the fused path casts each factor once per forward
+    pass. An optimizer that writes through raw pointers (bitsandbytes' 8-bit ones) does not bump
+    the version counter; the next forward must still use the new values."""
+    import fastft.ops.lora as ops
+
+    ref = _peft(_tiny_llama().to(torch.bfloat16))  # peft keeps the factors in float32
+    model = copy.deepcopy(ref)
+    apply_fused_lora(model)
+    factors = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert factors and all(p.dtype == torch.float32 for p in factors)
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        model(input_ids=ids)          # fills the cast cache
+    assert ops._FACTOR_CASTS
+    g = torch.Generator().manual_seed(3)
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if "lora_" in n:
+            new = torch.randn(p.shape, generator=g)
+            version = p._version
+            p.data.copy_(new)         # no version bump, like a raw-pointer optimizer update
+            assert p._version == version
+            q.data.copy_(new)
+    remove_fused_lora(ref)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits.float()
+        want = ref(input_ids=ids).logits.float()
+    assert rel_err(got, want) <= 2e-2   # bf16 compute on both sides; stale factors are off by ~1

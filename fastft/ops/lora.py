@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +145,44 @@ def _cast(t, dtype):
     return None if t is None else (t if t.dtype == dtype else t.to(dtype))
 
 
+# id(adapter factor) -> (weak ref, pass, version, dtype, the cast copy). peft keeps LoRA factors
+# in float32 while the step computes in bf16: every use (forward, recompute, backward) cast them
+# again, ~1300 small kernels a step for an 8B model. Within one forward pass of a model that
+# apply_fused_lora hooked (its backward and recomputes included) the factors do not change, so
+# one cast per pass is enough. A new pass (the root's forward pre-hook calls new_forward_pass)
+# casts again, whatever the optimizer did in between (some write parameters through raw
+# pointers without bumping their version); the version check also catches in-place edits
+# inside a pass. Outside hooked models (pass 0) nothing is cached.
+_FACTOR_CASTS: dict = {}
+_FORWARD_PASS = [0]
+
+
+def new_forward_pass(*_args, **_kwargs) -> None:
+    _FORWARD_PASS[0] += 1
+    _FACTOR_CASTS.clear()
+
+
+def _factor(t, dtype):
+    """A LoRA factor in `dtype`, cast once per forward pass (see _FACTOR_CASTS)."""
+    if t is None or t.dtype == dtype:
+        return t
+    current = _FORWARD_PASS[0]
+    if current == 0:
+        return t.to(dtype)
+    key = id(t)
+    hit = _FACTOR_CASTS.get(key)
+    version = t._version
+    if hit is not None and hit[0]() is t and hit[1:4] == (current, version, dtype):
+        return hit[4]
+    cast = t.detach().to(dtype)
+    try:
+        ref = weakref.ref(t)
+    except TypeError:
+        return cast
+    _FACTOR_CASTS[key] = (ref, current, version, dtype, cast)
+    return cast
+
+
 def _base_matmul(x2, base: Base, dtype, out=None):
     """x2 [N, in] @ Wᵀ (+ bias) in dtype (into `out` [N, out_features] when given)."""
     W = dense_weight(base, dtype)
@@ -165,8 +204,8 @@ def _project(x2, proj: Projection, dtype, out=None):
     y = _base_matmul(x2, proj.base, dtype, out=out)
     if not proj.has_lora:
         return y, None
-    xa = x2.mm(_cast(proj.A, dtype).t())
-    y.addmm_(xa, _cast(proj.B, dtype).t(), alpha=proj.scaling)
+    xa = x2.mm(_factor(proj.A, dtype).t())
+    y.addmm_(xa, _factor(proj.B, dtype).t(), alpha=proj.scaling)
     return y, xa
 
 
@@ -175,7 +214,7 @@ def _lora_grads(dy, x2, xa, proj: Projection, dtype):
     if not proj.has_lora:
         return None, None, None
     s = proj.scaling
-    B = _cast(proj.B, dtype)
+    B = _factor(proj.B, dtype)
     dB = dy.t().mm(xa).mul_(s)                 # [out, r]
     dxa = dy.mm(B).mul_(s)                     # [N, r]
     dA = dxa.t().mm(x2)                        # [r, in]
@@ -190,7 +229,7 @@ def _accumulate_dx(dx, dy, dxa, proj: Projection, dtype):
     else:
         dx.addmm_(dy, W)
     if dxa is not None:
-        dx.addmm_(dxa, _cast(proj.A, dtype))
+        dx.addmm_(dxa, _factor(proj.A, dtype))
     return dx
 
 
@@ -397,8 +436,8 @@ def _mlp_tile_backward(dy, x2, g, u, xag, xau, ha, gate, up, down, kind, dtype, 
     dh = dy.mm(dense_weight(down.base, dtype))                 # [N, I]
     dxa_d = None
     if down.has_lora:
-        dxa_d = dy.mm(_cast(down.B, dtype)).mul_(down.scaling)  # [N, r]
-        dh.addmm_(dxa_d, _cast(down.A, dtype))
+        dxa_d = dy.mm(_factor(down.B, dtype)).mul_(down.scaling)  # [N, r]
+        dh.addmm_(dxa_d, _factor(down.A, dtype))
     h = _act_backward_inplace(kind, dh, g, u, need_h=down.has_lora)  # g <- d_gate, u <- d_up
     del dh
     grads = []
@@ -431,7 +470,7 @@ def _mlp_saved_only(x2, gate, up, down, kind, dtype):
     u, xau = _project(x2, up, dtype)
     ha = None
     if down.has_lora:
-        ha = _act_forward(kind, g, u).mm(_cast(down.A, dtype).t())
+        ha = _act_forward(kind, g, u).mm(_factor(down.A, dtype).t())
     return g, u, xag, xau, ha
 
 
@@ -499,7 +538,7 @@ class _LoRAMLP(torch.autograd.Function):
                     u, xau = _project(xt, up, dtype)
                     ha = None
                     if down.has_lora:  # h·Aᵀ for dB of down: recompute h for this tile
-                        ha = _act_forward(kind, g, u).mm(_cast(down.A, dtype).t())
+                        ha = _act_forward(kind, g, u).mm(_factor(down.A, dtype).t())
                     dxt, tile_grads = _mlp_tile_backward(dy2[i:i + step], xt, g, u, xag, xau, ha,
                                                          gate, up, down, kind, dtype, need_dx)
                     if need_dx:
