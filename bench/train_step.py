@@ -217,6 +217,7 @@ def run_worker(spec: dict) -> dict:
         times.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))
     if spec.get("profile") and cuda:
+        result["issue_timing"] = _issue_timing(model, opt, batches[0])
         result["profile"] = _profile_step(model, opt, batches[0])
     timed = times[spec["warmup"]:] or times
     tokens = spec["batch"] * spec["seq"]
@@ -227,6 +228,41 @@ def run_worker(spec: dict) -> dict:
     result["losses"] = losses
     result["ok"] = True
     return result
+
+
+def _issue_timing(model, opt, ids):
+    """How long the host takes to issue each phase of one step, against the step's wall time:
+    when the issue times add up to about the wall time the step is bound by the host (Python
+    and launch overhead), not by the GPU."""
+    import torch
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    t3 = time.perf_counter()
+    torch.cuda.synchronize()
+    t4 = time.perf_counter()
+    ms = lambda a, b: round((b - a) * 1e3, 2)  # noqa: E731
+    return {"forward_issue_ms": ms(t0, t1), "backward_issue_ms": ms(t1, t2),
+            "optimizer_issue_ms": ms(t2, t3), "wall_ms": ms(t0, t4)}
+
+
+def _busy_ms(intervals):
+    """Length of the union of [start, end) intervals (us) in ms."""
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total / 1e3
 
 
 def _profile_step(model, opt, ids, top=40):
@@ -242,13 +278,16 @@ def _profile_step(model, opt, ids, top=40):
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-    kernels = {}
+    kernels, compute = {}, []
     for ev in prof.events():
         if ev.device_type != torch.autograd.DeviceType.CUDA:
             continue
         k = kernels.setdefault(ev.name, [0.0, 0])
         k[0] += ev.device_time / 1e3  # us -> ms
         k[1] += 1
+        if "memcpy" not in ev.name.lower():
+            compute.append((ev.time_range.start, ev.time_range.end))
+    span = (max(e for _, e in compute) - min(s for s, _ in compute)) / 1e3 if compute else 0.0
     kinds = {}
     for name, (ms, _) in kernels.items():
         low = name.lower()
@@ -258,7 +297,12 @@ def _profile_step(model, opt, ids, top=40):
                 "fastft" if "fastft" in low else "other")
         kinds[kind] = kinds.get(kind, 0.0) + ms
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    by_count = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:15]
     return {"gpu_ms_total": sum(v[0] for v in kernels.values()),
+            "kernel_launches": sum(v[1] for v in kernels.values()),
+            # first to last compute kernel, and how much of it some compute kernel was running
+            "compute_span_ms": round(span, 2), "compute_busy_ms": round(_busy_ms(compute), 2),
+            "most_launched": [{"name": n[:120], "count": v[1], "ms": round(v[0], 3)} for n, v in by_count],
             "by_kind_ms": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top_kernels": [{"name": n[:160], "ms": round(v[0], 3), "count": v[1]} for n, v in ranked]}
 
