@@ -272,7 +272,7 @@ def _profile_step(model, opt, ids, top=40):
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         opt.step()
@@ -298,11 +298,16 @@ def _profile_step(model, opt, ids, top=40):
         kinds[kind] = kinds.get(kind, 0.0) + ms
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
     by_count = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:15]
+    # host side: the ops that took the most CPU time themselves (profiler overhead included)
+    host = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0),
+                  key=lambda e: -e.self_cpu_time_total)[:25]
     return {"gpu_ms_total": sum(v[0] for v in kernels.values()),
             "kernel_launches": sum(v[1] for v in kernels.values()),
             # first to last compute kernel, and how much of it some compute kernel was running
             "compute_span_ms": round(span, 2), "compute_busy_ms": round(_busy_ms(compute), 2),
             "most_launched": [{"name": n[:120], "count": v[1], "ms": round(v[0], 3)} for n, v in by_count],
+            "host_self_ms": [{"name": e.key[:100], "count": e.count, "ms": round(e.self_cpu_time_total / 1e3, 2)}
+                             for e in host],
             "by_kind_ms": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top_kernels": [{"name": n[:160], "ms": round(v[0], 3), "count": v[1]} for n, v in ranked]}
 
