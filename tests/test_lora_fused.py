@@ -91,6 +91,10 @@ def test_lora_mlp_matches_autograd(kind, tile):
 def test_mlp_auto_tiling_threshold():
     assert mlp_tile_tokens(100, 10, tile_elements=1000) is None       # 1000 <= 2 * 1000
     assert mlp_tile_tokens(300, 10, tile_elements=1000) == 100
+    assert mlp_tile_tokens(250, 10, tile_elements=1000) == 84       # 3 equal tiles, not 100+100+50
+    # Llama-3.1-8B at 4 x 4096 tokens: four tiles of 4096 rather than 4681 x 3 + 2341
+    assert mlp_tile_tokens(16384, 14336, tile_elements=1 << 26) == 4096
+    assert mlp_tile_tokens(16385, 14336, tile_elements=1 << 26) == 4224  # 128-multiple, 4 tiles
     assert mlp_tile_tokens(300, 10, tile_elements=0) is None
     with pytest.raises(ValueError, match="activation"):
         lora_mlp(torch.randn(2, 4), *[_proj(4, 4)] * 3, activation="relu")

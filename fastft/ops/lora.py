@@ -419,7 +419,14 @@ def mlp_tile_tokens(tokens: int, intermediate: int, tile_elements: int | None = 
     limit = MLP_TILE_ELEMENTS if tile_elements is None else tile_elements
     if limit <= 0 or tokens * intermediate <= 2 * limit:
         return None
-    return max(1, limit // intermediate)
+    most = max(1, limit // intermediate)
+    # Equal tiles (no small remainder tile) of a multiple of 128 tokens where that is possible:
+    # matmuls over 4681 + 4681 + 4681 + 2341 rows ran less efficiently than over 4 x 4096.
+    tiles = -(-tokens // most)
+    tile = -(-tokens // tiles)
+    if tile > 128:
+        tile = min(-(-tile // 128) * 128, most + 127)
+    return tile
 
 
 def _mlp_tile_forward(x2, gate, up, down, kind, dtype, out):
