@@ -125,16 +125,40 @@ __global__ void __launch_bounds__(1024) norm_fwd_loop(const NormArgs a) {
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w', xhat = (x - mean) * rstd
 // (RMSNorm: no mean terms). dW / dB partial sums: one float32 row per block.
 
+// N elements of T kept as 32-bit words (sizeof(T) * N a multiple of 4): a 16-byte load lands in
+// four registers and nothing touches them until the math widens an element. (With Vec<bf16, 8>
+// ptxas unpacks each element into its own register right after the load, which waits for the
+// load there and so serializes the loads that follow.)
 template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> load_raw(const T* p) {
-  return *reinterpret_cast<const Vec<T, N>*>(p);
+struct alignas(sizeof(T) * N) Packed {
+  uint32_t w[sizeof(T) * N / 4];
+  __device__ __forceinline__ float f(int i) const;
+};
+template <> __device__ __forceinline__ float Packed<float, 4>::f(int i) const {
+  return __uint_as_float(w[i]);
+}
+template <> __device__ __forceinline__ float Packed<float, 8>::f(int i) const {
+  return __uint_as_float(w[i]);
+}
+template <> __device__ __forceinline__ float Packed<__nv_bfloat16, 8>::f(int i) const {
+  const uint32_t x = w[i / 2];
+  return __uint_as_float((i & 1) ? (x & 0xffff0000u) : (x << 16));
+}
+template <> __device__ __forceinline__ float Packed<__half, 8>::f(int i) const {
+  const uint32_t x = w[i / 2];
+  return __half2float(__ushort_as_half((unsigned short)((i & 1) ? (x >> 16) : (x & 0xffffu))));
 }
 
 template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> zero_raw() {
-  Vec<T, N> r;
+__device__ __forceinline__ Packed<T, N> load_raw(const T* p) {
+  return *reinterpret_cast<const Packed<T, N>*>(p);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ Packed<T, N> zero_raw() {
+  Packed<T, N> r;
 #pragma unroll
-  for (int i = 0; i < N; ++i) r.v[i] = from_f32<T>(0.f);
+  for (int i = 0; i < (int)(sizeof(T) * N / 4); ++i) r.w[i] = 0u;  // 0.0 in every float format
   return r;
 }
 
@@ -167,7 +191,7 @@ norm_bwd_vec(const NormBwdArgs a, int64_t rows_per_block) {
   const int64_t last = min(a.rows, first + rows_per_block);
   int parity = 0;
   // x / dy of a row as raw vectors, zero past the row end (no masks needed in the math)
-  auto load_row = [&](int64_t r, Vec<T, VEC>(&xo)[VPT], Vec<T, VEC>(&dyo)[VPT]) {
+  auto load_row = [&](int64_t r, Packed<T, VEC>(&xo)[VPT], Packed<T, VEC>(&dyo)[VPT]) {
     const T* x = static_cast<const T*>(a.x) + r * a.x_stride;
     const T* dy = static_cast<const T*>(a.dy) + r * a.dy_stride;
 #pragma unroll
@@ -182,18 +206,18 @@ norm_bwd_vec(const NormBwdArgs a, int64_t rows_per_block) {
       }
     }
   };
-  Vec<T, VEC> xr[VPT], dr[VPT];
+  Packed<T, VEC> xr[VPT], dr[VPT];
   // PARTIAL blocks loop over rows with only 1-2 blocks a SM: the next row's x / dy loads are
   // issued before this row's math and reduction, so they stay in flight across it (not at
   // VPT 8, whose accumulators already fill the registers).
   constexpr bool PREFETCH = PARTIAL && VPT <= 4;
-  Vec<T, VEC> xn[VPT], dn[VPT];
+  Packed<T, VEC> xn[VPT], dn[VPT];
   for (int64_t row = first; row < last; ++row, parity ^= 1) {
     T* dx = static_cast<T*>(a.dx) + row * a.dx_stride;
     const float rstd = a.rstd[row];
     const float mean = RMS ? 0.f : a.mean[row];
     if (!PREFETCH || row == first) load_row(row, xr, dr);
-    Vec<W, VEC> wr[VPT];
+    Packed<W, VEC> wr[VPT];
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
       const int c = (k * blockDim.x + threadIdx.x) * VEC;
@@ -206,8 +230,8 @@ norm_bwd_vec(const NormBwdArgs a, int64_t rows_per_block) {
     for (int k = 0; k < VPT; ++k) {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        const float xh = (to_f32(xr[k].v[i]) - mean) * rstd;
-        const float g = to_f32(dr[k].v[i]) * (wp ? to_f32(wr[k].v[i]) + a.offset : 1.f);
+        const float xh = (xr[k].f(i) - mean) * rstd;
+        const float g = dr[k].f(i) * (wp ? wr[k].f(i) + a.offset : 1.f);
         sum_g += g;
         sum_gx += g * xh;
       }
@@ -237,8 +261,8 @@ norm_bwd_vec(const NormBwdArgs a, int64_t rows_per_block) {
       if (wp) load_f32<W, VEC>(wp + c, w);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        const float xh = (to_f32(xr[k].v[i]) - mean) * rstd;
-        const float dyv = to_f32(dr[k].v[i]);
+        const float xh = (xr[k].f(i) - mean) * rstd;
+        const float dyv = dr[k].f(i);
         out[i] = rstd * (dyv * (wp ? w[i] + a.offset : 1.f) - c1 - xh * c2);
         if (PARTIAL) {
           dw_acc[k % ACC][i] += dyv * xh;
