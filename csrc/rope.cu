@@ -8,6 +8,8 @@
 // heads), GQA (hq != hk), per-token positions (cos/sin rows), in place or not and partial rotary
 // are all handled by the strides; heads whose layout does not allow 16-byte vectors take the
 // same kernel with 1-element vectors.
+#include <type_traits>
+
 #include "common.cuh"
 #include "rope.h"
 
@@ -15,11 +17,38 @@ namespace fastft {
 namespace {
 
 constexpr int kMaxThreads = 256;
-constexpr int kHeadUnroll = 3;  // 4 spills (bf16, sm_90) under the 128-register cap
+constexpr int kHeadUnroll = 3;  // 96 registers, 3 blocks a SM; 4 needs 114 (2 blocks), no more in flight
+
+// N elements of T kept as 32-bit words: a 16-byte load lands in four registers and nothing
+// touches them until the math widens an element. (With Vec<bf16, 8> ptxas unpacks each element
+// into its own register right after the load, which waits for the load there and serializes
+// the loads that follow.) Sizes that are not whole words (1-element 16-bit) stay Vec.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Packed {
+  uint32_t w[sizeof(T) * N / 4];
+  __device__ __forceinline__ float f(int i) const {
+    if constexpr (sizeof(T) == 4) {
+      return __uint_as_float(w[i]);
+    } else {
+      const uint32_t x = w[i / 2];
+      const uint32_t h = (i & 1) ? (x >> 16) : (x & 0xffffu);
+      if constexpr (std::is_same<T, __nv_bfloat16>::value) return __uint_as_float(h << 16);
+      else return __half2float(__ushort_as_half((unsigned short)h));
+    }
+  }
+};
 
 template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> load_raw(const T* p) {
-  return *reinterpret_cast<const Vec<T, N>*>(p);
+using Raw = typename std::conditional<(sizeof(T) * N) % 4 == 0, Packed<T, N>, Vec<T, N>>::type;
+
+template <typename T, int N>
+__device__ __forceinline__ float elem(const Packed<T, N>& r, int i) { return r.f(i); }
+template <typename T, int N>
+__device__ __forceinline__ float elem(const Vec<T, N>& r, int i) { return to_f32(r.v[i]); }
+
+template <typename T, int N>
+__device__ __forceinline__ Raw<T, N> load_raw(const T* p) {
+  return *reinterpret_cast<const Raw<T, N>*>(p);
 }
 
 template <typename T, int VEC, bool BWD>
@@ -44,21 +73,22 @@ rope_kernel(const RopeArgs a, int col_lanes, int head_slots, int tokens_per_bloc
 #pragma unroll 1
   for (int v = col_lane; v < nv; v += col_lanes) {
     const int c = v * VEC;
-    // kept raw (half the registers of float32) and widened where used
-    const Vec<T, VEC> c1 = load_raw<T, VEC>(cp + c), c2 = load_raw<T, VEC>(cp + half + c);
-    const Vec<T, VEC> s1 = load_raw<T, VEC>(sp + c), s2 = load_raw<T, VEC>(sp + half + c);
 #pragma unroll 1  // the j loops already put kHeadUnroll heads in flight
     for (int h0 = head_slot; h0 < heads; h0 += head_slots * kHeadUnroll) {
-      Vec<T, VEC> x1[kHeadUnroll], x2[kHeadUnroll];
+      Raw<T, VEC> x1[kHeadUnroll], x2[kHeadUnroll];
 #pragma unroll
       for (int j = 0; j < kHeadUnroll; ++j) {
-        const int h = h0 + j * head_slots;
-        if (h < heads) {
-          const T* x = h < a.hq ? q + h * a.q_sh : k + (h - a.hq) * a.k_sh;
-          x1[j] = load_raw<T, VEC>(x + c);
-          x2[j] = load_raw<T, VEC>(x + half + c);
-        }
+        // past the last head: re-load the last one (not stored) rather than branch, so no
+        // join forces ptxas to unpack the words before the other loads are issued
+        const int h = min(h0 + j * head_slots, heads - 1);
+        const T* x = h < a.hq ? q + h * a.q_sh : k + (h - a.hq) * a.k_sh;
+        x1[j] = load_raw<T, VEC>(x + c);
+        x2[j] = load_raw<T, VEC>(x + half + c);
       }
+      // cos/sin after the head loads (from L1 after the first group): loaded once before the
+      // loop, their unpacking waited for them before any head load was issued
+      const Raw<T, VEC> c1 = load_raw<T, VEC>(cp + c), c2 = load_raw<T, VEC>(cp + half + c);
+      const Raw<T, VEC> s1 = load_raw<T, VEC>(sp + c), s2 = load_raw<T, VEC>(sp + half + c);
 #pragma unroll
       for (int j = 0; j < kHeadUnroll; ++j) {
         const int h = h0 + j * head_slots;
@@ -67,9 +97,9 @@ rope_kernel(const RopeArgs a, int col_lanes, int head_slots, int tokens_per_bloc
         float y1[VEC], y2[VEC];
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-          const float u1 = to_f32(x1[j].v[i]), u2 = to_f32(x2[j].v[i]);
-          const float cos1 = to_f32(c1.v[i]), cos2 = to_f32(c2.v[i]);
-          const float sin1 = to_f32(s1.v[i]), sin2 = to_f32(s2.v[i]);
+          const float u1 = elem(x1[j], i), u2 = elem(x2[j], i);
+          const float cos1 = elem(c1, i), cos2 = elem(c2, i);
+          const float sin1 = elem(s1, i), sin2 = elem(s2, i);
           if (BWD) {
             y1[i] = u1 * cos1 + u2 * sin2;
             y2[i] = u2 * cos2 - u1 * sin1;
