@@ -4,6 +4,8 @@
 // memory-level parallelism); rows of different tensors may have different strides (the two
 // halves of a fused gate_up projection). Rows whose width or stride is not a multiple of the
 // vector width, or misaligned pointers, take the same kernel with 1-element vectors.
+#include <type_traits>
+
 #include "activations.h"
 #include "common.cuh"
 
@@ -86,9 +88,36 @@ __device__ __forceinline__ void locate(int64_t idx, int64_t rows, int64_t nv, in
   }
 }
 
+// N elements of T kept as 32-bit words: a 16-byte load lands in four registers and nothing
+// touches them until the math widens an element. (With Vec<bf16, 8> ptxas unpacks each element
+// into its own register right after the load, which waits for the load there and serializes
+// the loads that follow.) Sizes that are not whole words (1-element 16-bit) stay Vec.
 template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> load_raw(const T* p) {
-  return *reinterpret_cast<const Vec<T, N>*>(p);
+struct alignas(sizeof(T) * N) Packed {
+  uint32_t w[sizeof(T) * N / 4];
+  __device__ __forceinline__ float f(int i) const {
+    if constexpr (sizeof(T) == 4) {
+      return __uint_as_float(w[i]);
+    } else {
+      const uint32_t x = w[i / 2];
+      const uint32_t h = (i & 1) ? (x >> 16) : (x & 0xffffu);
+      if constexpr (std::is_same<T, __nv_bfloat16>::value) return __uint_as_float(h << 16);
+      else return __half2float(__ushort_as_half((unsigned short)h));
+    }
+  }
+};
+
+template <typename T, int N>
+using Raw = typename std::conditional<(sizeof(T) * N) % 4 == 0, Packed<T, N>, Vec<T, N>>::type;
+
+template <typename T, int N>
+__device__ __forceinline__ float elem(const Packed<T, N>& r, int i) { return r.f(i); }
+template <typename T, int N>
+__device__ __forceinline__ float elem(const Vec<T, N>& r, int i) { return to_f32(r.v[i]); }
+
+template <typename T, int N>
+__device__ __forceinline__ Raw<T, N> load_raw(const T* p) {
+  return *reinterpret_cast<const Raw<T, N>*>(p);
 }
 
 template <typename T, int VEC, int ACT>
@@ -98,23 +127,23 @@ __global__ void __launch_bounds__(kThreads) glu_fwd_kernel(const GluFwdArgs a) {
   const int64_t total = a.rows * nv;
   const int64_t first = (int64_t)blockIdx.x * kThreads * U + threadIdx.x;
   // Every load is issued before any math (raw 16-byte vectors: few registers).
-  Vec<T, VEC> g[U], u[U];
+  Raw<T, VEC> g[U], u[U];
   int64_t row[U], col[U];
 #pragma unroll
   for (int j = 0; j < U; ++j) {
-    const int64_t idx = first + j * kThreads;
+    // past the end: re-load the last vector (not stored) rather than branch, so no join
+    // makes ptxas unpack the words before the other loads are issued
+    const int64_t idx = min(first + j * kThreads, total - 1);
     locate(idx, a.rows, nv, VEC, row[j], col[j]);
-    if (idx < total) {
-      g[j] = load_raw<T, VEC>(static_cast<const T*>(a.gate) + row[j] * a.g_stride + col[j]);
-      u[j] = load_raw<T, VEC>(static_cast<const T*>(a.up) + row[j] * a.u_stride + col[j]);
-    }
+    g[j] = load_raw<T, VEC>(static_cast<const T*>(a.gate) + row[j] * a.g_stride + col[j]);
+    u[j] = load_raw<T, VEC>(static_cast<const T*>(a.up) + row[j] * a.u_stride + col[j]);
   }
 #pragma unroll
   for (int j = 0; j < U; ++j) {
     if (first + j * kThreads >= total) continue;
     float h[VEC];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) h[i] = act_fwd<ACT>(to_f32(g[j].v[i])) * to_f32(u[j].v[i]);
+    for (int i = 0; i < VEC; ++i) h[i] = act_fwd<ACT>(elem(g[j], i)) * elem(u[j], i);
     store_f32<T, VEC>(static_cast<T*>(a.out) + row[j] * a.o_stride + col[j], h);
   }
 }
@@ -125,17 +154,15 @@ __global__ void __launch_bounds__(kThreads) glu_bwd_kernel(const GluBwdArgs a) {
   const int64_t nv = a.n / VEC;
   const int64_t total = a.rows * nv;
   const int64_t first = (int64_t)blockIdx.x * kThreads * U + threadIdx.x;
-  Vec<T, VEC> d[U], g[U], u[U];
+  Raw<T, VEC> d[U], g[U], u[U];
   int64_t row[U], col[U];
 #pragma unroll
   for (int j = 0; j < U; ++j) {
-    const int64_t idx = first + j * kThreads;
+    const int64_t idx = min(first + j * kThreads, total - 1);  // see glu_fwd_kernel
     locate(idx, a.rows, nv, VEC, row[j], col[j]);
-    if (idx < total) {
-      d[j] = load_raw<T, VEC>(static_cast<const T*>(a.dh) + row[j] * a.dh_stride + col[j]);
-      g[j] = load_raw<T, VEC>(static_cast<const T*>(a.gate) + row[j] * a.g_stride + col[j]);
-      u[j] = load_raw<T, VEC>(static_cast<const T*>(a.up) + row[j] * a.u_stride + col[j]);
-    }
+    d[j] = load_raw<T, VEC>(static_cast<const T*>(a.dh) + row[j] * a.dh_stride + col[j]);
+    g[j] = load_raw<T, VEC>(static_cast<const T*>(a.gate) + row[j] * a.g_stride + col[j]);
+    u[j] = load_raw<T, VEC>(static_cast<const T*>(a.up) + row[j] * a.u_stride + col[j]);
   }
 #pragma unroll
   for (int j = 0; j < U; ++j) {
@@ -144,9 +171,9 @@ __global__ void __launch_bounds__(kThreads) glu_bwd_kernel(const GluBwdArgs a) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       float act, dact;
-      act_bwd<ACT>(to_f32(g[j].v[i]), act, dact);
-      const float dh = to_f32(d[j].v[i]);
-      dg[i] = dh * to_f32(u[j].v[i]) * dact;
+      act_bwd<ACT>(elem(g[j], i), act, dact);
+      const float dh = elem(d[j], i);
+      dg[i] = dh * elem(u[j], i) * dact;
       du[i] = dh * act;
     }
     store_f32<T, VEC>(static_cast<T*>(a.d_gate) + row[j] * a.dg_stride + col[j], dg);
