@@ -44,7 +44,9 @@ CMAKE_PID=$!
 
 if [ -n "${SKIP_TESTS:-}" ]; then stamp "gpu tests skipped (SKIP_TESTS)"; else
 stamp "gpu tests"
+# TEST_WORKERS=N runs the gpu tests in N processes (pytest-xdist, carried in .whl/) on the one GPU
 timeout ${TEST_TIMEOUT:-420} $PY -m pytest $TESTS -m gpu -q -p no:cacheprovider -rfE --continue-on-collection-errors \
+    ${TEST_WORKERS:+-n $TEST_WORKERS} \
     ${SELECT:+-k "$SELECT"} --junitxml="$OUT/gpu-tests.xml" > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests rc=$?"; grep -E "passed|failed|error" "$OUT/gpu-tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/gpu-tests.log" | head -30
