@@ -34,7 +34,9 @@ void check_weight(const at::Tensor& w, const at::Tensor& logits) {
 
 // Layout switches (benchmarks and tests compare them): FASTFT_CE_BLOCKS_PER_SM=1|2 forces the
 // one-block-per-row kernel with that layout; FASTFT_CE_CLUSTER=1|2|4|8 forces the sm_90
-// cluster kernel's blocks per row. Unset or 0 = the defaults.
+// cluster kernels' blocks per row; FASTFT_CE_CLUSTER_PER_ROW=1 picks the cluster-per-row
+// kernel instead of the persistent pipelined one; FASTFT_CE_MAX_CLUSTERS=N caps the persistent
+// clusters. Unset or 0 = the defaults.
 int env_int(const char* name) {
   const char* v = std::getenv(name);
   return v ? std::atoi(v) : 0;
@@ -55,8 +57,12 @@ void launch(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor
   a.ignore_index = ignore_index;
   a.softcap = (float)softcap; a.scale = (float)logit_scale; a.smoothing = (float)label_smoothing;
   TORCH_CHECK(a.rows < (int64_t{1} << 31), "fastft: cross_entropy takes fewer than 2^31 rows");
-  cross_entropy_forward(a, env_int("FASTFT_CE_BLOCKS_PER_SM"), env_int("FASTFT_CE_CLUSTER"),
-                        stream_of(logits));
+  CrossEntropyLayout layout;
+  layout.blocks_per_sm = env_int("FASTFT_CE_BLOCKS_PER_SM");
+  layout.cluster_size = env_int("FASTFT_CE_CLUSTER");
+  layout.cluster_per_row = env_int("FASTFT_CE_CLUSTER_PER_ROW") != 0;
+  layout.max_clusters = env_int("FASTFT_CE_MAX_CLUSTERS");
+  cross_entropy_forward(a, layout, stream_of(logits));
   check_launch();
 }
 

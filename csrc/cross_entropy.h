@@ -27,13 +27,25 @@ struct CrossEntropyArgs {
   float smoothing;  // label smoothing eps in [0, 1]
 };
 
-// blocks_per_sm: 0 = the default (on sm_90, a thread-block cluster per row when its slices fit
-// in shared memory; otherwise the one-block-per-row kernel with 1024 threads); 1 or 2 = the
-// one-block-per-row kernel with 1024 threads and up to ~226 KB of the row cached in shared
-// memory, or 512 threads and half the cache (two blocks per SM).
-// cluster_size: 1, 2, 4 or 8 forces that many blocks per row in the cluster kernel (used only
-// if the slice fits, else the choice is automatic); anything else = automatic.
-void cross_entropy_forward(const CrossEntropyArgs& a, int blocks_per_sm, int cluster_size,
+// Which kernel and layout (benchmarks and tests compare them; all zeros = the defaults).
+struct CrossEntropyLayout {
+  // 0 = the default: on sm_90, thread-block clusters (each row split into one slice per block,
+  // held in shared memory), else the one-block-per-row kernel with 1024 threads. 1 or 2 = the
+  // one-block-per-row kernel with 1024 threads and up to ~226 KB of the row cached in shared
+  // memory, or 512 threads and half the cache (two blocks per SM).
+  int blocks_per_sm = 0;
+  // 1, 2, 4 or 8 forces that many blocks per row in the cluster kernels (used only if the
+  // slices fit, else the next kernel is tried); anything else = automatic.
+  int cluster_size = 0;
+  // false (default): persistent clusters, as many as fit at once, each walking rows with two
+  // slice buffers per block (the next row's copies in flight while this row's gradient is
+  // written). true: one cluster per row (launched per row, one buffer).
+  bool cluster_per_row = false;
+  // > 0: at most this many persistent clusters (tests use it to make each walk many rows).
+  int64_t max_clusters = 0;
+};
+
+void cross_entropy_forward(const CrossEntropyArgs& a, const CrossEntropyLayout& layout,
                            cudaStream_t stream);
 
 }  // namespace fastft
