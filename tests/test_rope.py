@@ -391,6 +391,17 @@ def test_rope_gpu(backend, dtype, case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", gpu_backends("rope"))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_gpu_block_and_grid_limits(backend, dtype):
+    # one column vector and one head slot a token (one thread): a CUDA block takes 32 tokens
+    # along blockDim.z; seq 131 leaves the last block of each batch row partly empty
+    run_case(backend, (16, 16, 1, 1, 2, "random", "proj"), dtype, "cuda", batch=3, seq=131)
+    # more batch rows than grid.y takes (65535): the CUDA launcher launches again from row 65535
+    run_case(backend, (32, 32, 2, 1, 1, "random", "proj"), dtype, "cuda", batch=65535 + 6, seq=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("rope"))
 def test_rope_gpu_misaligned_falls_back_to_scalar_path(backend):
     # head_dim 66 (half 33): no 16-byte vectors; odd seq
     run_case(backend, (66, 66, 5, 1, 1, "random", "proj"), torch.bfloat16, "cuda", 2, 301)
