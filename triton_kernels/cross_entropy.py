@@ -157,3 +157,36 @@ def loss_and_grad(logits, labels, loss, grad, row_weight, ignore_index, softcap,
         HAS_GRAD=has_grad, HAS_SCALE=scale != 1.0, HAS_SOFTCAP=bool(softcap),
         HAS_SMOOTHING=smoothing != 0.0, BLOCK=block,
         num_warps=(16 if block >= 8192 else 8) if on_gpu else 4)
+
+
+@triton.jit
+def _scale_unless_one_kernel(G, Scale, n, BLOCK: tl.constexpr):
+    # The scale is read on the device: no host sync, capturable in a CUDA graph; when it is 1
+    # (the usual loss.backward()) every program exits after one load.
+    scale = tl.load(Scale).to(tl.float32)
+    if scale != 1.0:
+        first = tl.program_id(0).to(tl.int64) * BLOCK
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(first, n, step):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n
+            g = tl.load(G + offs, mask=mask, other=0.0)
+            # float32 math and one rounding (to nearest even on the GPU)
+            tl.store(G + offs, (g.to(tl.float32) * scale).to(G.dtype.element_ty), mask=mask)
+
+
+def scale_unless_one(t, scale):
+    """t *= scale (t contiguous; scale a one-element float32 tensor on t's device), skipping the
+    pass over t when scale == 1 without the host reading the scale."""
+    assert t.is_contiguous() and scale.numel() == 1 and scale.device == t.device
+    n = t.numel()
+    if n == 0:
+        return
+    block = 4096 if t.is_cuda else 256
+    if t.is_cuda:
+        sms = torch.cuda.get_device_properties(t.device).multi_processor_count
+        grid = min(triton.cdiv(n, block), sms * 4)
+    else:
+        grid = min(triton.cdiv(n, block), 3)  # the interpreter: a few programs, several steps
+    _scale_unless_one_kernel[(grid,)](t, scale, n, BLOCK=block,
+                                      num_warps=8 if t.is_cuda else 4)

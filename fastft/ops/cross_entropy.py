@@ -34,7 +34,10 @@ from fastft.ops._common import cuda_ops, new_empty, rows_view
 
 REDUCTIONS = ("mean", "sum", "none")
 CHUNK_BYTES = 256 << 20  # logits of one fused-linear chunk, at most (before the free-memory cap)
-TRAIN_HEAD_CHUNK_BYTES = 384 << 20  # the same with a trainable head (see auto_chunk_rows' caller)
+# The same with a trainable head, where every chunk rewrites dW (vocab x hidden) in a beta=1
+# GEMM: fewer, bigger chunks (8 of 2048 tokens for 16384 tokens at Llama-3's vocab) at just
+# under the 0.5 GiB of extra memory a fused head may take.
+TRAIN_HEAD_CHUNK_BYTES = int(0.49 * (1 << 30))
 
 
 # ---------------------------------------------------------------- the torch reference
@@ -269,10 +272,48 @@ def _row_weight(labels, ignore_index, reduction, num_items_in_batch, dtype=torch
 
 
 def _is_one(t: torch.Tensor) -> bool:
-    """grad_output == 1 (the usual loss.backward()), checked only in eager mode."""
+    """grad_output == 1 (the usual loss.backward()), checked on the host only in eager mode and
+    outside CUDA-graph capture (where reading it would fail)."""
     if torch.compiler.is_compiling() or t.numel() != 1:
         return False
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
     return bool(t.detach().reshape(()).item() == 1.0)
+
+
+_TRITON_SCALE: list = []
+
+
+def _triton_scale():
+    """triton_kernels.cross_entropy.scale_unless_one, or None when Triton does not import."""
+    if not _TRITON_SCALE:
+        try:
+            from fastft.triton_kernels.cross_entropy import scale_unless_one
+        except Exception:  # no Triton: the host check below
+            scale_unless_one = None
+        _TRITON_SCALE.append(scale_unless_one)
+    return _TRITON_SCALE[0]
+
+
+def _scale_by(t: torch.Tensor, grad_output: torch.Tensor, allow_sync: bool) -> None:
+    """t *= grad_output (one element), skipping the pass over t when grad_output == 1.
+
+    On the GPU a Triton kernel reads grad_output on the device, so there is no host sync and
+    the backward can be captured in a CUDA graph. Otherwise (CPU, torch.compile, float64,
+    no Triton) grad_output is checked on the host when allow_sync, else t is always scaled."""
+    scaler = None
+    if (t.is_cuda and t.is_contiguous() and t.dtype in (torch.float32, torch.float16,
+                                                          torch.bfloat16)
+            and not torch.compiler.is_compiling()):
+        scaler = _triton_scale()
+    if scaler is not None:
+        scale = grad_output.detach().reshape(1).to(device=t.device, dtype=torch.float32)
+        with _on_device(t):
+            scaler(t, scale.contiguous())
+        return
+    if allow_sync and _is_one(grad_output):
+        return
+    t.mul_(grad_output.detach().reshape(()).to(row_weight_dtype(t.dtype)))
 
 
 # ---------------------------------------------------------------- cross_entropy
@@ -314,8 +355,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
             raise RuntimeError("cross_entropy: backward ran twice through the same graph (its "
                                "gradient buffer is consumed by the first); call backward once")
         ctx.grad = None
-        if not _is_one(grad_output):
-            grad.mul_(grad_output.detach().reshape(()).to(row_weight_dtype(grad.dtype)))
+        _scale_by(grad, grad_output, allow_sync=True)
         return grad, None, None, None, None, None, None, None, None, None
 
 
@@ -444,16 +484,11 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
             dh, dw, db = ctx.grads
             ctx.grads = None
             # Skipping the scaling when grad_output == 1 saves a pass over dW (1 GiB for
-            # Llama-3) but costs a host sync: only worth it with a trainable head, and not
-            # possible inside CUDA-graph capture.
-            skip = (dw is not None and not (grad_output.is_cuda and
-                                            torch.cuda.is_current_stream_capturing())
-                    and _is_one(grad_output))
-            if not skip:
-                g = grad_output.detach().reshape(()).to(ctx.math_dtype)
-                for t in (dh, dw, db):
-                    if t is not None:
-                        t.mul_(g)
+            # Llama-3). On the GPU that check runs on the device (no sync); a host check
+            # elsewhere is only worth its sync with a trainable head.
+            for t in (dh, dw, db):
+                if t is not None:
+                    _scale_by(t, grad_output, allow_sync=dw is not None)
         b_dtype = ctx.param_dtypes[1]
         db = db.to(b_dtype) if db is not None else None  # dW is already in the weight's dtype
         return dh, dw, db, None, None, None, None, None, None, None, None, None
@@ -491,7 +526,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
     chosen = dispatch.backend_for("fused_linear_cross_entropy", h.device, dtype, backend)
     if chunk_size is None:
         # A trainable head rewrites dW (vocab x hidden) once per chunk: bigger chunks, fewer
-        # passes over it, still well inside the 0.5 GiB of extra memory.
+        # passes over it, just inside the 0.5 GiB of extra memory.
         trainable = torch.is_grad_enabled() and weight.requires_grad
         chunk = auto_chunk_rows(h.shape[0], w.shape[0], dtype, h.device,
                                 TRAIN_HEAD_CHUNK_BYTES if trainable else CHUNK_BYTES)
