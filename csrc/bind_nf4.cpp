@@ -1,10 +1,7 @@
 // torch.ops.fastft.nf4_dequantize / nf4_gemv: checks, then the launchers in nf4.cu.
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
-
-#include <atomic>
-#include <mutex>
 
 #include "binding.h"
 #include "nf4.h"
@@ -84,35 +81,6 @@ void dequantize(const at::Tensor& packed, const at::Tensor& absmax,
   check_launch();
 }
 
-// Split-K counters of the fused kernel (see NF4GemvArgs::counters): per device, kSlots slots
-// of kSlotRows counters, a call takes the next slot round-robin so that calls in flight at the
-// same time on different streams (rare) don't share counters unless kSlots are in flight.
-// Allocated (zeroed, synchronously) on first use outside CUDA graph capture; until then, and
-// for weights with more row blocks than a slot holds, the splits are added by a second kernel.
-constexpr int64_t kSlots = 64, kSlotRows = 4096;
-
-unsigned* gemv_counters(const at::Tensor& like, int64_t row_blocks, cudaStream_t stream) {
-  if (row_blocks > kSlotRows) return nullptr;
-  static std::mutex mu;
-  static at::Tensor buffers[64];
-  static std::atomic<unsigned> next{0};
-  const int dev = like.device().index();
-  if (dev < 0 || dev >= 64) return nullptr;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    if (!buffers[dev].defined()) {
-      cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-      if (cudaStreamIsCapturing(stream, &status) != cudaSuccess ||
-          status != cudaStreamCaptureStatusNone)
-        return nullptr;
-      buffers[dev] = at::zeros({kSlots * kSlotRows}, like.options().dtype(at::kInt));
-      C10_CUDA_CHECK(cudaStreamSynchronize(stream));  // zeroed before any stream uses it
-    }
-  }
-  const int64_t slot = next.fetch_add(1u) % kSlots;
-  return reinterpret_cast<unsigned*>(buffers[dev].data_ptr<int>()) + slot * kSlotRows;
-}
-
 void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
           const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
           const c10::optional<at::Tensor>& offset, const at::Tensor& code,
@@ -159,13 +127,20 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   a.M = (int)M; a.N = (int)N; a.K = (int)K;
   a.dtype = dtype_tag(x);
   nf4_gemv_plan(a, sm_count(x));
-  at::Tensor partial;
+  // Split K: float32 partials [split, M, N] and the row blocks' completion counters in one
+  // scratch allocation of this call (stream-ordered by the caching allocator, captured into a
+  // CUDA graph's pool under capture); the counters are zeroed on the launch's stream, so the
+  // kernel never depends on what an earlier call (eager, compiled or a graph replay) left.
+  const cudaStream_t stream = stream_of(x);
+  at::Tensor scratch;
   if (a.split > 1) {
-    partial = at::empty({a.split, M, N}, x.options().dtype(at::kFloat));
-    a.partial = partial.data_ptr<float>();
-    a.counters = gemv_counters(x, nf4_gemv_row_blocks(N), stream_of(x));
+    const int64_t partials = (int64_t)a.split * M * N, row_blocks = nf4_gemv_row_blocks(N);
+    scratch = at::empty({partials + row_blocks}, x.options().dtype(at::kFloat));
+    a.partial = scratch.data_ptr<float>();
+    a.counters = reinterpret_cast<unsigned*>(a.partial + partials);
+    C10_CUDA_CHECK(cudaMemsetAsync(a.counters, 0, row_blocks * sizeof(unsigned), stream));
   }
-  nf4_gemv(w, a, stream_of(x));
+  nf4_gemv(w, a, stream);
   check_launch();
 }
 

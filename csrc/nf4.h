@@ -39,9 +39,9 @@ struct NF4GemvArgs {
   int split;        // K ranges (grid.y), set by nf4_gemv_plan
   int per_split;    // 128-value chunks per K range, set by nf4_gemv_plan
   float* partial;   // split > 1: [split, M, N] float32 scratch, else null
-  // split > 1: one zeroed counter per 128-row block (>= nf4_gemv_row_blocks(N)), left zeroed
-  // again by the kernel, so the last block of each row block adds the splits in-kernel; null:
-  // a second kernel adds them. Calls that share counters must run one after another (one stream).
+  // split > 1: nf4_gemv_row_blocks(N) counters, zero when the launch starts (the caller zeroes
+  // them on the launch's stream, for this launch only: nothing is kept between calls); the
+  // last block of each row block to count adds the partials.
   unsigned* counters;
 };
 inline int64_t nf4_gemv_row_blocks(int64_t N) { return (N + 127) / 128; }

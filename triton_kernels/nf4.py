@@ -109,7 +109,7 @@ def _nf4_gemv(X, P, Absmax, Absmax2, Code2, Offset, Code, Bias, Y, M, N, K, x_st
         if HAS_BIAS:
             acc += tl.load(Bias + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         out = Y + m[:, None] * y_stride + n[None, :]
-        tl.store(out, acc.to(Y.dtype.element_ty), mask=mask)
+        tl.store(out, _round_to(acc, Y.dtype.element_ty, INTERPRETER), mask=mask)
 
 
 def _interpreted():

@@ -16,8 +16,9 @@ multiply: never fused into an FMA), so its output is bit-identical to bitsandbyt
 
 nf4_matmul(x, W) = x @ W.T (+ bias) where W is the dequantised [out, in] weight, in x's dtype.
 Up to SMALL_M rows of x (decode) a fused kernel reads the packed weight directly (bf16/fp16 x;
-the Triton one uses exactly the dequantised W, the CUDA one multiplies each level by its
-block scale in x's dtype on tensor cores, equal within the dtype's rounding); larger inputs, float32 x and
+both the Triton and the CUDA kernel multiply by exactly the dequantised W, each value rounded
+as nf4_dequantize rounds it, so they differ from dequantise + matmul only in the float32
+summation order); larger inputs, float32 x and
 shapes the fused kernels don't take dequantise W into a per-device workspace (reused by every
 layer, see workspace()) and call cuBLAS. Only x (and a bias) get gradients: the quantised
 weight is frozen; backward dequantises again (dx = dy @ W), nothing W-sized is saved.
