@@ -339,6 +339,18 @@ def test_triton_custom_op_passes_opcheck():
                           (q, k, cos, sin, torch.empty_like(q), torch.empty_like(k), True))
 
 
+@pytest.mark.parametrize("cos_kind", ["packed", "batch1"])
+def test_triton_launcher_splits_batch_rows_over_launches(monkeypatch, cos_kind):
+    # batch rows go on grid axis 1 (at most 65535 a launch): with the limit at 2, five rows take
+    # three launches from sliced tensors (cos/sin per row, or one row broadcast to all)
+    kernels = importlib.import_module("fastft.triton_kernels.rope")
+    monkeypatch.setattr(kernels, "_MAX_GRID_Y", 2)
+    run_case("triton", (64, 32, 2, 1, 1, cos_kind, "no_inplace"), torch.float32, "cpu",
+             batch=5, seq=3)
+    run_case("triton", (64, 64, 3, 1, 2, cos_kind, "proj"), torch.float32, "cpu", batch=5,
+             seq=3)
+
+
 @pytest.mark.parametrize("backend", backends("rope", "cpu"))
 def test_compiles_fullgraph(backend):
     qp, kp, cos, sin, dq, dk = make_case((64, 64, 2, 1, 1, "packed", "proj"), torch.float32,
