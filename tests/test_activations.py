@@ -117,7 +117,8 @@ def test_matches_transformers_activations_in_bf16(act):
 # ------------------------------------------------- the erf approximation of the kernels
 
 # erfc(z) = t * exp(-z^2 + P(t)), t = 1 / (1 + z/2) for z >= 0: the formula the CUDA and Triton
-# GeGLU kernels use (coefficients copied from csrc/activations.cu, highest degree first).
+# GeGLU kernels use (coefficients copied from csrc/activations.cu, highest degree first; Triton
+# folds log2(e) and the 0.5 into them).
 ERFC_COEFFS = (0.17087277, -0.82215223, 1.48851587, -1.13520398, 0.27886807, -0.18628806,
                0.09678418, 0.37409196, 1.00002368, -1.26551223)
 
@@ -144,6 +145,21 @@ def test_erfc_fit_is_accurate_in_float64_and_float32():
     assert (cdf - ref_cdf).abs().max() < 5e-7
     low = ref_cdf > 1e-30  # the lower tail keeps its relative accuracy (no 1 - x cancellation)
     assert ((cdf - ref_cdf).abs() / ref_cdf)[low & (g < 0)].max() < 1e-4
+
+
+def test_folded_erfc_fit_of_the_triton_kernel_is_the_same_function():
+    # Triton forms 0.5 * erfc(z) as t * 2^(L*P(t) - 1 - g^2 * L/2), L = log2(e), z = |g|/sqrt 2
+    # (its coefficients are these times L, the constant term's minus 1); the kernel's own
+    # constants are checked end to end by the pointwise tests
+    L = 1 / torch.log(torch.tensor(2.0, dtype=torch.float64))
+    g = torch.linspace(0, 18, 180_001, dtype=torch.float64)
+    t = 1 / (1 + g * (0.5 / 2 ** 0.5))
+    p = torch.zeros_like(g)
+    for i, c in enumerate(ERFC_COEFFS):
+        p = p * t + (c * L - (1 if i == len(ERFC_COEFFS) - 1 else 0))
+    folded = t * torch.exp2(p - g * g * (L / 2))
+    ref = 0.5 * torch.special.erfc(g / 2 ** 0.5)
+    assert ((folded - ref).abs() / ref).max() < 1.1e-7
 
 
 def check_pointwise_gelu_erf(backend, device):
