@@ -128,8 +128,10 @@ __global__ void __launch_bounds__(kThreads) nf4_dequant_scalar(const NF4Weight w
 // Scales: 32 consecutive k starting at a multiple of 32 (K % 32 == 0, blocksize >= 32 and a
 // power of two) lie in one quantisation block, so each thread needs one float32 scale per row
 // and chunk. Each weight value is then computed exactly as nf4_dequantize computes it: the
-// float32 level (a 16-entry shared table: 16 entries in 16 banks, so any lookup pattern is
-// conflict-free) times the float32 scale, one rounded multiply, rounded to x's dtype. The mma
+// float32 level times the float32 scale, one rounded multiply, rounded to x's dtype. A packed
+// byte's two levels come from one 8-byte shared load: a table of the 256 byte values' level
+// pairs, 16 copies so that the 16 lanes of a half-warp (lane & 15) read 16 distinct bank pairs
+// whatever the bytes are (conflict-free: 2 wavefronts per warp load). The mma
 // therefore sees bit-for-bit the dequantised W. (An earlier version multiplied the level and
 // the scale after rounding each to bf16: the rounding of the 16 levels is the same for every
 // weight, a systematic bias that made sums over many outputs ~1% off.)
@@ -143,7 +145,8 @@ constexpr int kBlockRows = kGemvWarps * kTileRows;         // 128
 static_assert(kBlockRows == 128, "nf4_gemv_row_blocks in nf4.h assumes 128-row blocks");
 constexpr int kChunk = 128;                                // k per warp step
 constexpr int kAhead = 4;                                  // chunks in flight per warp
-constexpr int kLevelBytes = 16 * 4;
+constexpr int kPairCopies = 16;                            // level-pair table copies
+constexpr int kLevelBytes = 256 * kPairCopies * 8;         // float2 [256][16]: 32 KB
 constexpr int kCode2Bytes = 256 * 4;
 constexpr int kMaxXBytes = 64 * 1024;                      // x staging per block
 
@@ -159,9 +162,12 @@ template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi
 
 // The two values of one packed byte, level * scale rounded once in float32 and then to the
 // dtype (round to nearest even), as nf4_dequantize: the high nibble (lower k) in the low half.
+// pairs_lane: the level-pair table at this lane's copy (pairs + (lane & 15)).
 template <typename T>
-__device__ __forceinline__ uint32_t dequant_pair(uint32_t byte, const float* levels, float s) {
-  return pack2<T>(__fmul_rn(levels[(byte >> 4) & 15u], s), __fmul_rn(levels[byte & 15u], s));
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t byte, const float2* pairs_lane,
+                                                 float s) {
+  const float2 l = pairs_lane[byte * kPairCopies];  // (code[byte >> 4], code[byte & 15])
+  return pack2<T>(__fmul_rn(l.x, s), __fmul_rn(l.y, s));
 }
 
 template <typename T>
@@ -257,7 +263,7 @@ __device__ __forceinline__ float row_scale(const NF4Weight& w, uint32_t q, float
 // One 128-value chunk: 8 mma steps per token tile.
 template <typename T, int MT>
 __device__ __forceinline__ void gemv_chunk(const NF4Weight& w, const ChunkIn& in, bool valid_k,
-                                           bool va, bool vb, const float* levels,
+                                           bool va, bool vb, const float2* pairs_lane,
                                            const float* code2_s, float offset,
                                            const T* xs_chunk, int xs_stride, int g, int t,
                                            float (&acc)[MT][4]) {
@@ -282,8 +288,9 @@ __device__ __forceinline__ void gemv_chunk(const NF4Weight& w, const ChunkIn& in
     const uint32_t a_lo = (wa[word] >> sh) & 0xFFu, a_hi = (wa[word] >> (sh + 8)) & 0xFFu;
     const uint32_t b_lo = (wb[word] >> sh) & 0xFFu, b_hi = (wb[word] >> (sh + 8)) & 0xFFu;
     // {row g, slots 2t..}, {row g+8, 2t..}, {row g, 2t+8..}, {row g+8, 2t+8..}
-    const uint32_t frag[4] = {dequant_pair<T>(a_lo, levels, sa), dequant_pair<T>(b_lo, levels, sb),
-                              dequant_pair<T>(a_hi, levels, sa), dequant_pair<T>(b_hi, levels, sb)};
+    const uint32_t frag[4] = {
+        dequant_pair<T>(a_lo, pairs_lane, sa), dequant_pair<T>(b_lo, pairs_lane, sb),
+        dequant_pair<T>(a_hi, pairs_lane, sa), dequant_pair<T>(b_hi, pairs_lane, sb)};
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) mma_16816<T>(acc[mt], frag, xw[mt][2 * s], xw[mt][2 * s + 1]);
   }
@@ -295,13 +302,13 @@ __host__ __device__ __forceinline__ int split_first(int split, int per_split) {
 }
 
 // MT: token tiles of 8 rows of x (1 for M <= 8, 2 for M <= 16). Dynamic shared memory:
-// levels (kLevelBytes) | code2 (kCode2Bytes) | xs [MT * 8][xs_stride] of T.
+// level pairs (kLevelBytes) | code2 (kCode2Bytes) | xs [MT * 8][xs_stride] of T.
 template <typename T, int MT>
 __global__ void __launch_bounds__(kGemvWarps * 32, 2)
     nf4_gemv_kernel(const NF4Weight w, const NF4GemvArgs a, int per_split, int xs_stride) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(16) unsigned char smem[];
-  float* levels = reinterpret_cast<float*>(smem);
+  float2* pairs = reinterpret_cast<float2*>(smem);
   float* code2_s = reinterpret_cast<float*>(smem + kLevelBytes);
   T* xs = reinterpret_cast<T*>(smem + kLevelBytes + kCode2Bytes);
 
@@ -328,7 +335,12 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
 #pragma unroll
   for (int i = 0; i < kAhead; ++i) ring[i] = load_chunk_in(w, r, i, nch, K);
 
-  if (threadIdx.x < 16) levels[threadIdx.x] = __ldg(w.code + threadIdx.x);
+  // pairs[e * 16 + copy] = (code[e >> 4], code[e & 15]) for every byte value e; consecutive
+  // threads write consecutive 8-byte entries
+  for (int i = threadIdx.x; i < 256 * kPairCopies; i += kGemvWarps * 32) {
+    const int e = i / kPairCopies;
+    pairs[i] = make_float2(__ldg(w.code + (e >> 4)), __ldg(w.code + (e & 15)));
+  }
   if (w.nested) code2_s[threadIdx.x] = __ldg(w.code2 + threadIdx.x);  // 256 threads
   {
     // x[token][k0 + kk] for kk < nch * 128 in 16-byte units, copied asynchronously (all in
@@ -367,7 +379,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
       const ChunkIn cur = ring[i];
       ring[i] = load_chunk_in(w, r, c + kAhead, nch, K);
       const bool valid_k = r.k_first + (int64_t)c * kChunk < K;
-      gemv_chunk<T, MT>(w, cur, valid_k, r.va, r.vb, levels, code2_s, offset,
+      gemv_chunk<T, MT>(w, cur, valid_k, r.va, r.vb, pairs + (lane & 15), code2_s, offset,
                         xs + c * kChunk, xs_stride, g, t, acc);
     }
   }
