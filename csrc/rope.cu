@@ -1,9 +1,9 @@
 // RoPE of q and k in one launch, forward and backward (see rope.h for the math).
 //
 // A block holds several tokens of one batch row (blockIdx.y); a token gets
-// `col_lanes * head_slots` threads (threadIdx.x, threadIdx.y; threadIdx.z is the token). A thread owns
-// one column vector of the rotated half-rows: it loads that column's cos/sin once (they are
-// shared by every head of the token) and walks heads head_slot, head_slot + head_slots, ...,
+// `col_lanes * head_slots` threads (threadIdx.x, threadIdx.y; threadIdx.z is the token). A
+// thread owns one column vector of the rotated half-rows: it loads that column's cos/sin (they
+// are shared by every head of the token) and walks heads head_slot, head_slot + head_slots, ...,
 // kHeadUnroll heads at a time with all their 16-byte loads issued before any math, so q and k
 // are read and written once each with several loads in flight per thread. Layouts (strided
 // heads), GQA (hq != hk), per-token positions (cos/sin rows), in place or not and partial rotary
@@ -20,8 +20,8 @@ namespace {
 
 // A token's loads are all in flight together, so what limits bytes in flight is registers:
 // 4 heads a thread (8 head loads + 4 cos/sin loads, 48 data registers) under <= 85 registers
-// (ptxas takes 77-79 on sm_80/sm_90, no spills) keeps 10 tokens (100 KB of q/k) in flight a SM for Llama's
-// 32 + 8 heads; 3 heads at <= 64 registers reached 8, 5 heads spill at 80.
+// (ptxas takes 77-79 on sm_80/sm_90, no spills) keeps 10 tokens (100 KB of q/k) in flight a
+// SM for Llama's 32 + 8 heads; 3 heads at <= 64 registers reached 8, 5 heads spill at 80.
 constexpr int kMaxThreads = 256;
 constexpr int kMinBlocks = 3;
 constexpr int kHeadUnroll = 4;
