@@ -640,8 +640,9 @@ def test_fused_matmul_gpu_llama_shapes(backend, w_shape):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", gpu_backends("nf4_matmul"))
 def test_fused_matmul_gpu_cuda_graph_replays(backend):
-    """Captured once, replayed with new x each time: the split-K bookkeeping (counters the
-    kernel resets itself) must give the eager result on every replay."""
+    """Captured once, replayed with new x each time: the split-K bookkeeping (partials and
+    counters allocated and zeroed inside the captured call) must give the eager result on
+    every replay."""
     _, packed, state = quantize((1000, 4544), True, device="cuda")
     bias = torch.randn(1000, device="cuda", dtype=torch.bfloat16)
     for rows in (1, 16):
