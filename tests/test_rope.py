@@ -410,6 +410,10 @@ def test_rope_gpu_block_and_grid_limits(backend, dtype):
     run_case(backend, (16, 16, 1, 1, 2, "random", "proj"), dtype, "cuda", batch=3, seq=131)
     # more batch rows than grid.y takes (65535): the CUDA launcher launches again from row 65535
     run_case(backend, (32, 32, 2, 1, 1, "random", "proj"), dtype, "cuda", batch=65535 + 6, seq=2)
+    # half-rows of 32+ vectors: 32 column lanes, so 8 head slots of 4 heads take 32 of the 45
+    # heads and each thread loops to a second head group (partly past the last head); fp32
+    # (half 256 = 64 vectors) also loops over two columns a thread
+    run_case(backend, (512, 512, 37, 8, 1, "random", "proj"), dtype, "cuda", batch=2, seq=67)
 
 
 @pytest.mark.gpu
