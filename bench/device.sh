@@ -75,7 +75,7 @@ if [ -n "${TRAIN_ARGS:-}" ]; then
 fi
 for script in ${EXTRA_SCRIPTS:-}; do
   stamp "$script"
-  timeout 300 $PY $script --out "$OUT" > "$OUT/$(basename $script .py).log" 2>&1
+  timeout ${EXTRA_TIMEOUT:-300} $PY $script --out "$OUT" > "$OUT/$(basename $script .py).log" 2>&1
   echo "$script rc=$?"; tail -5 "$OUT/$(basename $script .py).log"
 done
 wait $CMAKE_PID; echo "cmake build rc=$? ($(ls /tmp/cmake-out 2>/dev/null | tr '\n' ' '))"
