@@ -333,15 +333,17 @@ def test_triton_custom_ops_pass_opcheck():
                                st.code, bias, st.blocksize, st.blocksize2, y))
 
 
+@pytest.mark.parametrize("bnb_state", [False, True], ids=["nf4state", "bnb_quantstate"])
 @pytest.mark.parametrize("backend", backends("nf4_matmul", "cpu"))
-def test_compiles_fullgraph(backend):
+def test_compiles_fullgraph(backend, bnb_state):
     _, packed, state = quantize((32, 128), True)
-    st = NF4State.from_bnb(state)
+    st = state if bnb_state else NF4State.from_bnb(state)
     x = torch.randn(4, 128, requires_grad=True)
 
     def f(x):
         return nf4_matmul(x, packed, st, backend=backend).sum()
 
+    nf4_matmul(x.detach(), packed, st, backend=backend)  # eager first: the state is cached
     out = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
     out.backward()
     w = nf4_dequantize(packed, state, dtype=torch.float32, backend="torch")

@@ -183,9 +183,11 @@ def resolve(packed: torch.Tensor, quant_state=None) -> Resolved:
                              "(pass bitsandbytes' weight.quant_state or a fastft NF4State)")
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"nf4: packed must be a tensor, got {type(packed).__name__}")
+    if torch.compiler.is_compiling():  # traced once into the graph; data pointers are not
+        return _resolve(packed, quant_state)  # values the compiler can compare
     try:
         key = _identity(packed, quant_state)
-    except RuntimeError:  # tensors without storage (fake tensors while tracing): no caching
+    except RuntimeError:  # tensors without storage (fake tensors): no caching
         return _resolve(packed, quant_state)
     sid = id(quant_state)
     hit = _RESOLVED.get(sid)
