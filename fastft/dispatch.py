@@ -22,14 +22,16 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # op -> backends in order of preference.
 TABLE: dict[str, tuple[str, ...]] = {
-    # Order by measurement (bench/RESULTS.md, H200, fwd+bwd at 16384 tokens): Triton first
-    # where it was faster. geglu: Triton for the tanh GELU (the one Gemma uses, 3% faster),
-    # CUDA was 3% faster for the erf GELU.
-    "rms_norm": ("triton", "cuda", "torch"),
-    "layer_norm": ("triton", "cuda", "torch"),
-    "rope": ("triton", "cuda", "torch"),
-    "swiglu": ("triton", "cuda", "torch"),
-    "geglu": ("triton", "cuda", "torch"),
+    # CUDA first (bench/RESULTS.md, H200). On the GPU the two backends of these ops are within
+    # 0-6% of each other (CUDA RoPE now the faster), but each Triton call goes through
+    # torch.library's Python custom-op layer: bench/host_overhead.py put ~0.2 ms of host time
+    # on each such call, ~13 calls per decoder layer per step, and the 8B LoRA step at 2 x 2048
+    # was bound by the host (issue time ~80% of wall). The C++ ops cost microseconds.
+    "rms_norm": ("cuda", "triton", "torch"),
+    "layer_norm": ("cuda", "triton", "torch"),
+    "rope": ("cuda", "triton", "torch"),
+    "swiglu": ("cuda", "triton", "torch"),
+    "geglu": ("cuda", "triton", "torch"),
     "cross_entropy": ("cuda", "triton", "torch"),
     "fused_linear_cross_entropy": ("cuda", "triton", "torch"),
     "nf4_dequantize": ("cuda", "triton", "torch"),
