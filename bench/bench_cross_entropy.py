@@ -12,11 +12,10 @@ gradient written once, as a fraction of the measured copy bandwidth, against tor
 torch.compile of F.cross_entropy.
 
 Layout variants recorded side by side (to choose the defaults from one run; see CE_VARIANTS):
-"cuda" is the default (on sm_90 persistent thread-block clusters walking rows, each block
-holding two slices of rows in shared memory so the next row's reads overlap this row's
-gradient writes); FASTFT_CE_CLUSTER=4|8 forces the cluster size; FASTFT_CE_CLUSTER_PER_ROW=1
-the previous cluster-per-row kernel; FASTFT_CE_BLOCKS_PER_SM=1|2 the one-block-per-row kernel
-(the fallback). torch_eager / torch_compile are timed eagerly on one input set (they need ~30
+"cuda" is the default (on sm_90 a thread-block cluster per row, each block holding its slice
+of the row in shared memory: 4 blocks for this shape); FASTFT_CE_CLUSTER=1|2|4|8 forces the
+cluster size; FASTFT_CE_PIPELINED=1 the persistent pipelined cluster kernel;
+FASTFT_CE_BLOCKS_PER_SM=1|2 the one-block-per-row kernel (the fallback). torch_eager / torch_compile are timed eagerly on one input set (they need ~30
 GiB per call). Fused-head rows carry extra_gib (peak beyond inputs and outputs) and vs_matmuls
 (time / the matmul floor; the bar is <= 1.07)."""
 
@@ -154,15 +153,12 @@ def logits_inputs(sets=2):
     return out
 
 
-# Variant -> (backend, environment). "cuda" is the default layout (on sm_90 persistent
-# pipelined clusters, auto size); the others force one layout each.
+# Variant -> (backend, environment). "cuda" is the default layout (on sm_90 a cluster per row,
+# 4 blocks for this shape); the others force one layout each.
 CE_VARIANTS = {
     "cuda": ("cuda", {}),
-    "cuda_cluster_4": ("cuda", {"FASTFT_CE_CLUSTER": "4"}),  # pipelined, 64 KB slices
-    "cuda_cluster_8": ("cuda", {"FASTFT_CE_CLUSTER": "8"}),  # pipelined, 32 KB slices
-    "cuda_cluster_per_row": ("cuda", {"FASTFT_CE_CLUSTER_PER_ROW": "1"}),  # the previous default
-    "cuda_cluster_per_row_4": ("cuda", {"FASTFT_CE_CLUSTER_PER_ROW": "1",
-                                        "FASTFT_CE_CLUSTER": "4"}),
+    "cuda_cluster_8": ("cuda", {"FASTFT_CE_CLUSTER": "8"}),  # a cluster per row, 32 KB slices
+    "cuda_pipelined": ("cuda", {"FASTFT_CE_PIPELINED": "1"}),  # persistent pipelined clusters
     "cuda_1_block_per_sm": ("cuda", {"FASTFT_CE_BLOCKS_PER_SM": "1"}),
     "cuda_2_blocks_per_sm": ("cuda", {"FASTFT_CE_BLOCKS_PER_SM": "2"}),
     "triton": ("triton", {}),

@@ -557,8 +557,9 @@ def test_cuda_kernel_layouts(monkeypatch, blocks_per_sm):
 # The sm_90 cluster kernels: persistent pipelined clusters (the default; "walk" caps them at
 # 2 clusters so each walks many rows, ignored ones included, through both slice buffers and
 # both partial buffers) and one cluster per row.
-CLUSTER_MODES = {"pipelined": {}, "pipelined_walk": {"FASTFT_CE_MAX_CLUSTERS": "2"},
-                 "per_row": {"FASTFT_CE_CLUSTER_PER_ROW": "1"}}
+CLUSTER_MODES = {"pipelined": {"FASTFT_CE_PIPELINED": "1"},
+                 "pipelined_walk": {"FASTFT_CE_PIPELINED": "1", "FASTFT_CE_MAX_CLUSTERS": "2"},
+                 "per_row": {}}  # the default
 
 
 @pytest.mark.gpu
