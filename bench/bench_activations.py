@@ -10,7 +10,7 @@ alone, in place into gate/up), fwd+bwd (autograd, gradients w.r.t. the projectio
 import pytest
 import torch
 
-from common import time_ms
+from common import ProjectionOutput, time_ms
 from fastft.ops import activations as A
 from fastft.ops import geglu, swiglu
 
@@ -19,18 +19,6 @@ TOKENS = [4096, 16384]
 DEVICE = "cuda"  # a CPU smoke run sets "cpu"
 VARIANTS = ["cuda", "triton", "torch_eager", "torch_compile", "liger"]
 ACTS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
-
-
-class ProjectionOutput(torch.autograd.Function):
-    """A zero-cost stand-in for a projection's output: a non-leaf tensor owning its memory."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.detach()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
 
 
 def inputs(tokens, sets=3):

@@ -12,7 +12,7 @@ import importlib
 import pytest
 import torch
 
-from common import time_ms
+from common import ProjectionOutput, time_ms
 from fastft.ops import rope
 
 R = importlib.import_module("fastft.ops.rope")  # the module (fastft.ops.rope is the op)
@@ -21,18 +21,6 @@ HQ, HK, HEAD_DIM = 32, 8, 128
 TOKENS = [4096, 16384]
 DEVICE = "cuda"  # a CPU smoke run sets "cpu"
 VARIANTS = ["cuda", "triton", "torch_eager", "torch_compile", "liger"]
-
-
-class ProjectionOutput(torch.autograd.Function):
-    """A zero-cost stand-in for a projection's output: a non-leaf tensor owning its memory."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.detach()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
 
 
 def heads(p, n):

@@ -69,6 +69,18 @@ def _time_graph_ms(fn, input_sets, warmup, iters, calls_per_graph=None):
     return statistics.median(times)
 
 
+class ProjectionOutput(torch.autograd.Function):
+    """A zero-cost stand-in for a projection's output: a non-leaf tensor owning its memory."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
 def copy_bandwidth_gbps() -> float:
     """Measured device-to-device copy rate in GB/s (bytes read + bytes written), cached."""
     if not _COPY_GBPS:
