@@ -63,6 +63,22 @@ def bnb_runs(fn):
         pytest.skip(f"bitsandbytes does not run here: {type(exc).__name__}: {exc}")
 
 
+def reference_matmul(variant, xs, weights):
+    """(input sets, fn) of a reference variant: bitsandbytes' matmul_4bit ("bitsandbytes") or a
+    plain bf16 matmul with the weights dequantised beforehand ("dense_bf16")."""
+    if variant == "bitsandbytes":
+        import bitsandbytes as bnb
+
+        sets = [(x, p, bnb_state(s)) for x, (p, s) in zip(xs, weights)]
+        if sets[0][2] is None:
+            pytest.skip("bitsandbytes does not import")
+        fn = lambda x, p, s: bnb.matmul_4bit(x, p.t(), quant_state=s)  # noqa: E731
+        bnb_runs(lambda: fn(*sets[0]))
+        return sets, fn
+    sets = [(x, nf4_dequantize(p, s, dtype=torch.bfloat16)) for x, (p, s) in zip(xs, weights)]
+    return sets, (lambda x, w: x @ w.t())
+
+
 def need_backend(op, backend):
     problem = dispatch.why_not(op, backend, "cuda", torch.bfloat16)
     if problem:
@@ -130,18 +146,9 @@ def bench_nf4_matmul_small(benchmark, record, variant, shape, rows):
         err = ((fn(*sets[0]).float() - want).norm() / want.norm()).item()
         assert err < 2e-2, f"{variant} fused nf4_matmul is wrong here: relative error {err:.3g}"
         del w32, want
-    elif variant == "bitsandbytes":
-        import bitsandbytes as bnb
-
-        sets = [(x, p, bnb_state(s)) for x, (p, s) in zip(xs, weights)]
-        if sets[0][2] is None:
-            pytest.skip("bitsandbytes does not import")
-        fn = lambda x, p, s: bnb.matmul_4bit(x, p.t(), quant_state=s)  # noqa: E731
-        bnb_runs(lambda: fn(*sets[0]))
     else:
-        sets = [(x, nf4_dequantize(p, s, dtype=torch.bfloat16)) for x, (p, s) in zip(xs, weights)]
+        sets, fn = reference_matmul(variant, xs, weights)
         del weights
-        fn = lambda x, w: x @ w.t()  # noqa: E731
     ms = time_ms(fn, sets)
     record(op="nf4_matmul_small_m", direction="fwd", shape=f"M={rows} {shape}",
            backend=variant, ms=ms, bytes=out_f * in_f // 2)
@@ -161,17 +168,8 @@ def bench_nf4_matmul_large(benchmark, record, variant, shape):
         need_backend("nf4_matmul", variant)
         sets = [(x, p, s) for x, (p, s) in zip(xs, weights)]
         fn = lambda x, p, s: nf4_matmul(x, p, s, backend=variant)  # noqa: E731
-    elif variant == "bitsandbytes":
-        import bitsandbytes as bnb
-
-        sets = [(x, p, bnb_state(s)) for x, (p, s) in zip(xs, weights)]
-        if sets[0][2] is None:
-            pytest.skip("bitsandbytes does not import")
-        fn = lambda x, p, s: bnb.matmul_4bit(x, p.t(), quant_state=s)  # noqa: E731
-        bnb_runs(lambda: fn(*sets[0]))
     else:
-        sets = [(x, nf4_dequantize(p, s, dtype=torch.bfloat16)) for x, (p, s) in zip(xs, weights)]
-        fn = lambda x, w: x @ w.t()  # noqa: E731
+        sets, fn = reference_matmul(variant, xs, weights)
     ms = time_ms(fn, sets)
     row = record(op="nf4_matmul_large_m", direction="fwd", shape=f"M={rows} {shape}",
                  backend=variant, ms=ms, flops=2 * rows * out_f * in_f)
