@@ -67,3 +67,13 @@ def torch_backend_unpatched(monkeypatch):
     yield
     unpatch_all()
     dispatch.clear_cache()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests (OpenMP threads spinning on a
+    shared CI box made them far slower); restored afterwards for the other test files."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -27,14 +27,8 @@ from fastft import save  # noqa: E402
 from fastft.gguf_export import ollama, writer  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one thread is faster, and OpenMP threads spinning on a shared CI box are
-    # far slower still; restored afterwards for the other test files
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# tiny tensors: one intra-op thread is faster (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3"}
 GEMMA = ("gemma2", "gemma3")

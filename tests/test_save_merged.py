@@ -16,14 +16,8 @@ from _fastft_save_helpers import FAMILIES, add_lora, logits, rel_err, sample_ids
 from fastft import save  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one thread is faster, and OpenMP threads spinning on a shared CI box are
-    # far slower still; restored afterwards for the other test files
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# tiny tensors: one intra-op thread is faster (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lora_effect(pm, ids):
