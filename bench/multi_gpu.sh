@@ -117,29 +117,10 @@ spec = json.loads(sys.argv[1])
 rank, world = fd.init_distributed()
 torch.cuda.set_device(fd.local_rank())
 
-def quantize_bf16_storage(model):
-    import bitsandbytes as bnb
-    from torch import nn
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if not isinstance(child, nn.Linear):
-                    continue
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
-                                      quant_storage=torch.bfloat16, device="meta")
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True, quant_storage=torch.bfloat16,
-                                             module=q).to("cuda")  # module: FSDP2 drops weight.quant_state
-                setattr(parent, name, q)
-    model.is_loaded_in_4bit = True
-    torch.cuda.empty_cache()
-    return model
-
 gib = 1024 ** 3
 model = ts._build_model(spec["model"], spec["seq"], 0, "cuda")
 if spec["mode"] == "qlora":
-    model = quantize_bf16_storage(model)
+    model = ts._quantize_decoder_linears(model, "cuda", quant_storage=torch.bfloat16)
 model, info = ts._setup_fastft(model, spec["mode"])
 model.train()
 if spec["engine"] == "fsdp2":

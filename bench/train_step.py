@@ -86,13 +86,17 @@ def _build_model(shape: str, seq: int, seed: int, device: str = "cuda"):
     return model.to(torch.bfloat16)
 
 
-def _quantize_decoder_linears(model, device="cuda"):
+def _quantize_decoder_linears(model, device="cuda", quant_storage=None):
     """Replace every nn.Linear inside the decoder layers by an NF4 bitsandbytes Linear4bit
-    (double quantisation, bf16 compute) holding the same weights, as a QLoRA load would."""
+    (double quantisation, bf16 compute) holding the same weights, as a QLoRA load would.
+    quant_storage (e.g. torch.bfloat16, bnb_4bit_quant_storage): the packed bytes stored as that
+    dtype so FSDP2 can shard them (bench/multi_gpu.sh); the layer then also keeps the quant state
+    (FSDP2 drops weight.quant_state)."""
     import bitsandbytes as bnb
     import torch
     from torch import nn
 
+    storage = {} if quant_storage is None else {"quant_storage": quant_storage}
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
@@ -100,9 +104,10 @@ def _quantize_decoder_linears(model, device="cuda"):
                     continue
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=torch.bfloat16, compress_statistics=True,
-                                      quant_type="nf4", device="meta")
+                                      quant_type="nf4", device="meta", **storage)
+                keep = {} if quant_storage is None else {"module": q}
                 q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True).to(device)
+                                             compress_statistics=True, **storage, **keep).to(device)
                 if child.bias is not None:
                     q.bias = nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(parent, name, q)
