@@ -429,9 +429,15 @@ def mlp_tile_tokens(tokens: int, intermediate: int, tile_elements: int | None = 
     return tile
 
 
-def _mlp_tile_forward(x2, gate, up, down, kind, dtype, out):
+def _mlp_tile_forward(x2, gate, up, down, kind, dtype, out, need_output=True):
+    """One tile's forward into `out`; returns what its backward needs (g, u, x·Aᵀ of gate and
+    up, h·Aᵀ of down). need_output=False skips the down projection's base matmul and leaves
+    `out` unwritten (a recompute that never reads the output; the tiled backward)."""
     g, xag = _project(x2, gate, dtype)
     u, xau = _project(x2, up, dtype)
+    if not need_output:  # only h·Aᵀ of the down adapter (for its dB), when there is one
+        ha = _act_forward(kind, g, u).mm(_factor(down.A, dtype).t()) if down.has_lora else None
+        return g, u, xag, xau, ha
     h = _act_forward(kind, g, u)
     _, ha = _project(h, down, dtype, out=out)
     return g, u, xag, xau, ha
@@ -470,17 +476,6 @@ def _add(acc, value):
     return value if acc is None else acc.add_(value)
 
 
-def _mlp_saved_only(x2, gate, up, down, kind, dtype):
-    """What the backward needs from one untiled forward, without the down projection's base
-    matmul (its output is not needed for any gradient)."""
-    g, xag = _project(x2, gate, dtype)
-    u, xau = _project(x2, up, dtype)
-    ha = None
-    if down.has_lora:
-        ha = _act_forward(kind, g, u).mm(_factor(down.A, dtype).t())
-    return g, u, xag, xau, ha
-
-
 class _LoRAMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, up, down, kind, tile_tokens, output_needed, *adapter_tensors):
@@ -489,26 +484,19 @@ class _LoRAMLP(torch.autograd.Function):
             x2 = _cast(_rows(x), dtype)
             n = x2.shape[0]
             y, y2 = _new_output(x.shape[:-1], down.base.out_features, dtype, x.device)
-            if not output_needed:
-                # A checkpoint recompute whose output values nobody reads: skip the down
-                # projection (a third of the MLP's FLOPs); tiled, the backward recomputes
-                # each tile itself, so nothing at all is computed here. y stays unwritten.
-                if tile_tokens is None or tile_tokens >= n:
-                    ctx.tiled = False
-                    g, u, xag, xau, ha = _mlp_saved_only(x2, gate, up, down, kind, dtype)
-                    saved = [x2, g, u] + [t for t in (xag, xau, ha) if t is not None]
-                else:
-                    ctx.tiled = True
-                    saved = [x2]
-            elif tile_tokens is None or tile_tokens >= n:
-                g, u, xag, xau, ha = _mlp_tile_forward(x2, gate, up, down, kind, dtype, y2)
-                ctx.tiled = False
+            # output_needed=False (a checkpoint recompute whose output values nobody reads):
+            # no down projection (a third of the MLP's FLOPs), and tiled nothing at all, since
+            # the tiled backward recomputes each tile itself. y then stays unwritten.
+            ctx.tiled = not (tile_tokens is None or tile_tokens >= n)
+            if not ctx.tiled:
+                g, u, xag, xau, ha = _mlp_tile_forward(x2, gate, up, down, kind, dtype, y2,
+                                                       need_output=output_needed)
                 saved = [x2, g, u] + [t for t in (xag, xau, ha) if t is not None]
             else:
-                for i in range(0, n, tile_tokens):
-                    _mlp_tile_forward(x2[i:i + tile_tokens], gate, up, down, kind, dtype,
-                                      y2[i:i + tile_tokens])
-                ctx.tiled = True
+                if output_needed:
+                    for i in range(0, n, tile_tokens):
+                        _mlp_tile_forward(x2[i:i + tile_tokens], gate, up, down, kind, dtype,
+                                          y2[i:i + tile_tokens])
                 saved = [x2]
         ctx.projs = (gate, up, down)
         ctx.kind = kind
@@ -541,11 +529,8 @@ class _LoRAMLP(torch.autograd.Function):
                 grads = [None] * 6
                 for i in range(0, n, step):
                     xt = x2[i:i + step]
-                    g, xag = _project(xt, gate, dtype)
-                    u, xau = _project(xt, up, dtype)
-                    ha = None
-                    if down.has_lora:  # h·Aᵀ for dB of down: recompute h for this tile
-                        ha = _act_forward(kind, g, u).mm(_factor(down.A, dtype).t())
+                    g, u, xag, xau, ha = _mlp_tile_forward(xt, gate, up, down, kind, dtype,
+                                                           None, need_output=False)
                     dxt, tile_grads = _mlp_tile_backward(dy2[i:i + step], xt, g, u, xag, xau, ha,
                                                          gate, up, down, kind, dtype, need_dx)
                     if need_dx:
