@@ -39,10 +39,7 @@ def run(mode: str, layers: int, steps: int, top: int) -> None:
     ids = torch.randint(0, 128256, (2, 2048), device="cuda")
 
     def step():
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        ts.train_step(model, opt, ids)
 
     for _ in range(2):
         step()

@@ -214,10 +214,7 @@ def run_worker(spec: dict) -> dict:
         ids = batches[i % len(batches)]
         sync()
         start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(model, opt, ids)
         sync()
         times.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))
@@ -235,6 +232,22 @@ def run_worker(spec: dict) -> dict:
     return result
 
 
+def train_step(model, opt, ids, marks=None):
+    """One step (forward with the model's own loss, backward, AdamW step); returns the loss.
+    marks, when given, gets the host clock after the forward, the backward and the optimizer."""
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    if marks is not None:
+        marks.append(time.perf_counter())
+    loss.backward()
+    if marks is not None:
+        marks.append(time.perf_counter())
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if marks is not None:
+        marks.append(time.perf_counter())
+    return loss
+
+
 def _issue_timing(model, opt, ids):
     """How long the host takes to issue each phase of one step, against the step's wall time:
     when the issue times add up to about the wall time the step is bound by the host (Python
@@ -243,13 +256,9 @@ def _issue_timing(model, opt, ids):
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    t1 = time.perf_counter()
-    loss.backward()
-    t2 = time.perf_counter()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    t3 = time.perf_counter()
+    marks = []
+    train_step(model, opt, ids, marks)
+    t1, t2, t3 = marks
     torch.cuda.synchronize()
     t4 = time.perf_counter()
     ms = lambda a, b: round((b - a) * 1e3, 2)  # noqa: E731
@@ -278,10 +287,7 @@ def _profile_step(model, opt, ids, top=40):
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, ids)
         torch.cuda.synchronize()
     kernels, compute = {}, []
     for ev in prof.events():
