@@ -5,8 +5,10 @@ fraction of the measured copy bandwidth.
 
 gate and up are separate [tokens, intermediate] projection outputs. Bytes counted: each tensor
 read or written once: forward gate, up read + h written (3 passes); backward dh, gate, up read +
-d_gate, d_up written (5 passes); fwd+bwd 8 passes. Directions: fwd, bwd (the backward kernel
-alone, in place into gate/up), fwd+bwd (autograd, gradients w.r.t. the projection outputs)."""
+d_gate, d_up written (5 passes); fwd+bwd 8 passes; bwd+h 6 passes. Directions: fwd, bwd (the
+backward kernel alone, in place into gate/up), bwd+h (the same kernel also writing
+h = act(gate) * up over dh, as the fused LoRA MLP backward uses it), fwd+bwd (autograd,
+gradients w.r.t. the projection outputs)."""
 import pytest
 import torch
 
@@ -93,4 +95,8 @@ def bench_glu(benchmark, record, name, tokens, variant):
                                                       ACTS[name]), sets)
         record(op=name, direction="bwd", shape=shape, backend=variant, ms=ms_b,
                bytes=5 * one_pass)
+        ms_bh = time_ms(lambda g, u, dh: impl.backward(dh, g.detach(), u.detach(), None, None,
+                                                       ACTS[name], h=dh), sets)
+        record(op=name, direction="bwd+h", shape=shape, backend=variant, ms=ms_bh,
+               bytes=6 * one_pass)
     benchmark.pedantic(fwd, args=sets[0], rounds=5, warmup_rounds=1)

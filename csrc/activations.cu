@@ -148,7 +148,9 @@ __global__ void __launch_bounds__(kThreads) glu_fwd_kernel(const GluFwdArgs a) {
   }
 }
 
-template <typename T, int VEC, int ACT>
+// WRITE_H: also h = act(gate) * up (the forward's output, for callers that need both; one more
+// 16-byte store per vector instead of a separate forward pass that re-reads gate and up).
+template <typename T, int VEC, int ACT, bool WRITE_H>
 __global__ void __launch_bounds__(kThreads) glu_bwd_kernel(const GluBwdArgs a) {
   constexpr int U = kUnrollBwd;
   const int64_t nv = a.n / VEC;
@@ -167,17 +169,19 @@ __global__ void __launch_bounds__(kThreads) glu_bwd_kernel(const GluBwdArgs a) {
 #pragma unroll
   for (int j = 0; j < U; ++j) {
     if (first + j * kThreads >= total) continue;
-    float dg[VEC], du[VEC];
+    float dg[VEC], du[VEC], h[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       float act, dact;
       act_bwd<ACT>(elem(g[j], i), act, dact);
-      const float dh = elem(d[j], i);
-      dg[i] = dh * elem(u[j], i) * dact;
+      const float dh = elem(d[j], i), up = elem(u[j], i);
+      dg[i] = dh * up * dact;
       du[i] = dh * act;
+      h[i] = act * up;
     }
     store_f32<T, VEC>(static_cast<T*>(a.d_gate) + row[j] * a.dg_stride + col[j], dg);
     store_f32<T, VEC>(static_cast<T*>(a.d_up) + row[j] * a.du_stride + col[j], du);
+    if (WRITE_H) store_f32<T, VEC>(static_cast<T*>(a.h) + row[j] * a.h_stride + col[j], h);
   }
 }
 
@@ -228,11 +232,12 @@ void glu_forward(const GluFwdArgs& args, cudaStream_t s) {
 void glu_backward(const GluBwdArgs& args, cudaStream_t s) {
   if (args.rows * args.n == 0) return;
   GluBwdArgs a = args;
+  const bool write_h = a.h != nullptr;
   if (a.dh_stride == a.n && a.g_stride == a.n && a.u_stride == a.n && a.dg_stride == a.n &&
-      a.du_stride == a.n) {  // contiguous: one row
+      a.du_stride == a.n && (!write_h || a.h_stride == a.n)) {  // contiguous: one row
     a.n *= a.rows;
     a.rows = 1;
-    a.dh_stride = a.g_stride = a.u_stride = a.dg_stride = a.du_stride = a.n;
+    a.dh_stride = a.g_stride = a.u_stride = a.dg_stride = a.du_stride = a.h_stride = a.n;
   }
   dispatch_float(a.dtype, [&](auto t) {
     using T = decltype(t);
@@ -241,11 +246,15 @@ void glu_backward(const GluBwdArgs& args, cudaStream_t s) {
                      vec_ok(a.gate, a.g_stride, VEC, sizeof(T)) &&
                      vec_ok(a.up, a.u_stride, VEC, sizeof(T)) &&
                      vec_ok(a.d_gate, a.dg_stride, VEC, sizeof(T)) &&
-                     vec_ok(a.d_up, a.du_stride, VEC, sizeof(T));
+                     vec_ok(a.d_up, a.du_stride, VEC, sizeof(T)) &&
+                     (!write_h || vec_ok(a.h, a.h_stride, VEC, sizeof(T)));
     dispatch_act(a.act, [&](auto tag) {
       constexpr int ACT = decltype(tag)::value;
-      if (vec) glu_bwd_kernel<T, VEC, ACT><<<grid_for(a.rows, a.n, VEC, kUnrollBwd), kThreads, 0, s>>>(a);
-      else glu_bwd_kernel<T, 1, ACT><<<grid_for(a.rows, a.n, 1, kUnrollBwd), kThreads, 0, s>>>(a);
+      const unsigned grid = grid_for(a.rows, a.n, vec ? VEC : 1, kUnrollBwd);
+      if (vec && write_h) glu_bwd_kernel<T, VEC, ACT, true><<<grid, kThreads, 0, s>>>(a);
+      else if (vec) glu_bwd_kernel<T, VEC, ACT, false><<<grid, kThreads, 0, s>>>(a);
+      else if (write_h) glu_bwd_kernel<T, 1, ACT, true><<<grid, kThreads, 0, s>>>(a);
+      else glu_bwd_kernel<T, 1, ACT, false><<<grid, kThreads, 0, s>>>(a);
     });
   });
 }

@@ -18,14 +18,16 @@ struct GluFwdArgs {
 };
 void glu_forward(const GluFwdArgs& a, cudaStream_t stream);
 
-// d_gate = dh * up * act'(gate), d_up = dh * act(gate). d_gate / d_up may be gate / up
-// themselves (in place): each element is read and then written by the same thread.
+// d_gate = dh * up * act'(gate), d_up = dh * act(gate), and h = act(gate) * up when h is not
+// null. d_gate / d_up may be gate / up themselves and h may be dh (in place): each element is
+// read and then written by the same thread. h must not share memory with gate or up.
 struct GluBwdArgs {
   const void* dh; int64_t dh_stride;
   const void* gate; int64_t g_stride;
   const void* up; int64_t u_stride;
   void* d_gate; int64_t dg_stride;
   void* d_up; int64_t du_stride;
+  void* h; int64_t h_stride;  // h: nullptr = not written
   int64_t rows, n;
   int dtype, act;
 };

@@ -25,11 +25,13 @@ TORCH_LIBRARY(fastft, m) {
   m.def("rope_inplace(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, bool backward) -> ()");
   m.def("rope_out(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor(a!) q_out, "
         "Tensor(b!) k_out, bool backward) -> ()");
-  // act: 0 SiLU, 1 GELU (erf), 2 GELU (tanh); glu_bwd_inplace writes d_gate/d_up into gate/up.
+  // act: 0 SiLU, 1 GELU (erf), 2 GELU (tanh); glu_bwd_inplace writes d_gate/d_up into gate/up;
+  // h, when given, also receives act(gate) * up (the forward's output; it may be dh itself).
   m.def("glu_fwd(Tensor gate, Tensor up, Tensor(a!) out, int act) -> ()");
   m.def("glu_bwd(Tensor dh, Tensor gate, Tensor up, Tensor(a!) d_gate, Tensor(b!) d_up, "
-        "int act) -> ()");
-  m.def("glu_bwd_inplace(Tensor dh, Tensor(a!) gate, Tensor(b!) up, int act) -> ()");
+        "int act, Tensor(c!)? h=None) -> ()");
+  m.def("glu_bwd_inplace(Tensor dh, Tensor(a!) gate, Tensor(b!) up, int act, "
+        "Tensor(c!)? h=None) -> ()");
   // ---- cross_entropy (cross_entropy.cu)
   m.def("cross_entropy_fwd(Tensor logits, Tensor labels, Tensor(a!) loss, Tensor(b!)? grad, "
         "Tensor? row_weight, int ignore_index, float softcap, float logit_scale, "

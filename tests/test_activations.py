@@ -260,6 +260,101 @@ def test_float64_runs_on_the_reference():
     assert rel_err(geglu(gate, up, "tanh"), A.reference_glu(gate, up, "gelu_tanh")) < 1e-14
 
 
+# ------------------------------------------- backward that also writes h = act(gate) * up
+# backend.backward(dh, gate, up, d_gate, d_up, act, h=...): one kernel reads dh, gate, up and
+# writes h, d_gate, d_up (the fused LoRA MLP backward needs both).
+
+H_LAYOUTS = ["new", "inplace", "h_over_dh", "fused", "h_strided"]
+
+
+def poisoned(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def run_backward_with_h(backend, act, rows, n, dtype, device, layout, seed=0):
+    """layout: 'new' (d_gate, d_up, h all new), 'inplace' (gradients over gate / up, h new),
+    'h_over_dh' (in place and h written over dh), 'fused' (gate / up the halves of one
+    [rows, 2n] buffer, in place, h a strided view into a wider buffer), 'h_strided' (gate, up,
+    dh contiguous, h strided: the kernels may not treat the rows as one flat row). Every output
+    starts as NaN. Checks h, d_gate, d_up against float64 and the gradients against the same
+    backend's backward without h."""
+    impl = A._BACKENDS[backend]
+    gate0, up0, dh0 = make((rows, n), dtype, device, seed)
+    g64, u64, d64 = gate0.double(), up0.double(), dh0.double()
+    a64, da64 = A._act_and_grad(g64, act)
+    h_ref, dg_ref, du_ref = a64 * u64, d64 * u64 * da64, d64 * a64
+    # the same backend without h (the existing call), out of place
+    dg_plain, du_plain = poisoned(gate0.shape, dtype, device), poisoned(gate0.shape, dtype, device)
+    impl.backward(dh0, gate0, up0, dg_plain, du_plain, act)
+    dh = dh0.clone()
+    if layout == "fused":
+        buf = torch.cat([gate0, up0], -1)
+        gate, up = buf.chunk(2, -1)
+    else:
+        gate, up = gate0.clone(), up0.clone()
+    if layout in ("fused", "h_strided"):
+        h = poisoned((rows, n + 5), dtype, device)[:, 2:2 + n]
+    elif layout == "h_over_dh":
+        h = dh
+    else:
+        h = poisoned(gate0.shape, dtype, device)
+    if layout == "new":
+        d_gate, d_up = poisoned(gate0.shape, dtype, device), poisoned(gate0.shape, dtype, device)
+        impl.backward(dh, gate, up, d_gate, d_up, act, h=h)
+        assert torch.equal(gate, gate0) and torch.equal(up, up0)  # inputs untouched
+    else:
+        impl.backward(dh, gate, up, None, None, act, h=h)
+        d_gate, d_up = gate, up
+    if layout != "h_over_dh":
+        assert torch.equal(dh, dh0)
+    if layout in ("fused", "h_strided"):  # nothing written outside h's columns
+        assert h._base[:, :2].isnan().all() and h._base[:, 2 + n:].isnan().all()
+    tol = RTOL[dtype]
+    assert rel_err(h, h_ref) < tol
+    assert rel_err(d_gate, dg_ref) < 2 * tol
+    assert rel_err(d_up, du_ref) < 2 * tol
+    # the same arithmetic as without h, and h is the forward's output: equal up to a last-bit
+    # difference (separate kernel instantiations, torch's strided vs contiguous CPU loops,
+    # the forward's SiLU formula), elementwise
+    # (fp32: a few ulps of fast-math reciprocals / divisions; 16-bit: one ulp after rounding;
+    # atol: subnormal results, whose ulp is not relative)
+    eps = torch.finfo(dtype).eps * (16 if dtype == torch.float32 else 2)
+    tiny = torch.finfo(dtype).smallest_normal
+    torch.testing.assert_close(d_gate, dg_plain, rtol=eps, atol=tiny)
+    torch.testing.assert_close(d_up, du_plain, rtol=eps, atol=tiny)
+    fwd = poisoned(gate0.shape, dtype, device)
+    impl.forward(gate0, up0, fwd, act)
+    torch.testing.assert_close(h, fwd, rtol=eps, atol=tiny)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", [(3, 37), (5, 129), (4, 1030)])
+@pytest.mark.parametrize("layout", H_LAYOUTS)
+def test_backward_with_h_cpu(act, dtype, rows, n, layout):
+    for backend in backends(op_name(act), "cpu"):
+        run_backward_with_h(backend, act, rows, n, dtype, "cpu", layout)
+
+
+@pytest.mark.parametrize("backend", backends("geglu", "cpu"))
+def test_backward_with_h_gelu_erf_pointwise_cpu(backend):
+    check_pointwise_h(backend, "cpu")
+
+
+def check_pointwise_h(backend, device):
+    """fp32 GeGLU (erf) h from the backward at every gate of a dense grid over both tails,
+    elementwise against float64 (as check_pointwise_gelu_erf does for the forward)."""
+    g64 = torch.linspace(-12, 12, 24_003, dtype=torch.float64)
+    gate = g64.float().to(device).reshape(3, -1)
+    up = torch.ones_like(gate)
+    h = poisoned(gate.shape, torch.float32, device)
+    A._BACKENDS[backend].backward(torch.ones_like(gate), gate.clone(), up.clone(), None, None,
+                                  "gelu", h=h)
+    g = gate.double().cpu().flatten()
+    expect = g * 0.5 * torch.special.erfc(-g / 2 ** 0.5)
+    assert ((h.double().cpu().flatten() - expect).abs() <= 2e-6 + 1e-6 * g.abs()).all()
+
+
 def test_triton_custom_ops_pass_opcheck():
     gate, up, dh = make((4, 40), torch.float32, "cpu")
     fused = torch.cat([gate, up], -1)
@@ -270,6 +365,12 @@ def test_triton_custom_ops_pass_opcheck():
                               (dh, g.clone(), u.clone(), torch.empty_like(gate),
                                torch.empty_like(up), act))
         torch.library.opcheck(A._triton_glu_bwd_inplace, (dh, gate.clone(), up.clone(), act))
+        # with h
+        torch.library.opcheck(A._triton_glu_bwd,
+                              (dh, g.clone(), u.clone(), torch.empty_like(gate),
+                               torch.empty_like(up), act), {"h": torch.empty_like(gate)})
+        torch.library.opcheck(A._triton_glu_bwd_inplace, (dh, gate.clone(), up.clone(), act),
+                              {"h": torch.empty_like(gate)})
 
 
 @pytest.mark.parametrize("backend", backends("swiglu", "cpu"))
@@ -340,6 +441,60 @@ def test_glu_gpu_misaligned_falls_back_to_scalar_path(backend, act, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch"] + gpu_backends("swiglu"))
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", [(3, 4093), (257, 80), (33, 11), (2000, 688), (1, 8)])
+def test_backward_with_h_gpu(backend, act, dtype, rows, n):
+    for layout in H_LAYOUTS:
+        run_backward_with_h(backend, act, rows, n, dtype, "cuda", layout, seed=rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("swiglu"))
+@pytest.mark.parametrize("act", ACTS)
+def test_backward_with_h_gpu_llama_shape(backend, act):
+    for layout in ("inplace", "h_over_dh", "fused"):
+        run_backward_with_h(backend, act, 4096, 14336, torch.bfloat16, "cuda", layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("geglu"))
+def test_backward_with_h_gelu_erf_pointwise_gpu(backend):
+    check_pointwise_h(backend, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends("swiglu"))
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("misaligned", ["h_pointer", "h_stride"])
+def test_backward_with_misaligned_h_gpu(backend, act, dtype, misaligned):
+    """Only h off the 16-byte grid (its pointer one element off, or a row stride that is not a
+    multiple of the vector): the kernels must take the 1-element path (a vector store there
+    faults) and still write every element once."""
+    rows, n = 45, 1024
+    gate0, up0, dh = make((rows, n), dtype, "cuda", seed=5)
+    g64, u64 = gate0.double(), up0.double()
+    a64, da64 = A._act_and_grad(g64, act)
+    if misaligned == "h_pointer":
+        buf = poisoned((rows * n + 1,), dtype, "cuda")
+        h = buf[1:].view(rows, n)
+    else:
+        buf = poisoned((rows, n + 1), dtype, "cuda")
+        h = buf[:, :n]
+    gate, up = gate0.clone(), up0.clone()
+    A._BACKENDS[backend].backward(dh, gate, up, None, None, act, h=h)
+    assert rel_err(h, a64 * u64) < RTOL[dtype]
+    assert rel_err(gate, dh.double() * u64 * da64) < 2 * RTOL[dtype]
+    assert rel_err(up, dh.double() * a64) < 2 * RTOL[dtype]
+    if misaligned == "h_pointer":
+        assert buf[0].isnan()  # nothing written before h
+    else:
+        assert buf[:, n].isnan().all()  # nothing written past each row of h
+
+
+@pytest.mark.gpu
 def test_cuda_ops_pass_opcheck():
     import fastft.ops.activations  # noqa: F401
 
@@ -352,6 +507,12 @@ def test_cuda_ops_pass_opcheck():
         torch.library.opcheck(ops.glu_bwd, (dh, g.clone(), u.clone(), torch.empty_like(gate),
                                             torch.empty_like(up), act))
         torch.library.opcheck(ops.glu_bwd_inplace, (dh, gate.clone(), up.clone(), act))
+        # with h (a strided view: row stride != width)
+        h = torch.empty(64, 207, dtype=gate.dtype, device="cuda")[:, 3:203]
+        torch.library.opcheck(ops.glu_bwd, (dh, g.clone(), u.clone(), torch.empty_like(gate),
+                                            torch.empty_like(up), act), {"h": h})
+        torch.library.opcheck(ops.glu_bwd_inplace, (dh, gate.clone(), up.clone(), act),
+                              {"h": torch.empty_like(gate)})
 
 
 @pytest.mark.gpu

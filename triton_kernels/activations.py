@@ -1,8 +1,9 @@
 """h = act(gate) * up and its backward over [rows, I] views (rows may be strided, last dim
 contiguous). act: 0 = SiLU, 1 = GELU (erf), 2 = GELU (tanh). Math in float32.
 
-The backward writes d_gate and d_up; each element is read and then written by the same
-program, so d_gate / d_up may be the gate / up tensors themselves (in place)."""
+The backward writes d_gate and d_up (and, on request, h itself: one kernel for callers that
+need both); each element is read and then written by the same program, so d_gate / d_up may be
+the gate / up tensors themselves and h may be dh (in place)."""
 import os
 
 import triton
@@ -94,8 +95,9 @@ def _glu_fwd(G, U, O, g_stride, u_stride, o_stride, N, col_blocks,
 
 
 @triton.jit
-def _glu_bwd(DH, G, U, DG, DU, dh_stride, g_stride, u_stride, dg_stride, du_stride, N,
-             col_blocks, ACT: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
+def _glu_bwd(DH, G, U, DG, DU, H, dh_stride, g_stride, u_stride, dg_stride, du_stride, h_stride,
+             N, col_blocks, ACT: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr,
+             WRITE_H: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     row = pid // col_blocks
     cols = (pid % col_blocks) * BLOCK + tl.arange(0, BLOCK)
@@ -106,6 +108,8 @@ def _glu_bwd(DH, G, U, DG, DU, dh_stride, g_stride, u_stride, dg_stride, du_stri
     a, da = _act_and_grad(g, ACT, FAST)
     tl.store(DG + row * dg_stride + cols, (dh * u * da).to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + row * du_stride + cols, (dh * a).to(DU.dtype.element_ty), mask=mask)
+    if WRITE_H:  # the forward's output too, from the gate and up already loaded
+        tl.store(H + row * h_stride + cols, (a * u).to(H.dtype.element_ty), mask=mask)
 
 
 def _fast_math(t):
@@ -136,14 +140,19 @@ def glu_forward(gate, up, out, act):
                           FAST=_fast_math(gate), num_warps=4)
 
 
-def glu_backward(dh, gate, up, d_gate, d_up, act):
+def glu_backward(dh, gate, up, d_gate, d_up, act, h=None):
+    """d_gate, d_up and, when h is given, h = act(gate) * up (h may be dh itself)."""
     rows, n = gate.shape
     if rows * n == 0:
         return
-    strides = (dh.stride(0), gate.stride(0), up.stride(0), d_gate.stride(0), d_up.stride(0))
-    if _flat(dh, gate, up, d_gate, d_up):
-        rows, n, strides = 1, rows * n, (0, 0, 0, 0, 0)
+    write_h = h is not None
+    h_arg = h if write_h else d_gate  # not touched when WRITE_H is off
+    strides = (dh.stride(0), gate.stride(0), up.stride(0), d_gate.stride(0), d_up.stride(0),
+               h_arg.stride(0))
+    if _flat(dh, gate, up, d_gate, d_up, h_arg):
+        rows, n, strides = 1, rows * n, (0,) * 6
     block = 1024 if n >= 1024 else triton.next_power_of_2(n)
     programs, col_blocks = _layout(rows, n, block)
-    _glu_bwd[(programs,)](dh, gate, up, d_gate, d_up, *strides, n, col_blocks, ACT=int(act),
-                          BLOCK=block, FAST=_fast_math(gate), num_warps=4)
+    _glu_bwd[(programs,)](dh, gate, up, d_gate, d_up, h_arg, *strides, n, col_blocks,
+                          ACT=int(act), BLOCK=block, FAST=_fast_math(gate), WRITE_H=write_h,
+                          num_warps=4)

@@ -21,6 +21,7 @@ inplace_backward=False there). Under torch.compile the backward is out of place.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +82,10 @@ def _act_and_grad(g, act):
 
 # ---------------------------------------------------------------- backends
 # forward(gate, up, out, act): [rows, I] views, contiguous last dim; out is new.
-# backward(dh, gate, up, d_gate, d_up, act): d_gate and d_up both None: write into gate and up.
+# backward(dh, gate, up, d_gate, d_up, act, h=None): d_gate and d_up both None: write into gate
+# and up. h (caller-allocated, or dh itself; never gate / up) also receives act(gate) * up, in
+# the same pass: for callers that need the forward's output and the gradients together (the
+# fused LoRA MLP backward recomputes h there instead of running the forward kernel first).
 
 class _TorchBackend:
     @staticmethod
@@ -90,12 +94,16 @@ class _TorchBackend:
         out.copy_(a * _math(up))
 
     @staticmethod
-    def backward(dh, gate, up, d_gate, d_up, act):
+    def backward(dh, gate, up, d_gate, d_up, act, *, h=None):
         g, u, d = _math(gate), _math(up), _math(dh)
         a, da = _act_and_grad(g, act)
-        dg, du = d * u * da, d * a  # both computed before either buffer is overwritten
+        # everything computed before any buffer (gate, up, dh when h is dh) is overwritten
+        dg, du = d * u * da, d * a
+        out = a * u if h is not None else None
         (gate if d_gate is None else d_gate).copy_(dg)
         (up if d_up is None else d_up).copy_(du)
+        if h is not None:
+            h.copy_(out)
 
 
 # Triton launchers as custom ops; the in-place backward is its own op so that every op
@@ -110,22 +118,24 @@ def _triton_glu_fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, act
         kernels.glu_forward(gate, up, out, act)
 
 
-@torch.library.custom_op("fastft_triton::glu_bwd", mutates_args=("d_gate", "d_up"))
+# h (optional): also written with act(gate) * up, in the same kernel.
+@torch.library.custom_op("fastft_triton::glu_bwd", mutates_args=("d_gate", "d_up", "h"))
 def _triton_glu_bwd(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                    d_gate: torch.Tensor, d_up: torch.Tensor, act: int) -> None:
+                    d_gate: torch.Tensor, d_up: torch.Tensor, act: int,
+                    h: Optional[torch.Tensor] = None) -> None:
     from fastft.triton_kernels import activations as kernels
 
     with _common.launch_device(gate):
-        kernels.glu_backward(dh, gate, up, d_gate, d_up, act)
+        kernels.glu_backward(dh, gate, up, d_gate, d_up, act, h)
 
 
-@torch.library.custom_op("fastft_triton::glu_bwd_inplace", mutates_args=("gate", "up"))
+@torch.library.custom_op("fastft_triton::glu_bwd_inplace", mutates_args=("gate", "up", "h"))
 def _triton_glu_bwd_inplace(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                            act: int) -> None:
+                            act: int, h: Optional[torch.Tensor] = None) -> None:
     from fastft.triton_kernels import activations as kernels
 
     with _common.launch_device(gate):
-        kernels.glu_backward(dh, gate, up, gate, up, act)
+        kernels.glu_backward(dh, gate, up, gate, up, act, h)
 
 
 @_triton_glu_fwd.register_fake
@@ -134,12 +144,12 @@ def _(gate, up, out, act):
 
 
 @_triton_glu_bwd.register_fake
-def _(dh, gate, up, d_gate, d_up, act):
+def _(dh, gate, up, d_gate, d_up, act, h=None):
     return None
 
 
 @_triton_glu_bwd_inplace.register_fake
-def _(dh, gate, up, act):
+def _(dh, gate, up, act, h=None):
     return None
 
 
@@ -149,11 +159,11 @@ class _TritonBackend:
         _triton_glu_fwd(gate, up, out, ACTS[act])
 
     @staticmethod
-    def backward(dh, gate, up, d_gate, d_up, act):
+    def backward(dh, gate, up, d_gate, d_up, act, *, h=None):
         if d_gate is None:
-            _triton_glu_bwd_inplace(dh, gate, up, ACTS[act])
+            _triton_glu_bwd_inplace(dh, gate, up, ACTS[act], h)
         else:
-            _triton_glu_bwd(dh, gate, up, d_gate, d_up, ACTS[act])
+            _triton_glu_bwd(dh, gate, up, d_gate, d_up, ACTS[act], h)
 
 
 class _CudaBackend:
@@ -162,11 +172,11 @@ class _CudaBackend:
         cuda_ops().glu_fwd(gate, up, out, ACTS[act])
 
     @staticmethod
-    def backward(dh, gate, up, d_gate, d_up, act):
+    def backward(dh, gate, up, d_gate, d_up, act, *, h=None):
         if d_gate is None:
-            cuda_ops().glu_bwd_inplace(dh, gate, up, ACTS[act])
+            cuda_ops().glu_bwd_inplace(dh, gate, up, ACTS[act], h)
         else:
-            cuda_ops().glu_bwd(dh, gate, up, d_gate, d_up, ACTS[act])
+            cuda_ops().glu_bwd(dh, gate, up, d_gate, d_up, ACTS[act], h)
 
 
 _BACKENDS = {"torch": _TorchBackend, "triton": _TritonBackend, "cuda": _CudaBackend}
