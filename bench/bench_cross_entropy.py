@@ -14,9 +14,8 @@ torch.compile of F.cross_entropy.
 Layout variants recorded side by side (to choose the defaults from one run; see CE_VARIANTS):
 "cuda" is the default (on sm_90 a thread-block cluster per row, each block holding its slice
 of the row in shared memory: 4 blocks for this shape); FASTFT_CE_CLUSTER=1|2|4|8 forces the
-cluster size; FASTFT_CE_PIPELINED=1 the persistent pipelined cluster kernel;
-FASTFT_CE_BLOCKS_PER_SM=1|2 the one-block-per-row kernel (the fallback). torch_eager / torch_compile are timed eagerly on one input set (they need ~30
-GiB per call). Fused-head rows carry extra_gib (peak beyond inputs and outputs) and vs_matmuls
+cluster size; FASTFT_CE_BLOCKS_PER_SM=1|2 the one-block-per-row kernel (the fallback).
+torch_eager / torch_compile are timed eagerly on one input set (they need ~30 GiB per call). Fused-head rows carry extra_gib (peak beyond inputs and outputs) and vs_matmuls
 (time / the matmul floor; the bar is <= 1.07)."""
 
 import gc
@@ -158,7 +157,6 @@ def logits_inputs(sets=2):
 CE_VARIANTS = {
     "cuda": ("cuda", {}),
     "cuda_cluster_8": ("cuda", {"FASTFT_CE_CLUSTER": "8"}),  # a cluster per row, 32 KB slices
-    "cuda_pipelined": ("cuda", {"FASTFT_CE_PIPELINED": "1"}),  # persistent pipelined clusters
     "cuda_1_block_per_sm": ("cuda", {"FASTFT_CE_BLOCKS_PER_SM": "1"}),
     "cuda_2_blocks_per_sm": ("cuda", {"FASTFT_CE_BLOCKS_PER_SM": "2"}),
     "triton": ("triton", {}),

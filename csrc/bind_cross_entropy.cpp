@@ -34,11 +34,8 @@ void check_weight(const at::Tensor& w, const at::Tensor& logits) {
 
 // Layout switches (benchmarks and tests compare them): FASTFT_CE_BLOCKS_PER_SM=1|2 forces the
 // one-block-per-row kernel with that layout; FASTFT_CE_CLUSTER=1|2|4|8 forces the sm_90
-// cluster kernels' blocks per row; FASTFT_CE_PIPELINED=1 picks the persistent pipelined cluster
-// kernel instead of the default cluster per row (H200, 16384 x 128256 bf16 fwd+bwd: cluster
-// per row of 4 blocks 86.6% of copy bandwidth, of 8 83.6%, pipelined 61.8%);
-// FASTFT_CE_CLUSTER_PER_ROW=1 (the default) is still accepted; FASTFT_CE_MAX_CLUSTERS=N caps
-// the persistent clusters. Unset or 0 = the defaults.
+// cluster kernel's blocks per row (H200, 16384 x 128256 bf16 fwd+bwd: 4 blocks 86.6% of copy
+// bandwidth, 8 blocks 83.6%). Unset or 0 = the defaults.
 int env_int(const char* name) {
   const char* v = std::getenv(name);
   return v ? std::atoi(v) : 0;
@@ -62,9 +59,6 @@ void launch(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor
   CrossEntropyLayout layout;
   layout.blocks_per_sm = env_int("FASTFT_CE_BLOCKS_PER_SM");
   layout.cluster_size = env_int("FASTFT_CE_CLUSTER");
-  layout.cluster_per_row =
-      env_int("FASTFT_CE_PIPELINED") == 0 || env_int("FASTFT_CE_CLUSTER_PER_ROW") != 0;
-  layout.max_clusters = env_int("FASTFT_CE_MAX_CLUSTERS");
   cross_entropy_forward(a, layout, stream_of(logits));
   check_launch();
 }

@@ -309,16 +309,6 @@ __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-// Waits until at most N of this thread's committed groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait_group() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // Split cluster barrier: arrive once this block is done reading the others' shared memory,
 // wait just before exiting (a block's shared memory must outlive the other blocks' reads).
 // Relaxed: the remote values were already consumed, so the reads are complete; nothing written
@@ -548,272 +538,6 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocks)
 #endif
 }
 
-// ------------------------------------------- sm_90: persistent clusters, rows double-buffered
-//
-// pipelined_cluster_kernel: the cluster kernel's data layout (a row split into one slice per
-// block of a cluster, merged through DSMEM), but each cluster is persistent and walks rows
-// row_step apart, with TWO slice buffers per block: while it reduces row k and writes its
-// gradient from one buffer, the cp.async copies of row k + 1 fill the other. So the SM always
-// has a slice of reads in flight (no per-row launch, no idle read phase behind a write phase),
-// and the grid is exactly the clusters that fit at once (no block scheduling per row).
-//
-// Ordering (why it is safe without extra barriers):
-// - a thread copies, reads back and writes the gradient of the same buffer indices in every
-//   row (v = tid + j * kClusterThreads), so buffer reuse is ordered by its own program order:
-//   it refills a buffer only after it consumed (into registers, then stores) the values it
-//   read from it in the previous use;
-// - `part` (each block's partial, read by the whole cluster) is double-buffered by the count
-//   of merged rows: part[p] is rewritten two merges later, after a cluster barrier that every
-//   block reaches only once done reading part[p];
-// - rows whose label is ignore_index are skipped by the whole cluster (the label is per row),
-//   so the barriers stay uniform; no copies are issued for them;
-// - a final cluster barrier keeps every block's shared memory alive until the others' last
-//   remote reads.
-#if FASTFT_CE_CLUSTER_CODE
-// Where a row's vectors start: rows may be misaligned by different amounts (any stride).
-template <typename T, int VEC>
-struct RowSplit {
-  int64_t head, nvec, tail, nscalar, v_begin, my_vecs;
-  __device__ __forceinline__ RowSplit(const T* x, int64_t vocab, unsigned rank,
-                                      int64_t slice_vecs) {
-    const uintptr_t mis = reinterpret_cast<uintptr_t>(x) % 16;
-    head = mis ? (16 - mis) / sizeof(T) : 0;
-    if (head > vocab) head = vocab;
-    nvec = (vocab - head) / VEC;
-    tail = head + nvec * VEC;
-    nscalar = head + (vocab - tail);
-    v_begin = (int64_t)rank * slice_vecs;
-    const int64_t v_end = v_begin + slice_vecs < nvec ? v_begin + slice_vecs : nvec;
-    my_vecs = v_end > v_begin ? v_end - v_begin : 0;
-  }
-};
-#endif
-
-// 3 blocks per SM: a 128k bf16 row's two 32 KB slices per block (~65 KB each).
-constexpr int kPipelinedMinBlocks = FASTFT_CE_CLUSTER_CODE ? 3 : 1;
-
-template <typename T, int VEC, bool TRANSFORM>
-__global__ void __launch_bounds__(kClusterThreads, kPipelinedMinBlocks)
-    pipelined_cluster_kernel(const CrossEntropyArgs a, int64_t slice_vecs) {
-#if FASTFT_CE_CLUSTER_CODE
-  namespace cg = cooperative_groups;
-  using V = Vec<T, VEC>;
-  extern __shared__ __align__(16) unsigned char cache_raw[];
-  V* const buffers = reinterpret_cast<V*>(cache_raw);  // [2][slice_vecs]
-  __shared__ float red_m[kClusterWarps], red_s[kClusterWarps], red_z[kClusterWarps];
-  __shared__ float part[2][3];  // (max, sum of exp, sum of z), by merge parity
-  __shared__ float row_lse;
-
-  cg::cluster_group cluster = cg::this_cluster();
-  const unsigned csize = cluster.num_blocks();
-  const unsigned rank = cluster.block_rank();
-  const int64_t row_step = gridDim.x / csize;  // clusters in the grid
-  const int64_t vocab = a.vocab;
-  const int tid = threadIdx.x;
-  const int lane = tid & 31, warp = tid >> 5;
-  const bool owns_scalars = rank == 0;
-
-  RowMath rm;
-  rm.scale = a.scale; rm.softcap = a.softcap;
-  rm.inv_softcap = a.softcap > 0.f ? 1.f / a.softcap : 0.f;
-  rm.has_scale = a.scale != 1.f; rm.has_softcap = a.softcap > 0.f;
-  const bool smoothing = a.smoothing != 0.f;
-
-  // Issues this thread's copies of `row`'s slice into `buf` (none for ignored or absent rows).
-  auto issue = [&](int64_t row, V* buf) {
-    if (row >= a.rows || a.labels[row] == a.ignore_index) return;
-    const T* x = static_cast<const T*>(a.logits) + row * a.logits_stride;
-    const RowSplit<T, VEC> sp(x, vocab, rank, slice_vecs);
-    const V* xv = reinterpret_cast<const V*>(x + sp.head) + sp.v_begin;
-    for (int64_t v = tid; v < sp.my_vecs; v += kClusterThreads) cp_async_16(buf + v, xv + v);
-  };
-
-  int64_t row = blockIdx.x / csize;
-  int it = 0;          // rows walked: which buffer
-  unsigned merges = 0; // rows merged across the cluster: which `part`
-  issue(row, buffers);
-  cp_async_commit();
-  for (; row < a.rows; row += row_step, ++it) {
-    V* const cache = buffers + (it & 1) * slice_vecs;
-    issue(row + row_step, buffers + ((it + 1) & 1) * slice_vecs);
-    cp_async_commit();
-    cp_async_wait_group<1>();  // everything but the group just committed: this row's copies
-
-    const T* x = static_cast<const T*>(a.logits) + row * a.logits_stride;
-    T* g = a.grad ? static_cast<T*>(a.grad) + row * a.grad_stride : nullptr;
-    const int64_t label = a.labels[row];
-    const RowSplit<T, VEC> sp(x, vocab, rank, slice_vecs);
-    const int64_t head = sp.head, tail = sp.tail, nscalar = sp.nscalar, my_vecs = sp.my_vecs;
-
-    if (label == a.ignore_index) {  // the whole cluster skips the row: zeros, loss 0
-      if (g) {
-        V* gv = reinterpret_cast<V*>(g + head) + sp.v_begin;
-        V zero;
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) zero.v[i] = from_f32<T>(0.f);
-        for (int64_t v = tid; v < my_vecs; v += kClusterThreads) store_vec<T, VEC>(gv + v, zero);
-        if (owns_scalars) {
-          for (int64_t i = tid; i < nscalar; i += kClusterThreads) {
-            g[i < head ? i : tail + (i - head)] = from_f32<T>(0.f);
-          }
-        }
-      }
-      if (owns_scalars && tid == 0) a.loss[row] = 0.f;
-      continue;
-    }
-
-    // ---- phase 1: partial (max, sum of exp, sum of z) of this block's slice
-    float z_y = 0.f;  // the label's logit, read before the barrier that precedes any write
-    if (owns_scalars && tid == 0) {
-      const bool in_range = label >= 0 && label < vocab;
-      z_y = in_range ? rm.z(to_f32(x[label])) : NAN;
-    }
-    float m = -INFINITY, s = 0.f, zsum = 0.f;
-    if (owns_scalars) {
-      for (int64_t i = tid; i < nscalar; i += kClusterThreads) {
-        const float z = rm.z(to_f32(x[i < head ? i : tail + (i - head)]));
-        add_element(z, m, s);
-        zsum += z;
-      }
-    }
-    for (int64_t v = tid; v < my_vecs; v += kClusterThreads) {
-      const V raw = cache[v];
-      float z[VEC];
-      float vmax = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        z[i] = TRANSFORM ? rm.z(to_f32(raw.v[i])) : to_f32(raw.v[i]);
-        vmax = fmaxf(vmax, z[i]);
-      }
-      if (smoothing) {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) zsum += z[i];
-      }
-      if (vmax > m) {
-        s = (m == -INFINITY) ? 0.f : s * exp2f((m - vmax) * kLog2e);
-        m = vmax;
-      }
-      if (m != -INFINITY) {
-        // a pairwise sum: a short dependency chain on s
-        float e[VEC];
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) e[i] = exp2f((z[i] - m) * kLog2e);
-#pragma unroll
-        for (int w = VEC / 2; w > 0; w >>= 1) {
-#pragma unroll
-          for (int i = 0; i < w; ++i) e[i] += e[i + w];
-        }
-        s += e[0];
-      }
-    }
-
-    // ---- phase 2: block partial, then the cluster's partials merged through DSMEM
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
-      const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
-      merge(m, s, m2, s2);
-      if (smoothing) zsum += __shfl_xor_sync(0xffffffffu, zsum, o);
-    }
-    if (lane == 0) { red_m[warp] = m; red_s[warp] = s; red_z[warp] = zsum; }
-    __syncthreads();
-    float* const my_part = part[merges & 1];
-    if (warp == 0) {
-      m = lane < kClusterWarps ? red_m[lane] : -INFINITY;
-      s = lane < kClusterWarps ? red_s[lane] : 0.f;
-      zsum = lane < kClusterWarps ? red_z[lane] : 0.f;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
-        const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
-        merge(m, s, m2, s2);
-        if (smoothing) zsum += __shfl_xor_sync(0xffffffffu, zsum, o);
-      }
-      if (lane == 0) { my_part[0] = m; my_part[1] = s; my_part[2] = zsum; }
-    }
-    cluster.sync();  // every block's partial of this row is written
-    if (warp == 0) {
-      m = -INFINITY; s = 0.f; zsum = 0.f;
-      if (lane < (int)csize) {
-        const float* remote = cluster.map_shared_rank(my_part, (unsigned)lane);
-        m = remote[0]; s = remote[1]; zsum = remote[2];
-      }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
-        const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
-        merge(m, s, m2, s2);
-        zsum += __shfl_xor_sync(0xffffffffu, zsum, o);
-      }
-      if (lane == 0) {
-        const float lse = m + __logf(s);
-        row_lse = lse;
-        if (owns_scalars) {  // tid 0 of rank 0: the thread that read z_y
-          float loss = lse - (1.f - a.smoothing) * z_y;
-          if (smoothing) loss -= a.smoothing / (float)vocab * zsum;
-          a.loss[row] = loss;
-        }
-      }
-    }
-    ++merges;
-    __syncthreads();  // row_lse
-    const float lse = row_lse;
-
-    // ---- phase 3: the gradient of this block's slice, from shared memory
-    if (g) {
-      const float w = a.row_weight[row * a.weight_stride];
-      const float off_label = a.smoothing / (float)vocab;
-      const float on_label = off_label + (1.f - a.smoothing);
-      const float w_scaled = rm.has_scale ? w * rm.scale : w;
-      const float label_w = (1.f - a.smoothing) * w_scaled;
-      const int64_t first_col = head + sp.v_begin * VEC;
-      V* gv = reinterpret_cast<V*>(g + head) + sp.v_begin;
-      for (int64_t v = tid; v < my_vecs; v += kClusterThreads) {
-        const V raw = cache[v];
-        float gf[VEC], dz[VEC];
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          float z = to_f32(raw.v[i]);
-          dz[i] = 1.f;
-          if (TRANSFORM) {
-            if (rm.has_scale) z *= rm.scale;
-            if (rm.has_softcap) {
-              const float t = tanhf(z * rm.inv_softcap);
-              z = rm.softcap * t;
-              dz[i] = 1.f - t * t;
-            }
-          }
-          const float p = exp2f((z - lse) * kLog2e);
-          gf[i] = (p - off_label) * (TRANSFORM ? w_scaled * dz[i] : w);
-        }
-        const int64_t rel = label - (first_col + v * VEC);
-        if (rel >= 0 && rel < VEC) {
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) {
-            if (i == rel) gf[i] -= label_w * dz[i];
-          }
-        }
-        V out;
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) out.v[i] = from_f32<T>(gf[i]);
-        store_vec<T, VEC>(gv + v, out);
-      }
-      if (owns_scalars) {
-        for (int64_t i = tid; i < nscalar; i += kClusterThreads) {
-          const int64_t c = i < head ? i : tail + (i - head);
-          g[c] = from_f32<T>(grad_of(to_f32(x[c]), c, rm, lse, label, on_label, off_label, w));
-        }
-      }
-    }
-  }
-  cp_async_wait_all();  // nothing is in flight (the last group is empty); for clarity
-  cluster.sync();       // no block exits while another may still read its `part`
-#else
-  __trap();  // never launched: the launcher checks the kernel was compiled for sm_90
-#endif
-}
-
-
 int pow2_ceil(int64_t v) {
   int p = 1;
   while (p < v && p < (1 << 30)) p <<= 1;
@@ -915,11 +639,11 @@ int pick_cluster_size(int64_t row_vecs, int64_t vec_bytes, int forced, int64_t t
   return 0;
 }
 
-// Launches `kernel` over clusters of csize blocks (`clusters` of them, or -1 for a cluster per
-// row); false (nothing launched) when it cannot be resident or the launch is refused.
+// Launches `kernel` over one cluster of csize blocks per row; false (nothing launched) when it
+// cannot be resident or the launch is refused.
 template <typename K>
 bool launch_clusters(K kernel, const CrossEntropyArgs& a, int csize, int64_t slice_vecs,
-                     size_t smem, int64_t clusters, int64_t max_clusters, cudaStream_t stream) {
+                     size_t smem, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
   cfg.blockDim = dim3(kClusterThreads, 1, 1);
   cfg.dynamicSmemBytes = smem;
@@ -934,13 +658,7 @@ bool launch_clusters(K kernel, const CrossEntropyArgs& a, int csize, int64_t sli
   cfg.gridDim = dim3((unsigned)csize, 1, 1);  // the occupancy query needs a valid grid
   const int resident = active_clusters(reinterpret_cast<const void*>(kernel), csize, smem, &cfg);
   if (resident < 1) return false;
-  if (clusters < 0) {
-    clusters = a.rows;  // one row per cluster
-  } else {
-    clusters = resident;  // persistent: every cluster that fits at once, each walking rows
-    if (max_clusters > 0 && clusters > max_clusters) clusters = max_clusters;
-    if (clusters > a.rows) clusters = a.rows;
-  }
+  const int64_t clusters = a.rows;  // one row per cluster
   if (clusters > (int64_t)0x7fffffff / csize) return false;  // grid.x limit
   cfg.gridDim = dim3((unsigned)(clusters * csize), 1, 1);
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
@@ -966,27 +684,7 @@ bool launch_cluster(const CrossEntropyArgs& a, int forced_size, cudaStream_t str
                                       kClusterTargetSlice, kClusterMaxSlice, &slice_vecs);
   if (csize == 0) return false;
   const size_t smem = (size_t)(slice_vecs > 0 ? slice_vecs : 1) * kVecBytes;
-  return launch_clusters(cluster_kernel<T, VEC, TRANSFORM>, a, csize, slice_vecs, smem, -1, 0,
-                         stream);
-}
-
-// Persistent clusters with double-buffered slices (pipelined_cluster_kernel): slices of at most
-// 32 KB (two per block: 3 blocks per SM) where a cluster of up to 8 allows, else up to
-// kPipelinedMaxSlice (fewer blocks per SM).
-constexpr int64_t kPipelinedTargetSlice = 32 * 1024;
-constexpr int64_t kPipelinedMaxSlice = 100 * 1024;
-
-template <typename T, int VEC, bool TRANSFORM>
-bool launch_pipelined(const CrossEntropyArgs& a, int forced_size, int64_t max_clusters,
-                      cudaStream_t stream) {
-  constexpr int64_t kVecBytes = sizeof(Vec<T, VEC>);
-  int64_t slice_vecs = 0;
-  const int csize = pick_cluster_size(a.vocab / VEC, kVecBytes, forced_size,
-                                      kPipelinedTargetSlice, kPipelinedMaxSlice, &slice_vecs);
-  if (csize == 0) return false;
-  const size_t smem = 2 * (size_t)(slice_vecs > 0 ? slice_vecs : 1) * kVecBytes;
-  return launch_clusters(pipelined_cluster_kernel<T, VEC, TRANSFORM>, a, csize, slice_vecs, smem,
-                         0, max_clusters, stream);
+  return launch_clusters(cluster_kernel<T, VEC, TRANSFORM>, a, csize, slice_vecs, smem, stream);
 }
 
 // The kernel peels each row's misaligned head, so any logits rows take 16-byte loads; the
@@ -1017,21 +715,12 @@ void cross_entropy_forward(const CrossEntropyArgs& a, const CrossEntropyLayout& 
   if (cluster_size != 1 && cluster_size != 2 && cluster_size != 4 && cluster_size != 8) {
     cluster_size = 0;
   }
-  const int64_t max_clusters = layout.max_clusters > 0 ? layout.max_clusters : 0;
   dispatch_float(a.dtype, [&](auto t) {
     using T = decltype(t);
     constexpr int VEC = 16 / sizeof(T);
     const bool transform = a.scale != 1.f || a.softcap > 0.f;
     if (vector_ok<T>(a)) {
-      if (try_cluster) {
-        // the persistent pipelined clusters first (unless a cluster per row is asked for),
-        // then a cluster per row, then the one-block-per-row kernel
-        if (!layout.cluster_per_row) {
-          const bool launched =
-              transform ? launch_pipelined<T, VEC, true>(a, cluster_size, max_clusters, stream)
-                        : launch_pipelined<T, VEC, false>(a, cluster_size, max_clusters, stream);
-          if (launched) return;
-        }
+      if (try_cluster) {  // a cluster per row, else the one-block-per-row kernel
         const bool launched = transform ? launch_cluster<T, VEC, true>(a, cluster_size, stream)
                                         : launch_cluster<T, VEC, false>(a, cluster_size, stream);
         if (launched) return;

@@ -34,15 +34,9 @@ struct CrossEntropyLayout {
   // one-block-per-row kernel with 1024 threads and up to ~226 KB of the row cached in shared
   // memory, or 512 threads and half the cache (two blocks per SM).
   int blocks_per_sm = 0;
-  // 1, 2, 4 or 8 forces that many blocks per row in the cluster kernels (used only if the
-  // slices fit, else the next kernel is tried); anything else = automatic.
+  // 1, 2, 4 or 8 forces that many blocks per row in the cluster kernel (used only if the
+  // slices fit, else the one-block-per-row kernel runs); anything else = automatic.
   int cluster_size = 0;
-  // false (default): persistent clusters, as many as fit at once, each walking rows with two
-  // slice buffers per block (the next row's copies in flight while this row's gradient is
-  // written). true: one cluster per row (launched per row, one buffer).
-  bool cluster_per_row = false;
-  // > 0: at most this many persistent clusters (tests use it to make each walk many rows).
-  int64_t max_clusters = 0;
 };
 
 void cross_entropy_forward(const CrossEntropyArgs& a, const CrossEntropyLayout& layout,

@@ -554,24 +554,14 @@ def test_cuda_kernel_layouts(monkeypatch, blocks_per_sm):
                  strided=True)
 
 
-# The sm_90 cluster kernels: persistent pipelined clusters (the default; "walk" caps them at
-# 2 clusters so each walks many rows, ignored ones included, through both slice buffers and
-# both partial buffers) and one cluster per row.
-CLUSTER_MODES = {"pipelined": {"FASTFT_CE_PIPELINED": "1"},
-                 "pipelined_walk": {"FASTFT_CE_PIPELINED": "1", "FASTFT_CE_MAX_CLUSTERS": "2"},
-                 "per_row": {}}  # the default
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", list(CLUSTER_MODES))
 @pytest.mark.parametrize("cluster", ["0", "1", "2", "4", "8"])
-def test_cuda_cluster_kernel(monkeypatch, cluster, mode):
-    """The sm_90 cluster kernels at every cluster size (a size whose slices would not fit falls
-    back to the next kernel, which must be right too): every dtype, odd vocabs, tiny vocabs (no
-    whole vector), every option, rows of 'none' with their own weights."""
+def test_cuda_cluster_kernel(monkeypatch, cluster):
+    """The sm_90 cluster kernel (a cluster per row) at every cluster size (a size whose slices
+    would not fit falls back to the one-block-per-row kernel, which must be right too): every
+    dtype, odd vocabs, tiny vocabs (no whole vector), every option, rows of 'none' with their
+    own weights."""
     monkeypatch.setenv("FASTFT_CE_CLUSTER", cluster)
-    for name, value in CLUSTER_MODES[mode].items():
-        monkeypatch.setenv(name, value)
     cases = ((128256, torch.bfloat16), (32003, torch.bfloat16), (50001, torch.float16),
              (24577, torch.float32), (128256, torch.float32), (7, torch.bfloat16),
              (3, torch.float32), (4097, torch.float16))
@@ -607,18 +597,15 @@ def strided_inplace(backend, rows, vocab, dtype, offset, opts, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", list(CLUSTER_MODES))
-def test_cuda_cluster_kernel_walks_rows(monkeypatch, mode):
-    """Many rows per persistent cluster: runs of ignored rows (no cluster barrier for them),
-    rows misaligned by different amounts (each row peels its own head), in place and not, the
-    loss alone, and the default cluster count (more rows than clusters fit at once)."""
-    for name, value in CLUSTER_MODES[mode].items():
-        monkeypatch.setenv(name, value)
+def test_cuda_cluster_kernel_ignored_and_misaligned_rows():
+    """The default cluster kernel: runs of ignored rows (no cluster barrier for them), rows
+    misaligned by different amounts (each row peels its own head), in place and not, and the
+    loss alone."""
     for vocab, dtype, seed in ((128256, torch.bfloat16, 1), (32003, torch.float16, 2),
                                (24577, torch.float32, 3)):
         x, labels = make_logits(61, vocab, dtype, "cuda", seed=seed, ignored=0.4, strided=True)
         labels[10:17] = -100  # a run of ignored rows
-        labels[-1] = -100  # the last row ignored (each cluster's walk ends on it or before)
+        labels[-1] = -100  # the last row ignored
         for inplace in (False, True):
             loss, grad = run_ce("cuda", x.clone(), labels, "mean", OPTION_SETS["all"],
                                 inplace=inplace)
