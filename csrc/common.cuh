@@ -6,6 +6,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "kernels.h"
 
 namespace fastft {
@@ -43,6 +45,39 @@ __device__ __forceinline__ void store_f32(T* p, const float (&in)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) raw.v[i] = from_f32<T>(in[i]);
   *reinterpret_cast<Vec<T, N>*>(p) = raw;
+}
+
+// Raw<T, N> (load_raw, elem): N elements of T kept as 32-bit words. A 16-byte load lands in
+// four registers and nothing touches them until the math widens an element. (With Vec<bf16, 8>
+// ptxas unpacks each element into its own register right after the load, which waits for the
+// load there and serializes the loads that follow.) Sizes that are not whole words (1-element
+// 16-bit) stay Vec.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Packed {
+  uint32_t w[sizeof(T) * N / 4];
+  __device__ __forceinline__ float f(int i) const {
+    if constexpr (sizeof(T) == 4) {
+      return __uint_as_float(w[i]);
+    } else {
+      const uint32_t x = w[i / 2];
+      const uint32_t h = (i & 1) ? (x >> 16) : (x & 0xffffu);
+      if constexpr (std::is_same<T, __nv_bfloat16>::value) return __uint_as_float(h << 16);
+      else return __half2float(__ushort_as_half((unsigned short)h));
+    }
+  }
+};
+
+template <typename T, int N>
+using Raw = typename std::conditional<(sizeof(T) * N) % 4 == 0, Packed<T, N>, Vec<T, N>>::type;
+
+template <typename T, int N>
+__device__ __forceinline__ float elem(const Packed<T, N>& r, int i) { return r.f(i); }
+template <typename T, int N>
+__device__ __forceinline__ float elem(const Vec<T, N>& r, int i) { return to_f32(r.v[i]); }
+
+template <typename T, int N>
+__device__ __forceinline__ Raw<T, N> load_raw(const T* p) {
+  return *reinterpret_cast<const Raw<T, N>*>(p);
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -10,7 +10,6 @@
 // are all handled by the strides; heads whose layout does not allow 16-byte vectors take the
 // same kernel with 1-element vectors.
 #include <algorithm>
-#include <type_traits>
 
 #include "common.cuh"
 #include "rope.h"
@@ -26,38 +25,6 @@ constexpr int kMaxThreads = 256;
 constexpr int kMinBlocks = 3;
 constexpr int kHeadUnroll = 4;
 constexpr int kRegsPerThread = 80;  // what ptxas allocates under these bounds (-Xptxas -v)
-
-// N elements of T kept as 32-bit words: a 16-byte load lands in four registers and nothing
-// touches them until the math widens an element. (With Vec<bf16, 8> ptxas unpacks each element
-// into its own register right after the load, which waits for the load there and serializes
-// the loads that follow.) Sizes that are not whole words (1-element 16-bit) stay Vec.
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Packed {
-  uint32_t w[sizeof(T) * N / 4];
-  __device__ __forceinline__ float f(int i) const {
-    if constexpr (sizeof(T) == 4) {
-      return __uint_as_float(w[i]);
-    } else {
-      const uint32_t x = w[i / 2];
-      const uint32_t h = (i & 1) ? (x >> 16) : (x & 0xffffu);
-      if constexpr (std::is_same<T, __nv_bfloat16>::value) return __uint_as_float(h << 16);
-      else return __half2float(__ushort_as_half((unsigned short)h));
-    }
-  }
-};
-
-template <typename T, int N>
-using Raw = typename std::conditional<(sizeof(T) * N) % 4 == 0, Packed<T, N>, Vec<T, N>>::type;
-
-template <typename T, int N>
-__device__ __forceinline__ float elem(const Packed<T, N>& r, int i) { return r.f(i); }
-template <typename T, int N>
-__device__ __forceinline__ float elem(const Vec<T, N>& r, int i) { return to_f32(r.v[i]); }
-
-template <typename T, int N>
-__device__ __forceinline__ Raw<T, N> load_raw(const T* p) {
-  return *reinterpret_cast<const Raw<T, N>*>(p);
-}
 
 // blockDim = (col_lanes, head_slots, tokens): threadIdx.x is the thread's first column vector,
 // threadIdx.y its first head, threadIdx.z its token among the block's; blockIdx.y is the batch
