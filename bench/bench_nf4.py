@@ -125,21 +125,32 @@ def bench_nf4_dequantize(benchmark, record, variant):
 
 # ---------------------------------------------------------------- small-M matmul
 
+# The CUDA backend's fused kernels (FASTFT_NF4_GEMV, read by the extension on every call):
+# "cuda" is the default choice (v2 where it applies), "cuda_v1" / "cuda_v2" force one.
+CUDA_GEMV_VARIANTS = {"cuda": None, "cuda_v1": "v1", "cuda_v2": "v2"}
+
+
 @pytest.mark.parametrize("rows", [1, 2, 4, 8, 9, 16])
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("variant", ["cuda", "triton", "bitsandbytes", "dense_bf16"])
-def bench_nf4_matmul_small(benchmark, record, variant, shape, rows):
+@pytest.mark.parametrize("variant", [*CUDA_GEMV_VARIANTS, "triton", "bitsandbytes",
+                                     "dense_bf16"])
+def bench_nf4_matmul_small(benchmark, record, monkeypatch, variant, shape, rows):
     out_f, in_f = SHAPES[shape]
     copies = 3 if variant != "dense_bf16" else 2
     weights = [random_weight(out_f, in_f, seed) for seed in range(copies)]
     xs = [torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16) for _ in weights]
-    if variant in ("cuda", "triton"):
-        need_backend("nf4_matmul", variant)
+    if variant in CUDA_GEMV_VARIANTS or variant == "triton":
+        backend = "triton" if variant == "triton" else "cuda"
+        if CUDA_GEMV_VARIANTS.get(variant):
+            monkeypatch.setenv("FASTFT_NF4_GEMV", CUDA_GEMV_VARIANTS[variant])
+        else:
+            monkeypatch.delenv("FASTFT_NF4_GEMV", raising=False)
+        need_backend("nf4_matmul", backend)
         st = nf4_mod.resolve(*weights[0])
-        if not nf4_mod._BACKENDS[variant].fused_ok(st, xs[0]):
-            pytest.skip(f"{variant} has no fused kernel for this case")
+        if not nf4_mod._BACKENDS[backend].fused_ok(st, xs[0]):
+            pytest.skip(f"{backend} has no fused kernel for this case")
         sets = [(x, p, s) for x, (p, s) in zip(xs, weights)]
-        fn = lambda x, p, s: nf4_matmul(x, p, s, backend=variant)  # noqa: E731
+        fn = lambda x, p, s: nf4_matmul(x, p, s, backend=backend)  # noqa: E731
         # a wrong kernel must not report a rate: compare with x @ W.T in float32 once
         w32 = nf4_dequantize(*weights[0], dtype=torch.float32, backend="torch")
         want = xs[0].float() @ w32.t()

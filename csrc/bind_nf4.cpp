@@ -3,6 +3,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "binding.h"
 #include "nf4.h"
 
@@ -81,6 +84,17 @@ void dequantize(const at::Tensor& packed, const at::Tensor& absmax,
   check_launch();
 }
 
+// FASTFT_NF4_GEMV=v1 forces the v1 kernel (every weight value exactly as nf4_dequantize rounds
+// it); unset or v2: v2 wherever it applies (see nf4_gemv_v2_ok), v1 for the other shapes.
+// Read on every call so that a benchmark can time both kernels in one process.
+int requested_variant() {
+  const char* v = std::getenv("FASTFT_NF4_GEMV");
+  if (v == nullptr || *v == 0 || std::strcmp(v, "v2") == 0) return 2;
+  if (std::strcmp(v, "v1") == 0) return 1;
+  TORCH_CHECK(false, "fastft nf4: FASTFT_NF4_GEMV must be v1 or v2 (or unset), got '", v, "'");
+  return 2;
+}
+
 void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
           const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
           const c10::optional<at::Tensor>& offset, const at::Tensor& code,
@@ -126,15 +140,16 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   a.y = y.data_ptr(); a.y_stride = y.stride(0);
   a.M = (int)M; a.N = (int)N; a.K = (int)K;
   a.dtype = dtype_tag(x);
-  nf4_gemv_plan(a, sm_count(x));
-  // Split K: float32 partials [split, M, N] and the row blocks' completion counters in one
-  // scratch allocation of this call (stream-ordered by the caching allocator, captured into a
-  // CUDA graph's pool under capture); the counters are zeroed on the launch's stream, so the
+  a.variant = requested_variant();
+  nf4_gemv_plan(w, a, sm_count(x));
+  // Split K: float32 partials and the row blocks' completion counters in one scratch
+  // allocation of this call (stream-ordered by the caching allocator, captured into a CUDA
+  // graph's pool under capture); the counters are zeroed on the launch's stream, so the
   // kernel never depends on what an earlier call (eager, compiled or a graph replay) left.
   const cudaStream_t stream = stream_of(x);
   at::Tensor scratch;
-  if (a.split > 1) {
-    const int64_t partials = (int64_t)a.split * M * N, row_blocks = nf4_gemv_row_blocks(N);
+  if (nf4_gemv_needs_scratch(a)) {
+    const int64_t partials = nf4_gemv_partial_floats(a), row_blocks = nf4_gemv_row_blocks(N);
     scratch = at::empty({partials + row_blocks}, x.options().dtype(at::kFloat));
     a.partial = scratch.data_ptr<float>();
     a.counters = reinterpret_cast<unsigned*>(a.partial + partials);

@@ -426,6 +426,389 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
 #endif
 }
 
+
+// ------------------------------------------------------------------ fused small-M matmul, v2
+//
+// Why a second kernel: v1 spends ~440 SASS instructions per KB of packed weight (SASS count
+// of its loop: per byte an 8-byte table load, two float32 multiplies and a convert, plus
+// split-K bookkeeping) at 16 warps per SM, so it is bound by issue and latency, not by DRAM
+// (29.5 us at M = 1 where 29.36 MB at copy speed takes 7 us). v2 needs ~4 instructions per
+// packed byte:
+//
+// * fp16 mma with the NF4 levels themselves as the A operand (level pairs rounded to fp16:
+//   2^-11 relative, 8x finer than bf16 levels, so no visible systematic bias) and the
+//   block scale folded into the float32 accumulation: each mma k-step of 16 lies inside one
+//   64-value quantisation block, 4 mma steps = one block, then acc += scale * tmp (one FFMA
+//   per accumulator per block). Needs K % 64 == 0 and blocksize >= 64 (a power of two).
+// * one byte -> fp16x2 level pair per 4-byte shared load from a 256-entry table, 32 copies
+//   (entry e, copy = lane: every lane reads its own bank, conflict-free for any bytes).
+// * x as fp16: bf16 x is staged in shared memory and converted there, each token's values
+//   multiplied by a power of two (per block, from that token's largest |x| in the block's K
+//   range) so that they fit fp16's range exactly (bf16's 8-bit mantissa fits in fp16's 11);
+//   the partial sums are multiplied back by the inverse power of two (exact).
+// * lane (g, t) of a warp loads 8 bytes of weight rows g and g+8 at byte 8t of the rows'
+//   current 32-byte (64-value) block: a quad reads one whole block of a row (one sector).
+//   A register ring keeps kV2Ahead steps of loads in flight per thread.
+// * stream-K work split: the weight is row blocks (128 rows, one 16-row tile per warp) x
+//   K/64 steps; W = row_blocks * steps is cut into gridDim.x contiguous ranges of equal
+//   size (+-1), one per block, gridDim.x = the resident blocks of the whole GPU (one wave,
+//   every SM busy to the end). A block whose range covers a whole row block writes y; a row
+//   block shared by several blocks gets float32 partials (slot b + r: unique because b and r
+//   both grow along the flattened order) and the last of its blocks to finish (a counter per
+//   row block, zeroed per call) adds them in block order: deterministic.
+//
+// k permutation of one block step (64 values; the dot product is invariant under any
+// permutation applied to both operands): lane (g, t) holds values 16t .. 16t+15 of the block
+// (8 bytes; byte j = values 2j (high nibble), 2j+1). mma step s = 0..3 takes byte 2s (values
+// 4s, 4s+1) into A slots (row, 2t), (row, 2t+1) and byte 2s+1 (values 4s+2, 4s+3) into
+// (row, 2t+8), (row, 2t+9); B (x) slots likewise, i.e. x[token][16t + 4s .. 16t + 4s + 3],
+// 32-bit words 2s and 2s+1 of the lane's 16 x values (two 16-byte shared loads per token).
+constexpr int kV2Warps = 8;
+constexpr int kV2Threads = kV2Warps * 32;
+constexpr int kV2Step = 64;                         // k per step (one quantisation block)
+constexpr int kV2Ahead = 3;                         // steps of weight loads in flight
+constexpr int kV2BlocksPerSM = 3;                   // the occupancy the plan assumes
+constexpr int kV2MaxXBytes = 40 * 1024;             // x staging per block (3 blocks per SM)
+static_assert(kV2Warps * kTileRows == 128, "nf4_gemv_row_blocks assumes 128-row blocks");
+
+// Steps of x one block can stage for `tokens` rows (row stride = steps * 128 + 16 bytes).
+__host__ __device__ __forceinline__ int v2_max_steps(int tokens) {
+  return (kV2MaxXBytes / tokens - 16) / (kV2Step * 2);
+}
+
+__device__ __forceinline__ uint2 load_stream8(const uint8_t* p) {
+  uint2 v;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ld.global.nc.L1::no_allocate.L2::128B.v2.u32 {%0,%1}, [%2];\n"
+               : "=r"(v.x), "=r"(v.y)
+               : "l"(p));
+#else
+  v = __ldg(reinterpret_cast<const uint2*>(p));
+#endif
+  return v;
+}
+
+__device__ __forceinline__ void mma_f16_16816(float (&c)[4], uint32_t a0, uint32_t a1,
+                                              uint32_t a2, uint32_t a3, uint32_t b0,
+                                              uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// The level-pair table: entry e (a packed byte), copy c at word e * 32 + c.
+__shared__ uint32_t v2_pairs[256 * 32];
+
+// fp16x2 (code[byte >> 4], code[byte & 15]) of byte j (0..3) of `word`; lane4 = lane * 4.
+template <int J>
+__device__ __forceinline__ uint32_t v2_pair(uint32_t word, uint32_t lane4) {
+  const uint32_t off = (J == 0 ? (word << 7) : (word >> (8 * J - 7))) & 0x7F80u;
+  return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(v2_pairs) +
+                                            (off | lane4));
+}
+
+// One step's inputs for one thread: 8 bytes of rows a and b and their blocks' raw scales
+// (plain: the float32 absmax bits in q; nested: the uint8 absmax in q and absmax2).
+struct V2In {
+  uint2 wa, wb;
+  uint32_t qa, qb;  // nested: qa = absmax[a] | absmax[b] << 8, qb unused
+  float a2a, a2b;
+};
+
+// Where one thread reads: rows a = tile row g, b = g + 8 (clamped to N - 1: rows past N
+// compute garbage that is never written) at k-step ks of row block r.
+struct V2Cursor {
+  int r, ks;
+  int64_t off_a;  // byte offset of this thread's 8 bytes of row a
+  int delta_b;    // row b's offset - row a's (8 rows, less where row b is clamped)
+};
+
+__device__ __forceinline__ void v2_cursor_at(V2Cursor& c, int r, int ks, int row_in_block,
+                                             int t, int N, int K) {
+  c.r = r;
+  c.ks = ks;
+  const int64_t ra = min((int64_t)r * 128 + row_in_block, (int64_t)N - 1);
+  const int64_t rb = min((int64_t)r * 128 + row_in_block + 8, (int64_t)N - 1);
+  c.off_a = ra * (K / 2) + (int64_t)ks * (kV2Step / 2) + 8 * t;
+  c.delta_b = (int)(rb - ra) * (K / 2);
+}
+
+__device__ __forceinline__ void v2_cursor_next(V2Cursor& c, int U, int row_in_block, int t,
+                                               int N, int K) {
+  if (++c.ks == U) {
+    v2_cursor_at(c, c.r + 1, 0, row_in_block, t, N, K);
+  } else {
+    c.off_a += kV2Step / 2;
+  }
+}
+
+template <bool NESTED>
+__device__ __forceinline__ V2In v2_load(const NF4Weight& w, const V2Cursor& c) {
+  V2In in;
+  const int64_t off_b = c.off_a + c.delta_b;
+  in.wa = load_stream8(w.packed + c.off_a);
+  in.wb = load_stream8(w.packed + off_b);
+  // value index = 2 * byte offset; the lane's 16 values share the 64-aligned run's block
+  const int64_t ba = c.off_a >> (w.bs_log2 - 1), bb = off_b >> (w.bs_log2 - 1);
+  if (NESTED) {
+    in.qa = (uint32_t)__ldg(static_cast<const uint8_t*>(w.absmax) + ba) |
+            (uint32_t)__ldg(static_cast<const uint8_t*>(w.absmax) + bb) << 8;
+    in.qb = 0u;
+    in.a2a = __ldg(w.absmax2 + (ba >> w.bs2_log2));
+    in.a2b = __ldg(w.absmax2 + (bb >> w.bs2_log2));
+  } else {
+    in.qa = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + ba));
+    in.qb = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + bb));
+    in.a2a = in.a2b = 0.f;
+  }
+  return in;
+}
+
+// The block owning flattened step s of W steps cut into nb ranges [s_b, s_{b+1}),
+// s_b = floor(b * W / nb).
+__device__ __forceinline__ int v2_owner(int64_t s, int64_t W, int nb) {
+  return (int)(((s + 1) * nb - 1) / W);
+}
+
+// Dynamic shared memory: x as fp16 [MT * 8][xs_stride] (xs_stride halves, 16 bytes mod 128).
+template <typename T, int MT, bool NESTED>
+__global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
+    nf4_gemv_v2_kernel(const NF4Weight w, const NF4GemvArgs a, int xs_stride) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(16) unsigned char smem[];
+  __half* xs = reinterpret_cast<__half*>(smem);
+  __shared__ float code_s[16];
+  __shared__ float code2_s[256];
+  __shared__ unsigned tok_max[16];  // largest |x| bits per token (bf16 x)
+  __shared__ bool last;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int N = a.N, K = a.K, M = a.M;
+  const int U = K / kV2Step;                            // steps per row
+  const int row_blocks = (N + 127) / 128;
+  const int64_t W = (int64_t)row_blocks * U;
+  const int nb = gridDim.x;
+  const int64_t s0 = (int64_t)blockIdx.x * W / nb, s1 = (int64_t)(blockIdx.x + 1) * W / nb;
+  const int count = (int)(s1 - s0);
+  const int row_in_block = warp * kTileRows + g;
+
+  // Weight loads first: their DRAM latency overlaps the table and x staging below.
+  V2Cursor ld;
+  v2_cursor_at(ld, (int)(s0 / U), (int)(s0 % U), row_in_block, t, N, K);
+  V2In ring[kV2Ahead];
+#pragma unroll
+  for (int i = 0; i < kV2Ahead; ++i) {
+    if (i < count) {
+      ring[i] = v2_load<NESTED>(w, ld);
+      v2_cursor_next(ld, U, row_in_block, t, N, K);
+    }
+  }
+
+  if (tid < 16) {
+    code_s[tid] = __ldg(w.code + tid);
+    tok_max[tid] = 0u;
+  }
+  if (NESTED) code2_s[tid] = __ldg(w.code2 + tid);  // 256 threads
+  {
+    // x[token][k-step (s0 + i) % U] for the block's steps i, 16-byte units, asynchronously;
+    // tokens >= M are zero-filled (source size 0)
+    const T* x = static_cast<const T*>(a.x);
+    const int units_per_row = count * (kV2Step / 8);
+    const int units = MT * 8 * units_per_row;
+    for (int i = tid; i < units; i += kV2Threads) {
+      const int tok = i / units_per_row, uu = i % units_per_row;
+      const int step = uu >> 3, u = uu & 7;
+      const int ks = (int)((s0 + step) % U);
+      const bool inside = tok < M;
+      const T* src = inside ? x + tok * a.x_stride + ks * kV2Step + 8 * u : x;
+      const uint32_t dst = (uint32_t)__cvta_generic_to_shared(xs + tok * xs_stride +
+                                                               step * kV2Step + 8 * u);
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                   "r"(inside ? 16 : 0));
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
+  __syncthreads();  // code_s, tok_max
+  {
+    // the pair table: thread e writes entry e's 32 copies as 8 16-byte stores, rotated by e
+    // so that the 8 threads of a store phase hit 8 different bank groups
+    const int e = tid;
+    const __half2 h = __floats2half2_rn(code_s[e >> 4], code_s[e & 15]);
+    const uint32_t v = *reinterpret_cast<const uint32_t*>(&h);
+    uint4* row = reinterpret_cast<uint4*>(v2_pairs + e * 32);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) row[(j + e) & 7] = make_uint4(v, v, v, v);
+  }
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  __syncthreads();
+  const int tokens = MT * 8;
+  const int units8 = count * (kV2Step / 8);  // 8-value units per token row
+  if (std::is_same<T, __nv_bfloat16>::value) {
+    // per token: the largest |x| (as bits: monotonic for non-negative floats, NaN largest)
+    for (int i = tid; i < tokens * units8; i += kV2Threads) {
+      const int tok = i / units8, uu = i % units8;
+      const uint4 v = *reinterpret_cast<const uint4*>(xs + tok * xs_stride + 8 * uu);
+      const uint32_t m4 = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu),
+                                   __vmaxu2(v.z & 0x7FFF7FFFu, v.w & 0x7FFF7FFFu));
+      const uint32_t m = max(m4 & 0xFFFFu, m4 >> 16);  // per-half maxima -> one
+      if (m) atomicMax(&tok_max[tok], m);
+    }
+    __syncthreads();
+    // x * 2^shift with the token's largest |x| in [2^14, 2^15): exact in fp16 for all but
+    // values 2^-30 below it (they flush towards 0, far below the sum's rounding)
+    for (int i = tid; i < tokens * units8; i += kV2Threads) {
+      const int tok = i / units8, uu = i % units8;
+      const int e = (int)(tok_max[tok] >> 7) - 127;    // unbiased exponent of the max
+      const int shift = max(-126, min(126, 14 - e));
+      const float f = __int_as_float((127 + shift) << 23);
+      uint4* p = reinterpret_cast<uint4*>(xs + tok * xs_stride + 8 * uu);
+      uint4 v = *p;
+      uint32_t* words = reinterpret_cast<uint32_t*>(&v);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float lo = __uint_as_float(words[j] << 16) * f;
+        const float hi = __uint_as_float(words[j] & 0xFFFF0000u) * f;
+        const __half2 h = __floats2half2_rn(lo, hi);
+        words[j] = *reinterpret_cast<const uint32_t*>(&h);
+      }
+      *p = v;
+    }
+    __syncthreads();
+  }
+  const float offset = NESTED ? __ldg(w.offset) : 0.f;
+  const uint32_t lane4 = (uint32_t)lane * 4;
+
+  float acc[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
+
+  int r = (int)(s0 / U), ks = (int)(s0 % U);
+  const T* bias = static_cast<const T*>(a.bias);
+  T* y = static_cast<T*>(a.y);
+
+  // Row block rr is done for this block (a row block ends, or the block's range does): each
+  // thread writes its sums to y (row block not shared) or to the block's partial slot.
+  auto flush = [&](int rr) {
+    const int64_t first = (int64_t)rr * U;
+    const bool whole = v2_owner(first, W, nb) == v2_owner(first + U - 1, W, nb);
+    const int64_t ra = (int64_t)rr * 128 + row_in_block;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = mt * 8 + 2 * t + (i & 1);
+        const int64_t n = ra + (i < 2 ? 0 : 8);
+        if (m < M && n < N) {
+          float v = acc[mt][i];
+          if (std::is_same<T, __nv_bfloat16>::value) {  // undo the token's power of two
+            const int e = (int)(tok_max[m] >> 7) - 127;
+            v *= __int_as_float((127 - max(-126, min(126, 14 - e))) << 23);
+          }
+          if (whole) {
+            if (bias) v += to_f32(bias[n]);
+            y[m * a.y_stride + n] = from_f32<T>(v);
+          } else {
+            a.partial[(((int64_t)blockIdx.x + rr) * M + m) * 128 + (n - (int64_t)rr * 128)] = v;
+          }
+        }
+        acc[mt][i] = 0.f;
+      }
+    }
+  };
+  // After flush(rr) by every thread: a shared row block's last block to finish adds the
+  // partials (in block order: deterministic). Called by all threads (it syncs).
+  auto settle = [&](int rr) {
+    const int64_t first = (int64_t)rr * U;
+    const int b_first = v2_owner(first, W, nb), b_last = v2_owner(first + U - 1, W, nb);
+    if (b_first == b_last) return;
+    __threadfence();  // this block's partials visible device-wide before it is counted
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(a.counters + rr, 1u) == (unsigned)(b_last - b_first);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int idx = tid; idx < M * 128; idx += kV2Threads) {
+      const int m = idx >> 7, nl = idx & 127;
+      const int64_t n = (int64_t)rr * 128 + nl;
+      if (n >= N) continue;
+      float sum = 0.f;
+      for (int b = b_first; b <= b_last; ++b)
+        sum += __ldcg(a.partial + (((int64_t)b + rr) * M + m) * 128 + nl);
+      if (bias) sum += to_f32(bias[n]);
+      y[m * a.y_stride + n] = from_f32<T>(sum);
+    }
+  };
+
+  // U >= kV2Ahead (nf4_gemv_v2_ok): at most one row block ends inside a group of kV2Ahead
+  // steps, so the group's body only flushes and the syncing part runs after the group.
+  for (int i0 = 0; i0 < count; i0 += kV2Ahead) {
+    int ended = -1;
+#pragma unroll
+    for (int j = 0; j < kV2Ahead; ++j) {
+      const int i = i0 + j;
+      if (i >= count) break;
+      const V2In cur = ring[j];
+      if (i + kV2Ahead < count) {
+        ring[j] = v2_load<NESTED>(w, ld);
+        v2_cursor_next(ld, U, row_in_block, t, N, K);
+      }
+      float sa, sb;
+      if (NESTED) {
+        sa = __fadd_rn(__fmul_rn(code2_s[cur.qa & 0xFFu], cur.a2a), offset);
+        sb = __fadd_rn(__fmul_rn(code2_s[cur.qa >> 8], cur.a2b), offset);
+      } else {
+        sa = __uint_as_float(cur.qa);
+        sb = __uint_as_float(cur.qb);
+      }
+      // level pairs of bytes 0..7 of rows a and b
+      uint32_t pa[8], pb[8];
+      pa[0] = v2_pair<0>(cur.wa.x, lane4); pa[1] = v2_pair<1>(cur.wa.x, lane4);
+      pa[2] = v2_pair<2>(cur.wa.x, lane4); pa[3] = v2_pair<3>(cur.wa.x, lane4);
+      pa[4] = v2_pair<0>(cur.wa.y, lane4); pa[5] = v2_pair<1>(cur.wa.y, lane4);
+      pa[6] = v2_pair<2>(cur.wa.y, lane4); pa[7] = v2_pair<3>(cur.wa.y, lane4);
+      pb[0] = v2_pair<0>(cur.wb.x, lane4); pb[1] = v2_pair<1>(cur.wb.x, lane4);
+      pb[2] = v2_pair<2>(cur.wb.x, lane4); pb[3] = v2_pair<3>(cur.wb.x, lane4);
+      pb[4] = v2_pair<0>(cur.wb.y, lane4); pb[5] = v2_pair<1>(cur.wb.y, lane4);
+      pb[6] = v2_pair<2>(cur.wb.y, lane4); pb[7] = v2_pair<3>(cur.wb.y, lane4);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        // x of this step: token mt * 8 + g, values 16t .. 16t + 15 (8 words)
+        const uint4* p = reinterpret_cast<const uint4*>(xs + (mt * 8 + g) * xs_stride +
+                                                        i * kV2Step + 16 * t);
+        const uint4 x0 = p[0], x1 = p[1];
+        float tmp[4] = {0.f, 0.f, 0.f, 0.f};
+        mma_f16_16816(tmp, pa[0], pb[0], pa[1], pb[1], x0.x, x0.y);
+        mma_f16_16816(tmp, pa[2], pb[2], pa[3], pb[3], x0.z, x0.w);
+        mma_f16_16816(tmp, pa[4], pb[4], pa[5], pb[5], x1.x, x1.y);
+        mma_f16_16816(tmp, pa[6], pb[6], pa[7], pb[7], x1.z, x1.w);
+        acc[mt][0] = fmaf(sa, tmp[0], acc[mt][0]);
+        acc[mt][1] = fmaf(sa, tmp[1], acc[mt][1]);
+        acc[mt][2] = fmaf(sb, tmp[2], acc[mt][2]);
+        acc[mt][3] = fmaf(sb, tmp[3], acc[mt][3]);
+      }
+      if (++ks == U) {  // uniform over the block
+        flush(r);
+        ended = r;
+        ks = 0;
+        ++r;
+      }
+    }
+    if (ended >= 0) settle(ended);
+  }
+  if (ks != 0) {  // the block's range ends inside row block r
+    flush(r);
+    settle(r);
+  }
+#endif
+}
+
 }  // namespace
 
 void nf4_dequantize(const NF4Weight& w, int64_t numel, void* out, int out_dtype,
@@ -453,7 +836,7 @@ void nf4_dequantize(const NF4Weight& w, int64_t numel, void* out, int out_dtype,
   });
 }
 
-void nf4_gemv_plan(NF4GemvArgs& a, int sms) {
+static void plan_v1(NF4GemvArgs& a, int sms) {
   const int tokens = a.M <= 8 ? 8 : 16;
   const int chunks = (a.K + kChunk - 1) / kChunk;
   // x staging (tokens x (per_split * 128 + 16) values) must fit kMaxXBytes
@@ -480,6 +863,41 @@ void nf4_gemv_plan(NF4GemvArgs& a, int sms) {
   a.split = std::max(1, best_split);
 }
 
+bool nf4_gemv_v2_ok(const NF4Weight& w, const NF4GemvArgs& a) {
+  return a.M >= 1 && a.M <= 16 && a.K % kV2Step == 0 && a.K >= kV2Step * kV2Ahead &&
+         w.bs_log2 >= 6 &&
+         (a.dtype == kBF16 || a.dtype == kF16);
+}
+
+void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
+  a.split = a.per_split = a.v2_blocks = a.v2_steps = 0;
+  if (a.variant != 1 && nf4_gemv_v2_ok(w, a)) {
+    a.variant = 2;
+    const int tokens = a.M <= 8 ? 8 : 16;
+    const int64_t total = nf4_gemv_row_blocks(a.N) * (int64_t)(a.K / kV2Step);
+    int64_t blocks = std::min<int64_t>(total, (int64_t)std::max(1, sms) * kV2BlocksPerSM);
+    const int64_t max_steps = v2_max_steps(tokens);
+    if ((total + blocks - 1) / blocks > max_steps) blocks = (total + max_steps - 1) / max_steps;
+    a.v2_blocks = (int)blocks;
+    a.v2_steps = (int)((total + blocks - 1) / blocks);
+    return;
+  }
+  a.variant = 1;
+  plan_v1(a, sms);
+}
+
+int64_t nf4_gemv_partial_floats(const NF4GemvArgs& a) {
+  if (a.variant == 2) return (a.v2_blocks + nf4_gemv_row_blocks(a.N)) * (int64_t)a.M * 128;
+  return a.split > 1 ? (int64_t)a.split * a.M * a.N : 0;
+}
+
+bool nf4_gemv_needs_scratch(const NF4GemvArgs& a) {
+  // v2: a row block split over several blocks needs partials (a row spans K / 64 steps and
+  // a block takes v2_steps of them: shared row blocks exist unless every block holds whole
+  // row blocks, which cannot be known cheaply here, so always)
+  return a.variant == 2 || a.split > 1;
+}
+
 namespace {
 template <typename T, int MT>
 void launch_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
@@ -497,12 +915,39 @@ void launch_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) 
   const dim3 grid((unsigned)((a.N + kBlockRows - 1) / kBlockRows), (unsigned)a.split);
   nf4_gemv_kernel<T, MT><<<grid, kGemvWarps * 32, smem, stream>>>(w, a, a.per_split, xs_stride);
 }
+
+
+template <typename T, int MT, bool NESTED>
+void launch_gemv_v2(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
+  int device = 0;
+  cudaGetDevice(&device);
+  static bool raised[256] = {};  // the opt-in to > 48 KB of shared memory, per device
+  if (device >= 0 && device < 256 && !raised[device]) {
+    cudaFuncSetAttribute(nf4_gemv_v2_kernel<T, MT, NESTED>,
+                         cudaFuncAttributeMaxDynamicSharedMemorySize, kV2MaxXBytes);
+    raised[device] = true;
+  }
+  const int xs_stride = a.v2_steps * kV2Step + 8;  // halves: 16 bytes mod 128
+  const size_t smem = (size_t)MT * 8 * xs_stride * 2;
+  nf4_gemv_v2_kernel<T, MT, NESTED>
+      <<<(unsigned)a.v2_blocks, kV2Threads, smem, stream>>>(w, a, xs_stride);
+}
 }  // namespace
 
 void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
   if (a.M <= 0 || a.N <= 0) return;
   auto launch = [&](auto tag) {
     using T = decltype(tag);
+    if (a.variant == 2) {
+      if (a.M <= 8) {
+        if (w.nested) launch_gemv_v2<T, 1, true>(w, a, stream);
+        else launch_gemv_v2<T, 1, false>(w, a, stream);
+      } else {
+        if (w.nested) launch_gemv_v2<T, 2, true>(w, a, stream);
+        else launch_gemv_v2<T, 2, false>(w, a, stream);
+      }
+      return;
+    }
     if (a.M <= 8) launch_gemv<T, 1>(w, a, stream);
     else launch_gemv<T, 2>(w, a, stream);
   };

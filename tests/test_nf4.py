@@ -18,6 +18,17 @@ from fastft.ops.nf4 import NF4State, resolve  # noqa: E402
 from tests.helpers import DTYPES, RTOL, backends, gpu_backends, rel_err  # noqa: E402
 
 
+GEMV_VARIANTS = ("v1", "v2")  # FASTFT_NF4_GEMV: the CUDA backend's two fused kernels
+
+
+def use_variant(backend, variant, monkeypatch):
+    """Select the CUDA fused kernel (read by the extension on every call); other backends run
+    once (variant "v2" only)."""
+    if backend != "cuda" and variant != "v2":
+        pytest.skip("the kernel variant is a CUDA backend setting")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", variant)
+
+
 def quantize(shape, nested, blocksize=64, seed=0, device="cpu", scale=0.05):
     """A random weight quantised by bitsandbytes on the CPU (its CUDA library need not load),
     then moved to `device`."""
@@ -477,11 +488,14 @@ def test_gpu_compiles_fullgraph(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", gpu_backends("nf4_matmul"))
-def test_fused_matmul_gpu_compiled_repeated_and_replayed_equal_eager(backend):
+@pytest.mark.parametrize("variant", GEMV_VARIANTS)
+def test_fused_matmul_gpu_compiled_repeated_and_replayed_equal_eager(backend, variant,
+                                                                     monkeypatch):
     """The fused op run from a compiled graph, called repeatedly with new x (anything one call
     leaves behind, e.g. split-K counters or partials, would change a later result), and that
     compiled graph captured into a CUDA graph and replayed: always exactly the eager result.
     Shapes: 256x512 (4 K ranges), 1000x4544 (K ranges over 8 row blocks), 64x4096 (32)."""
+    use_variant(backend, variant, monkeypatch)
     for i, (w_shape, rows) in enumerate((((256, 512), 4), ((1000, 4544), 1),
                                          ((1000, 4544), 16), ((64, 4096), 9))):
         _, packed, state = quantize(w_shape, True, device="cuda", seed=20 + i)
@@ -579,24 +593,31 @@ def check_fused_gpu(backend, rows, w_shape, blocksize, dtype, nested, with_bias,
     assert bad.numel() == 0, (rows, w_shape, dtype, nested, bad[:8].tolist(),
                               (y.double() - ref).abs().max().item())
     if rows <= nf4_mod.SMALL_M and nf4_mod._BACKENDS[backend].fused_ok(resolve(packed, state), x):
-        # the fused kernels multiply by exactly the dequantised W (nf4_dequantize in x's dtype):
-        # what remains is float32 accumulation and y's one rounding. Rounding the levels or
-        # scales to the dtype first (a systematic per-level bias) is far outside this bound.
+        # The fused kernels use either exactly the dequantised W (nf4_dequantize in x's dtype:
+        # Triton, CUDA v1), so that only float32 accumulation and y's one rounding remain, or
+        # (CUDA v2) the NF4 levels rounded to fp16 (2^-11) times the float32 scale, i.e. W in
+        # float32 up to 2^-11 per level. Rounding the levels or scales to bf16 first (a
+        # systematic per-level bias of up to 2^-9, the first CUDA kernel's bug) fails both.
         wq = nf4_dequantize(packed, state, dtype=dtype, backend="torch").double()
         ref_q = x.double() @ wq.t() + (bias.double() if with_bias else 0)
         l1 = x.double().abs() @ wq.abs().t()
         tight = eps * ref_q.abs() + 2.0 ** -18 * l1 + 1e-6
         off = ((y.double() - ref_q).abs() > tight).nonzero()
-        assert off.numel() == 0, ("fused W is not the dequantised W", rows, w_shape, dtype,
-                                  nested, off[:8].tolist())
+        tight32 = eps * ref.abs() + 2.0 ** -10 * noise + 2.0 ** -18 * l1 + 1e-6
+        off32 = ((y.double() - ref).abs() > tight32).nonzero()
+        assert off.numel() == 0 or off32.numel() == 0, (
+            "fused W is neither the dequantised W nor float32 W with fp16 levels", rows,
+            w_shape, dtype, nested, off[:8].tolist(), off32[:8].tolist())
     return x, packed, state, bias, y
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", GEMV_VARIANTS)
 @pytest.mark.parametrize("backend", gpu_backends("nf4_matmul"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("nested", [True, False])
-def test_fused_matmul_gpu_every_m_and_odd_shapes(backend, dtype, nested, monkeypatch):
+def test_fused_matmul_gpu_every_m_and_odd_shapes(backend, dtype, nested, variant, monkeypatch):
+    use_variant(backend, variant, monkeypatch)
     impl = nf4_mod._BACKENDS[backend]
     calls = []
     real = impl.gemv
@@ -618,7 +639,9 @@ def test_fused_matmul_gpu_every_m_and_odd_shapes(backend, dtype, nested, monkeyp
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", gpu_backends("nf4_matmul"))
-def test_fused_matmul_gpu_strided_x_and_deterministic(backend):
+@pytest.mark.parametrize("variant", GEMV_VARIANTS)
+def test_fused_matmul_gpu_strided_x_and_deterministic(backend, variant, monkeypatch):
+    use_variant(backend, variant, monkeypatch)
     for rows in (1, 5, 12, 16):
         # row stride in_features + 8 (16-byte aligned: no copy) and + 3 (misaligned: copied)
         for pad in (8, 3):
@@ -630,21 +653,88 @@ def test_fused_matmul_gpu_strided_x_and_deterministic(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", GEMV_VARIANTS)
 @pytest.mark.parametrize("backend", gpu_backends("nf4_matmul"))
 @pytest.mark.parametrize("w_shape", [(14336, 4096), (4096, 14336)])
-def test_fused_matmul_gpu_llama_shapes(backend, w_shape):
-    for rows in (1, 16):
-        for dtype in (torch.bfloat16, torch.float16):
-            check_fused_gpu(backend, rows, w_shape, 64, dtype, True, with_bias=rows == 16)
+def test_fused_matmul_gpu_llama_shapes(backend, w_shape, variant, monkeypatch):
+    """The benchmark's two shapes (Llama-3.1-8B MLP) at the decode batch sizes around the
+    kernels' token tiles (8 and 16), both dtypes, nested and plain scales, with and without
+    bias."""
+    use_variant(backend, variant, monkeypatch)
+    for i, rows in enumerate((1, 2, 3, 8, 9, 16, 17)):
+        dtype = (torch.bfloat16, torch.float16)[i % 2]
+        check_fused_gpu(backend, rows, w_shape, 64, dtype, True, with_bias=i % 3 == 0)
     check_fused_gpu(backend, 9, w_shape, 64, torch.bfloat16, False, with_bias=True)
+    check_fused_gpu(backend, 4, w_shape, 64, torch.float16, False, with_bias=False)
+
+
+# (out, in, blocksize): v2 takes K % 64 == 0 (K >= 192) with blocksize >= 64; 4160 = 65 * 64
+# with blocksize 128 puts quantisation blocks across row ends; 4128 (K % 64 == 32) and
+# blocksize 32 go to v1; 192 is v2's smallest K; 5 rows: one row tile, mostly clamped rows.
+MORE_FUSED_SHAPES = [(333, 4160, 64), (333, 4160, 128), (333, 4128, 64), (129, 192, 64),
+                     (5, 256, 256), (333, 4160, 32)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", GEMV_VARIANTS)
+@pytest.mark.parametrize("backend", gpu_backends("nf4_matmul"))
+@pytest.mark.parametrize("nested", [True, False])
+def test_fused_matmul_gpu_more_odd_shapes(backend, nested, variant, monkeypatch):
+    use_variant(backend, variant, monkeypatch)
+    for i, (out_f, in_f, blocksize) in enumerate(MORE_FUSED_SHAPES):
+        for j, rows in enumerate((1, 3, 8, 9, 16, 17)):
+            dtype = (torch.bfloat16, torch.float16)[(i + j) % 2]
+            check_fused_gpu(backend, rows, (out_f, in_f), blocksize, dtype, nested,
+                            with_bias=(i + j) % 3 == 0, seed=40 + i)
+        # float32 x: the dequantise + matmul path
+        check_fused_gpu(backend, 3, (out_f, in_f), blocksize, torch.float32, nested,
+                        with_bias=True, seed=40 + i)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", GEMV_VARIANTS)
+@pytest.mark.parametrize("backend", gpu_backends("nf4_matmul"))
+def test_fused_matmul_gpu_x_ranges(backend, variant, monkeypatch):
+    """bf16 x far outside fp16's range and far below it (v2 runs its mma in fp16: each token's
+    x is scaled by a power of two in the kernel), a zero row, and a row mixing both."""
+    use_variant(backend, variant, monkeypatch)
+    _, packed, state = quantize((1000, 4544), True, device="cuda", seed=50)
+    w = nf4_dequantize(packed, state, dtype=torch.float32, backend="torch").double()
+    g = torch.Generator().manual_seed(51)
+    for rows in (5, 13):
+        x = torch.randn(rows, 4544, generator=g)
+        x[0] *= 1e30
+        x[1] *= 1e-30
+        x[2] = 0
+        x[3, ::2] *= 1e6       # huge and
+        x[3, 1::2] *= 1e-6     # tiny values in one row
+        x = x.to(device="cuda", dtype=torch.bfloat16)
+        y = nf4_matmul(x, packed, state, backend=backend)
+        ref = x.double() @ w.t()
+        assert torch.equal(y[2], torch.zeros_like(y[2])), "a zero row of x gives zeros"
+        for i in (0, 1, 3, 4):
+            assert rel_err(y[i], ref[i]) < RTOL[torch.bfloat16], (rows, i, rel_err(y[i], ref[i]))
+
+
+@pytest.mark.gpu
+def test_fused_matmul_gpu_rejects_unknown_variant(monkeypatch):
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    _, packed, state = quantize((256, 512), True, device="cuda")
+    x = torch.randn(2, 512, dtype=torch.bfloat16, device="cuda")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", "v3")
+    with pytest.raises(RuntimeError, match="FASTFT_NF4_GEMV must be v1 or v2"):
+        nf4_matmul(x, packed, state, backend="cuda")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", gpu_backends("nf4_matmul"))
-def test_fused_matmul_gpu_cuda_graph_replays(backend):
+@pytest.mark.parametrize("variant", GEMV_VARIANTS)
+def test_fused_matmul_gpu_cuda_graph_replays(backend, variant, monkeypatch):
     """Captured once, replayed with new x each time: the split-K bookkeeping (partials and
     counters allocated and zeroed inside the captured call) must give the eager result on
     every replay."""
+    use_variant(backend, variant, monkeypatch)
     _, packed, state = quantize((1000, 4544), True, device="cuda")
     bias = torch.randn(1000, device="cuda", dtype=torch.bfloat16)
     for rows in (1, 16):
