@@ -12,6 +12,14 @@ sets that function (via the model's `_set_gradient_checkpointing`) and keeps it 
 trainer later calls `gradient_checkpointing_enable()` again (HF Trainer / TRL do when
 `gradient_checkpointing=True`). torch.utils.checkpoint is not touched.
 
+Reuse instead of recompute: some results of the first forward are cheaper to send to the host
+and back than to recompute (attention's output and log-sum-exp, whose recompute is a whole
+attention forward; o_proj's output, whose recompute is a GEMM). Ops inside a checkpointed layer
+hand such tensors to `stash_put` during the first forward; they travel with the layer's input
+(offloaded, prefetched one layer ahead) and the same ops take them back with `stash_take` in the
+recompute, in the same order. This only runs while the host has room for it (see
+_Offloader.stash_budget) and FASTFT_OFFLOAD_REUSE is not 0; otherwise the ops recompute.
+
 On the CPU the "offload" is a plain copy, but the code path is the same.
 """
 from __future__ import annotations
@@ -69,29 +77,51 @@ class _RegisteredHost:
 
 
 class _Slot:
-    """One layer input's trip to the host and back."""
+    """One layer input's trip to the host and back, with the results the layer stashed."""
 
     __slots__ = ("host", "device_copy", "ready", "stream", "requires_grad", "prev", "pooled",
-                 "__weakref__")
+                 "stash", "__weakref__")
 
     def __init__(self):
         self.pooled = None       # the _RegisteredHost behind `host`, if any
         self.host = None         # CPU copy (pinned on CUDA)
         self.device_copy = None  # the tensor brought back (prefetched or fetched on demand)
-        self.ready = None        # CUDA event: device_copy is complete
+        self.ready = None        # CUDA event: device_copy (and the stash's copies) complete
         self.stream = None       # the side stream used for the copies
         self.requires_grad = False
         self.prev = None         # weakref to the slot of the layer before (prefetched next)
+        self.stash = []          # per put: [tag, host tensors or None, device copies, extra]
+
+
+# Stashing is on unless FASTFT_OFFLOAD_REUSE=0; it may use this share of the host memory that is
+# available when a forward pass starts, after the layer inputs of that pass are provided for.
+REUSE = os.environ.get("FASTFT_OFFLOAD_REUSE", "1") != "0"
+STASH_HOST_SHARE = 0.5
+
+
+def _available_host_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else 0 (no stashing)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 class _Offloader:
     """Per-model state: the side stream per device and the chain of slots of the current
     forward pass (so that backward of layer i can prefetch layer i-1)."""
 
-    def __init__(self):
+    def __init__(self, layers: int = 0):
         self.streams = {}
         self.last = None  # weakref to the most recent slot
         self.free = []    # reusable _RegisteredHost buffers (all their copies ran on `stream`)
+        self.layers = layers     # checkpointed layers per pass (0: unknown, no stashing)
+        self.stash_left = 0      # bytes the current pass may still stash
+        self.stashed_bytes = 0   # bytes stashed in the current pass (for benchmarks / tests)
 
     def _host_buffer(self, nbytes, stream):
         """A registered buffer of at least nbytes (at most 25% larger) from the pool, else a new
@@ -121,46 +151,84 @@ class _Offloader:
         # link to the previous layer of the same pass (a consumed slot means a new pass began)
         slot.prev = weakref.ref(last) if last is not None and last.host is not None else None
         self.last = weakref.ref(slot)
-        stream = self.stream_for(x.device)
-        slot.stream = stream
+        if slot.prev is None:
+            self._new_pass(x)
+        slot.stream = self.stream_for(x.device)
+        slot.host, slot.pooled = self._to_host(x, slot.stream)
+        return slot
+
+    def _new_pass(self, x: torch.Tensor) -> None:
+        """Size the stash budget: a share of the host's free memory, less what this pass's
+        layer inputs will take."""
+        self.stashed_bytes = 0
+        self.stash_left = 0
+        if REUSE and self.layers > 0:
+            inputs = self.layers * x.numel() * x.element_size()
+            self.stash_left = max(0, int(_available_host_bytes() * STASH_HOST_SHARE) - inputs)
+
+    def _to_host(self, x: torch.Tensor, stream):
+        """(host copy, pooled buffer or None), the copy issued on the side stream."""
         if stream is None:
-            slot.host = x.detach().clone()
-            return slot
+            return x.detach().clone(), None
         main = torch.cuda.current_stream(x.device)
         stream.wait_stream(main)  # x is complete
         nbytes = x.numel() * x.element_size()
+        pooled = None
         with torch.cuda.stream(stream):
             if nbytes >= REGISTERED_MIN_BYTES:
-                slot.pooled = self._host_buffer(nbytes, stream)
-                slot.host = slot.pooled.view(x.shape, x.dtype)
+                pooled = self._host_buffer(nbytes, stream)
+                host = pooled.view(x.shape, x.dtype)
             else:
-                slot.host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
-            slot.host.copy_(x.detach(), non_blocking=True)
+                host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
+            host.copy_(x.detach(), non_blocking=True)
         x.record_stream(stream)  # x's memory is not reused until the copy has read it
-        return slot
+        return host, pooled
+
+    def stash(self, slot: _Slot, tag: str, tensors, extra) -> bool:
+        """Send `tensors` to the host with slot's input if the budget allows; records the put
+        either way (the recompute takes entries back in the same order). tensors None: a put
+        that keeps nothing."""
+        nbytes = -1 if tensors is None else sum(t.numel() * t.element_size() for t in tensors)
+        if nbytes < 0 or nbytes > self.stash_left:
+            slot.stash.append([tag, None, None, None])
+            return False
+        self.stash_left -= nbytes
+        self.stashed_bytes += nbytes
+        slot.stash.append([tag, [self._to_host(t, slot.stream)[0] for t in tensors], None, extra])
+        return True
 
     @staticmethod
     def prefetch(slot: _Slot, device) -> None:
-        """Start copying slot's input back to the device (no-op when done or started)."""
+        """Start copying slot's input (and stash) back to the device (no-op when done or started)."""
         if slot is None or slot.device_copy is not None or slot.host is None:
             return
         if slot.stream is None:
             slot.device_copy = slot.host.to(device, copy=True)
+            for entry in slot.stash:
+                if entry[1] is not None:
+                    entry[2] = [h.to(device, copy=True) for h in entry[1]]
             return
         main = torch.cuda.current_stream(device)
         # allocated on the main stream, so its memory belongs there; the side stream waits for
         # the main stream to reach this point before writing into it
-        buf = torch.empty(slot.host.shape, dtype=slot.host.dtype, device=device)
+        bufs = [torch.empty(slot.host.shape, dtype=slot.host.dtype, device=device)]
+        for entry in slot.stash:
+            if entry[1] is not None:
+                entry[2] = [torch.empty(h.shape, dtype=h.dtype, device=device) for h in entry[1]]
+                bufs += entry[2]
+        hosts = [slot.host] + [h for entry in slot.stash if entry[1] is not None for h in entry[1]]
         slot.stream.wait_stream(main)
         with torch.cuda.stream(slot.stream):
-            buf.copy_(slot.host, non_blocking=True)
+            for buf, host in zip(bufs, hosts):
+                buf.copy_(host, non_blocking=True)
             slot.ready = torch.cuda.Event()
             slot.ready.record(slot.stream)
-        slot.device_copy = buf
+        slot.device_copy = bufs[0]
 
     def restore(self, slot: _Slot, device) -> torch.Tensor:
         """Slot's input back on the device, ready for use on the current stream; also starts the
-        previous layer's prefetch so it overlaps this layer's recomputation."""
+        previous layer's prefetch so it overlaps this layer's recomputation. The stash's device
+        copies stay in slot.stash for stash_take."""
         if slot.host is None:
             raise RuntimeError(
                 "offloaded checkpointing: this layer's saved input was already used by an earlier "
@@ -179,6 +247,8 @@ class _Offloader:
             self.free.append(slot.pooled)
             slot.pooled = None
         slot.host = slot.device_copy = slot.ready = None
+        for entry in slot.stash:
+            entry[1] = None  # the host copies (extra and device copies stay for stash_take)
         slot.prev = None
         return x
 
@@ -201,11 +271,74 @@ class _Recomputing:
         _RECOMPUTE.depth -= 1
 
 
+# The layer being run: ("put", offloader, slot) during a checkpoint's first forward,
+# ("take", entries iterator) during its recompute, None elsewhere.
+_STASH = threading.local()
+
+
+class _StashContext:
+    def __init__(self, state):
+        self.state = state
+
+    def __enter__(self):
+        self.outer = getattr(_STASH, "state", None)
+        _STASH.state = self.state
+
+    def __exit__(self, *exc):
+        _STASH.state = self.outer
+
+
+def stashing() -> bool:
+    """True inside a checkpointed layer's first forward. An op that can reuse results must then
+    call stash_put exactly once (with None when it keeps nothing), so that the recompute's
+    stash_take calls pair up with the puts."""
+    state = getattr(_STASH, "state", None)
+    return state is not None and state[0] == "put"
+
+
+def stash_room() -> int:
+    """Bytes the current first forward may still stash (0 outside one)."""
+    state = getattr(_STASH, "state", None)
+    return state[1].stash_left if state is not None and state[0] == "put" else 0
+
+
+def stash_put(tag: str, tensors, extra=None) -> bool:
+    """Offload `tensors` with the current layer's input; the recompute's stash_take(tag) returns
+    them on the device, with `extra` (any object, kept as is). tensors None records a put that
+    keeps nothing. False (nothing kept) when the budget is spent or outside a first forward;
+    then the recompute's stash_take returns None."""
+    state = getattr(_STASH, "state", None)
+    if state is None or state[0] != "put":
+        return False
+    return state[1].stash(state[2], tag, None if tensors is None else list(tensors), extra)
+
+
+def replaying() -> bool:
+    """True inside a recompute that has stashed results to take."""
+    state = getattr(_STASH, "state", None)
+    return state is not None and state[0] == "take"
+
+
+def stash_take(tag: str):
+    """The next stashed group of the layer being recomputed: (device tensors in put order,
+    extra), or None when that put kept nothing. Puts and takes must pair up in order."""
+    state = getattr(_STASH, "state", None)
+    if state is None or state[0] != "take":
+        return None
+    entry = next(state[1], None)
+    if entry is None or entry[0] != tag:
+        raise RuntimeError(f"offloaded checkpointing: the recompute asked for stashed {tag!r} but "
+                           f"the first forward stashed {None if entry is None else entry[0]!r} "
+                           "here; the layer's forward took a different path the second time")
+    return None if entry[2] is None else (entry[2], entry[3])
+
+
 class OffloadedCheckpoint(torch.autograd.Function):
     """Checkpoint one call run_function(x, *rest) with x offloaded to the host in between.
 
-    Only `x` (the first argument, the layer's hidden states) is offloaded; other tensor
-    arguments stay where they are (they are shared by all layers: masks, rotary cos/sin)."""
+    Only `x` (the first argument, the layer's hidden states) is offloaded, with whatever the
+    layer's ops stash; other tensor arguments stay where they are (they are shared by all
+    layers: masks, rotary cos/sin)."""
 
     @staticmethod
     def forward(ctx, run_function, offloader, preserve_rng, anchor, x, *rest):
@@ -218,9 +351,9 @@ class OffloadedCheckpoint(torch.autograd.Function):
         if preserve_rng:
             ctx.cpu_rng = torch.get_rng_state()
             ctx.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        with torch.no_grad():
-            out = run_function(x, *rest)
         ctx.slot = offloader.offload(x)
+        with torch.no_grad(), _StashContext(("put", offloader, ctx.slot)):
+            out = run_function(x, *rest)
         tensor_rest = [t for t in rest if isinstance(t, torch.Tensor)]
         ctx.rest_is_tensor = [isinstance(t, torch.Tensor) for t in rest]
         ctx.rest_plain = [None if isinstance(t, torch.Tensor) else t for t in rest]
@@ -232,6 +365,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         device = ctx.device
+        stash = ctx.slot.stash
         x = ctx.offloader.restore(ctx.slot, device)
         x = x.detach().requires_grad_(ctx.slot.requires_grad)
         it = iter(ctx.saved_tensors)
@@ -248,8 +382,10 @@ class OffloadedCheckpoint(torch.autograd.Function):
                 torch.set_rng_state(ctx.cpu_rng)
                 if ctx.cuda_rng is not None:
                     torch.cuda.set_rng_state(ctx.cuda_rng, device)
-            with torch.enable_grad(), _restore_autocast(device, ctx.autocast), _Recomputing():
+            with torch.enable_grad(), _restore_autocast(device, ctx.autocast), _Recomputing(), \
+                    _StashContext(("take", iter(stash)) if stash else None):
                 out = ctx.run_function(x, *rest)
+        ctx.slot.stash = []  # the device copies now live in the recomputed graph only
         outs, _ = _flatten(out)
         pairs = [(o, g) for o, g in zip(outs, grads)
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
@@ -304,11 +440,11 @@ class _restore_autocast:
 class _CheckpointFunction:
     """The `_gradient_checkpointing_func` we install: one offloader per model."""
 
-    def __init__(self):
-        self.offloader = _Offloader()
+    def __init__(self, layers: int = 0):
+        self.offloader = _Offloader(layers)
 
-    def __deepcopy__(self, memo):
-        return _CheckpointFunction()  # a copied model gets its own streams and host buffers
+    def __deepcopy__(self, memo):  # a copied model gets its own streams and host buffers
+        return _CheckpointFunction(self.offloader.layers)
 
     def __call__(self, function, *args, **kwargs):
         if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
@@ -379,9 +515,14 @@ def enable_offloaded_checkpointing(model) -> int:
         target.config.use_cache = False
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    return sum(1 for m in target.modules() if isinstance(m, GradientCheckpointingLayer)
-               and getattr(m, "gradient_checkpointing", False)
-               and _is_offloading(getattr(m, "_gradient_checkpointing_func", None)))
+    layers = sum(1 for m in target.modules() if isinstance(m, GradientCheckpointingLayer)
+                 and getattr(m, "gradient_checkpointing", False)
+                 and _is_offloading(getattr(m, "_gradient_checkpointing_func", None)))
+    func.offloader.layers = layers  # sizes the stash budget (see _Offloader._new_pass)
+    from fastft.attention import install_attention_reuse
+
+    install_attention_reuse()
+    return layers
 
 
 def disable_offloaded_checkpointing(model) -> None:

@@ -282,3 +282,136 @@ def test_recompute_skips_the_mlp_output_only_where_nothing_reads_it(family, tile
     # per batch: 2 layers forward (output needed), then 2 recomputes
     assert seen == ([True, True] + [not skips] * 2) * 2
     _assert_same(got, ref)
+
+
+# --- reuse instead of recompute (attention output, o_proj output) -----------------------------
+
+def _sdpa_model(family="llama", seed=0, lora=True):
+    from peft import LoraConfig, get_peft_model
+
+    from tiny_models import build_tiny_model
+
+    torch.manual_seed(seed)
+    model = build_tiny_model(family, num_hidden_layers=2, attn_implementation="sdpa",
+                             initializer_range=0.2)
+    if lora:
+        model = get_peft_model(model, LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model.train()
+    return model
+
+
+def _count_sdpa_runs():
+    """Counts transformers' own sdpa function calls (under our wrapper), forward vs recompute."""
+    import fastft.attention as attention
+
+    attention.install_attention_reuse()
+    calls = {"first forward": 0, "recompute": 0, "plain": 0}
+    original = attention._ORIGINAL["sdpa"]
+
+    def counting(*args, **kwargs):
+        key = ("first forward" if offload.stashing() else
+               "recompute" if offload.recomputing() else "plain")
+        calls[key] += 1
+        return original(*args, **kwargs)
+
+    attention._ORIGINAL["sdpa"] = counting
+    _UNDO.append(lambda: attention._ORIGINAL.__setitem__("sdpa", original))
+    return calls
+
+
+@pytest.mark.parametrize("family,fused", [("llama", True), ("llama", False), ("qwen3", True)])
+def test_reused_attention_and_o_proj_give_the_same_gradients(family, fused):
+    """With room on the host, the recompute takes attention's output (and its backward state)
+    and o_proj's output from the first forward instead of recomputing them; gradients are those
+    of no checkpointing (GQA: 4 query / 2 kv heads; Qwen3: q/k norms before RoPE)."""
+    model = _sdpa_model(family)
+    if fused:
+        apply_fused_lora(model)
+    batches = [torch.randint(0, 200, (2, 13)), torch.randint(0, 200, (1, 9))]
+    ref = _grads(model, batches)
+    enable_offloaded_checkpointing(model)
+    calls = _count_sdpa_runs()
+    got = _grads(model, batches)
+    assert calls == {"first forward": 2 * 2, "recompute": 0, "plain": 0}
+    offloader = model.get_base_model().model.layers[0]._gradient_checkpointing_func.offloader
+    hidden = model.config.hidden_size
+    # per layer of the last batch (1 x 9 tokens): attention output [+ o_proj output when fused]
+    # and the small log-sum-exp; never q / k / v, which the recompute makes anyway
+    per_layer = offloader.stashed_bytes / 2
+    outputs = (2 if fused else 1) * 9 * hidden * 4
+    assert outputs <= per_layer <= outputs + 9 * model.config.num_attention_heads * 4 + 256
+    _assert_same(got, ref, tol=1e-5)
+
+
+def test_without_host_room_the_recompute_recomputes(monkeypatch):
+    monkeypatch.setattr(offload, "STASH_HOST_SHARE", 0.0)
+    model = _sdpa_model()
+    apply_fused_lora(model)
+    batches = [torch.randint(0, 200, (2, 11))]
+    ref = _grads(model, batches)
+    enable_offloaded_checkpointing(model)
+    calls = _count_sdpa_runs()
+    got = _grads(model, batches)
+    assert calls["recompute"] == 2 and calls["first forward"] == 2
+    assert model.get_base_model().model.layers[0]._gradient_checkpointing_func.offloader.stashed_bytes == 0
+    _assert_same(got, ref)
+
+
+def test_reuse_with_a_padding_mask_and_accumulation():
+    """A padded batch (a mask goes to SDPA) and gradient accumulation over two batches."""
+    model = _sdpa_model()
+    apply_fused_lora(model)
+    ids = torch.randint(0, 200, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        for _ in range(2):
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        return [], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref = grads()
+    enable_offloaded_checkpointing(model)
+    _assert_same(grads(), ref)
+
+
+def test_reuse_put_and_take_must_pair_up():
+    """A recompute that asks for a different stashed result than the forward put fails loudly."""
+    lin = torch.nn.Linear(8, 8)
+    func = offload._CheckpointFunction(layers=1)
+    x = torch.randn(3, 8, requires_grad=True)
+    state = {"tag": "first"}
+
+    def block(h):
+        if offload.stashing():
+            offload.stash_put(state["tag"], [h * 2])
+        elif offload.replaying():
+            offload.stash_take("second")
+        return lin(h)
+
+    out = func(block, x)
+    with pytest.raises(RuntimeError, match="stashed 'second' but the first forward stashed 'first'"):
+        out.sum().backward()
+
+
+@pytest.mark.gpu
+def test_gpu_reused_cudnn_attention_matches_no_checkpointing():
+    """bf16 on the GPU: SDPA picks its fused kernel (cuDNN on an H200); the reused attention's
+    backward runs it with the stashed output / log-sum-exp and the recomputed q, k, v."""
+    model = _sdpa_model().to(torch.bfloat16).cuda()
+    apply_fused_lora(model)
+    batches = [torch.randint(0, 200, (2, 256), device="cuda"), torch.randint(0, 200, (1, 192), device="cuda")]
+    ref = _grads(model, batches)
+    enable_offloaded_checkpointing(model)
+    calls = _count_sdpa_runs()
+    got = _grads(model, batches)
+    assert calls == {"first forward": 4, "recompute": 0, "plain": 0}
+    offloader = model.get_base_model().model.layers[0]._gradient_checkpointing_func.offloader
+    outputs = 2 * 192 * model.config.hidden_size * 2  # attention + o_proj outputs, bf16
+    assert outputs <= offloader.stashed_bytes / 2 <= outputs + 192 * 4 * 64 + 4096
+    for name in ref[1]:
+        assert rel_err(got[1][name].float(), ref[1][name].float()) <= 2e-2, name

@@ -25,9 +25,11 @@ from __future__ import annotations
 import math
 import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from fastft import offload
 
 # --- the frozen base weight ----------------------------------------------------------------
 
@@ -35,10 +37,13 @@ import torch
 @dataclass
 class Base:
     """A frozen base weight: dense `weight` [out, in], or a bitsandbytes 4-bit `weight`
-    (packed uint8) with its `quant_state`. `bias` is the (frozen) base bias or None."""
+    (packed uint8) with its `quant_state`. `bias` is the (frozen) base bias or None.
+    `dequantizers` caches, per dtype, the validated call that dequantises a 4-bit weight (see
+    dense_weight); fastft/lora.py keeps one Base per module so the cache lives across steps."""
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     quant_state: object = None
+    dequantizers: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def out_features(self) -> int:
@@ -119,16 +124,49 @@ def clear_workspaces() -> None:
         nf4.release_workspaces()
 
 
+def _storage_ptr(t: torch.Tensor) -> int:
+    """t's data pointer without bitsandbytes' Params4bit __torch_function__ (~2.5 us a call)."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return t.data_ptr()
+
+
+def _dequantizer(base: Base, dtype: torch.dtype):
+    """A function out -> out filled with the dense weight. For NF4 on CUDA: the state validated
+    once and the kernel backend chosen once (checking both on every call cost QLoRA more host
+    time per step than its dequantisation kernels take)."""
+    qs = base.quant_state
+    nf4 = _nf4_module()
+    if base.weight.device.type == "cuda" and nf4 is not None and getattr(qs, "quant_type", "nf4") == "nf4":
+        from fastft import dispatch
+
+        state = nf4.resolve(base.weight, qs)
+        impl = dispatch.implementation("nf4_dequantize",
+                                       dispatch.backend_for("nf4_dequantize", base.weight.device, dtype))
+        numel = state.numel
+
+        def run(out):
+            impl.dequantize(state, out.view(-1)[:numel])
+            return out
+        return run
+    return lambda out: _dequantize_4bit(base.weight, qs, out)
+
+
 def dense_weight(base: Base, dtype: torch.dtype) -> torch.Tensor:
     """W [out, in] in `dtype`. For 4-bit bases this is a view of the shared workspace: valid
     until the next dense_weight call for a 4-bit base on this device."""
     if base.quant_state is None:
         return base.weight if base.weight.dtype == dtype else base.weight.to(dtype)
-    qs = base.quant_state
-    shape = tuple(int(d) for d in qs.shape)
-    qdtype = getattr(qs, "dtype", dtype) or dtype
-    out = workspace(shape[0] * shape[1], qdtype, base.weight.device).view(shape)
-    _dequantize_4bit(base.weight, qs, out)
+    ptr = _storage_ptr(base.weight)
+    prepared = base.dequantizers.get(dtype)
+    if prepared is None or prepared[0] != ptr:  # new, or the weight's storage was replaced
+        # (Params4bit's attributes go through its __torch_function__: read them once here)
+        qs = base.quant_state
+        shape = tuple(int(d) for d in qs.shape)
+        qdtype = getattr(qs, "dtype", dtype) or dtype
+        prepared = base.dequantizers[dtype] = (ptr, _dequantizer(base, qdtype), shape, qdtype,
+                                               base.weight.device)
+    _, run, shape, qdtype, device = prepared
+    out = run(workspace(shape[0] * shape[1], qdtype, device).view(shape))
     return out if qdtype == dtype else out.to(dtype)
 
 
@@ -200,13 +238,23 @@ def _new_output(lead_shape, features, dtype, device):
 
 
 def _project(x2, proj: Projection, dtype, out=None):
-    """(y, x·Aᵀ) for one projection; x·Aᵀ is None without an adapter."""
-    y = _base_matmul(x2, proj.base, dtype, out=out)
+    """(y, x·Aᵀ) for one projection; x·Aᵀ is None without an adapter.
+
+    The rank-r term is written first and the base GEMM accumulates onto it (beta = 1): y is then
+    read once, inside the big GEMM's epilogue, instead of in a separate memory-bound pass over
+    [tokens, out] after it."""
     if not proj.has_lora:
-        return y, None
+        return _base_matmul(x2, proj.base, dtype, out=out), None
     xa = x2.mm(_factor(proj.A, dtype).t())
-    y.addmm_(xa, _factor(proj.B, dtype).t(), alpha=proj.scaling)
-    return y, xa
+    if out is None:
+        out = torch.empty(x2.shape[0], proj.base.out_features, dtype=dtype, device=x2.device)
+    B = _factor(proj.B, dtype).t()
+    if proj.base.bias is not None:
+        torch.addmm(_cast(proj.base.bias, dtype), xa, B, alpha=proj.scaling, out=out)
+    else:  # beta = 0: out's old content (uninitialised memory) is never read
+        out.addmm_(xa, B, beta=0.0, alpha=proj.scaling)
+    out.addmm_(x2, dense_weight(proj.base, dtype).t())
+    return out, xa
 
 
 def _lora_grads(dy, x2, xa, proj: Projection, dtype):
@@ -221,15 +269,20 @@ def _lora_grads(dy, x2, xa, proj: Projection, dtype):
     return dA.to(proj.A.dtype), dB.to(proj.B.dtype), dxa
 
 
-def _accumulate_dx(dx, dy, dxa, proj: Projection, dtype):
-    """dx += dy·W + dxa·A (dx None: start a new buffer)."""
-    W = dense_weight(proj.base, dtype)
-    if dx is None:
-        dx = dy.mm(W)
-    else:
-        dx.addmm_(dy, W)
-    if dxa is not None:
-        dx.addmm_(dxa, _factor(proj.A, dtype))
+def _input_grad(outputs, lora_terms, dtype):
+    """dx = Σ dy·W over `outputs` [(dy, projection)] + Σ dxa·A over `lora_terms`
+    [(dxa, projection)]: the rank-r terms first, as one GEMM over the concatenated ranks, then
+    each base GEMM accumulates onto dx (beta = 1), so dx is never re-read by a separate pass."""
+    dx = None
+    if len(lora_terms) == 1:
+        dxa, p = lora_terms[0]
+        dx = dxa.mm(_factor(p.A, dtype))
+    elif lora_terms:
+        dx = torch.cat([d for d, _ in lora_terms], 1).mm(
+            torch.cat([_factor(p.A, dtype) for _, p in lora_terms], 0))
+    for dy, p in outputs:
+        W = dense_weight(p.base, dtype)  # right before its use: a 4-bit W is the shared workspace
+        dx = dy.mm(W) if dx is None else dx.addmm_(dy, W)
     return dx
 
 
@@ -263,19 +316,32 @@ class _AutocastOff:
 # --- one projection / q,k,v -----------------------------------------------------------------
 
 class _LoRAProjections(torch.autograd.Function):
-    """k projections of one input x; used for q/k/v (k=3) and for single linears (k=1)."""
+    """k projections of one input x; used for q/k/v (k=3) and for single linears (k=1).
+
+    reuse (single projections only, i.e. o_proj): inside an offloaded checkpoint the first
+    forward stashes y and the recompute takes it back instead of running the GEMMs again (see
+    fastft.offload.stash_put); only x·Aᵀ, which the backward needs, is recomputed."""
 
     @staticmethod
-    def forward(ctx, x, projs, *adapter_tensors):
+    def forward(ctx, x, projs, reuse, *adapter_tensors):
         dtype = _compute_dtype(x)
         with _AutocastOff(x.device.type):
             x2 = _cast(_rows(x), dtype)
-            outs, xas = [], []
-            for p in projs:
-                y, y2 = _new_output(x.shape[:-1], p.base.out_features, dtype, x.device)
-                _, xa = _project(x2, p, dtype, out=y2)
-                outs.append(y)
-                xas.append(xa)
+            taken = offload.stash_take(_REUSE_TAG) if reuse and offload.replaying() else None
+            if taken is not None:
+                (y,), _ = taken
+                p = projs[0]
+                outs = [y]
+                xas = [x2.mm(_factor(p.A, dtype).t()) if p.has_lora else None]
+            else:
+                outs, xas = [], []
+                for p in projs:
+                    y, y2 = _new_output(x.shape[:-1], p.base.out_features, dtype, x.device)
+                    _, xa = _project(x2, p, dtype, out=y2)
+                    outs.append(y)
+                    xas.append(xa)
+                if reuse and offload.stashing():
+                    offload.stash_put(_REUSE_TAG, outs)
         ctx.projs = projs
         ctx.dtype = dtype
         ctx.x_dtype = x.dtype
@@ -290,8 +356,7 @@ class _LoRAProjections(torch.autograd.Function):
         it = iter(saved_xa)
         xas = [next(it) if has else None for has in ctx.has_xa]
         dtype = ctx.dtype
-        dx = None
-        adapter_grads = []
+        adapter_grads, outputs, lora_terms = [], [], []
         with _AutocastOff(x2.device.type):
             for p, g, xa in zip(ctx.projs, grads, xas):
                 if g is None:
@@ -300,21 +365,30 @@ class _LoRAProjections(torch.autograd.Function):
                 dy = _cast(_rows(g), dtype)
                 dA, dB, dxa = _lora_grads(dy, x2, xa, p, dtype)
                 adapter_grads += [dA, dB]
-                if ctx.needs_input_grad[0]:
-                    dx = _accumulate_dx(dx, dy, dxa, p, dtype)
+                outputs.append((dy, p))
+                if dxa is not None:
+                    lora_terms.append((dxa, p))
+            dx = _input_grad(outputs, lora_terms, dtype) if ctx.needs_input_grad[0] else None
         if dx is not None:
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
-        return (dx, None, *adapter_grads)
+        return (dx, None, None, *adapter_grads)
 
 
-def lora_linear(x: torch.Tensor, proj: Projection) -> torch.Tensor:
-    """y = x·Wᵀ (+ bias) + s·(x·Aᵀ)·Bᵀ with a manual backward (dx, dA, dB)."""
-    return _LoRAProjections.apply(x, (proj,), *_lora_tensors((proj,)))[0]
+_REUSE_TAG = "projection output"
+
+
+def lora_linear(x: torch.Tensor, proj: Projection, reuse_in_recompute: bool = False) -> torch.Tensor:
+    """y = x·Wᵀ (+ bias) + s·(x·Aᵀ)·Bᵀ with a manual backward (dx, dA, dB).
+
+    reuse_in_recompute: inside fastft's offloaded checkpoints, send y to the host with the
+    layer's input and take it back in the recompute instead of recomputing it (worth it where
+    the output is small next to the GEMM, e.g. attention's o_proj)."""
+    return _LoRAProjections.apply(x, (proj,), bool(reuse_in_recompute), *_lora_tensors((proj,)))[0]
 
 
 def lora_qkv(x: torch.Tensor, q: Projection, k: Projection, v: Projection):
     """(q, k, v) projections of one input in one autograd node; x is saved once."""
-    return _LoRAProjections.apply(x, (q, k, v), *_lora_tensors((q, k, v)))
+    return _LoRAProjections.apply(x, (q, k, v), False, *_lora_tensors((q, k, v)))
 
 
 # --- activations -----------------------------------------------------------------------------
@@ -366,18 +440,14 @@ def _act_forward_reference(kind, g, u):
 
 def _act_backward_inplace(kind, dh, g, u, need_h=True):
     """For h = act(g)·u and dh = dL/dh: overwrites g with dL/dg and u with dL/du (in place, no
-    new [N, I] gradient buffers) and returns h (None when not needed). With fastft.ops.activations
-    h is computed first into a new buffer (its backward does not emit h); the torch reference
-    below writes h over dh."""
+    new [N, I] gradient buffers) and returns h (None when not needed), written over dh: one
+    kernel reads dh, g, u and writes h, dL/dg, dL/du."""
     found = _glu_backend(kind, g.device, g.dtype)
     if found is None:
         return _act_backward_reference_(kind, dh, g, u)
     impl, act = found
-    h = None
-    if need_h:
-        h = torch.empty_like(g)
-        impl.forward(g, u, h, act)
-    impl.backward(dh, g, u, None, None, act)
+    h = dh if need_h else None
+    impl.backward(dh, g, u, None, None, act, h=h)
     return h
 
 
@@ -446,11 +516,13 @@ def _mlp_tile_forward(x2, gate, up, down, kind, dtype, out, need_output=True):
 def _mlp_tile_backward(dy, x2, g, u, xag, xau, ha, gate, up, down, kind, dtype, need_dx):
     """Backward of one tile; g and u are overwritten (they become d_gate, d_up).
     Returns dx (or None) and the six adapter grads (gate A/B, up A/B, down A/B; None when absent)."""
-    dh = dy.mm(dense_weight(down.base, dtype))                 # [N, I]
     dxa_d = None
-    if down.has_lora:
+    if down.has_lora:  # rank-r term first; the base GEMM accumulates onto it (see _project)
         dxa_d = dy.mm(_factor(down.B, dtype)).mul_(down.scaling)  # [N, r]
-        dh.addmm_(dxa_d, _factor(down.A, dtype))
+        dh = dxa_d.mm(_factor(down.A, dtype))                      # [N, I]
+        dh.addmm_(dy, dense_weight(down.base, dtype))
+    else:
+        dh = dy.mm(dense_weight(down.base, dtype))
     h = _act_backward_inplace(kind, dh, g, u, need_h=down.has_lora)  # g <- d_gate, u <- d_up
     del dh
     grads = []
@@ -465,8 +537,8 @@ def _mlp_tile_backward(dy, x2, g, u, xag, xau, ha, gate, up, down, kind, dtype, 
     del h
     dx = None
     if need_dx:
-        dx = _accumulate_dx(None, g, grads[0][2], gate, dtype)
-        dx = _accumulate_dx(dx, u, grads[1][2], up, dtype)
+        lora_terms = [(d, p) for (_, _, d), p in zip(grads, (gate, up)) if d is not None]
+        dx = _input_grad([(g, gate), (u, up)], lora_terms, dtype)
     return dx, [grads[0][0], grads[0][1], grads[1][0], grads[1][1], dA_d, dB_d]
 
 

@@ -1,0 +1,213 @@
+"""Attention inside offloaded checkpoints: reuse the first forward's result instead of
+recomputing it.
+
+An offloaded checkpoint re-runs each decoder layer in backward only to rebuild its autograd
+graph. For attention that means a whole second attention forward, just so that the backward
+kernel gets the output and log-sum-exp it saves. Here the first forward keeps that graph:
+
+* first forward (no grad): transformers' SDPA function runs with grad enabled on stand-ins for
+  q, k, v, under saved-tensor hooks. What the attention node saves is then either one of q/k/v
+  (kept as a placeholder: the recompute makes them again anyway), a view of the returned output
+  (kept as its strides), or anything else (the log-sum-exp, RNG state): those, and the output,
+  are stashed, i.e. travel to the host with the layer's input (fastft.offload.stash_put). The
+  graph itself stays alive but holds no GPU memory.
+* recompute: q, k, v are recomputed as before; attention is not. `_ReusedAttention` returns the
+  stashed output, and its backward runs the kept graph's backward (the same SDPA backward kernel
+  torch would have run) with the placeholders bound to the recomputed q, k, v.
+
+Public API only (saved_tensors_hooks, autograd.backward), so it works with whatever backend SDPA
+picks (cuDNN, flash, memory-efficient, the CPU kernels) and across torch versions. Used only
+where it cannot change results or blow up host traffic: no dropout, no mask on CUDA (the fused
+kernels, which save O(tokens) and not O(tokens^2)), and only inside fastft's offloaded
+checkpoints; everywhere else the wrapper calls transformers' function unchanged.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastft import offload
+
+_TAG = "attention"
+_ORIGINAL = {}  # "sdpa" -> transformers' own function, while our wrapper is installed
+
+
+class _Held:
+    """A tensor the attention node saved: one of q/k/v (index), a view of the output
+    (strides), or a stashed tensor (position in the stash group). `value` is bound before the
+    kept graph's backward runs."""
+
+    __slots__ = ("kind", "index", "geometry", "tensor", "value")
+
+    def __init__(self, tensor):
+        self.tensor = tensor  # until classified right after the call; then dropped
+        self.kind = self.index = self.geometry = self.value = None
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+class _StandIn(torch.autograd.Function):
+    """q/k/v as seen by the kept graph: their gradient lands in `sink` (the recompute's
+    backward reads it) instead of flowing anywhere, and the graph holds no reference to them."""
+
+    @staticmethod
+    def forward(ctx, anchor, t, sink, index):
+        ctx.sink, ctx.index = sink, index
+        return t.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.sink[ctx.index] = grad
+        return None, None, None, None
+
+
+class _Root(torch.autograd.Function):
+    """Ends the kept graph in a tiny tensor so that nothing holds the real output; its backward
+    feeds in the gradient `feed[0]` the recompute put there."""
+
+    @staticmethod
+    def forward(ctx, out, feed):
+        ctx.feed = feed
+        ctx.shape, ctx.dtype = out.shape, out.dtype
+        return out.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _grad):
+        grad = ctx.feed[0]
+        ctx.feed[0] = None
+        return grad, None
+
+
+class _Kept:
+    """The first forward's attention graph and how to rebind it."""
+
+    __slots__ = ("root", "held", "grads", "feed")
+
+
+class _ReusedAttention(torch.autograd.Function):
+    """Recompute side: returns the stashed output; backward runs the kept graph."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kept, stashed):
+        # the output comes in a list, not as an argument: returned as is, it gets this node as
+        # grad_fn instead of becoming an alias of an input
+        ctx.kept = kept
+        ctx.stashed = stashed
+        ctx.save_for_backward(q, k, v)
+        ctx.out = stashed[0]
+        return stashed[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        kept = ctx.kept
+        q, k, v = ctx.saved_tensors
+        qkv = (q, k, v)
+        for h in kept.held:
+            if h.kind == "input":
+                h.value = qkv[h.index]
+            elif h.kind == "output_view":
+                offset, size, stride = h.geometry
+                h.value = ctx.out.as_strided(size, stride, offset)
+            else:
+                h.value = ctx.stashed[h.index]
+        kept.feed[0] = grad_out.contiguous() if not grad_out.is_contiguous() else grad_out
+        kept.grads[:] = [None, None, None]
+        torch.autograd.backward(kept.root, torch.empty(0, dtype=kept.root.dtype,
+                                                       device=kept.root.device))
+        grads = list(kept.grads)
+        for h in kept.held:
+            h.value = None
+        ctx.kept = ctx.stashed = ctx.out = None
+        return grads[0], grads[1], grads[2], None, None
+
+
+def _reusable(module, query, key, value, attention_mask, dropout, kwargs) -> bool:
+    if dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
+        return False
+    if kwargs.get("output_attentions", False):
+        return False
+    if query.shape[2] < 2 or query.shape[2] != key.shape[2]:
+        return False
+    # on CUDA only the fused kernels (no mask): they save O(tokens), the math kernel O(tokens^2)
+    return attention_mask is None or query.device.type != "cuda"
+
+
+def _first_forward(original, module, query, key, value, attention_mask, dropout, args, kwargs):
+    """Run transformers' attention keeping its graph; stash what the backward needs."""
+    anchor = torch.empty(0, device=query.device, requires_grad=True)
+    grads = [None, None, None]
+    held = []
+
+    def pack(t):
+        h = _Held(t)
+        held.append(h)
+        return h
+
+    def unpack(h):
+        return h.value
+
+    feed = [None]
+    with torch.enable_grad():  # the layer's first forward runs under no_grad
+        stand_ins = [_StandIn.apply(anchor, t, grads, i) for i, t in enumerate((query, key, value))]
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        out, weights = original(module, *stand_ins, attention_mask, dropout, *args, **kwargs)
+        root = _Root.apply(out, feed)
+    out = out.detach()
+    stash = [out]
+    for h in held:
+        t = h.tensor
+        h.tensor = None
+        for i, s in enumerate(stand_ins):
+            if _same_view(t, s):
+                h.kind, h.index = "input", i
+                break
+        else:
+            if _shares_storage(t, out) and out.is_contiguous():
+                h.kind = "output_view"
+                h.geometry = (t.storage_offset() - out.storage_offset(), tuple(t.shape), t.stride())
+            else:
+                h.kind, h.index = "stashed", len(stash)
+                stash.append(t.detach())
+    stashed_bytes = sum(t.numel() * t.element_size() for t in stash[1:])
+    if stashed_bytes > 4 * out.numel() * out.element_size():  # not a fused kernel's state
+        offload.stash_put(_TAG, None)  # keeps puts and takes in step; the recompute recomputes
+        return out, weights
+    kept = _Kept()
+    kept.root, kept.held, kept.grads, kept.feed = root, held, grads, feed
+    offload.stash_put(_TAG, stash, kept)  # over budget: dropped, and the recompute recomputes
+    return out, weights
+
+
+def _reusing_sdpa(module, query, key, value, attention_mask, dropout=0.0, *args, **kwargs):
+    original = _ORIGINAL["sdpa"]
+    if offload.stashing():
+        if offload.stash_room() <= 0 or not _reusable(module, query, key, value, attention_mask,
+                                                       dropout, kwargs):
+            offload.stash_put(_TAG, None)
+            return original(module, query, key, value, attention_mask, dropout, *args, **kwargs)
+        return _first_forward(original, module, query, key, value, attention_mask, dropout, args,
+                              kwargs)
+    if offload.replaying():
+        taken = offload.stash_take(_TAG)
+        if taken is not None:
+            stashed, kept = taken
+            return _ReusedAttention.apply(query, key, value, kept, stashed), None
+    return original(module, query, key, value, attention_mask, dropout, *args, **kwargs)
+
+
+def install_attention_reuse() -> None:
+    """Wrap transformers' "sdpa" attention function (idempotent). Outside fastft's offloaded
+    checkpoints the wrapper calls the original unchanged."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    current = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if current is _reusing_sdpa:
+        return
+    _ORIGINAL["sdpa"] = current
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = _reusing_sdpa
