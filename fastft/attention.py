@@ -28,6 +28,16 @@ import torch
 from fastft import offload
 
 _TAG = "attention"
+# Noted by the fused q/k/v projection in a first forward when its outputs reach attention only
+# through value-free ops (RoPE), so that the recompute may skip it if attention stashes q/k/v.
+QKV_NOTE = "qkv projection can be skipped"
+
+
+def reused_inputs_ahead() -> bool:
+    """In a recompute: will the next attention call take q/k/v from the stash? (Then the q/k/v
+    projection before it need not compute anything.)"""
+    taken = offload.stash_peek(_TAG)
+    return taken is not None and taken[1].inputs_stashed
 _ORIGINAL = {}  # "sdpa" -> transformers' own function, while our wrapper is installed
 
 
@@ -87,7 +97,7 @@ class _Root(torch.autograd.Function):
 class _Kept:
     """The first forward's attention graph and how to rebind it."""
 
-    __slots__ = ("root", "held", "grads", "feed")
+    __slots__ = ("root", "held", "grads", "feed", "inputs_stashed")
 
 
 class _ReusedAttention(torch.autograd.Function):
@@ -160,12 +170,20 @@ def _first_forward(original, module, query, key, value, attention_mask, dropout,
         root = _Root.apply(out, feed)
     out = out.detach()
     stash = [out]
+    # q/k/v themselves too when the recompute can then skip their projections (fastft/lora.py
+    # notes that) and the host has room; else placeholders for the recomputed ones
+    qkv_bytes = sum(t.numel() * t.element_size() for t in (query, key, value))
+    stash_inputs = (offload.REUSE_QKV and offload.stash_noted(QKV_NOTE)
+                    and offload.stash_room() >= qkv_bytes + 2 * out.numel() * out.element_size())
     for h in held:
         t = h.tensor
         h.tensor = None
         for i, s in enumerate(stand_ins):
             if _same_view(t, s):
                 h.kind, h.index = "input", i
+                if stash_inputs:
+                    h.kind, h.index = "stashed", len(stash)
+                    stash.append(t.detach())
                 break
         else:
             if _shares_storage(t, out) and out.is_contiguous():
@@ -174,12 +192,16 @@ def _first_forward(original, module, query, key, value, attention_mask, dropout,
             else:
                 h.kind, h.index = "stashed", len(stash)
                 stash.append(t.detach())
-    stashed_bytes = sum(t.numel() * t.element_size() for t in stash[1:])
-    if stashed_bytes > 4 * out.numel() * out.element_size():  # not a fused kernel's state
+    state_bytes = sum(t.numel() * t.element_size() for t in stash[1:])
+    if stash_inputs:
+        state_bytes -= qkv_bytes
+    if state_bytes > 4 * out.numel() * out.element_size():  # not a fused kernel's state
         offload.stash_put(_TAG, None)  # keeps puts and takes in step; the recompute recomputes
         return out, weights
     kept = _Kept()
     kept.root, kept.held, kept.grads, kept.feed = root, held, grads, feed
+    # every saved tensor is then stashed or a view of the output: none needs the recomputed q/k/v
+    kept.inputs_stashed = bool(stash_inputs)
     offload.stash_put(_TAG, stash, kept)  # over budget: dropped, and the recompute recomputes
     return out, weights
 

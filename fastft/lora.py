@@ -234,7 +234,7 @@ def _fused_qkv_forward(self, x, *args, **kwargs):
     projs = [projection_of(m)[0] for m in group.modules]
     if any(p is None for p in projs):
         return _class_forward(self, x)
-    outs = list(lora_qkv(x, *projs))
+    outs = list(lora_qkv(x, *projs, skip_when_attention_reuses=mark.get("outputs_feed_attention_only", False)))
     mine = outs[role]
     outs[role] = None
     group.pending = [x, x._version, *outs]
@@ -271,14 +271,24 @@ def _unfusable_reason(modules) -> str | None:
     return None
 
 
+def _family(model):
+    from fastft.models.families import family_for
+
+    return family_for(getattr(getattr(model, "config", None), "model_type", None))
+
+
 def _mlp_output_into_residual(model) -> bool:
     """Whether the model's family adds the MLP output straight into the residual stream
     (families.py); unknown models: False, the safe answer."""
-    from fastft.models.families import family_for
-
-    config = getattr(model, "config", None)
-    family = family_for(getattr(config, "model_type", None))
+    family = _family(model)
     return bool(family is not None and family.mlp_output_into_residual)
+
+
+def _qkv_feed_attention_only(model) -> bool:
+    """Whether q/k/v reach attention only through RoPE and reshapes (no q/k norms, which read
+    their input's values in backward); unknown models: False."""
+    family = _family(model)
+    return bool(family is not None and not family.qk_norm)
 
 
 def apply_fused_lora(model, mlp: bool = True, attention: bool = True,
@@ -295,6 +305,7 @@ def apply_fused_lora(model, mlp: bool = True, attention: bool = True,
     Calling it again is harmless (already patched modules are left as they are)."""
     report = {"mlp": 0, "qkv": 0, "o_proj": 0, "skipped": {}}
     into_residual = _mlp_output_into_residual(model)
+    qkv_feed_attention_only = _qkv_feed_attention_only(model)
     _hook_forward_passes(model)
     for name, module in model.named_modules():
         if mlp and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")) \
@@ -317,7 +328,9 @@ def apply_fused_lora(model, mlp: bool = True, attention: bool = True,
                 if why is None:
                     group = _QKVGroup(*projs)
                     for role, proj in enumerate(projs):
-                        _install(proj, _fused_qkv_forward, {"group": group, "role": role})
+                        _install(proj, _fused_qkv_forward, {
+                            "group": group, "role": role,
+                            "outputs_feed_attention_only": qkv_feed_attention_only})
                     report["qkv"] += 1
                 elif why != _NO_ADAPTER:
                     report["skipped"][name + ".q_proj/k_proj/v_proj"] = why

@@ -96,6 +96,9 @@ class _Slot:
 # Stashing is on unless FASTFT_OFFLOAD_REUSE=0; it may use this share of the host memory that is
 # available when a forward pass starts, after the layer inputs of that pass are provided for.
 REUSE = os.environ.get("FASTFT_OFFLOAD_REUSE", "1") != "0"
+# Also stash attention's q / k / v, so that the recompute skips the q/k/v projections too where
+# the family allows it (see fastft/lora.py); 0 keeps them recomputed (less PCIe traffic).
+REUSE_QKV = os.environ.get("FASTFT_OFFLOAD_REUSE_QKV", "1") != "0"
 STASH_HOST_SHARE = 0.5
 
 
@@ -271,8 +274,9 @@ class _Recomputing:
         _RECOMPUTE.depth -= 1
 
 
-# The layer being run: ("put", offloader, slot) during a checkpoint's first forward,
-# ("take", entries iterator) during its recompute, None elsewhere.
+# The layer being run: ("put", offloader, slot, notes) during a checkpoint's first forward,
+# ("take", entries list, [position]) during its recompute, None elsewhere. `notes` lets an op
+# tell a later op of the same layer something (e.g. "q/k/v can be skipped if stashed").
 _STASH = threading.local()
 
 
@@ -294,6 +298,29 @@ def stashing() -> bool:
     stash_take calls pair up with the puts."""
     state = getattr(_STASH, "state", None)
     return state is not None and state[0] == "put"
+
+
+def stash_note(key: str, value=True) -> None:
+    """Leave a note for later ops of the layer in this first forward (no-op elsewhere)."""
+    state = getattr(_STASH, "state", None)
+    if state is not None and state[0] == "put":
+        state[3][key] = value
+
+
+def stash_noted(key: str):
+    state = getattr(_STASH, "state", None)
+    return state[3].get(key) if state is not None and state[0] == "put" else None
+
+
+def stash_peek(tag: str):
+    """What stash_take(tag) would return next (without taking it), or None when the next entry
+    is another op's or kept nothing; lets an op that runs earlier in the recompute see what a
+    later one will reuse."""
+    state = getattr(_STASH, "state", None)
+    if state is None or state[0] != "take" or state[2][0] >= len(state[1]):
+        return None
+    entry = state[1][state[2][0]]
+    return None if entry[0] != tag or entry[2] is None else (entry[2], entry[3])
 
 
 def stash_room() -> int:
@@ -325,7 +352,9 @@ def stash_take(tag: str):
     state = getattr(_STASH, "state", None)
     if state is None or state[0] != "take":
         return None
-    entry = next(state[1], None)
+    position = state[2]
+    entry = state[1][position[0]] if position[0] < len(state[1]) else None
+    position[0] += 1
     if entry is None or entry[0] != tag:
         raise RuntimeError(f"offloaded checkpointing: the recompute asked for stashed {tag!r} but "
                            f"the first forward stashed {None if entry is None else entry[0]!r} "
@@ -352,7 +381,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
             ctx.cpu_rng = torch.get_rng_state()
             ctx.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         ctx.slot = offloader.offload(x)
-        with torch.no_grad(), _StashContext(("put", offloader, ctx.slot)):
+        with torch.no_grad(), _StashContext(("put", offloader, ctx.slot, {})):
             out = run_function(x, *rest)
         tensor_rest = [t for t in rest if isinstance(t, torch.Tensor)]
         ctx.rest_is_tensor = [isinstance(t, torch.Tensor) for t in rest]
@@ -383,7 +412,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
                 if ctx.cuda_rng is not None:
                     torch.cuda.set_rng_state(ctx.cuda_rng, device)
             with torch.enable_grad(), _restore_autocast(device, ctx.autocast), _Recomputing(), \
-                    _StashContext(("take", iter(stash)) if stash else None):
+                    _StashContext(("take", stash, [0]) if stash else None):
                 out = ctx.run_function(x, *rest)
         ctx.slot.stash = []  # the device copies now live in the recomputed graph only
         outs, _ = _flatten(out)

@@ -321,11 +321,34 @@ def _count_sdpa_runs():
     return calls
 
 
-@pytest.mark.parametrize("family,fused", [("llama", True), ("llama", False), ("qwen3", True)])
-def test_reused_attention_and_o_proj_give_the_same_gradients(family, fused):
-    """With room on the host, the recompute takes attention's output (and its backward state)
-    and o_proj's output from the first forward instead of recomputing them; gradients are those
-    of no checkpointing (GQA: 4 query / 2 kv heads; Qwen3: q/k norms before RoPE)."""
+def _count_recomputed_projections():
+    import fastft.ops.lora as ops
+
+    calls = []
+    orig = ops._project
+
+    def counting(x2, proj, dtype, out=None):
+        if offload.recomputing():
+            calls.append(proj.base.out_features)
+        return orig(x2, proj, dtype, out=out)
+
+    ops._project = counting
+    _UNDO.append(lambda: setattr(ops, "_project", orig))
+    return calls
+
+
+@pytest.mark.parametrize("family,fused,reuse_qkv", [
+    ("llama", True, True),    # attention output, q/k/v and o_proj output stashed
+    ("llama", True, False),   # FASTFT_OFFLOAD_REUSE_QKV=0: q/k/v recomputed
+    ("llama", False, True),   # peft's own projections: only attention's output
+    ("qwen3", True, True),    # q/k norms read q/k in backward: q/k/v recomputed
+])
+def test_reused_attention_and_projections_give_the_same_gradients(family, fused, reuse_qkv, monkeypatch):
+    """With room on the host, the recompute takes attention's output (and its backward state),
+    o_proj's output and, where nothing but RoPE sits between them and attention, q/k/v from the
+    first forward instead of recomputing them; gradients are those of no checkpointing (GQA:
+    4 query / 2 kv heads)."""
+    monkeypatch.setattr(offload, "REUSE_QKV", reuse_qkv)
     model = _sdpa_model(family)
     if fused:
         apply_fused_lora(model)
@@ -333,15 +356,22 @@ def test_reused_attention_and_o_proj_give_the_same_gradients(family, fused):
     ref = _grads(model, batches)
     enable_offloaded_checkpointing(model)
     calls = _count_sdpa_runs()
+    projections = _count_recomputed_projections()
     got = _grads(model, batches)
     assert calls == {"first forward": 2 * 2, "recompute": 0, "plain": 0}
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    q_width, kv_width = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    skips_qkv = fused and reuse_qkv and family == "llama"
+    if fused:  # per layer and batch: gate and up always, q/k/v unless skipped; never o_proj
+        per_layer = [cfg.intermediate_size] * 2 + ([] if skips_qkv else [q_width, kv_width, kv_width])
+        assert sorted(projections) == sorted(per_layer * 2 * 2)
     offloader = model.get_base_model().model.layers[0]._gradient_checkpointing_func.offloader
-    hidden = model.config.hidden_size
-    # per layer of the last batch (1 x 9 tokens): attention output [+ o_proj output when fused]
-    # and the small log-sum-exp; never q / k / v, which the recompute makes anyway
-    per_layer = offloader.stashed_bytes / 2
-    outputs = (2 if fused else 1) * 9 * hidden * 4
-    assert outputs <= per_layer <= outputs + 9 * model.config.num_attention_heads * 4 + 256
+    # per layer of the last batch (1 x 9 tokens, fp32): attention output [+ o_proj output]
+    # [+ q, k, v] and the small log-sum-exp
+    widths = q_width + (cfg.hidden_size if fused else 0) + (q_width + 2 * kv_width if skips_qkv else 0)
+    per_layer_bytes = offloader.stashed_bytes / 2
+    assert 9 * widths * 4 <= per_layer_bytes <= 9 * widths * 4 + 9 * cfg.num_attention_heads * 4 + 256
     _assert_same(got, ref, tol=1e-5)
 
 
@@ -411,7 +441,10 @@ def test_gpu_reused_cudnn_attention_matches_no_checkpointing():
     got = _grads(model, batches)
     assert calls == {"first forward": 4, "recompute": 0, "plain": 0}
     offloader = model.get_base_model().model.layers[0]._gradient_checkpointing_func.offloader
-    outputs = 2 * 192 * model.config.hidden_size * 2  # attention + o_proj outputs, bf16
-    assert outputs <= offloader.stashed_bytes / 2 <= outputs + 192 * 4 * 64 + 4096
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    # attention and o_proj outputs and q, k, v (bf16), plus the log-sum-exp (and RNG state)
+    stashed = 192 * 2 * (3 * cfg.hidden_size + 2 * cfg.num_key_value_heads * head_dim)
+    assert stashed <= offloader.stashed_bytes / 2 <= stashed + 192 * 4 * 64 + 4096
     for name in ref[1]:
         assert rel_err(got[1][name].float(), ref[1][name].float()) <= 2e-2, name

@@ -318,21 +318,32 @@ class _AutocastOff:
 class _LoRAProjections(torch.autograd.Function):
     """k projections of one input x; used for q/k/v (k=3) and for single linears (k=1).
 
-    reuse (single projections only, i.e. o_proj): inside an offloaded checkpoint the first
-    forward stashes y and the recompute takes it back instead of running the GEMMs again (see
-    fastft.offload.stash_put); only x·Aᵀ, which the backward needs, is recomputed."""
+    reuse, inside an offloaded checkpoint (see fastft.offload.stash_put):
+      "output" (o_proj): the first forward stashes y, the recompute takes it back instead of
+        running the GEMMs again; only x·Aᵀ, which the backward needs, is recomputed.
+      "attention inputs" (q/k/v whose outputs reach attention only through RoPE): when the
+        attention that follows stashed q/k/v, the recompute skips these GEMMs (outputs left
+        unwritten, never read) and computes only x·Aᵀ.
+      None: always computed."""
 
     @staticmethod
     def forward(ctx, x, projs, reuse, *adapter_tensors):
         dtype = _compute_dtype(x)
         with _AutocastOff(x.device.type):
             x2 = _cast(_rows(x), dtype)
-            taken = offload.stash_take(_REUSE_TAG) if reuse and offload.replaying() else None
+            taken = None
+            if reuse == "output" and offload.replaying():
+                taken = offload.stash_take(_REUSE_TAG)
             if taken is not None:
                 (y,), _ = taken
                 p = projs[0]
                 outs = [y]
                 xas = [x2.mm(_factor(p.A, dtype).t()) if p.has_lora else None]
+            elif reuse == "attention inputs" and offload.replaying() and _attention().reused_inputs_ahead():
+                # attention will take q/k/v from the stash and nothing else reads these values
+                # (RoPE's backward does not): only the autograd node and x·Aᵀ are needed
+                outs = [_new_output(x.shape[:-1], p.base.out_features, dtype, x.device)[0] for p in projs]
+                xas = [x2.mm(_factor(p.A, dtype).t()) if p.has_lora else None for p in projs]
             else:
                 outs, xas = [], []
                 for p in projs:
@@ -340,8 +351,10 @@ class _LoRAProjections(torch.autograd.Function):
                     _, xa = _project(x2, p, dtype, out=y2)
                     outs.append(y)
                     xas.append(xa)
-                if reuse and offload.stashing():
+                if reuse == "output" and offload.stashing():
                     offload.stash_put(_REUSE_TAG, outs)
+                elif reuse == "attention inputs" and offload.stashing():
+                    offload.stash_note(_attention().QKV_NOTE)
         ctx.projs = projs
         ctx.dtype = dtype
         ctx.x_dtype = x.dtype
@@ -377,18 +390,31 @@ class _LoRAProjections(torch.autograd.Function):
 _REUSE_TAG = "projection output"
 
 
+def _attention():
+    from fastft import attention  # imported late: it imports transformers' integrations
+
+    return attention
+
+
 def lora_linear(x: torch.Tensor, proj: Projection, reuse_in_recompute: bool = False) -> torch.Tensor:
     """y = x·Wᵀ (+ bias) + s·(x·Aᵀ)·Bᵀ with a manual backward (dx, dA, dB).
 
     reuse_in_recompute: inside fastft's offloaded checkpoints, send y to the host with the
     layer's input and take it back in the recompute instead of recomputing it (worth it where
     the output is small next to the GEMM, e.g. attention's o_proj)."""
-    return _LoRAProjections.apply(x, (proj,), bool(reuse_in_recompute), *_lora_tensors((proj,)))[0]
+    return _LoRAProjections.apply(x, (proj,), "output" if reuse_in_recompute else None,
+                                  *_lora_tensors((proj,)))[0]
 
 
-def lora_qkv(x: torch.Tensor, q: Projection, k: Projection, v: Projection):
-    """(q, k, v) projections of one input in one autograd node; x is saved once."""
-    return _LoRAProjections.apply(x, (q, k, v), False, *_lora_tensors((q, k, v)))
+def lora_qkv(x: torch.Tensor, q: Projection, k: Projection, v: Projection,
+             skip_when_attention_reuses: bool = False):
+    """(q, k, v) projections of one input in one autograd node; x is saved once.
+
+    skip_when_attention_reuses: the outputs reach attention only through value-free ops (RoPE,
+    reshapes), so inside fastft's offloaded checkpoints the recompute may skip the GEMMs when
+    the attention that follows takes q/k/v from the stash (fastft/attention.py)."""
+    return _LoRAProjections.apply(x, (q, k, v), "attention inputs" if skip_when_attention_reuses else None,
+                                  *_lora_tensors((q, k, v)))
 
 
 # --- activations -----------------------------------------------------------------------------
