@@ -172,7 +172,8 @@ def run_worker(spec: dict) -> dict:
     import torch
 
     sys.path.insert(0, ROOT)
-    if spec["impl"] == "fastft":
+    impl = spec["impl"].partition(":")[0]
+    if impl == "fastft":
         import fastft  # noqa: F401  (before transformers / peft, as users are told to)
     device = spec.get("device", "cuda")
     cuda = device == "cuda"
@@ -192,7 +193,7 @@ def run_worker(spec: dict) -> dict:
     model = _build_model(spec["model"], spec["seq"], spec["seed"], device)
     if spec["mode"] == "qlora":
         model = _quantize_decoder_linears(model, device)
-    setup = _setup_baseline if spec["impl"] == "baseline" else _setup_fastft
+    setup = _setup_baseline if impl == "baseline" else _setup_fastft
     model, info = setup(model, spec["mode"])
     model.train()
     result["setup"] = info
@@ -227,6 +228,9 @@ def run_worker(spec: dict) -> dict:
     result["tokens_per_s"] = tokens / statistics.median(timed)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / gib if cuda else 0.0
     result["beyond_setup_gib"] = result["peak_gib"] - result["mem_after_setup_gib"]
+    func = getattr(model.get_base_model().model.layers[0], "_gradient_checkpointing_func", None)
+    if hasattr(func, "offloader"):  # what the last pass sent to the host beyond the layer inputs
+        result["stashed_gib_per_pass"] = func.offloader.stashed_bytes / gib
     result["losses"] = losses
     result["ok"] = True
     return result
@@ -330,6 +334,11 @@ def _run(spec: dict, timeout: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"))
+    # an impl "fastft:VAR=value+VAR2=value" is fastft run with those environment variables (A/B
+    # of a switch in the same call)
+    for assignment in filter(None, spec["impl"].partition(":")[2].split("+")):
+        var, _, value = assignment.partition("=")
+        env[var] = value
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -346,7 +355,8 @@ def _run(spec: dict, timeout: float) -> dict:
 
 
 def _name(spec):
-    return f"{spec['model']}_{spec['mode']}_{spec['batch']}x{spec['seq']}_{spec['impl']}"
+    impl = spec["impl"].replace(":", "_").replace("=", "-").replace("+", "_")
+    return f"{spec['model']}_{spec['mode']}_{spec['batch']}x{spec['seq']}_{impl}"
 
 
 def _fmt(res):
