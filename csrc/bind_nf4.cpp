@@ -149,7 +149,7 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   const cudaStream_t stream = stream_of(x);
   at::Tensor scratch;
   if (nf4_gemv_needs_scratch(a)) {
-    const int64_t partials = nf4_gemv_partial_floats(a), row_blocks = nf4_gemv_row_blocks(N);
+    const int64_t partials = nf4_gemv_partial_floats(a), row_blocks = nf4_gemv_counters(a);
     scratch = at::empty({partials + row_blocks}, x.options().dtype(at::kFloat));
     a.partial = scratch.data_ptr<float>();
     a.counters = reinterpret_cast<unsigned*>(a.partial + partials);

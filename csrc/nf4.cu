@@ -429,33 +429,35 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
 
 // ------------------------------------------------------------------ fused small-M matmul, v2
 //
-// Why a second kernel: v1 spends ~440 SASS instructions per KB of packed weight (SASS count
-// of its loop: per byte an 8-byte table load, two float32 multiplies and a convert, plus
-// split-K bookkeeping) at 16 warps per SM, so it is bound by issue and latency, not by DRAM
-// (29.5 us at M = 1 where 29.36 MB at copy speed takes 7 us). v2 needs ~4 instructions per
-// packed byte:
+// Why a second kernel: v1 spends ~440 SASS instructions per KB of packed weight (its loop:
+// per byte an 8-byte table load, two float32 multiplies and a convert, plus 64-bit address
+// arithmetic and split-K bookkeeping) at 16 warps per SM, so it is bound by issue and latency,
+// not by DRAM (29.5 us at M = 1 where 29.36 MB at copy speed takes 7 us). v2 needs about
+// 2 instructions per packed byte plus per-step overhead:
 //
-// * fp16 mma with the NF4 levels themselves as the A operand (level pairs rounded to fp16:
-//   2^-11 relative, 8x finer than bf16 levels, so no visible systematic bias) and the
-//   block scale folded into the float32 accumulation: each mma k-step of 16 lies inside one
-//   64-value quantisation block, 4 mma steps = one block, then acc += scale * tmp (one FFMA
-//   per accumulator per block). Needs K % 64 == 0 and blocksize >= 64 (a power of two).
-// * one byte -> fp16x2 level pair per 4-byte shared load from a 256-entry table, 32 copies
-//   (entry e, copy = lane: every lane reads its own bank, conflict-free for any bytes).
+// * fp16 mma with the NF4 levels themselves as the A operand (levels rounded to fp16: 2^-11
+//   relative, 8x finer than bf16 levels, so no visible systematic bias) and the block scale
+//   folded into the float32 accumulation: each mma k-step of 16 lies inside one 64-value
+//   quantisation block, 4 mma = one block, then acc += scale * tmp (one FFMA per accumulator
+//   per block). Needs K % 64 == 0 and blocksize >= 64 (a power of two).
+// * one byte -> fp16x2 level pair per 4-byte shared load from a 256-entry table with 32
+//   copies (entry e, copy = lane: every lane reads its own bank, conflict-free for any bytes),
+//   at a 32 KB-aligned shared address so that the address is one LOP3 of a shifted word:
+//   (byte << 7) | (table + lane * 4): a shift, a LOP3 and the load per byte.
 // * x as fp16: bf16 x is staged in shared memory and converted there, each token's values
 //   multiplied by a power of two (per block, from that token's largest |x| in the block's K
 //   range) so that they fit fp16's range exactly (bf16's 8-bit mantissa fits in fp16's 11);
-//   the partial sums are multiplied back by the inverse power of two (exact).
+//   the sums are multiplied back by the inverse power of two (exact).
 // * lane (g, t) of a warp loads 8 bytes of weight rows g and g+8 at byte 8t of the rows'
 //   current 32-byte (64-value) block: a quad reads one whole block of a row (one sector).
 //   A register ring keeps kV2Ahead steps of loads in flight per thread.
-// * stream-K work split: the weight is row blocks (128 rows, one 16-row tile per warp) x
-//   K/64 steps; W = row_blocks * steps is cut into gridDim.x contiguous ranges of equal
-//   size (+-1), one per block, gridDim.x = the resident blocks of the whole GPU (one wave,
-//   every SM busy to the end). A block whose range covers a whole row block writes y; a row
-//   block shared by several blocks gets float32 partials (slot b + r: unique because b and r
-//   both grow along the flattened order) and the last of its blocks to finish (a counter per
-//   row block, zeroed per call) adds them in block order: deterministic.
+// * stream-K work split: the weight is row blocks (kV2Rows rows, one 16-row tile per warp) x
+//   K/64 steps; W = row_blocks * steps is cut into gridDim.x contiguous ranges of equal size
+//   (+-1), one per block, gridDim.x = the resident blocks of the whole GPU (one wave, every SM
+//   busy to the end). A block whose range covers a whole row block writes y; a row block
+//   shared by several blocks gets float32 partials (slot b + r: unique because b and r both
+//   grow along the flattened order) and the last of its blocks to finish (a counter per row
+//   block, zeroed per call) adds them in block order: deterministic.
 //
 // k permutation of one block step (64 values; the dot product is invariant under any
 // permutation applied to both operands): lane (g, t) holds values 16t .. 16t+15 of the block
@@ -463,13 +465,13 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
 // 4s, 4s+1) into A slots (row, 2t), (row, 2t+1) and byte 2s+1 (values 4s+2, 4s+3) into
 // (row, 2t+8), (row, 2t+9); B (x) slots likewise, i.e. x[token][16t + 4s .. 16t + 4s + 3],
 // 32-bit words 2s and 2s+1 of the lane's 16 x values (two 16-byte shared loads per token).
-constexpr int kV2Warps = 8;
+constexpr int kV2Warps = 12;
 constexpr int kV2Threads = kV2Warps * 32;
+constexpr int kV2Rows = kV2Warps * kTileRows;       // 192 weight rows per row block
 constexpr int kV2Step = 64;                         // k per step (one quantisation block)
 constexpr int kV2Ahead = 3;                         // steps of weight loads in flight
-constexpr int kV2BlocksPerSM = 3;                   // the occupancy the plan assumes
-constexpr int kV2MaxXBytes = 40 * 1024;             // x staging per block (3 blocks per SM)
-static_assert(kV2Warps * kTileRows == 128, "nf4_gemv_row_blocks assumes 128-row blocks");
+constexpr int kV2BlocksPerSM = 2;                   // the occupancy the plan assumes
+constexpr int kV2MaxXBytes = 44 * 1024;             // x staging per block (2 blocks per SM)
 
 // Steps of x one block can stage for `tokens` rows (row stride = steps * 128 + 16 bytes).
 __host__ __device__ __forceinline__ int v2_max_steps(int tokens) {
@@ -492,7 +494,7 @@ __device__ __forceinline__ void mma_f16_16816(float (&c)[4], uint32_t a0, uint32
                                               uint32_t a2, uint32_t a3, uint32_t b0,
                                               uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
+  asm(  // no side effects: free to schedule
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -500,60 +502,48 @@ __device__ __forceinline__ void mma_f16_16816(float (&c)[4], uint32_t a0, uint32
 #endif
 }
 
-// The level-pair table: entry e (a packed byte), copy c at word e * 32 + c.
-__shared__ uint32_t v2_pairs[256 * 32];
+constexpr int kV2TableBytes = 256 * 32 * 4;         // 32 KB, at a 32 KB-aligned address
+// Dynamic shared memory: up to 32 KB to reach the table's 32 KB alignment, the table, x.
+constexpr int kV2MaxSmem = 2 * kV2TableBytes + kV2MaxXBytes;
 
-// fp16x2 (code[byte >> 4], code[byte & 15]) of byte j (0..3) of `word`; lane4 = lane * 4.
+// fp16x2 (code[byte >> 4], code[byte & 15]) of byte J (0..3) of `word` from the table (entry
+// e, copy c at shared address table + e * 128 + c * 4); lane_addr = table + lane * 4 with
+// table % 32768 == 0, so the byte's bits go in with an OR.
 template <int J>
-__device__ __forceinline__ uint32_t v2_pair(uint32_t word, uint32_t lane4) {
+__device__ __forceinline__ uint32_t v2_pair(uint32_t word, uint32_t lane_addr) {
   const uint32_t off = (J == 0 ? (word << 7) : (word >> (8 * J - 7))) & 0x7F80u;
-  return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(v2_pairs) +
-                                            (off | lane4));
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(off | lane_addr));
+  return v;
 }
 
 // One step's inputs for one thread: 8 bytes of rows a and b and their blocks' raw scales
-// (plain: the float32 absmax bits in q; nested: the uint8 absmax in q and absmax2).
+// (plain: the float32 absmax bits in qa / qb; nested: qa = absmax[a] | absmax[b] << 8 and
+// the two absmax2 values).
 struct V2In {
   uint2 wa, wb;
-  uint32_t qa, qb;  // nested: qa = absmax[a] | absmax[b] << 8, qb unused
+  uint32_t qa, qb;
   float a2a, a2b;
 };
 
-// Where one thread reads: rows a = tile row g, b = g + 8 (clamped to N - 1: rows past N
-// compute garbage that is never written) at k-step ks of row block r.
+// Where one thread reads: rows a = tile row g, b = g + 8 of the current row block at the
+// current k-step, as the flat value index of the thread's first value in row a (32-bit:
+// nf4_gemv_v2_ok asks (N + kV2Rows) * K < 2^31). Rows past N read the weight's last 16
+// values instead (in bounds; their sums are never written).
 struct V2Cursor {
-  int r, ks;
-  int64_t off_a;  // byte offset of this thread's 8 bytes of row a
-  int delta_b;    // row b's offset - row a's (8 rows, less where row b is clamped)
+  uint32_t va;
+  int ks;
 };
 
-__device__ __forceinline__ void v2_cursor_at(V2Cursor& c, int r, int ks, int row_in_block,
-                                             int t, int N, int K) {
-  c.r = r;
-  c.ks = ks;
-  const int64_t ra = min((int64_t)r * 128 + row_in_block, (int64_t)N - 1);
-  const int64_t rb = min((int64_t)r * 128 + row_in_block + 8, (int64_t)N - 1);
-  c.off_a = ra * (K / 2) + (int64_t)ks * (kV2Step / 2) + 8 * t;
-  c.delta_b = (int)(rb - ra) * (K / 2);
-}
-
-__device__ __forceinline__ void v2_cursor_next(V2Cursor& c, int U, int row_in_block, int t,
-                                               int N, int K) {
-  if (++c.ks == U) {
-    v2_cursor_at(c, c.r + 1, 0, row_in_block, t, N, K);
-  } else {
-    c.off_a += kV2Step / 2;
-  }
-}
-
 template <bool NESTED>
-__device__ __forceinline__ V2In v2_load(const NF4Weight& w, const V2Cursor& c) {
+__device__ __forceinline__ V2In v2_load(const NF4Weight& w, uint32_t va, uint32_t row8,
+                                        uint32_t last16) {
   V2In in;
-  const int64_t off_b = c.off_a + c.delta_b;
-  in.wa = load_stream8(w.packed + c.off_a);
-  in.wb = load_stream8(w.packed + off_b);
-  // value index = 2 * byte offset; the lane's 16 values share the 64-aligned run's block
-  const int64_t ba = c.off_a >> (w.bs_log2 - 1), bb = off_b >> (w.bs_log2 - 1);
+  const uint32_t a = min(va, last16), b = min(va + row8, last16);
+  in.wa = load_stream8(w.packed + (a >> 1));
+  in.wb = load_stream8(w.packed + (b >> 1));
+  // the lane's 16 values lie in one quantisation block (64-aligned run, blocksize >= 64)
+  const uint32_t ba = a >> w.bs_log2, bb = b >> w.bs_log2;
   if (NESTED) {
     in.qa = (uint32_t)__ldg(static_cast<const uint8_t*>(w.absmax) + ba) |
             (uint32_t)__ldg(static_cast<const uint8_t*>(w.absmax) + bb) << 8;
@@ -574,13 +564,18 @@ __device__ __forceinline__ int v2_owner(int64_t s, int64_t W, int nb) {
   return (int)(((s + 1) * nb - 1) / W);
 }
 
-// Dynamic shared memory: x as fp16 [MT * 8][xs_stride] (xs_stride halves, 16 bytes mod 128).
+// Dynamic shared memory (kV2MaxSmem at most): the level-pair table at the first 32 KB-aligned
+// shared address, then x as fp16 [MT * 8][xs_stride] (xs_stride halves: 16 bytes mod 128,
+// conflict-free 16-byte loads).
 template <typename T, int MT, bool NESTED>
 __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
     nf4_gemv_v2_kernel(const NF4Weight w, const NF4GemvArgs a, int xs_stride) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(16) unsigned char smem[];
-  __half* xs = reinterpret_cast<__half*>(smem);
+  const uint32_t smem_addr = (uint32_t)__cvta_generic_to_shared(smem);
+  const uint32_t table_addr = (smem_addr + kV2TableBytes - 1) & ~(uint32_t)(kV2TableBytes - 1);
+  unsigned char* table = smem + (table_addr - smem_addr);
+  __half* xs = reinterpret_cast<__half*>(table + kV2TableBytes);
   __shared__ float code_s[16];
   __shared__ float code2_s[256];
   __shared__ unsigned tok_max[16];  // largest |x| bits per token (bf16 x)
@@ -590,22 +585,27 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
   const int g = lane >> 2, t = lane & 3;
   const int N = a.N, K = a.K, M = a.M;
   const int U = K / kV2Step;                            // steps per row
-  const int row_blocks = (N + 127) / 128;
+  const int row_blocks = (N + kV2Rows - 1) / kV2Rows;
   const int64_t W = (int64_t)row_blocks * U;
   const int nb = gridDim.x;
   const int64_t s0 = (int64_t)blockIdx.x * W / nb, s1 = (int64_t)(blockIdx.x + 1) * W / nb;
   const int count = (int)(s1 - s0);
   const int row_in_block = warp * kTileRows + g;
+  const uint32_t last16 = (uint32_t)N * (uint32_t)K - 16;  // K % 64 == 0: a 16-value run
+  const uint32_t row8 = 8u * (uint32_t)K;
+  const uint32_t wrap = (uint32_t)(kV2Rows - 1) * (uint32_t)K + kV2Step;  // to the next row block
 
   // Weight loads first: their DRAM latency overlaps the table and x staging below.
+  int r = (int)(s0 / U), ks = (int)(s0 % U);
   V2Cursor ld;
-  v2_cursor_at(ld, (int)(s0 / U), (int)(s0 % U), row_in_block, t, N, K);
+  ld.va = (uint32_t)(r * kV2Rows + row_in_block) * (uint32_t)K + (uint32_t)(ks * kV2Step + 16 * t);
+  ld.ks = ks;
   V2In ring[kV2Ahead];
 #pragma unroll
   for (int i = 0; i < kV2Ahead; ++i) {
     if (i < count) {
-      ring[i] = v2_load<NESTED>(w, ld);
-      v2_cursor_next(ld, U, row_in_block, t, N, K);
+      ring[i] = v2_load<NESTED>(w, ld.va, row8, last16);
+      if (++ld.ks == U) { ld.ks = 0; ld.va += wrap; } else { ld.va += kV2Step; }
     }
   }
 
@@ -613,7 +613,7 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
     code_s[tid] = __ldg(w.code + tid);
     tok_max[tid] = 0u;
   }
-  if (NESTED) code2_s[tid] = __ldg(w.code2 + tid);  // 256 threads
+  if (NESTED && tid < 256) code2_s[tid] = __ldg(w.code2 + tid);
   {
     // x[token][k-step (s0 + i) % U] for the block's steps i, 16-byte units, asynchronously;
     // tokens >= M are zero-filled (source size 0)
@@ -623,9 +623,9 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
     for (int i = tid; i < units; i += kV2Threads) {
       const int tok = i / units_per_row, uu = i % units_per_row;
       const int step = uu >> 3, u = uu & 7;
-      const int ks = (int)((s0 + step) % U);
+      const int kstep = (int)((s0 + step) % U);
       const bool inside = tok < M;
-      const T* src = inside ? x + tok * a.x_stride + ks * kV2Step + 8 * u : x;
+      const T* src = inside ? x + tok * a.x_stride + kstep * kV2Step + 8 * u : x;
       const uint32_t dst = (uint32_t)__cvta_generic_to_shared(xs + tok * xs_stride +
                                                                step * kV2Step + 8 * u);
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
@@ -634,15 +634,15 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
     asm volatile("cp.async.commit_group;\n" ::);
   }
   __syncthreads();  // code_s, tok_max
-  {
+  if (tid < 256) {
     // the pair table: thread e writes entry e's 32 copies as 8 16-byte stores, rotated by e
     // so that the 8 threads of a store phase hit 8 different bank groups
     const int e = tid;
     const __half2 h = __floats2half2_rn(code_s[e >> 4], code_s[e & 15]);
     const uint32_t v = *reinterpret_cast<const uint32_t*>(&h);
-    uint4* row = reinterpret_cast<uint4*>(v2_pairs + e * 32);
+    uint4* entry = reinterpret_cast<uint4*>(table + e * 128);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) row[(j + e) & 7] = make_uint4(v, v, v, v);
+    for (int j = 0; j < 8; ++j) entry[(j + e) & 7] = make_uint4(v, v, v, v);
   }
   asm volatile("cp.async.wait_all;\n" ::: "memory");
   __syncthreads();
@@ -681,7 +681,7 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
     __syncthreads();
   }
   const float offset = NESTED ? __ldg(w.offset) : 0.f;
-  const uint32_t lane4 = (uint32_t)lane * 4;
+  const uint32_t lane_addr = table_addr + (uint32_t)lane * 4;
 
   float acc[MT][4];
 #pragma unroll
@@ -689,7 +689,6 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
 
-  int r = (int)(s0 / U), ks = (int)(s0 % U);
   const T* bias = static_cast<const T*>(a.bias);
   T* y = static_cast<T*>(a.y);
 
@@ -698,13 +697,13 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
   auto flush = [&](int rr) {
     const int64_t first = (int64_t)rr * U;
     const bool whole = v2_owner(first, W, nb) == v2_owner(first + U - 1, W, nb);
-    const int64_t ra = (int64_t)rr * 128 + row_in_block;
+    const int ra = rr * kV2Rows + row_in_block;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int m = mt * 8 + 2 * t + (i & 1);
-        const int64_t n = ra + (i < 2 ? 0 : 8);
+        const int n = ra + (i < 2 ? 0 : 8);
         if (m < M && n < N) {
           float v = acc[mt][i];
           if (std::is_same<T, __nv_bfloat16>::value) {  // undo the token's power of two
@@ -715,7 +714,7 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
             if (bias) v += to_f32(bias[n]);
             y[m * a.y_stride + n] = from_f32<T>(v);
           } else {
-            a.partial[(((int64_t)blockIdx.x + rr) * M + m) * 128 + (n - (int64_t)rr * 128)] = v;
+            a.partial[(((int64_t)blockIdx.x + rr) * M + m) * kV2Rows + (n - rr * kV2Rows)] = v;
           }
         }
         acc[mt][i] = 0.f;
@@ -734,13 +733,13 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
     __syncthreads();
     if (!last) return;
     __threadfence();
-    for (int idx = tid; idx < M * 128; idx += kV2Threads) {
-      const int m = idx >> 7, nl = idx & 127;
-      const int64_t n = (int64_t)rr * 128 + nl;
+    for (int idx = tid; idx < M * kV2Rows; idx += kV2Threads) {
+      const int m = idx / kV2Rows, nl = idx - m * kV2Rows;
+      const int n = rr * kV2Rows + nl;
       if (n >= N) continue;
       float sum = 0.f;
       for (int b = b_first; b <= b_last; ++b)
-        sum += __ldcg(a.partial + (((int64_t)b + rr) * M + m) * 128 + nl);
+        sum += __ldcg(a.partial + (((int64_t)b + rr) * M + m) * kV2Rows + nl);
       if (bias) sum += to_f32(bias[n]);
       y[m * a.y_stride + n] = from_f32<T>(sum);
     }
@@ -756,8 +755,8 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
       if (i >= count) break;
       const V2In cur = ring[j];
       if (i + kV2Ahead < count) {
-        ring[j] = v2_load<NESTED>(w, ld);
-        v2_cursor_next(ld, U, row_in_block, t, N, K);
+        ring[j] = v2_load<NESTED>(w, ld.va, row8, last16);
+        if (++ld.ks == U) { ld.ks = 0; ld.va += wrap; } else { ld.va += kV2Step; }
       }
       float sa, sb;
       if (NESTED) {
@@ -769,14 +768,14 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
       }
       // level pairs of bytes 0..7 of rows a and b
       uint32_t pa[8], pb[8];
-      pa[0] = v2_pair<0>(cur.wa.x, lane4); pa[1] = v2_pair<1>(cur.wa.x, lane4);
-      pa[2] = v2_pair<2>(cur.wa.x, lane4); pa[3] = v2_pair<3>(cur.wa.x, lane4);
-      pa[4] = v2_pair<0>(cur.wa.y, lane4); pa[5] = v2_pair<1>(cur.wa.y, lane4);
-      pa[6] = v2_pair<2>(cur.wa.y, lane4); pa[7] = v2_pair<3>(cur.wa.y, lane4);
-      pb[0] = v2_pair<0>(cur.wb.x, lane4); pb[1] = v2_pair<1>(cur.wb.x, lane4);
-      pb[2] = v2_pair<2>(cur.wb.x, lane4); pb[3] = v2_pair<3>(cur.wb.x, lane4);
-      pb[4] = v2_pair<0>(cur.wb.y, lane4); pb[5] = v2_pair<1>(cur.wb.y, lane4);
-      pb[6] = v2_pair<2>(cur.wb.y, lane4); pb[7] = v2_pair<3>(cur.wb.y, lane4);
+      pa[0] = v2_pair<0>(cur.wa.x, lane_addr); pa[1] = v2_pair<1>(cur.wa.x, lane_addr);
+      pa[2] = v2_pair<2>(cur.wa.x, lane_addr); pa[3] = v2_pair<3>(cur.wa.x, lane_addr);
+      pa[4] = v2_pair<0>(cur.wa.y, lane_addr); pa[5] = v2_pair<1>(cur.wa.y, lane_addr);
+      pa[6] = v2_pair<2>(cur.wa.y, lane_addr); pa[7] = v2_pair<3>(cur.wa.y, lane_addr);
+      pb[0] = v2_pair<0>(cur.wb.x, lane_addr); pb[1] = v2_pair<1>(cur.wb.x, lane_addr);
+      pb[2] = v2_pair<2>(cur.wb.x, lane_addr); pb[3] = v2_pair<3>(cur.wb.x, lane_addr);
+      pb[4] = v2_pair<0>(cur.wb.y, lane_addr); pb[5] = v2_pair<1>(cur.wb.y, lane_addr);
+      pb[6] = v2_pair<2>(cur.wb.y, lane_addr); pb[7] = v2_pair<3>(cur.wb.y, lane_addr);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         // x of this step: token mt * 8 + g, values 16t .. 16t + 15 (8 words)
@@ -865,7 +864,7 @@ static void plan_v1(NF4GemvArgs& a, int sms) {
 
 bool nf4_gemv_v2_ok(const NF4Weight& w, const NF4GemvArgs& a) {
   return a.M >= 1 && a.M <= 16 && a.K % kV2Step == 0 && a.K >= kV2Step * kV2Ahead &&
-         w.bs_log2 >= 6 &&
+         ((int64_t)a.N + kV2Rows) * a.K < (int64_t(1) << 31) && w.bs_log2 >= 6 &&
          (a.dtype == kBF16 || a.dtype == kF16);
 }
 
@@ -874,7 +873,7 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   if (a.variant != 1 && nf4_gemv_v2_ok(w, a)) {
     a.variant = 2;
     const int tokens = a.M <= 8 ? 8 : 16;
-    const int64_t total = nf4_gemv_row_blocks(a.N) * (int64_t)(a.K / kV2Step);
+    const int64_t total = (a.N + kV2Rows - 1) / kV2Rows * (int64_t)(a.K / kV2Step);
     int64_t blocks = std::min<int64_t>(total, (int64_t)std::max(1, sms) * kV2BlocksPerSM);
     const int64_t max_steps = v2_max_steps(tokens);
     if ((total + blocks - 1) / blocks > max_steps) blocks = (total + max_steps - 1) / max_steps;
@@ -886,8 +885,12 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   plan_v1(a, sms);
 }
 
+int64_t nf4_gemv_counters(const NF4GemvArgs& a) {
+  return a.variant == 2 ? (a.N + kV2Rows - 1) / kV2Rows : nf4_gemv_row_blocks(a.N);
+}
+
 int64_t nf4_gemv_partial_floats(const NF4GemvArgs& a) {
-  if (a.variant == 2) return (a.v2_blocks + nf4_gemv_row_blocks(a.N)) * (int64_t)a.M * 128;
+  if (a.variant == 2) return (a.v2_blocks + nf4_gemv_counters(a)) * (int64_t)a.M * kV2Rows;
   return a.split > 1 ? (int64_t)a.split * a.M * a.N : 0;
 }
 
@@ -924,11 +927,11 @@ void launch_gemv_v2(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t strea
   static bool raised[256] = {};  // the opt-in to > 48 KB of shared memory, per device
   if (device >= 0 && device < 256 && !raised[device]) {
     cudaFuncSetAttribute(nf4_gemv_v2_kernel<T, MT, NESTED>,
-                         cudaFuncAttributeMaxDynamicSharedMemorySize, kV2MaxXBytes);
+                         cudaFuncAttributeMaxDynamicSharedMemorySize, kV2MaxSmem);
     raised[device] = true;
   }
   const int xs_stride = a.v2_steps * kV2Step + 8;  // halves: 16 bytes mod 128
-  const size_t smem = (size_t)MT * 8 * xs_stride * 2;
+  const size_t smem = 2 * kV2TableBytes + (size_t)MT * 8 * xs_stride * 2;
   nf4_gemv_v2_kernel<T, MT, NESTED>
       <<<(unsigned)a.v2_blocks, kV2Threads, smem, stream>>>(w, a, xs_stride);
 }

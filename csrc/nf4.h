@@ -47,18 +47,19 @@ struct NF4GemvArgs {
   int v2_steps;     // v2: the most steps one block takes
   // nf4_gemv_partial_floats(a) float32 scratch when nf4_gemv_needs_scratch(a), else null
   float* partial;
-  // with scratch: nf4_gemv_row_blocks(N) counters, zero when the launch starts (the caller
+  // with scratch: nf4_gemv_counters(a) counters, zero when the launch starts (the caller
   // zeroes them on the launch's stream, for this launch only: nothing is kept between calls);
   // the last block of each row block to count adds the partials.
   unsigned* counters;
 };
-inline int64_t nf4_gemv_row_blocks(int64_t N) { return (N + 127) / 128; }
+inline int64_t nf4_gemv_row_blocks(int64_t N) { return (N + 127) / 128; }  // v1's
 // Whether v2 takes this call (shape, blocksize, dtype).
 bool nf4_gemv_v2_ok(const NF4Weight& w, const NF4GemvArgs& a);
 // Chooses a.variant and its launch shape for a.M, a.N, a.K on a device with `sms` SMs.
 void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms);
 bool nf4_gemv_needs_scratch(const NF4GemvArgs& a);
 int64_t nf4_gemv_partial_floats(const NF4GemvArgs& a);
+int64_t nf4_gemv_counters(const NF4GemvArgs& a);  // one per row block of the chosen kernel
 void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream);
 
 }  // namespace fastft
