@@ -564,6 +564,46 @@ __device__ __forceinline__ int v2_owner(int64_t s, int64_t W, int nb) {
   return (int)(((s + 1) * nb - 1) / W);
 }
 
+// The last block of a shared row block rr: y[:, rr's rows] = the sum of the partials of blocks
+// b_first..b_last (slot b + rr) in block order (deterministic), + bias. Not inlined: its
+// registers must not count against the main loop's. 4 consecutive outputs per thread and
+// pass, 8 blocks' partials loaded at once (it runs at the kernel's end, where nothing else
+// hides its latency).
+template <typename T>
+__device__ __noinline__ void v2_reduce_row_block(const float* partial, int rr, int b_first,
+                                                 int b_last, int M, int N, const T* bias,
+                                                 T* y, int64_t y_stride) {
+  constexpr int kQuads = kV2Rows / 4;
+  const int64_t slot_stride = (int64_t)M * kV2Rows;  // from slot b + rr to slot b + 1 + rr
+  for (int u = threadIdx.x; u < M * kQuads; u += blockDim.x) {
+    const int m = u / kQuads, q = u - m * kQuads;
+    const float* base = partial + ((int64_t)rr * M + m) * kV2Rows + 4 * q;
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int b0 = b_first; b0 <= b_last; b0 += 8) {
+      float4 v[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        v[j] = b0 + j <= b_last
+                   ? __ldcg(reinterpret_cast<const float4*>(base + (b0 + j) * slot_stride))
+                   : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (b0 + j > b_last) break;
+        sum.x += v[j].x; sum.y += v[j].y; sum.z += v[j].z; sum.w += v[j].w;
+      }
+    }
+    const float r4[4] = {sum.x, sum.y, sum.z, sum.w};
+    const int n0 = rr * kV2Rows + 4 * q;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      if (n0 + c >= N) break;
+      float v = r4[c];
+      if (bias) v += to_f32(bias[n0 + c]);
+      y[m * y_stride + n0 + c] = from_f32<T>(v);
+    }
+  }
+}
+
 // Dynamic shared memory (kV2MaxSmem at most): the level-pair table at the first 32 KB-aligned
 // shared address, then x as fp16 [MT * 8][xs_stride] (xs_stride halves: 16 bytes mod 128,
 // conflict-free 16-byte loads).
@@ -733,16 +773,7 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
     __syncthreads();
     if (!last) return;
     __threadfence();
-    for (int idx = tid; idx < M * kV2Rows; idx += kV2Threads) {
-      const int m = idx / kV2Rows, nl = idx - m * kV2Rows;
-      const int n = rr * kV2Rows + nl;
-      if (n >= N) continue;
-      float sum = 0.f;
-      for (int b = b_first; b <= b_last; ++b)
-        sum += __ldcg(a.partial + (((int64_t)b + rr) * M + m) * kV2Rows + nl);
-      if (bias) sum += to_f32(bias[n]);
-      y[m * a.y_stride + n] = from_f32<T>(sum);
-    }
+    v2_reduce_row_block<T>(a.partial, rr, b_first, b_last, M, N, bias, y, a.y_stride);
   };
 
   // U >= kV2Ahead (nf4_gemv_v2_ok): at most one row block ends inside a group of kV2Ahead
