@@ -663,7 +663,7 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
     for (int i = tid; i < units; i += kV2Threads) {
       const int tok = i / units_per_row, uu = i % units_per_row;
       const int step = uu >> 3, u = uu & 7;
-      const int kstep = (int)((s0 + step) % U);
+      const int kstep = (ks + step) % U;  // ks = s0 % U (32-bit: no 64-bit division)
       const bool inside = tok < M;
       const T* src = inside ? x + tok * a.x_stride + kstep * kV2Step + 8 * u : x;
       const uint32_t dst = (uint32_t)__cvta_generic_to_shared(xs + tok * xs_stride +
