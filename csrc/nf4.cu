@@ -469,7 +469,7 @@ constexpr int kV2Warps = 12;
 constexpr int kV2Threads = kV2Warps * 32;
 constexpr int kV2Rows = kV2Warps * kTileRows;       // 192 weight rows per row block
 constexpr int kV2Step = 64;                         // k per step (one quantisation block)
-constexpr int kV2Ahead = 3;                         // steps of weight loads in flight
+constexpr int kV2Ahead = 4;                         // steps of weight loads in flight
 constexpr int kV2BlocksPerSM = 2;                   // the occupancy the plan assumes
 constexpr int kV2MaxXBytes = 44 * 1024;             // x staging per block (2 blocks per SM)
 
@@ -517,11 +517,17 @@ __device__ __forceinline__ uint32_t v2_pair(uint32_t word, uint32_t lane_addr) {
   return v;
 }
 
-// One step's inputs for one thread: 8 bytes of rows a and b and their blocks' raw scales
-// (plain: the float32 absmax bits in qa / qb; nested: qa = absmax[a] | absmax[b] << 8 and
-// the two absmax2 values).
+// One step's weight bytes for one thread: 8 bytes of rows a and b.
 struct V2In {
   uint2 wa, wb;
+};
+
+// The raw scale inputs of rows a and b for one step (plain: the float32 absmax bits in qa,
+// qb; nested: qa = absmax[a] | absmax[b] << 8 and the two absmax2 values). The 4 lanes of a
+// quad share rows: lane t loads them for step 4q + t of each group of 4 steps, and each step
+// takes its two scales from the quad's lane with a shuffle (a quarter of the loads and scale
+// arithmetic per thread).
+struct V2Scale {
   uint32_t qa, qb;
   float a2a, a2b;
 };
@@ -535,27 +541,42 @@ struct V2Cursor {
   int ks;
 };
 
-template <bool NESTED>
+// One k-step on: the next 64 values of the rows, or row block r + 1's first (wrap).
+__device__ __forceinline__ void v2_advance(V2Cursor& c, int U, uint32_t wrap) {
+  if (++c.ks == U) {
+    c.ks = 0;
+    c.va += wrap;
+  } else {
+    c.va += kV2Step;
+  }
+}
+
 __device__ __forceinline__ V2In v2_load(const NF4Weight& w, uint32_t va, uint32_t row8,
                                         uint32_t last16) {
   V2In in;
-  const uint32_t a = min(va, last16), b = min(va + row8, last16);
-  in.wa = load_stream8(w.packed + (a >> 1));
-  in.wb = load_stream8(w.packed + (b >> 1));
-  // the lane's 16 values lie in one quantisation block (64-aligned run, blocksize >= 64)
-  const uint32_t ba = a >> w.bs_log2, bb = b >> w.bs_log2;
-  if (NESTED) {
-    in.qa = (uint32_t)__ldg(static_cast<const uint8_t*>(w.absmax) + ba) |
-            (uint32_t)__ldg(static_cast<const uint8_t*>(w.absmax) + bb) << 8;
-    in.qb = 0u;
-    in.a2a = __ldg(w.absmax2 + (ba >> w.bs2_log2));
-    in.a2b = __ldg(w.absmax2 + (bb >> w.bs2_log2));
-  } else {
-    in.qa = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + ba));
-    in.qb = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + bb));
-    in.a2a = in.a2b = 0.f;
-  }
+  in.wa = load_stream8(w.packed + (min(va, last16) >> 1));
+  in.wb = load_stream8(w.packed + (min(va + row8, last16) >> 1));
   return in;
+}
+
+template <bool NESTED>
+__device__ __forceinline__ V2Scale v2_load_scale(const NF4Weight& w, uint32_t va, uint32_t row8,
+                                                 uint32_t last16) {
+  V2Scale sc;
+  // the lane's 16 values lie in one quantisation block (64-aligned run, blocksize >= 64)
+  const uint32_t ba = min(va, last16) >> w.bs_log2, bb = min(va + row8, last16) >> w.bs_log2;
+  if (NESTED) {
+    sc.qa = (uint32_t)__ldg(static_cast<const uint8_t*>(w.absmax) + ba) |
+            (uint32_t)__ldg(static_cast<const uint8_t*>(w.absmax) + bb) << 8;
+    sc.qb = 0u;
+    sc.a2a = __ldg(w.absmax2 + (ba >> w.bs2_log2));
+    sc.a2b = __ldg(w.absmax2 + (bb >> w.bs2_log2));
+  } else {
+    sc.qa = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + ba));
+    sc.qb = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + bb));
+    sc.a2a = sc.a2b = 0.f;
+  }
+  return sc;
 }
 
 // The block owning flattened step s of W steps cut into nb ranges [s_b, s_{b+1}),
@@ -640,12 +661,18 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
   V2Cursor ld;
   ld.va = (uint32_t)(r * kV2Rows + row_in_block) * (uint32_t)K + (uint32_t)(ks * kV2Step + 16 * t);
   ld.ks = ks;
+  // this lane's scale steps: t, t + 4, t + 8, ... of the block's range
+  V2Cursor sl = ld;
+  for (int q = 0; q < t; ++q) v2_advance(sl, U, wrap);
+  V2Scale scale_raw = v2_load_scale<NESTED>(w, sl.va, row8, last16);  // steps 0..3
+#pragma unroll
+  for (int q = 0; q < 4; ++q) v2_advance(sl, U, wrap);
   V2In ring[kV2Ahead];
 #pragma unroll
   for (int i = 0; i < kV2Ahead; ++i) {
     if (i < count) {
-      ring[i] = v2_load<NESTED>(w, ld.va, row8, last16);
-      if (++ld.ks == U) { ld.ks = 0; ld.va += wrap; } else { ld.va += kV2Step; }
+      ring[i] = v2_load(w, ld.va, row8, last16);
+      v2_advance(ld, U, wrap);
     }
   }
 
@@ -778,25 +805,36 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
 
   // U >= kV2Ahead (nf4_gemv_v2_ok): at most one row block ends inside a group of kV2Ahead
   // steps, so the group's body only flushes and the syncing part runs after the group.
+  static_assert(kV2Ahead == 4, "the loop's groups of kV2Ahead steps are the scale groups of 4");
   for (int i0 = 0; i0 < count; i0 += kV2Ahead) {
     int ended = -1;
+    // this lane's step (i0 + t) scales, then the next group's loads (clamped in bounds past
+    // the block's range: harmless)
+    float my_sa, my_sb;
+    if (NESTED) {
+      my_sa = __fadd_rn(__fmul_rn(code2_s[scale_raw.qa & 0xFFu], scale_raw.a2a), offset);
+      my_sb = __fadd_rn(__fmul_rn(code2_s[scale_raw.qa >> 8], scale_raw.a2b), offset);
+    } else {
+      my_sa = __uint_as_float(scale_raw.qa);
+      my_sb = __uint_as_float(scale_raw.qb);
+    }
+    if (i0 + 4 < count) {
+      scale_raw = v2_load_scale<NESTED>(w, sl.va, row8, last16);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) v2_advance(sl, U, wrap);
+    }
 #pragma unroll
     for (int j = 0; j < kV2Ahead; ++j) {
       const int i = i0 + j;
       if (i >= count) break;
       const V2In cur = ring[j];
       if (i + kV2Ahead < count) {
-        ring[j] = v2_load<NESTED>(w, ld.va, row8, last16);
-        if (++ld.ks == U) { ld.ks = 0; ld.va += wrap; } else { ld.va += kV2Step; }
+        ring[j] = v2_load(w, ld.va, row8, last16);
+        v2_advance(ld, U, wrap);
       }
-      float sa, sb;
-      if (NESTED) {
-        sa = __fadd_rn(__fmul_rn(code2_s[cur.qa & 0xFFu], cur.a2a), offset);
-        sb = __fadd_rn(__fmul_rn(code2_s[cur.qa >> 8], cur.a2b), offset);
-      } else {
-        sa = __uint_as_float(cur.qa);
-        sb = __uint_as_float(cur.qb);
-      }
+      // step i's scales: computed by lane j of this quad
+      const float sa = __shfl_sync(0xffffffffu, my_sa, (lane & ~3) | j);
+      const float sb = __shfl_sync(0xffffffffu, my_sb, (lane & ~3) | j);
       // level pairs of bytes 0..7 of rows a and b
       uint32_t pa[8], pb[8];
       pa[0] = v2_pair<0>(cur.wa.x, lane_addr); pa[1] = v2_pair<1>(cur.wa.x, lane_addr);
