@@ -323,9 +323,11 @@ def run_backward_with_h(backend, act, rows, n, dtype, device, layout, seed=0):
     # the same arithmetic as without h, and h is the forward's output: equal up to a last-bit
     # difference (separate kernel instantiations, torch's strided vs contiguous CPU loops,
     # the forward's SiLU formula), elementwise
-    # (fp32: a few ulps of fast-math reciprocals / divisions; 16-bit: one ulp after rounding;
-    # atol: subnormal results, whose ulp is not relative)
-    eps = torch.finfo(dtype).eps * (16 if dtype == torch.float32 else 2)
+    # (fp32: fast-math reciprocals / divisions, and the CUDA erf-GELU with h, whose compiled
+    # arithmetic differs from the forward kernel's by up to ~45 ulps where the result nearly
+    # cancels (H200, 3 of 1.4M elements); 16-bit: one ulp after rounding; atol: subnormal
+    # results, whose ulp is not relative)
+    eps = torch.finfo(dtype).eps * (64 if dtype == torch.float32 else 2)
     tiny = torch.finfo(dtype).smallest_normal
     torch.testing.assert_close(d_gate, dg_plain, rtol=eps, atol=tiny)
     torch.testing.assert_close(d_up, du_plain, rtol=eps, atol=tiny)
@@ -354,11 +356,11 @@ def test_triton_custom_ops_pass_opcheck():
                                torch.empty_like(up), act))
         torch.library.opcheck(A._triton_glu_bwd_inplace, (dh, gate.clone(), up.clone(), act))
         # with h
-        torch.library.opcheck(A._triton_glu_bwd,
+        torch.library.opcheck(A._triton_glu_bwd_h,
                               (dh, g.clone(), u.clone(), torch.empty_like(gate),
-                               torch.empty_like(up), act), {"h": torch.empty_like(gate)})
-        torch.library.opcheck(A._triton_glu_bwd_inplace, (dh, gate.clone(), up.clone(), act),
-                              {"h": torch.empty_like(gate)})
+                               torch.empty_like(up), act, torch.empty_like(gate)))
+        torch.library.opcheck(A._triton_glu_bwd_inplace_h,
+                              (dh, gate.clone(), up.clone(), act, torch.empty_like(gate)))
 
 
 @pytest.mark.parametrize("backend", backends("swiglu", "cpu"))

@@ -118,20 +118,39 @@ def _triton_glu_fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, act
         kernels.glu_forward(gate, up, out, act)
 
 
-# h (optional): also written with act(gate) * up, in the same kernel.
-@torch.library.custom_op("fastft_triton::glu_bwd", mutates_args=("d_gate", "d_up", "h"))
+# The *_h variants also write h = act(gate) * up, in the same kernel. Separate ops instead of
+# an optional h: torch 2.11's custom_op drops a defaulted None argument before bumping the
+# version of the mutated ones, and then indexes past the end of its argument tuple.
+@torch.library.custom_op("fastft_triton::glu_bwd", mutates_args=("d_gate", "d_up"))
 def _triton_glu_bwd(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                    d_gate: torch.Tensor, d_up: torch.Tensor, act: int,
-                    h: Optional[torch.Tensor] = None) -> None:
+                    d_gate: torch.Tensor, d_up: torch.Tensor, act: int) -> None:
+    from fastft.triton_kernels import activations as kernels
+
+    with _common.launch_device(gate):
+        kernels.glu_backward(dh, gate, up, d_gate, d_up, act, None)
+
+
+@torch.library.custom_op("fastft_triton::glu_bwd_h", mutates_args=("d_gate", "d_up", "h"))
+def _triton_glu_bwd_h(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                      d_gate: torch.Tensor, d_up: torch.Tensor, act: int, h: torch.Tensor) -> None:
     from fastft.triton_kernels import activations as kernels
 
     with _common.launch_device(gate):
         kernels.glu_backward(dh, gate, up, d_gate, d_up, act, h)
 
 
-@torch.library.custom_op("fastft_triton::glu_bwd_inplace", mutates_args=("gate", "up", "h"))
+@torch.library.custom_op("fastft_triton::glu_bwd_inplace", mutates_args=("gate", "up"))
 def _triton_glu_bwd_inplace(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                            act: int, h: Optional[torch.Tensor] = None) -> None:
+                            act: int) -> None:
+    from fastft.triton_kernels import activations as kernels
+
+    with _common.launch_device(gate):
+        kernels.glu_backward(dh, gate, up, gate, up, act, None)
+
+
+@torch.library.custom_op("fastft_triton::glu_bwd_inplace_h", mutates_args=("gate", "up", "h"))
+def _triton_glu_bwd_inplace_h(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                              act: int, h: torch.Tensor) -> None:
     from fastft.triton_kernels import activations as kernels
 
     with _common.launch_device(gate):
@@ -144,12 +163,22 @@ def _(gate, up, out, act):
 
 
 @_triton_glu_bwd.register_fake
-def _(dh, gate, up, d_gate, d_up, act, h=None):
+def _(dh, gate, up, d_gate, d_up, act):
+    return None
+
+
+@_triton_glu_bwd_h.register_fake
+def _(dh, gate, up, d_gate, d_up, act, h):
     return None
 
 
 @_triton_glu_bwd_inplace.register_fake
-def _(dh, gate, up, act, h=None):
+def _(dh, gate, up, act):
+    return None
+
+
+@_triton_glu_bwd_inplace_h.register_fake
+def _(dh, gate, up, act, h):
     return None
 
 
@@ -161,9 +190,14 @@ class _TritonBackend:
     @staticmethod
     def backward(dh, gate, up, d_gate, d_up, act, *, h=None):
         if d_gate is None:
-            _triton_glu_bwd_inplace(dh, gate, up, ACTS[act], h)
+            if h is None:
+                _triton_glu_bwd_inplace(dh, gate, up, ACTS[act])
+            else:
+                _triton_glu_bwd_inplace_h(dh, gate, up, ACTS[act], h)
+        elif h is None:
+            _triton_glu_bwd(dh, gate, up, d_gate, d_up, ACTS[act])
         else:
-            _triton_glu_bwd(dh, gate, up, d_gate, d_up, ACTS[act], h)
+            _triton_glu_bwd_h(dh, gate, up, d_gate, d_up, ACTS[act], h)
 
 
 class _CudaBackend:
