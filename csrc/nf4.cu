@@ -459,6 +459,13 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
 //   grow along the flattened order) and the last of its blocks to finish (a counter per row
 //   block, zeroed per call) adds them in block order: deterministic.
 //
+// Cost (ptxas 13.0, sm_90a, no-flush path of one loop iteration = 4 steps = 2 KB per warp):
+// ~470 (M <= 8) / ~540 (M 9..16) SASS instructions for plain absmax, ~500 / ~565 nested, i.e.
+// 235..282 per KB of packed weight (v1: ~440). Of a 4-step group: 64 table loads + 128
+// shift/LOP3 for the addresses (the decode, ~40%), 16 (32) HMMA + FFMA, 8 SHFL, ~50 for the
+// loads' addresses and ~150 loop control, cursor and register moves. 80 registers
+// (__launch_bounds__(384, 2)), 24 warps per SM, ~49 KB of weight loads in flight per SM.
+//
 // k permutation of one block step (64 values; the dot product is invariant under any
 // permutation applied to both operands): lane (g, t) holds values 16t .. 16t+15 of the block
 // (8 bytes; byte j = values 2j (high nibble), 2j+1). mma step s = 0..3 takes byte 2s (values
