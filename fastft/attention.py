@@ -23,11 +23,18 @@ checkpoints; everywhere else the wrapper calls transformers' function unchanged.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fastft import offload
 
 _TAG = "attention"
+# q/k/v are stashed only up to this size per layer: a stashed layer is held on the GPU twice in
+# backward (being used, and the previous layer's prefetched), so at long sequences it costs more
+# memory than it saves time (H200, Llama-3.1-8B shape: 4096 tokens a step gained 11% for QLoRA;
+# at 16384 tokens +1% speed cost 0.38 GiB, more than the 0.12x memory budget left).
+REUSE_QKV_MAX_BYTES = int(os.environ.get("FASTFT_OFFLOAD_REUSE_QKV_MAX_BYTES", str(64 << 20)))
 # Noted by the fused q/k/v projection in a first forward when its outputs reach attention only
 # through value-free ops (RoPE), so that the recompute may skip it if attention stashes q/k/v.
 QKV_NOTE = "qkv projection can be skipped"
@@ -109,15 +116,15 @@ class _ReusedAttention(torch.autograd.Function):
         # grad_fn instead of becoming an alias of an input
         ctx.kept = kept
         ctx.stashed = stashed
-        ctx.save_for_backward(q, k, v)
+        # with q/k/v stashed the recomputed ones are placeholders nobody wrote: not kept
+        ctx.save_for_backward(*(() if kept.inputs_stashed else (q, k, v)))
         ctx.out = stashed[0]
         return stashed[0]
 
     @staticmethod
     def backward(ctx, grad_out):
         kept = ctx.kept
-        q, k, v = ctx.saved_tensors
-        qkv = (q, k, v)
+        qkv = ctx.saved_tensors
         for h in kept.held:
             if h.kind == "input":
                 h.value = qkv[h.index]
@@ -174,6 +181,7 @@ def _first_forward(original, module, query, key, value, attention_mask, dropout,
     # notes that) and the host has room; else placeholders for the recomputed ones
     qkv_bytes = sum(t.numel() * t.element_size() for t in (query, key, value))
     stash_inputs = (offload.REUSE_QKV and offload.stash_noted(QKV_NOTE)
+                    and qkv_bytes <= REUSE_QKV_MAX_BYTES
                     and offload.stash_room() >= qkv_bytes + 2 * out.numel() * out.element_size())
     for h in held:
         t = h.tensor

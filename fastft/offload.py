@@ -100,6 +100,7 @@ REUSE = os.environ.get("FASTFT_OFFLOAD_REUSE", "1") != "0"
 # the family allows it (see fastft/lora.py); 0 keeps them recomputed (less PCIe traffic).
 REUSE_QKV = os.environ.get("FASTFT_OFFLOAD_REUSE_QKV", "1") != "0"
 STASH_HOST_SHARE = 0.5
+STAY_BYTES = 4096
 
 
 def _available_host_bytes() -> int:
@@ -197,7 +198,10 @@ class _Offloader:
             return False
         self.stash_left -= nbytes
         self.stashed_bytes += nbytes
-        slot.stash.append([tag, [self._to_host(t, slot.stream)[0] for t in tensors], None, extra])
+        # tiny tensors (RNG state, scalars) stay where they are: a host round trip costs more
+        # host time than their bytes are worth
+        slot.stash.append([tag, [t if t.numel() * t.element_size() <= STAY_BYTES
+                                 else self._to_host(t, slot.stream)[0] for t in tensors], None, extra])
         return True
 
     @staticmethod
@@ -209,17 +213,21 @@ class _Offloader:
             slot.device_copy = slot.host.to(device, copy=True)
             for entry in slot.stash:
                 if entry[1] is not None:
-                    entry[2] = [h.to(device, copy=True) for h in entry[1]]
+                    entry[2] = [h if h.device == device else h.to(device, copy=True) for h in entry[1]]
             return
         main = torch.cuda.current_stream(device)
         # allocated on the main stream, so its memory belongs there; the side stream waits for
         # the main stream to reach this point before writing into it
         bufs = [torch.empty(slot.host.shape, dtype=slot.host.dtype, device=device)]
+        hosts = [slot.host]
         for entry in slot.stash:
             if entry[1] is not None:
-                entry[2] = [torch.empty(h.shape, dtype=h.dtype, device=device) for h in entry[1]]
-                bufs += entry[2]
-        hosts = [slot.host] + [h for entry in slot.stash if entry[1] is not None for h in entry[1]]
+                entry[2] = [h if h.is_cuda else torch.empty(h.shape, dtype=h.dtype, device=device)
+                            for h in entry[1]]
+                for h, d in zip(entry[1], entry[2]):
+                    if not h.is_cuda:
+                        hosts.append(h)
+                        bufs.append(d)
         slot.stream.wait_stream(main)
         with torch.cuda.stream(slot.stream):
             for buf, host in zip(bufs, hosts):
