@@ -18,10 +18,10 @@ nf4_matmul(x, W) = x @ W.T (+ bias) where W is the dequantised [out, in] weight,
 Up to SMALL_M rows of x (decode) a fused kernel reads the packed weight directly (bf16/fp16 x;
 the Triton kernel and CUDA's v1 multiply by exactly the dequantised W, each value rounded as
 nf4_dequantize rounds it, so they differ from dequantise + matmul only in the float32
-summation order; CUDA's default v2 (in_features % 64 == 0, blocksize >= 64) multiplies by the
-NF4 levels rounded to fp16 and applies each block's float32 scale to the float32 sums, i.e.
-W to 2^-11 per level, closer to the float32 W than W rounded to bf16; FASTFT_NF4_GEMV=v1
-selects v1); larger inputs, float32 x and
+summation order; CUDA's v1 is the default. FASTFT_NF4_GEMV=v2 selects a kernel (in_features %
+64 == 0, blocksize >= 64) that multiplies by the NF4 levels rounded to fp16 and applies each
+block's float32 scale to the float32 sums, i.e. W to 2^-11 per level; measured no faster on the
+H200, it is kept opt-in); larger inputs, float32 x and
 shapes the fused kernels don't take dequantise W into a per-device workspace (reused by every
 layer, see workspace()) and call cuBLAS. Only x (and a bias) get gradients: the quantised
 weight is frozen; backward dequantises again (dx = dy @ W), nothing W-sized is saved.
