@@ -58,11 +58,14 @@ RANK = 16
 
 # ------------------------------------------------------------------------------- worker side
 
-def _config(shape: str, seq: int):
+def _config(shape: str, seq: int, layers: int | None = None):
     from transformers import LlamaConfig
 
+    dims = dict(SHAPES[shape])
+    if layers:  # fewer decoder layers of the same shape (the longest-sequence memory probe)
+        dims["num_hidden_layers"] = layers
     return LlamaConfig(
-        **SHAPES[shape], rms_norm_eps=1e-5, max_position_embeddings=max(131072, seq),
+        **dims, rms_norm_eps=1e-5, max_position_embeddings=max(131072, seq),
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192},
@@ -70,7 +73,7 @@ def _config(shape: str, seq: int):
         bos_token_id=128000 if shape != "tiny" else None, eos_token_id=128001 if shape != "tiny" else None)
 
 
-def _build_model(shape: str, seq: int, seed: int, device: str = "cuda"):
+def _build_model(shape: str, seq: int, seed: int, device: str = "cuda", layers: int | None = None):
     """Random-init LlamaForCausalLM in bf16, constructed directly on the GPU."""
     import torch
     from transformers import LlamaForCausalLM
@@ -80,7 +83,7 @@ def _build_model(shape: str, seq: int, seed: int, device: str = "cuda"):
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(_config(shape, seq))
+            model = LlamaForCausalLM(_config(shape, seq, layers))
     finally:
         torch.set_default_dtype(old)
     return model.to(torch.bfloat16)
@@ -190,7 +193,7 @@ def run_worker(spec: dict) -> dict:
         if spec.get("cap_gb"):
             torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gb"] * 1e9 / total))
     t0 = time.time()
-    model = _build_model(spec["model"], spec["seq"], spec["seed"], device)
+    model = _build_model(spec["model"], spec["seq"], spec["seed"], device, spec.get("layers"))
     if spec["mode"] == "qlora":
         model = _quantize_decoder_linears(model, device)
     setup = _setup_baseline if impl == "baseline" else _setup_fastft
@@ -356,7 +359,8 @@ def _run(spec: dict, timeout: float) -> dict:
 
 def _name(spec):
     impl = spec["impl"].replace(":", "_").replace("=", "-").replace("+", "_")
-    return f"{spec['model']}_{spec['mode']}_{spec['batch']}x{spec['seq']}_{impl}"
+    layers = f"_{spec['layers']}layers" if spec.get("layers") else ""
+    return f"{spec['model']}{layers}_{spec['mode']}_{spec['batch']}x{spec['seq']}_{impl}"
 
 
 def _fmt(res):
@@ -371,7 +375,7 @@ def _longest(args, impl, out_dir, summary):
     """Binary search (granularity args.longest_step tokens) for the longest fitting length."""
     def probe(length):
         spec = dict(model="8b", mode="qlora", impl=impl, batch=1, seq=length, warmup=0, steps=1,
-                    seed=0, cap_gb=args.cap_gb)
+                    seed=0, cap_gb=args.cap_gb, layers=args.longest_layers)
         res = _run(spec, args.longest_timeout)
         res["probe"] = "longest"
         summary["longest_probes"].append(res)
@@ -474,6 +478,9 @@ def main(argv=None):
     ap.add_argument("--fastft-range", default="65536,524288")
     ap.add_argument("--baseline-range", default="8192,65536")
     ap.add_argument("--longest-step", type=int, default=4096)
+    ap.add_argument("--longest-layers", type=int, default=None,
+                    help="probe with this many of the 8B shape's 32 decoder layers (GPU memory "
+                         "barely depends on it with offloaded checkpointing; time does, ~linearly)")
     ap.add_argument("--longest-timeout", type=float, default=590.0)
     ap.add_argument("--profile", action="store_true",
                     help="after the timed steps, profile one more step: GPU time per kernel and kind")
