@@ -86,8 +86,8 @@ void dequantize(const at::Tensor& packed, const at::Tensor& absmax,
 
 // Unset or FASTFT_NF4_GEMV=v1: the v1 kernel (every weight value exactly as nf4_dequantize
 // rounds it). v2: the fp16-mma kernel wherever it applies (see nf4_gemv_v2_ok). On the H200 v2
-// was no faster (within -7%..+10% of v1 across M = 1..16 and both 8B MLP shapes, slower on most),
-// so v1 is the default. Read on every call so that a benchmark can time both in one process.
+// was no faster (from 7% faster at M=1, 4096->14336 to 42% slower at M=16, 14336->4096), so v1
+// is the default. Read on every call so that a benchmark can time both in one process.
 int requested_variant() {
   const char* v = std::getenv("FASTFT_NF4_GEMV");
   if (v == nullptr || *v == 0 || std::strcmp(v, "v1") == 0) return 1;
