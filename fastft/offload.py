@@ -103,18 +103,6 @@ STASH_HOST_SHARE = 0.5
 STAY_BYTES = 4096
 
 
-def _available_host_bytes() -> int:
-    """MemAvailable from /proc/meminfo (Linux), else 0 (no stashing)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 class _Offloader:
     """Per-model state: the side stream per device and the chain of slots of the current
     forward pass (so that backward of layer i can prefetch layer i-1)."""
@@ -168,7 +156,10 @@ class _Offloader:
         self.stash_left = 0
         if REUSE and self.layers > 0:
             inputs = self.layers * x.numel() * x.element_size()
-            self.stash_left = max(0, int(_available_host_bytes() * STASH_HOST_SHARE) - inputs)
+            from fastft.save import available_memory_bytes
+
+            available = available_memory_bytes(unknown=0)
+            self.stash_left = max(0, int(available * STASH_HOST_SHARE) - inputs)
 
     def _to_host(self, x: torch.Tensor, stream):
         """(host copy, pooled buffer or None), the copy issued on the side stream."""

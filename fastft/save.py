@@ -266,7 +266,9 @@ def default_merged_dtype(model) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 # resources
 # ----------------------------------------------------------------------------------------------
-def available_memory_bytes() -> int:
+def available_memory_bytes(unknown: int = 1 << 40) -> int:
+    """Host memory available now; `unknown` where it cannot be read (the default does not block
+    a save; offloaded checkpointing passes 0 so that it does not stash)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -277,7 +279,7 @@ def available_memory_bytes() -> int:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return 1 << 40  # unknown: do not block the save
+        return unknown
 
 
 def parse_size(size) -> int:

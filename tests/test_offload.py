@@ -11,16 +11,14 @@ from fastft.offload import disable_offloaded_checkpointing, enable_offloaded_che
 from helpers import rel_err
 
 
-def _model(lora=True, attention_dropout=0.0, layers=2, seed=0, init_std=0.02):
+def _model(family="llama", attn="eager", lora=True, layers=2, seed=0, init_std=0.02, **overrides):
+    """A tiny random-init model of `family` in training mode, with LoRA on all 7 projections."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
 
-    from tiny_models import tiny_config
+    from tiny_models import build_tiny_model
 
-    torch.manual_seed(seed)
-    cfg = tiny_config("llama", num_hidden_layers=layers, attention_dropout=attention_dropout,
-                      attn_implementation="eager", initializer_range=init_std)
-    model = LlamaForCausalLM(cfg).float()
+    model = build_tiny_model(family, seed=seed, num_hidden_layers=layers, attn_implementation=attn,
+                             initializer_range=init_std, **overrides)
     if lora:
         model = get_peft_model(model, LoraConfig(
             r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
@@ -264,15 +262,7 @@ def _record_mlp_output_needed():
     ("gemma2", "auto", False),  # post_feedforward_layernorm reads the MLP output: never skipped
 ])
 def test_recompute_skips_the_mlp_output_only_where_nothing_reads_it(family, tile_tokens, skips):
-    from peft import LoraConfig, get_peft_model
-
-    from tiny_models import build_tiny_model
-
-    model = build_tiny_model(family, num_hidden_layers=2, attn_implementation="eager", initializer_range=0.2)
-    model = get_peft_model(model, LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    model.train()
+    model = _model(family, init_std=0.2)
     apply_fused_lora(model, tile_tokens=tile_tokens)
     batches = [torch.randint(0, 200, (2, 13)), torch.randint(0, 200, (1, 9))]
     ref = _grads(model, batches)
@@ -287,19 +277,7 @@ def test_recompute_skips_the_mlp_output_only_where_nothing_reads_it(family, tile
 # --- reuse instead of recompute (attention output, o_proj output) -----------------------------
 
 def _sdpa_model(family="llama", seed=0, lora=True):
-    from peft import LoraConfig, get_peft_model
-
-    from tiny_models import build_tiny_model
-
-    torch.manual_seed(seed)
-    model = build_tiny_model(family, num_hidden_layers=2, attn_implementation="sdpa",
-                             initializer_range=0.2)
-    if lora:
-        model = get_peft_model(model, LoraConfig(
-            r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    model.train()
-    return model
+    return _model(family, attn="sdpa", lora=lora, seed=seed, init_std=0.2)
 
 
 def _count_sdpa_runs():
