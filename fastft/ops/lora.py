@@ -257,14 +257,21 @@ def _project(x2, proj: Projection, dtype, out=None):
     return out, xa
 
 
+def _scaled_mm(a, b, scale):
+    """scale * (a @ b) with the scale applied inside the GEMM (alpha; beta = 0 so the new
+    buffer's content is never read): one kernel and one host call instead of two."""
+    out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+    return out.addmm_(a, b, beta=0.0, alpha=scale)
+
+
 def _lora_grads(dy, x2, xa, proj: Projection, dtype):
     """dA, dB and the [N, r] term d(xa)·s that feeds dx (all for one projection)."""
     if not proj.has_lora:
         return None, None, None
     s = proj.scaling
     B = _factor(proj.B, dtype)
-    dB = dy.t().mm(xa).mul_(s)                 # [out, r]
-    dxa = dy.mm(B).mul_(s)                     # [N, r]
+    dB = _scaled_mm(dy.t(), xa, s)             # [out, r]
+    dxa = _scaled_mm(dy, B, s)                 # [N, r]
     dA = dxa.t().mm(x2)                        # [r, in]
     return dA.to(proj.A.dtype), dB.to(proj.B.dtype), dxa
 
@@ -544,7 +551,7 @@ def _mlp_tile_backward(dy, x2, g, u, xag, xau, ha, gate, up, down, kind, dtype, 
     Returns dx (or None) and the six adapter grads (gate A/B, up A/B, down A/B; None when absent)."""
     dxa_d = None
     if down.has_lora:  # rank-r term first; the base GEMM accumulates onto it (see _project)
-        dxa_d = dy.mm(_factor(down.B, dtype)).mul_(down.scaling)  # [N, r]
+        dxa_d = _scaled_mm(dy, _factor(down.B, dtype), down.scaling)  # [N, r]
         dh = dxa_d.mm(_factor(down.A, dtype))                      # [N, I]
         dh.addmm_(dy, dense_weight(down.base, dtype))
     else:
@@ -556,7 +563,7 @@ def _mlp_tile_backward(dy, x2, g, u, xag, xau, ha, gate, up, down, kind, dtype, 
         dA, dB, dxa = _lora_grads(dout, inp, xa, p, dtype)
         grads.append((dA, dB, dxa))
     if down.has_lora:
-        dB_d = dy.t().mm(ha).mul_(down.scaling)
+        dB_d = _scaled_mm(dy.t(), ha, down.scaling)
         dA_d = dxa_d.t().mm(h)
     else:
         dA_d = dB_d = None
