@@ -147,16 +147,18 @@ def test_rejects_models_without_checkpointing_support():
         enable_offloaded_checkpointing(torch.nn.Linear(2, 2))
 
 
-def test_trl_sft_trainer_trains_with_offloaded_checkpointing(tmp_path):
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])  # sdpa: the recompute reuses attention
+def test_trl_sft_trainer_trains_with_offloaded_checkpointing(tmp_path, attn):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     from tiny_models import tiny_tokenizer
 
-    model = _model(init_std=0.3)  # larger init: a LoRA-only tiny model then learns in a few steps
+    model = _model(attn=attn, init_std=0.3)  # larger init: a LoRA-only tiny model learns in a few steps
     apply_fused_lora(model)
     enable_offloaded_checkpointing(model)
     calls = _count_offloads()
+    sdpa_calls = _count_sdpa_runs() if attn == "sdpa" else None
     torch.manual_seed(0)
     rows = [{"input_ids": ((torch.randint(0, 250, (1,)) + 3 * torch.arange(24)) % 250).tolist()}
             for _ in range(16)]
@@ -170,6 +172,8 @@ def test_trl_sft_trainer_trains_with_offloaded_checkpointing(tmp_path):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert calls["backward"] > 0  # the trainer's gradient_checkpointing=True kept our function
+    if sdpa_calls is not None:
+        assert sdpa_calls["first forward"] > 0 and sdpa_calls["recompute"] == 0, sdpa_calls
     assert losses[-1] < 0.9 * losses[0], losses
 
 
