@@ -70,18 +70,18 @@ def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class _StandIn(torch.autograd.Function):
-    """q/k/v as seen by the kept graph: their gradient lands in `sink` (the recompute's
-    backward reads it) instead of flowing anywhere, and the graph holds no reference to them."""
+    """q, k, v as seen by the kept graph: their gradients land in `sink` (the recompute's
+    backward reads them) instead of flowing anywhere, and the graph holds no reference to them."""
 
     @staticmethod
-    def forward(ctx, anchor, t, sink, index):
-        ctx.sink, ctx.index = sink, index
-        return t.detach()
+    def forward(ctx, anchor, sink, q, k, v):
+        ctx.sink = sink
+        return q.detach(), k.detach(), v.detach()
 
     @staticmethod
-    def backward(ctx, grad):
-        ctx.sink[ctx.index] = grad
-        return None, None, None, None
+    def backward(ctx, dq, dk, dv):
+        ctx.sink[:] = [dq, dk, dv]
+        return None, None, None, None, None
 
 
 class _Root(torch.autograd.Function):
@@ -171,7 +171,7 @@ def _first_forward(original, module, query, key, value, attention_mask, dropout,
 
     feed = [None]
     with torch.enable_grad():  # the layer's first forward runs under no_grad
-        stand_ins = [_StandIn.apply(anchor, t, grads, i) for i, t in enumerate((query, key, value))]
+        stand_ins = _StandIn.apply(anchor, grads, query, key, value)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out, weights = original(module, *stand_ins, attention_mask, dropout, *args, **kwargs)
         root = _Root.apply(out, feed)

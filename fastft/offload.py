@@ -163,21 +163,28 @@ class _Offloader:
 
     def _to_host(self, x: torch.Tensor, stream):
         """(host copy, pooled buffer or None), the copy issued on the side stream."""
+        return self._all_to_host([x], stream)[0]
+
+    def _all_to_host(self, tensors, stream):
+        """[(host copy, pooled buffer or None)] per tensor, the copies issued on the side stream
+        after one wait for the main stream."""
         if stream is None:
-            return x.detach().clone(), None
-        main = torch.cuda.current_stream(x.device)
-        stream.wait_stream(main)  # x is complete
-        nbytes = x.numel() * x.element_size()
-        pooled = None
+            return [(x.detach().clone(), None) for x in tensors]
+        stream.wait_stream(torch.cuda.current_stream(tensors[0].device))  # they are complete
+        copies = []
         with torch.cuda.stream(stream):
-            if nbytes >= REGISTERED_MIN_BYTES:
-                pooled = self._host_buffer(nbytes, stream)
-                host = pooled.view(x.shape, x.dtype)
-            else:
-                host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
-            host.copy_(x.detach(), non_blocking=True)
-        x.record_stream(stream)  # x's memory is not reused until the copy has read it
-        return host, pooled
+            for x in tensors:
+                nbytes = x.numel() * x.element_size()
+                pooled = None
+                if nbytes >= REGISTERED_MIN_BYTES:
+                    pooled = self._host_buffer(nbytes, stream)
+                    host = pooled.view(x.shape, x.dtype)
+                else:
+                    host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
+                host.copy_(x.detach(), non_blocking=True)
+                x.record_stream(stream)  # x's memory is not reused until the copy has read it
+                copies.append((host, pooled))
+        return copies
 
     def stash(self, slot: _Slot, tag: str, tensors, extra) -> bool:
         """Send `tensors` to the host with slot's input if the budget allows; records the put
@@ -191,8 +198,10 @@ class _Offloader:
         self.stashed_bytes += nbytes
         # tiny tensors (RNG state, scalars) stay where they are: a host round trip costs more
         # host time than their bytes are worth
-        slot.stash.append([tag, [t if t.numel() * t.element_size() <= STAY_BYTES
-                                 else self._to_host(t, slot.stream)[0] for t in tensors], None, extra])
+        moving = [t for t in tensors if t.numel() * t.element_size() > STAY_BYTES]
+        hosts = iter(self._all_to_host(moving, slot.stream)) if moving else iter(())
+        slot.stash.append([tag, [t if t.numel() * t.element_size() <= STAY_BYTES else next(hosts)[0]
+                                 for t in tensors], None, extra])
         return True
 
     @staticmethod

@@ -309,7 +309,9 @@ class _AutocastOff:
     """Our matmuls pick their dtype explicitly; autocast must not re-cast them."""
 
     def __init__(self, device_type):
-        self.ctx = torch.autocast(device_type, enabled=False) if device_type in ("cuda", "cpu") else None
+        # only where autocast is on: building the context costs host time on every call
+        on = device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
+        self.ctx = torch.autocast(device_type, enabled=False) if on else None
 
     def __enter__(self):
         if self.ctx is not None:
