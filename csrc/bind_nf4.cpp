@@ -85,14 +85,18 @@ void dequantize(const at::Tensor& packed, const at::Tensor& absmax,
 }
 
 // Unset or FASTFT_NF4_GEMV=v1: the v1 kernel (every weight value exactly as nf4_dequantize
-// rounds it). v2: the fp16-mma kernel wherever it applies (see nf4_gemv_v2_ok). On the H200 v2
-// was no faster (from 7% faster at M=1, 4096->14336 to 42% slower at M=16, 14336->4096), so v1
-// is the default. Read on every call so that a benchmark can time both in one process.
+// rounds it). v2: the stream-K fp16-mma kernel, v3: the fp16-mma kernel with ~2 instructions
+// per packed byte, each wherever it applies (nf4_gemv_v2_ok / nf4_gemv_v3_ok; v1 elsewhere).
+// On the H200 v2 was no faster than v1 (from 7% faster at M=1, 4096->14336 to 42% slower at
+// M=16, 14336->4096), so v1 is the default; v3 is not yet timed. Read on every call so that a
+// benchmark can time all three in one process.
 int requested_variant() {
   const char* v = std::getenv("FASTFT_NF4_GEMV");
   if (v == nullptr || *v == 0 || std::strcmp(v, "v1") == 0) return 1;
   if (std::strcmp(v, "v2") == 0) return 2;
-  TORCH_CHECK(false, "fastft nf4: FASTFT_NF4_GEMV must be v1 or v2 (or unset), got '", v, "'");
+  if (std::strcmp(v, "v3") == 0) return 3;
+  TORCH_CHECK(false, "fastft nf4: FASTFT_NF4_GEMV must be v1, v2 or v3 (or unset), got '", v,
+              "'");
   return 1;
 }
 

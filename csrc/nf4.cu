@@ -884,6 +884,359 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
 #endif
 }
 
+// ------------------------------------------------------------------ fused small-M matmul, v3
+//
+// Why a third kernel: v1 (~440) and v2 (235..282) issue too many SASS instructions per KB of
+// packed weight to stream it at DRAM speed with 16..24 warps per SM. v3 keeps v2's numerics
+// (fp16 mma on the NF4 levels, float32 block scale folded into the float32 sums, bf16 x scaled
+// per token by a power of two into fp16) and cuts the loop to ~2 instructions per packed byte:
+//
+// * Decode = one PRMT + one LDS per packed byte. The level-pair table (byte e -> fp16x2
+//   (code[e >> 4], code[e & 15])) has 32 copies, copy = lane (conflict-free for any bytes), at
+//   shared address anchor + e * 256 + lane * 4: PRMT copies byte J of the weight word into byte
+//   1 of the lane's constant lane * 4, and the LDS adds `anchor`, a static shared array whose
+//   address ptxas knows, as a uniform register: LDS R, [R + UR]. (A table reached through a
+//   dynamic-shared-memory pointer costs one more IADD per byte: checked in the SASS.) The table
+//   spans 64 KB (entries 256 bytes apart, 128 used): the static anchor holds entry 0, the
+//   dynamic shared memory, which the hardware places right after the static (checked at run
+//   time: a trap, never silent misuse), holds the rest.
+// * x lives in the table's holes: bytes 128..255 of entry e are 64 fp16 values = one 64-k step
+//   of one token (hole h = step * tokens + token). The CTA's K range is therefore at most
+//   256 / tokens steps (32 for M <= 8, 16 for M <= 16). Inside a hole the 16-byte unit u is
+//   stored at u ^ (token & 1): the 8 lanes of a quarter warp (tokens g, g+1 x t = 0..3) hit
+//   8 distinct bank groups.
+// * Each warp owns 32 weight rows (two m16 tiles) over the CTA's K range, so each x fragment
+//   (two 16-byte LDS per token tile and step) feeds both tiles: the shared-memory wavefronts
+//   per KB are 32 (decode) + 8 * MT (x), not 32 + 16 * MT.
+// * Loads: lane (g, t) reads 8 bytes (16 values, LDG.64) of each of its rows g, g+8, g+16,
+//   g+24 per 64-k step: a quad reads one 32-byte sector per row, i.e. the step's whole block.
+//   (Not 16-byte loads: every mma k-slice must lie in one quantisation block for the scale
+//   fold, and a quad's 16 k per mma come from all 4 lanes, so a lane can hold only 16 values
+//   of a block; LDG.64 costs 4 instructions per KB, and whole sectors are read either way.)
+//   kV3Ahead = 4 steps of loads in flight per thread: 128 bytes, 16 warps per SM (2 CTAs of
+//   8 warps): 64 KB of weight loads in flight per SM.
+// * Scales: lane L of a warp computes the scale of the warp's row L for the 4 steps of a group
+//   (raw inputs loaded one group ahead); each step takes its 4 row scales by SHFL.
+// * Work split: CTA (x, y) = rows [256 x, 256 x + 256) (8 warps x 32 rows) x steps
+//   [y * steps, (y + 1) * steps) of K / 64. nf4_gemv_plan picks the split from a cost model
+//   (the most work any SM gets). With more than one K split the CTAs write float32 partials and
+//   the last CTA of each row group to finish adds them in split order (deterministic; the
+//   counters are zeroed by the caller per launch, as for v1).
+//
+// k permutation, as v2 (the dot product is invariant under a permutation applied to both
+// operands): lane (g, t) holds values 16t .. 16t+15 of a 64-value step (8 bytes; byte j =
+// values 2j (high nibble), 2j+1). mma s = 0..3 takes byte 2s into A slots (row, 2t), (row,
+// 2t+1) and byte 2s+1 into (row, 2t+8), (row, 2t+9); B takes x values 16t+4s .. 16t+4s+3, i.e.
+// 32-bit words 2s and 2s+1 of the lane's 16 x values.
+//
+// Exactness (same as v2): W enters as fp16(level) * scale with the scale applied in float32 to
+// the float32 sum of 4 mma. fp16 rounds a level by at most 2^-11 relative (the levels are in
+// [-1, 1], all normal in fp16 but 0), so each weight is within 2^-11 |W| of the float32 W,
+// 8x finer than nf4_dequantize's bf16 rounding (2^-8 relative) and about as fine as its fp16
+// rounding; the tests hold v3 to "float32 W with fp16 levels" (see check_fused_gpu). x: bf16
+// has 8 significant bits, fp16 11, so a bf16 value times a power of two is exact in fp16 while
+// it lies in fp16's normal range; each token's largest |x| in the CTA's K range is put in
+// [2^14, 2^15), so only values < 2^-10 of it lose bits (subnormal) and < 2^-25 of it flush to 0:
+// far below the sum's own rounding.
+constexpr int kV3Warps = 8;
+constexpr int kV3Threads = kV3Warps * 32;
+constexpr int kV3WarpRows = 32;                          // two m16 tiles
+constexpr int kV3Rows = kV3Warps * kV3WarpRows;          // 256 rows per CTA
+constexpr int kV3Step = 64;                              // k per step (one scale block)
+constexpr int kV3Ahead = 4;                              // steps of weight loads in flight
+constexpr int kV3BlocksPerSM = 2;                        // __launch_bounds__ and the plan
+constexpr int kV3TableSpan = 256 * 256;                  // entries 256 bytes apart
+constexpr int kV3AnchorBytes = 128;                      // static: entry 0's 32 copies
+// dynamic shared memory: the rest of the table span, then code2 [256] and tok_shift [16]
+constexpr int kV3Smem = kV3TableSpan - kV3AnchorBytes + 256 * 4 + 32 * 4;
+
+// Steps of x one CTA can hold in the table's 256 holes for `tokens` (8 or 16) rows of x.
+__host__ __device__ constexpr int v3_max_steps(int tokens) { return 256 / tokens; }
+
+// The fp16x2 level pair of byte J of `word`: lane4 = lane * 4, table at `anchor`.
+template <int J>
+__device__ __forceinline__ uint32_t v3_pair(const unsigned char* anchor, uint32_t word,
+                                            uint32_t lane4) {
+  // result bytes: [0] = lane4's byte 0, [1] = word's byte J, [2], [3] = lane4's (zero)
+  const uint32_t off = __byte_perm(word, lane4, 0x7604 | (J << 4));
+  return *reinterpret_cast<const uint32_t*>(anchor + off);
+}
+
+__device__ __forceinline__ void v3_store16(uint32_t addr, uint4 v) {
+  asm volatile("st.shared.v4.b32 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+// One step's packed bytes of one lane's 4 rows (g, g+8, g+16, g+24).
+struct V3In {
+  uint2 w[4];
+};
+
+template <int MT, bool NESTED, typename T>
+__global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
+    nf4_gemv_v3_kernel(const NF4Weight w, const NF4GemvArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  __shared__ __align__(128) unsigned char anchor[kV3AnchorBytes];
+  extern __shared__ __align__(16) unsigned char smem[];
+  const uint32_t anchor_addr = (uint32_t)__cvta_generic_to_shared(anchor);
+  // the table and x are addressed from `anchor` across the static/dynamic boundary
+  if ((uint32_t)__cvta_generic_to_shared(smem) != anchor_addr + kV3AnchorBytes) __trap();
+  float* code2_s = reinterpret_cast<float*>(smem + kV3TableSpan - kV3AnchorBytes);
+  unsigned* tok_max = reinterpret_cast<unsigned*>(code2_s + 256);  // [16] bf16 x: max |x| bits
+  unsigned* last = tok_max + 16;  // the K split's last-CTA flag
+  // (no other static shared variable: `anchor` must be the whole static part)
+
+  constexpr int TOK = MT * 8;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int N = a.N, K = a.K, M = a.M;
+  const int S = K / kV3Step;
+  const int s0 = blockIdx.y * a.v3_steps;
+  const int count = min(a.v3_steps, S - s0);  // >= 1 (the plan's split is exact)
+  const int tile_base = blockIdx.x * kV3Rows + warp * kV3WarpRows;
+  const int64_t half_k = K / 2;
+
+  // Weight loads first: their DRAM latency overlaps the table and x staging below. Rows past
+  // N read row N - 1 (in bounds; their sums are never written).
+  const uint8_t* wp[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = min(tile_base + g + 8 * i, N - 1);
+    wp[i] = w.packed + (int64_t)row * half_k + (int64_t)s0 * (kV3Step / 2) + 8 * t;
+  }
+  V3In ring[kV3Ahead];
+#pragma unroll
+  for (int j = 0; j < kV3Ahead; ++j) {
+    if (j < count) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) ring[j].w[i] = load_stream8(wp[i] + j * (kV3Step / 2));
+    }
+  }
+  // This lane's scale row (warp row `lane`) and the raw scale inputs of steps 0..3 (steps past
+  // the CTA's range are not loaded: their scales are never used).
+  const int64_t srow = min(tile_base + lane, N - 1);
+  int64_t sval = srow * K + (int64_t)s0 * kV3Step;  // flat value index of the group's step 0
+  uint32_t raw_q[4];
+  float raw_a2[4];
+  auto load_raw = [&](int i0) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      raw_q[j] = 0u;
+      raw_a2[j] = 0.f;
+      if (i0 + j < count) {
+        const int64_t blk = (sval + j * kV3Step) >> w.bs_log2;
+        if (NESTED) {
+          raw_q[j] = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
+          raw_a2[j] = __ldg(w.absmax2 + (blk >> w.bs2_log2));
+        } else {
+          raw_q[j] = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + blk));
+        }
+      }
+    }
+  };
+  load_raw(0);
+
+  // The level-pair table: thread e writes entry e's 32 copies as 8 16-byte stores, rotated by
+  // e so that the 8 threads of a store phase hit 8 different bank groups.
+  {
+    const int e = tid;  // 256 threads, 256 entries
+    const __half2 h = __floats2half2_rn(__ldg(w.code + (e >> 4)), __ldg(w.code + (e & 15)));
+    const uint32_t v = *reinterpret_cast<const uint32_t*>(&h);
+    const uint32_t entry = anchor_addr + (uint32_t)e * 256u;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v3_store16(entry + 16u * ((j + e) & 7), make_uint4(v, v, v, v));
+  }
+  if (NESTED) code2_s[tid] = __ldg(w.code2 + tid);
+  if (tid < 16) tok_max[tid] = 0u;
+  __syncthreads();  // tok_max zeroed
+
+  // x[token][s0 * 64 .. (s0 + count) * 64) -> the holes, as fp16. 16-byte unit i of the range:
+  // token i / units_row, step (i % units_row) / 8, unit u = i % 8. Tokens >= M are zeros.
+  const T* x = static_cast<const T*>(a.x);
+  const int units_row = count * 8;
+  const int units = TOK * units_row;
+  auto x_unit = [&](int i, int& tok, int& step, int& u) -> uint4 {
+    tok = i / units_row;
+    const int r = i - tok * units_row;
+    step = r >> 3;
+    u = r & 7;
+    if (tok >= M) return make_uint4(0u, 0u, 0u, 0u);
+    return *reinterpret_cast<const uint4*>(x + tok * a.x_stride + (int64_t)(s0 + step) * kV3Step +
+                                           8 * u);
+  };
+  auto hole_unit = [&](int tok, int step, int u) -> uint32_t {
+    return anchor_addr + 256u * (uint32_t)(step * TOK + tok) + 128u + 16u * (uint32_t)(u ^ (tok & 1));
+  };
+  if (std::is_same<T, __nv_bfloat16>::value) {
+    // per token: the largest |x| (as bits: monotonic for non-negative floats, NaN largest)
+    for (int i = tid; i < units; i += kV3Threads) {
+      int tok, step, u;
+      const uint4 v = x_unit(i, tok, step, u);
+      const uint32_t m4 = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu),
+                                   __vmaxu2(v.z & 0x7FFF7FFFu, v.w & 0x7FFF7FFFu));
+      const uint32_t m = max(m4 & 0xFFFFu, m4 >> 16);
+      if (m) atomicMax(&tok_max[tok], m);
+    }
+    __syncthreads();
+    // x * 2^shift with the token's largest |x| in [2^14, 2^15)
+    for (int i = tid; i < units; i += kV3Threads) {
+      int tok, step, u;
+      uint4 v = x_unit(i, tok, step, u);
+      const int e = (int)(tok_max[tok] >> 7) - 127;  // unbiased exponent of the max
+      const int shift = max(-126, min(126, 14 - e));
+      const float f = __int_as_float((127 + shift) << 23);
+      uint32_t* words = reinterpret_cast<uint32_t*>(&v);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float lo = __uint_as_float(words[j] << 16) * f;
+        const float hi = __uint_as_float(words[j] & 0xFFFF0000u) * f;
+        const __half2 h = __floats2half2_rn(lo, hi);
+        words[j] = *reinterpret_cast<const uint32_t*>(&h);
+      }
+      v3_store16(hole_unit(tok, step, u), v);
+    }
+  } else {
+    for (int i = tid; i < units; i += kV3Threads) {
+      int tok, step, u;
+      const uint4 v = x_unit(i, tok, step, u);
+      v3_store16(hole_unit(tok, step, u), v);
+    }
+  }
+  __syncthreads();  // table, code2, x and tok_max complete
+
+  const float offset = NESTED ? __ldg(w.offset) : 0.f;
+  const uint32_t lane4 = (uint32_t)lane * 4u;
+  // this lane's x: token tile mt, token g, step i, 16-byte units 2t and 2t+1 (swizzled), as
+  // offsets from `anchor`; xg moves one group of 4 steps on per loop iteration, the rest of the
+  // offset is an immediate
+  uint32_t xg0 = 256u * (uint32_t)g + 128u + 16u * (uint32_t)((2 * t) ^ (g & 1));
+  uint32_t xg1 = 256u * (uint32_t)g + 128u + 16u * (uint32_t)((2 * t + 1) ^ (g & 1));
+
+  float acc[2][MT][4];
+#pragma unroll
+  for (int tl = 0; tl < 2; ++tl)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[tl][mt][c] = 0.f;
+
+  static_assert(kV3Ahead == 4, "the loop's groups of 4 steps are the ring and the scale groups");
+  for (int i0 = 0; i0 < count; i0 += 4) {
+    // this lane's row scale for steps i0 .. i0 + 3, then the next group's raw inputs
+    float sc[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      sc[j] = NESTED ? __fadd_rn(__fmul_rn(code2_s[raw_q[j]], raw_a2[j]), offset)
+                     : __uint_as_float(raw_q[j]);
+    sval += 4 * kV3Step;
+    load_raw(i0 + 4);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (i0 + j >= count) break;  // uniform over the CTA
+      // the 4 rows' scales of this step: rows g + 8r are lanes g + 8r
+      float s[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) s[r] = __shfl_sync(0xffffffffu, sc[j], g + 8 * r);
+      // x of this step: 8 words per token tile
+      uint4 xv[MT][2];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        constexpr uint32_t kStepBytes = 256u * TOK;
+        const uint32_t off = kStepBytes * j + 256u * 8 * mt;
+        xv[mt][0] = *reinterpret_cast<const uint4*>(anchor + xg0 + off);
+        xv[mt][1] = *reinterpret_cast<const uint4*>(anchor + xg1 + off);
+      }
+#pragma unroll
+      for (int tl = 0; tl < 2; ++tl) {
+        const uint2 ra = ring[j].w[2 * tl], rb = ring[j].w[2 * tl + 1];  // rows g, g+8 of tile tl
+        uint32_t pa[8], pb[8];
+        pa[0] = v3_pair<0>(anchor, ra.x, lane4); pa[1] = v3_pair<1>(anchor, ra.x, lane4);
+        pa[2] = v3_pair<2>(anchor, ra.x, lane4); pa[3] = v3_pair<3>(anchor, ra.x, lane4);
+        pa[4] = v3_pair<0>(anchor, ra.y, lane4); pa[5] = v3_pair<1>(anchor, ra.y, lane4);
+        pa[6] = v3_pair<2>(anchor, ra.y, lane4); pa[7] = v3_pair<3>(anchor, ra.y, lane4);
+        pb[0] = v3_pair<0>(anchor, rb.x, lane4); pb[1] = v3_pair<1>(anchor, rb.x, lane4);
+        pb[2] = v3_pair<2>(anchor, rb.x, lane4); pb[3] = v3_pair<3>(anchor, rb.x, lane4);
+        pb[4] = v3_pair<0>(anchor, rb.y, lane4); pb[5] = v3_pair<1>(anchor, rb.y, lane4);
+        pb[6] = v3_pair<2>(anchor, rb.y, lane4); pb[7] = v3_pair<3>(anchor, rb.y, lane4);
+        if (tl == 1 && i0 + j + kV3Ahead < count) {
+          // the slot's words are consumed (above): reload it in place (no register moves)
+#pragma unroll
+          for (int r = 0; r < 4; ++r)
+            ring[j].w[r] = load_stream8(wp[r] + (j + kV3Ahead) * (kV3Step / 2));
+        }
+        const float sa = s[2 * tl], sb = s[2 * tl + 1];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          float tmp[4] = {0.f, 0.f, 0.f, 0.f};
+          mma_f16_16816(tmp, pa[0], pb[0], pa[1], pb[1], xv[mt][0].x, xv[mt][0].y);
+          mma_f16_16816(tmp, pa[2], pb[2], pa[3], pb[3], xv[mt][0].z, xv[mt][0].w);
+          mma_f16_16816(tmp, pa[4], pb[4], pa[5], pb[5], xv[mt][1].x, xv[mt][1].y);
+          mma_f16_16816(tmp, pa[6], pb[6], pa[7], pb[7], xv[mt][1].z, xv[mt][1].w);
+          acc[tl][mt][0] = fmaf(sa, tmp[0], acc[tl][mt][0]);
+          acc[tl][mt][1] = fmaf(sa, tmp[1], acc[tl][mt][1]);
+          acc[tl][mt][2] = fmaf(sb, tmp[2], acc[tl][mt][2]);
+          acc[tl][mt][3] = fmaf(sb, tmp[3], acc[tl][mt][3]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) wp[r] += 4 * (kV3Step / 2);
+    xg0 += 4u * 256u * TOK;
+    xg1 += 4u * 256u * TOK;
+  }
+
+  // acc[tl][mt][c]: weight row tile_base + 16 tl + g (+ 8 for c >= 2), token mt*8 + 2t + (c&1)
+  const T* bias = static_cast<const T*>(a.bias);
+  T* y = static_cast<T*>(a.y);
+#pragma unroll
+  for (int tl = 0; tl < 2; ++tl) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int m = mt * 8 + 2 * t + (c & 1);
+        const int n = tile_base + 16 * tl + g + (c < 2 ? 0 : 8);
+        if (m >= M || n >= N) continue;
+        float v = acc[tl][mt][c];
+        if (std::is_same<T, __nv_bfloat16>::value) {  // undo the token's power of two
+          const int e = (int)(tok_max[m] >> 7) - 127;
+          v *= __int_as_float((127 - max(-126, min(126, 14 - e))) << 23);
+        }
+        if (a.partial) {  // K split: the splits' sum (+ bias) is written below
+          a.partial[((int64_t)blockIdx.y * M + m) * N + n] = v;
+        } else {
+          if (bias) v += to_f32(bias[n]);
+          y[m * a.y_stride + n] = from_f32<T>(v);
+        }
+      }
+    }
+  }
+  if (a.partial == nullptr) return;
+  // The last of the row group's gridDim.y CTAs to finish adds the partials in split order
+  // (deterministic). The counters are zeroed by the caller for this launch alone.
+  __threadfence();  // this CTA's partials visible device-wide before it is counted
+  __syncthreads();
+  if (tid == 0) *last = atomicAdd(a.counters + blockIdx.x, 1u) == gridDim.y - 1;
+  __syncthreads();
+  if (!*last) return;
+  __threadfence();
+  const int n0 = blockIdx.x * kV3Rows;
+  const int64_t mn = (int64_t)M * N;
+  const int splits = gridDim.y;
+  for (int idx = tid; idx < M * kV3Rows; idx += kV3Threads) {
+    const int m = idx / kV3Rows;
+    const int n = n0 + idx % kV3Rows;
+    if (n >= N) continue;
+    const float* p = a.partial + (int64_t)m * N + n;
+    float sum = 0.f;
+    for (int sp = 0; sp < splits; ++sp) sum += __ldcg(p + sp * mn);  // L2: other SMs wrote
+    if (bias) sum += to_f32(bias[n]);
+    y[m * a.y_stride + n] = from_f32<T>(sum);
+  }
+#endif
+}
+
 }  // namespace
 
 void nf4_dequantize(const NF4Weight& w, int64_t numel, void* out, int out_dtype,
@@ -944,9 +1297,45 @@ bool nf4_gemv_v2_ok(const NF4Weight& w, const NF4GemvArgs& a) {
          (a.dtype == kBF16 || a.dtype == kF16);
 }
 
+bool nf4_gemv_v3_ok(const NF4Weight& w, const NF4GemvArgs& a) {
+  return a.M >= 1 && a.M <= 16 && a.N >= 1 && a.K >= kV3Step && a.K % kV3Step == 0 &&
+         w.bs_log2 >= 6 && (a.dtype == kBF16 || a.dtype == kF16);
+}
+
+// v3's K split: the fewest splits among those that minimise the most work any SM gets
+// (resident CTAs share an SM's bandwidth, so work per SM, not waves, is the measure), each
+// split at most v3_max_steps steps (x must fit the table's holes); +1 step per CTA for its
+// start (table, x staging, first loads).
+static void plan_v3(NF4GemvArgs& a, int sms) {
+  const int S = a.K / kV3Step;
+  const int max_steps = v3_max_steps(a.M <= 8 ? 8 : 16);
+  const int64_t row_groups = (a.N + kV3Rows - 1) / kV3Rows;
+  const int64_t n_sms = std::max(1, sms);
+  int best_steps = std::min(S, max_steps), best_splits = 0;
+  int64_t best_cost = INT64_MAX;
+  for (int ks = (S + max_steps - 1) / max_steps; ks <= S; ++ks) {
+    const int steps = (S + ks - 1) / ks;
+    const int splits = (S + steps - 1) / steps;  // every split non-empty
+    if (splits == best_splits) continue;
+    const int64_t per_sm = (row_groups * splits + n_sms - 1) / n_sms;
+    const int64_t cost = per_sm * (steps + 1);
+    if (cost < best_cost) {
+      best_cost = cost;
+      best_steps = steps;
+      best_splits = splits;
+    }
+  }
+  a.v3_steps = best_steps;
+  a.v3_splits = std::max(1, best_splits);
+}
+
 void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
-  a.split = a.per_split = a.v2_blocks = a.v2_steps = 0;
-  if (a.variant != 1 && nf4_gemv_v2_ok(w, a)) {
+  a.split = a.per_split = a.v2_blocks = a.v2_steps = a.v3_steps = a.v3_splits = 0;
+  if (a.variant == 3 && nf4_gemv_v3_ok(w, a)) {
+    plan_v3(a, sms);
+    return;
+  }
+  if (a.variant == 2 && nf4_gemv_v2_ok(w, a)) {
     a.variant = 2;
     const int tokens = a.M <= 8 ? 8 : 16;
     const int64_t total = (a.N + kV2Rows - 1) / kV2Rows * (int64_t)(a.K / kV2Step);
@@ -962,10 +1351,12 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
 }
 
 int64_t nf4_gemv_counters(const NF4GemvArgs& a) {
+  if (a.variant == 3) return (a.N + kV3Rows - 1) / kV3Rows;
   return a.variant == 2 ? (a.N + kV2Rows - 1) / kV2Rows : nf4_gemv_row_blocks(a.N);
 }
 
 int64_t nf4_gemv_partial_floats(const NF4GemvArgs& a) {
+  if (a.variant == 3) return a.v3_splits > 1 ? (int64_t)a.v3_splits * a.M * a.N : 0;
   if (a.variant == 2) return (a.v2_blocks + nf4_gemv_counters(a)) * (int64_t)a.M * kV2Rows;
   return a.split > 1 ? (int64_t)a.split * a.M * a.N : 0;
 }
@@ -974,6 +1365,7 @@ bool nf4_gemv_needs_scratch(const NF4GemvArgs& a) {
   // v2: a row block split over several blocks needs partials (a row spans K / 64 steps and
   // a block takes v2_steps of them: shared row blocks exist unless every block holds whole
   // row blocks, which cannot be known cheaply here, so always)
+  if (a.variant == 3) return a.v3_splits > 1;
   return a.variant == 2 || a.split > 1;
 }
 
@@ -1011,12 +1403,36 @@ void launch_gemv_v2(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t strea
   nf4_gemv_v2_kernel<T, MT, NESTED>
       <<<(unsigned)a.v2_blocks, kV2Threads, smem, stream>>>(w, a, xs_stride);
 }
+
+template <typename T, int MT, bool NESTED>
+void launch_gemv_v3(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
+  int device = 0;
+  cudaGetDevice(&device);
+  static bool raised[256] = {};  // the opt-in to > 48 KB of shared memory, per device
+  if (device >= 0 && device < 256 && !raised[device]) {
+    cudaFuncSetAttribute(nf4_gemv_v3_kernel<MT, NESTED, T>,
+                         cudaFuncAttributeMaxDynamicSharedMemorySize, kV3Smem);
+    raised[device] = true;
+  }
+  const dim3 grid((unsigned)((a.N + kV3Rows - 1) / kV3Rows), (unsigned)a.v3_splits);
+  nf4_gemv_v3_kernel<MT, NESTED, T><<<grid, kV3Threads, kV3Smem, stream>>>(w, a);
+}
 }  // namespace
 
 void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
   if (a.M <= 0 || a.N <= 0) return;
   auto launch = [&](auto tag) {
     using T = decltype(tag);
+    if (a.variant == 3) {
+      if (a.M <= 8) {
+        if (w.nested) launch_gemv_v3<T, 1, true>(w, a, stream);
+        else launch_gemv_v3<T, 1, false>(w, a, stream);
+      } else {
+        if (w.nested) launch_gemv_v3<T, 2, true>(w, a, stream);
+        else launch_gemv_v3<T, 2, false>(w, a, stream);
+      }
+      return;
+    }
     if (a.variant == 2) {
       if (a.M <= 8) {
         if (w.nested) launch_gemv_v2<T, 1, true>(w, a, stream);

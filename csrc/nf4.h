@@ -30,21 +30,25 @@ void nf4_dequantize(const NF4Weight& w, int64_t numel, void* out, int out_dtype,
 // blocksize >= 32 (each 32 consecutive k of a row inside one quantisation block), x/y/bias
 // bf16 or f16 (`dtype`); x rows 16-byte aligned (x_stride % 8 == 0), packed 16-byte aligned.
 // Tensor-core mma: compute capability >= 8.0 (the kernel bodies are empty below that).
-// Two kernels (see nf4.cu): v2 (K % 64 == 0 and blocksize >= 64: fp16 mma on the NF4 levels,
-// block scale folded into the float32 sums, stream-K split) and v1 (the rest, and on request:
-// every weight value exactly as nf4_dequantize rounds it). nf4_gemv_plan picks.
+// Three kernels (see nf4.cu): v1 (the default, any such shape: every weight value exactly as
+// nf4_dequantize rounds it), and on request v2 (stream-K) or v3 (2 instructions per packed
+// byte), both for K % 64 == 0 and blocksize >= 64: fp16 mma on the NF4 levels with the block
+// scale folded into the float32 sums. nf4_gemv_plan picks.
 struct NF4GemvArgs {
   const void* x; int64_t x_stride;
   const void* bias;
   void* y; int64_t y_stride;
   int M, N, K;
   int dtype;
-  // In: 1 forces v1, anything else lets the plan take v2 where it applies. Out: 1 or 2.
+  // In: the requested kernel (1, 2 or 3); the plan takes v2 / v3 where they apply (see
+  // nf4_gemv_v2_ok / nf4_gemv_v3_ok), v1 otherwise. Out: the kernel that runs.
   int variant;
   int split;        // v1: K ranges (grid.y), set by nf4_gemv_plan
   int per_split;    // v1: 128-value chunks per K range, set by nf4_gemv_plan
   int v2_blocks;    // v2: grid size (contiguous ranges of the row-block x 64-k steps)
   int v2_steps;     // v2: the most steps one block takes
+  int v3_steps;     // v3: 64-k steps per K split (grid.y), set by nf4_gemv_plan
+  int v3_splits;    // v3: K splits (grid.y)
   // nf4_gemv_partial_floats(a) float32 scratch when nf4_gemv_needs_scratch(a), else null
   float* partial;
   // with scratch: nf4_gemv_counters(a) counters, zero when the launch starts (the caller
@@ -53,8 +57,9 @@ struct NF4GemvArgs {
   unsigned* counters;
 };
 inline int64_t nf4_gemv_row_blocks(int64_t N) { return (N + 127) / 128; }  // v1's
-// Whether v2 takes this call (shape, blocksize, dtype).
+// Whether v2 / v3 take this call (shape, blocksize, dtype).
 bool nf4_gemv_v2_ok(const NF4Weight& w, const NF4GemvArgs& a);
+bool nf4_gemv_v3_ok(const NF4Weight& w, const NF4GemvArgs& a);
 // Chooses a.variant and its launch shape for a.M, a.N, a.K on a device with `sms` SMs.
 void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms);
 bool nf4_gemv_needs_scratch(const NF4GemvArgs& a);

@@ -18,7 +18,7 @@ from fastft.ops.nf4 import NF4State, resolve  # noqa: E402
 from tests.helpers import DTYPES, RTOL, backends, gpu_backends, rel_err  # noqa: E402
 
 
-GEMV_VARIANTS = ("v1", "v2")  # FASTFT_NF4_GEMV: the CUDA backend's two fused kernels
+GEMV_VARIANTS = ("v1", "v2", "v3")  # FASTFT_NF4_GEMV: the CUDA backend's fused kernels
 
 
 def use_variant(backend, variant, monkeypatch):
@@ -722,8 +722,8 @@ def test_fused_matmul_gpu_rejects_unknown_variant(monkeypatch):
         pytest.skip("fastft._C is not built")
     _, packed, state = quantize((256, 512), True, device="cuda")
     x = torch.randn(2, 512, dtype=torch.bfloat16, device="cuda")
-    monkeypatch.setenv("FASTFT_NF4_GEMV", "v3")
-    with pytest.raises(RuntimeError, match="FASTFT_NF4_GEMV must be v1 or v2"):
+    monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
+    with pytest.raises(RuntimeError, match="FASTFT_NF4_GEMV must be v1, v2 or v3"):
         nf4_matmul(x, packed, state, backend="cuda")
 
 
@@ -756,6 +756,61 @@ def test_fused_matmul_gpu_cuda_graph_replays(backend, variant, monkeypatch):
             torch.cuda.synchronize()
             want = nf4_matmul(x, packed, state, bias, backend=backend)
             assert torch.equal(y, want), (rows, seed)
+
+
+# v3 (FASTFT_NF4_GEMV=v3; K % 64 == 0, blocksize >= 64): CTAs of 256 weight rows (8 warps x
+# 32) over K ranges of at most 32 (M <= 8) / 16 (M <= 16) 64-k steps, with float32 partials and
+# a last-CTA sum when K is split. (out, in, blocksize): one 64-k step (K = 64); N of 1, 5, 33
+# (a warp's 32 rows mostly past N), 255 / 256 / 257 (around the CTA's rows); step counts that
+# are not multiples of the kernel's groups of 4 (5, 7, 37 steps) and K splits with a short
+# last split (37 steps = 3 splits of 16 / 2 of 32 at most); blocksizes 128 .. 1024 (a scale
+# shared by several steps); nested scales whose absmax2 groups (256 blocks) straddle rows.
+V3_SHAPES = [(1, 64, 64), (5, 320, 64), (33, 448, 128), (255, 2368, 64), (256, 2368, 256),
+             (257, 1088, 1024), (600, 64 * 70, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nested", [True, False])
+def test_fused_matmul_gpu_v3_shapes(nested, monkeypatch):
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", "v3")
+    for i, (out_f, in_f, blocksize) in enumerate(V3_SHAPES):
+        for j, rows in enumerate((1, 2, 5, 8, 9, 12, 16)):
+            dtype = (torch.bfloat16, torch.float16)[(i + j) % 2]
+            x, packed, state, bias, y = check_fused_gpu(
+                "cuda", rows, (out_f, in_f), blocksize, dtype, nested,
+                with_bias=(i + j) % 3 == 0, seed=60 + i)
+            again = nf4_matmul(x, packed, state, bias, backend="cuda")
+            assert torch.equal(y, again), ("v3 must be deterministic", out_f, in_f, rows)
+
+
+@pytest.mark.gpu
+def test_fused_matmul_gpu_v3_every_m_and_both_tiles(monkeypatch):
+    """Every M from 1 to 16 (token tiles of 8: M <= 8 one tile, else two) at the benchmark's
+    shapes, where the plan splits K: against float64 row by row, and a token computed alone
+    against the same token in a batch (its result must not depend on the other tokens, e.g.
+    through bf16 x's per-token power-of-two scaling)."""
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", "v3")
+    for w_shape in ((14336, 4096), (4096, 14336)):
+        _, packed, state = quantize(w_shape, True, device="cuda", seed=70)
+        w = nf4_dequantize(packed, state, dtype=torch.float32, backend="torch").double()
+        g = torch.Generator().manual_seed(71)
+        x_all = torch.randn(16, w_shape[1], generator=g)
+        x_all[3] *= 1e4      # tokens of very different sizes in one call
+        x_all[5] *= 1e-4
+        x_all = x_all.to(device="cuda", dtype=torch.bfloat16)
+        ref_all = x_all.double() @ w.t()
+        for rows in range(1, 17):
+            y = nf4_matmul(x_all[:rows], packed, state, backend="cuda")
+            assert torch.isfinite(y).all(), (w_shape, rows)
+            for r in range(rows):
+                assert rel_err(y[r], ref_all[r]) < RTOL[torch.bfloat16], (w_shape, rows, r)
+            if rows in (1, 9, 16):
+                alone = nf4_matmul(x_all[rows - 1:rows], packed, state, backend="cuda")
+                assert rel_err(alone[0], y[rows - 1]) < 2 * RTOL[torch.bfloat16]
 
 
 def test_resolve_is_cached_per_state_until_its_tensors_change():
