@@ -973,6 +973,39 @@ struct V3In {
   uint2 w[4];
 };
 
+// The last CTA of a row group: y[:, n] = the K splits' partials of row n (one row per thread)
+// added in split order (deterministic), + bias. Every load of 4 splits x all tokens is issued
+// before the sums use them (64 in flight per thread at M = 16): this runs at the kernel's end,
+// where nothing hides its latency.
+template <typename T>
+__device__ __forceinline__ void v3_sum_splits(const float* partial, int n, int M, int N,
+                                              int splits, const T* bias, T* y,
+                                              int64_t y_stride) {
+  if (n >= N) return;
+  const int64_t mn = (int64_t)M * N;
+  float sum[16];
+#pragma unroll
+  for (int m = 0; m < 16; ++m) sum[m] = 0.f;
+  for (int sp0 = 0; sp0 < splits; sp0 += 4) {
+    float v[4][16];
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+#pragma unroll
+      for (int m = 0; m < 16; ++m)
+        v[q][m] = (sp0 + q < splits && m < M)
+                      ? __ldcg(partial + (sp0 + q) * mn + (int64_t)m * N + n)  // L2: other SMs
+                      : 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+#pragma unroll
+      for (int m = 0; m < 16; ++m) sum[m] += v[q][m];  // + 0 past the end: exact
+  }
+  const float b = bias ? to_f32(bias[n]) : 0.f;
+#pragma unroll
+  for (int m = 0; m < 16; ++m)
+    if (m < M) y[m * y_stride + n] = from_f32<T>(sum[m] + b);
+}
+
 template <int MT, bool NESTED, typename T>
 __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
     nf4_gemv_v3_kernel(const NF4Weight w, const NF4GemvArgs a) {
@@ -1014,9 +1047,14 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
     }
   }
   // This lane's scale row (warp row `lane`) and the raw scale inputs of steps 0..3 (steps past
-  // the CTA's range are not loaded: their scales are never used).
-  const int64_t srow = min(tile_base + lane, N - 1);
-  int64_t sval = srow * K + (int64_t)s0 * kV3Step;  // flat value index of the group's step 0
+  // the CTA's range are not loaded: their scales are never used). Block indices in 32 bits
+  // (N * K / 64 < 2^31 blocks): step i's block is blk0 + ((r0 + 64 i) >> bs_log2).
+  uint32_t blk0, rv;  // rv = r0 + 64 * (the group's first step)
+  {
+    const int64_t sval0 = (int64_t)min(tile_base + lane, N - 1) * K + (int64_t)s0 * kV3Step;
+    blk0 = (uint32_t)(sval0 >> w.bs_log2);
+    rv = (uint32_t)(sval0 & ((int64_t(1) << w.bs_log2) - 1));
+  }
   uint32_t raw_q[4];
   float raw_a2[4];
   auto load_raw = [&](int i0) {
@@ -1025,7 +1063,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
       raw_q[j] = 0u;
       raw_a2[j] = 0.f;
       if (i0 + j < count) {
-        const int64_t blk = (sval + j * kV3Step) >> w.bs_log2;
+        const uint32_t blk = blk0 + ((rv + j * kV3Step) >> w.bs_log2);
         if (NESTED) {
           raw_q[j] = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
           raw_a2[j] = __ldg(w.absmax2 + (blk >> w.bs2_log2));
@@ -1129,7 +1167,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
     for (int j = 0; j < 4; ++j)
       sc[j] = NESTED ? __fadd_rn(__fmul_rn(code2_s[raw_q[j]], raw_a2[j]), offset)
                      : __uint_as_float(raw_q[j]);
-    sval += 4 * kV3Step;
+    rv += 4 * kV3Step;
     load_raw(i0 + 4);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -1221,19 +1259,8 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   __syncthreads();
   if (!*last) return;
   __threadfence();
-  const int n0 = blockIdx.x * kV3Rows;
-  const int64_t mn = (int64_t)M * N;
-  const int splits = gridDim.y;
-  for (int idx = tid; idx < M * kV3Rows; idx += kV3Threads) {
-    const int m = idx / kV3Rows;
-    const int n = n0 + idx % kV3Rows;
-    if (n >= N) continue;
-    const float* p = a.partial + (int64_t)m * N + n;
-    float sum = 0.f;
-    for (int sp = 0; sp < splits; ++sp) sum += __ldcg(p + sp * mn);  // L2: other SMs wrote
-    if (bias) sum += to_f32(bias[n]);
-    y[m * a.y_stride + n] = from_f32<T>(sum);
-  }
+  v3_sum_splits<T>(a.partial, blockIdx.x * kV3Rows + tid, M, N, (int)gridDim.y, bias, y,
+                   a.y_stride);
 #endif
 }
 
@@ -1298,14 +1325,17 @@ bool nf4_gemv_v2_ok(const NF4Weight& w, const NF4GemvArgs& a) {
 }
 
 bool nf4_gemv_v3_ok(const NF4Weight& w, const NF4GemvArgs& a) {
+  // 32-bit block indices in the kernel: N * K / 64 < 2^31
   return a.M >= 1 && a.M <= 16 && a.N >= 1 && a.K >= kV3Step && a.K % kV3Step == 0 &&
+         (int64_t)a.N * a.K / kV3Step < (int64_t(1) << 31) &&
          w.bs_log2 >= 6 && (a.dtype == kBF16 || a.dtype == kF16);
 }
 
 // v3's K split: the fewest splits among those that minimise the most work any SM gets
 // (resident CTAs share an SM's bandwidth, so work per SM, not waves, is the measure), each
 // split at most v3_max_steps steps (x must fit the table's holes); +1 step per CTA for its
-// start (table, x staging, first loads).
+// start (table, x staging, first loads). An SM with a single CTA has half the loads in flight
+// (8 warps, 32 KB): counted as streaming at 2/3 of the rate of two (an assumption, untimed).
 static void plan_v3(NF4GemvArgs& a, int sms) {
   const int S = a.K / kV3Step;
   const int max_steps = v3_max_steps(a.M <= 8 ? 8 : 16);
@@ -1318,7 +1348,7 @@ static void plan_v3(NF4GemvArgs& a, int sms) {
     const int splits = (S + steps - 1) / steps;  // every split non-empty
     if (splits == best_splits) continue;
     const int64_t per_sm = (row_groups * splits + n_sms - 1) / n_sms;
-    const int64_t cost = per_sm * (steps + 1);
+    const int64_t cost = (per_sm == 1 ? 3 : 2 * per_sm) * (steps + 1);  // x2
     if (cost < best_cost) {
       best_cost = cost;
       best_steps = steps;
