@@ -923,6 +923,17 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
 //   the last CTA of each row group to finish adds them in split order (deterministic; the
 //   counters are zeroed by the caller per launch, as for v1).
 //
+// Cost (ptxas 13.0, sm_90a; one loop iteration = 4 steps = 4 KB of packed weight per warp):
+// 438 / 472 SASS instructions (M <= 8, plain / nested scales) and 513..564 (M 9..16), i.e.
+// 110 / 118 and 128..141 per KB (v2: 235..282, v1: ~440). Per KB: 32 PRMT + 32 LDS (decode),
+// 8 (16) HMMA + 8 (16) FFMA, 2 (4) x LDS.128, 4 SHFL, 4 LDG.64, the rest scales and loop.
+// 128 registers (__launch_bounds__(256, 2); M 9..16 spills 16..28 bytes), 2 CTAs = 16 warps
+// per SM, 2 x 65 KB of shared memory; weight loads in flight: 16 warps x 32 lanes x 4 steps x
+// 32 bytes = 64 KB per SM. Shared-memory wavefronts per KB: 32 (table) + 8 * MT (x).
+// Known costs not in the loop: with K split in s parts the float32 partials are s * M * N * 4
+// bytes (L2), e.g. 4 MB at M = 16, 4096 x 14336 (s = 16), summed by the last CTA of each row
+// group at the end (v3_sum_splits).
+//
 // k permutation, as v2 (the dot product is invariant under a permutation applied to both
 // operands): lane (g, t) holds values 16t .. 16t+15 of a 64-value step (8 bytes; byte j =
 // values 2j (high nibble), 2j+1). mma s = 0..3 takes byte 2s into A slots (row, 2t), (row,
@@ -1348,7 +1359,10 @@ static void plan_v3(NF4GemvArgs& a, int sms) {
     const int splits = (S + steps - 1) / steps;  // every split non-empty
     if (splits == best_splits) continue;
     const int64_t per_sm = (row_groups * splits + n_sms - 1) / n_sms;
-    const int64_t cost = (per_sm == 1 ? 3 : 2 * per_sm) * (steps + 1);  // x2
+    // a K split adds the CTA's partials (256 rows x M floats, written and read back through
+    // L2: M / 4 of a step's 8 KB of weight, counted at half a DRAM byte each)
+    const int extra = splits > 1 ? (a.M + 7) / 8 : 0;
+    const int64_t cost = (per_sm == 1 ? 3 : 2 * per_sm) * (steps + 1 + extra);  // x2
     if (cost < best_cost) {
       best_cost = cost;
       best_steps = steps;
