@@ -100,6 +100,19 @@ int requested_variant() {
   return 1;
 }
 
+// FASTFT_NF4_V3_SPLITS=n (benchmarks, tuning): v3 splits K into n parts (more where a part
+// would exceed the x staging of one CTA) instead of the plan's choice. Unset: the plan's.
+int requested_v3_splits() {
+  const char* v = std::getenv("FASTFT_NF4_V3_SPLITS");
+  if (v == nullptr || *v == 0) return 0;
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  TORCH_CHECK(end != v && *end == 0 && n >= 1 && n <= 65535,
+              "fastft nf4: FASTFT_NF4_V3_SPLITS must be a whole number from 1 to 65535 (or "
+              "unset), got '", v, "'");
+  return (int)n;
+}
+
 void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
           const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
           const c10::optional<at::Tensor>& offset, const at::Tensor& code,
@@ -146,6 +159,7 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   a.M = (int)M; a.N = (int)N; a.K = (int)K;
   a.dtype = dtype_tag(x);
   a.variant = requested_variant();
+  a.v3_splits = a.variant == 3 ? requested_v3_splits() : 0;
   nf4_gemv_plan(w, a, sm_count(x));
   // Split K: float32 partials and the row blocks' completion counters in one scratch
   // allocation of this call (stream-ordered by the caching allocator, captured into a CUDA

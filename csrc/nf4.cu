@@ -1339,6 +1339,7 @@ bool nf4_gemv_v3_ok(const NF4Weight& w, const NF4GemvArgs& a) {
   // 32-bit block indices in the kernel: N * K / 64 < 2^31
   return a.M >= 1 && a.M <= 16 && a.N >= 1 && a.K >= kV3Step && a.K % kV3Step == 0 &&
          (int64_t)a.N * a.K / kV3Step < (int64_t(1) << 31) &&
+         a.K / kV3Step <= 65535 &&  // K splits are grid.y
          w.bs_log2 >= 6 && (a.dtype == kBF16 || a.dtype == kF16);
 }
 
@@ -1347,9 +1348,15 @@ bool nf4_gemv_v3_ok(const NF4Weight& w, const NF4GemvArgs& a) {
 // split at most v3_max_steps steps (x must fit the table's holes); +1 step per CTA for its
 // start (table, x staging, first loads). An SM with a single CTA has half the loads in flight
 // (8 warps, 32 KB): counted as streaming at 2/3 of the rate of two (an assumption, untimed).
-static void plan_v3(NF4GemvArgs& a, int sms) {
+static void plan_v3(NF4GemvArgs& a, int sms, int requested_splits) {
   const int S = a.K / kV3Step;
   const int max_steps = v3_max_steps(a.M <= 8 ? 8 : 16);
+  if (requested_splits > 0) {  // a benchmark's choice, within what x staging allows
+    const int steps = std::min(max_steps, (S + requested_splits - 1) / requested_splits);
+    a.v3_steps = steps;
+    a.v3_splits = (S + steps - 1) / steps;
+    return;
+  }
   const int64_t row_groups = (a.N + kV3Rows - 1) / kV3Rows;
   const int64_t n_sms = std::max(1, sms);
   int best_steps = std::min(S, max_steps), best_splits = 0;
@@ -1374,9 +1381,10 @@ static void plan_v3(NF4GemvArgs& a, int sms) {
 }
 
 void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
+  const int v3_requested_splits = a.v3_splits;
   a.split = a.per_split = a.v2_blocks = a.v2_steps = a.v3_steps = a.v3_splits = 0;
   if (a.variant == 3 && nf4_gemv_v3_ok(w, a)) {
-    plan_v3(a, sms);
+    plan_v3(a, sms, v3_requested_splits);
     return;
   }
   if (a.variant == 2 && nf4_gemv_v2_ok(w, a)) {

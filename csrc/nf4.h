@@ -48,7 +48,7 @@ struct NF4GemvArgs {
   int v2_blocks;    // v2: grid size (contiguous ranges of the row-block x 64-k steps)
   int v2_steps;     // v2: the most steps one block takes
   int v3_steps;     // v3: 64-k steps per K split (grid.y), set by nf4_gemv_plan
-  int v3_splits;    // v3: K splits (grid.y)
+  int v3_splits;    // v3: K splits (grid.y). In: 0 (the plan chooses) or a requested count
   // nf4_gemv_partial_floats(a) float32 scratch when nf4_gemv_needs_scratch(a), else null
   float* partial;
   // with scratch: nf4_gemv_counters(a) counters, zero when the launch starts (the caller

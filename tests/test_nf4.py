@@ -786,6 +786,25 @@ def test_fused_matmul_gpu_v3_shapes(nested, monkeypatch):
 
 
 @pytest.mark.gpu
+def test_fused_matmul_gpu_v3_requested_splits(monkeypatch):
+    """FASTFT_NF4_V3_SPLITS (for tuning) changes only the summation order: every split count,
+    including more than K has steps and fewer than x staging allows, gives the right result."""
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", "v3")
+    for splits in ("1", "2", "3", "7", "70", "500"):
+        monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", splits)
+        for rows, dtype in ((1, torch.bfloat16), (8, torch.float16), (13, torch.bfloat16)):
+            x, packed, state, bias, y = check_fused_gpu(
+                "cuda", rows, (600, 64 * 70), 64, dtype, True, with_bias=rows != 8, seed=80)
+            assert torch.equal(y, nf4_matmul(x, packed, state, bias, backend="cuda")), splits
+    monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", "0")
+    x = torch.randn(2, 64 * 70, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(RuntimeError, match="FASTFT_NF4_V3_SPLITS must be a whole number"):
+        nf4_matmul(x, packed, state, backend="cuda")
+
+
+@pytest.mark.gpu
 def test_fused_matmul_gpu_v3_every_m_and_both_tiles(monkeypatch):
     """Every M from 1 to 16 (token tiles of 8: M <= 8 one tile, else two) at the benchmark's
     shapes, where the plan splits K: against float64 row by row, and a token computed alone
