@@ -166,6 +166,34 @@ def bench_nf4_matmul_small(benchmark, record, monkeypatch, variant, shape, rows)
     benchmark.pedantic(fn, args=sets[0], rounds=3, warmup_rounds=1)
 
 
+@pytest.mark.parametrize("splits", ["plan", 2, 4, 7, 8, 16, 28])
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def bench_nf4_matmul_small_v3_splits(benchmark, record, monkeypatch, shape, rows, splits):
+    """v3 with its K split forced (FASTFT_NF4_V3_SPLITS; "plan" = the plan's choice): the data
+    to tune nf4_gemv_plan's cost model with (the most work per SM vs the partials' cost)."""
+    out_f, in_f = SHAPES[shape]
+    need_backend("nf4_matmul", "cuda")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", "v3")
+    if splits == "plan":
+        monkeypatch.delenv("FASTFT_NF4_V3_SPLITS", raising=False)
+    else:
+        monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", str(splits))
+    weights = [random_weight(out_f, in_f, seed) for seed in range(3)]
+    xs = [torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16) for _ in weights]
+    sets = [(x, p, s) for x, (p, s) in zip(xs, weights)]
+    fn = lambda x, p, s: nf4_matmul(x, p, s, backend="cuda")  # noqa: E731
+    w32 = nf4_dequantize(*weights[0], dtype=torch.float32, backend="torch")
+    want = xs[0].float() @ w32.t()
+    err = ((fn(*sets[0]).float() - want).norm() / want.norm()).item()
+    assert err < 2e-2, f"v3 with {splits} splits is wrong here: relative error {err:.3g}"
+    del w32, want
+    ms = time_ms(fn, sets)
+    record(op="nf4_matmul_small_m", direction="fwd", shape=f"M={rows} {shape}",
+           backend=f"cuda_v3_splits_{splits}", ms=ms, bytes=out_f * in_f // 2)
+    benchmark.pedantic(fn, args=sets[0], rounds=3, warmup_rounds=1)
+
+
 # ---------------------------------------------------------------- large-M matmul
 
 @pytest.mark.parametrize("shape", list(SHAPES))
