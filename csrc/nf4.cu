@@ -924,10 +924,10 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
 //   counters are zeroed by the caller per launch, as for v1).
 //
 // Cost (ptxas 13.0, sm_90a; one loop iteration = 4 steps = 4 KB of packed weight per warp):
-// 438 / 472 SASS instructions (M <= 8, plain / nested scales) and 513..564 (M 9..16), i.e.
-// 110 / 118 and 128..141 per KB (v2: 235..282, v1: ~440). Per KB: 32 PRMT + 32 LDS (decode),
+// 435 / 468 SASS instructions (M <= 8, plain / nested scales) and 513 / 547..550 (M 9..16),
+// i.e. 109 / 117 and 128 / 137 per KB (v2: 235..282, v1: ~440). Per KB: 32 PRMT + 32 LDS (decode),
 // 8 (16) HMMA + 8 (16) FFMA, 2 (4) x LDS.128, 4 SHFL, 4 LDG.64, the rest scales and loop.
-// 128 registers (__launch_bounds__(256, 2); M 9..16 spills 16..28 bytes), 2 CTAs = 16 warps
+// 128 registers (__launch_bounds__(256, 2); fp16 x, nested, M 9..16 spills 8 bytes), 2 CTAs = 16 warps
 // per SM, 2 x 65 KB of shared memory; weight loads in flight: 16 warps x 32 lanes x 4 steps x
 // 32 bytes = 64 KB per SM. Shared-memory wavefronts per KB: 32 (table) + 8 * MT (x).
 // Known costs not in the loop: with K split in s parts the float32 partials are s * M * N * 4
@@ -1117,21 +1117,37 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   auto hole_unit = [&](int tok, int step, int u) -> uint32_t {
     return anchor_addr + 256u * (uint32_t)(step * TOK + tok) + 128u + 16u * (uint32_t)(u ^ (tok & 1));
   };
+  // At most v3_max_steps * tokens * 8 = 2048 units: 8 per thread, all loaded at once (one L2
+  // round trip), kept in registers between the max and the conversion.
+  constexpr int kUnitsPerThread = 256 * 8 / kV3Threads;
+  static_assert(kUnitsPerThread * kV3Threads == v3_max_steps(8) * 8 * 8, "x staging per thread");
+  uint4 xu[kUnitsPerThread];
+#pragma unroll
+  for (int q = 0; q < kUnitsPerThread; ++q) {
+    const int i = tid + q * kV3Threads;
+    int tok, step, u;
+    xu[q] = i < units ? x_unit(i, tok, step, u) : make_uint4(0u, 0u, 0u, 0u);
+  }
   if (std::is_same<T, __nv_bfloat16>::value) {
     // per token: the largest |x| (as bits: monotonic for non-negative floats, NaN largest)
-    for (int i = tid; i < units; i += kV3Threads) {
-      int tok, step, u;
-      const uint4 v = x_unit(i, tok, step, u);
+#pragma unroll
+    for (int q = 0; q < kUnitsPerThread; ++q) {
+      const int i = tid + q * kV3Threads;
+      if (i >= units) break;
+      const uint4 v = xu[q];
       const uint32_t m4 = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu),
                                    __vmaxu2(v.z & 0x7FFF7FFFu, v.w & 0x7FFF7FFFu));
       const uint32_t m = max(m4 & 0xFFFFu, m4 >> 16);
-      if (m) atomicMax(&tok_max[tok], m);
+      if (m) atomicMax(&tok_max[i / units_row], m);
     }
     __syncthreads();
     // x * 2^shift with the token's largest |x| in [2^14, 2^15)
-    for (int i = tid; i < units; i += kV3Threads) {
-      int tok, step, u;
-      uint4 v = x_unit(i, tok, step, u);
+#pragma unroll
+    for (int q = 0; q < kUnitsPerThread; ++q) {
+      const int i = tid + q * kV3Threads;
+      if (i >= units) break;
+      const int tok = i / units_row, r = i - tok * units_row;
+      uint4 v = xu[q];
       const int e = (int)(tok_max[tok] >> 7) - 127;  // unbiased exponent of the max
       const int shift = max(-126, min(126, 14 - e));
       const float f = __int_as_float((127 + shift) << 23);
@@ -1143,13 +1159,15 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
         const __half2 h = __floats2half2_rn(lo, hi);
         words[j] = *reinterpret_cast<const uint32_t*>(&h);
       }
-      v3_store16(hole_unit(tok, step, u), v);
+      v3_store16(hole_unit(tok, r >> 3, r & 7), v);
     }
   } else {
-    for (int i = tid; i < units; i += kV3Threads) {
-      int tok, step, u;
-      const uint4 v = x_unit(i, tok, step, u);
-      v3_store16(hole_unit(tok, step, u), v);
+#pragma unroll
+    for (int q = 0; q < kUnitsPerThread; ++q) {
+      const int i = tid + q * kV3Threads;
+      if (i >= units) break;
+      const int tok = i / units_row, r = i - tok * units_row;
+      v3_store16(hole_unit(tok, r >> 3, r & 7), xu[q]);
     }
   }
   __syncthreads();  // table, code2, x and tok_max complete
