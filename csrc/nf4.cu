@@ -925,11 +925,11 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
 //
 // Cost (ptxas 13.0, sm_90a; one loop iteration = 4 steps = 4 KB of packed weight per warp):
 // 435 / 468 SASS instructions (M <= 8, plain / nested scales) and 513 / 547..550 (M 9..16),
-// i.e. 109 / 117 and 128 / 137 per KB (v2: 235..282, v1: ~440). Per KB: 32 PRMT + 32 LDS (decode),
-// 8 (16) HMMA + 8 (16) FFMA, 2 (4) x LDS.128, 4 SHFL, 4 LDG.64, the rest scales and loop.
-// 128 registers (__launch_bounds__(256, 2); fp16 x, nested, M 9..16 spills 8 bytes), 2 CTAs = 16 warps
-// per SM, 2 x 65 KB of shared memory; weight loads in flight: 16 warps x 32 lanes x 4 steps x
-// 32 bytes = 64 KB per SM. Shared-memory wavefronts per KB: 32 (table) + 8 * MT (x).
+// i.e. 109 / 117 and 128 / 137 per KB (v2: 235..282, v1: ~440). Per KB: 32 PRMT + 32 LDS
+// (decode), 8 (16) HMMA + 8 (16) FFMA, 2 (4) x LDS.128, 4 SHFL, 4 LDG.64, the rest scales and
+// loop. 128 registers (__launch_bounds__(256, 2); only fp16 x, nested, M 9..16 spills: 8
+// bytes), 2 CTAs = 16 warps per SM, 2 x 65 KB of shared memory; weight loads in flight:
+// 16 warps x 32 lanes x 4 steps x 32 bytes = 64 KB per SM. Shared-memory wavefronts per KB: 32 (table) + 8 * MT (x).
 // Known costs not in the loop: with K split in s parts the float32 partials are s * M * N * 4
 // bytes (L2), e.g. 4 MB at M = 16, 4096 x 14336 (s = 16), summed by the last CTA of each row
 // group at the end (v3_sum_splits).
@@ -947,8 +947,8 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
 // rounding; the tests hold v3 to "float32 W with fp16 levels" (see check_fused_gpu). x: bf16
 // has 8 significant bits, fp16 11, so a bf16 value times a power of two is exact in fp16 while
 // it lies in fp16's normal range; each token's largest |x| in the CTA's K range is put in
-// [2^14, 2^15), so only values < 2^-10 of it lose bits (subnormal) and < 2^-25 of it flush to 0:
-// far below the sum's own rounding.
+// [2^14, 2^15), so only values more than 2^28 times smaller lose bits (fp16 subnormals), far
+// below the sum's own rounding.
 constexpr int kV3Warps = 8;
 constexpr int kV3Threads = kV3Warps * 32;
 constexpr int kV3WarpRows = 32;                          // two m16 tiles
@@ -1115,7 +1115,8 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
                                            8 * u);
   };
   auto hole_unit = [&](int tok, int step, int u) -> uint32_t {
-    return anchor_addr + 256u * (uint32_t)(step * TOK + tok) + 128u + 16u * (uint32_t)(u ^ (tok & 1));
+    return anchor_addr + 256u * (uint32_t)(step * TOK + tok) + 128u +
+           16u * (uint32_t)(u ^ (tok & 1));
   };
   // At most v3_max_steps * tokens * 8 = 2048 units: 8 per thread, all loaded at once (one L2
   // round trip), kept in registers between the max and the conversion.
