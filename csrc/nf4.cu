@@ -929,7 +929,8 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
 // (decode), 8 (16) HMMA + 8 (16) FFMA, 2 (4) x LDS.128, 4 SHFL, 4 LDG.64, the rest scales and
 // loop. 128 registers (__launch_bounds__(256, 2); only fp16 x, nested, M 9..16 spills: 8
 // bytes), 2 CTAs = 16 warps per SM, 2 x 65 KB of shared memory; weight loads in flight:
-// 16 warps x 32 lanes x 4 steps x 32 bytes = 64 KB per SM. Shared-memory wavefronts per KB: 32 (table) + 8 * MT (x).
+// 16 warps x 32 lanes x 4 steps x 32 bytes = 64 KB per SM. Shared-memory wavefronts per KB:
+// 32 (table) + 8 * MT (x).
 // Known costs not in the loop: with K split in s parts the float32 partials are s * M * N * 4
 // bytes (L2), e.g. 4 MB at M = 16, 4096 x 14336 (s = 16), summed by the last CTA of each row
 // group at the end (v3_sum_splits).
