@@ -21,9 +21,8 @@ nf4_dequantize rounds it, so they differ from dequantise + matmul only in the fl
 summation order; CUDA's v1 is the default. FASTFT_NF4_GEMV=v2 selects a kernel (in_features %
 64 == 0, blocksize >= 64) that multiplies by the NF4 levels rounded to fp16 and applies each
 block's float32 scale to the float32 sums, i.e. W to 2^-11 per level; measured no faster on the
-H200, it is kept opt-in; FASTFT_NF4_GEMV=v3 selects a kernel with v2's numerics and
-shapes that spends ~2 instructions per packed byte, opt-in until timed); larger inputs,
-float32 x and
+H200, it is kept opt-in; FASTFT_NF4_GEMV=v3 selects a kernel with v2's numerics and shapes
+that spends ~2 instructions per packed byte, opt-in until timed). Larger inputs, float32 x and
 shapes the fused kernels don't take dequantise W into a per-device workspace (reused by every
 layer, see workspace()) and call cuBLAS. Only x (and a bias) get gradients: the quantised
 weight is frozen; backward dequantises again (dx = dy @ W), nothing W-sized is saved.
