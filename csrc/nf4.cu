@@ -965,7 +965,11 @@ constexpr int kV3Smem = kV3TableSpan - kV3AnchorBytes + 256 * 4 + 32 * 4;
 // Steps of x one CTA can hold in the table's 256 holes for `tokens` (8 or 16) rows of x.
 __host__ __device__ constexpr int v3_max_steps(int tokens) { return 256 / tokens; }
 
-// The fp16x2 level pair of byte J of `word`: lane4 = lane * 4, table at `anchor`.
+// The fp16x2 level pair of byte J of `word`: lane4 = lane * 4, table at `anchor`. `anchor + off`
+// reaches past the 128-byte static array into the dynamic shared memory on purpose (see the
+// kernel's check); it stays a plain C++ load because that is what lets ptxas fold the anchor's
+// address into the LDS as a uniform register (an asm ld.shared from a register base costs one
+// IADD per byte: checked in the SASS of nvcc 13.0).
 template <int J>
 __device__ __forceinline__ uint32_t v3_pair(const unsigned char* anchor, uint32_t word,
                                             uint32_t lane4) {
