@@ -313,10 +313,10 @@ def _count_recomputed_projections():
     calls = []
     orig = ops._project
 
-    def counting(x2, proj, dtype, out=None):
+    def counting(x2, proj, dtype, out=None, xa=None):
         if offload.recomputing():
             calls.append(proj.base.out_features)
-        return orig(x2, proj, dtype, out=out)
+        return orig(x2, proj, dtype, out=out, xa=xa)
 
     ops._project = counting
     _UNDO.append(lambda: setattr(ops, "_project", orig))

@@ -221,6 +221,47 @@ def _factor(t, dtype):
     return cast
 
 
+def _stacked_A(projs, dtype):
+    """The A factors of `projs` stacked along the rank, in dtype, so that one GEMM serves all
+    their adapters (x·Aᵀ in forward, dA and the rank-r part of dx in backward). Cached per
+    forward pass like _factor."""
+    As = [p.A for p in projs]
+    if len(As) == 1:
+        return _factor(As[0], dtype)
+    current = _FORWARD_PASS[0]
+    key = ("stacked", dtype) + tuple(id(a) for a in As)
+    versions = tuple(a._version for a in As)
+    hit = _FACTOR_CASTS.get(key) if current else None
+    if hit is not None and hit[:2] == (current, versions) and all(r() is a for r, a in zip(hit[2], As)):
+        return hit[3]
+    stacked = torch.cat([_factor(a, dtype) for a in As], 0)
+    if current:
+        try:
+            refs = tuple(weakref.ref(a) for a in As)
+        except TypeError:
+            return stacked
+        _FACTOR_CASTS[key] = (current, versions, refs, stacked)
+    return stacked
+
+
+def _lora_inputs(x2, projs, dtype):
+    """x·Aᵀ per projection (None without an adapter), from one GEMM over the stacked factors:
+    [N, r] column slices of one [N, Σr] product."""
+    lora = [p for p in projs if p.has_lora]
+    if not lora:
+        return [None] * len(projs)
+    xa_all = x2.mm(_stacked_A(lora, dtype).t())
+    out, start = [], 0
+    for p in projs:
+        if p.has_lora:
+            rank = p.A.shape[0]
+            out.append(xa_all[:, start:start + rank])
+            start += rank
+        else:
+            out.append(None)
+    return out
+
+
 def _base_matmul(x2, base: Base, dtype, out=None):
     """x2 [N, in] @ Wᵀ (+ bias) in dtype (into `out` [N, out_features] when given)."""
     W = dense_weight(base, dtype)
@@ -237,15 +278,17 @@ def _new_output(lead_shape, features, dtype, device):
     return y, y.view(-1, features)
 
 
-def _project(x2, proj: Projection, dtype, out=None):
-    """(y, x·Aᵀ) for one projection; x·Aᵀ is None without an adapter.
+def _project(x2, proj: Projection, dtype, out=None, xa=None):
+    """(y, x·Aᵀ) for one projection; x·Aᵀ is None without an adapter (pass it as `xa` when it
+    was computed with other projections' in one GEMM, see _lora_inputs).
 
     The rank-r term is written first and the base GEMM accumulates onto it (beta = 1): y is then
     read once, inside the big GEMM's epilogue, instead of in a separate memory-bound pass over
     [tokens, out] after it."""
     if not proj.has_lora:
         return _base_matmul(x2, proj.base, dtype, out=out), None
-    xa = x2.mm(_factor(proj.A, dtype).t())
+    if xa is None:
+        xa = x2.mm(_factor(proj.A, dtype).t())
     if out is None:
         out = torch.empty(x2.shape[0], proj.base.out_features, dtype=dtype, device=x2.device)
     B = _factor(proj.B, dtype).t()
@@ -264,29 +307,37 @@ def _scaled_mm(a, b, scale):
     return out.addmm_(a, b, beta=0.0, alpha=scale)
 
 
-def _lora_grads(dy, x2, xa, proj: Projection, dtype):
-    """dA, dB and the [N, r] term d(xa)·s that feeds dx (all for one projection)."""
-    if not proj.has_lora:
-        return None, None, None
+def _lora_grads(dy, xa, proj: Projection, dtype):
+    """dB (in the factor's dtype) and the [N, r] term d(x·Aᵀ)·s of one projection; dA and dx's
+    rank-r part come from _input_side, for all projections of one input at once."""
     s = proj.scaling
-    B = _factor(proj.B, dtype)
-    dB = _scaled_mm(dy.t(), xa, s)             # [out, r]
-    dxa = _scaled_mm(dy, B, s)                 # [N, r]
-    dA = dxa.t().mm(x2)                        # [r, in]
-    return dA.to(proj.A.dtype), dB.to(proj.B.dtype), dxa
+    dB = _scaled_mm(dy.t(), xa, s)                        # [out, r]
+    dxa = _scaled_mm(dy, _factor(proj.B, dtype), s)       # [N, r]
+    return dB.to(proj.B.dtype), dxa
 
 
-def _input_grad(outputs, lora_terms, dtype):
-    """dx = Σ dy·W over `outputs` [(dy, projection)] + Σ dxa·A over `lora_terms`
-    [(dxa, projection)]: the rank-r terms first, as one GEMM over the concatenated ranks, then
-    each base GEMM accumulates onto dx (beta = 1), so dx is never re-read by a separate pass."""
-    dx = None
-    if len(lora_terms) == 1:
-        dxa, p = lora_terms[0]
-        dx = dxa.mm(_factor(p.A, dtype))
-    elif lora_terms:
-        dx = torch.cat([d for d, _ in lora_terms], 1).mm(
-            torch.cat([_factor(p.A, dtype) for _, p in lora_terms], 0))
+def _input_side(x2, lora_terms, dtype, need_dx):
+    """For the adapters of one input x2, `lora_terms` [(d(x·Aᵀ)·s, projection)]: the dA of
+    each (in its factor's dtype) and the rank-r part of dx (None if not needed), each one GEMM
+    over the concatenated ranks."""
+    if not lora_terms:
+        return [], None
+    projs = [p for _, p in lora_terms]
+    dxa = lora_terms[0][0] if len(lora_terms) == 1 else torch.cat([d for d, _ in lora_terms], 1)
+    dA_all = dxa.t().mm(x2)                               # [Σr, in]
+    dAs, start = [], 0
+    for p in projs:
+        rank = p.A.shape[0]
+        dAs.append(dA_all[start:start + rank].to(p.A.dtype))
+        start += rank
+    dx = dxa.mm(_stacked_A(projs, dtype)) if need_dx else None
+    return dAs, dx
+
+
+def _input_grad(outputs, dx, dtype):
+    """dx (the rank-r part from _input_side, or None) + Σ dy·W over `outputs`
+    [(dy, projection)]: each base GEMM accumulates onto dx (beta = 1), so dx is never re-read
+    by a separate pass."""
     for dy, p in outputs:
         W = dense_weight(p.base, dtype)  # right before its use: a 4-bit W is the shared workspace
         dx = dy.mm(W) if dx is None else dx.addmm_(dy, W)
@@ -347,19 +398,18 @@ class _LoRAProjections(torch.autograd.Function):
                 (y,), _ = taken
                 p = projs[0]
                 outs = [y]
-                xas = [x2.mm(_factor(p.A, dtype).t()) if p.has_lora else None]
+                xas = _lora_inputs(x2, projs, dtype)
             elif reuse == "attention inputs" and offload.replaying() and _attention().reused_inputs_ahead():
                 # attention will take q/k/v from the stash and nothing else reads these values
                 # (RoPE's backward does not): only the autograd node and x·Aᵀ are needed
                 outs = [_new_output(x.shape[:-1], p.base.out_features, dtype, x.device)[0] for p in projs]
-                xas = [x2.mm(_factor(p.A, dtype).t()) if p.has_lora else None for p in projs]
+                xas = _lora_inputs(x2, projs, dtype)
             else:
-                outs, xas = [], []
-                for p in projs:
+                outs, xas = [], _lora_inputs(x2, projs, dtype)
+                for p, xa in zip(projs, xas):
                     y, y2 = _new_output(x.shape[:-1], p.base.out_features, dtype, x.device)
-                    _, xa = _project(x2, p, dtype, out=y2)
+                    _project(x2, p, dtype, out=y2, xa=xa)
                     outs.append(y)
-                    xas.append(xa)
                 if reuse == "output" and offload.stashing():
                     offload.stash_put(_REUSE_TAG, outs)
                 elif reuse == "attention inputs" and offload.stashing():
@@ -378,19 +428,23 @@ class _LoRAProjections(torch.autograd.Function):
         it = iter(saved_xa)
         xas = [next(it) if has else None for has in ctx.has_xa]
         dtype = ctx.dtype
-        adapter_grads, outputs, lora_terms = [], [], []
+        need_dx = ctx.needs_input_grad[0]
+        dBs, outputs, lora_terms = {}, [], []
         with _AutocastOff(x2.device.type):
-            for p, g, xa in zip(ctx.projs, grads, xas):
+            for i, (p, g, xa) in enumerate(zip(ctx.projs, grads, xas)):
                 if g is None:
-                    adapter_grads += [None, None]
                     continue
                 dy = _cast(_rows(g), dtype)
-                dA, dB, dxa = _lora_grads(dy, x2, xa, p, dtype)
-                adapter_grads += [dA, dB]
                 outputs.append((dy, p))
-                if dxa is not None:
+                if p.has_lora:
+                    dBs[i], dxa = _lora_grads(dy, xa, p, dtype)
                     lora_terms.append((dxa, p))
-            dx = _input_grad(outputs, lora_terms, dtype) if ctx.needs_input_grad[0] else None
+            dAs, dx = _input_side(x2, lora_terms, dtype, need_dx)
+            dx = _input_grad(outputs, dx, dtype) if need_dx else None
+        dAs = iter(dAs)
+        adapter_grads = []
+        for i in range(len(ctx.projs)):
+            adapter_grads += [next(dAs), dBs[i]] if i in dBs else [None, None]
         if dx is not None:
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         return (dx, None, None, *adapter_grads)
@@ -538,8 +592,9 @@ def _mlp_tile_forward(x2, gate, up, down, kind, dtype, out, need_output=True):
     """One tile's forward into `out`; returns what its backward needs (g, u, x·Aᵀ of gate and
     up, h·Aᵀ of down). need_output=False skips the down projection's base matmul and leaves
     `out` unwritten (a recompute that never reads the output; the tiled backward)."""
-    g, xag = _project(x2, gate, dtype)
-    u, xau = _project(x2, up, dtype)
+    xag, xau = _lora_inputs(x2, (gate, up), dtype)
+    g, _ = _project(x2, gate, dtype, xa=xag)
+    u, _ = _project(x2, up, dtype, xa=xau)
     if not need_output:  # only h·Aᵀ of the down adapter (for its dB), when there is one
         ha = _act_forward(kind, g, u).mm(_factor(down.A, dtype).t()) if down.has_lora else None
         return g, u, xag, xau, ha
@@ -560,21 +615,24 @@ def _mlp_tile_backward(dy, x2, g, u, xag, xau, ha, gate, up, down, kind, dtype, 
         dh = dy.mm(dense_weight(down.base, dtype))
     h = _act_backward_inplace(kind, dh, g, u, need_h=down.has_lora)  # g <- d_gate, u <- d_up
     del dh
-    grads = []
-    for p, dout, inp, xa in ((gate, g, x2, xag), (up, u, x2, xau)):
-        dA, dB, dxa = _lora_grads(dout, inp, xa, p, dtype)
-        grads.append((dA, dB, dxa))
+    dBs, lora_terms = [None, None], []
+    for i, (p, dout, xa) in enumerate(((gate, g, xag), (up, u, xau))):
+        if p.has_lora:
+            dBs[i], dxa = _lora_grads(dout, xa, p, dtype)
+            lora_terms.append((dxa, p))
+    dAs, dx = _input_side(x2, lora_terms, dtype, need_dx)
+    dAs = iter(dAs)
+    dA_g = next(dAs) if gate.has_lora else None
+    dA_u = next(dAs) if up.has_lora else None
     if down.has_lora:
         dB_d = _scaled_mm(dy.t(), ha, down.scaling)
         dA_d = dxa_d.t().mm(h)
     else:
         dA_d = dB_d = None
     del h
-    dx = None
     if need_dx:
-        lora_terms = [(d, p) for (_, _, d), p in zip(grads, (gate, up)) if d is not None]
-        dx = _input_grad([(g, gate), (u, up)], lora_terms, dtype)
-    return dx, [grads[0][0], grads[0][1], grads[1][0], grads[1][1], dA_d, dB_d]
+        dx = _input_grad([(g, gate), (u, up)], dx, dtype)
+    return dx, [dA_g, dBs[0], dA_u, dBs[1], dA_d, dB_d]
 
 
 def _add(acc, value):
