@@ -213,15 +213,29 @@ def run_worker(spec: dict) -> dict:
     result["mem_after_setup_gib"] = torch.cuda.memory_allocated() / gib if cuda else 0.0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
+    times, losses, per_step = [], [], []
+    gc_clock = _GcClock()
     for i in range(n_steps):
         ids = batches[i % len(batches)]
         sync()
+        host_before = _host_alloc_count() if cuda else 0
+        gc_clock.reset()
         start = time.perf_counter()
-        loss = train_step(model, opt, ids)
+        marks = []
+        loss = train_step(model, opt, ids, marks)
         sync()
-        times.append(time.perf_counter() - start)
+        end = time.perf_counter()
+        times.append(end - start)
         losses.append(float(loss.detach()))
+        # where each step's time went, to tell a host-side slowdown (issue times grow, GC,
+        # new pinned host blocks) from a GPU-side one (wall grows, issue times do not)
+        per_step.append({"forward_issue_ms": round((marks[0] - start) * 1e3, 1),
+                         "backward_issue_ms": round((marks[1] - marks[0]) * 1e3, 1),
+                         "optimizer_issue_ms": round((marks[2] - marks[1]) * 1e3, 1),
+                         "wall_ms": round((end - start) * 1e3, 1),
+                         "gc_ms": round(gc_clock.total * 1e3, 1), "gc_runs": gc_clock.runs,
+                         "new_pinned_blocks": (_host_alloc_count() - host_before) if cuda else 0})
+    result["per_step"] = per_step
     if spec.get("profile") and cuda:
         result["issue_timing"] = _issue_timing(model, opt, batches[0])
         result["profile"] = _profile_step(model, opt, batches[0])
@@ -237,6 +251,37 @@ def run_worker(spec: dict) -> dict:
     result["losses"] = losses
     result["ok"] = True
     return result
+
+
+class _GcClock:
+    """Time spent in Python's garbage collector (gc.callbacks) since the last reset."""
+
+    def __init__(self):
+        import gc
+
+        self.total, self.runs, self._start = 0.0, 0, None
+        gc.callbacks.append(self._callback)
+
+    def reset(self):
+        self.total, self.runs = 0.0, 0
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.total += time.perf_counter() - self._start
+            self.runs += 1
+            self._start = None
+
+
+def _host_alloc_count() -> int:
+    """Pinned host blocks torch's caching host allocator has created so far (-1: unknown)."""
+    import torch
+
+    try:
+        return int(torch.cuda.host_memory_stats().get("num_host_alloc", -1))
+    except Exception:
+        return -1
 
 
 def train_step(model, opt, ids, marks=None):
