@@ -140,9 +140,19 @@ def _dequantizer(base: Base, dtype: torch.dtype):
         from fastft import dispatch
 
         state = nf4.resolve(base.weight, qs)
-        impl = dispatch.implementation("nf4_dequantize",
-                                       dispatch.backend_for("nf4_dequantize", base.weight.device, dtype))
+        backend = dispatch.backend_for("nf4_dequantize", base.weight.device, dtype)
         numel = state.numel
+        if backend == "cuda":
+            # the kernel called directly with its arguments bound once: QLoRA dequantises 16
+            # weights per layer and step, and each trip through the backend layer cost ~30 us
+            kernel = torch.ops.fastft.nf4_dequantize.default
+            args = (*nf4._state_args(state), state.blocksize, state.blocksize2, numel)
+
+            def run(out):
+                kernel(*args, out.view(-1)[:numel])
+                return out
+            return run
+        impl = dispatch.implementation("nf4_dequantize", backend)
 
         def run(out):
             impl.dequantize(state, out.view(-1)[:numel])
@@ -193,11 +203,41 @@ def _cast(t, dtype):
 # inside a pass. Outside hooked models (pass 0) nothing is cached.
 _FACTOR_CASTS: dict = {}
 _FORWARD_PASS = [0]
+# (id(factor), dtype) -> [weak ref, the cast copy]: the copies live across passes, so a new
+# pass refreshes all of them with one torch._foreach_copy_ (one host call instead of one per
+# factor: 14 per decoder layer). A copy may be a row block of a stacked buffer (_STACKS).
+_FACTOR_COPIES: dict = {}
+_REFRESHED_PASS = [0]
+# (dtype, ids of the A factors) -> (the stacked buffer, the member copies as its row blocks)
+_STACKS: dict = {}
 
 
 def new_forward_pass(*_args, **_kwargs) -> None:
     _FORWARD_PASS[0] += 1
     _FACTOR_CASTS.clear()
+
+
+def _refresh_copies(current) -> None:
+    """Bring every kept cast copy up to date for this pass, in one call."""
+    _REFRESHED_PASS[0] = current
+    dsts, srcs, entries = [], [], []
+    for key, (ref, copy) in list(_FACTOR_COPIES.items()):
+        t = ref()
+        if t is None or t.shape != copy.shape or t.device != copy.device:
+            del _FACTOR_COPIES[key]
+            continue
+        dsts.append(copy)
+        srcs.append(t.detach())
+        entries.append((key, ref, t, copy))
+    for key, (stacked, views) in list(_STACKS.items()):  # groups whose factors are gone
+        if any(_FACTOR_COPIES.get((tid, key[0]), (None, None))[1] is not view
+               for tid, view in zip(key[1:], views)):
+            del _STACKS[key]
+    if not dsts:
+        return
+    torch._foreach_copy_(dsts, srcs)
+    for (tid, dtype), ref, t, copy in entries:
+        _FACTOR_CASTS[tid] = (ref, current, t._version, dtype, copy)
 
 
 def _factor(t, dtype):
@@ -207,40 +247,57 @@ def _factor(t, dtype):
     current = _FORWARD_PASS[0]
     if current == 0:
         return t.to(dtype)
+    if _REFRESHED_PASS[0] != current:
+        _refresh_copies(current)
     key = id(t)
     hit = _FACTOR_CASTS.get(key)
     version = t._version
     if hit is not None and hit[0]() is t and hit[1:4] == (current, version, dtype):
         return hit[4]
-    cast = t.detach().to(dtype)
     try:
         ref = weakref.ref(t)
     except TypeError:
-        return cast
+        return t.detach().to(dtype)
+    kept = _FACTOR_COPIES.get((key, dtype))
+    if kept is not None and kept[0]() is t and kept[1].shape == t.shape:
+        cast = kept[1]
+        cast.copy_(t.detach())  # in place: a stacked buffer holding it stays whole
+    else:
+        cast = t.detach().to(dtype)
+        _FACTOR_COPIES[(key, dtype)] = [weakref.ref(t, lambda _, k=(key, dtype): _FACTOR_COPIES.pop(k, None)),
+                                        cast]
     _FACTOR_CASTS[key] = (ref, current, version, dtype, cast)
     return cast
 
 
 def _stacked_A(projs, dtype):
     """The A factors of `projs` stacked along the rank, in dtype, so that one GEMM serves all
-    their adapters (x·Aᵀ in forward, dA and the rank-r part of dx in backward). Cached per
-    forward pass like _factor."""
+    their adapters (x·Aᵀ in forward, dA and the rank-r part of dx in backward). The members'
+    cast copies are row blocks of the stacked buffer, so the per-pass refresh fills it."""
     As = [p.A for p in projs]
     if len(As) == 1:
         return _factor(As[0], dtype)
-    current = _FORWARD_PASS[0]
-    key = ("stacked", dtype) + tuple(id(a) for a in As)
-    versions = tuple(a._version for a in As)
-    hit = _FACTOR_CASTS.get(key) if current else None
-    if hit is not None and hit[:2] == (current, versions) and all(r() is a for r, a in zip(hit[2], As)):
-        return hit[3]
-    stacked = torch.cat([_factor(a, dtype) for a in As], 0)
-    if current:
-        try:
-            refs = tuple(weakref.ref(a) for a in As)
-        except TypeError:
+    members = [_factor(a, dtype) for a in As]
+    if _FORWARD_PASS[0] == 0 or As[0].dtype == dtype:
+        return torch.cat(members, 0)
+    key = (dtype,) + tuple(id(a) for a in As)
+    hit = _STACKS.get(key)
+    if hit is not None and all(m is v for m, v in zip(members, hit[1])):
+        return hit[0]
+    stacked = torch.cat(members, 0)
+    views, start = [], 0
+    for a in As:
+        rows = a.shape[0]
+        view = stacked[start:start + rows]
+        start += rows
+        kept = _FACTOR_COPIES.get((id(a), dtype))
+        if kept is None:  # (a factor that cannot be weakly referenced)
             return stacked
-        _FACTOR_CASTS[key] = (current, versions, refs, stacked)
+        kept[1] = view
+        cached = _FACTOR_CASTS[id(a)]
+        _FACTOR_CASTS[id(a)] = cached[:4] + (view,)
+        views.append(view)
+    _STACKS[key] = (stacked, views)
     return stacked
 
 
@@ -307,13 +364,31 @@ def _scaled_mm(a, b, scale):
     return out.addmm_(a, b, beta=0.0, alpha=scale)
 
 
+# torch.mm(a, b, out_dtype=torch.float32) (torch >= 2.8, CUDA): bf16/fp16 inputs, fp32 result
+# straight from the GEMM's fp32 accumulator.
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _grad_mm(a, b, grad_dtype, scale=1.0):
+    """scale * (a @ b) as a LoRA factor's gradient in `grad_dtype` (the factor's own dtype).
+    peft keeps factors in fp32 while the step computes in bf16: on CUDA the GEMM then writes
+    fp32 itself instead of a bf16 result that a cast kernel converts (14 casts per decoder
+    layer and step, and the bf16 rounding of the gradient, saved)."""
+    if (grad_dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda
+            and _MM_OUT_DTYPE):
+        out = torch.mm(a, b, out_dtype=torch.float32)
+        return out if scale == 1.0 else out.mul_(scale)
+    out = a.mm(b) if scale == 1.0 else _scaled_mm(a, b, scale)
+    return out.to(grad_dtype)
+
+
 def _lora_grads(dy, xa, proj: Projection, dtype):
     """dB (in the factor's dtype) and the [N, r] term d(x·Aᵀ)·s of one projection; dA and dx's
     rank-r part come from _input_side, for all projections of one input at once."""
     s = proj.scaling
-    dB = _scaled_mm(dy.t(), xa, s)                        # [out, r]
+    dB = _grad_mm(dy.t(), xa, proj.B.dtype, s)            # [out, r]
     dxa = _scaled_mm(dy, _factor(proj.B, dtype), s)       # [N, r]
-    return dB.to(proj.B.dtype), dxa
+    return dB, dxa
 
 
 def _input_side(x2, lora_terms, dtype, need_dx):
@@ -324,10 +399,14 @@ def _input_side(x2, lora_terms, dtype, need_dx):
         return [], None
     projs = [p for _, p in lora_terms]
     dxa = lora_terms[0][0] if len(lora_terms) == 1 else torch.cat([d for d, _ in lora_terms], 1)
-    dA_all = dxa.t().mm(x2)                               # [Σr, in]
+    grad_dtype = projs[0].A.dtype
+    if any(p.A.dtype != grad_dtype for p in projs):
+        grad_dtype = dtype
+    dA_all = _grad_mm(dxa.t(), x2, grad_dtype)            # [Σr, in]
     dAs, start = [], 0
     for p in projs:
         rank = p.A.shape[0]
+        # row blocks of one buffer: autograd takes such a view as the .grad as it is
         dAs.append(dA_all[start:start + rank].to(p.A.dtype))
         start += rank
     dx = dxa.mm(_stacked_A(projs, dtype)) if need_dx else None
@@ -453,10 +532,15 @@ class _LoRAProjections(torch.autograd.Function):
 _REUSE_TAG = "projection output"
 
 
-def _attention():
-    from fastft import attention  # imported late: it imports transformers' integrations
+_ATTENTION = []
 
-    return attention
+
+def _attention():
+    if not _ATTENTION:
+        from fastft import attention  # imported late: it imports transformers' integrations
+
+        _ATTENTION.append(attention)
+    return _ATTENTION[0]
 
 
 def lora_linear(x: torch.Tensor, proj: Projection, reuse_in_recompute: bool = False) -> torch.Tensor:
@@ -625,8 +709,8 @@ def _mlp_tile_backward(dy, x2, g, u, xag, xau, ha, gate, up, down, kind, dtype, 
     dA_g = next(dAs) if gate.has_lora else None
     dA_u = next(dAs) if up.has_lora else None
     if down.has_lora:
-        dB_d = _scaled_mm(dy.t(), ha, down.scaling)
-        dA_d = dxa_d.t().mm(h)
+        dB_d = _grad_mm(dy.t(), ha, down.B.dtype, down.scaling)
+        dA_d = _grad_mm(dxa_d.t(), h, down.A.dtype)
     else:
         dA_d = dB_d = None
     del h
@@ -703,7 +787,7 @@ class _LoRAMLP(torch.autograd.Function):
                     grads = [_add(a, b) for a, b in zip(grads, tile_grads)]
         if dx is not None:
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
-        # computed (and tile-accumulated) in the compute dtype; handed back in the factors' dtype
+        # in the factors' dtype already where _grad_mm could (then .to is free)
         adapter_grads = [None if t is None else gr.to(t.dtype)
                          for gr, t in zip(grads, _lora_tensors(ctx.projs))]
         return (dx, None, None, None, None, None, None, *adapter_grads)
