@@ -324,6 +324,22 @@ def test_workspace_is_reused_across_layers():
     assert not nf4_mod._WORKSPACES
 
 
+def test_workspace_views_follow_the_workspace():
+    """workspace_view keeps shaped views of the shared workspace; when the workspace grows or is
+    released they go with it (a kept view would hold the old buffer alive and stale)."""
+    nf4_mod.release_workspaces()
+    small = nf4_mod.workspace_view((8, 16), torch.bfloat16, torch.device("cpu"))
+    assert small.shape == (8, 16) and nf4_mod.workspace_view((8, 16), torch.bfloat16, torch.device("cpu")) is small
+    other = nf4_mod.workspace_view((16, 8), torch.bfloat16, torch.device("cpu"))
+    assert other.data_ptr() == small.data_ptr()
+    big = nf4_mod.workspace_view((64, 64), torch.bfloat16, torch.device("cpu"))  # grows it
+    again = nf4_mod.workspace_view((8, 16), torch.bfloat16, torch.device("cpu"))
+    assert again is not small and again.data_ptr() == big.data_ptr()
+    assert len(nf4_mod._WORKSPACES) == 1
+    nf4_mod.release_workspaces()
+    assert not nf4_mod._WORKSPACES and not nf4_mod._WORKSPACE_VIEWS
+
+
 # ------------------------------------------------------------------------------ Triton ops
 
 def test_triton_custom_ops_pass_opcheck():

@@ -73,14 +73,20 @@ class Projection:
 _WORKSPACES: dict = {}
 
 
+_NF4 = []
+
+
 def _nf4_module():
-    try:
-        from fastft.ops import nf4
-    except ModuleNotFoundError as exc:
-        if exc.name != "fastft.ops.nf4":
-            raise
-        return None
-    return nf4
+    """fastft.ops.nf4, or None where that module is not there (imported once)."""
+    if not _NF4:
+        try:
+            from fastft.ops import nf4
+        except ModuleNotFoundError as exc:
+            if exc.name != "fastft.ops.nf4":
+                raise
+            nf4 = None
+        _NF4.append(nf4)
+    return _NF4[0]
 
 
 def _dequantize_4bit(packed, quant_state, out):
@@ -176,7 +182,11 @@ def dense_weight(base: Base, dtype: torch.dtype) -> torch.Tensor:
         prepared = base.dequantizers[dtype] = (ptr, _dequantizer(base, qdtype), shape, qdtype,
                                                base.weight.device)
     _, run, shape, qdtype, device = prepared
-    out = run(workspace(shape[0] * shape[1], qdtype, device).view(shape))
+    nf4 = _nf4_module()
+    if nf4 is not None and hasattr(nf4, "workspace_view"):
+        out = run(nf4.workspace_view(shape, qdtype, device))
+    else:
+        out = run(workspace(shape[0] * shape[1], qdtype, device).view(shape))
     return out if qdtype == dtype else out.to(dtype)
 
 
@@ -573,19 +583,27 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GLU_ACT = {"swiglu": ("swiglu", "silu"), "geglu": ("geglu", "gelu"), "geglu_tanh": ("geglu", "gelu_tanh")}
 
 
+_GLU_MODULES = []
+
+
 def _glu_backend(kind, device, dtype):
     """fastft.ops.activations' backend object for this device (forward(gate, up, out, act),
     backward(dh, gate, up, d_gate, d_up, act) writing into gate/up when d_* is None) and its
     activation name; None when that module is not there. CPU uses its torch backend (the
     Triton interpreter would only slow the CPU path down)."""
-    try:
-        from fastft.ops import activations
-    except ModuleNotFoundError as exc:
-        if exc.name != "fastft.ops.activations":
-            raise
-        return None
-    from fastft import dispatch
+    if not _GLU_MODULES:  # imported once (an import statement per call costs ~3 us)
+        try:
+            from fastft.ops import activations
+        except ModuleNotFoundError as exc:
+            if exc.name != "fastft.ops.activations":
+                raise
+            activations = None
+        from fastft import dispatch
 
+        _GLU_MODULES.extend((activations, dispatch))
+    activations, dispatch = _GLU_MODULES
+    if activations is None:
+        return None
     op, act = _GLU_ACT[kind]
     backend = dispatch.backend_for(op, device, dtype, "torch" if device.type != "cuda" else None)
     return dispatch.implementation(op, backend), act

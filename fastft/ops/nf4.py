@@ -394,6 +394,10 @@ if cuda_ops() is not None and hasattr(cuda_ops(), "nf4_dequantize"):
 # ---------------------------------------------------------------- the shared workspace
 
 _WORKSPACES: dict = {}
+# (shape, dtype, device) -> a view of the current workspace: QLoRA asks for the same few weight
+# shapes 16 times per decoder layer and step. Dropped whenever a workspace is replaced or
+# released, so no view keeps an old buffer alive.
+_WORKSPACE_VIEWS: dict = {}
 
 
 def workspace(numel: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -404,13 +408,29 @@ def workspace(numel: int, dtype: torch.dtype, device) -> torch.Tensor:
     key = (torch.device(device), dtype)
     buf = _WORKSPACES.get(key)
     if buf is None or buf.numel() < numel:
+        _WORKSPACE_VIEWS.clear()
         _WORKSPACES.pop(key, None)  # free the old one before allocating the larger
         buf = _WORKSPACES[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 
+def workspace_view(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The workspace as a `shape` tensor (its first prod(shape) elements)."""
+    key = (shape, dtype, device)
+    view = _WORKSPACE_VIEWS.get(key)
+    if view is None:
+        numel = 1
+        for d in shape:
+            numel *= d
+        view = workspace(numel, dtype, device).view(shape)
+        if not torch.compiler.is_compiling():
+            _WORKSPACE_VIEWS[key] = view
+    return view
+
+
 def release_workspaces() -> None:
     """Free the dequantisation workspaces (they are re-created on the next large-M call)."""
+    _WORKSPACE_VIEWS.clear()
     _WORKSPACES.clear()
 
 
