@@ -214,6 +214,7 @@ def run_worker(spec: dict) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times, losses, per_step = [], [], []
+    run_peak = 0.0  # the peak statistics are reset per phase (see train_step), so kept here
     gc_clock = _GcClock()
     for i in range(n_steps):
         ids = batches[i % len(batches)]
@@ -222,7 +223,8 @@ def run_worker(spec: dict) -> dict:
         gc_clock.reset()
         start = time.perf_counter()
         marks = []
-        loss = train_step(model, opt, ids, marks)
+        phase_peaks = []  # peak GPU memory (GiB) of the forward, the backward, the optimizer
+        loss = train_step(model, opt, ids, marks, phase_peaks if cuda else None)
         sync()
         end = time.perf_counter()
         times.append(end - start)
@@ -234,7 +236,9 @@ def run_worker(spec: dict) -> dict:
                          "optimizer_issue_ms": round((marks[2] - marks[1]) * 1e3, 1),
                          "wall_ms": round((end - start) * 1e3, 1),
                          "gc_ms": round(gc_clock.total * 1e3, 1), "gc_runs": gc_clock.runs,
-                         "new_pinned_blocks": (_host_alloc_count() - host_before) if cuda else 0})
+                         "new_pinned_blocks": (_host_alloc_count() - host_before) if cuda else 0,
+                         "peak_gib_forward_backward_optimizer": [round(p, 3) for p in phase_peaks]})
+        run_peak = max([run_peak, *phase_peaks])
     result["per_step"] = per_step
     if spec.get("profile") and cuda:
         result["issue_timing"] = _issue_timing(model, opt, batches[0])
@@ -243,7 +247,7 @@ def run_worker(spec: dict) -> dict:
     tokens = spec["batch"] * spec["seq"]
     result["step_s"] = [round(t, 4) for t in times]
     result["tokens_per_s"] = tokens / statistics.median(timed)
-    result["peak_gib"] = torch.cuda.max_memory_allocated() / gib if cuda else 0.0
+    result["peak_gib"] = max(run_peak, torch.cuda.max_memory_allocated() / gib) if cuda else 0.0
     result["beyond_setup_gib"] = result["peak_gib"] - result["mem_after_setup_gib"]
     func = getattr(model.get_base_model().model.layers[0], "_gradient_checkpointing_func", None)
     if hasattr(func, "offloader"):  # what the last pass sent to the host beyond the layer inputs
@@ -284,19 +288,29 @@ def _host_alloc_count() -> int:
         return -1
 
 
-def train_step(model, opt, ids, marks=None):
+def train_step(model, opt, ids, marks=None, phase_peaks=None):
     """One step (forward with the model's own loss, backward, AdamW step); returns the loss.
-    marks, when given, gets the host clock after the forward, the backward and the optimizer."""
+    marks, when given, gets the host clock after the forward, the backward and the optimizer;
+    phase_peaks (CUDA) the peak GPU memory in GiB of each of the three (where a peak sits tells
+    which part of the step to slim)."""
+    import torch
+
+    def phase_end():
+        if marks is not None:
+            marks.append(time.perf_counter())
+        if phase_peaks is not None:  # allocator counters: no sync needed
+            phase_peaks.append(torch.cuda.max_memory_allocated() / 1024 ** 3)
+            torch.cuda.reset_peak_memory_stats()
+
+    if phase_peaks is not None:
+        torch.cuda.reset_peak_memory_stats()
     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    if marks is not None:
-        marks.append(time.perf_counter())
+    phase_end()
     loss.backward()
-    if marks is not None:
-        marks.append(time.perf_counter())
+    phase_end()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if marks is not None:
-        marks.append(time.perf_counter())
+    phase_end()
     return loss
 
 
