@@ -234,6 +234,11 @@ def _fused_mlp_forward(self, x, *args, **kwargs):
                     tile_tokens=mark.get("tile_tokens", "auto"), output_needed=output_needed)
 
 
+def _version_of(x) -> int:
+    """x's version counter; inference-mode tensors have none (-1: identity alone must do)."""
+    return -1 if x.is_inference() else x._version
+
+
 class _QKVGroup:
     """Shared by the q, k and v projections of one attention module: holds the results of one
     fused call until each projection has taken its own."""
@@ -244,7 +249,7 @@ class _QKVGroup:
 
     def take(self, role, x):
         p = self.pending
-        if p is not None and p[0] is x and p[1] == x._version and p[2 + role] is not None:
+        if p is not None and p[0] is x and p[1] == _version_of(x) and p[2 + role] is not None:
             out = p[2 + role]
             p[2 + role] = None
             if p[2] is None and p[3] is None and p[4] is None:
@@ -271,7 +276,7 @@ def _fused_qkv_forward(self, x, *args, **kwargs):
     outs = list(lora_qkv(x, *projs, skip_when_attention_reuses=mark.get("outputs_feed_attention_only", False)))
     mine = outs[role]
     outs[role] = None
-    group.pending = [x, x._version, *outs]
+    group.pending = [x, _version_of(x), *outs]
     return mine
 
 

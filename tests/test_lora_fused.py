@@ -657,3 +657,29 @@ def test_kept_factor_copies_follow_every_step():
     assert losses_c == losses_u
     for name in params_u:
         assert torch.equal(params_c[name], params_u[name]), name
+
+
+def test_inference_mode_forward_in_training_mode_then_training():
+    """A forward under torch.inference_mode() while the model is in training mode (a trainer
+    scoring with the policy, say) goes through the fused path; the cast copies it creates must
+    stay normal tensors, since the training steps after it refresh them in place."""
+    ref = _peft(_tiny_llama().to(torch.bfloat16))
+    model = copy.deepcopy(ref)
+    apply_fused_lora(model)
+    calls = _count_fused_calls()
+    model.train()
+    ref.train()
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        scored = model(input_ids=ids).logits.float()
+        want = ref(input_ids=ids).logits.float()
+    assert calls["proj"] > 0 and rel_err(scored, want) <= 2e-2
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    losses = []
+    for _ in range(2):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[1] < losses[0]

@@ -273,7 +273,9 @@ def _factor(t, dtype):
         cast = kept[1]
         cast.copy_(t.detach())  # in place: a stacked buffer holding it stays whole
     else:
-        cast = t.detach().to(dtype)
+        # a normal tensor even inside torch.inference_mode(): later passes refresh it in place
+        with torch.inference_mode(False):
+            cast = t.detach().to(dtype)
         _FACTOR_COPIES[(key, dtype)] = [weakref.ref(t, lambda _, k=(key, dtype): _FACTOR_COPIES.pop(k, None)),
                                         cast]
     _FACTOR_CASTS[key] = (ref, current, version, dtype, cast)
@@ -294,19 +296,16 @@ def _stacked_A(projs, dtype):
     hit = _STACKS.get(key)
     if hit is not None and all(m is v for m, v in zip(members, hit[1])):
         return hit[0]
-    stacked = torch.cat(members, 0)
-    views, start = [], 0
-    for a in As:
-        rows = a.shape[0]
-        view = stacked[start:start + rows]
-        start += rows
+    with torch.inference_mode(False):  # normal tensors: refreshed in place later (see _factor)
+        stacked = torch.cat(members, 0)
+        views = list(stacked.split([a.shape[0] for a in As], 0))
+    for a, view in zip(As, views):
         kept = _FACTOR_COPIES.get((id(a), dtype))
         if kept is None:  # (a factor that cannot be weakly referenced)
             return stacked
         kept[1] = view
         cached = _FACTOR_CASTS[id(a)]
         _FACTOR_CASTS[id(a)] = cached[:4] + (view,)
-        views.append(view)
     _STACKS[key] = (stacked, views)
     return stacked
 
