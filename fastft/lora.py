@@ -160,8 +160,10 @@ def _peft_state(module):
     d = module.__dict__
     active = d.get("_active_adapter")
     merged = d.get("merged_adapters")
+    scaling = d.get("scaling")  # peft's scale_layer / unscale_layer edit it in place
     return (d.get("_disable_adapters"), tuple(active) if isinstance(active, list) else active,
-            len(merged) if merged is not None else None)
+            len(merged) if merged is not None else None,
+            tuple(scaling.values()) if isinstance(scaling, dict) else None)
 
 
 def _projection(module) -> Projection | None:

@@ -609,9 +609,16 @@ def test_projections_read_once_per_pass_follow_adapter_state_changes():
             m.enable_adapters(True)
         on_again = mlp(x)
         want_on = type(mlp).forward(mlp, x)  # peft's own modules
+        for m in projs:
+            m.scale_layer(0.5)  # peft edits its scaling dict in place
+        half = mlp(x)
+        want_half = type(mlp).forward(mlp, x)
+        for m in projs:
+            m.unscale_layer(0.5)
     assert calls["mlp"] >= 3
     assert rel_err(off, want_off) <= TOL
     assert rel_err(on, want_on) <= TOL and torch.equal(on, on_again)
+    assert rel_err(half, want_half) <= TOL and rel_err(half, on) > 1e-3
     assert rel_err(on, off) > 1e-3  # the adapter really changes the output
 
 
