@@ -22,6 +22,8 @@ This module knows nothing about peft: fastft/lora.py reads peft's modules and ca
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 import os
 import weakref
@@ -73,20 +75,20 @@ class Projection:
 _WORKSPACES: dict = {}
 
 
-_NF4 = []
+@functools.cache
+def _module(name: str):
+    """The fastft module `name`, or None where it is not there. Imported once: the hot paths
+    ask for their modules on every call, and an import statement costs ~3 us each time."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        return None
 
 
 def _nf4_module():
-    """fastft.ops.nf4, or None where that module is not there (imported once)."""
-    if not _NF4:
-        try:
-            from fastft.ops import nf4
-        except ModuleNotFoundError as exc:
-            if exc.name != "fastft.ops.nf4":
-                raise
-            nf4 = None
-        _NF4.append(nf4)
-    return _NF4[0]
+    return _module("fastft.ops.nf4")
 
 
 def _dequantize_4bit(packed, quant_state, out):
@@ -183,7 +185,7 @@ def dense_weight(base: Base, dtype: torch.dtype) -> torch.Tensor:
                                                base.weight.device)
     _, run, shape, qdtype, device = prepared
     nf4 = _nf4_module()
-    if nf4 is not None and hasattr(nf4, "workspace_view"):
+    if nf4 is not None:
         out = run(nf4.workspace_view(shape, qdtype, device))
     else:
         out = run(workspace(shape[0] * shape[1], qdtype, device).view(shape))
@@ -541,15 +543,8 @@ class _LoRAProjections(torch.autograd.Function):
 _REUSE_TAG = "projection output"
 
 
-_ATTENTION = []
-
-
 def _attention():
-    if not _ATTENTION:
-        from fastft import attention  # imported late: it imports transformers' integrations
-
-        _ATTENTION.append(attention)
-    return _ATTENTION[0]
+    return _module("fastft.attention")  # imported late: it imports transformers' integrations
 
 
 def lora_linear(x: torch.Tensor, proj: Projection, reuse_in_recompute: bool = False) -> torch.Tensor:
@@ -582,27 +577,14 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GLU_ACT = {"swiglu": ("swiglu", "silu"), "geglu": ("geglu", "gelu"), "geglu_tanh": ("geglu", "gelu_tanh")}
 
 
-_GLU_MODULES = []
-
-
 def _glu_backend(kind, device, dtype):
     """fastft.ops.activations' backend object for this device (forward(gate, up, out, act),
     backward(dh, gate, up, d_gate, d_up, act) writing into gate/up when d_* is None) and its
     activation name; None when that module is not there. CPU uses its torch backend (the
     Triton interpreter would only slow the CPU path down)."""
-    if not _GLU_MODULES:  # imported once (an import statement per call costs ~3 us)
-        try:
-            from fastft.ops import activations
-        except ModuleNotFoundError as exc:
-            if exc.name != "fastft.ops.activations":
-                raise
-            activations = None
-        from fastft import dispatch
-
-        _GLU_MODULES.extend((activations, dispatch))
-    activations, dispatch = _GLU_MODULES
-    if activations is None:
+    if _module("fastft.ops.activations") is None:
         return None
+    dispatch = _module("fastft.dispatch")
     op, act = _GLU_ACT[kind]
     backend = dispatch.backend_for(op, device, dtype, "torch" if device.type != "cuda" else None)
     return dispatch.implementation(op, backend), act
