@@ -149,21 +149,11 @@ def _dequantizer(base: Base, dtype: torch.dtype):
 
         state = nf4.resolve(base.weight, qs)
         backend = dispatch.backend_for("nf4_dequantize", base.weight.device, dtype)
+        fill = nf4.bound_dequantize(state, backend)
         numel = state.numel
-        if backend == "cuda":
-            # the kernel called directly with its arguments bound once: QLoRA dequantises 16
-            # weights per layer and step, and each trip through the backend layer cost ~30 us
-            kernel = torch.ops.fastft.nf4_dequantize.default
-            args = (*nf4._state_args(state), state.blocksize, state.blocksize2, numel)
-
-            def run(out):
-                kernel(*args, out.view(-1)[:numel])
-                return out
-            return run
-        impl = dispatch.implementation("nf4_dequantize", backend)
 
         def run(out):
-            impl.dequantize(state, out.view(-1)[:numel])
+            fill(out.view(-1)[:numel])
             return out
         return run
     return lambda out: _dequantize_4bit(base.weight, qs, out)
