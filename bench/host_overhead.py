@@ -23,20 +23,20 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 
-def run(mode: str, layers: int, steps: int, top: int) -> None:
+def run(mode: str, layers: int, steps: int, top: int, batch: int = 2, seq: int = 2048) -> None:
     import torch
 
     import fastft  # noqa: F401
     import train_step as ts
 
     ts.SHAPES["8b_few"] = dict(ts.SHAPES["8b"], num_hidden_layers=layers)
-    model = ts._build_model("8b_few", 2048, 0)
+    model = ts._build_model("8b_few", seq, 0)
     if mode == "qlora":
         model = ts._quantize_decoder_linears(model)
     model, _ = ts._setup_fastft(model, mode)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, 128256, (2, 2048), device="cuda")
+    ids = torch.randint(0, 128256, (batch, seq), device="cuda")
 
     def step():
         ts.train_step(model, opt, ids)
@@ -52,7 +52,7 @@ def run(mode: str, layers: int, steps: int, top: int) -> None:
         torch.cuda.synchronize()
         issue.append((t1 - t0) * 1e3)
         wall.append((time.perf_counter() - t0) * 1e3)
-    print(f"== {mode}, {layers} layers of the 8B shape, batch 2x2048: host issue "
+    print(f"== {mode}, {layers} layers of the 8B shape, batch {batch}x{seq}: host issue "
           f"{min(issue):.1f} ms, wall {min(wall):.1f} ms per step (best of {steps})", flush=True)
     prof = cProfile.Profile()
     prof.enable()
@@ -62,6 +62,7 @@ def run(mode: str, layers: int, steps: int, top: int) -> None:
     prof.disable()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    pstats.Stats(prof, stream=out).sort_stats("cumtime").print_stats(top)
     print(out.getvalue(), flush=True)
 
 
@@ -71,10 +72,13 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--modes", default="lora,qlora")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=2048,
+                    help="a short sequence (e.g. 256) leaves the GPU idle, so only host costs show")
     ap.add_argument("--out", help="ignored (device.sh passes it)")
     args = ap.parse_args()
     for mode in args.modes.split(","):
-        run(mode, args.layers, args.steps, args.top)
+        run(mode, args.layers, args.steps, args.top, args.batch, args.seq)
 
 
 if __name__ == "__main__":

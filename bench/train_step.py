@@ -213,15 +213,33 @@ def run_worker(spec: dict) -> dict:
     result["mem_after_setup_gib"] = torch.cuda.memory_allocated() / gib if cuda else 0.0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
+    times, losses, per_step = [], [], []
+    run_peak = 0.0  # the peak statistics are reset per phase (see train_step), so kept here
+    gc_clock = _GcClock()
     for i in range(n_steps):
         ids = batches[i % len(batches)]
         sync()
+        host_before = _host_alloc_count() if cuda else 0
+        gc_clock.reset()
         start = time.perf_counter()
-        loss = train_step(model, opt, ids)
+        marks = []
+        phase_peaks = []  # peak GPU memory (GiB) of the forward, the backward, the optimizer
+        loss = train_step(model, opt, ids, marks, phase_peaks if cuda else None)
         sync()
-        times.append(time.perf_counter() - start)
+        end = time.perf_counter()
+        times.append(end - start)
         losses.append(float(loss.detach()))
+        # where each step's time went, to tell a host-side slowdown (issue times grow, GC,
+        # new pinned host blocks) from a GPU-side one (wall grows, issue times do not)
+        per_step.append({"forward_issue_ms": round((marks[0] - start) * 1e3, 1),
+                         "backward_issue_ms": round((marks[1] - marks[0]) * 1e3, 1),
+                         "optimizer_issue_ms": round((marks[2] - marks[1]) * 1e3, 1),
+                         "wall_ms": round((end - start) * 1e3, 1),
+                         "gc_ms": round(gc_clock.total * 1e3, 1), "gc_runs": gc_clock.runs,
+                         "new_pinned_blocks": (_host_alloc_count() - host_before) if cuda else 0,
+                         "peak_gib_forward_backward_optimizer": [round(p, 3) for p in phase_peaks]})
+        run_peak = max([run_peak, *phase_peaks])
+    result["per_step"] = per_step
     if spec.get("profile") and cuda:
         result["issue_timing"] = _issue_timing(model, opt, batches[0])
         result["profile"] = _profile_step(model, opt, batches[0])
@@ -229,7 +247,7 @@ def run_worker(spec: dict) -> dict:
     tokens = spec["batch"] * spec["seq"]
     result["step_s"] = [round(t, 4) for t in times]
     result["tokens_per_s"] = tokens / statistics.median(timed)
-    result["peak_gib"] = torch.cuda.max_memory_allocated() / gib if cuda else 0.0
+    result["peak_gib"] = max(run_peak, torch.cuda.max_memory_allocated() / gib) if cuda else 0.0
     result["beyond_setup_gib"] = result["peak_gib"] - result["mem_after_setup_gib"]
     func = getattr(model.get_base_model().model.layers[0], "_gradient_checkpointing_func", None)
     if hasattr(func, "offloader"):  # what the last pass sent to the host beyond the layer inputs
@@ -239,19 +257,60 @@ def run_worker(spec: dict) -> dict:
     return result
 
 
-def train_step(model, opt, ids, marks=None):
+class _GcClock:
+    """Time spent in Python's garbage collector (gc.callbacks) since the last reset."""
+
+    def __init__(self):
+        import gc
+
+        self.total, self.runs, self._start = 0.0, 0, None
+        gc.callbacks.append(self._callback)
+
+    def reset(self):
+        self.total, self.runs = 0.0, 0
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.total += time.perf_counter() - self._start
+            self.runs += 1
+            self._start = None
+
+
+def _host_alloc_count() -> int:
+    """Pinned host blocks torch's caching host allocator has created so far (-1: unknown)."""
+    import torch
+
+    try:
+        return int(torch.cuda.host_memory_stats().get("num_host_alloc", -1))
+    except Exception:
+        return -1
+
+
+def train_step(model, opt, ids, marks=None, phase_peaks=None):
     """One step (forward with the model's own loss, backward, AdamW step); returns the loss.
-    marks, when given, gets the host clock after the forward, the backward and the optimizer."""
+    marks, when given, gets the host clock after the forward, the backward and the optimizer;
+    phase_peaks (CUDA) the peak GPU memory in GiB of each of the three (where a peak sits tells
+    which part of the step to slim)."""
+    import torch
+
+    def phase_end():
+        if marks is not None:
+            marks.append(time.perf_counter())
+        if phase_peaks is not None:  # allocator counters: no sync needed
+            phase_peaks.append(torch.cuda.max_memory_allocated() / 1024 ** 3)
+            torch.cuda.reset_peak_memory_stats()
+
+    if phase_peaks is not None:
+        torch.cuda.reset_peak_memory_stats()
     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    if marks is not None:
-        marks.append(time.perf_counter())
+    phase_end()
     loss.backward()
-    if marks is not None:
-        marks.append(time.perf_counter())
+    phase_end()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if marks is not None:
-        marks.append(time.perf_counter())
+    phase_end()
     return loss
 
 

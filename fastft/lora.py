@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from fastft.offload import recomputing
+from fastft.ops import lora as _lora_ops
 from fastft.ops.lora import Base, Projection, lora_linear, lora_mlp, lora_qkv
 
 logger = logging.getLogger(__name__)
@@ -147,6 +148,41 @@ def projection_of(module) -> tuple[Projection | None, str | None]:
     return Projection(base, A, B, 1.0), None
 
 
+# id(module) -> (module, peft state, Projection or None) for the current forward pass. A layer's
+# projections are read in its forward and again in its recompute (~40 us a read, 14 reads per
+# layer and step); within one pass they only change if peft's adapter state does, which the
+# cached state (disabled / active / merged, read straight from the module's dict) catches.
+_PASS_PROJECTIONS: dict = {}
+_PROJECTIONS_PASS = [0]
+
+
+def _peft_state(module):
+    d = module.__dict__
+    active = d.get("_active_adapter")
+    merged = d.get("merged_adapters")
+    scaling = d.get("scaling")  # peft's scale_layer / unscale_layer edit it in place
+    return (d.get("_disable_adapters"), tuple(active) if isinstance(active, list) else active,
+            len(merged) if merged is not None else None,
+            tuple(scaling.values()) if isinstance(scaling, dict) else None)
+
+
+def _projection(module) -> Projection | None:
+    """projection_of(module)[0], read once per forward pass (see _PASS_PROJECTIONS)."""
+    current = _lora_ops._FORWARD_PASS[0]
+    if not current:  # outside a hooked model's pass: nothing is cached
+        return projection_of(module)[0]
+    if _PROJECTIONS_PASS[0] != current:
+        _PASS_PROJECTIONS.clear()
+        _PROJECTIONS_PASS[0] = current
+    state = _peft_state(module)
+    hit = _PASS_PROJECTIONS.get(id(module))
+    if hit is not None and hit[0] is module and hit[1] == state:
+        return hit[2]
+    proj = projection_of(module)[0]
+    _PASS_PROJECTIONS[id(module)] = (module, state, proj)
+    return proj
+
+
 def _generation_step(module, x) -> bool:
     """Eval mode, no grad and few tokens: generation, where peft's path (bitsandbytes' 4-bit
     GEMV for QLoRA) is the better one. Training mode always fuses, so a checkpointed layer's
@@ -188,9 +224,9 @@ def _class_forward(module, *args, **kwargs):
 def _fused_mlp_forward(self, x, *args, **kwargs):
     if args or kwargs or _generation_step(self, x):
         return _class_forward(self, x, *args, **kwargs)
-    gate, _ = projection_of(self.gate_proj)
-    up, _ = projection_of(self.up_proj)
-    down, _ = projection_of(self.down_proj)
+    gate = _projection(self.gate_proj)
+    up = _projection(self.up_proj)
+    down = _projection(self.down_proj)
     if gate is None or up is None or down is None:
         return _class_forward(self, x)
     mark = getattr(self, _MARK)
@@ -198,6 +234,11 @@ def _fused_mlp_forward(self, x, *args, **kwargs):
     output_needed = not (mark.get("output_into_residual") and recomputing())
     return lora_mlp(x, gate, up, down, activation=mark["activation"],
                     tile_tokens=mark.get("tile_tokens", "auto"), output_needed=output_needed)
+
+
+def _version_of(x) -> int:
+    """x's version counter; inference-mode tensors have none (-1: identity alone must do)."""
+    return -1 if x.is_inference() else x._version
 
 
 class _QKVGroup:
@@ -210,7 +251,7 @@ class _QKVGroup:
 
     def take(self, role, x):
         p = self.pending
-        if p is not None and p[0] is x and p[1] == x._version and p[2 + role] is not None:
+        if p is not None and p[0] is x and p[1] == _version_of(x) and p[2 + role] is not None:
             out = p[2 + role]
             p[2 + role] = None
             if p[2] is None and p[3] is None and p[4] is None:
@@ -231,20 +272,20 @@ def _fused_qkv_forward(self, x, *args, **kwargs):
     group.pending = None
     if _generation_step(self, x):
         return _class_forward(self, x)
-    projs = [projection_of(m)[0] for m in group.modules]
+    projs = [_projection(m) for m in group.modules]
     if any(p is None for p in projs):
         return _class_forward(self, x)
     outs = list(lora_qkv(x, *projs, skip_when_attention_reuses=mark.get("outputs_feed_attention_only", False)))
     mine = outs[role]
     outs[role] = None
-    group.pending = [x, x._version, *outs]
+    group.pending = [x, _version_of(x), *outs]
     return mine
 
 
 def _fused_linear_forward(self, x, *args, **kwargs):
     if args or kwargs or _generation_step(self, x):
         return _class_forward(self, x, *args, **kwargs)
-    proj, _ = projection_of(self)
+    proj = _projection(self)
     if proj is None:
         return _class_forward(self, x)
     return lora_linear(x, proj, reuse_in_recompute=getattr(self, _MARK).get("reuse", False))

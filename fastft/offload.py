@@ -103,6 +103,40 @@ STASH_HOST_SHARE = 0.5
 STAY_BYTES = 4096
 
 
+# Stream objects by (device index, raw handle). torch.cuda.current_stream() and the
+# torch.cuda.stream() context build new Stream objects through several Python layers (~8 us
+# each); a step makes ~300 such calls, so the current stream is read by its raw handle.
+_STREAM_OBJECTS: dict = {}
+
+
+def _current_stream(device) -> "torch.cuda.Stream":
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, torch._C._cuda_getCurrentRawStream(index))
+    stream = _STREAM_OBJECTS.get(key)
+    if stream is None:
+        stream = _STREAM_OBJECTS[key] = torch.cuda.current_stream(index)
+    return stream
+
+
+class _OnStream:
+    """`with _OnStream(side, main):` runs the block on `side`, then makes `main` (the stream
+    that was current) current again: torch.cuda.stream() without its per-call lookups."""
+
+    __slots__ = ("side", "main", "device")
+
+    def __init__(self, side, main):
+        self.side, self.main = side, main
+
+    def __enter__(self):
+        self.device = torch.cuda.current_device()
+        torch.cuda.set_stream(self.side)  # (also makes the stream's device current)
+
+    def __exit__(self, *exc):
+        torch.cuda.set_stream(self.main)
+        if self.main.device_index != self.device:  # a layer on another GPU than the current
+            torch.cuda.set_device(self.device)
+
+
 class _Offloader:
     """Per-model state: the side stream per device and the chain of slots of the current
     forward pass (so that backward of layer i can prefetch layer i-1)."""
@@ -170,9 +204,10 @@ class _Offloader:
         after one wait for the main stream."""
         if stream is None:
             return [(x.detach().clone(), None) for x in tensors]
-        stream.wait_stream(torch.cuda.current_stream(tensors[0].device))  # they are complete
+        main = _current_stream(tensors[0].device)
+        stream.wait_stream(main)  # they are complete
         copies = []
-        with torch.cuda.stream(stream):
+        with _OnStream(stream, main):
             for x in tensors:
                 nbytes = x.numel() * x.element_size()
                 pooled = None
@@ -215,7 +250,7 @@ class _Offloader:
                 if entry[1] is not None:
                     entry[2] = [h if h.device == device else h.to(device, copy=True) for h in entry[1]]
             return
-        main = torch.cuda.current_stream(device)
+        main = _current_stream(device)
         # allocated on the main stream, so its memory belongs there; the side stream waits for
         # the main stream to reach this point before writing into it
         bufs = [torch.empty(slot.host.shape, dtype=slot.host.dtype, device=device)]
@@ -229,7 +264,7 @@ class _Offloader:
                         hosts.append(h)
                         bufs.append(d)
         slot.stream.wait_stream(main)
-        with torch.cuda.stream(slot.stream):
+        with _OnStream(slot.stream, main):
             for buf, host in zip(bufs, hosts):
                 buf.copy_(host, non_blocking=True)
             slot.ready = torch.cuda.Event()
@@ -250,7 +285,7 @@ class _Offloader:
         if prev is not None:
             self.prefetch(prev, device)
         if slot.ready is not None:
-            torch.cuda.current_stream(device).wait_event(slot.ready)
+            _current_stream(device).wait_event(slot.ready)
         x = slot.device_copy
         if slot.pooled is not None:
             # reusable once this H2D copy is done: the next user's D2H copy runs on the same

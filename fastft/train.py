@@ -411,7 +411,10 @@ def train_with_trl(model, tokenizer, train_set, cfg: TrainConfig, out: Path) -> 
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train_set),
                          processing_class=tokenizer, callbacks=[Progress()])
-    result = trainer.train()
+    from fastft.trainer import frozen_gc
+
+    with frozen_gc():
+        result = trainer.train()
     elapsed = time.time() - record["t0"]
     losses = record["losses"] or [result.training_loss]
     return {

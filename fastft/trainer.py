@@ -12,6 +12,8 @@ expects them now.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 from dataclasses import dataclass, field
@@ -66,6 +68,26 @@ class FastTrainingArguments(SFTConfig):
             raise ValueError(f"embedding_learning_rate must be >= 0, got {self.embedding_learning_rate}.")
 
 
+@contextlib.contextmanager
+def frozen_gc():
+    """Keep Python's garbage collector off the objects that exist when training starts.
+
+    torch, transformers, trl and the model make ~550k tracked objects; each full collection
+    walks them all (~0.3 s, seen on the H200 machine about once every ten 8B steps, baseline and
+    fastft alike). gc.freeze() moves them out of the collector's view for the run; objects made
+    during training are still collected, and gc.unfreeze() hands the rest back afterwards. Does
+    nothing when the caller has frozen objects already (their choice stands)."""
+    if gc.get_freeze_count() > 0:
+        yield
+        return
+    gc.collect()  # what is garbage now is freed, not frozen
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 # SFTTrainer keywords of older trl versions -> the SFTConfig field that holds them now.
 _LEGACY_ARGS = {"dataset_text_field": "dataset_text_field", "max_seq_length": "max_length",
                 "packing": "packing", "dataset_num_proc": "dataset_num_proc"}
@@ -90,6 +112,10 @@ class FastTrainer(SFTTrainer):
                 if old in legacy and legacy[old] is not None:
                     setattr(train_args, new, legacy[old])
         super().__init__(*args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        with frozen_gc():  # no ~0.3 s collector pauses in the training loop
+            return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if (getattr(self.args, "loss_head", "trl") == "fastft" and self.args.loss_type == "nll"

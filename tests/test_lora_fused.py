@@ -583,3 +583,110 @@ def test_factor_casts_follow_updates_the_version_counter_cannot_see():
         got = model(input_ids=ids).logits.float()
         want = ref(input_ids=ids).logits.float()
     assert rel_err(got, want) <= 2e-2   # bf16 compute on both sides; stale factors are off by ~1
+
+
+def test_projections_read_once_per_pass_follow_adapter_state_changes():
+    """The fused forwards read each module's projection once per forward pass. Calling a layer
+    again in the same pass (no new root forward) after disabling or re-enabling its adapter
+    must still compute what peft would: the cache checks peft's adapter state."""
+    calls = _count_fused_calls()
+    model = _peft(_tiny_llama())
+    apply_fused_lora(model)
+    model.train()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        model(input_ids=ids)  # starts a pass
+    mlp = model.base_model.model.model.layers[0].mlp
+    projs = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    x = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        on = mlp(x)
+        for m in projs:
+            m.enable_adapters(False)
+        off = mlp(x)
+        want_off = projs[2].base_layer(nn.functional.silu(projs[0].base_layer(x)) * projs[1].base_layer(x))
+        for m in projs:
+            m.enable_adapters(True)
+        on_again = mlp(x)
+        want_on = type(mlp).forward(mlp, x)  # peft's own modules
+        for m in projs:
+            m.scale_layer(0.5)  # peft edits its scaling dict in place
+        half = mlp(x)
+        want_half = type(mlp).forward(mlp, x)
+        for m in projs:
+            m.unscale_layer(0.5)
+    assert calls["mlp"] >= 3
+    assert rel_err(off, want_off) <= TOL
+    assert rel_err(on, want_on) <= TOL and torch.equal(on, on_again)
+    assert rel_err(half, want_half) <= TOL and rel_err(half, on) > 1e-3
+    assert rel_err(on, off) > 1e-3  # the adapter really changes the output
+
+
+def test_kept_factor_copies_follow_every_step():
+    """bf16 base, float32 factors: the fused path keeps bf16 copies of the factors across passes,
+    refreshes them all in one call per pass and holds the q/k/v and gate/up A copies as row
+    blocks of one stacked buffer. Three steps whose updates the version counter cannot see
+    (written through .data) must give exactly what casting afresh at every use gives."""
+    import fastft.ops.lora as ops
+    from fastft.lora import _PASS_HOOK
+
+    ref = _peft(_tiny_llama().to(torch.bfloat16))
+    uncached = copy.deepcopy(ref)
+    apply_fused_lora(ref)
+    apply_fused_lora(uncached)
+    for m in uncached.modules():  # no forward passes counted: pass 0 casts at every use
+        hook = m.__dict__.pop(_PASS_HOOK, None)
+        if hook is not None:
+            hook.remove()
+    calls = _count_fused_calls()
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(4))
+
+    def train(m, counted):
+        losses = []
+        for _ in range(3):
+            if not counted:
+                ops._FORWARD_PASS[0] = 0
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            with torch.no_grad():
+                for p in m.parameters():
+                    if p.grad is not None:
+                        p.data.add_(p.grad, alpha=-2.0)  # no version bump
+                        p.grad = None
+            losses.append(loss.item())
+        return losses, {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    losses_u, params_u = train(uncached, counted=False)
+    assert not ops._FACTOR_CASTS
+    losses_c, params_c = train(ref, counted=True)
+    assert ops._STACKS and calls["mlp"] >= 12
+    assert losses_c[-1] < losses_c[0] - 1e-3  # the steps changed the factors
+    assert losses_c == losses_u
+    for name in params_u:
+        assert torch.equal(params_c[name], params_u[name]), name
+
+
+def test_inference_mode_forward_in_training_mode_then_training():
+    """A forward under torch.inference_mode() while the model is in training mode (a trainer
+    scoring with the policy, say) goes through the fused path; the cast copies it creates must
+    stay normal tensors, since the training steps after it refresh them in place."""
+    ref = _peft(_tiny_llama().to(torch.bfloat16))
+    model = copy.deepcopy(ref)
+    apply_fused_lora(model)
+    calls = _count_fused_calls()
+    model.train()
+    ref.train()
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        scored = model(input_ids=ids).logits.float()
+        want = ref(input_ids=ids).logits.float()
+    assert calls["proj"] > 0 and rel_err(scored, want) <= 2e-2
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    losses = []
+    for _ in range(2):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[1] < losses[0]

@@ -324,6 +324,31 @@ def test_workspace_is_reused_across_layers():
     assert not nf4_mod._WORKSPACES
 
 
+def test_bound_dequantize_matches_nf4_dequantize():
+    """The call fused LoRA binds once per weight fills the same values as nf4_dequantize."""
+    _, p, s = quantize((24, 192), True, seed=5)
+    want = nf4_dequantize(p, s, dtype=torch.float32, backend="torch")
+    out = torch.full((24 * 192,), float("nan"))
+    nf4_mod.bound_dequantize(nf4_mod.resolve(p, s), "torch")(out)
+    assert torch.equal(out.view(24, 192), want)
+
+
+def test_workspace_views_follow_the_workspace():
+    """workspace_view keeps shaped views of the shared workspace; when the workspace grows or is
+    released they go with it (a kept view would hold the old buffer alive and stale)."""
+    nf4_mod.release_workspaces()
+    small = nf4_mod.workspace_view((8, 16), torch.bfloat16, torch.device("cpu"))
+    assert small.shape == (8, 16) and nf4_mod.workspace_view((8, 16), torch.bfloat16, torch.device("cpu")) is small
+    other = nf4_mod.workspace_view((16, 8), torch.bfloat16, torch.device("cpu"))
+    assert other.data_ptr() == small.data_ptr()
+    big = nf4_mod.workspace_view((64, 64), torch.bfloat16, torch.device("cpu"))  # grows it
+    again = nf4_mod.workspace_view((8, 16), torch.bfloat16, torch.device("cpu"))
+    assert again is not small and again.data_ptr() == big.data_ptr()
+    assert len(nf4_mod._WORKSPACES) == 1
+    nf4_mod.release_workspaces()
+    assert not nf4_mod._WORKSPACES and not nf4_mod._WORKSPACE_VIEWS
+
+
 # ------------------------------------------------------------------------------ Triton ops
 
 def test_triton_custom_ops_pass_opcheck():

@@ -105,14 +105,18 @@ def test_dropout_rng_is_replayed_in_the_recomputation():
     assert max(rel_err(other[1][name], ref[1][name]) for name in ref[1]) > 1e-4
 
 
-def test_full_finetune_with_input_grads():
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])  # sdpa: attention reused in the recompute
+def test_full_finetune_with_input_grads(attn):
     """No LoRA: every parameter (embeddings included, so the layer inputs require grad) matches."""
-    model = _model(lora=False, layers=2)
+    model = _model(attn=attn, lora=False, layers=2)
     batches = [torch.randint(0, 300, (3, 9))]
     ref = _grads(model, batches)
     enable_offloaded_checkpointing(model)
+    calls = _count_sdpa_runs()
     _assert_same(_grads(model, batches), ref)
     assert "model.embed_tokens.weight" in ref[1]
+    if attn == "sdpa":
+        assert calls == {"first forward": 2, "recompute": 0, "plain": 0}
 
 
 def test_hook_survives_trainer_reenable_and_can_be_removed():
@@ -309,10 +313,10 @@ def _count_recomputed_projections():
     calls = []
     orig = ops._project
 
-    def counting(x2, proj, dtype, out=None):
+    def counting(x2, proj, dtype, out=None, xa=None):
         if offload.recomputing():
             calls.append(proj.base.out_features)
-        return orig(x2, proj, dtype, out=out)
+        return orig(x2, proj, dtype, out=out, xa=xa)
 
     ops._project = counting
     _UNDO.append(lambda: setattr(ops, "_project", orig))

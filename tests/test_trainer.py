@@ -170,3 +170,37 @@ def test_fastft_loss_head_matches_trl_loss(tmp_path, monkeypatch):
     assert first["fastft"] == pytest.approx(first["trl"], rel=1e-4)
     with pytest.raises(ValueError, match="loss_head"):
         _args(tmp_path, loss_head="liger")
+
+
+def test_training_runs_with_the_collector_off_the_startup_objects(cpt_setup):
+    """FastTrainer.train freezes the objects that exist at its start (no full-collection pauses
+    over torch/transformers/the model during the loop) and unfreezes them afterwards; a caller's
+    own gc.freeze() is left alone."""
+    import gc
+
+    from transformers import TrainerCallback
+
+    from fastft import FastTrainer
+    from fastft.trainer import frozen_gc
+
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            seen.append(gc.get_freeze_count())
+
+    model, tok, ds, tmp = cpt_setup
+    assert gc.get_freeze_count() == 0
+    trainer = FastTrainer(model=model, processing_class=tok, train_dataset=ds,
+                          args=_args(tmp, max_steps=2), callbacks=[Watch()])
+    trainer.train()
+    assert len(seen) == 2 and all(n > 100_000 for n in seen)  # torch alone is >100k objects
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        with frozen_gc():
+            assert gc.get_freeze_count() == mine
+        assert gc.get_freeze_count() == mine  # not unfrozen by us
+    finally:
+        gc.unfreeze()

@@ -34,11 +34,16 @@ def triton_programs(device: torch.device, rows: int, per_sm: int = 4) -> int:
     return max(1, min(rows, 4))  # interpreter: a few programs exercise the row loop
 
 
+_EXT = []  # fastft._ext, imported on first use (an import statement per call cost ~3 us)
+
+
 def cuda_ops():
     """torch.ops.fastft when fastft._C is loaded, else None."""
-    from fastft import _ext
+    if not _EXT:
+        from fastft import _ext
 
-    return torch.ops.fastft if _ext.C is not None else None
+        _EXT.append(_ext)
+    return torch.ops.fastft if _EXT[0].C is not None else None
 
 
 def launch_device(t: torch.Tensor):

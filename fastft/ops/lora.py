@@ -22,6 +22,8 @@ This module knows nothing about peft: fastft/lora.py reads peft's modules and ca
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 import os
 import weakref
@@ -73,14 +75,20 @@ class Projection:
 _WORKSPACES: dict = {}
 
 
-def _nf4_module():
+@functools.cache
+def _module(name: str):
+    """The fastft module `name`, or None where it is not there. Imported once: the hot paths
+    ask for their modules on every call, and an import statement costs ~3 us each time."""
     try:
-        from fastft.ops import nf4
+        return importlib.import_module(name)
     except ModuleNotFoundError as exc:
-        if exc.name != "fastft.ops.nf4":
+        if exc.name != name:
             raise
         return None
-    return nf4
+
+
+def _nf4_module():
+    return _module("fastft.ops.nf4")
 
 
 def _dequantize_4bit(packed, quant_state, out):
@@ -140,12 +148,12 @@ def _dequantizer(base: Base, dtype: torch.dtype):
         from fastft import dispatch
 
         state = nf4.resolve(base.weight, qs)
-        impl = dispatch.implementation("nf4_dequantize",
-                                       dispatch.backend_for("nf4_dequantize", base.weight.device, dtype))
+        backend = dispatch.backend_for("nf4_dequantize", base.weight.device, dtype)
+        fill = nf4.bound_dequantize(state, backend)
         numel = state.numel
 
         def run(out):
-            impl.dequantize(state, out.view(-1)[:numel])
+            fill(out.view(-1)[:numel])
             return out
         return run
     return lambda out: _dequantize_4bit(base.weight, qs, out)
@@ -166,7 +174,11 @@ def dense_weight(base: Base, dtype: torch.dtype) -> torch.Tensor:
         prepared = base.dequantizers[dtype] = (ptr, _dequantizer(base, qdtype), shape, qdtype,
                                                base.weight.device)
     _, run, shape, qdtype, device = prepared
-    out = run(workspace(shape[0] * shape[1], qdtype, device).view(shape))
+    nf4 = _nf4_module()
+    if nf4 is not None:
+        out = run(nf4.workspace_view(shape, qdtype, device))
+    else:
+        out = run(workspace(shape[0] * shape[1], qdtype, device).view(shape))
     return out if qdtype == dtype else out.to(dtype)
 
 
@@ -193,11 +205,41 @@ def _cast(t, dtype):
 # inside a pass. Outside hooked models (pass 0) nothing is cached.
 _FACTOR_CASTS: dict = {}
 _FORWARD_PASS = [0]
+# (id(factor), dtype) -> [weak ref, the cast copy]: the copies live across passes, so a new
+# pass refreshes all of them with one torch._foreach_copy_ (one host call instead of one per
+# factor: 14 per decoder layer). A copy may be a row block of a stacked buffer (_STACKS).
+_FACTOR_COPIES: dict = {}
+_REFRESHED_PASS = [0]
+# (dtype, ids of the A factors) -> (the stacked buffer, the member copies as its row blocks)
+_STACKS: dict = {}
 
 
 def new_forward_pass(*_args, **_kwargs) -> None:
     _FORWARD_PASS[0] += 1
     _FACTOR_CASTS.clear()
+
+
+def _refresh_copies(current) -> None:
+    """Bring every kept cast copy up to date for this pass, in one call."""
+    _REFRESHED_PASS[0] = current
+    dsts, srcs, entries = [], [], []
+    for key, (ref, copy) in list(_FACTOR_COPIES.items()):
+        t = ref()
+        if t is None or t.shape != copy.shape or t.device != copy.device:
+            del _FACTOR_COPIES[key]
+            continue
+        dsts.append(copy)
+        srcs.append(t.detach())
+        entries.append((key, ref, t, copy))
+    for key, (stacked, views) in list(_STACKS.items()):  # groups whose factors are gone
+        if any(_FACTOR_COPIES.get((tid, key[0]), (None, None))[1] is not view
+               for tid, view in zip(key[1:], views)):
+            del _STACKS[key]
+    if not dsts:
+        return
+    torch._foreach_copy_(dsts, srcs)
+    for (tid, dtype), ref, t, copy in entries:
+        _FACTOR_CASTS[tid] = (ref, current, t._version, dtype, copy)
 
 
 def _factor(t, dtype):
@@ -207,18 +249,75 @@ def _factor(t, dtype):
     current = _FORWARD_PASS[0]
     if current == 0:
         return t.to(dtype)
+    if _REFRESHED_PASS[0] != current:
+        _refresh_copies(current)
     key = id(t)
     hit = _FACTOR_CASTS.get(key)
     version = t._version
     if hit is not None and hit[0]() is t and hit[1:4] == (current, version, dtype):
         return hit[4]
-    cast = t.detach().to(dtype)
     try:
         ref = weakref.ref(t)
     except TypeError:
-        return cast
+        return t.detach().to(dtype)
+    kept = _FACTOR_COPIES.get((key, dtype))
+    if kept is not None and kept[0]() is t and kept[1].shape == t.shape:
+        cast = kept[1]
+        cast.copy_(t.detach())  # in place: a stacked buffer holding it stays whole
+    else:
+        # a normal tensor even inside torch.inference_mode(): later passes refresh it in place
+        with torch.inference_mode(False):
+            cast = t.detach().to(dtype)
+        _FACTOR_COPIES[(key, dtype)] = [weakref.ref(t, lambda _, k=(key, dtype): _FACTOR_COPIES.pop(k, None)),
+                                        cast]
     _FACTOR_CASTS[key] = (ref, current, version, dtype, cast)
     return cast
+
+
+def _stacked_A(projs, dtype):
+    """The A factors of `projs` stacked along the rank, in dtype, so that one GEMM serves all
+    their adapters (x·Aᵀ in forward, dA and the rank-r part of dx in backward). The members'
+    cast copies are row blocks of the stacked buffer, so the per-pass refresh fills it."""
+    As = [p.A for p in projs]
+    if len(As) == 1:
+        return _factor(As[0], dtype)
+    members = [_factor(a, dtype) for a in As]
+    if _FORWARD_PASS[0] == 0 or As[0].dtype == dtype:
+        return torch.cat(members, 0)
+    key = (dtype,) + tuple(id(a) for a in As)
+    hit = _STACKS.get(key)
+    if hit is not None and all(m is v for m, v in zip(members, hit[1])):
+        return hit[0]
+    with torch.inference_mode(False):  # normal tensors: refreshed in place later (see _factor)
+        stacked = torch.cat(members, 0)
+        views = list(stacked.split([a.shape[0] for a in As], 0))
+    for a, view in zip(As, views):
+        kept = _FACTOR_COPIES.get((id(a), dtype))
+        if kept is None:  # (a factor that cannot be weakly referenced)
+            return stacked
+        kept[1] = view
+        cached = _FACTOR_CASTS[id(a)]
+        _FACTOR_CASTS[id(a)] = cached[:4] + (view,)
+    _STACKS[key] = (stacked, views)
+    return stacked
+
+
+def _lora_inputs(x2, projs, dtype):
+    """x·Aᵀ per projection (None without an adapter), from one GEMM over the stacked factors:
+    [N, r] column slices of one [N, Σr] product."""
+    lora = [p for p in projs if p.has_lora]
+    if not lora:
+        return [None] * len(projs)
+    xa_all = x2.mm(_stacked_A(lora, dtype).t())
+    out, start = [], 0
+    for p in projs:
+        if p.has_lora:
+            rank = p.A.shape[0]
+            out.append(xa_all[:, start:start + rank])
+            start += rank
+        else:
+            out.append(None)
+    return out
 
 
 def _base_matmul(x2, base: Base, dtype, out=None):
@@ -237,15 +336,17 @@ def _new_output(lead_shape, features, dtype, device):
     return y, y.view(-1, features)
 
 
-def _project(x2, proj: Projection, dtype, out=None):
-    """(y, x·Aᵀ) for one projection; x·Aᵀ is None without an adapter.
+def _project(x2, proj: Projection, dtype, out=None, xa=None):
+    """(y, x·Aᵀ) for one projection; x·Aᵀ is None without an adapter (pass it as `xa` when it
+    was computed with other projections' in one GEMM, see _lora_inputs).
 
     The rank-r term is written first and the base GEMM accumulates onto it (beta = 1): y is then
     read once, inside the big GEMM's epilogue, instead of in a separate memory-bound pass over
     [tokens, out] after it."""
     if not proj.has_lora:
         return _base_matmul(x2, proj.base, dtype, out=out), None
-    xa = x2.mm(_factor(proj.A, dtype).t())
+    if xa is None:
+        xa = x2.mm(_factor(proj.A, dtype).t())
     if out is None:
         out = torch.empty(x2.shape[0], proj.base.out_features, dtype=dtype, device=x2.device)
     B = _factor(proj.B, dtype).t()
@@ -264,29 +365,59 @@ def _scaled_mm(a, b, scale):
     return out.addmm_(a, b, beta=0.0, alpha=scale)
 
 
-def _lora_grads(dy, x2, xa, proj: Projection, dtype):
-    """dA, dB and the [N, r] term d(xa)·s that feeds dx (all for one projection)."""
-    if not proj.has_lora:
-        return None, None, None
+# torch.mm(a, b, out_dtype=torch.float32) (torch >= 2.8, CUDA): bf16/fp16 inputs, fp32 result
+# straight from the GEMM's fp32 accumulator.
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _grad_mm(a, b, grad_dtype, scale=1.0):
+    """scale * (a @ b) as a LoRA factor's gradient in `grad_dtype` (the factor's own dtype).
+    peft keeps factors in fp32 while the step computes in bf16: on CUDA the GEMM then writes
+    fp32 itself instead of a bf16 result that a cast kernel converts (14 casts per decoder
+    layer and step, and the bf16 rounding of the gradient, saved)."""
+    if (grad_dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda
+            and _MM_OUT_DTYPE):
+        out = torch.mm(a, b, out_dtype=torch.float32)
+        return out if scale == 1.0 else out.mul_(scale)
+    out = a.mm(b) if scale == 1.0 else _scaled_mm(a, b, scale)
+    return out.to(grad_dtype)
+
+
+def _lora_grads(dy, xa, proj: Projection, dtype):
+    """dB (in the factor's dtype) and the [N, r] term d(x·Aᵀ)·s of one projection; dA and dx's
+    rank-r part come from _input_side, for all projections of one input at once."""
     s = proj.scaling
-    B = _factor(proj.B, dtype)
-    dB = _scaled_mm(dy.t(), xa, s)             # [out, r]
-    dxa = _scaled_mm(dy, B, s)                 # [N, r]
-    dA = dxa.t().mm(x2)                        # [r, in]
-    return dA.to(proj.A.dtype), dB.to(proj.B.dtype), dxa
+    dB = _grad_mm(dy.t(), xa, proj.B.dtype, s)            # [out, r]
+    dxa = _scaled_mm(dy, _factor(proj.B, dtype), s)       # [N, r]
+    return dB, dxa
 
 
-def _input_grad(outputs, lora_terms, dtype):
-    """dx = Σ dy·W over `outputs` [(dy, projection)] + Σ dxa·A over `lora_terms`
-    [(dxa, projection)]: the rank-r terms first, as one GEMM over the concatenated ranks, then
-    each base GEMM accumulates onto dx (beta = 1), so dx is never re-read by a separate pass."""
-    dx = None
-    if len(lora_terms) == 1:
-        dxa, p = lora_terms[0]
-        dx = dxa.mm(_factor(p.A, dtype))
-    elif lora_terms:
-        dx = torch.cat([d for d, _ in lora_terms], 1).mm(
-            torch.cat([_factor(p.A, dtype) for _, p in lora_terms], 0))
+def _input_side(x2, lora_terms, dtype, need_dx):
+    """For the adapters of one input x2, `lora_terms` [(d(x·Aᵀ)·s, projection)]: the dA of
+    each (in its factor's dtype) and the rank-r part of dx (None if not needed), each one GEMM
+    over the concatenated ranks."""
+    if not lora_terms:
+        return [], None
+    projs = [p for _, p in lora_terms]
+    dxa = lora_terms[0][0] if len(lora_terms) == 1 else torch.cat([d for d, _ in lora_terms], 1)
+    grad_dtype = projs[0].A.dtype
+    if any(p.A.dtype != grad_dtype for p in projs):
+        grad_dtype = dtype
+    dA_all = _grad_mm(dxa.t(), x2, grad_dtype)            # [Σr, in]
+    dAs, start = [], 0
+    for p in projs:
+        rank = p.A.shape[0]
+        # row blocks of one buffer: autograd takes such a view as the .grad as it is
+        dAs.append(dA_all[start:start + rank].to(p.A.dtype))
+        start += rank
+    dx = dxa.mm(_stacked_A(projs, dtype)) if need_dx else None
+    return dAs, dx
+
+
+def _input_grad(outputs, dx, dtype):
+    """dx (the rank-r part from _input_side, or None) + Σ dy·W over `outputs`
+    [(dy, projection)]: each base GEMM accumulates onto dx (beta = 1), so dx is never re-read
+    by a separate pass."""
     for dy, p in outputs:
         W = dense_weight(p.base, dtype)  # right before its use: a 4-bit W is the shared workspace
         dx = dy.mm(W) if dx is None else dx.addmm_(dy, W)
@@ -347,19 +478,18 @@ class _LoRAProjections(torch.autograd.Function):
                 (y,), _ = taken
                 p = projs[0]
                 outs = [y]
-                xas = [x2.mm(_factor(p.A, dtype).t()) if p.has_lora else None]
+                xas = _lora_inputs(x2, projs, dtype)
             elif reuse == "attention inputs" and offload.replaying() and _attention().reused_inputs_ahead():
                 # attention will take q/k/v from the stash and nothing else reads these values
                 # (RoPE's backward does not): only the autograd node and x·Aᵀ are needed
                 outs = [_new_output(x.shape[:-1], p.base.out_features, dtype, x.device)[0] for p in projs]
-                xas = [x2.mm(_factor(p.A, dtype).t()) if p.has_lora else None for p in projs]
+                xas = _lora_inputs(x2, projs, dtype)
             else:
-                outs, xas = [], []
-                for p in projs:
+                outs, xas = [], _lora_inputs(x2, projs, dtype)
+                for p, xa in zip(projs, xas):
                     y, y2 = _new_output(x.shape[:-1], p.base.out_features, dtype, x.device)
-                    _, xa = _project(x2, p, dtype, out=y2)
+                    _project(x2, p, dtype, out=y2, xa=xa)
                     outs.append(y)
-                    xas.append(xa)
                 if reuse == "output" and offload.stashing():
                     offload.stash_put(_REUSE_TAG, outs)
                 elif reuse == "attention inputs" and offload.stashing():
@@ -378,19 +508,23 @@ class _LoRAProjections(torch.autograd.Function):
         it = iter(saved_xa)
         xas = [next(it) if has else None for has in ctx.has_xa]
         dtype = ctx.dtype
-        adapter_grads, outputs, lora_terms = [], [], []
+        need_dx = ctx.needs_input_grad[0]
+        dBs, outputs, lora_terms = {}, [], []
         with _AutocastOff(x2.device.type):
-            for p, g, xa in zip(ctx.projs, grads, xas):
+            for i, (p, g, xa) in enumerate(zip(ctx.projs, grads, xas)):
                 if g is None:
-                    adapter_grads += [None, None]
                     continue
                 dy = _cast(_rows(g), dtype)
-                dA, dB, dxa = _lora_grads(dy, x2, xa, p, dtype)
-                adapter_grads += [dA, dB]
                 outputs.append((dy, p))
-                if dxa is not None:
+                if p.has_lora:
+                    dBs[i], dxa = _lora_grads(dy, xa, p, dtype)
                     lora_terms.append((dxa, p))
-            dx = _input_grad(outputs, lora_terms, dtype) if ctx.needs_input_grad[0] else None
+            dAs, dx = _input_side(x2, lora_terms, dtype, need_dx)
+            dx = _input_grad(outputs, dx, dtype) if need_dx else None
+        dAs = iter(dAs)
+        adapter_grads = []
+        for i in range(len(ctx.projs)):
+            adapter_grads += [next(dAs), dBs[i]] if i in dBs else [None, None]
         if dx is not None:
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         return (dx, None, None, *adapter_grads)
@@ -400,9 +534,7 @@ _REUSE_TAG = "projection output"
 
 
 def _attention():
-    from fastft import attention  # imported late: it imports transformers' integrations
-
-    return attention
+    return _module("fastft.attention")  # imported late: it imports transformers' integrations
 
 
 def lora_linear(x: torch.Tensor, proj: Projection, reuse_in_recompute: bool = False) -> torch.Tensor:
@@ -440,14 +572,9 @@ def _glu_backend(kind, device, dtype):
     backward(dh, gate, up, d_gate, d_up, act) writing into gate/up when d_* is None) and its
     activation name; None when that module is not there. CPU uses its torch backend (the
     Triton interpreter would only slow the CPU path down)."""
-    try:
-        from fastft.ops import activations
-    except ModuleNotFoundError as exc:
-        if exc.name != "fastft.ops.activations":
-            raise
+    if _module("fastft.ops.activations") is None:
         return None
-    from fastft import dispatch
-
+    dispatch = _module("fastft.dispatch")
     op, act = _GLU_ACT[kind]
     backend = dispatch.backend_for(op, device, dtype, "torch" if device.type != "cuda" else None)
     return dispatch.implementation(op, backend), act
@@ -538,8 +665,9 @@ def _mlp_tile_forward(x2, gate, up, down, kind, dtype, out, need_output=True):
     """One tile's forward into `out`; returns what its backward needs (g, u, x·Aᵀ of gate and
     up, h·Aᵀ of down). need_output=False skips the down projection's base matmul and leaves
     `out` unwritten (a recompute that never reads the output; the tiled backward)."""
-    g, xag = _project(x2, gate, dtype)
-    u, xau = _project(x2, up, dtype)
+    xag, xau = _lora_inputs(x2, (gate, up), dtype)
+    g, _ = _project(x2, gate, dtype, xa=xag)
+    u, _ = _project(x2, up, dtype, xa=xau)
     if not need_output:  # only h·Aᵀ of the down adapter (for its dB), when there is one
         ha = _act_forward(kind, g, u).mm(_factor(down.A, dtype).t()) if down.has_lora else None
         return g, u, xag, xau, ha
@@ -560,21 +688,24 @@ def _mlp_tile_backward(dy, x2, g, u, xag, xau, ha, gate, up, down, kind, dtype, 
         dh = dy.mm(dense_weight(down.base, dtype))
     h = _act_backward_inplace(kind, dh, g, u, need_h=down.has_lora)  # g <- d_gate, u <- d_up
     del dh
-    grads = []
-    for p, dout, inp, xa in ((gate, g, x2, xag), (up, u, x2, xau)):
-        dA, dB, dxa = _lora_grads(dout, inp, xa, p, dtype)
-        grads.append((dA, dB, dxa))
+    dBs, lora_terms = [None, None], []
+    for i, (p, dout, xa) in enumerate(((gate, g, xag), (up, u, xau))):
+        if p.has_lora:
+            dBs[i], dxa = _lora_grads(dout, xa, p, dtype)
+            lora_terms.append((dxa, p))
+    dAs, dx = _input_side(x2, lora_terms, dtype, need_dx)
+    dAs = iter(dAs)
+    dA_g = next(dAs) if gate.has_lora else None
+    dA_u = next(dAs) if up.has_lora else None
     if down.has_lora:
-        dB_d = _scaled_mm(dy.t(), ha, down.scaling)
-        dA_d = dxa_d.t().mm(h)
+        dB_d = _grad_mm(dy.t(), ha, down.B.dtype, down.scaling)
+        dA_d = _grad_mm(dxa_d.t(), h, down.A.dtype)
     else:
         dA_d = dB_d = None
     del h
-    dx = None
     if need_dx:
-        lora_terms = [(d, p) for (_, _, d), p in zip(grads, (gate, up)) if d is not None]
-        dx = _input_grad([(g, gate), (u, up)], lora_terms, dtype)
-    return dx, [grads[0][0], grads[0][1], grads[1][0], grads[1][1], dA_d, dB_d]
+        dx = _input_grad([(g, gate), (u, up)], dx, dtype)
+    return dx, [dA_g, dBs[0], dA_u, dBs[1], dA_d, dB_d]
 
 
 def _add(acc, value):
@@ -645,7 +776,7 @@ class _LoRAMLP(torch.autograd.Function):
                     grads = [_add(a, b) for a, b in zip(grads, tile_grads)]
         if dx is not None:
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
-        # computed (and tile-accumulated) in the compute dtype; handed back in the factors' dtype
+        # in the factors' dtype already where _grad_mm could (then .to is free)
         adapter_grads = [None if t is None else gr.to(t.dtype)
                          for gr, t in zip(grads, _lora_tensors(ctx.projs))]
         return (dx, None, None, None, None, None, None, *adapter_grads)

@@ -363,8 +363,15 @@ def _capability_major(device) -> int:
 class _CudaBackend:
     @staticmethod
     def dequantize(st: Resolved, out_flat: torch.Tensor) -> None:
-        cuda_ops().nf4_dequantize(*_state_args(st), st.blocksize, st.blocksize2, st.numel,
-                                  out_flat)
+        _CudaBackend.bound_dequantize(st)(out_flat)
+
+    @staticmethod
+    def bound_dequantize(st: Resolved):
+        """out_flat -> None with the kernel and its state arguments looked up once (QLoRA
+        dequantises 16 weights per layer and step; the lookups cost ~30 us a call)."""
+        kernel = torch.ops.fastft.nf4_dequantize.default
+        args = (*_state_args(st), st.blocksize, st.blocksize2, st.numel)
+        return lambda out_flat: kernel(*args, out_flat)
 
     @staticmethod
     def fused_ok(st: Resolved, x: torch.Tensor) -> bool:
@@ -395,6 +402,10 @@ if cuda_ops() is not None and hasattr(cuda_ops(), "nf4_dequantize"):
 # ---------------------------------------------------------------- the shared workspace
 
 _WORKSPACES: dict = {}
+# (shape, dtype, device) -> a view of the current workspace: QLoRA asks for the same few weight
+# shapes 16 times per decoder layer and step. Dropped whenever a workspace is replaced or
+# released, so no view keeps an old buffer alive.
+_WORKSPACE_VIEWS: dict = {}
 
 
 def workspace(numel: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -405,13 +416,37 @@ def workspace(numel: int, dtype: torch.dtype, device) -> torch.Tensor:
     key = (torch.device(device), dtype)
     buf = _WORKSPACES.get(key)
     if buf is None or buf.numel() < numel:
+        _WORKSPACE_VIEWS.clear()
         _WORKSPACES.pop(key, None)  # free the old one before allocating the larger
         buf = _WORKSPACES[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 
+def bound_dequantize(st: Resolved, backend: str):
+    """out_flat -> None filling out_flat with st's weight on `backend` (a dispatch choice),
+    with what can be looked up once looked up once."""
+    impl = dispatch.implementation("nf4_dequantize", backend)
+    bind = getattr(impl, "bound_dequantize", None)
+    return bind(st) if bind is not None else (lambda out_flat: impl.dequantize(st, out_flat))
+
+
+def workspace_view(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The workspace as a `shape` tensor (its first prod(shape) elements)."""
+    key = (shape, dtype, device)
+    view = _WORKSPACE_VIEWS.get(key)
+    if view is None:
+        numel = 1
+        for d in shape:
+            numel *= d
+        view = workspace(numel, dtype, device).view(shape)
+        if not torch.compiler.is_compiling():
+            _WORKSPACE_VIEWS[key] = view
+    return view
+
+
 def release_workspaces() -> None:
     """Free the dequantisation workspaces (they are re-created on the next large-M call)."""
+    _WORKSPACE_VIEWS.clear()
     _WORKSPACES.clear()
 
 
