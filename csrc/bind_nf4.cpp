@@ -3,9 +3,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "binding.h"
 #include "nf4.h"
 
@@ -84,40 +81,16 @@ void dequantize(const at::Tensor& packed, const at::Tensor& absmax,
   check_launch();
 }
 
-// Unset or FASTFT_NF4_GEMV=v1: the v1 kernel (every weight value exactly as nf4_dequantize
-// rounds it). v2: the stream-K fp16-mma kernel, v3: the fp16-mma kernel with ~2 instructions
-// per packed byte, each wherever it applies (nf4_gemv_v2_ok / nf4_gemv_v3_ok; v1 elsewhere).
-// On the H200 v2 was no faster than v1 (from 7% faster at M=1, 4096->14336 to 42% slower at
-// M=16, 14336->4096), so v1 is the default; v3 is not yet timed. Read on every call so that a
-// benchmark can time all three in one process.
-int requested_variant() {
-  const char* v = std::getenv("FASTFT_NF4_GEMV");
-  if (v == nullptr || *v == 0 || std::strcmp(v, "v1") == 0) return 1;
-  if (std::strcmp(v, "v2") == 0) return 2;
-  if (std::strcmp(v, "v3") == 0) return 3;
-  TORCH_CHECK(false, "fastft nf4: FASTFT_NF4_GEMV must be v1, v2 or v3 (or unset), got '", v,
-              "'");
-  return 1;
-}
-
-// FASTFT_NF4_V3_SPLITS=n (benchmarks, tuning): v3 splits K into n parts (more where a part
-// would exceed the x staging of one CTA) instead of the plan's choice. Unset: the plan's.
-int requested_v3_splits() {
-  const char* v = std::getenv("FASTFT_NF4_V3_SPLITS");
-  if (v == nullptr || *v == 0) return 0;
-  char* end = nullptr;
-  const long n = std::strtol(v, &end, 10);
-  TORCH_CHECK(end != v && *end == 0 && n >= 1 && n <= 65535,
-              "fastft nf4: FASTFT_NF4_V3_SPLITS must be a whole number from 1 to 65535 (or "
-              "unset), got '", v, "'");
-  return (int)n;
-}
-
 void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
           const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
           const c10::optional<at::Tensor>& offset, const at::Tensor& code,
           const c10::optional<at::Tensor>& bias, int64_t blocksize, int64_t blocksize2,
-          const at::Tensor& y) {
+          int64_t variant, int64_t v3_splits, const at::Tensor& y) {
+  // variant / v3_splits: fastft/ops/nf4.py reads and checks FASTFT_NF4_GEMV and
+  // FASTFT_NF4_V3_SPLITS (0 = the plan chooses), so the extension reads no environment.
+  TORCH_CHECK(variant >= 0 && variant <= 3 && v3_splits >= 0 && v3_splits <= 65535,
+              "fastft nf4: variant must be 0..3 and v3_splits 0..65535, got ", variant, ", ",
+              v3_splits);
   check_rows(x, "x");
   check_rows(y, "y");
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
@@ -158,8 +131,8 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   a.y = y.data_ptr(); a.y_stride = y.stride(0);
   a.M = (int)M; a.N = (int)N; a.K = (int)K;
   a.dtype = dtype_tag(x);
-  a.variant = requested_variant();
-  a.v3_splits = a.variant == 3 ? requested_v3_splits() : 0;
+  a.variant = (int)variant;
+  a.v3_splits = variant == 3 ? (int)v3_splits : 0;
   nf4_gemv_plan(w, a, sm_count(x));
   // Split K: float32 partials and the row blocks' completion counters in one scratch
   // allocation of this call (stream-ordered by the caching allocator, captured into a CUDA

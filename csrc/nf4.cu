@@ -1407,6 +1407,11 @@ static void plan_v3(NF4GemvArgs& a, int sms, int requested_splits) {
 void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   const int v3_requested_splits = a.v3_splits;
   a.split = a.per_split = a.v2_blocks = a.v2_steps = a.v3_steps = a.v3_splits = 0;
+  // Automatic choice (variant 0), from the H200 (run 17, one run, M = 1..16): v3 was faster
+  // than v1 at every M where the output is wide (4096 -> 14336: 0.025-0.031 ms vs 0.029-0.041)
+  // and slower, or level at M = 16, where it is narrow (14336 -> 4096). Between the two (e.g.
+  // square weights) nothing was timed, so v1 stays.
+  if (a.variant == 0) a.variant = (int64_t)a.N >= 2 * (int64_t)a.K ? 3 : 1;
   if (a.variant == 3 && nf4_gemv_v3_ok(w, a)) {
     plan_v3(a, sms, v3_requested_splits);
     return;

@@ -40,8 +40,9 @@ struct NF4GemvArgs {
   void* y; int64_t y_stride;
   int M, N, K;
   int dtype;
-  // In: the requested kernel (1, 2 or 3); the plan takes v2 / v3 where they apply (see
-  // nf4_gemv_v2_ok / nf4_gemv_v3_ok), v1 otherwise. Out: the kernel that runs.
+  // In: the requested kernel (1, 2 or 3; 0 = the plan's choice: v3 for wide outputs); the
+  // plan takes v2 / v3 where they apply (see nf4_gemv_v2_ok / nf4_gemv_v3_ok), v1 otherwise.
+  // Out: the kernel that runs.
   int variant;
   int split;        // v1: K ranges (grid.y), set by nf4_gemv_plan
   int per_split;    // v1: 128-value chunks per K range, set by nf4_gemv_plan

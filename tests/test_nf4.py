@@ -489,7 +489,7 @@ def test_cuda_ops_pass_opcheck():
         y = torch.empty(5, 64, dtype=torch.bfloat16, device="cuda")
         torch.library.opcheck(ops.nf4_gemv, (x, st.packed, st.absmax, st.absmax2, st.code2,
                                              st.offset, st.code, None, st.blocksize,
-                                             st.blocksize2, y))
+                                             st.blocksize2, 0, 0, y))
 
 
 @pytest.mark.gpu
@@ -741,6 +741,29 @@ def test_fused_matmul_gpu_x_ranges(backend, variant, monkeypatch):
             assert rel_err(y[i], ref[i]) < RTOL[torch.bfloat16], (rows, i, rel_err(y[i], ref[i]))
 
 
+def test_gemv_settings_from_environment(monkeypatch):
+    """FASTFT_NF4_GEMV / FASTFT_NF4_V3_SPLITS are read and checked in Python (the extension
+    gets plain numbers): unset / auto = 0 (the plan chooses), bad values name the variable."""
+    monkeypatch.delenv("FASTFT_NF4_GEMV", raising=False)
+    monkeypatch.delenv("FASTFT_NF4_V3_SPLITS", raising=False)
+    assert nf4_mod.gemv_settings() == (0, 0)
+    for name, variant in (("", 0), ("auto", 0), ("v1", 1), ("v2", 2), ("v3", 3)):
+        monkeypatch.setenv("FASTFT_NF4_GEMV", name)
+        assert nf4_mod.gemv_settings() == (variant, 0)
+    for splits in ("1", "7", "65535"):
+        monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", splits)
+        assert nf4_mod.gemv_settings() == (3, int(splits))
+    for splits in ("0", "-1", " 3", "x", "2.5", "65536"):
+        monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", splits)
+        with pytest.raises(ValueError, match="FASTFT_NF4_V3_SPLITS must be a whole number"):
+            nf4_mod.gemv_settings()
+    monkeypatch.delenv("FASTFT_NF4_V3_SPLITS")
+    for name in ("v4", "V1", "v1 "):
+        monkeypatch.setenv("FASTFT_NF4_GEMV", name)
+        with pytest.raises(ValueError, match="FASTFT_NF4_GEMV must be auto, v1, v2 or v3"):
+            nf4_mod.gemv_settings()
+
+
 @pytest.mark.gpu
 def test_fused_matmul_gpu_rejects_unknown_variant(monkeypatch):
     if "cuda" not in backends("nf4_matmul", "cuda"):
@@ -748,8 +771,35 @@ def test_fused_matmul_gpu_rejects_unknown_variant(monkeypatch):
     _, packed, state = quantize((256, 512), True, device="cuda")
     x = torch.randn(2, 512, dtype=torch.bfloat16, device="cuda")
     monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
-    with pytest.raises(RuntimeError, match="FASTFT_NF4_GEMV must be v1, v2 or v3"):
+    with pytest.raises(ValueError, match="FASTFT_NF4_GEMV must be auto, v1, v2 or v3"):
         nf4_matmul(x, packed, state, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_fused_matmul_gpu_auto_variant(monkeypatch):
+    """Unset FASTFT_NF4_GEMV: v3 where out_features >= 2 x in_features (and v3 applies), v1
+    elsewhere; bit for bit the forced kernel's result."""
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    monkeypatch.delenv("FASTFT_NF4_V3_SPLITS", raising=False)
+    for (out_f, in_f), blocksize, want in ((((1000, 448), 64, "v3")), (((896, 448), 64, "v3")),
+                                           (((895, 448), 64, "v1")), (((600, 4480), 64, "v1")),
+                                           (((1000, 448), 32, "v1")), (((900, 384), 64, "v3"))):
+        _, packed, state = quantize((out_f, in_f), True, blocksize=blocksize, device="cuda",
+                                    seed=out_f)
+        for rows, dtype in ((1, torch.bfloat16), (9, torch.float16), (16, torch.bfloat16)):
+            x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)) \
+                .to(device="cuda", dtype=dtype)
+            monkeypatch.delenv("FASTFT_NF4_GEMV", raising=False)
+            got = nf4_matmul(x, packed, state, backend="cuda")
+            monkeypatch.setenv("FASTFT_NF4_GEMV", want)
+            forced = nf4_matmul(x, packed, state, backend="cuda")
+            other = "v1" if want == "v3" else "v3"
+            monkeypatch.setenv("FASTFT_NF4_GEMV", other)
+            assert torch.equal(got, forced), (out_f, in_f, blocksize, rows, want)
+            if not (want == "v1" and blocksize == 32):  # v3 does not take blocksize 32
+                assert not torch.equal(got, nf4_matmul(x, packed, state, backend="cuda")), \
+                    ("the two kernels should differ in rounding here", out_f, in_f, rows)
 
 
 @pytest.mark.gpu
@@ -825,7 +875,7 @@ def test_fused_matmul_gpu_v3_requested_splits(monkeypatch):
             assert torch.equal(y, nf4_matmul(x, packed, state, bias, backend="cuda")), splits
     monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", "0")
     x = torch.randn(2, 64 * 70, dtype=torch.bfloat16, device="cuda")
-    with pytest.raises(RuntimeError, match="FASTFT_NF4_V3_SPLITS must be a whole number"):
+    with pytest.raises(ValueError, match="FASTFT_NF4_V3_SPLITS must be a whole number"):
         nf4_matmul(x, packed, state, backend="cuda")
 
 

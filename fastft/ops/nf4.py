@@ -18,11 +18,11 @@ nf4_matmul(x, W) = x @ W.T (+ bias) where W is the dequantised [out, in] weight,
 Up to SMALL_M rows of x (decode) a fused kernel reads the packed weight directly (bf16/fp16 x;
 the Triton kernel and CUDA's v1 multiply by exactly the dequantised W, each value rounded as
 nf4_dequantize rounds it, so they differ from dequantise + matmul only in the float32
-summation order; CUDA's v1 is the default. FASTFT_NF4_GEMV=v2 selects a kernel (in_features %
-64 == 0, blocksize >= 64) that multiplies by the NF4 levels rounded to fp16 and applies each
-block's float32 scale to the float32 sums, i.e. W to 2^-11 per level; measured no faster on the
-H200, it is kept opt-in; FASTFT_NF4_GEMV=v3 selects a kernel with v2's numerics and shapes
-that spends ~2 instructions per packed byte, opt-in until timed). Larger inputs, float32 x and
+summation order). CUDA's v2 and v3 (in_features % 64 == 0, blocksize >= 64) multiply by the NF4
+levels rounded to fp16 and apply each block's float32 scale to the float32 sums, i.e. W to
+2^-11 per level; v3 spends ~2 instructions per packed byte. The CUDA backend picks v3 where the
+output is at least twice as wide as the input (faster than v1 there on the H200) and v1
+elsewhere; FASTFT_NF4_GEMV=v1|v2|v3 forces one (see gemv_settings). Larger inputs, float32 x and
 shapes the fused kernels don't take dequantise W into a per-device workspace (reused by every
 layer, see workspace()) and call cuBLAS. Only x (and a bias) get gradients: the quantised
 weight is frozen; backward dequantises again (dx = dy @ W), nothing W-sized is saved.
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import weakref
 from typing import Any, NamedTuple
 
@@ -383,7 +384,30 @@ class _CudaBackend:
 
     @staticmethod
     def gemv(x2, st, bias, y) -> None:
-        cuda_ops().nf4_gemv(x2, *_state_args(st), bias, st.blocksize, st.blocksize2, y)
+        variant, v3_splits = gemv_settings()
+        cuda_ops().nf4_gemv(x2, *_state_args(st), bias, st.blocksize, st.blocksize2, variant,
+                            v3_splits, y)
+
+
+# FASTFT_NF4_GEMV picks the CUDA backend's fused small-M kernel: unset or "auto" lets the
+# extension choose (v3 where the output is at least twice as wide as the input, v1 elsewhere:
+# what the H200 measured), "v1" / "v2" / "v3" force one where it applies. FASTFT_NF4_V3_SPLITS
+# forces v3's K split (tuning). Read on every call, so that one process can time every kernel.
+_GEMV_VARIANTS = {"": 0, "auto": 0, "v1": 1, "v2": 2, "v3": 3}
+
+
+def gemv_settings() -> tuple[int, int]:
+    """(variant, v3 K splits) for torch.ops.fastft.nf4_gemv from the environment; 0 means
+    the extension's plan chooses."""
+    name = os.environ.get("FASTFT_NF4_GEMV", "")
+    if name not in _GEMV_VARIANTS:
+        raise ValueError(f"FASTFT_NF4_GEMV must be auto, v1, v2 or v3 (or unset), got {name!r}")
+    text = os.environ.get("FASTFT_NF4_V3_SPLITS", "")
+    splits = int(text) if text.isdigit() else -1  # isdigit: no sign, no spaces
+    if text and not 1 <= splits <= 65535:
+        raise ValueError("FASTFT_NF4_V3_SPLITS must be a whole number from 1 to 65535 (or "
+                         f"unset), got {text!r}")
+    return _GEMV_VARIANTS[name], max(splits, 0)
 
 
 _BACKENDS: dict[str, Any] = {"torch": _TorchBackend, "triton": _TritonBackend,
