@@ -11,6 +11,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
 export FASTFT_BUILD_CUDA=1
 SELECT=${1:-}
+BENCH_SELECT=${BENCH_SELECT:-$SELECT}  # a different -k for the benchmarks than for the tests
 TESTS=${TESTS:-tests}      # e.g. TESTS="tests/test_norms.py tests/test_rope.py"
 BENCHES=${BENCHES:-bench}
 PY=python3
@@ -56,7 +57,7 @@ if [ "$BENCHES" = none ]; then stamp "benchmarks skipped (BENCHES=none)"; else
 stamp "benchmarks"
 FASTFT_BENCH_OUT="$OUT/kernels.json" timeout ${BENCH_TIMEOUT:-420} $PY -m pytest $BENCHES -q \
     -p no:cacheprovider -o python_files='bench_*.py' -o python_functions='bench_*' \
-    ${SELECT:+-k "$SELECT"} --benchmark-json="$OUT/pytest-benchmark.json" \
+    ${BENCH_SELECT:+-k "$BENCH_SELECT"} --benchmark-json="$OUT/pytest-benchmark.json" \
     > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"; tail -3 "$OUT/bench.log"
 fi
