@@ -1451,17 +1451,21 @@ bool nf4_gemv_needs_scratch(const NF4GemvArgs& a) {
 }
 
 namespace {
-template <typename T, int MT>
-void launch_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
-  constexpr int kMaxSmem = kLevelBytes + kCode2Bytes + kMaxXBytes;
+// The opt-in to more than 48 KB of dynamic shared memory: once per kernel and device.
+template <auto Kernel>
+void allow_dynamic_smem(int bytes) {
   int device = 0;
   cudaGetDevice(&device);
-  static bool raised[256] = {};  // the opt-in to > 48 KB of shared memory, per device
+  static bool raised[256] = {};
   if (device >= 0 && device < 256 && !raised[device]) {
-    cudaFuncSetAttribute(nf4_gemv_kernel<T, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         kMaxSmem);
+    cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     raised[device] = true;
   }
+}
+
+template <typename T, int MT>
+void launch_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
+  allow_dynamic_smem<nf4_gemv_kernel<T, MT>>(kLevelBytes + kCode2Bytes + kMaxXBytes);
   const int xs_stride = a.per_split * kChunk + 16;  // 32 bytes mod 128: see the layout note
   const size_t smem = kLevelBytes + kCode2Bytes + (size_t)MT * 8 * xs_stride * sizeof(T);
   const dim3 grid((unsigned)((a.N + kBlockRows - 1) / kBlockRows), (unsigned)a.split);
@@ -1471,14 +1475,7 @@ void launch_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) 
 
 template <typename T, int MT, bool NESTED>
 void launch_gemv_v2(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
-  int device = 0;
-  cudaGetDevice(&device);
-  static bool raised[256] = {};  // the opt-in to > 48 KB of shared memory, per device
-  if (device >= 0 && device < 256 && !raised[device]) {
-    cudaFuncSetAttribute(nf4_gemv_v2_kernel<T, MT, NESTED>,
-                         cudaFuncAttributeMaxDynamicSharedMemorySize, kV2MaxSmem);
-    raised[device] = true;
-  }
+  allow_dynamic_smem<nf4_gemv_v2_kernel<T, MT, NESTED>>(kV2MaxSmem);
   const int xs_stride = a.v2_steps * kV2Step + 8;  // halves: 16 bytes mod 128
   const size_t smem = 2 * kV2TableBytes + (size_t)MT * 8 * xs_stride * 2;
   nf4_gemv_v2_kernel<T, MT, NESTED>
@@ -1487,14 +1484,7 @@ void launch_gemv_v2(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t strea
 
 template <typename T, int MT, bool NESTED>
 void launch_gemv_v3(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
-  int device = 0;
-  cudaGetDevice(&device);
-  static bool raised[256] = {};  // the opt-in to > 48 KB of shared memory, per device
-  if (device >= 0 && device < 256 && !raised[device]) {
-    cudaFuncSetAttribute(nf4_gemv_v3_kernel<MT, NESTED, T>,
-                         cudaFuncAttributeMaxDynamicSharedMemorySize, kV3Smem);
-    raised[device] = true;
-  }
+  allow_dynamic_smem<nf4_gemv_v3_kernel<MT, NESTED, T>>(kV3Smem);
   const dim3 grid((unsigned)((a.N + kV3Rows - 1) / kV3Rows), (unsigned)a.v3_splits);
   nf4_gemv_v3_kernel<MT, NESTED, T><<<grid, kV3Threads, kV3Smem, stream>>>(w, a);
 }
