@@ -529,6 +529,9 @@ def test_fused_matmul_gpu_compiled_repeated_and_replayed_equal_eager(backend, va
         def run(x):
             return nf4_matmul(x, packed, state, bias, backend=backend)
 
+        # `run` is one code object for every shape and parametrisation in this worker: without
+        # a reset its recompiles add up past dynamo's limit (8), which fullgraph makes an error
+        torch._dynamo.reset()
         compiled = torch.compile(run, fullgraph=True, dynamic=False)
         g = torch.Generator().manual_seed(i)
         new_x = lambda: torch.randn(rows, w_shape[1], generator=g).to(  # noqa: E731
