@@ -22,6 +22,10 @@ over the timed steps after warm-up; a step = forward + backward + AdamW step), p
 memory after load + LoRA setup, their difference ("beyond_setup"), and the loss of every step
 (same seed and data in both variants, so the curves can be compared).
 
+--memory-breakdown: after the timed steps, one more step with the CUDA allocator's history
+recorded; the JSON then holds the blocks alive at that step's peak, grouped by the fastft /
+transformers / peft line that allocated them (what to slim to make room under the memory bar).
+
 --longest / --longest-only: the longest batch-1 sequence that trains one step of the 8B QLoRA
 model with the process capped at --cap-gb GB (10^9 bytes, torch.cuda.set_per_process_memory_fraction),
 each probe its own subprocess. Baseline: binary search over --baseline-range (short: each probe
@@ -240,6 +244,8 @@ def run_worker(spec: dict) -> dict:
                          "peak_gib_forward_backward_optimizer": [round(p, 3) for p in phase_peaks]})
         run_peak = max([run_peak, *phase_peaks])
     result["per_step"] = per_step
+    if spec.get("memory_breakdown") and cuda:
+        result["memory_breakdown"] = _memory_breakdown(model, opt, batches[0])
     if spec.get("profile") and cuda:
         result["issue_timing"] = _issue_timing(model, opt, batches[0])
         result["profile"] = _profile_step(model, opt, batches[0])
@@ -312,6 +318,69 @@ def train_step(model, opt, ids, marks=None, phase_peaks=None):
     opt.zero_grad(set_to_none=True)
     phase_end()
     return loss
+
+
+_OWN_CODE = ("/fastft/", "/transformers/", "/peft/")
+
+
+def _site(frames) -> str:
+    """The innermost frame of our, transformers' or peft's code in an allocation's stack (torch's
+    own frames say little about which tensor it is); frames come innermost first."""
+    for f in frames:
+        name = f.get("filename", "")
+        if any(part in name for part in _OWN_CODE):
+            return f"{os.path.basename(name)}:{f.get('line', 0)} {f.get('name', '')}"
+    return "(no fastft / transformers / peft frame)"
+
+
+def live_at_peak(events, top: int = 30) -> dict:
+    """From one device's allocator trace (torch.cuda.memory._snapshot()["device_traces"][i]):
+    the blocks alive when the bytes allocated during the trace were highest, grouped by the
+    site that allocated them. A block counts as freed when its free is requested, as
+    torch.cuda.memory_allocated counts it; blocks allocated before the trace are not in it."""
+    live, total, peak, at_peak = {}, 0, 0, {}
+    for e in events:
+        action = e.get("action")
+        if action == "alloc":
+            live[e["addr"]] = (e["size"], _site(e.get("frames") or []))
+            total += e["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif action in ("free_requested", "free_completed"):
+            block = live.pop(e["addr"], None)
+            if block is not None:
+                total -= block[0]
+    groups = {}
+    for size, site in at_peak.values():
+        n, b = groups.get(site, (0, 0))
+        groups[site] = (n + 1, b + size)
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][1])
+    return {"peak_bytes_during_trace": peak,
+            "sites": [{"site": site, "blocks": n, "bytes": b} for site, (n, b) in ranked[:top]],
+            "other_bytes": sum(b for _, (_, b) in ranked[top:])}
+
+
+def _memory_breakdown(model, opt, ids):
+    """One more training step with the allocator's history recorded (python stacks only, so the
+    recording stays cheap); returns live_at_peak of it, plus what was allocated before the step
+    (weights, optimizer state, caches), which the trace does not see."""
+    import torch
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python",
+                                             max_entries=1_000_000)
+    try:
+        train_step(model, opt, ids)
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    events = snapshot["device_traces"][torch.cuda.current_device()]
+    result = live_at_peak(events)
+    result["allocated_before_step_bytes"] = before
+    result["events"] = len(events)
+    return result
 
 
 def _issue_timing(model, opt, ids):
@@ -543,6 +612,9 @@ def main(argv=None):
     ap.add_argument("--longest-timeout", type=float, default=590.0)
     ap.add_argument("--profile", action="store_true",
                     help="after the timed steps, profile one more step: GPU time per kernel and kind")
+    ap.add_argument("--memory-breakdown", action="store_true",
+                    help="after the timed steps, record one more step's allocations: what is alive "
+                         "at its peak, by allocation site")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: smoke run with --models tiny
     args = ap.parse_args(argv)
@@ -570,7 +642,8 @@ def main(argv=None):
                     b, s = (int(v) for v in batch.lower().split("x"))
                     for impl in args.impls.split(","):
                         spec = dict(model=model, mode=mode, impl=impl, batch=b, seq=s, warmup=warmup,
-                                    steps=steps, seed=0, device=args.device, profile=args.profile)
+                                    steps=steps, seed=0, device=args.device, profile=args.profile,
+                                    memory_breakdown=args.memory_breakdown)
                         res = _run(spec, timeout)
                         summary["runs"].append(res)
                         print(_fmt(res), flush=True)
