@@ -55,7 +55,9 @@ def main():
         flops = 2 * t * k * n
         variants = [
             ("fwd x @ W.T", lambda x, w, dy, c: torch.mm(x, w.t())),
-            ("fwd addmm(c, x, W.T)", lambda x, w, dy, c: torch.addmm(c, x, w.t())),
+            # in place, as fused LoRA adds the base GEMM onto its rank-r term (out.addmm_):
+            # torch.addmm(c, ...) out of place would first copy c into a new output
+            ("fwd c.addmm_(x, W.T)", lambda x, w, dy, c: c.addmm_(x, w.t())),
             ("bwd dy @ W", lambda x, w, dy, c: torch.mm(dy, w)),
         ]
         for label, fn in variants:
