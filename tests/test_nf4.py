@@ -756,7 +756,7 @@ def test_gemv_settings_from_environment(monkeypatch):
     for splits in ("1", "7", "65535"):
         monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", splits)
         assert nf4_mod.gemv_settings() == (3, int(splits))
-    for splits in ("0", "-1", " 3", "x", "2.5", "65536"):
+    for splits in ("0", "-1", " 3", "x", "2.5", "65536", "\u00b2"):
         monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", splits)
         with pytest.raises(ValueError, match="FASTFT_NF4_V3_SPLITS must be a whole number"):
             nf4_mod.gemv_settings()

@@ -403,7 +403,8 @@ def gemv_settings() -> tuple[int, int]:
     if name not in _GEMV_VARIANTS:
         raise ValueError(f"FASTFT_NF4_GEMV must be auto, v1, v2 or v3 (or unset), got {name!r}")
     text = os.environ.get("FASTFT_NF4_V3_SPLITS", "")
-    splits = int(text) if text.isdigit() else -1  # isdigit: no sign, no spaces
+    # ASCII digits only: no sign, no spaces (str.isdigit alone also takes e.g. "²")
+    splits = int(text) if text.isascii() and text.isdigit() else -1
     if text and not 1 <= splits <= 65535:
         raise ValueError("FASTFT_NF4_V3_SPLITS must be a whole number from 1 to 65535 (or "
                          f"unset), got {text!r}")
