@@ -2,7 +2,7 @@
 (bench/nf4_ncu.sh): ncu profiles one of them with its own replays, so what it reports (time,
 DRAM throughput, warp stall reasons) is the kernel alone, outside any timing harness.
 
-    FASTFT_NF4_GEMV=v4 python bench/nf4_gemv_once.py M OUT_FEATURES IN_FEATURES
+    FASTFT_NF4_GEMV=v3 python bench/nf4_gemv_once.py M OUT_FEATURES IN_FEATURES
 """
 import os
 import sys

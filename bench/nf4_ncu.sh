@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Nsight Compute on the fused small-M NF4 kernels (VARIANTS, default v1 v3), one profiled launch each (after
-# 3 warm ones, caches flushed by ncu): duration, DRAM throughput, issue rate, occupancy, and the
-# warp stall reasons per issued instruction. Why: in graph-timed benchmarks every variant takes
+# Nsight Compute on the fused small-M NF4 kernels (VARIANTS, default "v1 v3"), one profiled
+# launch each (after 3 warm ones, caches flushed by ncu): duration, DRAM throughput, issue rate,
+# occupancy, and the warp stall reasons per issued instruction. Why: in graph-timed benchmarks every variant takes
 # ~25 us for 29.4 MB while a plain read of the same weight takes ~9 us (bench/nf4_access_probe.py).
 # Usage (after bench/device.sh has built fastft._C): bash bench/nf4_ncu.sh OUTDIR
 OUT=${1:-/tmp/ncu}; mkdir -p "$OUT"
