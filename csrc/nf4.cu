@@ -1492,26 +1492,31 @@ void launch_gemv_v3(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t strea
 
 void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
   if (a.M <= 0 || a.N <= 0) return;
+  // v2 / v3 are compiled per token tiles (MT: 1 for M <= 8, else 2) and scale nesting:
+  // `with_shape` calls its argument with both as compile-time constants.
+  auto with_shape = [&](auto launch_one) {
+    using One = std::integral_constant<int, 1>;
+    using Two = std::integral_constant<int, 2>;
+    if (a.M <= 8) {
+      if (w.nested) launch_one(One{}, std::true_type{});
+      else launch_one(One{}, std::false_type{});
+    } else {
+      if (w.nested) launch_one(Two{}, std::true_type{});
+      else launch_one(Two{}, std::false_type{});
+    }
+  };
   auto launch = [&](auto tag) {
     using T = decltype(tag);
     if (a.variant == 3) {
-      if (a.M <= 8) {
-        if (w.nested) launch_gemv_v3<T, 1, true>(w, a, stream);
-        else launch_gemv_v3<T, 1, false>(w, a, stream);
-      } else {
-        if (w.nested) launch_gemv_v3<T, 2, true>(w, a, stream);
-        else launch_gemv_v3<T, 2, false>(w, a, stream);
-      }
+      with_shape([&](auto mt, auto nested) {
+        launch_gemv_v3<T, decltype(mt)::value, decltype(nested)::value>(w, a, stream);
+      });
       return;
     }
     if (a.variant == 2) {
-      if (a.M <= 8) {
-        if (w.nested) launch_gemv_v2<T, 1, true>(w, a, stream);
-        else launch_gemv_v2<T, 1, false>(w, a, stream);
-      } else {
-        if (w.nested) launch_gemv_v2<T, 2, true>(w, a, stream);
-        else launch_gemv_v2<T, 2, false>(w, a, stream);
-      }
+      with_shape([&](auto mt, auto nested) {
+        launch_gemv_v2<T, decltype(mt)::value, decltype(nested)::value>(w, a, stream);
+      });
       return;
     }
     if (a.M <= 8) launch_gemv<T, 1>(w, a, stream);
