@@ -88,6 +88,32 @@ def test_lora_mlp_matches_autograd(kind, tile):
     _check([out], [ref], _grads([out], params), _grads([ref], params))
 
 
+def test_tiled_mlp_backward_holds_one_tile_at_a_time(monkeypatch):
+    """The tiled backward frees a tile's [tokens, intermediate] buffers before the next tile
+    recomputes its own: otherwise two tiles' gate/up are alive at the memory peak."""
+    import weakref
+
+    import fastft.ops.lora as ops
+
+    hidden, inter = 16, 37
+    gate, up, down = _proj(inter, hidden, seed=1), _proj(inter, hidden, seed=2), _proj(hidden, inter, seed=3)
+    x = torch.randn(27, hidden, requires_grad=True)
+    out = lora_mlp(x, gate, up, down, tile_tokens=7)
+    orig = ops._mlp_tile_forward
+    previous, checked = [], []
+
+    def spy(*args, **kwargs):
+        checked.append([r() is None for r in previous])
+        result = orig(*args, **kwargs)
+        previous[:] = [weakref.ref(result[0]), weakref.ref(result[1])]  # g, u
+        return result
+
+    monkeypatch.setattr(ops, "_mlp_tile_forward", spy)
+    out.backward(torch.randn_like(out))
+    assert len(checked) == 4  # 27 tokens in tiles of 7
+    assert checked[0] == [] and all(c == [True, True] for c in checked[1:]), checked
+
+
 def test_mlp_auto_tiling_threshold():
     assert mlp_tile_tokens(100, 10, tile_elements=1000) is None       # 1000 <= 2 * 1000
     assert mlp_tile_tokens(300, 10, tile_elements=1000) == 100

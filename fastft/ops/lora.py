@@ -664,20 +664,22 @@ def mlp_tile_tokens(tokens: int, intermediate: int, tile_elements: int | None = 
 def _mlp_tile_forward(x2, gate, up, down, kind, dtype, out, need_output=True):
     """One tile's forward into `out`; returns what its backward needs (g, u, x·Aᵀ of gate and
     up, h·Aᵀ of down). need_output=False skips the down projection's base matmul and leaves
-    `out` unwritten (a recompute that never reads the output; the tiled backward)."""
+    `out` unwritten (a recompute that never reads the output; the tiled backward). It also
+    skips h and h·Aᵀ (returned as None): the activation backward writes h anyway, and
+    _mlp_tile_backward takes h·Aᵀ from that h instead of running the activation twice."""
     xag, xau = _lora_inputs(x2, (gate, up), dtype)
     g, _ = _project(x2, gate, dtype, xa=xag)
     u, _ = _project(x2, up, dtype, xa=xau)
-    if not need_output:  # only h·Aᵀ of the down adapter (for its dB), when there is one
-        ha = _act_forward(kind, g, u).mm(_factor(down.A, dtype).t()) if down.has_lora else None
-        return g, u, xag, xau, ha
+    if not need_output:
+        return g, u, xag, xau, None
     h = _act_forward(kind, g, u)
     _, ha = _project(h, down, dtype, out=out)
     return g, u, xag, xau, ha
 
 
 def _mlp_tile_backward(dy, x2, g, u, xag, xau, ha, gate, up, down, kind, dtype, need_dx):
-    """Backward of one tile; g and u are overwritten (they become d_gate, d_up).
+    """Backward of one tile; g and u are overwritten (they become d_gate, d_up). ha (h·Aᵀ of
+    the down adapter) None: computed here from the h the activation backward writes.
     Returns dx (or None) and the six adapter grads (gate A/B, up A/B, down A/B; None when absent)."""
     dxa_d = None
     if down.has_lora:  # rank-r term first; the base GEMM accumulates onto it (see _project)
@@ -698,6 +700,8 @@ def _mlp_tile_backward(dy, x2, g, u, xag, xau, ha, gate, up, down, kind, dtype, 
     dA_g = next(dAs) if gate.has_lora else None
     dA_u = next(dAs) if up.has_lora else None
     if down.has_lora:
+        if ha is None:
+            ha = h.mm(_factor(down.A, dtype).t())
         dB_d = _grad_mm(dy.t(), ha, down.B.dtype, down.scaling)
         dA_d = _grad_mm(dxa_d.t(), h, down.A.dtype)
     else:
@@ -774,6 +778,9 @@ class _LoRAMLP(torch.autograd.Function):
                     if need_dx:
                         dx[i:i + step] = dxt
                     grads = [_add(a, b) for a, b in zip(grads, tile_grads)]
+                    # this tile's [tokens, intermediate] buffers go before the next tile makes
+                    # its own (else two tiles' g/u are alive at once: +224 MiB at 4x4096, 8B)
+                    del g, u, xag, xau, ha, dxt, tile_grads
         if dx is not None:
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         # in the factors' dtype already where _grad_mm could (then .to is free)
