@@ -30,11 +30,12 @@ import torch
 from fastft import offload
 
 _TAG = "attention"
-# q/k/v are stashed only up to this size per layer: a stashed layer is held on the GPU twice in
-# backward (being used, and the previous layer's prefetched), so at long sequences it costs more
-# memory than it saves time (H200, Llama-3.1-8B shape: 4096 tokens a step gained 11% for QLoRA;
-# at 16384 tokens +1% speed cost 0.38 GiB, more than the 0.12x memory budget left).
-REUSE_QKV_MAX_BYTES = int(os.environ.get("FASTFT_OFFLOAD_REUSE_QKV_MAX_BYTES", str(64 << 20)))
+# q/k/v are stashed only up to this size per layer. Their copy back starts in the attention
+# backward of the layer after (offload.start_late_prefetch), so it is not on the GPU during the
+# MLP backward before it, where the memory peak is; past this size the host traffic and the
+# attention-backward memory grow with the sequence while the projections they save do not.
+# 256 MiB admits Llama-3.1-8B at 16384 tokens a step (192 MiB per layer).
+REUSE_QKV_MAX_BYTES = int(os.environ.get("FASTFT_OFFLOAD_REUSE_QKV_MAX_BYTES", str(256 << 20)))
 # Noted by the fused q/k/v projection in a first forward when its outputs reach attention only
 # through value-free ops (RoPE), so that the recompute may skip it if attention stashes q/k/v.
 QKV_NOTE = "qkv projection can be skipped"
@@ -122,6 +123,8 @@ class _ReusedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # the layer before comes next: its q/k/v copy overlaps this attention's backward
+        offload.start_late_prefetch()
         kept = ctx.kept
         qkv = ctx.saved_tensors
         for h in kept.held:
@@ -176,6 +179,7 @@ def _first_forward(original, module, query, key, value, attention_mask, dropout,
         root = _Root.apply(out, feed)
     out = out.detach()
     stash = [out]
+    late = [False]  # q/k/v: read only by this layer's attention backward (see offload.stash_put)
     # q/k/v themselves too when the recompute can then skip their projections (fastft/lora.py
     # notes that) and the host has room; else placeholders for the recomputed ones
     qkv_bytes = sum(t.numel() * t.element_size() for t in (query, key, value))
@@ -191,6 +195,7 @@ def _first_forward(original, module, query, key, value, attention_mask, dropout,
                 if stash_inputs:
                     h.kind, h.index = "stashed", len(stash)
                     stash.append(t.detach())
+                    late.append(True)
                 break
         else:
             if _shares_storage(t, out) and out.is_contiguous():
@@ -199,6 +204,7 @@ def _first_forward(original, module, query, key, value, attention_mask, dropout,
             else:
                 h.kind, h.index = "stashed", len(stash)
                 stash.append(t.detach())
+                late.append(False)
     state_bytes = sum(t.numel() * t.element_size() for t in stash[1:])
     if stash_inputs:
         state_bytes -= qkv_bytes
@@ -209,7 +215,7 @@ def _first_forward(original, module, query, key, value, attention_mask, dropout,
     kept.root, kept.held, kept.grads, kept.feed = root, held, grads, feed
     # every saved tensor is then stashed or a view of the output: none needs the recomputed q/k/v
     kept.inputs_stashed = bool(stash_inputs)
-    offload.stash_put(_TAG, stash, kept)  # over budget: dropped, and the recompute recomputes
+    offload.stash_put(_TAG, stash, kept, late=late)  # over budget: dropped, and the recompute recomputes
     return out, weights
 
 

@@ -20,6 +20,11 @@ hand such tensors to `stash_put` during the first forward; they travel with the 
 recompute, in the same order. This only runs while the host has room for it (see
 _Offloader.stash_budget) and FASTFT_OFFLOAD_REUSE is not 0; otherwise the ops recompute.
 
+A stashed tensor marked `late` (q/k/v, needed only by the attention backward, which runs after
+the layer's MLP backward, where the step's memory peak is) is not prefetched with the layer's
+input: the next layer's attention backward starts its copy (start_late_prefetch), so that it is
+not on the GPU during the MLP backward before.
+
 On the CPU the "offload" is a plain copy, but the code path is the same.
 """
 from __future__ import annotations
@@ -79,18 +84,19 @@ class _RegisteredHost:
 class _Slot:
     """One layer input's trip to the host and back, with the results the layer stashed."""
 
-    __slots__ = ("host", "device_copy", "ready", "stream", "requires_grad", "prev", "pooled",
-                 "stash", "__weakref__")
+    __slots__ = ("host", "device_copy", "ready", "late_ready", "stream", "requires_grad", "prev",
+                 "pooled", "stash", "__weakref__")
 
     def __init__(self):
         self.pooled = None       # the _RegisteredHost behind `host`, if any
         self.host = None         # CPU copy (pinned on CUDA)
         self.device_copy = None  # the tensor brought back (prefetched or fetched on demand)
         self.ready = None        # CUDA event: device_copy (and the stash's copies) complete
+        self.late_ready = None   # CUDA event: the late stashed tensors' copies complete
         self.stream = None       # the side stream used for the copies
         self.requires_grad = False
         self.prev = None         # weakref to the slot of the layer before (prefetched next)
-        self.stash = []          # per put: [tag, host tensors or None, device copies, extra]
+        self.stash = []          # per put: [tag, host tensors or None, device copies, extra, late flags]
 
 
 # Stashing is on unless FASTFT_OFFLOAD_REUSE=0; it may use this share of the host memory that is
@@ -221,13 +227,14 @@ class _Offloader:
                 copies.append((host, pooled))
         return copies
 
-    def stash(self, slot: _Slot, tag: str, tensors, extra) -> bool:
+    def stash(self, slot: _Slot, tag: str, tensors, extra, late=None) -> bool:
         """Send `tensors` to the host with slot's input if the budget allows; records the put
         either way (the recompute takes entries back in the same order). tensors None: a put
-        that keeps nothing."""
+        that keeps nothing. late: per tensor, True to bring it back later than the layer's
+        input (see start_late_prefetch)."""
         nbytes = -1 if tensors is None else sum(t.numel() * t.element_size() for t in tensors)
         if nbytes < 0 or nbytes > self.stash_left:
-            slot.stash.append([tag, None, None, None])
+            slot.stash.append([tag, None, None, None, None])
             return False
         self.stash_left -= nbytes
         self.stashed_bytes += nbytes
@@ -235,41 +242,70 @@ class _Offloader:
         # host time than their bytes are worth
         moving = [t for t in tensors if t.numel() * t.element_size() > STAY_BYTES]
         hosts = iter(self._all_to_host(moving, slot.stream)) if moving else iter(())
+        late = [False] * len(tensors) if late is None else [bool(f) for f in late]
         slot.stash.append([tag, [t if t.numel() * t.element_size() <= STAY_BYTES else next(hosts)[0]
-                                 for t in tensors], None, extra])
+                                 for t in tensors], None, extra, late])
         return True
 
     @staticmethod
-    def prefetch(slot: _Slot, device) -> None:
-        """Start copying slot's input (and stash) back to the device (no-op when done or started)."""
-        if slot is None or slot.device_copy is not None or slot.host is None:
-            return
-        if slot.stream is None:
-            slot.device_copy = slot.host.to(device, copy=True)
-            for entry in slot.stash:
-                if entry[1] is not None:
-                    entry[2] = [h if h.device == device else h.to(device, copy=True) for h in entry[1]]
-            return
-        main = _current_stream(device)
-        # allocated on the main stream, so its memory belongs there; the side stream waits for
-        # the main stream to reach this point before writing into it
-        bufs = [torch.empty(slot.host.shape, dtype=slot.host.dtype, device=device)]
-        hosts = [slot.host]
+    def _copy_back(slot: _Slot, device, late: bool):
+        """Start copying slot's stashed tensors of one kind (late or not) to the device: their
+        device buffers go into the entries; returns (device buffers, host tensors) to copy."""
+        bufs, hosts = [], []
         for entry in slot.stash:
-            if entry[1] is not None:
-                entry[2] = [h if h.is_cuda else torch.empty(h.shape, dtype=h.dtype, device=device)
-                            for h in entry[1]]
-                for h, d in zip(entry[1], entry[2]):
-                    if not h.is_cuda:
-                        hosts.append(h)
-                        bufs.append(d)
+            if entry[1] is None:
+                continue
+            if entry[2] is None:
+                entry[2] = [None] * len(entry[1])
+            for i, (h, is_late) in enumerate(zip(entry[1], entry[4])):
+                if is_late != late or entry[2][i] is not None:
+                    continue
+                if h.device == device or slot.stream is None:
+                    entry[2][i] = h if h.device == device else h.to(device, copy=True)
+                    continue
+                # allocated on the main stream, so its memory belongs there; the side stream
+                # waits for the main stream to reach this point before writing into it
+                entry[2][i] = torch.empty(h.shape, dtype=h.dtype, device=device)
+                bufs.append(entry[2][i])
+                hosts.append(h)
+        return bufs, hosts
+
+    @staticmethod
+    def _issue(slot: _Slot, device, bufs, hosts):
+        """The copies host -> device on slot's side stream; returns the event of their end."""
+        main = _current_stream(device)
         slot.stream.wait_stream(main)
         with _OnStream(slot.stream, main):
             for buf, host in zip(bufs, hosts):
                 buf.copy_(host, non_blocking=True)
-            slot.ready = torch.cuda.Event()
-            slot.ready.record(slot.stream)
+            event = torch.cuda.Event()
+            event.record(slot.stream)
+        return event
+
+    @classmethod
+    def prefetch(cls, slot: _Slot, device) -> None:
+        """Start copying slot's input and its stash, except late tensors, back to the device
+        (no-op when done or started)."""
+        if slot is None or slot.device_copy is not None or slot.host is None:
+            return
+        if slot.stream is None:
+            slot.device_copy = slot.host.to(device, copy=True)
+            cls._copy_back(slot, device, late=False)
+            return
+        bufs, hosts = cls._copy_back(slot, device, late=False)
+        bufs.insert(0, torch.empty(slot.host.shape, dtype=slot.host.dtype, device=device))
+        hosts.insert(0, slot.host)
+        slot.ready = cls._issue(slot, device, bufs, hosts)
         slot.device_copy = bufs[0]
+
+    @classmethod
+    def prefetch_late(cls, slot: _Slot, device) -> None:
+        """Start copying slot's late stashed tensors back (no-op when done or started)."""
+        if slot is None or slot.host is None:
+            return
+        bufs, hosts = cls._copy_back(slot, device, late=True)
+        if bufs:
+            slot.late_ready = cls._issue(slot, device, bufs, hosts)
 
     def restore(self, slot: _Slot, device) -> torch.Tensor:
         """Slot's input back on the device, ready for use on the current stream; also starts the
@@ -281,22 +317,42 @@ class _Offloader:
                 "backward; backward through the same graph twice (retain_graph=True) is not "
                 "supported with use_gradient_checkpointing='unsloth'/'offload' (use True instead)")
         self.prefetch(slot, device)
+        self.prefetch_late(slot, device)  # started earlier unless no attention backward ran since
         prev = slot.prev() if slot.prev is not None else None
         if prev is not None:
             self.prefetch(prev, device)
-        if slot.ready is not None:
-            _current_stream(device).wait_event(slot.ready)
+            _LATE_NEXT[:] = [weakref.ref(prev), device]
+        else:
+            _LATE_NEXT[:] = []
+        for event in (slot.ready, slot.late_ready):
+            if event is not None:
+                _current_stream(device).wait_event(event)
         x = slot.device_copy
         if slot.pooled is not None:
             # reusable once this H2D copy is done: the next user's D2H copy runs on the same
             # side stream, so it is ordered after it
             self.free.append(slot.pooled)
             slot.pooled = None
-        slot.host = slot.device_copy = slot.ready = None
+        slot.host = slot.device_copy = slot.ready = slot.late_ready = None
         for entry in slot.stash:
             entry[1] = None  # the host copies (extra and device copies stay for stash_take)
         slot.prev = None
         return x
+
+
+# [weakref to the slot whose late stash the next start_late_prefetch copies back, its device]:
+# the layer before the one whose backward is running (set by restore)
+_LATE_NEXT: list = []
+
+
+def start_late_prefetch() -> None:
+    """Called where a layer's attention backward begins: start bringing back the late stashed
+    tensors of the layer whose backward comes next (see the module docstring)."""
+    if not _LATE_NEXT:
+        return
+    ref, device = _LATE_NEXT
+    _LATE_NEXT[:] = []
+    _Offloader.prefetch_late(ref(), device)
 
 
 _RECOMPUTE = threading.local()
@@ -372,15 +428,16 @@ def stash_room() -> int:
     return state[1].stash_left if state is not None and state[0] == "put" else 0
 
 
-def stash_put(tag: str, tensors, extra=None) -> bool:
+def stash_put(tag: str, tensors, extra=None, late=None) -> bool:
     """Offload `tensors` with the current layer's input; the recompute's stash_take(tag) returns
     them on the device, with `extra` (any object, kept as is). tensors None records a put that
     keeps nothing. False (nothing kept) when the budget is spent or outside a first forward;
-    then the recompute's stash_take returns None."""
+    then the recompute's stash_take returns None. late: per tensor, True for one that only the
+    layer's attention backward reads (it comes back later, see start_late_prefetch)."""
     state = getattr(_STASH, "state", None)
     if state is None or state[0] != "put":
         return False
-    return state[1].stash(state[2], tag, None if tensors is None else list(tensors), extra)
+    return state[1].stash(state[2], tag, None if tensors is None else list(tensors), extra, late)
 
 
 def replaying() -> bool:

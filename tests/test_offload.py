@@ -361,6 +361,49 @@ def test_reused_attention_and_projections_give_the_same_gradients(family, fused,
     _assert_same(got, ref, tol=1e-5)
 
 
+def test_stashed_qkv_comes_back_after_the_mlp_backward_before(monkeypatch):
+    """q/k/v (read only by the attention backward) are not brought back with the layer's input:
+    the copy of layer i-1's starts in layer i's attention backward, i.e. after layer i's MLP
+    backward, where the step's memory peak is; gradients stay those of no checkpointing."""
+    import fastft.ops.lora as ops
+
+    model = _sdpa_model()
+    apply_fused_lora(model)
+    batches = [torch.randint(0, 200, (2, 13))]
+    ref = _grads(model, batches)
+    enable_offloaded_checkpointing(model)
+    events = []
+    copy_back = offload._Offloader._copy_back
+
+    def spy_copy_back(slot, device, late):
+        waiting = sum(1 for e in slot.stash if e[1] is not None
+                      for i, f in enumerate(e[4]) if f == late and (e[2] is None or e[2][i] is None))
+        if late and waiting:
+            events.append("late copy")
+        return copy_back(slot, device, late)
+
+    mlp_backward = ops._LoRAMLP.backward
+
+    def spy_mlp_backward(ctx, dy):
+        events.append("mlp backward")
+        return mlp_backward(ctx, dy)
+
+    restore = offload._Offloader.restore
+
+    def spy_restore(self, slot, device):
+        events.append("restore")
+        return restore(self, slot, device)
+
+    monkeypatch.setattr(offload._Offloader, "_copy_back", staticmethod(spy_copy_back))
+    monkeypatch.setattr(offload._Offloader, "restore", spy_restore)
+    monkeypatch.setattr(ops._LoRAMLP, "backward", staticmethod(spy_mlp_backward))
+    got = _grads(model, batches)
+    # layer 1 (first in backward): its late copy at its restore; layer 0's after layer 1's MLP
+    # backward and ahead of layer 0's restore (prefetched, not fetched on demand)
+    assert events == ["restore", "late copy", "mlp backward", "late copy", "restore", "mlp backward"], events
+    _assert_same(got, ref, tol=1e-5)
+
+
 def test_without_host_room_the_recompute_recomputes(monkeypatch):
     monkeypatch.setattr(offload, "STASH_HOST_SHARE", 0.0)
     model = _sdpa_model()

@@ -734,6 +734,7 @@ class _LoRAMLP(torch.autograd.Function):
                 g, u, xag, xau, ha = _mlp_tile_forward(x2, gate, up, down, kind, dtype, y2,
                                                        need_output=output_needed)
                 saved = [x2, g, u] + [t for t in (xag, xau, ha) if t is not None]
+                ctx.has_ha = ha is not None  # else the backward takes it from its own h
             else:
                 if output_needed:
                     for i in range(0, n, tile_tokens):
@@ -761,7 +762,7 @@ class _LoRAMLP(torch.autograd.Function):
                 it = iter(small)
                 xag = next(it) if gate.has_lora else None
                 xau = next(it) if up.has_lora else None
-                ha = next(it) if down.has_lora else None
+                ha = next(it) if ctx.has_ha else None
                 dx, grads = _mlp_tile_backward(dy2, x2, g, u, xag, xau, ha, gate, up, down,
                                                kind, dtype, need_dx)
             else:
