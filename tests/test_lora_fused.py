@@ -361,6 +361,40 @@ def test_tiny_model_trains_with_fused_lora():
 
 # --- GPU (run on the device machine) ---------------------------------------------------------
 
+@pytest.mark.parametrize("hold", [True, False])
+def test_tiled_nf4_mlp_dequantises_each_weight_once_per_pass(hold, monkeypatch):
+    """Tiled MLP over 4-bit weights: with FASTFT_MLP_HOLD_WEIGHTS (default) each weight is
+    dequantised once in the forward and once in the backward, not per tile and use; the
+    results are those of dequantising per use and of dense float32 math on the same weights."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+
+    import fastft.ops.lora as ops
+
+    monkeypatch.setattr(ops, "MLP_HOLD_WEIGHTS", hold)
+    hidden, inter = 64, 128
+    projs, dense = [], []
+    for i, (o, k) in enumerate(((inter, hidden), (inter, hidden), (hidden, inter))):
+        q = _nf4_linear(nn.Linear(k, o, bias=False))
+        g = torch.Generator().manual_seed(i)
+        A = (torch.randn(4, k, generator=g) / k ** 0.5).requires_grad_()
+        B = torch.randn(o, 4, generator=g).requires_grad_()
+        projs.append(Projection(Base(q.weight, None, q.weight.quant_state), A, B, 0.5))
+        dense.append(Projection(Base(bnbf.dequantize_4bit(q.weight, q.weight.quant_state).float()), A, B, 0.5))
+    calls = []
+    orig = ops._dequantize_4bit
+    monkeypatch.setattr(ops, "_dequantize_4bit", lambda *a: calls.append(1) or orig(*a))
+    x = torch.randn(2, 11, hidden, requires_grad=True)  # 22 tokens in tiles of 6: 4 tiles
+    params = [x] + _adapter_params(projs)
+    out = lora_mlp(x, *projs, tile_tokens=6)
+    forward_calls = len(calls)
+    grads = _grads([out], params)
+    backward_calls = len(calls) - forward_calls
+    assert (forward_calls, backward_calls) == ((3, 3) if hold else (4 * 3, 4 * 5))
+    ref = lora_mlp(x, *dense, tile_tokens=None)
+    _check([out], [ref], grads, _grads([ref], params))
+
+
 def _gpu_proj(out_f, in_f, dtype, r=16, seed=0, nf4=False):
     """Base weight in `dtype` (or NF4 via bitsandbytes), A/B in fp32 as peft keeps them."""
     g = torch.Generator(device="cuda").manual_seed(seed)
