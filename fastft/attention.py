@@ -123,9 +123,8 @@ class _ReusedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        # the layer before comes next: its q/k/v copy overlaps this attention's backward
-        offload.start_late_prefetch()
         kept = ctx.kept
+        offload.wait_copied(ctx.stashed)  # q/k/v copied back late (offload.start_late_prefetch)
         qkv = ctx.saved_tensors
         for h in kept.held:
             if h.kind == "input":
@@ -143,6 +142,9 @@ class _ReusedAttention(torch.autograd.Function):
         for h in kept.held:
             h.value = None
         ctx.kept = ctx.stashed = ctx.out = None
+        # the layer before comes next: its q/k/v come back now, after this attention backward
+        # (the step's memory peak), in time for its own attention backward a layer later
+        offload.start_late_prefetch()
         return grads[0], grads[1], grads[2], None, None
 
 

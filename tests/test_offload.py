@@ -363,8 +363,8 @@ def test_reused_attention_and_projections_give_the_same_gradients(family, fused,
 
 def test_stashed_qkv_comes_back_after_the_mlp_backward_before(monkeypatch):
     """q/k/v (read only by the attention backward) are not brought back with the layer's input:
-    the copy of layer i-1's starts in layer i's attention backward, i.e. after layer i's MLP
-    backward, where the step's memory peak is; gradients stay those of no checkpointing."""
+    the copy of layer i-1's starts when layer i's attention backward has run (the step's memory
+    peak), ahead of layer i-1's restore; gradients stay those of no checkpointing."""
     import fastft.ops.lora as ops
 
     model = _sdpa_model()
@@ -397,10 +397,23 @@ def test_stashed_qkv_comes_back_after_the_mlp_backward_before(monkeypatch):
     monkeypatch.setattr(offload._Offloader, "_copy_back", staticmethod(spy_copy_back))
     monkeypatch.setattr(offload._Offloader, "restore", spy_restore)
     monkeypatch.setattr(ops._LoRAMLP, "backward", staticmethod(spy_mlp_backward))
+    import fastft.attention as attention
+
+    reused_backward = attention._ReusedAttention.backward
+
+    def spy_attention_backward(ctx, grad_out):
+        events.append("attention backward")
+        result = reused_backward(ctx, grad_out)
+        events.append("attention backward done")
+        return result
+
+    monkeypatch.setattr(attention._ReusedAttention, "backward", staticmethod(spy_attention_backward))
     got = _grads(model, batches)
-    # layer 1 (first in backward): its late copy at its restore; layer 0's after layer 1's MLP
-    # backward and ahead of layer 0's restore (prefetched, not fetched on demand)
-    assert events == ["restore", "late copy", "mlp backward", "late copy", "restore", "mlp backward"], events
+    # layer 1 (first in backward): its late copy at its restore; layer 0's once layer 1's
+    # attention backward has run, and ahead of layer 0's restore (prefetched, not on demand)
+    assert events == ["restore", "late copy", "mlp backward", "attention backward", "late copy",
+                      "attention backward done", "restore", "mlp backward", "attention backward",
+                      "attention backward done"], events
     _assert_same(got, ref, tol=1e-5)
 
 
