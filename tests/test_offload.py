@@ -490,3 +490,32 @@ def test_gpu_reused_cudnn_attention_matches_no_checkpointing():
     assert stashed <= offloader.stashed_bytes / 2 <= stashed + 192 * 4 * 64 + 4096
     for name in ref[1]:
         assert rel_err(got[1][name].float(), ref[1][name].float()) <= 2e-2, name
+
+
+def test_copies_keep_dense_strides():
+    """Stash copies take the source's strides when its elements are dense in some order (a
+    transposed q/k/v view): host and device copies are then plain memcpys, with no re-layout
+    kernel; other layouts (slices, broadcasts) get contiguous copies."""
+    q = torch.randn(2, 7, 3, 5).transpose(1, 2)          # [b, h, s, d] view of [b, s, h, d]
+    assert offload._dense_strides(q) == q.stride()
+    copy = offload._empty_like_layout(q, "cpu")
+    assert copy.stride() == q.stride() and copy.shape == q.shape
+    assert offload._dense_strides(torch.randn(4, 6)[:, :3]) is None
+    assert offload._dense_strides(torch.randn(3, 1, 4).expand(3, 2, 4)) is None
+    sliced = offload._empty_like_layout(torch.randn(4, 6)[:, :3], "cpu")
+    assert sliced.is_contiguous() and sliced.shape == (4, 3)
+
+
+@pytest.mark.gpu
+def test_gpu_host_round_trip_keeps_strides_and_values():
+    off = offload._Offloader()
+    stream = off.stream_for(torch.device("cuda"))
+    q = torch.randn(2, 300, 4, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    (host, _), = off._all_to_host([q], stream)
+    stream.synchronize()
+    assert host.is_pinned() and host.stride() == q.stride()
+    assert torch.equal(host, q.cpu())
+    back = offload._empty_like_layout(host, torch.device("cuda"))
+    back.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    assert back.stride() == q.stride() and torch.equal(back, q)
