@@ -86,7 +86,7 @@ class _Slot:
     """One layer input's trip to the host and back, with the results the layer stashed."""
 
     __slots__ = ("host", "device_copy", "ready", "stream", "requires_grad", "prev", "pooled",
-                 "stash", "__weakref__")
+                 "stash", "device", "__weakref__")
 
     def __init__(self):
         self.pooled = None       # the _RegisteredHost behind `host`, if any
@@ -95,6 +95,7 @@ class _Slot:
         self.ready = None        # CUDA event: device_copy (and the stash's copies) complete
         self.stream = None       # the side stream used for the copies
         self.requires_grad = False
+        self.device = None       # the layer input's device (set by offload)
         self.prev = None         # weakref to the slot of the layer before (prefetched next)
         self.stash = []          # per put: [tag, host tensors or None, _DeviceCopies, extra, late flags]
 
@@ -223,6 +224,7 @@ class _Offloader:
         self.last = weakref.ref(slot)
         if slot.prev is None:
             self._new_pass(x)
+        slot.device = x.device
         slot.stream = self.stream_for(x.device)
         slot.host, slot.pooled = self._to_host(x, slot.stream)
         return slot
@@ -363,8 +365,10 @@ class _Offloader:
         self.prefetch_late(slot, device)
         prev = slot.prev() if slot.prev is not None else None
         if prev is not None:
-            self.prefetch(prev, device)
-            _LATE_NEXT[:] = [weakref.ref(prev), device]
+            # to prev's own device (a model split over GPUs has layers on several)
+            prev_device = getattr(prev, "device", None) or device
+            self.prefetch(prev, prev_device)
+            _LATE_NEXT[:] = [weakref.ref(prev), prev_device]
         else:
             _LATE_NEXT[:] = []
         if slot.ready is not None:
