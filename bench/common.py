@@ -107,3 +107,25 @@ def matmul_tflops(m=8192, n=8192, k=8192) -> float:
 
 def gpu_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+
+
+def out_dir_arg(doc: str):
+    """The `--out DIR` argument of the one-shot diagnostic scripts (bench/device.sh's
+    EXTRA_SCRIPTS call them with it), with `doc` as --help."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="write NAME.json into this folder")
+    return ap.parse_args().out
+
+
+def write_result(out_dir, name: str, **fields) -> None:
+    """out_dir/name.json with the GPU's name and `fields` (nothing when out_dir is None)."""
+    import json
+    import os
+
+    if out_dir is None:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, name + ".json"), "w") as f:
+        json.dump(dict(gpu=gpu_name(), **fields), f, indent=1)

@@ -10,15 +10,13 @@ well below the square one, choosing another layout is cheaper than any kernel wo
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import gpu_name, time_ms  # noqa: E402
+from common import gpu_name, out_dir_arg, time_ms, write_result  # noqa: E402
 
 HIDDEN, INTER, QKV = 4096, 14336, 4096 + 2 * 1024
 TOKENS = 16384
@@ -37,10 +35,7 @@ def measure(fn, sets, flops):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    out_dir = out_dir_arg(__doc__)
     dt, dev = torch.bfloat16, "cuda"
     rows = []
     a = [torch.randn(8192, 8192, device=dev, dtype=dt) for _ in range(2)]
@@ -72,10 +67,7 @@ def main():
         r["of_square"] = r["tflops"] / ref
         print(f"| {r['gemm']} | {r['layout']} | {r['ms']:.3f} | {r['tflops']:.0f} | "
               f"{r['of_square']:.2f} |")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "gemm_shapes.json"), "w") as f:
-            json.dump(dict(gpu=gpu_name(), rows=rows), f, indent=1)
+    write_result(out_dir, "gemm_shapes", rows=rows)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ row pieces must read faster here; the tile shape that does is the one a kernel s
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
@@ -22,7 +20,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth_gbps, gpu_name, time_ms  # noqa: E402
+from common import copy_bandwidth_gbps, gpu_name, out_dir_arg, time_ms, write_result  # noqa: E402
 
 
 @triton.jit
@@ -65,10 +63,7 @@ def probe(n, k, rows, row_bytes, rows_fast, copies=3):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    out_dir = out_dir_arg(__doc__)
     copy = copy_bandwidth_gbps()
     results = []
     print(f"GPU {gpu_name()}, copy bandwidth {copy:.0f} GB/s")
@@ -85,10 +80,7 @@ def main():
                       f"{100 * gbps / copy:.1f}% |", flush=True)
                 results.append(dict(weight=f"{n}x{k}", rows=rows, row_bytes=row_bytes,
                                     order=order, ms=ms, gbps=gbps, pct_copy=100 * gbps / copy))
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "nf4_access_probe.json"), "w") as f:
-            json.dump(dict(gpu=gpu_name(), copy_gbps=copy, results=results), f, indent=1)
+    write_result(out_dir, "nf4_access_probe", copy_gbps=copy, results=results)
 
 
 if __name__ == "__main__":

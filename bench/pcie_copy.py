@@ -9,15 +9,13 @@ directions at once) decides whether more stashing can pay.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import gpu_name  # noqa: E402
+from common import out_dir_arg, write_result  # noqa: E402
 
 
 def rate(copies, streams, total_bytes, repeats=5):
@@ -44,10 +42,7 @@ def rate(copies, streams, total_bytes, repeats=5):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    out_dir = out_dir_arg(__doc__)
     total = 2 << 30  # 2 GiB moved per measurement
     rows = []
     streams = [torch.cuda.Stream() for _ in range(2)]
@@ -78,10 +73,7 @@ def main():
               f"{gbs:6.1f} GB/s (sum of both directions)", flush=True)
         del dev, host, back
         torch.cuda.empty_cache()
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "pcie_copy.json"), "w") as f:
-            json.dump({"gpu": gpu_name(), "rows": rows}, f, indent=1)
+    write_result(out_dir, "pcie_copy", rows=rows)
 
 
 if __name__ == "__main__":
