@@ -30,7 +30,7 @@ import math
 import torch
 
 from fastft import dispatch
-from fastft.ops._common import cuda_ops, new_empty, rows_view
+from fastft.ops._common import cuda_ops, launch_device, new_empty, rows_view
 
 REDUCTIONS = ("mean", "sum", "none")
 CHUNK_BYTES = 256 << 20  # logits of one fused-linear chunk, at most (before the free-memory cap)
@@ -142,7 +142,7 @@ def _triton_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss: torc
                           smoothing: float) -> None:
     from fastft.triton_kernels import cross_entropy as K
 
-    with _on_device(logits):
+    with launch_device(logits):
         K.loss_and_grad(logits, labels, loss, grad, row_weight, ignore_index, softcap, scale,
                         smoothing)
 
@@ -153,7 +153,7 @@ def _triton_cross_entropy_inplace(logits: torch.Tensor, labels: torch.Tensor, lo
                                   scale: float, smoothing: float) -> None:
     from fastft.triton_kernels import cross_entropy as K
 
-    with _on_device(logits):
+    with launch_device(logits):
         K.loss_and_grad(logits, labels, loss, logits, row_weight, ignore_index, softcap, scale,
                         smoothing)
 
@@ -166,22 +166,6 @@ def _(logits, labels, loss, grad, row_weight, ignore_index, softcap, scale, smoo
 @_triton_cross_entropy_inplace.register_fake
 def _(logits, labels, loss, row_weight, ignore_index, softcap, scale, smoothing):
     return None
-
-
-class _on_device:
-    """Launch on the tensor's GPU (a no-op for CPU tensors)."""
-
-    def __init__(self, t):
-        self.ctx = torch.cuda.device(t.device) if t.is_cuda else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-        return False
 
 
 class _TritonBackend:
@@ -308,7 +292,7 @@ def _scale_by(t: torch.Tensor, grad_output: torch.Tensor, allow_sync: bool) -> N
         scaler = _triton_scale()
     if scaler is not None:
         scale = grad_output.detach().reshape(1).to(device=t.device, dtype=torch.float32)
-        with _on_device(t):
+        with launch_device(t):
             scaler(t, scale.contiguous())
         return
     if allow_sync and _is_one(grad_output):

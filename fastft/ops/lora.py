@@ -22,6 +22,7 @@ This module knows nothing about peft: fastft/lora.py reads peft's modules and ca
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import math
@@ -471,21 +472,15 @@ def _rows(x):
     return x.reshape(-1, x.shape[-1])
 
 
-class _AutocastOff:
-    """Our matmuls pick their dtype explicitly; autocast must not re-cast them."""
+_NO_CONTEXT = contextlib.nullcontext()
 
-    def __init__(self, device_type):
-        # only where autocast is on: building the context costs host time on every call
-        on = device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
-        self.ctx = torch.autocast(device_type, enabled=False) if on else None
 
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
+def _autocast_off(device_type):
+    """Our matmuls pick their dtype explicitly; autocast must not re-cast them. Only where
+    autocast is on: building its context costs host time on every call."""
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return _NO_CONTEXT
 
 
 # --- one projection / q,k,v -----------------------------------------------------------------
@@ -504,7 +499,7 @@ class _LoRAProjections(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, projs, reuse, *adapter_tensors):
         dtype = _compute_dtype(x)
-        with _AutocastOff(x.device.type):
+        with _autocast_off(x.device.type):
             x2 = _cast(_rows(x), dtype)
             taken = None
             if reuse == "output" and offload.replaying():
@@ -545,7 +540,7 @@ class _LoRAProjections(torch.autograd.Function):
         dtype = ctx.dtype
         need_dx = ctx.needs_input_grad[0]
         dBs, outputs, lora_terms = {}, [], []
-        with _AutocastOff(x2.device.type):
+        with _autocast_off(x2.device.type):
             for i, (p, g, xa) in enumerate(zip(ctx.projs, grads, xas)):
                 if g is None:
                     continue
@@ -757,7 +752,7 @@ class _LoRAMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, up, down, kind, tile_tokens, output_needed, *adapter_tensors):
         dtype = _compute_dtype(x)
-        with _AutocastOff(x.device.type):
+        with _autocast_off(x.device.type):
             x2 = _cast(_rows(x), dtype)
             n = x2.shape[0]
             y, y2 = _new_output(x.shape[:-1], down.base.out_features, dtype, x.device)
@@ -792,7 +787,7 @@ class _LoRAMLP(torch.autograd.Function):
         dtype, kind = ctx.dtype, ctx.kind
         need_dx = ctx.needs_input_grad[0]
         dy2 = _cast(_rows(dy), dtype)
-        with _AutocastOff(dy.device.type):
+        with _autocast_off(dy.device.type):
             if not ctx.tiled:
                 x2, g, u, *small = ctx.saved_tensors
                 it = iter(small)

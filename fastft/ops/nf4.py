@@ -298,10 +298,6 @@ class _TorchBackend:
         raise NotImplementedError
 
 
-def _on_device(t):
-    return _common.launch_device(t)
-
-
 # Triton launchers wrapped as custom ops so torch.compile and opcheck see a schema.
 @torch.library.custom_op("fastft_triton::nf4_dequantize", mutates_args=("out",))
 def _triton_dequantize(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
@@ -310,7 +306,7 @@ def _triton_dequantize(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torc
                        out: torch.Tensor) -> None:
     from fastft.triton_kernels import nf4
 
-    with _on_device(packed):
+    with _common.launch_device(packed):
         nf4.dequantize(packed, absmax, absmax2, code2, offset, code, blocksize, blocksize2,
                        numel, out)
 
@@ -322,7 +318,7 @@ def _triton_gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
                  blocksize: int, blocksize2: int, y: torch.Tensor) -> None:
     from fastft.triton_kernels import nf4
 
-    with _on_device(x):
+    with _common.launch_device(x):
         nf4.gemv(x, packed, absmax, absmax2, code2, offset, code, bias, blocksize, blocksize2,
                  y)
 
