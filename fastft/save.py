@@ -537,6 +537,17 @@ def _nf4_tensors(name: str, weight: torch.Tensor, double_quant: bool) -> dict[st
 # ----------------------------------------------------------------------------------------------
 # public save functions
 # ----------------------------------------------------------------------------------------------
+def check_save_kwargs(name: str, kwargs: dict, accepted: set, push_instead: str) -> None:
+    """The extra keyword arguments of a save function: `accepted` ones (and push_to_hub=False)
+    pass silently, since scripts written for other tools pass them; others are a TypeError;
+    push_to_hub=True says which call to use instead."""
+    unknown = set(kwargs) - set(accepted) - {"push_to_hub"}
+    if unknown:
+        raise TypeError(f"{name} got unexpected arguments: {', '.join(sorted(unknown))}.")
+    if kwargs.get("push_to_hub"):
+        raise ValueError(f"{name}(push_to_hub=True) is not supported; call {push_instead} instead.")
+
+
 def save_pretrained_merged(
     model,
     save_directory: str,
@@ -558,12 +569,9 @@ def save_pretrained_merged(
     if save_method not in SAVE_METHODS:
         raise ValueError(f"save_method={save_method!r}; choose one of {', '.join(SAVE_METHODS)}.")
     # accepted for scripts written against the familiar signature; the save is always safetensors
-    unknown = set(kwargs) - {"push_to_hub", "token", "safe_serialization", "temporary_location", "save_peft_format"}
-    if unknown:
-        raise TypeError(f"save_pretrained_merged got unexpected arguments: {', '.join(sorted(unknown))}.")
-    if kwargs.get("push_to_hub"):
-        raise ValueError("save_pretrained_merged(push_to_hub=True) is not supported; call "
-                         "model.push_to_hub_merged(repo_id, tokenizer, save_method=...) instead.")
+    check_save_kwargs("save_pretrained_merged", kwargs,
+                      {"token", "safe_serialization", "temporary_location", "save_peft_format"},
+                      "model.push_to_hub_merged(repo_id, tokenizer, save_method=...)")
     if save_method == "merged_4bit_forced":
         save_method = "merged_4bit"
 

@@ -331,3 +331,20 @@ def test_through_fastft_loader(tmp_path):
     ref = logits(model, ids)
     out = model.save_pretrained_merged(str(tmp_path / "m"), tok2, save_method="merged_16bit")
     assert rel_err(logits(_load(out), ids), ref) < 1e-3
+
+
+def test_save_functions_reject_unknown_arguments_and_push_to_hub(tmp_path):
+    """Arguments other tools' scripts pass are accepted and ignored; an unknown one is a
+    TypeError naming it, push_to_hub=True a ValueError naming the call to use instead; both
+    before anything is written."""
+    save_pretrained_gguf = save.save_pretrained_gguf
+    with pytest.raises(TypeError, match="save_pretrained_merged got unexpected arguments: colour"):
+        save.save_pretrained_merged(None, str(tmp_path / "m"), None, colour="red")
+    with pytest.raises(ValueError, match=r"push_to_hub_merged\(repo_id"):
+        save.save_pretrained_merged(None, str(tmp_path / "m"), None, push_to_hub=True, token="t")
+    with pytest.raises(TypeError, match="save_pretrained_gguf got unexpected arguments: colour"):
+        save_pretrained_gguf(None, str(tmp_path / "g"), None, colour="red")
+    with pytest.raises(ValueError, match=r"push_to_hub_gguf\(repo_id"):
+        save_pretrained_gguf(None, str(tmp_path / "g"), None, push_to_hub=True)
+    save.check_save_kwargs("f", {"token": "t", "push_to_hub": False}, {"token"}, "g()")  # accepted
+    assert not any(tmp_path.iterdir())

@@ -291,12 +291,9 @@ def save_gguf(
     from fastft.gguf_export.tokenizer import add_vocab_to_writer, build_vocab
 
     # arguments scripts pass for other tools' conversion steps: nothing to do here
-    unknown = set(kwargs) - {"first_conversion", "temporary_location", "push_to_hub", "token", "private"}
-    if unknown:
-        raise TypeError(f"save_pretrained_gguf got unexpected arguments: {', '.join(sorted(unknown))}.")
-    if kwargs.get("push_to_hub"):
-        raise ValueError("save_pretrained_gguf(push_to_hub=True) is not supported; call "
-                         "model.push_to_hub_gguf(repo_id, tokenizer, quantization_method=...) instead.")
+    fsave.check_save_kwargs("save_pretrained_gguf", kwargs,
+                            {"first_conversion", "temporary_location", "token", "private"},
+                            "model.push_to_hub_gguf(repo_id, tokenizer, quantization_method=...)")
     if tokenizer is None:
         raise ValueError("save_pretrained_gguf needs the tokenizer (llama.cpp reads the vocabulary from the GGUF).")
     methods = _normalise_methods(quantization_method)
