@@ -366,7 +366,7 @@ class _Offloader:
         prev = slot.prev() if slot.prev is not None else None
         if prev is not None:
             # to prev's own device (a model split over GPUs has layers on several)
-            prev_device = getattr(prev, "device", None) or device
+            prev_device = prev.device or device
             self.prefetch(prev, prev_device)
             _LATE_NEXT[:] = [weakref.ref(prev), prev_device]
         else:

@@ -165,7 +165,7 @@ def _dequantizer(base: Base, dtype: torch.dtype):
 _HELD_DENSE: dict = {}
 # The tiled MLP dequantises each 4-bit weight once per pass (gate and up into buffers of their
 # own, down into the shared workspace) instead of once per tile and use (5 per tile in the
-# backward): 3 instead of 32 dequantisations per 8B layer and step at 4x4096, for two
+# backward): 6 instead of 32 dequantisations per 8B layer and step at 4x4096, for two
 # weight-sized buffers (2 x 112 MiB at 8B) alive while the MLP runs. 0: once per use.
 MLP_HOLD_WEIGHTS = os.environ.get("FASTFT_MLP_HOLD_WEIGHTS", "1") != "0"
 
