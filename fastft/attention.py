@@ -32,8 +32,9 @@ from fastft import offload
 _TAG = "attention"
 # q/k/v are stashed only up to this size per layer. Their copy back starts once the attention
 # backward of the layer after has run (offload.start_late_prefetch), so they are not on the GPU
-# during it, the step's memory peak; past this size the host traffic and the attention-backward
-# memory grow with the sequence faster than the projections they save.
+# during it, the step's memory peak. Larger layers are recomputed: their copies would take
+# longer than the forward has PCIe time for (run 25: 4x4096 already sends ~18 GiB a pass), and
+# larger stashes were not measured.
 # 256 MiB admits Llama-3.1-8B at 16384 tokens a step (192 MiB per layer).
 REUSE_QKV_MAX_BYTES = int(os.environ.get("FASTFT_OFFLOAD_REUSE_QKV_MAX_BYTES", str(256 << 20)))
 # Noted by the fused q/k/v projection in a first forward when its outputs reach attention only
