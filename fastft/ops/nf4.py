@@ -444,8 +444,8 @@ def workspace(numel: int, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def bound_dequantize(st: Resolved, backend: str):
-    """out_flat -> None filling out_flat with st's weight on `backend` (a dispatch choice),
-    with what can be looked up once looked up once."""
+    """out_flat -> None filling out_flat with st's weight on `backend` (a dispatch choice);
+    the backend's per-call lookups are done here, once."""
     impl = dispatch.implementation("nf4_dequantize", backend)
     bind = getattr(impl, "bound_dequantize", None)
     return bind(st) if bind is not None else (lambda out_flat: impl.dequantize(st, out_flat))
