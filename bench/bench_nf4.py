@@ -127,7 +127,8 @@ def bench_nf4_dequantize(benchmark, record, variant):
 
 # The CUDA backend's fused kernels (FASTFT_NF4_GEMV, read on every call; unset = auto):
 # "cuda" is the default choice (auto: v3 for wide outputs, else v1), "cuda_v1" .. "cuda_v3" force one.
-CUDA_GEMV_VARIANTS = {"cuda": None, "cuda_v1": "v1", "cuda_v2": "v2", "cuda_v3": "v3"}
+CUDA_GEMV_VARIANTS = {"cuda": None, "cuda_v1": "v1", "cuda_v2": "v2", "cuda_v3": "v3",
+                      "cuda_v3r": "v3r", "cuda_v3h": "v3h"}
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 8, 9, 16])

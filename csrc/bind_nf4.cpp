@@ -88,8 +88,9 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
           int64_t variant, int64_t v3_splits, const at::Tensor& y) {
   // variant / v3_splits: fastft/ops/nf4.py reads and checks FASTFT_NF4_GEMV and
   // FASTFT_NF4_V3_SPLITS (0 = the plan chooses), so the extension reads no environment.
-  TORCH_CHECK(variant >= 0 && variant <= 3 && v3_splits >= 0 && v3_splits <= 65535,
-              "fastft nf4: variant must be 0..3 and v3_splits 0..65535, got ", variant, ", ",
+  TORCH_CHECK((variant >= 0 && variant <= 3) || variant == 5 || variant == 6,
+              "fastft nf4: variant must be 0..3, 5 or 6, got ", variant);
+  TORCH_CHECK(v3_splits >= 0 && v3_splits <= 65535, "fastft nf4: v3_splits must be 0..65535, got ",
               v3_splits);
   check_rows(x, "x");
   check_rows(y, "y");
@@ -132,7 +133,7 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   a.M = (int)M; a.N = (int)N; a.K = (int)K;
   a.dtype = dtype_tag(x);
   a.variant = (int)variant;
-  a.v3_splits = variant == 3 ? (int)v3_splits : 0;
+  a.v3_splits = variant == 3 || variant >= 5 ? (int)v3_splits : 0;  // (5, 6: v3's decodes)
   nf4_gemv_plan(w, a, sm_count(x));
   // Split K: float32 partials and the row blocks' completion counters in one scratch
   // allocation of this call (stream-ordered by the caching allocator, captured into a CUDA

@@ -978,6 +978,41 @@ __device__ __forceinline__ uint32_t v3_pair(const unsigned char* anchor, uint32_
   return *reinterpret_cast<const uint32_t*>(anchor + off);
 }
 
+// The NF4 levels as fp16, split into low and high bytes for __byte_perm lookups: lo[r] byte i =
+// low byte of level 4r + i, hi[r] likewise with the high bytes.
+struct V3Levels {
+  uint32_t lo[4], hi[4];
+};
+
+// v3_pair<0..3> of `word` without shared memory: byte lookups by __byte_perm (PRMT) in the
+// level bytes. Each PRMT looks up 4 nibbles' low 3 bits among 8 levels; bit 3 of each nibble
+// chooses between the two halves of the table (a byte mask made by PRMT's sign-replicate mode
+// from the nibble's bit 3, which sits at bit 7 of a byte of `word` or of `word << 4`). 22
+// instructions per word, no shared-memory traffic (checked exhaustively against the table in
+// a Python model of PRMT).
+// prmt.b32 in its default mode, whose selector nibbles' bit 3 replicates the chosen byte's sign
+// bit (written out: __byte_perm documents only the 3-bit byte choice).
+__device__ __forceinline__ uint32_t prmt_sign_mode(uint32_t a, uint32_t b, uint32_t selector) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(selector));
+  return r;
+}
+
+__device__ __forceinline__ void v3_pairs_reg(const V3Levels& lv, uint32_t word, uint32_t (&p)[4]) {
+  const uint32_t shifted = word << 4;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const uint32_t s = (half ? word >> 16 : word) & 0x7777u;
+    const uint32_t mask = prmt_sign_mode(shifted, word, half ? 0xFBEAu : 0xD9C8u);
+    const uint32_t lo_a = __byte_perm(lv.lo[0], lv.lo[1], s), lo_b = __byte_perm(lv.lo[2], lv.lo[3], s);
+    const uint32_t hi_a = __byte_perm(lv.hi[0], lv.hi[1], s), hi_b = __byte_perm(lv.hi[2], lv.hi[3], s);
+    const uint32_t lo = (lo_a & ~mask) | (lo_b & mask), hi = (hi_a & ~mask) | (hi_b & mask);
+    // pair j = (level of byte j's high nibble, level of its low nibble), as v3_pair
+    p[2 * half] = __byte_perm(lo, hi, 0x4051);
+    p[2 * half + 1] = __byte_perm(lo, hi, 0x6273);
+  }
+}
+
 __device__ __forceinline__ void v3_store16(uint32_t addr, uint4 v) {
   asm volatile("st.shared.v4.b32 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(v.x), "r"(v.y),
                "r"(v.z), "r"(v.w)
@@ -1022,7 +1057,7 @@ __device__ __forceinline__ void v3_sum_splits(const float* partial, int n, int M
     if (m < M) y[m * y_stride + n] = from_f32<T>(sum[m] + b);
 }
 
-template <int MT, bool NESTED, typename T>
+template <int MT, bool NESTED, typename T, int DECODE>
 __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
     nf4_gemv_v3_kernel(const NF4Weight w, const NF4GemvArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -1103,6 +1138,19 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   }
   if (NESTED) code2_s[tid] = __ldg(w.code2 + tid);
   if (tid < 16) tok_max[tid] = 0u;
+  V3Levels lv;  // (DECODE 1 / 2 only; dead code otherwise)
+  if (DECODE != 0) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      lv.lo[r] = lv.hi[r] = 0u;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t h = __half_as_ushort(__float2half_rn(__ldg(w.code + 4 * r + i)));
+        lv.lo[r] |= (h & 0xFFu) << (8 * i);
+        lv.hi[r] |= (h >> 8) << (8 * i);
+      }
+    }
+  }
   __syncthreads();  // tok_max zeroed
 
   // x[token][s0 * 64 .. (s0 + count) * 64) -> the holes, as fp16. 16-byte unit i of the range:
@@ -1224,14 +1272,24 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
       for (int tl = 0; tl < 2; ++tl) {
         const uint2 ra = ring[j].w[2 * tl], rb = ring[j].w[2 * tl + 1];  // rows g, g+8 of tile tl
         uint32_t pa[8], pb[8];
-        pa[0] = v3_pair<0>(anchor, ra.x, lane4); pa[1] = v3_pair<1>(anchor, ra.x, lane4);
-        pa[2] = v3_pair<2>(anchor, ra.x, lane4); pa[3] = v3_pair<3>(anchor, ra.x, lane4);
-        pa[4] = v3_pair<0>(anchor, ra.y, lane4); pa[5] = v3_pair<1>(anchor, ra.y, lane4);
-        pa[6] = v3_pair<2>(anchor, ra.y, lane4); pa[7] = v3_pair<3>(anchor, ra.y, lane4);
-        pb[0] = v3_pair<0>(anchor, rb.x, lane4); pb[1] = v3_pair<1>(anchor, rb.x, lane4);
-        pb[2] = v3_pair<2>(anchor, rb.x, lane4); pb[3] = v3_pair<3>(anchor, rb.x, lane4);
-        pb[4] = v3_pair<0>(anchor, rb.y, lane4); pb[5] = v3_pair<1>(anchor, rb.y, lane4);
-        pb[6] = v3_pair<2>(anchor, rb.y, lane4); pb[7] = v3_pair<3>(anchor, rb.y, lane4);
+        if (DECODE == 1) {  // registers for both rows
+          v3_pairs_reg(lv, ra.x, *reinterpret_cast<uint32_t(*)[4]>(pa));
+          v3_pairs_reg(lv, ra.y, *reinterpret_cast<uint32_t(*)[4]>(pa + 4));
+        } else {  // the table (DECODE 2: for rows g only)
+          pa[0] = v3_pair<0>(anchor, ra.x, lane4); pa[1] = v3_pair<1>(anchor, ra.x, lane4);
+          pa[2] = v3_pair<2>(anchor, ra.x, lane4); pa[3] = v3_pair<3>(anchor, ra.x, lane4);
+          pa[4] = v3_pair<0>(anchor, ra.y, lane4); pa[5] = v3_pair<1>(anchor, ra.y, lane4);
+          pa[6] = v3_pair<2>(anchor, ra.y, lane4); pa[7] = v3_pair<3>(anchor, ra.y, lane4);
+        }
+        if (DECODE != 0) {  // registers for rows g + 8
+          v3_pairs_reg(lv, rb.x, *reinterpret_cast<uint32_t(*)[4]>(pb));
+          v3_pairs_reg(lv, rb.y, *reinterpret_cast<uint32_t(*)[4]>(pb + 4));
+        } else {
+          pb[0] = v3_pair<0>(anchor, rb.x, lane4); pb[1] = v3_pair<1>(anchor, rb.x, lane4);
+          pb[2] = v3_pair<2>(anchor, rb.x, lane4); pb[3] = v3_pair<3>(anchor, rb.x, lane4);
+          pb[4] = v3_pair<0>(anchor, rb.y, lane4); pb[5] = v3_pair<1>(anchor, rb.y, lane4);
+          pb[6] = v3_pair<2>(anchor, rb.y, lane4); pb[7] = v3_pair<3>(anchor, rb.y, lane4);
+        }
         if (tl == 1 && i0 + j + kV3Ahead < count) {
           // the slot's words are consumed (above): reload it in place (no register moves)
 #pragma unroll
@@ -1406,6 +1464,11 @@ static void plan_v3(NF4GemvArgs& a, int sms, int requested_splits) {
 
 void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   const int v3_requested_splits = a.v3_splits;
+  a.v3_decode = 0;
+  if (a.variant == 5 || a.variant == 6) {  // v3 with its decode in registers / half and half
+    a.v3_decode = a.variant - 4;
+    a.variant = 3;
+  }
   a.split = a.per_split = a.v2_blocks = a.v2_steps = a.v3_steps = a.v3_splits = 0;
   // Automatic choice (variant 0), from the H200 (run 17, one run, M = 1..16): v3 was faster
   // than v1 at every M where the output is wide (4096 -> 14336: 0.025-0.031 ms vs 0.029-0.041)
@@ -1482,11 +1545,18 @@ void launch_gemv_v2(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t strea
       <<<(unsigned)a.v2_blocks, kV2Threads, smem, stream>>>(w, a, xs_stride);
 }
 
+template <typename T, int MT, bool NESTED, int DECODE>
+void launch_gemv_v3_decode(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
+  allow_dynamic_smem<nf4_gemv_v3_kernel<MT, NESTED, T, DECODE>>(kV3Smem);
+  const dim3 grid((unsigned)((a.N + kV3Rows - 1) / kV3Rows), (unsigned)a.v3_splits);
+  nf4_gemv_v3_kernel<MT, NESTED, T, DECODE><<<grid, kV3Threads, kV3Smem, stream>>>(w, a);
+}
+
 template <typename T, int MT, bool NESTED>
 void launch_gemv_v3(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
-  allow_dynamic_smem<nf4_gemv_v3_kernel<MT, NESTED, T>>(kV3Smem);
-  const dim3 grid((unsigned)((a.N + kV3Rows - 1) / kV3Rows), (unsigned)a.v3_splits);
-  nf4_gemv_v3_kernel<MT, NESTED, T><<<grid, kV3Threads, kV3Smem, stream>>>(w, a);
+  if (a.v3_decode == 1) launch_gemv_v3_decode<T, MT, NESTED, 1>(w, a, stream);
+  else if (a.v3_decode == 2) launch_gemv_v3_decode<T, MT, NESTED, 2>(w, a, stream);
+  else launch_gemv_v3_decode<T, MT, NESTED, 0>(w, a, stream);
 }
 }  // namespace
 

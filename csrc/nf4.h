@@ -40,10 +40,15 @@ struct NF4GemvArgs {
   void* y; int64_t y_stride;
   int M, N, K;
   int dtype;
-  // In: the requested kernel (1, 2 or 3; 0 = the plan's choice: v3 for wide outputs); the
+  // In: the requested kernel (1, 2, 3, or 5 / 6: v3 with v3_decode 1 / 2; 0 = the plan's
+  // choice: v3 for wide outputs); the
   // plan takes v2 / v3 where they apply (see nf4_gemv_v2_ok / nf4_gemv_v3_ok), v1 otherwise.
   // Out: the kernel that runs.
   int variant;
+  // v3's NF4 decode, set by nf4_gemv_plan from variant 5 / 6 (which then run as variant 3):
+  // 0 = a shared-memory table lookup per packed byte, 1 = PRMT lookups in registers (no shared
+  // memory), 2 = half of each step's rows each way.
+  int v3_decode;
   int split;        // v1: K ranges (grid.y), set by nf4_gemv_plan
   int per_split;    // v1: 128-value chunks per K range, set by nf4_gemv_plan
   int v2_blocks;    // v2: grid size (contiguous ranges of the row-block x 64-k steps)

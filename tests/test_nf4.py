@@ -750,9 +750,10 @@ def test_gemv_settings_from_environment(monkeypatch):
     monkeypatch.delenv("FASTFT_NF4_GEMV", raising=False)
     monkeypatch.delenv("FASTFT_NF4_V3_SPLITS", raising=False)
     assert nf4_mod.gemv_settings() == (0, 0)
-    for name, variant in (("", 0), ("auto", 0), ("v1", 1), ("v2", 2), ("v3", 3)):
+    for name, variant in (("", 0), ("auto", 0), ("v1", 1), ("v2", 2), ("v3", 3), ("v3r", 5), ("v3h", 6)):
         monkeypatch.setenv("FASTFT_NF4_GEMV", name)
         assert nf4_mod.gemv_settings() == (variant, 0)
+    monkeypatch.setenv("FASTFT_NF4_GEMV", "v3")
     for splits in ("1", "7", "65535"):
         monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", splits)
         assert nf4_mod.gemv_settings() == (3, int(splits))
@@ -763,7 +764,7 @@ def test_gemv_settings_from_environment(monkeypatch):
     monkeypatch.delenv("FASTFT_NF4_V3_SPLITS")
     for name in ("v4", "V1", "v1 "):
         monkeypatch.setenv("FASTFT_NF4_GEMV", name)
-        with pytest.raises(ValueError, match="FASTFT_NF4_GEMV must be auto, v1, v2 or v3"):
+        with pytest.raises(ValueError, match="FASTFT_NF4_GEMV must be auto, v1, v2, v3, v3r or v3h"):
             nf4_mod.gemv_settings()
 
 
@@ -774,7 +775,7 @@ def test_fused_matmul_gpu_rejects_unknown_variant(monkeypatch):
     _, packed, state = quantize((256, 512), True, device="cuda")
     x = torch.randn(2, 512, dtype=torch.bfloat16, device="cuda")
     monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
-    with pytest.raises(ValueError, match="FASTFT_NF4_GEMV must be auto, v1, v2 or v3"):
+    with pytest.raises(ValueError, match="FASTFT_NF4_GEMV must be auto, v1, v2, v3, v3r or v3h"):
         nf4_matmul(x, packed, state, backend="cuda")
 
 
@@ -861,6 +862,29 @@ def test_fused_matmul_gpu_v3_shapes(nested, monkeypatch):
                 with_bias=(i + j) % 3 == 0, seed=60 + i)
             again = nf4_matmul(x, packed, state, bias, backend="cuda")
             assert torch.equal(y, again), ("v3 must be deterministic", out_f, in_f, rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decode", ["v3r", "v3h"])
+def test_fused_matmul_gpu_v3_register_decode_equals_table(decode, monkeypatch):
+    """v3r / v3h look the NF4 levels up with PRMT in registers (all rows / half the rows)
+    instead of in v3's shared-memory table: the same fp16 levels in the same order, so the
+    results must equal v3's bit for bit (every shape, M, dtype, nesting, split)."""
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    for i, (out_f, in_f, blocksize) in enumerate(V3_SHAPES + [(4096, 14336, 64), (14336, 4096, 64)]):
+        for j, rows in enumerate((1, 5, 8, 9, 16)):
+            dtype = (torch.bfloat16, torch.float16)[(i + j) % 2]
+            nested = (i + j) % 2 == 0
+            _, packed, state = quantize((out_f, in_f), nested, blocksize=blocksize, device="cuda",
+                                        seed=90 + i)
+            g = torch.Generator().manual_seed(91 + j)
+            x = torch.randn(rows, in_f, generator=g).to("cuda", dtype)
+            monkeypatch.setenv("FASTFT_NF4_GEMV", "v3")
+            want = nf4_matmul(x, packed, state, backend="cuda")
+            monkeypatch.setenv("FASTFT_NF4_GEMV", decode)
+            got = nf4_matmul(x, packed, state, backend="cuda")
+            assert torch.equal(got, want), (decode, out_f, in_f, blocksize, rows, dtype, nested)
 
 
 @pytest.mark.gpu

@@ -389,7 +389,9 @@ class _CudaBackend:
 # extension choose (v3 where the output is at least twice as wide as the input, v1 elsewhere:
 # what the H200 measured), "v1" / "v2" / "v3" force one where it applies. FASTFT_NF4_V3_SPLITS
 # forces v3's K split (tuning). Read on every call, so that one process can time every kernel.
-_GEMV_VARIANTS = {"": 0, "auto": 0, "v1": 1, "v2": 2, "v3": 3}
+# v3r / v3h: v3 with its NF4 decode in registers (PRMT) / half in registers, half in the
+# shared-memory table (the extension's variants 5 / 6); the same results as v3, bit for bit.
+_GEMV_VARIANTS = {"": 0, "auto": 0, "v1": 1, "v2": 2, "v3": 3, "v3r": 5, "v3h": 6}
 
 
 def gemv_settings() -> tuple[int, int]:
@@ -397,7 +399,7 @@ def gemv_settings() -> tuple[int, int]:
     the extension's plan chooses."""
     name = os.environ.get("FASTFT_NF4_GEMV", "")
     if name not in _GEMV_VARIANTS:
-        raise ValueError(f"FASTFT_NF4_GEMV must be auto, v1, v2 or v3 (or unset), got {name!r}")
+        raise ValueError(f"FASTFT_NF4_GEMV must be auto, v1, v2, v3, v3r or v3h (or unset), got {name!r}")
     text = os.environ.get("FASTFT_NF4_V3_SPLITS", "")
     # ASCII digits only: no sign, no spaces (str.isdigit alone also takes e.g. "²")
     splits = int(text) if text.isascii() and text.isdigit() else -1
