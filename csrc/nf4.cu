@@ -1473,8 +1473,14 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   // Automatic choice (variant 0), from the H200 (run 17, one run, M = 1..16): v3 was faster
   // than v1 at every M where the output is wide (4096 -> 14336: 0.025-0.031 ms vs 0.029-0.041)
   // and slower, or level at M = 16, where it is narrow (14336 -> 4096). Between the two (e.g.
-  // square weights) nothing was timed, so v1 stays.
-  if (a.variant == 0) a.variant = (int64_t)a.N >= 2 * (int64_t)a.K ? 3 : 1;
+  // square weights) nothing was timed, so v1 stays. Wide outputs take v3 with half of the rows
+  // decoded in registers (v3h, the same results bit for bit): 2.3-3.6% faster than v3 at
+  // M <= 8 there, level at M >= 9 (runs 27 and 32).
+  if (a.variant == 0) {
+    const bool wide = (int64_t)a.N >= 2 * (int64_t)a.K;
+    a.variant = wide ? 3 : 1;
+    a.v3_decode = wide ? 2 : 0;
+  }
   if (a.variant == 3 && nf4_gemv_v3_ok(w, a)) {
     plan_v3(a, sms, v3_requested_splits);
     return;

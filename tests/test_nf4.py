@@ -750,7 +750,8 @@ def test_gemv_settings_from_environment(monkeypatch):
     monkeypatch.delenv("FASTFT_NF4_GEMV", raising=False)
     monkeypatch.delenv("FASTFT_NF4_V3_SPLITS", raising=False)
     assert nf4_mod.gemv_settings() == (0, 0)
-    for name, variant in (("", 0), ("auto", 0), ("v1", 1), ("v2", 2), ("v3", 3), ("v3r", 5), ("v3h", 6)):
+    for name, variant in (("", 0), ("auto", 0), ("v1", 1), ("v2", 2), ("v3", 3), ("v3r", 5),
+                          ("v3h", 6)):
         monkeypatch.setenv("FASTFT_NF4_GEMV", name)
         assert nf4_mod.gemv_settings() == (variant, 0)
     monkeypatch.setenv("FASTFT_NF4_GEMV", "v3")
@@ -781,8 +782,8 @@ def test_fused_matmul_gpu_rejects_unknown_variant(monkeypatch):
 
 @pytest.mark.gpu
 def test_fused_matmul_gpu_auto_variant(monkeypatch):
-    """Unset FASTFT_NF4_GEMV: v3 where out_features >= 2 x in_features (and v3 applies), v1
-    elsewhere; bit for bit the forced kernel's result."""
+    """Unset FASTFT_NF4_GEMV: v3h where out_features >= 2 x in_features (and v3 applies), v1
+    elsewhere; bit for bit the forced kernel's result (v3h gives v3's results bit for bit)."""
     if "cuda" not in backends("nf4_matmul", "cuda"):
         pytest.skip("fastft._C is not built")
     monkeypatch.delenv("FASTFT_NF4_V3_SPLITS", raising=False)

@@ -20,9 +20,10 @@ the Triton kernel and CUDA's v1 multiply by exactly the dequantised W, each valu
 nf4_dequantize rounds it, so they differ from dequantise + matmul only in the float32
 summation order). CUDA's v2 and v3 (in_features % 64 == 0, blocksize >= 64) multiply by the NF4
 levels rounded to fp16 and apply each block's float32 scale to the float32 sums, i.e. W to
-2^-11 per level; v3 spends ~2 instructions per packed byte. The CUDA backend picks v3 where the
-output is at least twice as wide as the input (faster than v1 there on the H200) and v1
-elsewhere; FASTFT_NF4_GEMV=v1|v2|v3 forces one (see gemv_settings). Larger inputs, float32 x and
+2^-11 per level; v3 spends ~2 instructions per packed byte. The CUDA backend picks v3h (v3 with
+half of the level lookups done in registers instead of shared memory: the same results) where
+the output is at least twice as wide as the input (faster than v1 there on the H200) and v1
+elsewhere; FASTFT_NF4_GEMV forces one (see gemv_settings). Larger inputs, float32 x and
 shapes the fused kernels don't take dequantise W into a per-device workspace (reused by every
 layer, see workspace()) and call cuBLAS. Only x (and a bias) get gradients: the quantised
 weight is frozen; backward dequantises again (dx = dy @ W), nothing W-sized is saved.
@@ -386,7 +387,7 @@ class _CudaBackend:
 
 
 # FASTFT_NF4_GEMV picks the CUDA backend's fused small-M kernel: unset or "auto" lets the
-# extension choose (v3 where the output is at least twice as wide as the input, v1 elsewhere:
+# extension choose (v3h where the output is at least twice as wide as the input, v1 elsewhere:
 # what the H200 measured), "v1" / "v2" / "v3" force one where it applies. FASTFT_NF4_V3_SPLITS
 # forces v3's K split (tuning). Read on every call, so that one process can time every kernel.
 # v3r / v3h: v3 with its NF4 decode in registers (PRMT) / half in registers, half in the
@@ -399,7 +400,8 @@ def gemv_settings() -> tuple[int, int]:
     the extension's plan chooses."""
     name = os.environ.get("FASTFT_NF4_GEMV", "")
     if name not in _GEMV_VARIANTS:
-        raise ValueError(f"FASTFT_NF4_GEMV must be auto, v1, v2, v3, v3r or v3h (or unset), got {name!r}")
+        raise ValueError("FASTFT_NF4_GEMV must be auto, v1, v2, v3, v3r or v3h (or unset), got "
+                         f"{name!r}")
     text = os.environ.get("FASTFT_NF4_V3_SPLITS", "")
     # ASCII digits only: no sign, no spaces (str.isdigit alone also takes e.g. "²")
     splits = int(text) if text.isascii() and text.isdigit() else -1
