@@ -126,7 +126,8 @@ def bench_nf4_dequantize(benchmark, record, variant):
 # ---------------------------------------------------------------- small-M matmul
 
 # The CUDA backend's fused kernels (FASTFT_NF4_GEMV, read on every call; unset = auto):
-# "cuda" is the default choice (auto: v3 for wide outputs, else v1), "cuda_v1" .. "cuda_v3" force one.
+# "cuda" is the default choice (auto: v3h for wide outputs, else v1), "cuda_v1" .. "cuda_v3h" force
+# one.
 CUDA_GEMV_VARIANTS = {"cuda": None, "cuda_v1": "v1", "cuda_v2": "v2", "cuda_v3": "v3",
                       "cuda_v3r": "v3r", "cuda_v3h": "v3h"}
 

@@ -1,7 +1,10 @@
 """A Python model of CUDA __byte_perm (PRMT) that checks v3r's register NF4 decode
 (csrc/nf4.cu v3_pairs_reg) against v3's table lookup for every 16-bit half-word: run it after
 changing the decode. python bench/nf4_prmt_model.py -> "mismatches 0"."""
-import numpy as np, random, struct
+import random
+
+import numpy as np
+
 def prmt(a, b, s):
     src = [(a >> (8*i)) & 0xFF for i in range(4)] + [(b >> (8*i)) & 0xFF for i in range(4)]
     out = 0
