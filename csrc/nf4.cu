@@ -427,6 +427,32 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
 }
 
 
+// bf16 x into fp16 for v2 / v3's fp16 mma: each token's values times a power of two 2^shift
+// that puts the token's largest |x| in [2^14, 2^15). bf16's 8 significant bits fit fp16's 11,
+// so a value is exact in fp16 unless it is ~2^31 or more times smaller than that largest |x|
+// (fp16's subnormals then drop its low bits: far below the sum's rounding). max_bits: the
+// largest |x|'s bf16 bits (monotonic in |x| for non-negative values).
+__device__ __forceinline__ int x_scale_shift(unsigned max_bits) {
+  const int e = (int)(max_bits >> 7) - 127;  // unbiased exponent of the largest |x|
+  return max(-126, min(126, 14 - e));
+}
+
+__device__ __forceinline__ float pow2f(int e) { return __int_as_float((127 + e) << 23); }
+
+// 8 bf16 values (one 16-byte unit) times 2^shift, as 8 fp16 values.
+__device__ __forceinline__ uint4 bf16x8_scaled_to_fp16(uint4 v, int shift) {
+  const float f = pow2f(shift);
+  uint32_t* words = reinterpret_cast<uint32_t*>(&v);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float lo = __uint_as_float(words[j] << 16) * f;
+    const float hi = __uint_as_float(words[j] & 0xFFFF0000u) * f;
+    const __half2 h = __floats2half2_rn(lo, hi);
+    words[j] = *reinterpret_cast<const uint32_t*>(&h);
+  }
+  return v;
+}
+
 // ------------------------------------------------------------------ fused small-M matmul, v2
 //
 // Why a second kernel: v1 spends ~440 SASS instructions per KB of packed weight (its loop:
@@ -733,24 +759,11 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
       if (m) atomicMax(&tok_max[tok], m);
     }
     __syncthreads();
-    // x * 2^shift with the token's largest |x| in [2^14, 2^15): exact in fp16 for all but
-    // values 2^-30 below it (they flush towards 0, far below the sum's rounding)
+    // x * 2^shift with the token's largest |x| in [2^14, 2^15), as fp16
     for (int i = tid; i < tokens * units8; i += kV2Threads) {
       const int tok = i / units8, uu = i % units8;
-      const int e = (int)(tok_max[tok] >> 7) - 127;    // unbiased exponent of the max
-      const int shift = max(-126, min(126, 14 - e));
-      const float f = __int_as_float((127 + shift) << 23);
       uint4* p = reinterpret_cast<uint4*>(xs + tok * xs_stride + 8 * uu);
-      uint4 v = *p;
-      uint32_t* words = reinterpret_cast<uint32_t*>(&v);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float lo = __uint_as_float(words[j] << 16) * f;
-        const float hi = __uint_as_float(words[j] & 0xFFFF0000u) * f;
-        const __half2 h = __floats2half2_rn(lo, hi);
-        words[j] = *reinterpret_cast<const uint32_t*>(&h);
-      }
-      *p = v;
+      *p = bf16x8_scaled_to_fp16(*p, x_scale_shift(tok_max[tok]));
     }
     __syncthreads();
   }
@@ -780,10 +793,8 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
         const int n = ra + (i < 2 ? 0 : 8);
         if (m < M && n < N) {
           float v = acc[mt][i];
-          if (std::is_same<T, __nv_bfloat16>::value) {  // undo the token's power of two
-            const int e = (int)(tok_max[m] >> 7) - 127;
-            v *= __int_as_float((127 - max(-126, min(126, 14 - e))) << 23);
-          }
+          if (std::is_same<T, __nv_bfloat16>::value)  // undo the token's power of two
+            v *= pow2f(-x_scale_shift(tok_max[m]));
           if (whole) {
             if (bias) v += to_f32(bias[n]);
             y[m * a.y_stride + n] = from_f32<T>(v);
@@ -948,7 +959,7 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
 // rounding; the tests hold v3 to "float32 W with fp16 levels" (see check_fused_gpu). x: bf16
 // has 8 significant bits, fp16 11, so a bf16 value times a power of two is exact in fp16 while
 // it lies in fp16's normal range; each token's largest |x| in the CTA's K range is put in
-// [2^14, 2^15), so only values more than 2^28 times smaller lose bits (fp16 subnormals), far
+// [2^14, 2^15), so only values ~2^31 or more times smaller lose bits (fp16 subnormals), far
 // below the sum's own rounding.
 constexpr int kV3Warps = 8;
 constexpr int kV3Threads = kV3Warps * 32;
@@ -1195,25 +1206,14 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
       if (m) atomicMax(&tok_max[i / units_row], m);
     }
     __syncthreads();
-    // x * 2^shift with the token's largest |x| in [2^14, 2^15)
+    // x * 2^shift with the token's largest |x| in [2^14, 2^15), as fp16
 #pragma unroll
     for (int q = 0; q < kUnitsPerThread; ++q) {
       const int i = tid + q * kV3Threads;
       if (i >= units) break;
       const int tok = i / units_row, r = i - tok * units_row;
-      uint4 v = xu[q];
-      const int e = (int)(tok_max[tok] >> 7) - 127;  // unbiased exponent of the max
-      const int shift = max(-126, min(126, 14 - e));
-      const float f = __int_as_float((127 + shift) << 23);
-      uint32_t* words = reinterpret_cast<uint32_t*>(&v);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float lo = __uint_as_float(words[j] << 16) * f;
-        const float hi = __uint_as_float(words[j] & 0xFFFF0000u) * f;
-        const __half2 h = __floats2half2_rn(lo, hi);
-        words[j] = *reinterpret_cast<const uint32_t*>(&h);
-      }
-      v3_store16(hole_unit(tok, r >> 3, r & 7), v);
+      v3_store16(hole_unit(tok, r >> 3, r & 7),
+                 bf16x8_scaled_to_fp16(xu[q], x_scale_shift(tok_max[tok])));
     }
   } else {
 #pragma unroll
@@ -1330,10 +1330,8 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
         const int n = tile_base + 16 * tl + g + (c < 2 ? 0 : 8);
         if (m >= M || n >= N) continue;
         float v = acc[tl][mt][c];
-        if (std::is_same<T, __nv_bfloat16>::value) {  // undo the token's power of two
-          const int e = (int)(tok_max[m] >> 7) - 127;
-          v *= __int_as_float((127 - max(-126, min(126, 14 - e))) << 23);
-        }
+        if (std::is_same<T, __nv_bfloat16>::value)  // undo the token's power of two
+          v *= pow2f(-x_scale_shift(tok_max[m]));
         if (a.partial) {  // K split: the splits' sum (+ bias) is written below
           a.partial[((int64_t)blockIdx.y * M + m) * N + n] = v;
         } else {
