@@ -137,16 +137,17 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   nf4_gemv_plan(w, a, sm_count(x));
   // Split K: float32 partials and the row blocks' completion counters in one scratch
   // allocation of this call (stream-ordered by the caching allocator, captured into a CUDA
-  // graph's pool under capture); the counters are zeroed on the launch's stream, so the
-  // kernel never depends on what an earlier call (eager, compiled or a graph replay) left.
+  // graph's pool under capture). Not zeroed: the counters carry this call's tag, so the kernel
+  // never depends on what an earlier call (eager, compiled or a graph replay) left there.
   const cudaStream_t stream = stream_of(x);
   at::Tensor scratch;
   if (nf4_gemv_needs_scratch(a)) {
-    const int64_t partials = nf4_gemv_partial_floats(a), row_blocks = nf4_gemv_counters(a);
-    scratch = at::empty({partials + row_blocks}, x.options().dtype(at::kFloat));
+    const int64_t partials = (nf4_gemv_partial_floats(a) + 1) / 2 * 2;  // counters 8-aligned
+    const int64_t row_blocks = nf4_gemv_counters(a);
+    scratch = at::empty({partials + 2 * row_blocks}, x.options().dtype(at::kFloat));
     a.partial = scratch.data_ptr<float>();
-    a.counters = reinterpret_cast<unsigned*>(a.partial + partials);
-    C10_CUDA_CHECK(cudaMemsetAsync(a.counters, 0, row_blocks * sizeof(unsigned), stream));
+    a.counters = reinterpret_cast<unsigned long long*>(a.partial + partials);
+    a.counter_tag = nf4_gemv_counter_tag();
   }
   nf4_gemv(w, a, stream);
   check_launch();

@@ -6,6 +6,7 @@
 // scales are __fadd_rn(__fmul_rn(code2[q], absmax2[b >> bs2_log2]), offset), the order
 // bitsandbytes computes them in (multiply, round, add, round).
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 
 #include "common.cuh"
@@ -32,6 +33,28 @@ __device__ __forceinline__ float nested_offset(const NF4Weight& w) {
 __device__ __forceinline__ void load_levels(const float* code, float* lut) {
   if (threadIdx.x < 16) lut[threadIdx.x] = __ldg(code + threadIdx.x);
   __syncthreads();
+}
+
+// Split-K arrival without zeroed counters, so a call needs no memset (a second graph node,
+// 1.7 us per call on the H200, run 29). A counter is a 64-bit word: the launch's tag (low 24
+// bits zero) | arrivals. A word without this launch's tag counts as 0 arrivals, so the scratch
+// may hold anything when the launch starts; the last arrival writes 0 back, so a CUDA graph
+// replaying the launch (same tag, same scratch) starts from 0 again. Tags (see
+// nf4_gemv_counter_tag) are unique per call and their top 12 bits are set, which no float32 or
+// float64 value computed by the GPU has (its NaN is 0x7FFFFFFF), so leftover data cannot pose
+// as one. Called by one thread per CTA, after the CTA's partials are fenced.
+__device__ __forceinline__ bool arrive_is_last(unsigned long long* counter,
+                                               unsigned long long tag, unsigned arrivals) {
+  unsigned long long seen = *reinterpret_cast<volatile unsigned long long*>(counter), expected;
+  unsigned count;
+  do {
+    expected = seen;
+    count = (expected & ~kCounterMask) == tag ? (unsigned)(expected & kCounterMask) + 1u : 1u;
+    seen = atomicCAS(counter, expected, tag | count);
+  } while (seen != expected);
+  if (count != arrivals) return false;
+  *counter = 0ull;  // every arrival is in: nothing else touches it in this launch
+  return true;
 }
 
 // ------------------------------------------------------------------ dequantisation
@@ -402,12 +425,12 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
   }
   if (a.partial == nullptr) return;
   // Split K in one kernel: the last of the row block's `split` blocks to finish adds the
-  // partials in split order (deterministic). The counters are zeroed by the caller for this
-  // launch alone (see NF4GemvArgs), so no state carries from one call to the next.
+  // partials in split order (deterministic).
   __shared__ bool last;
   __threadfence();  // this block's partials visible device-wide before it is counted
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(a.counters + blockIdx.x, 1u) == (unsigned)(a.split - 1);
+  if (threadIdx.x == 0)
+    last = arrive_is_last(a.counters + blockIdx.x, a.counter_tag, (unsigned)a.split);
   __syncthreads();
   if (!last) return;
   __threadfence();
@@ -483,7 +506,7 @@ __device__ __forceinline__ uint4 bf16x8_scaled_to_fp16(uint4 v, int shift) {
 //   busy to the end). A block whose range covers a whole row block writes y; a row block
 //   shared by several blocks gets float32 partials (slot b + r: unique because b and r both
 //   grow along the flattened order) and the last of its blocks to finish (a counter per row
-//   block, zeroed per call) adds them in block order: deterministic.
+//   block: arrive_is_last) adds them in block order: deterministic.
 //
 // Cost (ptxas 13.0, sm_90a, no-flush path of one loop iteration = 4 steps = 2 KB per warp):
 // ~470 (M <= 8) / ~540 (M 9..16) SASS instructions for plain absmax, ~500 / ~565 nested, i.e.
@@ -814,7 +837,8 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
     if (b_first == b_last) return;
     __threadfence();  // this block's partials visible device-wide before it is counted
     __syncthreads();
-    if (tid == 0) last = atomicAdd(a.counters + rr, 1u) == (unsigned)(b_last - b_first);
+    if (tid == 0)
+      last = arrive_is_last(a.counters + rr, a.counter_tag, (unsigned)(b_last - b_first + 1));
     __syncthreads();
     if (!last) return;
     __threadfence();
@@ -932,7 +956,7 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
 //   [y * steps, (y + 1) * steps) of K / 64. nf4_gemv_plan picks the split from a cost model
 //   (the most work any SM gets). With more than one K split the CTAs write float32 partials and
 //   the last CTA of each row group to finish adds them in split order (deterministic; the
-//   counters are zeroed by the caller per launch, as for v1).
+//   counters as for v1: arrive_is_last).
 //
 // Cost (ptxas 13.0, sm_90a; one loop iteration = 4 steps = 4 KB of packed weight per warp):
 // 435 / 468 SASS instructions (M <= 8, plain / nested scales) and 513 / 547..550 (M 9..16),
@@ -1343,10 +1367,10 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   }
   if (a.partial == nullptr) return;
   // The last of the row group's gridDim.y CTAs to finish adds the partials in split order
-  // (deterministic). The counters are zeroed by the caller for this launch alone.
+  // (deterministic).
   __threadfence();  // this CTA's partials visible device-wide before it is counted
   __syncthreads();
-  if (tid == 0) *last = atomicAdd(a.counters + blockIdx.x, 1u) == gridDim.y - 1;
+  if (tid == 0) *last = arrive_is_last(a.counters + blockIdx.x, a.counter_tag, gridDim.y);
   __syncthreads();
   if (!*last) return;
   __threadfence();
@@ -1496,6 +1520,12 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   }
   a.variant = 1;
   plan_v1(a, sms);
+}
+
+unsigned long long nf4_gemv_counter_tag() {
+  static std::atomic<unsigned long long> serial{0};
+  const unsigned long long n = serial.fetch_add(1, std::memory_order_relaxed) & ((1ull << 40) - 1);
+  return (0xFFFull << 52) | (n << 24);
 }
 
 int64_t nf4_gemv_counters(const NF4GemvArgs& a) {

@@ -57,11 +57,17 @@ struct NF4GemvArgs {
   int v3_splits;    // v3: K splits (grid.y). In: 0 (the plan chooses) or a requested count
   // nf4_gemv_partial_floats(a) float32 scratch when nf4_gemv_needs_scratch(a), else null
   float* partial;
-  // with scratch: nf4_gemv_counters(a) counters, zero when the launch starts (the caller
-  // zeroes them on the launch's stream, for this launch only: nothing is kept between calls);
-  // the last block of each row block to count adds the partials.
-  unsigned* counters;
+  // with scratch: nf4_gemv_counters(a) 64-bit counters, 8-byte aligned, any content when the
+  // launch starts (a word counts only with this launch's tag; the last arrival zeroes it); the
+  // last block of each row block to count adds the partials.
+  unsigned long long* counters;
+  unsigned long long counter_tag;  // nf4_gemv_counter_tag(), once per call
 };
+// A counter word is tag | arrivals (arrivals < 2^24).
+constexpr unsigned long long kCounterMask = (1ull << 24) - 1;
+// A fresh tag: a 40-bit call serial in bits 24..63 under a fixed top 12 bits (0xFFF: no float
+// the GPU computes looks like that; see arrive_is_last in nf4.cu).
+unsigned long long nf4_gemv_counter_tag();
 inline int64_t nf4_gemv_row_blocks(int64_t N) { return (N + 127) / 128; }  // v1's
 // Whether v2 / v3 take this call (shape, blocksize, dtype).
 bool nf4_gemv_v2_ok(const NF4Weight& w, const NF4GemvArgs& a);
