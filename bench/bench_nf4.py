@@ -125,11 +125,29 @@ def bench_nf4_dequantize(benchmark, record, variant):
 
 # ---------------------------------------------------------------- small-M matmul
 
-# The CUDA backend's fused kernels (FASTFT_NF4_GEMV, read on every call; unset = auto):
-# "cuda" is the default choice (auto: v3h for wide outputs, else v1), "cuda_v1" .. "cuda_v3h" force
-# one.
-CUDA_GEMV_VARIANTS = {"cuda": None, "cuda_v1": "v1", "cuda_v2": "v2", "cuda_v3": "v3",
-                      "cuda_v3r": "v3r", "cuda_v3h": "v3h"}
+# The CUDA backend's fused kernels and their settings (environment, read on every call):
+# "cuda" is the default (auto: v3h for wide outputs, else v1; PDL on, L2 prefetch of 3/4 of L2),
+# "cuda_v1" .. "cuda_v3h" force a kernel; "_plain" turns off PDL and the L2 prefetch,
+# "_nopdl" / "_noprefetch" one of them.
+_PLAIN = {"FASTFT_NF4_PDL": "0", "FASTFT_NF4_L2_PREFETCH_MB": "0"}
+CUDA_GEMV_VARIANTS = {
+    "cuda": {}, "cuda_nopdl": {"FASTFT_NF4_PDL": "0"},
+    "cuda_noprefetch": {"FASTFT_NF4_L2_PREFETCH_MB": "0"}, "cuda_plain": _PLAIN,
+    "cuda_v1": {"FASTFT_NF4_GEMV": "v1"}, "cuda_v1_plain": {"FASTFT_NF4_GEMV": "v1", **_PLAIN},
+    "cuda_v2": {"FASTFT_NF4_GEMV": "v2"},
+    "cuda_v3": {"FASTFT_NF4_GEMV": "v3"}, "cuda_v3_plain": {"FASTFT_NF4_GEMV": "v3", **_PLAIN},
+    "cuda_v3r": {"FASTFT_NF4_GEMV": "v3r"},
+    "cuda_v3h": {"FASTFT_NF4_GEMV": "v3h"}, "cuda_v3h_plain": {"FASTFT_NF4_GEMV": "v3h", **_PLAIN},
+}
+_GEMV_ENV = ("FASTFT_NF4_GEMV", "FASTFT_NF4_V3_SPLITS", "FASTFT_NF4_PDL",
+             "FASTFT_NF4_L2_PREFETCH_MB")
+
+
+def use_gemv_settings(monkeypatch, env):
+    for name in _GEMV_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 8, 9, 16])
@@ -143,10 +161,7 @@ def bench_nf4_matmul_small(benchmark, record, monkeypatch, variant, shape, rows)
     xs = [torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16) for _ in weights]
     if variant in CUDA_GEMV_VARIANTS or variant == "triton":
         backend = "triton" if variant == "triton" else "cuda"
-        if CUDA_GEMV_VARIANTS.get(variant):
-            monkeypatch.setenv("FASTFT_NF4_GEMV", CUDA_GEMV_VARIANTS[variant])
-        else:
-            monkeypatch.delenv("FASTFT_NF4_GEMV", raising=False)
+        use_gemv_settings(monkeypatch, CUDA_GEMV_VARIANTS.get(variant, {}))
         need_backend("nf4_matmul", backend)
         st = nf4_mod.resolve(*weights[0])
         if not nf4_mod._BACKENDS[backend].fused_ok(st, xs[0]):
@@ -176,11 +191,8 @@ def bench_nf4_matmul_small_v3_splits(benchmark, record, monkeypatch, shape, rows
     to tune nf4_gemv_plan's cost model with (the most work per SM vs the partials' cost)."""
     out_f, in_f = SHAPES[shape]
     need_backend("nf4_matmul", "cuda")
-    monkeypatch.setenv("FASTFT_NF4_GEMV", "v3")
-    if splits == "plan":
-        monkeypatch.delenv("FASTFT_NF4_V3_SPLITS", raising=False)
-    else:
-        monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", str(splits))
+    use_gemv_settings(monkeypatch, {"FASTFT_NF4_GEMV": "v3"} if splits == "plan" else
+                      {"FASTFT_NF4_GEMV": "v3", "FASTFT_NF4_V3_SPLITS": str(splits)})
     weights = [random_weight(out_f, in_f, seed) for seed in range(3)]
     xs = [torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16) for _ in weights]
     sets = [(x, p, s) for x, (p, s) in zip(xs, weights)]

@@ -7,6 +7,8 @@
 // bitsandbytes computes them in (multiply, round, add, round).
 #include <algorithm>
 #include <atomic>
+#include <climits>
+#include <utility>
 #include <type_traits>
 
 #include "common.cuh"
@@ -55,6 +57,30 @@ __device__ __forceinline__ bool arrive_is_last(unsigned long long* counter,
   if (count != arrivals) return false;
   *counter = 0ull;  // every arrival is in: nothing else touches it in this launch
   return true;
+}
+
+// Programmatic dependent launch (sm_90; launched with the attribute when a.pdl, see
+// launch_kernel): the next kernel on the stream may start its CTAs while this one finishes.
+// Before gemv_wait_for_previous a CTA reads and writes no global memory that an earlier kernel
+// may still write (x, y, scratch, and not even the weight: a kernel that quantised it may
+// still be running); it only asks L2 to fetch its rows of packed weight, which is safe because
+// L2 is where every SM's writes land (a prefetched line can never be stale). Without the
+// launch attribute both calls return at once.
+__device__ __forceinline__ void gemv_wait_for_previous() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// L2 prefetch of one row's packed bytes [p, p + bytes) (p 16-byte aligned; bytes rounded down
+// to 16): the whole CTA's weight requested at its start, so DRAM streams it while the CTA sets
+// up and the main loop's loads find it in L2 (a.l2_prefetch_row_bytes: how much per row).
+__device__ __forceinline__ void prefetch_row_l2(const uint8_t* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  bytes &= ~15u;
+  if (bytes) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes));
+#endif
 }
 
 // ------------------------------------------------------------------ dequantisation
@@ -349,6 +375,15 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
   r.pb = w.packed + (rb * K + r.k_first) / 2;
   r.blk_a = ra * K + r.k_first;
   r.blk_b = rb * K + r.k_first;
+
+  if (threadIdx.x < kBlockRows) {  // one row each: this block's K range of it
+    const int64_t row = (int64_t)blockIdx.x * kBlockRows + threadIdx.x;
+    const int64_t k_end = min((int64_t)K, k0 + (int64_t)nch * kChunk);
+    if (row < a.N && k_end > k0)
+      prefetch_row_l2(w.packed + (row * K + k0) / 2,
+                      (uint32_t)min((int64_t)a.l2_prefetch_row_bytes, (k_end - k0) / 2));
+  }
+  gemv_wait_for_previous();
 
   // Weight bytes first, so their latency overlaps the table and x staging below.
   ChunkIn ring[kAhead];
@@ -1116,6 +1151,15 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   const int tile_base = blockIdx.x * kV3Rows + warp * kV3WarpRows;
   const int64_t half_k = K / 2;
 
+  {  // one row per thread: this CTA's K range of it
+    static_assert(kV3Threads == kV3Rows, "one thread per row of the CTA");
+    const int64_t row = (int64_t)blockIdx.x * kV3Rows + tid;
+    if (row < N)
+      prefetch_row_l2(w.packed + row * half_k + (int64_t)s0 * (kV3Step / 2),
+                      (uint32_t)min(a.l2_prefetch_row_bytes, count * (kV3Step / 2)));
+  }
+  gemv_wait_for_previous();
+
   // Weight loads first: their DRAM latency overlaps the table and x staging below. Rows past
   // N read row N - 1 (in bounds; their sums are never written).
   const uint8_t* wp[4];
@@ -1484,7 +1528,7 @@ static void plan_v3(NF4GemvArgs& a, int sms, int requested_splits) {
   a.v3_splits = std::max(1, best_splits);
 }
 
-void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
+static void plan_kernel(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   const int v3_requested_splits = a.v3_splits;
   a.v3_decode = 0;
   if (a.variant == 5 || a.variant == 6) {  // v3 with its decode in registers / half and half
@@ -1522,6 +1566,20 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   plan_v1(a, sms);
 }
 
+void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
+  plan_kernel(w, a, sms);
+  // L2 prefetch per row: each CTA's whole K range of its rows while the weight fits
+  // a.l2_prefetch_mb, else the same fraction of every range (a prefetch that overflows L2
+  // would evict the lines the loop is about to read). v2: none.
+  int64_t range = 0;
+  if (a.variant == 3) range = (int64_t)a.v3_steps * (kV3Step / 2);
+  else if (a.variant == 1) range = (int64_t)a.per_split * (kChunk / 2);
+  const int64_t total = (int64_t)a.N * a.K / 2, budget = (int64_t)a.l2_prefetch_mb << 20;
+  const int64_t bytes = total <= budget ? range : range * budget / std::max<int64_t>(total, 1);
+  a.l2_prefetch_row_bytes = (int)(std::min<int64_t>(bytes, INT32_MAX) & ~int64_t(15));
+  a.pdl = a.pdl && (a.variant == 1 || a.variant == 3);
+}
+
 unsigned long long nf4_gemv_counter_tag() {
   static std::atomic<unsigned long long> serial{0};
   const unsigned long long n = serial.fetch_add(1, std::memory_order_relaxed) & ((1ull << 40) - 1);
@@ -1548,6 +1606,23 @@ bool nf4_gemv_needs_scratch(const NF4GemvArgs& a) {
 }
 
 namespace {
+// A launch, with programmatic dependent launch allowed when `pdl` (see gemv_wait_for_previous).
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, int threads, size_t smem,
+                   cudaStream_t stream, bool pdl, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3((unsigned)threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = pdl ? 1 : 0;
+  cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);  // errors: check_launch
+}
+
 // The opt-in to more than 48 KB of dynamic shared memory: once per kernel and device.
 template <auto Kernel>
 void allow_dynamic_smem(int bytes) {
@@ -1566,7 +1641,8 @@ void launch_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) 
   const int xs_stride = a.per_split * kChunk + 16;  // 32 bytes mod 128: see the layout note
   const size_t smem = kLevelBytes + kCode2Bytes + (size_t)MT * 8 * xs_stride * sizeof(T);
   const dim3 grid((unsigned)((a.N + kBlockRows - 1) / kBlockRows), (unsigned)a.split);
-  nf4_gemv_kernel<T, MT><<<grid, kGemvWarps * 32, smem, stream>>>(w, a, a.per_split, xs_stride);
+  launch_kernel(nf4_gemv_kernel<T, MT>, grid, kGemvWarps * 32, smem, stream, a.pdl, w, a,
+                a.per_split, xs_stride);
 }
 
 
@@ -1583,7 +1659,8 @@ template <typename T, int MT, bool NESTED, int DECODE>
 void launch_gemv_v3_decode(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
   allow_dynamic_smem<nf4_gemv_v3_kernel<MT, NESTED, T, DECODE>>(kV3Smem);
   const dim3 grid((unsigned)((a.N + kV3Rows - 1) / kV3Rows), (unsigned)a.v3_splits);
-  nf4_gemv_v3_kernel<MT, NESTED, T, DECODE><<<grid, kV3Threads, kV3Smem, stream>>>(w, a);
+  launch_kernel(nf4_gemv_v3_kernel<MT, NESTED, T, DECODE>, grid, kV3Threads, kV3Smem, stream,
+                a.pdl, w, a);
 }
 
 template <typename T, int MT, bool NESTED>

@@ -489,7 +489,7 @@ def test_cuda_ops_pass_opcheck():
         y = torch.empty(5, 64, dtype=torch.bfloat16, device="cuda")
         torch.library.opcheck(ops.nf4_gemv, (x, st.packed, st.absmax, st.absmax2, st.code2,
                                              st.offset, st.code, None, st.blocksize,
-                                             st.blocksize2, 0, 0, y))
+                                             st.blocksize2, 0, 0, -1, True, y))
 
 
 @pytest.mark.gpu
@@ -745,19 +745,40 @@ def test_fused_matmul_gpu_x_ranges(backend, variant, monkeypatch):
 
 
 def test_gemv_settings_from_environment(monkeypatch):
-    """FASTFT_NF4_GEMV / FASTFT_NF4_V3_SPLITS are read and checked in Python (the extension
-    gets plain numbers): unset / auto = 0 (the plan chooses), bad values name the variable."""
-    monkeypatch.delenv("FASTFT_NF4_GEMV", raising=False)
-    monkeypatch.delenv("FASTFT_NF4_V3_SPLITS", raising=False)
-    assert nf4_mod.gemv_settings() == (0, 0)
+    """FASTFT_NF4_GEMV / FASTFT_NF4_V3_SPLITS / FASTFT_NF4_L2_PREFETCH_MB / FASTFT_NF4_PDL are
+    read and checked in Python (the extension gets plain numbers): unset / auto = 0 (the plan
+    chooses; prefetch -1 = the extension's default, PDL on), bad values name the variable."""
+    for name in ("FASTFT_NF4_GEMV", "FASTFT_NF4_V3_SPLITS", "FASTFT_NF4_L2_PREFETCH_MB",
+                 "FASTFT_NF4_PDL"):
+        monkeypatch.delenv(name, raising=False)
+    assert nf4_mod.gemv_settings() == (0, 0, -1, True)
     for name, variant in (("", 0), ("auto", 0), ("v1", 1), ("v2", 2), ("v3", 3), ("v3r", 5),
                           ("v3h", 6)):
         monkeypatch.setenv("FASTFT_NF4_GEMV", name)
-        assert nf4_mod.gemv_settings() == (variant, 0)
+        assert nf4_mod.gemv_settings() == (variant, 0, -1, True)
     monkeypatch.setenv("FASTFT_NF4_GEMV", "v3")
     for splits in ("1", "7", "65535"):
         monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", splits)
-        assert nf4_mod.gemv_settings() == (3, int(splits))
+        assert nf4_mod.gemv_settings() == (3, int(splits), -1, True)
+    for mb in ("0", "16", "65536"):
+        monkeypatch.setenv("FASTFT_NF4_L2_PREFETCH_MB", mb)
+        assert nf4_mod.gemv_settings()[2] == int(mb)
+    for mb in ("-1", "x", "65537", " 3"):
+        monkeypatch.setenv("FASTFT_NF4_L2_PREFETCH_MB", mb)
+        with pytest.raises(ValueError, match="FASTFT_NF4_L2_PREFETCH_MB must be a whole number"):
+            nf4_mod.gemv_settings()
+    monkeypatch.delenv("FASTFT_NF4_L2_PREFETCH_MB")
+    for flag, want in (("0", False), ("1", True)):
+        monkeypatch.setenv("FASTFT_NF4_PDL", flag)
+        assert nf4_mod.gemv_settings()[3] is want
+    for flag in ("yes", "", "2"):
+        monkeypatch.setenv("FASTFT_NF4_PDL", flag)
+        if flag == "":  # set but empty: the default
+            assert nf4_mod.gemv_settings()[3] is True
+            continue
+        with pytest.raises(ValueError, match="FASTFT_NF4_PDL must be 0 or 1"):
+            nf4_mod.gemv_settings()
+    monkeypatch.delenv("FASTFT_NF4_PDL")
     for splits in ("0", "-1", " 3", "x", "2.5", "65536", "\u00b2"):
         monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", splits)
         with pytest.raises(ValueError, match="FASTFT_NF4_V3_SPLITS must be a whole number"):
@@ -836,6 +857,133 @@ def test_fused_matmul_gpu_cuda_graph_replays(backend, variant, monkeypatch):
             torch.cuda.synchronize()
             want = nf4_matmul(x, packed, state, bias, backend=backend)
             assert torch.equal(y, want), (rows, seed)
+
+
+def _gemv_options(monkeypatch, pdl, prefetch_mb):
+    monkeypatch.setenv("FASTFT_NF4_PDL", "1" if pdl else "0")
+    if prefetch_mb is None:
+        monkeypatch.delenv("FASTFT_NF4_L2_PREFETCH_MB", raising=False)
+    else:
+        monkeypatch.setenv("FASTFT_NF4_L2_PREFETCH_MB", str(prefetch_mb))
+
+
+# (PDL, L2 prefetch MiB): the default (on, 3/4 of L2), off / none, and 1 MiB (a part of each
+# CTA's rows: the weights below are 1.1-2.2 MB)
+GEMV_OPTIONS = ((True, None), (False, 0), (True, 1), (False, None))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["auto", "v1", "v3", "v3h"])
+def test_fused_matmul_gpu_pdl_and_prefetch_change_no_bit(variant, monkeypatch):
+    """Programmatic dependent launch and the L2 prefetch change only timing: every setting
+    gives the same bits, with and without K splits, bias, M = 1 and 16."""
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", variant)
+    for w_shape in ((1000, 4544), (4608, 512)):
+        _, packed, state = quantize(w_shape, True, device="cuda", seed=3)
+        bias = torch.randn(w_shape[0], dtype=torch.bfloat16, device="cuda")
+        for rows in (1, 16):
+            x = torch.randn(rows, w_shape[1], dtype=torch.bfloat16, device="cuda")
+            results = []
+            for pdl, mb in GEMV_OPTIONS:
+                _gemv_options(monkeypatch, pdl, mb)
+                results.append(nf4_matmul(x, packed, state, bias, backend="cuda"))
+            for (pdl, mb), got in zip(GEMV_OPTIONS[1:], results[1:]):
+                assert torch.equal(got, results[0]), (w_shape, rows, pdl, mb)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["v1", "v3"])
+def test_fused_matmul_gpu_pdl_waits_for_the_previous_kernel(variant, monkeypatch):
+    """With PDL a call's CTAs start while the previous kernel still runs; they must not read x
+    (here: the previous call's y) or the weight (here: rewritten by the kernel just before)
+    until it has finished. Chains of back-to-back calls, eager and replayed from a CUDA graph,
+    equal the same chains without PDL bit for bit."""
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", variant)
+    layers = [quantize((2048, 2048), True, device="cuda", seed=40 + i, scale=0.03)[1:]
+              for i in range(6)]
+
+    def chain(x):
+        for packed, state in layers:
+            x = nf4_matmul(x, packed, state, backend="cuda")
+        return x
+
+    for rows in (1, 9):
+        x = torch.randn(rows, 2048, dtype=torch.bfloat16, device="cuda")
+        _gemv_options(monkeypatch, False, 0)
+        want = chain(x)
+        assert torch.isfinite(want).all() and want.abs().max() > 0
+        _gemv_options(monkeypatch, True, None)
+        for _ in range(3):
+            assert torch.equal(chain(x), want), rows
+        # captured with PDL, replayed with new x
+        static_x = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            chain(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = chain(static_x)
+        for seed in range(3):
+            static_x.copy_(torch.randn(rows, 2048, generator=torch.Generator().manual_seed(seed))
+                           .to(device="cuda", dtype=torch.bfloat16))
+            graph.replay()
+            _gemv_options(monkeypatch, False, 0)
+            expect = chain(static_x)
+            _gemv_options(monkeypatch, True, None)
+            torch.cuda.synchronize()
+            assert torch.equal(static_y, expect), (rows, seed)
+
+    # the weight rewritten by the kernel right before each call (an XOR flips it between two
+    # states): each result is that of the state the weight is in
+    packed, state = layers[0]
+    flip = torch.randint(0, 256, packed.shape, dtype=torch.uint8, device="cuda",
+                         generator=torch.Generator("cuda").manual_seed(1))
+    x = torch.randn(4, 2048, dtype=torch.bfloat16, device="cuda")
+    _gemv_options(monkeypatch, False, 0)
+    states = [nf4_matmul(x, packed, state, backend="cuda")]
+    flipped = packed ^ flip
+    states.append(nf4_matmul(x, flipped, state, backend="cuda"))
+    assert not torch.equal(states[0], states[1])
+    _gemv_options(monkeypatch, True, None)
+    work = packed.clone()
+    outs = []
+    for _ in range(6):
+        work.bitwise_xor_(flip)
+        outs.append(nf4_matmul(x, work, state, backend="cuda"))
+    for i, got in enumerate(outs):
+        assert torch.equal(got, states[(i + 1) % 2]), i
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", GEMV_VARIANTS)
+def test_fused_matmul_gpu_scratch_content_does_not_matter(variant, monkeypatch):
+    """The split-K counters are not zeroed per call (a word counts only with the call's tag):
+    scratch memory left full of ones, random bits or an earlier call's data gives the same
+    result."""
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", variant)
+    _, packed, state = quantize((1000, 4544), True, device="cuda", seed=5)
+    for rows in (1, 16):
+        x = torch.randn(rows, 4544, dtype=torch.bfloat16, device="cuda")
+        want = nf4_matmul(x, packed, state, backend="cuda")
+        gen = torch.Generator("cuda").manual_seed(rows)
+        for fill in ("ones", "random", "random"):
+            # blocks of the sizes the scratch takes, left with this content in the cache
+            junk = [torch.empty(n, dtype=torch.int32, device="cuda") for n in (1 << 16, 1 << 20)]
+            for j in junk:
+                if fill == "ones":
+                    j.fill_(-1)
+                else:
+                    j.random_(generator=gen)
+            del junk
+            assert torch.equal(nf4_matmul(x, packed, state, backend="cuda"), want), (rows, fill)
 
 
 # v3 (FASTFT_NF4_GEMV=v3; K % 64 == 0, blocksize >= 64): CTAs of 256 weight rows (8 warps x
