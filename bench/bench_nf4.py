@@ -126,21 +126,18 @@ def bench_nf4_dequantize(benchmark, record, variant):
 # ---------------------------------------------------------------- small-M matmul
 
 # The CUDA backend's fused kernels and their settings (environment, read on every call):
-# "cuda" is the default (auto: v3h for wide outputs, else v1; PDL on, L2 prefetch of 3/4 of L2),
-# "cuda_v1" .. "cuda_v3h" force a kernel; "_plain" turns off PDL and the L2 prefetch,
-# "_nopdl" / "_noprefetch" one of them.
-_PLAIN = {"FASTFT_NF4_PDL": "0", "FASTFT_NF4_L2_PREFETCH_MB": "0"}
+# "cuda" is the default (auto: v3h for wide outputs, else v1; programmatic dependent launch on),
+# "cuda_v1" .. "cuda_v3h" force a kernel; "_nopdl" turns PDL off.
+_NOPDL = {"FASTFT_NF4_PDL": "0"}
 CUDA_GEMV_VARIANTS = {
-    "cuda": {}, "cuda_nopdl": {"FASTFT_NF4_PDL": "0"},
-    "cuda_noprefetch": {"FASTFT_NF4_L2_PREFETCH_MB": "0"}, "cuda_plain": _PLAIN,
-    "cuda_v1": {"FASTFT_NF4_GEMV": "v1"}, "cuda_v1_plain": {"FASTFT_NF4_GEMV": "v1", **_PLAIN},
+    "cuda": {}, "cuda_nopdl": _NOPDL,
+    "cuda_v1": {"FASTFT_NF4_GEMV": "v1"}, "cuda_v1_nopdl": {"FASTFT_NF4_GEMV": "v1", **_NOPDL},
     "cuda_v2": {"FASTFT_NF4_GEMV": "v2"},
-    "cuda_v3": {"FASTFT_NF4_GEMV": "v3"}, "cuda_v3_plain": {"FASTFT_NF4_GEMV": "v3", **_PLAIN},
+    "cuda_v3": {"FASTFT_NF4_GEMV": "v3"}, "cuda_v3_nopdl": {"FASTFT_NF4_GEMV": "v3", **_NOPDL},
     "cuda_v3r": {"FASTFT_NF4_GEMV": "v3r"},
-    "cuda_v3h": {"FASTFT_NF4_GEMV": "v3h"}, "cuda_v3h_plain": {"FASTFT_NF4_GEMV": "v3h", **_PLAIN},
+    "cuda_v3h": {"FASTFT_NF4_GEMV": "v3h"}, "cuda_v3h_nopdl": {"FASTFT_NF4_GEMV": "v3h", **_NOPDL},
 }
-_GEMV_ENV = ("FASTFT_NF4_GEMV", "FASTFT_NF4_V3_SPLITS", "FASTFT_NF4_PDL",
-             "FASTFT_NF4_L2_PREFETCH_MB")
+_GEMV_ENV = ("FASTFT_NF4_GEMV", "FASTFT_NF4_V3_SPLITS", "FASTFT_NF4_PDL")
 
 
 def use_gemv_settings(monkeypatch, env):

@@ -85,18 +85,14 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
           const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
           const c10::optional<at::Tensor>& offset, const at::Tensor& code,
           const c10::optional<at::Tensor>& bias, int64_t blocksize, int64_t blocksize2,
-          int64_t variant, int64_t v3_splits, int64_t l2_prefetch_mb, bool pdl,
-          const at::Tensor& y) {
-  // variant / v3_splits / l2_prefetch_mb / pdl: fastft/ops/nf4.py reads and checks
-  // FASTFT_NF4_GEMV, FASTFT_NF4_V3_SPLITS, FASTFT_NF4_L2_PREFETCH_MB and FASTFT_NF4_PDL
-  // (0 = the plan chooses; l2_prefetch_mb -1 = 3/4 of the device's L2), so the extension
-  // reads no environment.
+          int64_t variant, int64_t v3_splits, bool pdl, const at::Tensor& y) {
+  // variant / v3_splits / pdl: fastft/ops/nf4.py reads and checks FASTFT_NF4_GEMV,
+  // FASTFT_NF4_V3_SPLITS (0 = the plan chooses) and FASTFT_NF4_PDL, so the extension reads no
+  // environment.
   TORCH_CHECK((variant >= 0 && variant <= 3) || variant == 5 || variant == 6,
               "fastft nf4: variant must be 0..3, 5 or 6, got ", variant);
   TORCH_CHECK(v3_splits >= 0 && v3_splits <= 65535, "fastft nf4: v3_splits must be 0..65535, got ",
               v3_splits);
-  TORCH_CHECK(l2_prefetch_mb >= -1 && l2_prefetch_mb <= 65536,
-              "fastft nf4: l2_prefetch_mb must be -1..65536, got ", l2_prefetch_mb);
   check_rows(x, "x");
   check_rows(y, "y");
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
@@ -139,12 +135,6 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   a.dtype = dtype_tag(x);
   a.variant = (int)variant;
   a.v3_splits = variant == 3 || variant >= 5 ? (int)v3_splits : 0;  // (5, 6: v3's decodes)
-  if (l2_prefetch_mb < 0) {  // 3/4 of L2: the rest stays for x, scales and other data
-    int l2_bytes = 0;
-    cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, x.device().index());
-    l2_prefetch_mb = (int64_t)l2_bytes * 3 / 4 >> 20;
-  }
-  a.l2_prefetch_mb = (int)l2_prefetch_mb;
   a.pdl = pdl && major >= 9;  // griddepcontrol: sm_90
   nf4_gemv_plan(w, a, sm_count(x));
   // Split K: float32 partials and the row blocks' completion counters in one scratch

@@ -7,7 +7,6 @@
 // bitsandbytes computes them in (multiply, round, add, round).
 #include <algorithm>
 #include <atomic>
-#include <climits>
 #include <utility>
 #include <type_traits>
 
@@ -60,26 +59,14 @@ __device__ __forceinline__ bool arrive_is_last(unsigned long long* counter,
 }
 
 // Programmatic dependent launch (sm_90; launched with the attribute when a.pdl, see
-// launch_kernel): the next kernel on the stream may start its CTAs while this one finishes.
-// Before gemv_wait_for_previous a CTA reads and writes no global memory that an earlier kernel
-// may still write (x, y, scratch, and not even the weight: a kernel that quantised it may
-// still be running); it only asks L2 to fetch its rows of packed weight, which is safe because
-// L2 is where every SM's writes land (a prefetched line can never be stale). Without the
-// launch attribute both calls return at once.
+// launch_kernel): the next kernel on the stream may start its CTAs while this one finishes,
+// which hides its launch behind our tail. A CTA calls this before it touches global memory at
+// all (x and the weight may still be written by the kernel before, y and the scratch may
+// still be read by it). Without the launch attribute it returns at once.
 __device__ __forceinline__ void gemv_wait_for_previous() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
-// L2 prefetch of one row's packed bytes [p, p + bytes) (p 16-byte aligned; bytes rounded down
-// to 16): the whole CTA's weight requested at its start, so DRAM streams it while the CTA sets
-// up and the main loop's loads find it in L2 (a.l2_prefetch_row_bytes: how much per row).
-__device__ __forceinline__ void prefetch_row_l2(const uint8_t* p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  bytes &= ~15u;
-  if (bytes) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes));
 #endif
 }
 
@@ -376,13 +363,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
   r.blk_a = ra * K + r.k_first;
   r.blk_b = rb * K + r.k_first;
 
-  if (threadIdx.x < kBlockRows) {  // one row each: this block's K range of it
-    const int64_t row = (int64_t)blockIdx.x * kBlockRows + threadIdx.x;
-    const int64_t k_end = min((int64_t)K, k0 + (int64_t)nch * kChunk);
-    if (row < a.N && k_end > k0)
-      prefetch_row_l2(w.packed + (row * K + k0) / 2,
-                      (uint32_t)min((int64_t)a.l2_prefetch_row_bytes, (k_end - k0) / 2));
-  }
   gemv_wait_for_previous();
 
   // Weight bytes first, so their latency overlaps the table and x staging below.
@@ -1151,13 +1131,6 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   const int tile_base = blockIdx.x * kV3Rows + warp * kV3WarpRows;
   const int64_t half_k = K / 2;
 
-  {  // one row per thread: this CTA's K range of it
-    static_assert(kV3Threads == kV3Rows, "one thread per row of the CTA");
-    const int64_t row = (int64_t)blockIdx.x * kV3Rows + tid;
-    if (row < N)
-      prefetch_row_l2(w.packed + row * half_k + (int64_t)s0 * (kV3Step / 2),
-                      (uint32_t)min(a.l2_prefetch_row_bytes, count * (kV3Step / 2)));
-  }
   gemv_wait_for_previous();
 
   // Weight loads first: their DRAM latency overlaps the table and x staging below. Rows past
@@ -1217,19 +1190,6 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   }
   if (NESTED) code2_s[tid] = __ldg(w.code2 + tid);
   if (tid < 16) tok_max[tid] = 0u;
-  V3Levels lv;  // (DECODE 1 / 2 only; dead code otherwise)
-  if (DECODE != 0) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      lv.lo[r] = lv.hi[r] = 0u;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const uint32_t h = __half_as_ushort(__float2half_rn(__ldg(w.code + 4 * r + i)));
-        lv.lo[r] |= (h & 0xFFu) << (8 * i);
-        lv.hi[r] |= (h >> 8) << (8 * i);
-      }
-    }
-  }
   __syncthreads();  // tok_max zeroed
 
   // x[token][s0 * 64 .. (s0 + count) * 64) -> the holes, as fp16. 16-byte unit i of the range:
@@ -1293,6 +1253,24 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
     }
   }
   __syncthreads();  // table, code2, x and tok_max complete
+
+  V3Levels lv;  // (DECODE 1 / 2 only; dead code otherwise)
+  if (DECODE != 0) {
+    // level i as fp16 from the table (entry 17 i = byte (i, i), low half; this lane's copy):
+    // the same rounding as the table, with no second read of w.code from global memory
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      lv.lo[r] = lv.hi[r] = 0u;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t h = *reinterpret_cast<const uint32_t*>(
+                               anchor + 17u * (uint32_t)(4 * r + i) * 256u + (uint32_t)lane * 4u) &
+                           0xFFFFu;
+        lv.lo[r] |= (h & 0xFFu) << (8 * i);
+        lv.hi[r] |= (h >> 8) << (8 * i);
+      }
+    }
+  }
 
   const float offset = NESTED ? __ldg(w.offset) : 0.f;
   const uint32_t lane4 = (uint32_t)lane * 4u;
@@ -1528,7 +1506,7 @@ static void plan_v3(NF4GemvArgs& a, int sms, int requested_splits) {
   a.v3_splits = std::max(1, best_splits);
 }
 
-static void plan_kernel(const NF4Weight& w, NF4GemvArgs& a, int sms) {
+void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   const int v3_requested_splits = a.v3_splits;
   a.v3_decode = 0;
   if (a.variant == 5 || a.variant == 6) {  // v3 with its decode in registers / half and half
@@ -1564,20 +1542,6 @@ static void plan_kernel(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   }
   a.variant = 1;
   plan_v1(a, sms);
-}
-
-void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
-  plan_kernel(w, a, sms);
-  // L2 prefetch per row: each CTA's whole K range of its rows while the weight fits
-  // a.l2_prefetch_mb, else the same fraction of every range (a prefetch that overflows L2
-  // would evict the lines the loop is about to read). v2: none.
-  int64_t range = 0;
-  if (a.variant == 3) range = (int64_t)a.v3_steps * (kV3Step / 2);
-  else if (a.variant == 1) range = (int64_t)a.per_split * (kChunk / 2);
-  const int64_t total = (int64_t)a.N * a.K / 2, budget = (int64_t)a.l2_prefetch_mb << 20;
-  const int64_t bytes = total <= budget ? range : range * budget / std::max<int64_t>(total, 1);
-  a.l2_prefetch_row_bytes = (int)(std::min<int64_t>(bytes, INT32_MAX) & ~int64_t(15));
-  a.pdl = a.pdl && (a.variant == 1 || a.variant == 3);
 }
 
 unsigned long long nf4_gemv_counter_tag() {

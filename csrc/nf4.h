@@ -62,11 +62,7 @@ struct NF4GemvArgs {
   // last block of each row block to count adds the partials.
   unsigned long long* counters;
   unsigned long long counter_tag;  // nf4_gemv_counter_tag(), once per call
-  // In: L2 prefetch budget in MiB (0: none); out: bytes per row, set by nf4_gemv_plan.
-  int l2_prefetch_mb;
-  int l2_prefetch_row_bytes;
-  // In: allow programmatic dependent launch (compute capability >= 9.0); the plan keeps it
-  // for v1 / v3 only.
+  // Launch v1 / v3 with programmatic dependent launch (needs compute capability >= 9.0).
   bool pdl;
 };
 // A counter word is tag | arrivals (arrivals < 2^24).

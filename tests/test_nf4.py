@@ -489,7 +489,7 @@ def test_cuda_ops_pass_opcheck():
         y = torch.empty(5, 64, dtype=torch.bfloat16, device="cuda")
         torch.library.opcheck(ops.nf4_gemv, (x, st.packed, st.absmax, st.absmax2, st.code2,
                                              st.offset, st.code, None, st.blocksize,
-                                             st.blocksize2, 0, 0, -1, True, y))
+                                             st.blocksize2, 0, 0, True, y))
 
 
 @pytest.mark.gpu
@@ -745,37 +745,25 @@ def test_fused_matmul_gpu_x_ranges(backend, variant, monkeypatch):
 
 
 def test_gemv_settings_from_environment(monkeypatch):
-    """FASTFT_NF4_GEMV / FASTFT_NF4_V3_SPLITS / FASTFT_NF4_L2_PREFETCH_MB / FASTFT_NF4_PDL are
-    read and checked in Python (the extension gets plain numbers): unset / auto = 0 (the plan
-    chooses; prefetch -1 = the extension's default, PDL on), bad values name the variable."""
-    for name in ("FASTFT_NF4_GEMV", "FASTFT_NF4_V3_SPLITS", "FASTFT_NF4_L2_PREFETCH_MB",
-                 "FASTFT_NF4_PDL"):
+    """FASTFT_NF4_GEMV / FASTFT_NF4_V3_SPLITS / FASTFT_NF4_PDL are read and checked in Python
+    (the extension gets plain values): unset / auto = 0 (the plan chooses), PDL on unless
+    "0"; bad values name the variable."""
+    for name in ("FASTFT_NF4_GEMV", "FASTFT_NF4_V3_SPLITS", "FASTFT_NF4_PDL"):
         monkeypatch.delenv(name, raising=False)
-    assert nf4_mod.gemv_settings() == (0, 0, -1, True)
+    assert nf4_mod.gemv_settings() == (0, 0, True)
     for name, variant in (("", 0), ("auto", 0), ("v1", 1), ("v2", 2), ("v3", 3), ("v3r", 5),
                           ("v3h", 6)):
         monkeypatch.setenv("FASTFT_NF4_GEMV", name)
-        assert nf4_mod.gemv_settings() == (variant, 0, -1, True)
+        assert nf4_mod.gemv_settings() == (variant, 0, True)
     monkeypatch.setenv("FASTFT_NF4_GEMV", "v3")
     for splits in ("1", "7", "65535"):
         monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", splits)
-        assert nf4_mod.gemv_settings() == (3, int(splits), -1, True)
-    for mb in ("0", "16", "65536"):
-        monkeypatch.setenv("FASTFT_NF4_L2_PREFETCH_MB", mb)
-        assert nf4_mod.gemv_settings()[2] == int(mb)
-    for mb in ("-1", "x", "65537", " 3"):
-        monkeypatch.setenv("FASTFT_NF4_L2_PREFETCH_MB", mb)
-        with pytest.raises(ValueError, match="FASTFT_NF4_L2_PREFETCH_MB must be a whole number"):
-            nf4_mod.gemv_settings()
-    monkeypatch.delenv("FASTFT_NF4_L2_PREFETCH_MB")
-    for flag, want in (("0", False), ("1", True)):
+        assert nf4_mod.gemv_settings() == (3, int(splits), True)
+    for flag, want in (("0", False), ("1", True), ("", True)):  # set but empty: the default
         monkeypatch.setenv("FASTFT_NF4_PDL", flag)
-        assert nf4_mod.gemv_settings()[3] is want
-    for flag in ("yes", "", "2"):
+        assert nf4_mod.gemv_settings()[2] is want
+    for flag in ("yes", "2", " 1"):
         monkeypatch.setenv("FASTFT_NF4_PDL", flag)
-        if flag == "":  # set but empty: the default
-            assert nf4_mod.gemv_settings()[3] is True
-            continue
         with pytest.raises(ValueError, match="FASTFT_NF4_PDL must be 0 or 1"):
             nf4_mod.gemv_settings()
     monkeypatch.delenv("FASTFT_NF4_PDL")
@@ -859,24 +847,15 @@ def test_fused_matmul_gpu_cuda_graph_replays(backend, variant, monkeypatch):
             assert torch.equal(y, want), (rows, seed)
 
 
-def _gemv_options(monkeypatch, pdl, prefetch_mb):
-    monkeypatch.setenv("FASTFT_NF4_PDL", "1" if pdl else "0")
-    if prefetch_mb is None:
-        monkeypatch.delenv("FASTFT_NF4_L2_PREFETCH_MB", raising=False)
-    else:
-        monkeypatch.setenv("FASTFT_NF4_L2_PREFETCH_MB", str(prefetch_mb))
-
-
-# (PDL, L2 prefetch MiB): the default (on, 3/4 of L2), off / none, and 1 MiB (a part of each
-# CTA's rows: the weights below are 1.1-2.2 MB)
-GEMV_OPTIONS = ((True, None), (False, 0), (True, 1), (False, None))
+def _use_pdl(monkeypatch, on):
+    monkeypatch.setenv("FASTFT_NF4_PDL", "1" if on else "0")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["auto", "v1", "v3", "v3h"])
-def test_fused_matmul_gpu_pdl_and_prefetch_change_no_bit(variant, monkeypatch):
-    """Programmatic dependent launch and the L2 prefetch change only timing: every setting
-    gives the same bits, with and without K splits, bias, M = 1 and 16."""
+def test_fused_matmul_gpu_pdl_changes_no_bit(variant, monkeypatch):
+    """Programmatic dependent launch changes only timing: the same bits with and without it,
+    with and without K splits, bias, M = 1 and 16."""
     if "cuda" not in backends("nf4_matmul", "cuda"):
         pytest.skip("fastft._C is not built")
     monkeypatch.setenv("FASTFT_NF4_GEMV", variant)
@@ -885,12 +864,11 @@ def test_fused_matmul_gpu_pdl_and_prefetch_change_no_bit(variant, monkeypatch):
         bias = torch.randn(w_shape[0], dtype=torch.bfloat16, device="cuda")
         for rows in (1, 16):
             x = torch.randn(rows, w_shape[1], dtype=torch.bfloat16, device="cuda")
-            results = []
-            for pdl, mb in GEMV_OPTIONS:
-                _gemv_options(monkeypatch, pdl, mb)
-                results.append(nf4_matmul(x, packed, state, bias, backend="cuda"))
-            for (pdl, mb), got in zip(GEMV_OPTIONS[1:], results[1:]):
-                assert torch.equal(got, results[0]), (w_shape, rows, pdl, mb)
+            _use_pdl(monkeypatch, True)
+            with_pdl = nf4_matmul(x, packed, state, bias, backend="cuda")
+            _use_pdl(monkeypatch, False)
+            assert torch.equal(nf4_matmul(x, packed, state, bias, backend="cuda"), with_pdl), \
+                (w_shape, rows)
 
 
 @pytest.mark.gpu
@@ -913,10 +891,10 @@ def test_fused_matmul_gpu_pdl_waits_for_the_previous_kernel(variant, monkeypatch
 
     for rows in (1, 9):
         x = torch.randn(rows, 2048, dtype=torch.bfloat16, device="cuda")
-        _gemv_options(monkeypatch, False, 0)
+        _use_pdl(monkeypatch, False)
         want = chain(x)
         assert torch.isfinite(want).all() and want.abs().max() > 0
-        _gemv_options(monkeypatch, True, None)
+        _use_pdl(monkeypatch, True)
         for _ in range(3):
             assert torch.equal(chain(x), want), rows
         # captured with PDL, replayed with new x
@@ -933,9 +911,9 @@ def test_fused_matmul_gpu_pdl_waits_for_the_previous_kernel(variant, monkeypatch
             static_x.copy_(torch.randn(rows, 2048, generator=torch.Generator().manual_seed(seed))
                            .to(device="cuda", dtype=torch.bfloat16))
             graph.replay()
-            _gemv_options(monkeypatch, False, 0)
+            _use_pdl(monkeypatch, False)
             expect = chain(static_x)
-            _gemv_options(monkeypatch, True, None)
+            _use_pdl(monkeypatch, True)
             torch.cuda.synchronize()
             assert torch.equal(static_y, expect), (rows, seed)
 
@@ -945,12 +923,12 @@ def test_fused_matmul_gpu_pdl_waits_for_the_previous_kernel(variant, monkeypatch
     flip = torch.randint(0, 256, packed.shape, dtype=torch.uint8, device="cuda",
                          generator=torch.Generator("cuda").manual_seed(1))
     x = torch.randn(4, 2048, dtype=torch.bfloat16, device="cuda")
-    _gemv_options(monkeypatch, False, 0)
+    _use_pdl(monkeypatch, False)
     states = [nf4_matmul(x, packed, state, backend="cuda")]
     flipped = packed ^ flip
     states.append(nf4_matmul(x, flipped, state, backend="cuda"))
     assert not torch.equal(states[0], states[1])
-    _gemv_options(monkeypatch, True, None)
+    _use_pdl(monkeypatch, True)
     work = packed.clone()
     outs = []
     for _ in range(6):

@@ -381,9 +381,9 @@ class _CudaBackend:
 
     @staticmethod
     def gemv(x2, st, bias, y) -> None:
-        variant, v3_splits, l2_prefetch_mb, pdl = gemv_settings()
+        variant, v3_splits, pdl = gemv_settings()
         cuda_ops().nf4_gemv(x2, *_state_args(st), bias, st.blocksize, st.blocksize2, variant,
-                            v3_splits, l2_prefetch_mb, pdl, y)
+                            v3_splits, pdl, y)
 
 
 # FASTFT_NF4_GEMV picks the CUDA backend's fused small-M kernel: unset or "auto" lets the
@@ -392,38 +392,29 @@ class _CudaBackend:
 # forces v3's K split (tuning). Read on every call, so that one process can time every kernel.
 # v3r / v3h: v3 with its NF4 decode in registers (PRMT) / half in registers, half in the
 # shared-memory table (the extension's variants 5 / 6); the same results as v3, bit for bit.
-# FASTFT_NF4_L2_PREFETCH_MB: how much of the weight v1 / v3 ask L2 to fetch at their start
-# (unset: 3/4 of the GPU's L2; 0: none). FASTFT_NF4_PDL=0 turns off programmatic dependent
-# launch (on by default, compute capability >= 9.0: a call's CTAs start as the previous
-# kernel's finish and prefetch their weight; they wait for it before touching anything else).
+# FASTFT_NF4_PDL=0 turns off programmatic dependent launch of v1 / v3 (on by default where the
+# GPU has it, compute capability >= 9.0: a call's CTAs start as the previous kernel's finish
+# and wait for it before touching global memory, which hides the launch).
 _GEMV_VARIANTS = {"": 0, "auto": 0, "v1": 1, "v2": 2, "v3": 3, "v3r": 5, "v3h": 6}
 
 
-def _env_whole_number(name: str, low: int, high: int) -> int | None:
-    text = os.environ.get(name, "")
-    if not text:
-        return None
-    # ASCII digits only: no sign, no spaces (str.isdigit alone also takes e.g. "²")
-    value = int(text) if text.isascii() and text.isdigit() else -1
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be a whole number from {low} to {high} (or unset), "
-                         f"got {text!r}")
-    return value
-
-
-def gemv_settings() -> tuple[int, int, int, bool]:
-    """(variant, v3 K splits, L2 prefetch MiB, PDL) for torch.ops.fastft.nf4_gemv from the
-    environment; variant and splits 0 and prefetch -1 mean the extension chooses."""
+def gemv_settings() -> tuple[int, int, bool]:
+    """(variant, v3 K splits, PDL) for torch.ops.fastft.nf4_gemv from the environment; 0 means
+    the extension's plan chooses."""
     name = os.environ.get("FASTFT_NF4_GEMV", "")
     if name not in _GEMV_VARIANTS:
         raise ValueError("FASTFT_NF4_GEMV must be auto, v1, v2, v3, v3r or v3h (or unset), got "
                          f"{name!r}")
-    splits = _env_whole_number("FASTFT_NF4_V3_SPLITS", 1, 65535) or 0
-    prefetch = _env_whole_number("FASTFT_NF4_L2_PREFETCH_MB", 0, 65536)
+    text = os.environ.get("FASTFT_NF4_V3_SPLITS", "")
+    # ASCII digits only: no sign, no spaces (str.isdigit alone also takes e.g. "²")
+    splits = int(text) if text.isascii() and text.isdigit() else -1
+    if text and not 1 <= splits <= 65535:
+        raise ValueError("FASTFT_NF4_V3_SPLITS must be a whole number from 1 to 65535 (or "
+                         f"unset), got {text!r}")
     pdl = os.environ.get("FASTFT_NF4_PDL", "") or "1"
     if pdl not in ("0", "1"):
         raise ValueError(f"FASTFT_NF4_PDL must be 0 or 1 (or unset), got {pdl!r}")
-    return _GEMV_VARIANTS[name], splits, -1 if prefetch is None else prefetch, pdl == "1"
+    return _GEMV_VARIANTS[name], max(splits, 0), pdl == "1"
 
 
 _BACKENDS: dict[str, Any] = {"torch": _TorchBackend, "triton": _TritonBackend,
