@@ -180,6 +180,39 @@ def bench_nf4_matmul_small(benchmark, record, monkeypatch, variant, shape, rows)
     benchmark.pedantic(fn, args=sets[0], rounds=3, warmup_rounds=1)
 
 
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("variant", ["cuda", "cuda_nopdl", "dense_bf16"])
+def bench_nf4_matmul_small_chain(benchmark, record, monkeypatch, variant, rows):
+    """Dependent calls as in decoding: x -> up (4096->14336) -> down (14336->4096) -> the
+    next pair's x, so each call reads what the one before wrote (PDL can only hide the launch
+    and set-up, never the data dependence). Time per call; bytes = one packed weight."""
+    pairs = [(random_weight(14336, 4096, 2 * i), random_weight(4096, 14336, 2 * i + 1))
+             for i in range(2)]
+    x0 = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    if variant == "dense_bf16":
+        dense = [tuple(nf4_dequantize(p, s, dtype=torch.bfloat16) for p, s in pair)
+                 for pair in pairs]
+        del pairs
+
+        def chain(x):
+            for up, down in dense:
+                x = (x @ up.t()) @ down.t()
+            return x
+    else:
+        need_backend("nf4_matmul", "cuda")
+        use_gemv_settings(monkeypatch, CUDA_GEMV_VARIANTS[variant])
+
+        def chain(x):
+            for (pu, su), (pd, sd) in pairs:
+                x = nf4_matmul(nf4_matmul(x, pu, su, backend="cuda"), pd, sd, backend="cuda")
+            return x
+    calls = 2 * 2
+    ms = time_ms(chain, [(x0,)]) / calls
+    record(op="nf4_matmul_small_m_chain", direction="fwd", shape=f"M={rows} up+down x2",
+           backend=variant, ms=ms, bytes=14336 * 4096 // 2)
+    benchmark.pedantic(chain, args=(x0,), rounds=3, warmup_rounds=1)
+
+
 @pytest.mark.parametrize("splits", ["plan", 2, 4, 7, 8, 16, 28])
 @pytest.mark.parametrize("rows", [1, 16])
 @pytest.mark.parametrize("shape", list(SHAPES))
