@@ -29,6 +29,21 @@ def use_variant(backend, variant, monkeypatch):
     monkeypatch.setenv("FASTFT_NF4_GEMV", variant)
 
 
+def capture_cuda_graph(fn, x):
+    """(graph, output) of fn(x) captured into a CUDA graph, after two warm-up calls on a side
+    stream (as capture requires); replaying the graph recomputes output from x's memory."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(x)
+    return graph, out
+
+
 def quantize(shape, nested, blocksize=64, seed=0, device="cpu", scale=0.05):
     """A random weight quantised by bitsandbytes on the CPU (its CUDA library need not load),
     then moved to `device`."""
@@ -548,15 +563,7 @@ def test_fused_matmul_gpu_compiled_repeated_and_replayed_equal_eager(backend, va
             assert torch.equal(run(x), want), (w_shape, rows)  # eager again: deterministic
         # the compiled function captured once, replayed with new x
         static_x = new_x()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                compiled(static_x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = compiled(static_x)
+        graph, static_y = capture_cuda_graph(compiled, static_x)
         for _ in range(3):
             static_x.copy_(new_x())
             static_y.fill_(float("nan"))
@@ -828,15 +835,8 @@ def test_fused_matmul_gpu_cuda_graph_replays(backend, variant, monkeypatch):
     bias = torch.randn(1000, device="cuda", dtype=torch.bfloat16)
     for rows in (1, 16):
         x = torch.randn(rows, 4544, device="cuda", dtype=torch.bfloat16)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                nf4_matmul(x, packed, state, bias, backend=backend)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = nf4_matmul(x, packed, state, bias, backend=backend)
+        graph, y = capture_cuda_graph(
+            lambda x: nf4_matmul(x, packed, state, bias, backend=backend), x)
         for seed in range(3):
             x.copy_(torch.randn(rows, 4544, generator=torch.Generator().manual_seed(seed))
                     .to(device="cuda", dtype=torch.bfloat16))
@@ -899,14 +899,7 @@ def test_fused_matmul_gpu_pdl_waits_for_the_previous_kernel(variant, monkeypatch
             assert torch.equal(chain(x), want), rows
         # captured with PDL, replayed with new x
         static_x = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            chain(static_x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = chain(static_x)
+        graph, static_y = capture_cuda_graph(chain, static_x)
         for seed in range(3):
             static_x.copy_(torch.randn(rows, 2048, generator=torch.Generator().manual_seed(seed))
                            .to(device="cuda", dtype=torch.bfloat16))
