@@ -46,7 +46,9 @@ __device__ __forceinline__ void load_levels(const float* code, float* lut) {
 // as one. Called by one thread per CTA, after the CTA's partials are fenced.
 __device__ __forceinline__ bool arrive_is_last(unsigned long long* counter,
                                                unsigned long long tag, unsigned arrivals) {
-  unsigned long long seen = *reinterpret_cast<volatile unsigned long long*>(counter), expected;
+  // first guess 0 (our own reset, or fresh memory): one atomic round trip when it is right;
+  // otherwise the failed CAS returns the word, as a separate read would
+  unsigned long long seen = 0ull, expected;
   unsigned count;
   do {
     expected = seen;
@@ -370,16 +372,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
 #pragma unroll
   for (int i = 0; i < kAhead; ++i) ring[i] = load_chunk_in(w, r, i, nch, K);
 
-  // pairs[e * 16 + copy] = (code[e >> 4], code[e & 15]) for every byte value e; consecutive
-  // threads write consecutive 8-byte entries
-  for (int i = threadIdx.x; i < 256 * kPairCopies; i += kGemvWarps * 32) {
-    const int e = i / kPairCopies;
-    pairs[i] = make_float2(__ldg(w.code + (e >> 4)), __ldg(w.code + (e & 15)));
-  }
-  if (w.nested) code2_s[threadIdx.x] = __ldg(w.code2 + threadIdx.x);  // 256 threads
   {
     // x[token][k0 + kk] for kk < nch * 128 in 16-byte units, copied asynchronously (all in
-    // flight at once, no registers); units outside M and K are zero-filled (source size 0)
+    // flight at once, no registers; issued before the table so both latencies overlap);
+    // units outside M and K are zero-filled (source size 0)
     const T* x = static_cast<const T*>(a.x);
     const int units_per_row = nch * (kChunk / 8);
     const int units = MT * 8 * units_per_row;
@@ -396,6 +392,13 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
     }
     asm volatile("cp.async.commit_group;\n" ::);
   }
+  // pairs[e * 16 + copy] = (code[e >> 4], code[e & 15]) for every byte value e; consecutive
+  // threads write consecutive 8-byte entries
+  for (int i = threadIdx.x; i < 256 * kPairCopies; i += kGemvWarps * 32) {
+    const int e = i / kPairCopies;
+    pairs[i] = make_float2(__ldg(w.code + (e >> 4)), __ldg(w.code + (e & 15)));
+  }
+  if (w.nested) code2_s[threadIdx.x] = __ldg(w.code2 + threadIdx.x);  // 256 threads
   asm volatile("cp.async.wait_all;\n" ::: "memory");
   __syncthreads();
   const float offset = nested_offset(w);
@@ -1178,20 +1181,6 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   };
   load_raw(0);
 
-  // The level-pair table: thread e writes entry e's 32 copies as 8 16-byte stores, rotated by
-  // e so that the 8 threads of a store phase hit 8 different bank groups.
-  {
-    const int e = tid;  // 256 threads, 256 entries
-    const __half2 h = __floats2half2_rn(__ldg(w.code + (e >> 4)), __ldg(w.code + (e & 15)));
-    const uint32_t v = *reinterpret_cast<const uint32_t*>(&h);
-    const uint32_t entry = anchor_addr + (uint32_t)e * 256u;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v3_store16(entry + 16u * ((j + e) & 7), make_uint4(v, v, v, v));
-  }
-  if (NESTED) code2_s[tid] = __ldg(w.code2 + tid);
-  if (tid < 16) tok_max[tid] = 0u;
-  __syncthreads();  // tok_max zeroed
-
   // x[token][s0 * 64 .. (s0 + count) * 64) -> the holes, as fp16. 16-byte unit i of the range:
   // token i / units_row, step (i % units_row) / 8, unit u = i % 8. Tokens >= M are zeros.
   const T* x = static_cast<const T*>(a.x);
@@ -1211,7 +1200,8 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
            16u * (uint32_t)(u ^ (tok & 1));
   };
   // At most v3_max_steps * tokens * 8 = 2048 units: 8 per thread, all loaded at once (one L2
-  // round trip), kept in registers between the max and the conversion.
+  // round trip, issued before the table is built so that the two latencies overlap), kept in
+  // registers between the max and the conversion.
   constexpr int kUnitsPerThread = 256 * 8 / kV3Threads;
   static_assert(kUnitsPerThread * kV3Threads == v3_max_steps(8) * 8 * 8, "x staging per thread");
   uint4 xu[kUnitsPerThread];
@@ -1221,6 +1211,21 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
     int tok, step, u;
     xu[q] = i < units ? x_unit(i, tok, step, u) : make_uint4(0u, 0u, 0u, 0u);
   }
+
+  // The level-pair table: thread e writes entry e's 32 copies as 8 16-byte stores, rotated by
+  // e so that the 8 threads of a store phase hit 8 different bank groups.
+  {
+    const int e = tid;  // 256 threads, 256 entries
+    const __half2 h = __floats2half2_rn(__ldg(w.code + (e >> 4)), __ldg(w.code + (e & 15)));
+    const uint32_t v = *reinterpret_cast<const uint32_t*>(&h);
+    const uint32_t entry = anchor_addr + (uint32_t)e * 256u;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v3_store16(entry + 16u * ((j + e) & 7), make_uint4(v, v, v, v));
+  }
+  if (NESTED) code2_s[tid] = __ldg(w.code2 + tid);
+  if (tid < 16) tok_max[tid] = 0u;
+  __syncthreads();  // tok_max zeroed
+
   if (std::is_same<T, __nv_bfloat16>::value) {
     // per token: the largest |x| (as bits: monotonic for non-negative floats, NaN largest)
 #pragma unroll
