@@ -1181,6 +1181,20 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   };
   load_raw(0);
 
+  // The level-pair table: thread e writes entry e's 32 copies as 8 16-byte stores, rotated by
+  // e so that the 8 threads of a store phase hit 8 different bank groups.
+  {
+    const int e = tid;  // 256 threads, 256 entries
+    const __half2 h = __floats2half2_rn(__ldg(w.code + (e >> 4)), __ldg(w.code + (e & 15)));
+    const uint32_t v = *reinterpret_cast<const uint32_t*>(&h);
+    const uint32_t entry = anchor_addr + (uint32_t)e * 256u;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v3_store16(entry + 16u * ((j + e) & 7), make_uint4(v, v, v, v));
+  }
+  if (NESTED) code2_s[tid] = __ldg(w.code2 + tid);
+  if (tid < 16) tok_max[tid] = 0u;
+  __syncthreads();  // tok_max zeroed
+
   // x[token][s0 * 64 .. (s0 + count) * 64) -> the holes, as fp16. 16-byte unit i of the range:
   // token i / units_row, step (i % units_row) / 8, unit u = i % 8. Tokens >= M are zeros.
   const T* x = static_cast<const T*>(a.x);
@@ -1200,8 +1214,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
            16u * (uint32_t)(u ^ (tok & 1));
   };
   // At most v3_max_steps * tokens * 8 = 2048 units: 8 per thread, all loaded at once (one L2
-  // round trip, issued before the table is built so that the two latencies overlap), kept in
-  // registers between the max and the conversion.
+  // round trip), kept in registers between the max and the conversion.
   constexpr int kUnitsPerThread = 256 * 8 / kV3Threads;
   static_assert(kUnitsPerThread * kV3Threads == v3_max_steps(8) * 8 * 8, "x staging per thread");
   uint4 xu[kUnitsPerThread];
@@ -1211,21 +1224,6 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
     int tok, step, u;
     xu[q] = i < units ? x_unit(i, tok, step, u) : make_uint4(0u, 0u, 0u, 0u);
   }
-
-  // The level-pair table: thread e writes entry e's 32 copies as 8 16-byte stores, rotated by
-  // e so that the 8 threads of a store phase hit 8 different bank groups.
-  {
-    const int e = tid;  // 256 threads, 256 entries
-    const __half2 h = __floats2half2_rn(__ldg(w.code + (e >> 4)), __ldg(w.code + (e & 15)));
-    const uint32_t v = *reinterpret_cast<const uint32_t*>(&h);
-    const uint32_t entry = anchor_addr + (uint32_t)e * 256u;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v3_store16(entry + 16u * ((j + e) & 7), make_uint4(v, v, v, v));
-  }
-  if (NESTED) code2_s[tid] = __ldg(w.code2 + tid);
-  if (tid < 16) tok_max[tid] = 0u;
-  __syncthreads();  // tok_max zeroed
-
   if (std::is_same<T, __nv_bfloat16>::value) {
     // per token: the largest |x| (as bits: monotonic for non-negative floats, NaN largest)
 #pragma unroll
