@@ -152,7 +152,12 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
     a.counter_tag = nf4_gemv_counter_tag();
   }
   nf4_gemv(w, a, stream);
-  check_launch();
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, "fastft nf4: the fused kernel's launch failed: ",
+              cudaGetErrorString(err),
+              a.pdl ? " (launched with programmatic dependent launch; if the driver or a "
+                      "graph capture rejects that, FASTFT_NF4_PDL=0 turns it off)"
+                    : "");
 }
 
 }  // namespace
