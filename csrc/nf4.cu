@@ -41,9 +41,11 @@ __device__ __forceinline__ void load_levels(const float* code, float* lut) {
 // bits zero) | arrivals. A word without this launch's tag counts as 0 arrivals, so the scratch
 // may hold anything when the launch starts; the last arrival writes 0 back, so a CUDA graph
 // replaying the launch (same tag, same scratch) starts from 0 again. Tags (see
-// nf4_gemv_counter_tag) are unique per call and their top 12 bits are set, which no float32 or
-// float64 value computed by the GPU has (its NaN is 0x7FFFFFFF), so leftover data cannot pose
-// as one. Called by one thread per CTA, after the CTA's partials are fenced.
+// nf4_gemv_counter_tag) are unique per call and their top 12 bits are set: as float64 that is
+// -inf or a negative NaN, as a float32 pair a negative NaN in the high half. GPU arithmetic
+// writes only the positive canonical NaN, and -inf (the first call's tag, count 0) counts as
+// 0 arrivals anyway, so leftover data cannot pose as a counter. Called by one thread per CTA,
+// after the CTA's partials are fenced.
 __device__ __forceinline__ bool arrive_is_last(unsigned long long* counter,
                                                unsigned long long tag, unsigned arrivals) {
   // first guess 0 (our own reset, or fresh memory): one atomic round trip when it is right;

@@ -67,8 +67,8 @@ struct NF4GemvArgs {
 };
 // A counter word is tag | arrivals (arrivals < 2^24).
 constexpr unsigned long long kCounterMask = (1ull << 24) - 1;
-// A fresh tag: a 40-bit call serial in bits 24..63 under a fixed top 12 bits (0xFFF: no float
-// the GPU computes looks like that; see arrive_is_last in nf4.cu).
+// A fresh tag: a 40-bit call serial in bits 24..63 under a fixed top 12 bits (0xFFF: see
+// arrive_is_last in nf4.cu for why leftover data cannot look like a tag).
 unsigned long long nf4_gemv_counter_tag();
 inline int64_t nf4_gemv_row_blocks(int64_t N) { return (N + 127) / 128; }  // v1's
 // Whether v2 / v3 take this call (shape, blocksize, dtype).
