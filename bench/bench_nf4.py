@@ -186,8 +186,9 @@ def bench_nf4_matmul_small_chain(benchmark, record, monkeypatch, variant, rows):
     """Dependent calls as in decoding: x -> up (4096->14336) -> down (14336->4096) -> the
     next pair's x, so each call reads what the one before wrote (PDL can only hide the launch
     and set-up, never the data dependence). Time per call; bytes = one packed weight."""
+    n_pairs = 2
     pairs = [(random_weight(14336, 4096, 2 * i), random_weight(4096, 14336, 2 * i + 1))
-             for i in range(2)]
+             for i in range(n_pairs)]
     x0 = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
     if variant == "dense_bf16":
         dense = [tuple(nf4_dequantize(p, s, dtype=torch.bfloat16) for p, s in pair)
@@ -206,8 +207,7 @@ def bench_nf4_matmul_small_chain(benchmark, record, monkeypatch, variant, rows):
             for (pu, su), (pd, sd) in pairs:
                 x = nf4_matmul(nf4_matmul(x, pu, su, backend="cuda"), pd, sd, backend="cuda")
             return x
-    calls = 2 * 2
-    ms = time_ms(chain, [(x0,)]) / calls
+    ms = time_ms(chain, [(x0,)]) / (2 * n_pairs)  # two calls per pair
     record(op="nf4_matmul_small_m_chain", direction="fwd", shape=f"M={rows} up+down x2",
            backend=variant, ms=ms, bytes=14336 * 4096 // 2)
     benchmark.pedantic(chain, args=(x0,), rounds=3, warmup_rounds=1)
