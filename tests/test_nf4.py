@@ -300,6 +300,34 @@ def test_matmul_takes_the_fused_path_only_for_small_m(backend, monkeypatch):
     assert calls == ([1, 16] if backend != "torch" else [])
 
 
+def check_levels_from_the_states_code(backend, w_shape, device):
+    """nf4_matmul with a code other than NF4's (two levels swapped; a uniform code) must use it:
+    against float64 with that code, at M = 1 and 9 (the fused kernels' token tiles); the
+    standard code right after gives its own result again (nothing of the custom code is
+    kept). Guards against a kernel that assumes the standard NF4 levels."""
+    _, packed, state = quantize(w_shape, True, device=device, seed=85)
+    swapped = torch.tensor(nf4_mod.NF4_LEVELS)[[0, 1, 2, 12, 4, 5, 6, 7, 8, 9, 10, 11, 3, 13,
+                                                14, 15]]
+    for rows in (1, 9):
+        x = torch.randn(rows, w_shape[1], generator=torch.Generator().manual_seed(rows)) \
+            .to(device, torch.bfloat16)
+        standard = nf4_matmul(x, packed, state, backend=backend)
+        for code in (swapped, torch.linspace(-1, 1, 16)):
+            custom = copy.deepcopy(state)
+            custom.code = code.to(device)
+            w = nf4_dequantize(packed, custom, dtype=torch.float32, backend="torch").double()
+            ref = x.double() @ w.t()
+            y = nf4_matmul(x, packed, custom, backend=backend)
+            assert rel_err(y, ref) < RTOL[torch.bfloat16], (backend, rows, rel_err(y, ref))
+            assert rel_err(standard, ref) > 10 * RTOL[torch.bfloat16]  # the codes differ here
+            assert torch.equal(nf4_matmul(x, packed, state, backend=backend), standard)
+
+
+@pytest.mark.parametrize("backend", backends("nf4_matmul", "cpu"))
+def test_matmul_takes_the_levels_from_the_states_code(backend):
+    check_levels_from_the_states_code(backend, (40, 192), "cpu")
+
+
 def test_matmul_frozen_weight_and_no_grad_input():
     _, packed, state = quantize((32, 64), True)
     x = torch.randn(5, 64)
