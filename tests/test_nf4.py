@@ -1036,6 +1036,39 @@ def test_fused_matmul_gpu_v3_register_decode_equals_table(decode, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["v1", "v2", "v3", "v3r", "v3h"])
+def test_fused_matmul_gpu_takes_the_levels_from_the_states_code(variant, monkeypatch):
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", variant)
+    check_levels_from_the_states_code("cuda", (600, 64 * 70), "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["v1", "v3", "v3h"])
+def test_fused_matmul_gpu_tokens_past_m_do_not_leak(variant, monkeypatch):
+    """The fused kernels work on tiles of 8 tokens; slots past M must not reach the result,
+    whatever an earlier call left in shared memory. After calls whose x is all NaN (M = 16, which
+    fills every token slot), calls with M = 1 and 9 (7 unused slots) give the same bits as
+    before."""
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", variant)
+    _, packed, state = quantize((4096, 2048), True, device="cuda", seed=7)
+    g = torch.Generator().manual_seed(8)
+    for dtype in (torch.bfloat16, torch.float16):
+        xs = [torch.randn(rows, 2048, generator=g).to("cuda", dtype) for rows in (1, 9)]
+        clean = [nf4_matmul(x, packed, state, backend="cuda") for x in xs]
+        assert all(torch.isfinite(y).all() for y in clean)
+        poison = torch.full((16, 2048), float("nan"), dtype=dtype, device="cuda")
+        for _ in range(3):
+            assert torch.isnan(nf4_matmul(poison, packed, state, backend="cuda")).all()
+            for x, want in zip(xs, clean):
+                assert torch.equal(nf4_matmul(x, packed, state, backend="cuda"), want), \
+                    (variant, dtype, x.shape[0])
+
+
+@pytest.mark.gpu
 def test_fused_matmul_gpu_v3_requested_splits(monkeypatch):
     """FASTFT_NF4_V3_SPLITS (for tuning) changes only the summation order: every split count,
     including more than K has steps and fewer than x staging allows, gives the right result."""
