@@ -255,6 +255,15 @@ def new_forward_pass(*_args, **_kwargs) -> None:
     _FACTOR_CASTS.clear()
 
 
+def _storage_released(t) -> bool:
+    """True when t's storage is smaller than t (resized to 0, as FSDP2 does to free the unsharded
+    parameters of a unit that is not running)."""
+    if t.numel() == 0:
+        return False
+    last = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return t.untyped_storage().nbytes() < (last + 1) * t.element_size()
+
+
 def _refresh_copies(current) -> None:
     """Bring every kept cast copy up to date for this pass, in one call."""
     _REFRESHED_PASS[0] = current
@@ -263,6 +272,11 @@ def _refresh_copies(current) -> None:
         t = ref()
         if t is None or t.shape != copy.shape or t.device != copy.device:
             del _FACTOR_COPIES[key]
+            continue
+        if _storage_released(t):
+            # FSDP2 frees an unsharded parameter's storage between its unit's uses and
+            # reallocates it for the next: the copy stays and _factor refreshes it when its
+            # layer runs (reading the freed storage here was an illegal memory access)
             continue
         dsts.append(copy)
         srcs.append(t.detach())
