@@ -297,6 +297,7 @@ def _free_port():
 
 def _have_trl_and_loader():
     try:
+        import datasets  # noqa: F401
         import trl  # noqa: F401
 
         from fastft.loader import FastLanguageModel  # noqa: F401
@@ -595,6 +596,30 @@ def test_wrappers_refuse_without_a_process_group():
         fd.ddp_wrap(model)
 
 
+def test_multi_gpu_example_runs_as_one_process(tmp_path):
+    """examples/sft_multi_gpu.py started by plain `python` (its documented one-GPU command) trains
+    and saves the adapter, and keeps itself to one GPU: with two visible, transformers' Trainer
+    used nn.DataParallel and TRL's SFTTrainer refused to start (seen on the 2-GPU machine)."""
+    if not _have_trl_and_loader():
+        pytest.skip("needs trl, datasets and fastft.loader")
+    import subprocess
+
+    model_dir = save_model_dir(tmp_path / "model")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "CUDA_VISIBLE_DEVICES")}
+    script = ("import os, runpy, sys; sys.argv = ['sft_multi_gpu.py'] + sys.argv[1:]; "
+              "runpy.run_path('examples/sft_multi_gpu.py', run_name='__main__'); "
+              "print('CUDA_VISIBLE_DEVICES=' + os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'))")
+    proc = subprocess.run([sys.executable, "-c", script, "--model", str(model_dir), "--max-steps", "2",
+                           "--max-seq-length", "64", "--batch-size", "2", "--grad-accum", "1", "--r", "4",
+                           "--output-dir", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "trained 2 steps on 1 process(es) (one process)" in proc.stdout, proc.stdout[-2000:]
+    assert "CUDA_VISIBLE_DEVICES=0" in proc.stdout
+    assert (out / "lora_adapter" / "adapter_model.safetensors").exists()
+
+
 # ---------------------------------------------------------------- GPU (two GPUs, torchrun + nccl)
 
 def _two_gpus():
@@ -611,12 +636,32 @@ def test_two_gpus_match_one_gpu(tmp_path, qlora):
     model_dir = save_model_dir(tmp_path / "model", hidden_size=128, intermediate_size=256)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    modes = ["ddp", "fsdp2", "fsdp2_tail", "sft_ddp"]
+    # the CPU modes but the 4-bit ones (qlora=True loads every mode in 4 bits) and, where trl is
+    # missing (it is not on the GPU machine unless carried), SFTTrainer's
+    modes = ["ddp", "fsdp2", "fsdp2_tail", "ddp_offload", "fsdp2_offload"]
+    modes += ["sft_ddp"] if _have_trl_and_loader() else []
     args = json.dumps(dict(model_dir=str(model_dir), out_dir=str(out_dir), modes=modes, qlora=qlora))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(_free_port()), __file__, "--worker", args],
                           capture_output=True, text=True, timeout=540, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+
+    # fused LoRA, fastft's fused loss and the asked-for checkpointing ran on both GPUs
+    for rank in range(2):
+        rep = json.load(open(out_dir / f"report_rank{rank}.json"))
+        for mode in modes:
+            assert rep[mode]["fused_modules"] > 0, (rank, mode)
+            want = "offload" if mode.endswith("_offload") or mode == "sft_ddp" else "torch"
+            assert rep[mode]["checkpointing"] == want, (rank, mode, rep[mode]["checkpointing"])
+            # the fused linear cross-entropy reads the head inside the root's forward; with the
+            # head a unit of its own (fsdp2_tail) fastft calls lm_head(...) instead (see
+            # fastft/distributed.py), and SFTTrainer's steps are not counted here
+            if mode not in ("fsdp2_tail", "sft_ddp"):
+                assert rep[mode]["fused_head_calls"] == STEPS, (rank, mode, rep[mode]["fused_head_calls"])
+        assert rep["fsdp2"]["sharded_layers"] == 2 and rep["fsdp2"]["root_sharded"]
+        # bf16 weights, or (QLoRA) packed 4-bit bytes stored as bf16, sharded like any weight
+        assert rep["fsdp2"]["base_weight"] == ["DTensor", "torch.bfloat16"], rep["fsdp2"]["base_weight"]
+        assert rep["ddp"]["failed_save"] != "no error"
 
     model, _ = load_model(str(model_dir), device="cuda:0", dtype=torch.bfloat16, load_in_4bit=qlora)
     init = trainable_state(model)
