@@ -30,8 +30,11 @@ MODES=${MODES:-lora qlora}
 STEPS=${STEPS:-6}
 WARMUP=${WARMUP:-2}
 STAGES=${*:-build tests example bench}
+CROSSCHECK=${CROSSCHECK:-1}        # 0: skip bench/train_step.py's one-GPU cross-check run
+DEADLINE_S=${DEADLINE_S:-100000}   # seconds after start: later example / bench runs are skipped
 T0=$(date +%s)
 stamp() { echo "[multi_gpu.sh +$(( $(date +%s) - T0 ))s] $*"; }
+past_deadline() { [ $(( $(date +%s) - T0 )) -gt "$DEADLINE_S" ]; }
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
 have_gpus=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
@@ -58,6 +61,8 @@ build)
     [ -e fastft/triton_kernels ] || ln -s ../triton_kernels fastft/triton_kernels
   fi
   $PY -m fastft.env > "$OUT/env.txt" 2>&1; cat "$OUT/env.txt"
+  $PY -m pip list 2>/dev/null | grep -i -E "^(trl|datasets|pyarrow|accelerate|peft|bitsandbytes) " \
+    | tee "$OUT/packages.txt"
   ;;
 
 tests)
@@ -86,6 +91,7 @@ PY
   ARGS="--model $EX --max-steps 5 --max-seq-length 512 --batch-size 2 --grad-accum 1"
   run_ex() {  # name, command...
     local name=$1; shift
+    if past_deadline; then echo "example $name skipped (DEADLINE_S)"; return; fi
     timeout 170 "$@" $ARGS --output-dir "/tmp/fastft-ex-$name" > "$OUT/example-$name.log" 2>&1
     echo "example $name rc=$? : $(grep -E '^trained' "$OUT/example-$name.log" | tail -1)"
   }
@@ -162,6 +168,7 @@ PY
     for engine in single ddp fsdp2; do
       spec="{\"model\":\"$MODEL\",\"mode\":\"$mode\",\"batch\":$b,\"seq\":$s,\"engine\":\"$engine\",\"warmup\":$WARMUP,\"steps\":$STEPS}"
       log="$OUT/step_${MODEL}_${mode}_${BATCH}_${engine}.log"
+      if past_deadline; then echo "step $mode $engine skipped (DEADLINE_S)"; continue; fi
       stamp "step $MODEL $mode $BATCH $engine"
       if [ $engine = single ]; then
         timeout 280 $PY /tmp/fastft_dist_step.py "$spec" > "$log" 2>&1
@@ -172,11 +179,13 @@ PY
       [ -s "${log%.log}.json" ] || tail -20 "$log"
     done
   done
+  if [ "$CROSSCHECK" = 1 ] && ! past_deadline; then
   stamp "bench/train_step.py one-GPU figure (cross-check of the 'single' runs)"
   CUDA_VISIBLE_DEVICES=0 timeout 400 $PY bench/train_step.py --out "$OUT/train_step_1gpu" --models $MODEL \
       --modes "$(echo $MODES | tr ' ' ',')" --batches $BATCH --impls fastft --warmup $WARMUP --steps $STEPS \
       > "$OUT/train_step_1gpu.log" 2>&1
   echo "train_step rc=$?"; tail -4 "$OUT/train_step_1gpu.log"
+  fi
   $PY - "$OUT" "$MODEL" "$BATCH" $MODES <<'PY'
 import json, os, sys
 out, model, batch, modes = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
