@@ -404,6 +404,8 @@ def test_fused_paths_stay_on_under_sharding(cpu_run):
         assert rep["fsdp2"]["sharded_layers"] == 2 and rep["fsdp2"]["root_sharded"]
         assert rep["fsdp2"]["head_own_unit"] is False  # the fused loss needs the head in the root
         assert rep["fsdp2_tail"]["sharded_layers"] == 2
+        # a head that is an FSDP2 unit of its own is called (lm_head(...)), not read by the fused op
+        assert rep["fsdp2_tail"]["fused_head_calls"] == 0 and rep["fsdp2_tail"]["head_own_unit"]
         # 4-bit weights stored as float are sharded like any weight (uint8 ones could not be)
         assert rep["fsdp2_qlora"]["base_weight"] == ["DTensor", "torch.float32"]
         assert rep["fsdp2"]["base_weight"] == ["DTensor", "torch.float32"]

@@ -197,13 +197,10 @@ def keep_positions(t: torch.Tensor, logits_to_keep) -> torch.Tensor:
 def _plain_linear_head(head) -> bool:
     """A dense nn.Linear whose weight the fused op can read (not LoRA / modules_to_save / 4-bit).
 
-    FSDP2's fully_shard swaps a module's class for a subclass named FSDP<name>; that head is
-    still plain (its weight is a DTensor, gathered by _full_tensor)."""
-    cls = type(head)
-    if cls is nn.Linear:
-        return True
-    return (cls.__name__ == "FSDPLinear" and cls.__mro__[1] is nn.Linear
-            and head.weight.is_floating_point())
+    A head that FSDP2 made a unit of its own (class FSDPLinear, as accelerate's FSDP2 preparation
+    does) is not: FSDP2 keeps its weight gathered only around the unit's own hooks, so it is
+    called (see fastft/distributed.py)."""
+    return type(head) is nn.Linear
 
 
 def _full_tensor(t):
