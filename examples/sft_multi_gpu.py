@@ -5,7 +5,7 @@ data-parallel (DDP) or sharded (FSDP2). One process per GPU; every process runs 
     torchrun --nproc_per_node 2 examples/sft_multi_gpu.py --fsdp                   # FSDP2
     accelerate launch --config_file examples/accelerate_ddp.yaml examples/sft_multi_gpu.py
     accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/sft_multi_gpu.py
-    python examples/sft_multi_gpu.py                                               # one GPU (the first)
+    python examples/sft_multi_gpu.py                                               # one GPU
 
 --data takes a .jsonl / .json file of {"messages": [{"role": ..., "content": ...}, ...]}
 conversations; without it the small task shipped with fastft is used. See examples/README.md.
@@ -15,12 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-
-# One process (plain `python`): one GPU. With several GPUs visible, transformers' Trainer would
-# wrap the model in nn.DataParallel, which TRL's SFTTrainer refuses (seen on a 2-GPU machine).
-# Set before anything initialises CUDA, which reads the variable once.
-if "WORLD_SIZE" not in os.environ and "CUDA_VISIBLE_DEVICES" not in os.environ:
-    os.environ["CUDA_VISIBLE_DEVICES"] = "0"
 
 # fastft first, so its patches are in place before transformers / peft / trl are imported
 from fastft import FastLanguageModel, get_chat_template, is_bf16_supported
@@ -118,6 +112,9 @@ def main(argv=None):
         # torchrun: shard each decoder layer, the root keeps embeddings, norm and lm_head
         **fd.trainer_distributed_kwargs(model, fsdp=args.fsdp and not by_accelerate_fsdp),
     )
+    # started by plain `python` with several GPUs visible: train on one (the Trainer would use
+    # nn.DataParallel, which SFTTrainer refuses)
+    fd.one_gpu_per_process(config)
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_set, processing_class=tokenizer)
     stats = trainer.train()
 

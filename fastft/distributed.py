@@ -12,6 +12,7 @@ are the small pieces users need around that:
     trainer_distributed_kwargs(model)   TrainingArguments / SFTConfig keywords for DDP or FSDP2
     full_state_dict(model)              the unsharded state dict on rank 0 (collective under FSDP2)
     save_on_main(model, directory)      the files a single-GPU run would write, written by rank 0
+    one_gpu_per_process(training_args)  a single process with several GPUs visible trains on one
 
 Why the wrapping is what it is:
 - fastft's fused causal-LM loss reads `lm_head.weight` inside the causal-LM forward instead of
@@ -81,6 +82,21 @@ def distributed_device_map():
     if is_distributed():
         return {"": local_rank()}
     return {"": torch.cuda.current_device()}
+
+
+def one_gpu_per_process(training_args):
+    """Keep a single-process run on one GPU; returns training_args. With several GPUs visible
+    and no launcher, transformers' Trainer sets n_gpu to their count and wraps the model in
+    nn.DataParallel, which TRL's SFTTrainer refuses and fastft's models are not built for (one
+    device per process: fused ops, offloaded checkpointing, cast caches). To use them all,
+    start one process per GPU (torchrun / accelerate launch)."""
+    n = training_args.n_gpu  # 1 under a launcher: every process has its own GPU
+    if n > 1:
+        logger.warning(f"fastft: {n} GPUs are visible to this one process; it trains on "
+                       f"{training_args.device} only. For all of them start one process per GPU: "
+                       f"torchrun --nproc_per_node {n} your_script.py (or accelerate launch).")
+        training_args._n_gpu = 1  # what Trainer itself sets for a model split with device_map
+    return training_args
 
 
 def bnb_4bit_quant_storage(compute_dtype: torch.dtype):

@@ -390,6 +390,9 @@ def train_with_trl(model, tokenizer, train_set, cfg: TrainConfig, out: Path) -> 
         include_num_input_tokens_seen=True, dataloader_pin_memory=on_gpu,
         disable_tqdm=False,
     )
+    from fastft.distributed import one_gpu_per_process
+
+    one_gpu_per_process(args)
     record = {"losses": []}
 
     class Progress(TrainerCallback):

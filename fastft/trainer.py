@@ -22,6 +22,8 @@ from torch import nn
 from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
+from fastft.distributed import one_gpu_per_process
+
 logger = logging.getLogger("fastft")
 
 # Parameter-name parts that mark input embeddings / output head (incl. peft's wrapped copies).
@@ -111,6 +113,9 @@ class FastTrainer(SFTTrainer):
             for old, new in _LEGACY_ARGS.items():
                 if old in legacy and legacy[old] is not None:
                     setattr(train_args, new, legacy[old])
+        train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if train_args is not None:
+            one_gpu_per_process(train_args)
         super().__init__(*args, **kwargs)
 
     def train(self, *args, **kwargs):

@@ -109,6 +109,20 @@ def test_unsloth_names_and_legacy_keywords(cpt_setup):
                               use_cpu=not torch.cuda.is_available())
 
 
+def test_one_process_with_several_gpus_visible_trains_on_one(cpt_setup):
+    """SFTTrainer refuses a single process that sees several GPUs (Trainer would use
+    nn.DataParallel); FastTrainer keeps such a process on one GPU instead. The count is forced
+    (no GPU here): without fastft.distributed.one_gpu_per_process this raises."""
+    from fastft import FastTrainer
+
+    model, tok, ds, tmp = cpt_setup
+    args = _args(tmp)
+    assert args.n_gpu <= 1
+    args._n_gpu = 2  # what transformers sets with two GPUs visible and no launcher
+    trainer = FastTrainer(model=model, processing_class=tok, train_dataset=ds, args=args)
+    assert trainer.args.n_gpu == 1
+
+
 def test_embeddings_in_target_modules_train_in_full(tmp_path):
     """The continued-pretraining recipe names lm_head / embed_tokens in target_modules: they
     train in full (modules_to_save) at embedding_learning_rate; trl accepts that."""
