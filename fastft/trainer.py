@@ -102,8 +102,9 @@ class FastTrainer(SFTTrainer):
             if kwargs.get("processing_class") is not None:
                 raise ValueError("Pass the tokenizer once: tokenizer= or processing_class=, not both.")
             kwargs["processing_class"] = tokenizer
+        # SFTTrainer(model, args, ...): the training arguments by keyword or second positional
+        train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if legacy:
-            train_args = kwargs.get("args")
             if train_args is None:
                 raise ValueError(f"{sorted(legacy)} need args=FastTrainingArguments(...) (or SFTConfig) "
                                  "to hold them; put them there.")
@@ -113,7 +114,6 @@ class FastTrainer(SFTTrainer):
             for old, new in _LEGACY_ARGS.items():
                 if old in legacy and legacy[old] is not None:
                     setattr(train_args, new, legacy[old])
-        train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if train_args is not None:
             one_gpu_per_process(train_args)
         super().__init__(*args, **kwargs)
