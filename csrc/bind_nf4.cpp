@@ -152,12 +152,9 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
     a.counter_tag = nf4_gemv_counter_tag();
   }
   nf4_gemv(w, a, stream);
-  const cudaError_t err = cudaGetLastError();
-  TORCH_CHECK(err == cudaSuccess, "fastft nf4: the fused kernel's launch failed: ",
-              cudaGetErrorString(err),
-              a.pdl ? " (launched with programmatic dependent launch; if the driver or a "
-                      "graph capture rejects that, FASTFT_NF4_PDL=0 turns it off)"
-                    : "");
+  check_launch(a.pdl ? " (nf4_gemv, launched with programmatic dependent launch; if the driver "
+                       "or a graph capture rejects that, FASTFT_NF4_PDL=0 turns it off)"
+                     : " (nf4_gemv)");
 }
 
 }  // namespace

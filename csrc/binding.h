@@ -43,9 +43,11 @@ inline int sm_count(const at::Tensor& t) {
   return n > 0 ? n : 1;
 }
 
-inline void check_launch() {
+// `hint`: what the caller knows about a failure (how it launched, a switch that avoids it).
+inline void check_launch(const char* hint = "") {
   cudaError_t err = cudaGetLastError();
-  TORCH_CHECK(err == cudaSuccess, "fastft: CUDA kernel launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "fastft: CUDA kernel launch failed: ", cudaGetErrorString(err),
+              hint);
 }
 
 }  // namespace fastft
