@@ -28,6 +28,9 @@ MODEL=${MODEL:-8b}                 # bench/train_step.py shape: 1b | 8b
 BATCH=${BATCH:-4x4096}             # per GPU: sequences x tokens (one of train_step.py's shapes)
 MODES=${MODES:-lora qlora}
 STEPS=${STEPS:-6}
+ENGINES=${ENGINES:-single ddp fsdp2}
+PROFILE=${PROFILE:-0}              # 1: one more step under torch.profiler, summary on stdout
+RESHARD=${RESHARD:-true}           # false: FSDP2 keeps each layer gathered from forward to backward
 WARMUP=${WARMUP:-2}
 STAGES=${*:-build tests example bench}
 CROSSCHECK=${CROSSCHECK:-1}        # 0: skip bench/train_step.py's one-GPU cross-check run
@@ -130,7 +133,7 @@ if spec["mode"] == "qlora":
 model, info = ts._setup_fastft(model, spec["mode"])
 model.train()
 if spec["engine"] == "fsdp2":
-    train = fd.fsdp2_wrap(model)
+    train = fd.fsdp2_wrap(model, reshard_after_forward=spec.get("reshard", True))
 elif spec["engine"] == "ddp":
     train = fd.ddp_wrap(model)
 else:
@@ -150,6 +153,30 @@ for i in range(spec["warmup"] + spec["steps"]):
     loss = train(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize(); times.append(time.perf_counter() - t); losses.append(float(loss))
+if spec.get("profile"):  # one more step under the profiler: where a slower step's time goes
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        loss = train(input_ids=batches[0], labels=batches[0], use_cache=False).loss
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(); wall_ms = (time.perf_counter() - t) * 1e3
+    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    def busy_ms(spans):  # length of the union of [start, end) intervals, us -> ms
+        total, end = 0.0, float("-inf")
+        for a, b in sorted(spans):
+            if b > end:
+                total += b - max(a, end); end = b
+        return total / 1e3
+    comm = [k for k in kernels if "nccl" in k[2].lower()]
+    compute = [k for k in kernels if "nccl" not in k[2].lower()]
+    if fd.is_main_process():
+        print(f"PROFILE {spec['engine']} {spec['mode']}: step {wall_ms:.1f} ms wall; GPU busy (any kernel) "
+              f"{busy_ms(kernels):.1f} ms; compute kernels {busy_ms(compute):.1f} ms busy, "
+              f"{sum(b - a for a, b, _ in compute) / 1e3:.1f} ms summed; nccl {busy_ms(comm):.1f} ms busy "
+              f"({len(comm)} kernels)", flush=True)
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=22, max_name_column_width=60),
+              flush=True)
 tok_s = spec["batch"] * spec["seq"] / statistics.median(times[spec["warmup"]:])
 peak = torch.cuda.max_memory_allocated() / gib
 if world > 1:  # the slowest GPU's rate and the largest GPU's peak
@@ -165,9 +192,9 @@ if world > 1:
 PY
   b=${BATCH%x*}; s=${BATCH#*x}
   for mode in $MODES; do
-    for engine in single ddp fsdp2; do
-      spec="{\"model\":\"$MODEL\",\"mode\":\"$mode\",\"batch\":$b,\"seq\":$s,\"engine\":\"$engine\",\"warmup\":$WARMUP,\"steps\":$STEPS}"
-      log="$OUT/step_${MODEL}_${mode}_${BATCH}_${engine}.log"
+    for engine in $ENGINES; do
+      spec="{\"model\":\"$MODEL\",\"mode\":\"$mode\",\"batch\":$b,\"seq\":$s,\"engine\":\"$engine\",\"warmup\":$WARMUP,\"steps\":$STEPS,\"profile\":$PROFILE,\"reshard\":$RESHARD}"
+      log="$OUT/step_${MODEL}_${mode}_${BATCH}_${engine}${TAG:-}.log"
       if past_deadline; then echo "step $mode $engine skipped (DEADLINE_S)"; continue; fi
       stamp "step $MODEL $mode $BATCH $engine"
       if [ $engine = single ]; then

@@ -349,6 +349,9 @@ def fsdp2_wrap(model: nn.Module, *, mesh=None, mixed_precision="auto", reshard_a
     # root: torch's default (None) keeps the root's parameters gathered from forward to
     # backward, the head included, which the loss needs again at the start of backward.
     fully_shard(model, **kwargs)
+    from fastft.lora import forget_replaced_weights
+
+    forget_replaced_weights()  # free the unsharded weights now, not as each layer first runs
     return model
 
 

@@ -84,6 +84,8 @@ def _base_of(linear) -> tuple[Base | None, str | None]:
     kept = _BASES.get(linear)
     if kept is not None and kept[0] is weight and kept[1] is bias and kept[2] is quant_state:
         return kept[3], None
+    if kept is not None:  # this module's weights were replaced, so probably others' were too
+        forget_replaced_weights()
     if quant_state is not None:
         if getattr(quant_state, "quant_type", None) not in ("nf4", "fp4"):
             return None, f"unsupported quantisation {getattr(quant_state, 'quant_type', None)}"
@@ -96,6 +98,21 @@ def _base_of(linear) -> tuple[Base | None, str | None]:
     if not weight.is_floating_point() or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return None, f"base weight dtype {weight.dtype}"
     return Base(weight, bias), None
+
+
+def forget_replaced_weights() -> None:
+    """Drop what fastft caches for modules whose weight, bias or quant state is no longer the
+    one cached. FSDP2's sharding (fastft.distributed.fsdp2_wrap, or accelerate's) replaces
+    every parameter; without this the caches kept each replaced unsharded 4-bit weight alive
+    until its layer next ran, so the first step began with the whole model twice in memory."""
+    nf4 = _lora_ops._nf4_module()
+    for linear, (weight, bias, quant_state, _) in list(_BASES.items()):
+        if (_param(linear, "weight") is not weight or _param(linear, "bias") is not bias
+                or (getattr(weight, "quant_state", None) or getattr(linear, "quant_state", None)) is not quant_state):
+            del _BASES[linear]
+            if nf4 is not None:
+                nf4.forget(quant_state)
+    _PASS_PROJECTIONS.clear()  # its Projections hold Bases (and their weights) of the last pass
 
 
 def projection_of(module) -> tuple[Projection | None, str | None]:

@@ -21,11 +21,13 @@ Rank 0 saves each run with save_on_main (adapter; merged_16bit for ddp / fsdp2).
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
 import sys
 import time
+import weakref
 
 import pytest
 import torch
@@ -209,6 +211,8 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
             wrapped = fd.ddp_wrap(model)
             info["losses"] = plain_train(wrapped, rank, world, device)
         elif mode in ("fsdp2", "fsdp2_tail"):
+            # the parameters sharding replaces: none may stay alive in fastft's caches
+            replaced = [weakref.ref(p) for p in model.parameters()]
             if mode == "fsdp2":
                 fd.fsdp2_wrap(model)
             else:  # accelerate's FSDP2 layout
@@ -225,7 +229,14 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
             weight = getattr(gate, "base_layer", gate).weight
             info["base_weight"] = ["DTensor" if isinstance(weight, DTensor) else type(weight).__name__,
                                    str(weight.dtype)]
+            gc.collect()
+            info["replaced_alive_after_wrap"] = sum(r() is not None for r in replaced)
+
+            def count_in_first_forward(module, args):  # the last layer, the first step
+                info.setdefault("replaced_alive_in_first_forward", sum(r() is not None for r in replaced))
+            hook = base.model.layers[-1].register_forward_pre_hook(count_in_first_forward)
             info["losses"] = plain_train(model, rank, world, device)
+            hook.remove()
         elif mode == "sft_ddp":
             info["losses"] = sft_train(model, tokenizer, os.path.join(out_dir, "trainer_" + mode), world, device)
         else:
@@ -236,11 +247,15 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
             torch.save(state, os.path.join(out_dir, name, "state.pt"))
         info["saved_files_seen_by_rank"] = sorted(os.listdir(os.path.join(out_dir, name)))
         if name == "ddp":  # a failing save on rank 0 raises on every rank (no rank left waiting)
+            blocker = os.path.join(out_dir, name, "state.pt")  # a file: no directory can go below it
+            dist.barrier()  # rank 0 has written it
+            info["blocker_is_file"] = os.path.isfile(blocker)
             try:
-                fd.save_on_main(model, os.path.join(out_dir, name, "state.pt", "cannot_be_a_dir"))
+                fd.save_on_main(model, os.path.join(blocker, "cannot_be_a_dir"))
                 info["failed_save"] = "no error"
             except Exception as exc:
                 info["failed_save"] = type(exc).__name__
+                info["failed_save_message"] = str(exc)[:300]
         if name in ("ddp", "fsdp2", "fsdp2_qlora"):  # merged saves (refused for sharded 4-bit)
             try:
                 fd.save_on_main(model, os.path.join(out_dir, name + "_merged"), tokenizer, save_method="merged_16bit")
@@ -508,6 +523,19 @@ def test_merged_save_from_rank0_matches_one_process(cpu_run, mode):
     assert max((got[k].float() - want[k].float()).abs().max().item() for k in got) < TOL
 
 
+@pytest.mark.parametrize("mode", [m for m in CPU_MODES if m.startswith("fsdp2")])
+def test_sharding_frees_the_replaced_parameters(cpu_run, mode):
+    """The parameters FSDP2 replaced are freed, not kept by fastft's caches (which kept each
+    4-bit weight unsharded until its layer next ran: the first step began with the whole model
+    twice on every GPU). fsdp2_wrap frees them at once; accelerate's layout (fsdp2_tail, plain
+    fully_shard) by the time the first forward reaches the last layer."""
+    for rep in cpu_run["reports"]:
+        info = rep[mode]
+        if mode != "fsdp2_tail":
+            assert info["replaced_alive_after_wrap"] == 0, info["replaced_alive_after_wrap"]
+        assert info["replaced_alive_in_first_forward"] == 0, info["replaced_alive_in_first_forward"]
+
+
 def test_a_failed_save_on_rank0_raises_on_every_rank(cpu_run):
     r0, r1 = (rep["ddp"]["failed_save"] for rep in cpu_run["reports"])
     assert r0 != "no error" and r1 == "RuntimeError"
@@ -677,7 +705,13 @@ def test_two_gpus_match_one_gpu(tmp_path, qlora):
         assert rep["fsdp2"]["sharded_layers"] == 2 and rep["fsdp2"]["root_sharded"]
         # bf16 weights, or (QLoRA) packed 4-bit bytes stored as bf16, sharded like any weight
         assert rep["fsdp2"]["base_weight"] == ["DTensor", "torch.bfloat16"], rep["fsdp2"]["base_weight"]
-        assert rep["ddp"]["failed_save"] != "no error"
+        for mode in modes:
+            if mode.startswith("fsdp2"):
+                if mode != "fsdp2_tail":
+                    assert rep[mode]["replaced_alive_after_wrap"] == 0, (rank, mode, rep[mode])
+                assert rep[mode]["replaced_alive_in_first_forward"] == 0, (rank, mode, rep[mode])
+        assert rep["ddp"]["blocker_is_file"], (rank, rep["ddp"])
+        assert rep["ddp"]["failed_save"] != "no error", (rank, rep["ddp"])
 
     model, _ = load_model(str(model_dir), device="cuda:0", dtype=torch.bfloat16, load_in_4bit=qlora)
     init = trainable_state(model)

@@ -208,6 +208,13 @@ def resolve(packed: torch.Tensor, quant_state=None) -> Resolved:
     return resolved
 
 
+def forget(quant_state) -> None:
+    """Drop the cached Resolved of `quant_state`, which views its packed weight's storage: when
+    that weight is replaced (FSDP2 shards it), the old storage is freed now, not at the next
+    resolve of this state."""
+    _RESOLVED.pop(id(quant_state), None)
+
+
 def _resolve(packed: torch.Tensor, qs) -> Resolved:
     quant_type = getattr(qs, "quant_type", "nf4")
     if quant_type != "nf4":
