@@ -13,6 +13,10 @@
 #            builder and fastft setup); then bench/train_step.py itself for the one-GPU figure.
 #            Bars: per-GPU tokens/s under DDP and FSDP2 >= 90% of one GPU; FSDP2 per-GPU peak
 #            memory below the one-GPU peak.
+#            Settings (environment): MODEL BATCH MODES STEPS WARMUP; ENGINES (default
+#            "single ddp fsdp2"); RESHARD=false (FSDP2 keeps layers gathered); PROFILE=1 (one
+#            more step under torch.profiler, summary on stdout); TAG (log-name suffix);
+#            CROSSCHECK=0 (skip train_step.py); DEADLINE_S (skip runs that would start later).
 # Everything goes to $OUT (default /tmp/fastft-out): logs, JSON, multi_gpu_summary.json.
 set -uo pipefail
 OUT=${OUT:-/tmp/fastft-out}
@@ -164,7 +168,7 @@ if spec.get("profile"):  # one more step under the profiler: where a slower step
                if e.device_type == torch.autograd.DeviceType.CUDA]
     def busy_ms(spans):  # length of the union of [start, end) intervals, us -> ms
         total, end = 0.0, float("-inf")
-        for a, b in sorted(spans):
+        for a, b, *_ in sorted(spans):
             if b > end:
                 total += b - max(a, end); end = b
         return total / 1e3

@@ -715,8 +715,9 @@ def test_two_gpus_match_one_gpu(tmp_path, qlora):
 
     model, _ = load_model(str(model_dir), device="cuda:0", dtype=torch.bfloat16, load_in_4bit=qlora)
     init = trainable_state(model)
-    plain_train(model, device="cuda:0")
+    ref_losses = plain_train(model, device="cuda:0")
     want = trainable_state(model)
+    worst = {}  # mode -> (largest relative difference of an update from one GPU's, its tensor)
     for mode in modes:
         assert (out_dir / mode / "adapter_model.safetensors").exists()
         got = torch.load(out_dir / mode / "state.pt")
@@ -727,8 +728,15 @@ def test_two_gpus_match_one_gpu(tmp_path, qlora):
         # what training changed, against one GPU (bf16 compute: a few % per tensor)
         for k in want:
             step, ref_step = got[k] - init[k], want[k] - init[k]
-            err = (step - ref_step).norm() / ref_step.norm()
-            assert err < 5e-2, f"{mode} {k}: update differs from one GPU by {err:.3g} (relative)"
+            err = ((step - ref_step).norm() / ref_step.norm()).item()
+            if err > worst.get(mode, (-1.0, ""))[0]:
+                worst[mode] = (err, k)
+    reps = [json.load(open(out_dir / f"report_rank{rank}.json")) for rank in range(2)]
+    # each rank's loss is over its half of the batch: their mean is the global batch's
+    losses = {mode: [round((a + b) / 2, 4) for a, b in zip(reps[0][mode]["losses"], reps[1][mode]["losses"])]
+              for mode in worst}
+    assert all(err < 5e-2 for err, _ in worst.values()), \
+        f"updates differ from one GPU's (relative): {worst}; losses {losses}, one GPU {ref_losses}"
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:  # under torchrun (the GPU test)
