@@ -14,7 +14,8 @@
 #            Bars: per-GPU tokens/s under DDP and FSDP2 >= 90% of one GPU; FSDP2 per-GPU peak
 #            memory below the one-GPU peak.
 #            Settings (environment): MODEL BATCH MODES STEPS WARMUP; ENGINES (default
-#            "single ddp fsdp2"); RESHARD=false (FSDP2 keeps layers gathered); PROFILE=1 (one
+#            "single ddp fsdp2"); RESHARD=false (FSDP2 keeps layers gathered); PREFETCH=N
+#            (explicit FSDP2 prefetch of N layers, forward and backward); PROFILE=1 (one
 #            more step under torch.profiler, summary on stdout); TAG (log-name suffix);
 #            CROSSCHECK=0 (skip train_step.py); DEADLINE_S (skip runs that would start later).
 # Everything goes to $OUT (default /tmp/fastft-out): logs, JSON, multi_gpu_summary.json.
@@ -35,6 +36,7 @@ STEPS=${STEPS:-6}
 ENGINES=${ENGINES:-single ddp fsdp2}
 PROFILE=${PROFILE:-0}              # 1: one more step under torch.profiler, summary on stdout
 RESHARD=${RESHARD:-true}           # false: FSDP2 keeps each layer gathered from forward to backward
+PREFETCH=${PREFETCH:-0}            # N > 0: FSDP2 layers prefetch the next N layers explicitly
 WARMUP=${WARMUP:-2}
 STAGES=${*:-build tests example bench}
 CROSSCHECK=${CROSSCHECK:-1}        # 0: skip bench/train_step.py's one-GPU cross-check run
@@ -138,6 +140,12 @@ model, info = ts._setup_fastft(model, spec["mode"])
 model.train()
 if spec["engine"] == "fsdp2":
     train = fd.fsdp2_wrap(model, reshard_after_forward=spec.get("reshard", True))
+    ahead = int(spec.get("prefetch", 0))
+    if ahead:  # explicit prefetch: each layer starts the next `ahead` layers' all-gathers
+        layers = list(getattr(model, "get_base_model", lambda: model)().model.layers)
+        for i, layer in enumerate(layers):
+            layer.set_modules_to_forward_prefetch(layers[i + 1:i + 1 + ahead])
+            layer.set_modules_to_backward_prefetch(layers[max(0, i - ahead):i][::-1])
 elif spec["engine"] == "ddp":
     train = fd.ddp_wrap(model)
 else:
@@ -197,7 +205,7 @@ PY
   b=${BATCH%x*}; s=${BATCH#*x}
   for mode in $MODES; do
     for engine in $ENGINES; do
-      spec="{\"model\":\"$MODEL\",\"mode\":\"$mode\",\"batch\":$b,\"seq\":$s,\"engine\":\"$engine\",\"warmup\":$WARMUP,\"steps\":$STEPS,\"profile\":$PROFILE,\"reshard\":$RESHARD}"
+      spec="{\"model\":\"$MODEL\",\"mode\":\"$mode\",\"batch\":$b,\"seq\":$s,\"engine\":\"$engine\",\"warmup\":$WARMUP,\"steps\":$STEPS,\"profile\":$PROFILE,\"reshard\":$RESHARD,\"prefetch\":$PREFETCH}"
       log="$OUT/step_${MODEL}_${mode}_${BATCH}_${engine}${TAG:-}.log"
       if past_deadline; then echo "step $mode $engine skipped (DEADLINE_S)"; continue; fi
       stamp "step $MODEL $mode $BATCH $engine"

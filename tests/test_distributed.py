@@ -210,11 +210,13 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
         if mode == "ddp":
             wrapped = fd.ddp_wrap(model)
             info["losses"] = plain_train(wrapped, rank, world, device)
-        elif mode in ("fsdp2", "fsdp2_tail"):
+        elif mode in ("fsdp2", "fsdp2_tail", "fsdp2_nomp"):
             # the parameters sharding replaces: none may stay alive in fastft's caches
             replaced = [weakref.ref(p) for p in model.parameters()]
             if mode == "fsdp2":
                 fd.fsdp2_wrap(model)
+            elif mode == "fsdp2_nomp":  # no mixed-precision policy (fsdp2's default on a GPU has one)
+                fd.fsdp2_wrap(model, mixed_precision=None)
             else:  # accelerate's FSDP2 layout
                 base = getattr(model, "get_base_model", lambda: model)()
                 for layer in base.model.layers:
@@ -681,8 +683,10 @@ def test_two_gpus_match_one_gpu(tmp_path, qlora):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     # the CPU modes but the 4-bit ones (qlora=True loads every mode in 4 bits) and, where trl is
-    # missing (it is not on the GPU machine unless carried), SFTTrainer's
-    modes = ["ddp", "fsdp2", "fsdp2_tail", "ddp_offload", "fsdp2_offload"]
+    # missing (it is not on the GPU machine unless carried), SFTTrainer's; plus fsdp2_nomp:
+    # fsdp2_wrap without the mixed-precision policy it takes on a GPU (QLoRA under that policy
+    # differed from one GPU in run 52, see bench/RESULTS.md "Multi-GPU")
+    modes = ["ddp", "fsdp2", "fsdp2_nomp", "fsdp2_tail", "ddp_offload", "fsdp2_offload"]
     modes += ["sft_ddp"] if _have_trl_and_loader() else []
     args = json.dumps(dict(model_dir=str(model_dir), out_dir=str(out_dir), modes=modes, qlora=qlora))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
