@@ -189,6 +189,25 @@ if spec.get("profile"):  # one more step under the profiler: where a slower step
               f"({len(comm)} kernels)", flush=True)
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=22, max_name_column_width=60),
               flush=True)
+        # per stream: busy time; on the busiest (compute) stream, the idle gaps and what they
+        # sit between: where a step waits (an all-gather, a copy) shows here
+        by_stream = {}
+        for e in prof.profiler.kineto_results.events():
+            if e.device_type() == torch.autograd.DeviceType.CUDA:
+                by_stream.setdefault(e.device_resource_id(), []).append(
+                    (e.start_ns() / 1e3, (e.start_ns() + e.duration_ns()) / 1e3, e.name()))
+        for sid, evs in sorted(by_stream.items(), key=lambda kv: -busy_ms(kv[1])):
+            print(f"STREAM {sid}: {len(evs)} events, busy {busy_ms(evs):.1f} ms; e.g. {sorted(evs)[0][2][:60]}")
+        main = sorted(max(by_stream.values(), key=busy_ms)) if by_stream else [(0.0, 0.0, "")]
+        gaps, end, last = [], main[0][1], main[0][2]
+        for a, b, name in main[1:]:
+            if a > end:
+                gaps.append((a - end, last[:50], name[:50]))
+            if b > end:
+                end, last = b, name
+        print(f"GAPS on the busiest stream: {sum(g[0] for g in gaps) / 1e3:.1f} ms idle in {len(gaps)} gaps; largest:")
+        for g in sorted(gaps, reverse=True)[:8]:
+            print(f"  {g[0] / 1e3:.2f} ms after {g[1]} / before {g[2]}")
 tok_s = spec["batch"] * spec["seq"] / statistics.median(times[spec["warmup"]:])
 peak = torch.cuda.max_memory_allocated() / gib
 if world > 1:  # the slowest GPU's rate and the largest GPU's peak
