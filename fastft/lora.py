@@ -71,6 +71,11 @@ def _child(module, name):
 _BASES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _quant_state_of(linear, weight):
+    # bitsandbytes keeps a copy on the module: FSDP2's gathered weight has lost its own
+    return getattr(weight, "quant_state", None) or getattr(linear, "quant_state", None)
+
+
 def _base_of(linear) -> tuple[Base | None, str | None]:
     """(Base, None) for a dense nn.Linear or a bitsandbytes Linear4bit, else (None, why).
     The Base is kept on the module while its weight, bias and quant state stay the same objects,
@@ -79,8 +84,7 @@ def _base_of(linear) -> tuple[Base | None, str | None]:
     if weight is None:
         return None, f"{type(linear).__name__} has no weight"
     bias = _param(linear, "bias")
-    # bitsandbytes keeps a copy on the module: FSDP2's gathered weight has lost its own
-    quant_state = getattr(weight, "quant_state", None) or getattr(linear, "quant_state", None)
+    quant_state = _quant_state_of(linear, weight)
     kept = _BASES.get(linear)
     if kept is not None and kept[0] is weight and kept[1] is bias and kept[2] is quant_state:
         return kept[3], None
@@ -107,8 +111,9 @@ def forget_replaced_weights() -> None:
     until its layer next ran, so the first step began with the whole model twice in memory."""
     nf4 = _lora_ops._nf4_module()
     for linear, (weight, bias, quant_state, _) in list(_BASES.items()):
-        if (_param(linear, "weight") is not weight or _param(linear, "bias") is not bias
-                or (getattr(weight, "quant_state", None) or getattr(linear, "quant_state", None)) is not quant_state):
+        current = _param(linear, "weight")
+        if current is not weight or _param(linear, "bias") is not bias \
+                or _quant_state_of(linear, current) is not quant_state:
             del _BASES[linear]
             if nf4 is not None:
                 nf4.forget(quant_state)

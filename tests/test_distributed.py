@@ -525,17 +525,20 @@ def test_merged_save_from_rank0_matches_one_process(cpu_run, mode):
     assert max((got[k].float() - want[k].float()).abs().max().item() for k in got) < TOL
 
 
-@pytest.mark.parametrize("mode", [m for m in CPU_MODES if m.startswith("fsdp2")])
-def test_sharding_frees_the_replaced_parameters(cpu_run, mode):
+def _check_replaced_freed(info, mode):
     """The parameters FSDP2 replaced are freed, not kept by fastft's caches (which kept each
     4-bit weight unsharded until its layer next ran: the first step began with the whole model
     twice on every GPU). fsdp2_wrap frees them at once; accelerate's layout (fsdp2_tail, plain
     fully_shard) by the time the first forward reaches the last layer."""
+    if mode != "fsdp2_tail":
+        assert info["replaced_alive_after_wrap"] == 0, (mode, info)
+    assert info["replaced_alive_in_first_forward"] == 0, (mode, info)
+
+
+@pytest.mark.parametrize("mode", [m for m in CPU_MODES if m.startswith("fsdp2")])
+def test_sharding_frees_the_replaced_parameters(cpu_run, mode):
     for rep in cpu_run["reports"]:
-        info = rep[mode]
-        if mode != "fsdp2_tail":
-            assert info["replaced_alive_after_wrap"] == 0, info["replaced_alive_after_wrap"]
-        assert info["replaced_alive_in_first_forward"] == 0, info["replaced_alive_in_first_forward"]
+        _check_replaced_freed(rep[mode], mode)
 
 
 def test_a_failed_save_on_rank0_raises_on_every_rank(cpu_run):
@@ -695,8 +698,8 @@ def test_two_gpus_match_one_gpu(tmp_path, qlora):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
 
     # fused LoRA, fastft's fused loss and the asked-for checkpointing ran on both GPUs
-    for rank in range(2):
-        rep = json.load(open(out_dir / f"report_rank{rank}.json"))
+    reps = [json.load(open(out_dir / f"report_rank{rank}.json")) for rank in range(2)]
+    for rank, rep in enumerate(reps):
         for mode in modes:
             assert rep[mode]["fused_modules"] > 0, (rank, mode)
             want = "offload" if mode.endswith("_offload") or mode == "sft_ddp" else "torch"
@@ -711,9 +714,7 @@ def test_two_gpus_match_one_gpu(tmp_path, qlora):
         assert rep["fsdp2"]["base_weight"] == ["DTensor", "torch.bfloat16"], rep["fsdp2"]["base_weight"]
         for mode in modes:
             if mode.startswith("fsdp2"):
-                if mode != "fsdp2_tail":
-                    assert rep[mode]["replaced_alive_after_wrap"] == 0, (rank, mode, rep[mode])
-                assert rep[mode]["replaced_alive_in_first_forward"] == 0, (rank, mode, rep[mode])
+                _check_replaced_freed(rep[mode], mode)
         assert rep["ddp"]["blocker_is_file"], (rank, rep["ddp"])
         assert rep["ddp"]["failed_save"] != "no error", (rank, rep["ddp"])
 
@@ -735,7 +736,6 @@ def test_two_gpus_match_one_gpu(tmp_path, qlora):
             err = ((step - ref_step).norm() / ref_step.norm()).item()
             if err > worst.get(mode, (-1.0, ""))[0]:
                 worst[mode] = (err, k)
-    reps = [json.load(open(out_dir / f"report_rank{rank}.json")) for rank in range(2)]
     # each rank's loss is over its half of the batch: their mean is the global batch's
     losses = {mode: [round((a + b) / 2, 4) for a, b in zip(reps[0][mode]["losses"], reps[1][mode]["losses"])]
               for mode in worst}
