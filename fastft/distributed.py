@@ -218,28 +218,33 @@ def _layer_class_names(model) -> list[str]:
 
 
 def default_mixed_precision(device: torch.device, model: nn.Module | None = None):
-    """GPU: compute in the model's 16-bit dtype (that of most of its weights: what one GPU
-    computes in; fp32 LoRA factors are cast to it for the forward), reduce gradients in fp32.
+    """GPU, 16-bit model: reduce gradients in fp32, and compute with every parameter in its own
+    dtype, as one GPU does (fastft's fused LoRA casts fp32 factors to the activations' dtype
+    itself). A param_dtype=bf16 policy made QLoRA train differently from one GPU on the H200
+    (run 52: LoRA updates 19% off; the same run without it matched DDP bit for bit, run 53).
     A float32 model, or the CPU: none (everything stays in the parameters' dtype)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if device.type != "cuda":
         return None
-    counts: dict = {}
-    for p in (model.parameters() if model is not None else ()):
-        if p.is_floating_point() and type(p).__name__ != "Params4bit":
-            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
-    compute = max(counts, key=counts.get) if counts else torch.bfloat16
-    if compute not in (torch.bfloat16, torch.float16):
-        return None
-    return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    half = any(p.dtype in (torch.bfloat16, torch.float16) for p in (model.parameters() if model is not None else ())
+               if type(p).__name__ != "Params4bit")
+    return MixedPrecisionPolicy(reduce_dtype=torch.float32) if half or model is None else None
 
 
-def _uniform_trainable_dtypes(units: list[nn.Module]) -> list[str]:
+def _compute_policy(upcast_from: torch.dtype):
+    """For a unit whose 16-bit trainable weights were upcast to fp32 (see below): compute in
+    their 16-bit dtype, as one GPU does, and reduce in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=upcast_from, reduce_dtype=torch.float32)
+
+
+def _uniform_trainable_dtypes(units: list[nn.Module]) -> dict:
     """FSDP2 needs one dtype for the trainable parameters of each unit. LoRA factors are fp32
     while e.g. a modules_to_save copy of lm_head is bf16: upcast such units' trainable
-    parameters to fp32 (the mixed-precision policy still computes in bf16). Returns the names."""
-    upcast = []
+    parameters to fp32. Returns {unit: (the upcast parameters' names, their 16-bit dtype)}."""
+    upcast = {}
     seen = set()
     for unit in units:
         params = [(n, p) for n, p in unit.named_parameters() if p.requires_grad and id(p) not in seen]
@@ -247,8 +252,9 @@ def _uniform_trainable_dtypes(units: list[nn.Module]) -> list[str]:
         if len({p.dtype for _, p in params}) > 1:
             for n, p in params:
                 if p.dtype != torch.float32:
+                    names, _ = upcast.setdefault(unit, ([], p.dtype))
                     p.data = p.data.float()
-                    upcast.append(n)
+                    names.append(n)
     return upcast
 
 
@@ -301,7 +307,8 @@ def fsdp2_wrap(model: nn.Module, *, mesh=None, mixed_precision="auto", reshard_a
 
         mesh = init_device_mesh(device.type if device.type in ("cuda", "cpu") else "cpu",
                                 (dist.get_world_size(),))
-    if mixed_precision == "auto":
+    auto = mixed_precision == "auto"
+    if auto:
         mixed_precision = default_mixed_precision(device, model)
     if mixed_precision is None:
         mixed_precision = MixedPrecisionPolicy()
@@ -328,10 +335,13 @@ def fsdp2_wrap(model: nn.Module, *, mesh=None, mixed_precision="auto", reshard_a
 
     upcast = _uniform_trainable_dtypes(layers + [model])
     if upcast:
-        logger.info(f"fastft: FSDP2 needs one dtype per unit for trainable weights; {len(upcast)} "
-                    f"trainable tensor(s) upcast to float32 (e.g. {upcast[0]}).")
+        names = [n for unit_names, _ in upcast.values() for n in unit_names]
+        logger.info(f"fastft: FSDP2 needs one dtype per unit for trainable weights; {len(names)} "
+                    f"trainable tensor(s) upcast to float32 (e.g. {names[0]})"
+                    + ("; their units compute in the 16-bit dtype." if auto and device.type == "cuda" else "."))
 
-    _check_4bit_storage(model, mixed_precision.param_dtype)
+    for unit_dtype in {mixed_precision.param_dtype} | {dt for _, dt in upcast.values() if auto}:
+        _check_4bit_storage(model, unit_dtype)
     ignored = {p for p in params if not p.is_floating_point() and not p.requires_grad}
     if ignored:
         logger.warning(
@@ -344,11 +354,16 @@ def fsdp2_wrap(model: nn.Module, *, mesh=None, mixed_precision="auto", reshard_a
         kwargs["offload_policy"] = CPUOffloadPolicy()
     if ignored:
         kwargs["ignored_params"] = ignored
+    def unit_kwargs(unit):
+        if auto and device.type == "cuda" and unit in upcast:
+            return {**kwargs, "mp_policy": _compute_policy(upcast[unit][1])}
+        return kwargs
+
     for layer in layers:
-        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **unit_kwargs(layer))
     # root: torch's default (None) keeps the root's parameters gathered from forward to
     # backward, the head included, which the loss needs again at the start of backward.
-    fully_shard(model, **kwargs)
+    fully_shard(model, **unit_kwargs(model))
     from fastft.lora import forget_replaced_weights
 
     forget_replaced_weights()  # free the unsharded weights now, not as each layer first runs

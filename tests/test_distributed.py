@@ -210,13 +210,11 @@ def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", 
         if mode == "ddp":
             wrapped = fd.ddp_wrap(model)
             info["losses"] = plain_train(wrapped, rank, world, device)
-        elif mode in ("fsdp2", "fsdp2_tail", "fsdp2_nomp"):
+        elif mode in ("fsdp2", "fsdp2_tail"):
             # the parameters sharding replaces: none may stay alive in fastft's caches
             replaced = [weakref.ref(p) for p in model.parameters()]
             if mode == "fsdp2":
                 fd.fsdp2_wrap(model)
-            elif mode == "fsdp2_nomp":  # no mixed-precision policy (fsdp2's default on a GPU has one)
-                fd.fsdp2_wrap(model, mixed_precision=None)
             else:  # accelerate's FSDP2 layout
                 base = getattr(model, "get_base_model", lambda: model)()
                 for layer in base.model.layers:
@@ -592,16 +590,35 @@ def test_trainer_kwargs_name_the_decoder_layer(monkeypatch):
     TrainingArguments(output_dir="unused", use_cpu=True, **{k: v for k, v in kw.items() if k != "fsdp"})
 
 
-def test_fsdp2_mixed_precision_follows_the_model_dtype():
+def test_fsdp2_mixed_precision_keeps_parameter_dtypes():
+    """A 16-bit model on a GPU: gradients reduced in fp32, parameters not cast (a bf16 param_dtype
+    made QLoRA's fp32 LoRA factors train differently from one GPU, runs 52-53)."""
     from fastft import distributed as fd
     from tests.tiny_models import build_tiny_model
 
     cuda = torch.device("cuda")  # only the policy is built; no GPU is touched
     for dtype in (torch.bfloat16, torch.float16):
         policy = fd.default_mixed_precision(cuda, build_tiny_model("llama", dtype=dtype))
-        assert (policy.param_dtype, policy.reduce_dtype) == (dtype, torch.float32)
+        assert (policy.param_dtype, policy.reduce_dtype) == (None, torch.float32)
     assert fd.default_mixed_precision(cuda, build_tiny_model("llama")) is None  # float32 model
     assert fd.default_mixed_precision(torch.device("cpu"), build_tiny_model("llama", dtype=torch.bfloat16)) is None
+
+
+def test_upcast_units_are_reported_with_their_16bit_dtype():
+    """A unit whose trainable weights mix fp32 (LoRA) and bf16 (a trained head copy) is upcast
+    to fp32, and remembered with bf16 so that unit still computes in bf16 on a GPU."""
+    from torch import nn
+
+    from fastft import distributed as fd
+
+    unit = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4).to(torch.bfloat16))
+    other = nn.Sequential(nn.Linear(4, 4).to(torch.bfloat16))
+    upcast = fd._uniform_trainable_dtypes([unit, other])
+    assert list(upcast) == [unit]
+    assert upcast[unit] == (["1.weight", "1.bias"], torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in unit.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in other.parameters())
+    assert fd._compute_policy(torch.bfloat16).param_dtype == torch.bfloat16
 
 
 def test_fsdp2_refuses_to_cast_float_stored_4bit_weights():
@@ -686,10 +703,8 @@ def test_two_gpus_match_one_gpu(tmp_path, qlora):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     # the CPU modes but the 4-bit ones (qlora=True loads every mode in 4 bits) and, where trl is
-    # missing (it is not on the GPU machine unless carried), SFTTrainer's; plus fsdp2_nomp:
-    # fsdp2_wrap without the mixed-precision policy it takes on a GPU (QLoRA under that policy
-    # differed from one GPU in run 52, see bench/RESULTS.md "Multi-GPU")
-    modes = ["ddp", "fsdp2", "fsdp2_nomp", "fsdp2_tail", "ddp_offload", "fsdp2_offload"]
+    # missing (it is not on the GPU machine unless carried), SFTTrainer's
+    modes = ["ddp", "fsdp2", "fsdp2_tail", "ddp_offload", "fsdp2_offload"]
     modes += ["sft_ddp"] if _have_trl_and_loader() else []
     args = json.dumps(dict(model_dir=str(model_dir), out_dir=str(out_dir), modes=modes, qlora=qlora))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
