@@ -202,12 +202,24 @@ if spec.get("profile"):  # one more step under the profiler: where a slower step
         gaps, end, last = [], main[0][1], main[0][2]
         for a, b, name in main[1:]:
             if a > end:
-                gaps.append((a - end, last[:50], name[:50]))
+                gaps.append((a - end, last[:50], name[:50], end, a))
             if b > end:
                 end, last = b, name
         print(f"GAPS on the busiest stream: {sum(g[0] for g in gaps) / 1e3:.1f} ms idle in {len(gaps)} gaps; largest:")
         for g in sorted(gaps, reverse=True)[:8]:
             print(f"  {g[0] / 1e3:.2f} ms after {g[1]} / before {g[2]}")
+        # what the host did during the three largest gaps: the longest host-side events (ops,
+        # CUDA runtime calls such as a synchronize) overlapping each, with their thread
+        host = [(e.start_ns() / 1e3, (e.start_ns() + e.duration_ns()) / 1e3, e.name(), e.start_thread_id())
+                for e in prof.profiler.kineto_results.events()
+                if e.device_type() != torch.autograd.DeviceType.CUDA]
+        for g in sorted(gaps, reverse=True)[:3]:
+            g0, g1 = g[3], g[4]
+            inside = sorted(((min(b, g1) - max(a, g0), b - a, name, tid) for a, b, name, tid in host
+                             if a < g1 and b > g0 and b - a > 200), reverse=True)[:12]
+            print(f"HOST during the {g[0] / 1e3:.2f} ms gap before {g[2]}:")
+            for overlap, dur, name, tid in inside:
+                print(f"    {overlap / 1e3:7.2f} ms of {dur / 1e3:7.2f} ms  thread {tid}  {name[:90]}")
 tok_s = spec["batch"] * spec["seq"] / statistics.median(times[spec["warmup"]:])
 peak = torch.cuda.max_memory_allocated() / gib
 if world > 1:  # the slowest GPU's rate and the largest GPU's peak
