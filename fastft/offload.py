@@ -107,11 +107,6 @@ REUSE = os.environ.get("FASTFT_OFFLOAD_REUSE", "1") != "0"
 # the family allows it (see fastft/lora.py); 0 keeps them recomputed (less PCIe traffic).
 REUSE_QKV = os.environ.get("FASTFT_OFFLOAD_REUSE_QKV", "1") != "0"
 STASH_HOST_SHARE = 0.5
-# Copies back to the GPU go in pieces of this many MiB (0: whole tensors). A host-to-device copy
-# that another stream issues (FSDP2 makes a small one on the compute stream per collective)
-# queues behind a whole ~0.5 GB layer copy on the copy engine: on 2 H200s the compute stream sat
-# ~8 ms idle per layer in backward that way (run 55).
-COPY_CHUNK_BYTES = int(float(os.environ.get("FASTFT_OFFLOAD_COPY_CHUNK_MB", "32")) * (1 << 20))
 STAY_BYTES = 4096
 
 
@@ -185,22 +180,6 @@ def wait_copied(tensors) -> None:
     ready = getattr(tensors, "ready", None)
     if ready is not None:
         ready.wait()  # (the current stream of the current device: where the backward runs)
-
-
-def _copy_in_pieces(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst.copy_(src, non_blocking=True) in COPY_CHUNK_BYTES pieces (see there) when both have
-    the same dense layout; otherwise in one piece."""
-    nbytes = dst.numel() * dst.element_size()
-    if COPY_CHUNK_BYTES <= 0 or nbytes <= COPY_CHUNK_BYTES or dst.stride() != src.stride() \
-            or dst.dtype != src.dtype:
-        dst.copy_(src, non_blocking=True)
-        return
-    # a dense tensor (any dimension order) fills numel consecutive elements of its storage
-    flat_dst = dst.as_strided((dst.numel(),), (1,), dst.storage_offset())
-    flat_src = src.as_strided((src.numel(),), (1,), src.storage_offset())
-    step = max(1, COPY_CHUNK_BYTES // dst.element_size())
-    for i in range(0, dst.numel(), step):
-        flat_dst[i:i + step].copy_(flat_src[i:i + step], non_blocking=True)
 
 
 class _Offloader:
@@ -338,7 +317,7 @@ class _Offloader:
         slot.stream.wait_stream(main)
         with _OnStream(slot.stream, main):
             for buf, host in zip(bufs, hosts):
-                _copy_in_pieces(buf, host)
+                buf.copy_(host, non_blocking=True)
             event = torch.cuda.Event()
             event.record(slot.stream)
         return event

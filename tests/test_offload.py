@@ -519,22 +519,3 @@ def test_gpu_host_round_trip_keeps_strides_and_values():
     back.copy_(host, non_blocking=True)
     torch.cuda.synchronize()
     assert back.stride() == q.stride() and torch.equal(back, q)
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "transposed", "mixed"])
-def test_copies_back_in_pieces_write_every_element(monkeypatch, layout):
-    """Copies back to the device go in pieces (so another stream's small copy need not wait
-    behind a whole layer's): every element must arrive, in any dense layout; a source whose
-    layout differs from the destination's is copied in one piece."""
-    from fastft import offload
-
-    monkeypatch.setattr(offload, "COPY_CHUNK_BYTES", 1000)  # not a multiple of the row size
-    src = torch.randn(3, 37, 29)
-    if layout == "transposed":  # dense in another dimension order, as stashed q/k/v are
-        src = src.transpose(0, 1)
-    dst = offload._empty_like_layout(src, "cpu")
-    if layout == "mixed":
-        dst = torch.empty(src.shape).transpose(1, 2).contiguous().transpose(1, 2)
-    dst.fill_(float("nan"))  # poison: an element left unwritten fails
-    offload._copy_in_pieces(dst, src)
-    assert torch.equal(dst, src)
