@@ -279,8 +279,8 @@ def fsdp2_wrap(model: nn.Module, *, mesh=None, mixed_precision="auto", reshard_a
     embeddings, the final norm and lm_head (where fastft's fused loss reads the head weight).
 
     mesh: a 1-D DeviceMesh (default: all processes, on this process's GPU or the CPU).
-    mixed_precision: "auto" (GPU: compute in the model's bf16/fp16, reduce gradients in fp32; a
-    float32 model or the CPU: none), None, or a
+    mixed_precision: "auto" (GPU, 16-bit model: parameters keep their dtypes, gradients are
+    reduced in fp32, see default_mixed_precision; a float32 model or the CPU: none), None, or a
     torch.distributed.fsdp.MixedPrecisionPolicy. layer_classes: classes or class names to shard
     one by one (default: the model's decoder layer, see decoder_layer_classes). cpu_offload:
     keep sharded parameters and gradients in CPU memory between uses.
