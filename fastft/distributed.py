@@ -221,7 +221,7 @@ def default_mixed_precision(device: torch.device, model: nn.Module | None = None
     """GPU, 16-bit model: reduce gradients in fp32, and compute with every parameter in its own
     dtype, as one GPU does (fastft's fused LoRA casts fp32 factors to the activations' dtype
     itself). A param_dtype=bf16 policy made QLoRA train differently from one GPU on the H200
-    (run 52: LoRA updates 19% off; the same run without it matched DDP bit for bit, run 53).
+    (run 52: LoRA updates 19% off; without it the run matched DDP exactly, run 53).
     A float32 model, or the CPU: none (everything stays in the parameters' dtype)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
