@@ -54,6 +54,28 @@ def fresh_dispatch():
     dispatch.clear_cache()
 
 
+@pytest.fixture(autouse=True)
+def restore_class_patches():
+    """Each test leaves fastft's class patches as it found them. Loading a FastLanguageModel
+    patches transformers' classes; a later test in the same xdist worker that compares with
+    plain transformers + peft would otherwise run the patched forwards (and, e.g., get no
+    logits from the fused loss). Patches made by module fixtures (set up before this runs)
+    stay for the module's other tests."""
+    patcher = sys.modules.get("fastft.models.patcher")
+    before = set(patcher._ORIGINALS) if patcher is not None else set()
+    yield
+    patcher = sys.modules.get("fastft.models.patcher")
+    if patcher is None:
+        return
+    added = [key for key in patcher._ORIGINALS if key not in before]
+    for key in reversed(added):  # newest first, as unpatch_all
+        owner, name, value = patcher._ORIGINALS.pop(key)
+        if value is patcher._MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, value)
+
+
 @pytest.fixture
 def torch_backend_unpatched(monkeypatch):
     """Model tests on the torch reference backend (fast on CPU), with every class patch undone
