@@ -308,6 +308,9 @@ def fsdp2_wrap(model: nn.Module, *, mesh=None, mixed_precision="auto", reshard_a
         mesh = init_device_mesh(device.type if device.type in ("cuda", "cpu") else "cpu",
                                 (dist.get_world_size(),))
     auto = mixed_precision == "auto"
+    # with the default policy, units whose 16-bit trainable weights get upcast below compute in
+    # 16 bits on a GPU, as one GPU does
+    upcast_units_compute_16bit = auto and device.type == "cuda"
     if auto:
         mixed_precision = default_mixed_precision(device, model)
     if mixed_precision is None:
@@ -338,9 +341,9 @@ def fsdp2_wrap(model: nn.Module, *, mesh=None, mixed_precision="auto", reshard_a
         names = [n for unit_names, _ in upcast.values() for n in unit_names]
         logger.info(f"fastft: FSDP2 needs one dtype per unit for trainable weights; {len(names)} "
                     f"trainable tensor(s) upcast to float32 (e.g. {names[0]})"
-                    + ("; their units compute in the 16-bit dtype." if auto and device.type == "cuda" else "."))
+                    + ("; their units compute in the 16-bit dtype." if upcast_units_compute_16bit else "."))
 
-    for unit_dtype in {mixed_precision.param_dtype} | {dt for _, dt in upcast.values() if auto}:
+    for unit_dtype in {mixed_precision.param_dtype} | {dt for _, dt in upcast.values() if upcast_units_compute_16bit}:
         _check_4bit_storage(model, unit_dtype)
     ignored = {p for p in params if not p.is_floating_point() and not p.requires_grad}
     if ignored:
@@ -355,7 +358,7 @@ def fsdp2_wrap(model: nn.Module, *, mesh=None, mixed_precision="auto", reshard_a
     if ignored:
         kwargs["ignored_params"] = ignored
     def unit_kwargs(unit):
-        if auto and device.type == "cuda" and unit in upcast:
+        if upcast_units_compute_16bit and unit in upcast:
             return {**kwargs, "mp_policy": _compute_policy(upcast[unit][1])}
         return kwargs
 

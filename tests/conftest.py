@@ -54,26 +54,28 @@ def fresh_dispatch():
     dispatch.clear_cache()
 
 
-@pytest.fixture(autouse=True)
-def restore_class_patches():
-    """Each test leaves fastft's class patches as it found them. Loading a FastLanguageModel
-    patches transformers' classes; a later test in the same xdist worker that compares with
-    plain transformers + peft would otherwise run the patched forwards (and, e.g., get no
-    logits from the fused loss). Patches made by module fixtures (set up before this runs)
-    stay for the module's other tests."""
+def _leave_class_patches_as_found():
+    """Undo the fastft class patches made since this generator started (see below)."""
     patcher = sys.modules.get("fastft.models.patcher")
     before = set(patcher._ORIGINALS) if patcher is not None else set()
     yield
     patcher = sys.modules.get("fastft.models.patcher")
-    if patcher is None:
-        return
-    added = [key for key in patcher._ORIGINALS if key not in before]
-    for key in reversed(added):  # newest first, as unpatch_all
-        owner, name, value = patcher._ORIGINALS.pop(key)
-        if value is patcher._MISSING:
-            delattr(owner, name)
-        else:
-            setattr(owner, name, value)
+    if patcher is not None:
+        patcher.unpatch_all(keep=before)
+
+
+# Each test, and each module's fixtures, leave fastft's class patches as they found them.
+# Loading a FastLanguageModel patches transformers' classes; a later test in the same xdist
+# worker that compares with plain transformers + peft would otherwise run the patched forwards
+# (and, e.g., get no logits from the fused loss).
+@pytest.fixture(scope="module", autouse=True)
+def restore_class_patches_of_module():
+    yield from _leave_class_patches_as_found()
+
+
+@pytest.fixture(autouse=True)
+def restore_class_patches():
+    yield from _leave_class_patches_as_found()
 
 
 @pytest.fixture

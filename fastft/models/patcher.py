@@ -78,14 +78,15 @@ def patched_names() -> list[str]:
     return out
 
 
-def unpatch_all() -> None:
-    """Restore every original fastft replaced (newest first)."""
-    for owner, name, value in reversed(list(_ORIGINALS.values())):
+def unpatch_all(keep=()) -> None:
+    """Restore every original fastft replaced (newest first), except the patches whose keys
+    are in `keep` (e.g. set(_ORIGINALS) taken earlier: undo only what came since)."""
+    for key in reversed([k for k in _ORIGINALS if k not in keep]):
+        owner, name, value = _ORIGINALS.pop(key)
         if value is _MISSING:
             delattr(owner, name)
         else:
             setattr(owner, name, value)
-    _ORIGINALS.clear()
 
 
 # ---------------------------------------------------------------- fused forwards
