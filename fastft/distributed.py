@@ -227,9 +227,10 @@ def default_mixed_precision(device: torch.device, model: nn.Module | None = None
 
     if device.type != "cuda":
         return None
-    half = any(p.dtype in (torch.bfloat16, torch.float16) for p in (model.parameters() if model is not None else ())
-               if type(p).__name__ != "Params4bit")
-    return MixedPrecisionPolicy(reduce_dtype=torch.float32) if half or model is None else None
+    if model is not None and not any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()
+                                     if type(p).__name__ != "Params4bit"):
+        return None  # a float32 model
+    return MixedPrecisionPolicy(reduce_dtype=torch.float32)
 
 
 def _compute_policy(upcast_from: torch.dtype):

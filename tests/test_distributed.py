@@ -694,20 +694,17 @@ def _two_gpus():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("qlora", [False, True], ids=["bf16_lora", "qlora"])
-def test_two_gpus_match_one_gpu(tmp_path, qlora, monkeypatch, request):
+def test_two_gpus_match_one_gpu(tmp_path, qlora, monkeypatch):
     if not _two_gpus():
         pytest.skip("needs two CUDA GPUs")
     import subprocess
 
-    from fastft import dispatch
-
     # FASTFT_TEST_BACKEND=torch|triton|cuda runs the workers and the one-GPU reference on that
-    # backend (to tell a kernel's part in a difference; tests/conftest.py clears FASTFT_BACKEND)
+    # backend (to tell a kernel's part in a difference; tests/conftest.py clears FASTFT_BACKEND,
+    # and its fresh_dispatch fixture clears the dispatch cache around every test)
     forced = os.environ.get("FASTFT_TEST_BACKEND")
     if forced:
         monkeypatch.setenv("FASTFT_BACKEND", forced)
-        dispatch.clear_cache()
-        request.addfinalizer(dispatch.clear_cache)  # no forced choice stays cached after
 
     model_dir = save_model_dir(tmp_path / "model", hidden_size=128, intermediate_size=256)
     out_dir = tmp_path / "out"

@@ -343,19 +343,32 @@ def test_nf4_base_matches_peft_bnb_layers():
     assert rel_err(off, off_ref) <= TOL
 
 
-def _cpu_nf4_proj(out_f, in_f, seed, factor_dtype):
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbf
+def _proj_with_weight(out_f, in_f, dtype, r=16, seed=0, nf4=False, factor_dtype=torch.float32,
+                      device="cuda"):
+    """(Projection, the W a reference multiplies by): base weight in `dtype` (or NF4 via
+    bitsandbytes), A/B in fp32 as peft keeps them (or in factor_dtype: FSDP2 with a bf16
+    param_dtype gathers them as bf16)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    W = (torch.randn(out_f, in_f, generator=g, device=device) / in_f ** 0.5).to(dtype)
+    A = (torch.randn(r, in_f, generator=g, device=device) / in_f ** 0.5).to(factor_dtype).requires_grad_()
+    B = (torch.randn(out_f, r, generator=g, device=device) * 0.1).to(factor_dtype).requires_grad_()
+    if nf4:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
 
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(out_f, in_f, generator=g) / in_f ** 0.5
-    A = (torch.randn(16, in_f, generator=g) / in_f ** 0.5).to(factor_dtype).requires_grad_()
-    B = (torch.randn(out_f, 16, generator=g) * 0.1).to(factor_dtype).requires_grad_()
-    p = bnb.nn.Params4bit(W, requires_grad=False, quant_type="nf4")
-    p = p._quantize("cpu")
-    p.quant_state.dtype = torch.bfloat16
-    W = bnbf.dequantize_4bit(p.data, p.quant_state).to(torch.bfloat16)  # the reference's W
-    return Projection(Base(p, None, p.quant_state), A, B, 2.0), W
+        p = bnb.nn.Params4bit(W.float().cpu(), requires_grad=False, quant_type="nf4")
+        p = p._quantize("cpu") if device == "cpu" else p.to(device)
+        p.quant_state.dtype = dtype
+        base = Base(p, None, p.quant_state)
+        W = bnbf.dequantize_4bit(p.data, p.quant_state).to(dtype)  # what the reference uses
+    else:
+        base = Base(W)
+    return Projection(base, A, B, 2.0), W
+
+
+def _ref64(x, p, W):
+    x = x.double()
+    return x @ W.double().t() + p.scaling * (x @ p.A.double().t()) @ p.B.double().t()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -365,36 +378,29 @@ def test_nf4_base_with_16bit_or_fp32_factors_against_float64(backend, factor_dty
     gathers under a bf16 param_dtype): outputs and every gradient within bf16 tolerance of
     float64, each gradient in its tensor's dtype."""
     pytest.importorskip("bitsandbytes")
-    from fastft import dispatch
     from helpers import RTOL
 
-    monkeypatch.setenv("FASTFT_BACKEND", backend)
-    dispatch.clear_cache()
-    try:
-        tol = RTOL[torch.bfloat16]
-        (gate, Wg), (up, Wu), (down, Wd) = (_cpu_nf4_proj(96, 64, 1, factor_dtype),
-                                            _cpu_nf4_proj(96, 64, 2, factor_dtype),
-                                            _cpu_nf4_proj(64, 96, 3, factor_dtype))
-        x = torch.randn(2, 17, 64, dtype=torch.bfloat16, requires_grad=True)
+    monkeypatch.setenv("FASTFT_BACKEND", backend)  # conftest's fresh_dispatch re-reads it
+    tol = RTOL[torch.bfloat16]
+    bf16 = torch.bfloat16
 
-        def ref64(x, p, W):
-            x = x.double()
-            return x @ W.double().t() + p.scaling * (x @ p.A.double().t()) @ p.B.double().t()
-        out = lora_mlp(x, gate, up, down)
-        ref = ref64(nn.functional.silu(ref64(x, gate, Wg)) * ref64(x, up, Wu), down, Wd)
-        params = [x, gate.A, gate.B, up.A, up.B, down.A, down.B]
-        dy = torch.randn_like(out)
-        grads = torch.autograd.grad(out, params, dy)
-        ref_grads = torch.autograd.grad(ref, params, dy.double())
-        assert out.dtype == torch.bfloat16 and rel_err(out, ref) <= tol
-        for p, g, r in zip(params, grads, ref_grads):
-            assert g.dtype == p.dtype and rel_err(g, r) <= tol
-        (q, Wq), (k, Wk) = _cpu_nf4_proj(64, 64, 4, factor_dtype), _cpu_nf4_proj(32, 64, 5, factor_dtype)
-        outs = lora_qkv(x, q, k, k)
-        for o, r in zip(outs, (ref64(x, q, Wq), ref64(x, k, Wk), ref64(x, k, Wk))):
-            assert rel_err(o, r) <= tol
-    finally:
-        dispatch.clear_cache()
+    def proj(out_f, in_f, seed):
+        return _proj_with_weight(out_f, in_f, bf16, seed=seed, nf4=True, factor_dtype=factor_dtype, device="cpu")
+    (gate, Wg), (up, Wu), (down, Wd) = proj(96, 64, 1), proj(96, 64, 2), proj(64, 96, 3)
+    x = torch.randn(2, 17, 64, dtype=bf16, requires_grad=True)
+    out = lora_mlp(x, gate, up, down)
+    ref = _ref64(nn.functional.silu(_ref64(x, gate, Wg)) * _ref64(x, up, Wu), down, Wd)
+    params = [x, gate.A, gate.B, up.A, up.B, down.A, down.B]
+    dy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, params, dy)
+    ref_grads = torch.autograd.grad(ref, params, dy.double())
+    assert out.dtype == bf16 and rel_err(out, ref) <= tol
+    for p, g, r in zip(params, grads, ref_grads):
+        assert g.dtype == p.dtype and rel_err(g, r) <= tol
+    (q, Wq), (k, Wk) = proj(64, 64, 4), proj(32, 64, 5)
+    outs = lora_qkv(x, q, k, k)
+    for o, r in zip(outs, (_ref64(x, q, Wq), _ref64(x, k, Wk), _ref64(x, k, Wk))):
+        assert rel_err(o, r) <= tol
 
 
 def test_tiny_model_trains_with_fused_lora():
@@ -449,32 +455,6 @@ def test_tiled_nf4_mlp_dequantises_each_weight_once_per_pass(hold, monkeypatch):
     _check([out], [ref], grads, _grads([ref], params))
 
 
-def _gpu_proj(out_f, in_f, dtype, r=16, seed=0, nf4=False, factor_dtype=torch.float32):
-    """Base weight in `dtype` (or NF4 via bitsandbytes), A/B in fp32 as peft keeps them (or in
-    factor_dtype: FSDP2 with a bf16 param_dtype gathers them as bf16)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    W = (torch.randn(out_f, in_f, generator=g, device="cuda") / in_f ** 0.5).to(dtype)
-    A = (torch.randn(r, in_f, generator=g, device="cuda") / in_f ** 0.5).to(factor_dtype).requires_grad_()
-    B = (torch.randn(out_f, r, generator=g, device="cuda") * 0.1).to(factor_dtype).requires_grad_()
-    if nf4:
-        import bitsandbytes as bnb
-
-        p = bnb.nn.Params4bit(W.float().cpu(), requires_grad=False, quant_type="nf4").to("cuda")
-        p.quant_state.dtype = dtype
-        base = Base(p, None, p.quant_state)
-        import bitsandbytes.functional as bnbf
-
-        W = bnbf.dequantize_4bit(p, p.quant_state).to(dtype)  # what the reference uses
-    else:
-        base = Base(W)
-    return Projection(base, A, B, 2.0), W
-
-
-def _ref64(x, p, W):
-    x = x.double()
-    return x @ W.double().t() + p.scaling * (x @ p.A.double().t()) @ p.B.double().t()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("nf4", [False, True])
@@ -487,9 +467,9 @@ def test_gpu_fused_functions_against_float64(dtype, nf4, factors):
     tol = 2 * RTOL[dtype]
     hidden, inter = 1024, 2816
     fd = torch.float32 if factors == "fp32" else dtype
-    (gate, Wg), (up, Wu), (down, Wd) = (_gpu_proj(inter, hidden, dtype, seed=1, nf4=nf4, factor_dtype=fd),
-                                        _gpu_proj(inter, hidden, dtype, seed=2, nf4=nf4, factor_dtype=fd),
-                                        _gpu_proj(hidden, inter, dtype, seed=3, nf4=nf4, factor_dtype=fd))
+    (gate, Wg), (up, Wu), (down, Wd) = (_proj_with_weight(inter, hidden, dtype, seed=1, nf4=nf4, factor_dtype=fd),
+                                        _proj_with_weight(inter, hidden, dtype, seed=2, nf4=nf4, factor_dtype=fd),
+                                        _proj_with_weight(hidden, inter, dtype, seed=3, nf4=nf4, factor_dtype=fd))
     x = torch.randn(2, 513, hidden, device="cuda", dtype=dtype, requires_grad=True)
     params = [x, gate.A, gate.B, up.A, up.B, down.A, down.B]
     for tile in (None, 300):
@@ -504,9 +484,9 @@ def test_gpu_fused_functions_against_float64(dtype, nf4, factors):
         assert grads[0].dtype == dtype and grads[1].dtype == fd  # dx like x, dA like A
         for a, b in zip(grads, ref_grads):
             assert rel_err(a, b) <= tol
-    (q, Wq), (k, Wk), (v, Wv) = (_gpu_proj(1024, hidden, dtype, seed=4, nf4=nf4, factor_dtype=fd),
-                                 _gpu_proj(256, hidden, dtype, seed=5, nf4=nf4, factor_dtype=fd),
-                                 _gpu_proj(256, hidden, dtype, seed=6, nf4=nf4, factor_dtype=fd))
+    (q, Wq), (k, Wk), (v, Wv) = (_proj_with_weight(1024, hidden, dtype, seed=4, nf4=nf4, factor_dtype=fd),
+                                 _proj_with_weight(256, hidden, dtype, seed=5, nf4=nf4, factor_dtype=fd),
+                                 _proj_with_weight(256, hidden, dtype, seed=6, nf4=nf4, factor_dtype=fd))
     outs = lora_qkv(x, q, k, v)
     refs = [_ref64(x, p, W) for p, W in ((q, Wq), (k, Wk), (v, Wv))]
     params = [x, q.A, q.B, k.A, k.B, v.A, v.B]
@@ -522,8 +502,8 @@ def test_gpu_fused_functions_against_float64(dtype, nf4, factors):
 @pytest.mark.gpu
 def test_gpu_tiled_mlp_uses_less_memory():
     hidden, inter, tokens = 1024, 4096, 16384
-    projs = [_gpu_proj(inter, hidden, torch.bfloat16, seed=1)[0], _gpu_proj(inter, hidden, torch.bfloat16, seed=2)[0],
-             _gpu_proj(hidden, inter, torch.bfloat16, seed=3)[0]]
+    projs = [_proj_with_weight(o, i, torch.bfloat16, seed=s)[0]
+             for o, i, s in ((inter, hidden, 1), (inter, hidden, 2), (hidden, inter, 3))]
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
     peaks, grads = {}, {}
