@@ -1198,16 +1198,19 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   __syncthreads();  // tok_max zeroed
 
   // x[token][s0 * 64 .. (s0 + count) * 64) -> the holes, as fp16. 16-byte unit i of the range:
-  // token i / units_row, step (i % units_row) / 8, unit u = i % 8. Tokens >= M are zeros.
+  // token i / units_row, step (i % units_row) / 8, unit u = i % 8; tokens < M only. The slots
+  // of tokens >= M keep whatever shared memory held: with M <= 8 their lanes take zeros instead
+  // of loading them (fewer shared-memory wavefronts too: 1 instead of 4 per 16-byte x load at
+  // M = 1); in the second tile of M 9..16 they feed only the mma output columns of those
+  // tokens (each column is its own dot product), which are never written.
   const T* x = static_cast<const T*>(a.x);
   const int units_row = count * 8;
-  const int units = TOK * units_row;
+  const int units = M * units_row;  // tokens < M only (see above)
   auto x_unit = [&](int i, int& tok, int& step, int& u) -> uint4 {
     tok = i / units_row;
     const int r = i - tok * units_row;
     step = r >> 3;
     u = r & 7;
-    if (tok >= M) return make_uint4(0u, 0u, 0u, 0u);
     return *reinterpret_cast<const uint4*>(x + tok * a.x_stride + (int64_t)(s0 + step) * kV3Step +
                                            8 * u);
   };
@@ -1285,6 +1288,9 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   uint32_t xg0 = 256u * (uint32_t)g + 128u + 16u * (uint32_t)((2 * t) ^ (g & 1));
   uint32_t xg1 = 256u * (uint32_t)g + 128u + 16u * (uint32_t)((2 * t + 1) ^ (g & 1));
 
+  // M <= 8: only the lanes of tokens < M load x (see the staging above)
+  const bool x_lane = MT == 2 || g < M;
+
   float acc[2][MT][4];
 #pragma unroll
   for (int tl = 0; tl < 2; ++tl)
@@ -1316,8 +1322,12 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
       for (int mt = 0; mt < MT; ++mt) {
         constexpr uint32_t kStepBytes = 256u * TOK;
         const uint32_t off = kStepBytes * j + 256u * 8 * mt;
-        xv[mt][0] = *reinterpret_cast<const uint4*>(anchor + xg0 + off);
-        xv[mt][1] = *reinterpret_cast<const uint4*>(anchor + xg1 + off);
+        if (x_lane) {
+          xv[mt][0] = *reinterpret_cast<const uint4*>(anchor + xg0 + off);
+          xv[mt][1] = *reinterpret_cast<const uint4*>(anchor + xg1 + off);
+        } else {
+          xv[mt][0] = xv[mt][1] = make_uint4(0u, 0u, 0u, 0u);
+        }
       }
 #pragma unroll
       for (int tl = 0; tl < 2; ++tl) {
