@@ -1,0 +1,61 @@
+"""Small-M nf4_matmul per kernel (FASTFT_NF4_GEMV), graph-timed as bench_nf4 times them, and
+the decode-like up/down chain; one JSON line per case, appended to OUT. For A/B comparisons of
+two builds in one device call: run it once per build, TAG naming the build.
+
+    KERNELS=auto,v3,v3h,v1 ROWS=1,4,8,9,16 python bench/nf4_small_m.py TAG OUT.jsonl
+"""
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_nf4 import random_weight  # noqa: E402
+from common import time_ms, copy_bandwidth_gbps  # noqa: E402
+from fastft.ops.nf4 import nf4_matmul, nf4_dequantize  # noqa: E402
+
+tag, out = sys.argv[1], sys.argv[2]
+kernels = os.environ.get("KERNELS", "auto").split(",")
+rows_list = [int(r) for r in os.environ.get("ROWS", "1,4,8,9,16").split(",")]
+shapes = {"4096->14336": (14336, 4096), "14336->4096": (4096, 14336)}
+weights = {s: [random_weight(o, i, seed) for seed in range(3)] for s, (o, i) in shapes.items()}
+copy = copy_bandwidth_gbps()
+f = open(out, "a")
+
+
+def emit(**rec):
+    rec.update(build=tag, copy_gbps=copy)
+    print(json.dumps(rec), flush=True)
+    f.write(json.dumps(rec) + "\n")
+    f.flush()
+
+
+for shape, (o, i) in shapes.items():
+    w32 = nf4_dequantize(*weights[shape][0], dtype=torch.float32, backend="torch")
+    for rows in rows_list:
+        xs = [torch.randn(rows, i, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        want = xs[0].float() @ w32.t()
+        for kernel in kernels:
+            os.environ["FASTFT_NF4_GEMV"] = kernel
+            sets = [(x, p, s) for x, (p, s) in zip(xs, weights[shape])]
+            fn = lambda x, p, s: nf4_matmul(x, p, s, backend="cuda")  # noqa: E731
+            err = ((fn(*sets[0]).float() - want).norm() / want.norm()).item()
+            assert err < 2e-2, f"{kernel} is wrong at M={rows} {shape}: relative error {err:.3g}"
+            ms = time_ms(fn, sets)
+            emit(shape=shape, M=rows, kernel=kernel, us=round(ms * 1e3, 2),
+                 pct_copy=round(100 * (o * i / 2) / (ms * 1e-3) / (copy * 1e9), 1), err=err)
+    del w32
+
+# decode-like chain: x -> up -> down, twice (each call reads what the one before wrote)
+os.environ["FASTFT_NF4_GEMV"] = "auto"
+pairs = [(weights["4096->14336"][k], weights["14336->4096"][k]) for k in range(2)]
+for rows in (1, 16):
+    x0 = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def chain(x):
+        for (pu, su), (pd, sd) in pairs:
+            x = nf4_matmul(nf4_matmul(x, pu, su, backend="cuda"), pd, sd, backend="cuda")
+        return x
+    ms = time_ms(chain, [(x0,)]) / 4
+    emit(shape="chain up+down x2", M=rows, kernel="auto", us=round(ms * 1e3, 2))
