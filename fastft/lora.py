@@ -207,10 +207,28 @@ def _projection(module) -> Projection | None:
 
 def _generation_step(module, x) -> bool:
     """Eval mode, no grad and few tokens: generation, where peft's path (bitsandbytes' 4-bit
-    GEMV for QLoRA) is the better one. Training mode always fuses, so a checkpointed layer's
-    no-grad forward and its recomputation compute exactly the same thing."""
+    GEMV for QLoRA) is the better one, except for the decoding steps of NF4 layers (see
+    _nf4_decoding). Training mode always fuses, so a checkpointed layer's no-grad forward and
+    its recomputation compute exactly the same thing."""
     return (not module.training and not torch.is_grad_enabled()
-            and x.numel() // max(1, x.shape[-1]) < NO_GRAD_MIN_TOKENS)
+            and x.numel() // max(1, x.shape[-1]) < NO_GRAD_MIN_TOKENS
+            and not _nf4_decoding(module, x))
+
+
+def _nf4_decoding(module, x) -> bool:
+    """At most 16 rows (one token per sequence), bf16/fp16, through an NF4 layer on a GPU:
+    fastft's fused path multiplies these straight from the packed weight (nf4's small-M
+    kernel), faster than bitsandbytes' GEMV (H200: 25-31% of the copy rate against 7-24%,
+    bench/RESULTS.md). FASTFT_NF4_FUSED_SMALL_M=0 leaves them to peft's path."""
+    if x.device.type != "cuda" or x.numel() // max(1, x.shape[-1]) > _lora_ops._SMALL_M_ROWS:
+        return False
+    if _lora_ops._compute_dtype(x) not in (torch.bfloat16, torch.float16) or \
+            not _lora_ops.fused_small_m_enabled():
+        return False
+    linear = getattr(module, "gate_proj", module)  # the MLP: its projections share the case
+    linear = getattr(linear, "base_layer", linear)
+    quant_state = _quant_state_of(linear, _param(linear, "weight"))
+    return getattr(quant_state, "quant_type", None) == "nf4"
 
 
 # --- activation detection ---------------------------------------------------------------------

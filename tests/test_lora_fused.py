@@ -403,6 +403,62 @@ def test_nf4_base_with_16bit_or_fp32_factors_against_float64(backend, factor_dty
         assert rel_err(o, r) <= tol
 
 
+def _count_small_m_calls(monkeypatch, backend):
+    """Counts the calls of the nf4 backend's fused small-M kernel (a list: one entry per call)."""
+    from fastft.ops import nf4
+
+    impl = nf4._BACKENDS[backend]
+    calls, gemv = [], impl.gemv
+    monkeypatch.setattr(impl, "gemv", lambda x2, st, bias, y: (calls.append(x2.shape[0]), gemv(x2, st, bias, y)))
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nf4_base_with_few_rows_uses_the_fused_kernel(backend, monkeypatch):
+    """At most 16 rows of x (decoding): an NF4 base is multiplied by nf4's fused small-M kernel
+    straight from the packed weight (Triton here; the torch backend has none and keeps the
+    dense path), in lora_mlp, lora_qkv and lora_linear alike; with 17 rows, or with
+    FASTFT_NF4_FUSED_SMALL_M=0, not. Outputs and gradients within bf16 tolerance of float64."""
+    pytest.importorskip("bitsandbytes")
+    from fastft.ops import nf4
+    from fastft.ops import lora as lora_ops
+    from helpers import RTOL
+
+    assert lora_ops._SMALL_M_ROWS == nf4.SMALL_M
+    monkeypatch.setenv("FASTFT_BACKEND", backend)
+    calls = _count_small_m_calls(monkeypatch, backend)
+    tol = RTOL[torch.bfloat16]
+    bf16 = torch.bfloat16
+
+    def proj(out_f, in_f, seed):
+        return _proj_with_weight(out_f, in_f, bf16, seed=seed, nf4=True, device="cpu")
+    (gate, Wg), (up, Wu), (down, Wd) = proj(128, 64, 1), proj(128, 64, 2), proj(64, 128, 3)
+    gate.base.bias = torch.randn(128, dtype=bf16)  # a base bias goes into the fused call too
+    for rows, fused in ((5, backend == "triton"), (17, False)):
+        x = torch.randn(1, rows, 64, dtype=bf16, requires_grad=True)
+        before = len(calls)
+        out = lora_mlp(x, gate, up, down)
+        ref_g = _ref64(x, gate, Wg) + gate.base.bias.double()
+        ref = _ref64(nn.functional.silu(ref_g) * _ref64(x, up, Wu), down, Wd)
+        assert len(calls) - before == (3 if fused else 0), (rows, calls)
+        assert rel_err(out, ref) <= tol, rows
+        params = [x, gate.A, gate.B, up.A, up.B, down.A, down.B]
+        dy = torch.randn_like(out)
+        for g, r in zip(torch.autograd.grad(out, params, dy), torch.autograd.grad(ref, params, dy.double())):
+            assert rel_err(g, r) <= tol, rows
+        before = len(calls)
+        q, k, v = lora_qkv(x, up, up, up)
+        o = lora_linear(x, up)
+        assert len(calls) - before == (4 if fused else 0), (rows, calls)
+        for y in (q, k, v, o):
+            assert rel_err(y, _ref64(x, up, Wu)) <= tol, rows
+    monkeypatch.setenv("FASTFT_NF4_FUSED_SMALL_M", "0")
+    before = len(calls)
+    x = torch.randn(3, 64, dtype=bf16)
+    assert rel_err(lora_linear(x, up), _ref64(x, up, Wu)) <= tol
+    assert len(calls) == before
+
+
 def test_tiny_model_trains_with_fused_lora():
     model = _peft(_tiny_llama(init_std=0.3), init_lora_weights=True)  # standard init: B = 0
     apply_fused_lora(model)
@@ -549,6 +605,55 @@ def test_gpu_patched_qlora_model_matches_peft():
     assert rel_err(dx_a, dx_b) <= 1e-4
     for name in grads_a:
         assert rel_err(grads_a[name], grads_b[name]) <= 1e-4, name
+
+
+@pytest.mark.gpu
+def test_gpu_qlora_decoding_uses_the_fused_small_m_kernel(monkeypatch):
+    """A bf16 QLoRA model (bitsandbytes NF4, peft LoRA, fused) in eval mode without grad: a
+    forward of few tokens and greedy generation run their 4-bit projections through the fused
+    small-M kernel (peft's path, bitsandbytes' GEMV, is what generation used before and what
+    FASTFT_NF4_FUSED_SMALL_M=0 keeps); the logits match peft's within bf16 tolerance."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastft import dispatch
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      attn_implementation="eager", initializer_range=0.1)
+    base = LlamaForCausalLM(cfg).to(torch.bfloat16).cuda()
+    for layer in base.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                          compute_dtype=torch.bfloat16, quant_type="nf4")
+                    q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                    setattr(parent, name, q.to("cuda"))
+    base.is_loaded_in_4bit = True
+    model = _peft(base).eval()
+    ids = torch.randint(0, 97, (2, 3), device="cuda")
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.float()
+        apply_fused_lora(model)
+        backend = dispatch.backend_for("nf4_matmul", ids.device, torch.bfloat16)
+        calls = _count_small_m_calls(monkeypatch, backend)
+        got = model(input_ids=ids).logits.float()
+        assert len(calls) == 2 * 7 and set(calls) == {6}, calls  # 2 layers x 7 projections
+        monkeypatch.setenv("FASTFT_NF4_FUSED_SMALL_M", "0")
+        peft_path = model(input_ids=ids).logits.float()
+        assert len(calls) == 14 and torch.equal(peft_path, ref)
+        monkeypatch.delenv("FASTFT_NF4_FUSED_SMALL_M")
+        assert rel_err(got, ref) <= 2e-2
+        model.train()  # training mode fuses every call: few rows take the fused kernel too
+        assert rel_err(model(input_ids=ids).logits.float(), got) <= 1e-3 and len(calls) == 28
+        model.eval()
+        calls.clear()
+        out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 7)
+    assert len(calls) >= 14 * 4 and set(calls[:14]) == {6} and set(calls[14:]) == {2}, calls
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])

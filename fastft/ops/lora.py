@@ -2,7 +2,8 @@
 
 Every projection computes  y = x·Wᵀ (+ bias) + s·(x·Aᵀ)·Bᵀ  with a frozen base weight W (dense
 bf16/fp16/fp32, or bitsandbytes NF4/FP4 dequantised into one shared workspace per device) and
-trainable LoRA factors A [r, in], B [out, r]. The backward returns dx, dA, dB and never dW.
+trainable LoRA factors A [r, in], B [out, r]. With at most 16 rows of x (decoding) an NF4 base
+on a GPU is multiplied straight from its packed form instead (nf4's fused small-M kernel). The backward returns dx, dA, dB and never dW.
 
   lora_linear(x, proj)                   one projection (o_proj, or anything else)
   lora_qkv(x, q, k, v)                   three projections of one input (q/k/v)
@@ -47,6 +48,9 @@ class Base:
     bias: torch.Tensor | None = None
     quant_state: object = None
     dequantizers: dict = field(default_factory=dict, repr=False, compare=False)
+    # per dtype: (weight storage pointer, the fused small-M call's inputs or None), see
+    # _small_m_matmul
+    small_m: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def out_features(self) -> int:
@@ -370,8 +374,68 @@ def _lora_inputs(x2, projs, dtype):
     return out
 
 
+# With few rows (decoding: one token per sequence) the dense path writes a dequantised copy of
+# a 4-bit weight and reads it back, ~4.5 bytes per weight against the packed 0.5 that nf4's
+# fused small-M kernel reads. FASTFT_NF4_FUSED_SMALL_M=0 keeps the dense path (for comparison).
+_SMALL_M_ROWS = 16  # nf4.SMALL_M: the fused kernel's limit
+
+
+def fused_small_m_enabled() -> bool:
+    return os.environ.get("FASTFT_NF4_FUSED_SMALL_M", "1") != "0"
+
+
+def _small_m_inputs(base: Base, dtype):
+    """(Resolved state, nf4 backend, bias in dtype) for the fused kernel, or None where there is
+    none: not NF4, no nf4 module, or the torch backend (no fused kernel)."""
+    nf4 = _nf4_module()
+    qs = base.quant_state
+    if nf4 is None or getattr(qs, "quant_type", "nf4") != "nf4":
+        return None
+    from fastft import dispatch
+
+    backend = dispatch.backend_for("nf4_matmul", base.weight.device, dtype)
+    if backend == "torch":
+        return None
+    st = nf4.resolve(base.weight, qs)
+    if len(st.shape) != 2:
+        return None
+    bias = None if base.bias is None else _cast(base.bias, dtype).contiguous()
+    return st, dispatch.implementation("nf4_matmul", backend), bias
+
+
+def _small_m_matmul(x2, base: Base, dtype, out=None):
+    """x2 @ Wᵀ (+ bias) by nf4's fused small-M kernel, which reads the packed weight once, into
+    `out` (or a new tensor); None (out untouched) where that does not apply."""
+    if base.quant_state is None or dtype not in (torch.bfloat16, torch.float16) or \
+            x2.dtype != dtype or not 0 < x2.shape[0] <= _SMALL_M_ROWS:
+        return None
+    if not fused_small_m_enabled():
+        return None
+    ptr = _storage_ptr(base.weight)
+    cached = base.small_m.get(dtype)
+    if cached is None or cached[0] != ptr:  # new, or the weight's storage was replaced
+        cached = base.small_m[dtype] = (ptr, _small_m_inputs(base, dtype))
+    inputs = cached[1]
+    if inputs is None:
+        return None
+    st, impl, bias = inputs
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if not impl.fused_ok(st, x2):
+        return None
+    if out is None:
+        out = x2.new_empty(x2.shape[0], st.shape[0])
+    impl.gemv(x2, st, bias, out)
+    return out
+
+
+
+
 def _base_matmul(x2, base: Base, dtype, out=None):
     """x2 [N, in] @ Wᵀ (+ bias) in dtype (into `out` [N, out_features] when given)."""
+    fused = _small_m_matmul(x2, base, dtype, out)
+    if fused is not None:
+        return fused
     W = dense_weight(base, dtype)
     if base.bias is not None:
         return torch.addmm(_cast(base.bias, dtype), x2, W.t(), out=out)
@@ -400,6 +464,9 @@ def _project(x2, proj: Projection, dtype, out=None, xa=None):
     if out is None:
         out = torch.empty(x2.shape[0], proj.base.out_features, dtype=dtype, device=x2.device)
     B = _factor(proj.B, dtype).t()
+    if _small_m_matmul(x2, proj.base, dtype, out) is not None:
+        out.addmm_(xa, B, alpha=proj.scaling)  # the base (+ bias) is in out already
+        return out, xa
     if proj.base.bias is not None:
         torch.addmm(_cast(proj.base.bias, dtype), xa, B, alpha=proj.scaling, out=out)
     else:  # beta = 0: out's old content (uninitialised memory) is never read
