@@ -1,0 +1,82 @@
+"""GPU time of one decoding forward of a QLoRA model at Llama-3.1-8B layer shapes: B sequences,
+one new token each (B rows per projection), without a KV cache (attention over that one token),
+through the decoder only (no LM head), so the time is the layers' own work: mostly the 7 NF4
+projections per layer.
+
+    python bench/decode_step.py --out DIR        (LAYERS=8 decoder layers, BATCHES=1,4,16)
+
+One process, one random-init model (bf16, decoder linears NF4 via bitsandbytes, double
+quantisation), LoRA r=16 on all 7 projections through peft, fused by fastft.lora, three
+variants in turn, under torch.no_grad:
+  peft_bnb:  eval mode, FASTFT_NF4_FUSED_SMALL_M=0: generation keeps peft's path (peft's LoRA
+             layers on bitsandbytes' Linear4bit, its 4-bit GEMV / dequantise + matmul);
+  dense:     train mode, FASTFT_NF4_FUSED_SMALL_M=0: fastft's fused LoRA with each 4-bit weight
+             dequantised into the workspace, then a bf16 matmul;
+  fused:     eval mode, the default: fastft's fused LoRA with nf4's fused small-M kernel.
+Each forward is captured in a CUDA graph and its replays timed (bench.common.time_ms), so
+Python and launch overhead (which generation with CUDA graphs also removes) do not count. The
+fastft variants' logits are compared with peft_bnb's (relative error, reported).
+"""
+import os
+import sys
+
+import fastft  # noqa: F401  (before transformers and peft, as fastft asks)
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import out_dir_arg, time_ms, write_result  # noqa: E402
+from train_step import RANK, TARGETS, _build_model, _quantize_decoder_linears  # noqa: E402
+
+
+def main():
+    out = out_dir_arg(__doc__)
+    layers = int(os.environ.get("LAYERS", "8"))
+    batches = [int(b) for b in os.environ.get("BATCHES", "1,4,16").split(",")]
+    from peft import LoraConfig, get_peft_model
+
+    from fastft.lora import apply_fused_lora
+
+    model = _quantize_decoder_linears(_build_model("8b", 4096, seed=0, layers=layers))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, bias="none",
+                                             target_modules=TARGETS, task_type="CAUSAL_LM",
+                                             init_lora_weights=False))
+    apply_fused_lora(model)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    inputs = {b: [torch.randint(0, 128256, (b, 1), device="cuda", generator=g) for _ in range(2)]
+              for b in batches}
+
+    decoder = model.get_base_model().model
+
+    def forward(ids):  # timed: the decoder layers (the LM head reads the same bytes in all)
+        return decoder(input_ids=ids, use_cache=False).last_hidden_state
+
+    results, ref = [], {}
+    with torch.no_grad():
+        for variant in ("peft_bnb", "dense", "fused"):
+            model.train(variant == "dense")
+            if variant == "fused":
+                os.environ.pop("FASTFT_NF4_FUSED_SMALL_M", None)
+            else:
+                os.environ["FASTFT_NF4_FUSED_SMALL_M"] = "0"
+            for b in batches:
+                logits = model(input_ids=inputs[b][0], use_cache=False).logits.float()
+                if variant == "peft_bnb":
+                    ref[b] = logits
+                err = ((logits - ref[b]).norm() / ref[b].norm()).item()
+                ms = time_ms(forward, [(ids,) for ids in inputs[b]])
+                rec = dict(variant=variant, batch=b, layers=layers, ms=round(ms, 4),
+                           us_per_layer=round(1e3 * ms / layers, 2), rel_err_vs_peft_bnb=err)
+                print(rec, flush=True)
+                results.append(rec)
+    for b in batches:
+        t = {r["variant"]: r["ms"] for r in results if r["batch"] == b}
+        print(f"B={b}: peft_bnb {t['peft_bnb']:.3f} ms, fastft dense {t['dense']:.3f} ms, "
+              f"fastft fused {t['fused']:.3f} ms (x{t['peft_bnb'] / t['fused']:.2f} vs peft_bnb, "
+              f"x{t['dense'] / t['fused']:.2f} vs dense)")
+    write_result(out, "decode_step", results=results)
+
+
+if __name__ == "__main__":
+    main()
