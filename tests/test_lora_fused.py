@@ -579,22 +579,27 @@ def test_gpu_tiled_mlp_uses_less_memory():
         assert rel_err(a, b) <= 1e-2
 
 
-@pytest.mark.gpu
-def test_gpu_patched_qlora_model_matches_peft():
-    pytest.importorskip("bitsandbytes")
-    base = _tiny_llama().cuda()
+def _nf4_on_gpu(base, compute_dtype):
+    """base (on the GPU) with every decoder linear replaced by a bitsandbytes NF4 Linear4bit of
+    the same weights, as a QLoRA load leaves it."""
+    import bitsandbytes as bnb
+
     for layer in base.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    import bitsandbytes as bnb
-
                     q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
-                                          compute_dtype=torch.float32, quant_type="nf4")
+                                          compute_dtype=compute_dtype, quant_type="nf4")
                     q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
                     setattr(parent, name, q.to("cuda"))
     base.is_loaded_in_4bit = True
-    model = _peft(base)
+    return base
+
+
+@pytest.mark.gpu
+def test_gpu_patched_qlora_model_matches_peft():
+    pytest.importorskip("bitsandbytes")
+    model = _peft(_nf4_on_gpu(_tiny_llama().cuda(), torch.float32))
     ids = torch.randint(0, 97, (2, 33), device="cuda")
     ref = _loss_and_grads(model, ids)
     apply_fused_lora(model)
@@ -614,7 +619,6 @@ def test_gpu_qlora_decoding_uses_the_fused_small_m_kernel(monkeypatch):
     small-M kernel (peft's path, bitsandbytes' GEMV, is what generation used before and what
     FASTFT_NF4_FUSED_SMALL_M=0 keeps); the logits match peft's within bf16 tolerance."""
     pytest.importorskip("bitsandbytes")
-    import bitsandbytes as bnb
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fastft import dispatch
@@ -623,16 +627,7 @@ def test_gpu_qlora_decoding_uses_the_fused_small_m_kernel(monkeypatch):
     cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       attn_implementation="eager", initializer_range=0.1)
-    base = LlamaForCausalLM(cfg).to(torch.bfloat16).cuda()
-    for layer in base.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
-                                          compute_dtype=torch.bfloat16, quant_type="nf4")
-                    q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
-                    setattr(parent, name, q.to("cuda"))
-    base.is_loaded_in_4bit = True
+    base = _nf4_on_gpu(LlamaForCausalLM(cfg).to(torch.bfloat16).cuda(), torch.bfloat16)
     model = _peft(base).eval()
     ids = torch.randint(0, 97, (2, 3), device="cuda")
     with torch.no_grad():

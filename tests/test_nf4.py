@@ -1047,48 +1047,23 @@ def test_fused_matmul_gpu_takes_the_levels_from_the_states_code(variant, monkeyp
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["v1", "v3", "v3h"])
+@pytest.mark.parametrize("variant", ["v1", "v3", "v3h", "v3r"])
 def test_fused_matmul_gpu_tokens_past_m_do_not_leak(variant, monkeypatch):
     """The fused kernels work on tiles of 8 tokens; slots past M must not reach the result,
-    whatever an earlier call left in shared memory. After calls whose x is all NaN (M = 16, which
-    fills every token slot), calls with M = 1 and 9 (7 unused slots) give the same bits as
-    before."""
+    whatever an earlier call left in shared memory (v3 stages x for the M tokens only and leaves
+    the other slots as they were). After calls whose x is all NaN (M = 16, which fills every
+    token slot), calls with M = 1, 5 and 9 give the same bits as before, and those are right."""
     if "cuda" not in backends("nf4_matmul", "cuda"):
         pytest.skip("fastft._C is not built")
     monkeypatch.setenv("FASTFT_NF4_GEMV", variant)
     _, packed, state = quantize((4096, 2048), True, device="cuda", seed=7)
     g = torch.Generator().manual_seed(8)
     for dtype in (torch.bfloat16, torch.float16):
-        xs = [torch.randn(rows, 2048, generator=g).to("cuda", dtype) for rows in (1, 9)]
+        xs = [torch.randn(rows, 2048, generator=g).to("cuda", dtype) for rows in (1, 5, 9)]
         clean = [nf4_matmul(x, packed, state, backend="cuda") for x in xs]
-        assert all(torch.isfinite(y).all() for y in clean)
-        poison = torch.full((16, 2048), float("nan"), dtype=dtype, device="cuda")
-        for _ in range(3):
-            assert torch.isnan(nf4_matmul(poison, packed, state, backend="cuda")).all()
-            for x, want in zip(xs, clean):
-                assert torch.equal(nf4_matmul(x, packed, state, backend="cuda"), want), \
-                    (variant, dtype, x.shape[0])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["v3", "v3h", "v3r"])
-def test_fused_matmul_gpu_v3_token_slots_past_m_carry_nothing(variant, monkeypatch):
-    """v3 stages x only for the M tokens of a call; its token tiles have 8 slots, and the slots
-    past M keep what shared memory held before. Calls with all-NaN x and M = 16 (every slot
-    written, in every CTA) between calls with M = 1, 5 and 9 must leave the latter's bits
-    unchanged: the stale slots may reach only output columns that are never written."""
-    if "cuda" not in backends("nf4_matmul", "cuda"):
-        pytest.skip("fastft._C is not built")
-    monkeypatch.setenv("FASTFT_NF4_GEMV", variant)
-    _, packed, state = quantize((4096, 2048), True, device="cuda", seed=7)
-    gen = torch.Generator().manual_seed(8)
-    for dtype in (torch.bfloat16, torch.float16):
-        xs = [torch.randn(rows, 2048, generator=gen).to("cuda", dtype) for rows in (1, 5, 9)]
-        clean = [nf4_matmul(x, packed, state, backend="cuda") for x in xs]
+        w32 = nf4_dequantize(packed, state, dtype=torch.float32)
         for x, y in zip(xs, clean):
-            assert torch.isfinite(y).all()
-            ref = x.float() @ nf4_dequantize(packed, state, dtype=torch.float32).t()
-            assert rel_err(y, ref) < RTOL[dtype], (variant, dtype, x.shape[0])
+            assert rel_err(y, x.float() @ w32.t()) < RTOL[dtype], (variant, dtype, x.shape[0])
         poison = torch.full((16, 2048), float("nan"), dtype=dtype, device="cuda")
         for _ in range(3):
             assert torch.isnan(nf4_matmul(poison, packed, state, backend="cuda")).all()

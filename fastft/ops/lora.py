@@ -2,8 +2,9 @@
 
 Every projection computes  y = x·Wᵀ (+ bias) + s·(x·Aᵀ)·Bᵀ  with a frozen base weight W (dense
 bf16/fp16/fp32, or bitsandbytes NF4/FP4 dequantised into one shared workspace per device) and
-trainable LoRA factors A [r, in], B [out, r]. With at most 16 rows of x (decoding) an NF4 base
-on a GPU is multiplied straight from its packed form instead (nf4's fused small-M kernel). The backward returns dx, dA, dB and never dW.
+trainable LoRA factors A [r, in], B [out, r]; with at most 16 rows of x (decoding) an NF4 base
+is multiplied straight from its packed form instead (nf4's fused small-M kernel). The backward
+returns dx, dA, dB and never dW.
 
   lora_linear(x, proj)                   one projection (o_proj, or anything else)
   lora_qkv(x, q, k, v)                   three projections of one input (q/k/v)
@@ -427,8 +428,6 @@ def _small_m_matmul(x2, base: Base, dtype, out=None):
         out = x2.new_empty(x2.shape[0], st.shape[0])
     impl.gemv(x2, st, bias, out)
     return out
-
-
 
 
 def _base_matmul(x2, base: Base, dtype, out=None):
