@@ -16,9 +16,14 @@ variants in turn, under torch.no_grad:
 Each forward is captured in a CUDA graph and its replays timed (bench.common.time_ms), so
 Python and launch overhead (which generation with CUDA graphs also removes) do not count. The
 fastft variants' logits are compared with peft_bnb's (relative error, reported).
+
+Then, for peft_bnb and fused, plain `model.generate` as a user runs it (eager, KV cache, greedy,
+a 32-token prompt and NEW_TOKENS=64 new tokens, timed on the host after one warm-up call):
+generated tokens per second, where the host's Python and launch costs do count.
 """
 import os
 import sys
+import time
 
 import fastft  # noqa: F401  (before transformers and peft, as fastft asks)
 import torch
@@ -70,12 +75,39 @@ def main():
                            us_per_layer=round(1e3 * ms / layers, 2), rel_err_vs_peft_bnb=err)
                 print(rec, flush=True)
                 results.append(rec)
+    new_tokens = int(os.environ.get("NEW_TOKENS", "64"))
+    generation = []
+    with torch.no_grad():
+        model.eval()
+        for variant in ("peft_bnb", "fused"):
+            if variant == "fused":
+                os.environ.pop("FASTFT_NF4_FUSED_SMALL_M", None)
+            else:
+                os.environ["FASTFT_NF4_FUSED_SMALL_M"] = "0"
+            for b in batches:
+                prompt = torch.randint(0, 128256, (b, 32), device="cuda", generator=g)
+                kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=0, use_cache=True)  # (the bench config turns the cache off)
+                model.generate(input_ids=prompt, **kw)  # warm-up
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                model.generate(input_ids=prompt, **kw)
+                torch.cuda.synchronize()
+                sec = time.perf_counter() - t0
+                rec = dict(variant=variant, batch=b, layers=layers, new_tokens=new_tokens,
+                           seconds=round(sec, 4), tokens_per_s=round(b * new_tokens / sec, 1))
+                print(rec, flush=True)
+                generation.append(rec)
+    for b in batches:
+        t = {r["variant"]: r["tokens_per_s"] for r in generation if r["batch"] == b}
+        print(f"generate B={b}: peft_bnb {t['peft_bnb']:.0f} tokens/s, fastft fused {t['fused']:.0f} "
+              f"tokens/s (x{t['fused'] / t['peft_bnb']:.2f})")
     for b in batches:
         t = {r["variant"]: r["ms"] for r in results if r["batch"] == b}
         print(f"B={b}: peft_bnb {t['peft_bnb']:.3f} ms, fastft dense {t['dense']:.3f} ms, "
               f"fastft fused {t['fused']:.3f} ms (x{t['peft_bnb'] / t['fused']:.2f} vs peft_bnb, "
               f"x{t['dense'] / t['fused']:.2f} vs dense)")
-    write_result(out, "decode_step", results=results)
+    write_result(out, "decode_step", results=results, generation=generation)
 
 
 if __name__ == "__main__":
