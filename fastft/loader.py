@@ -462,7 +462,8 @@ class FastLanguageModel:
 
     @staticmethod
     def for_inference(model):
-        """Evaluation mode for generation: eval(), checkpointing off, KV cache on."""
+        """Evaluation mode for generation: eval(), checkpointing off, KV cache on. Decoding
+        steps of NF4 (QLoRA) layers then run on the fused small-M kernel (fastft.lora)."""
         base = _base_model(model)
         model.eval()
         _disable_checkpointing(model)
