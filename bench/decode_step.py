@@ -12,7 +12,9 @@ variants in turn, under torch.no_grad:
              layers on bitsandbytes' Linear4bit, its 4-bit GEMV / dequantise + matmul);
   dense:     train mode, FASTFT_NF4_FUSED_SMALL_M=0: fastft's fused LoRA with each 4-bit weight
              dequantised into the workspace, then a bf16 matmul;
-  fused:     eval mode, the default: fastft's fused LoRA with nf4's fused small-M kernel.
+  fused:     eval mode, the default: fastft's fused LoRA with nf4's fused small-M kernel;
+  fused_patched (PATCHED=1, last): also fastft.models.patch_model's fused norms and RoPE, as
+             FastLanguageModel sets a model up; then one eager forward's CUDA kernels profiled.
 Each forward is captured in a CUDA graph and its replays timed (bench.common.time_ms), so
 Python and launch overhead (which generation with CUDA graphs also removes) do not count. The
 fastft variants' logits are compared with peft_bnb's (relative error, reported).
@@ -98,6 +100,25 @@ def main():
                            seconds=round(sec, 4), tokens_per_s=round(b * new_tokens / sec, 1))
                 print(rec, flush=True)
                 generation.append(rec)
+    if os.environ.get("PATCHED", "1") != "0":  # last: patch_model changes classes for good
+        from fastft.models import patch_model
+
+        patch_model(model.get_base_model())
+        with torch.no_grad():
+            for b in batches:
+                ms = time_ms(forward, [(ids,) for ids in inputs[b]])
+                rec = dict(variant="fused_patched", batch=b, layers=layers, ms=round(ms, 4),
+                           us_per_layer=round(1e3 * ms / layers, 2))
+                print(rec, flush=True)
+                results.append(rec)
+            from torch.profiler import ProfilerActivity, profile
+
+            forward(inputs[batches[0]][0])
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                forward(inputs[batches[0]][0])
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+            print(f"one eager forward, B={batches[0]}, fused and patched:\n{table}", flush=True)
     for b in batches:
         t = {r["variant"]: r["tokens_per_s"] for r in generation if r["batch"] == b}
         print(f"generate B={b}: peft_bnb {t['peft_bnb']:.0f} tokens/s, fastft fused {t['fused']:.0f} "
