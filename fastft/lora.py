@@ -220,10 +220,8 @@ def _nf4_decoding(module, x) -> bool:
     fastft's fused path multiplies these straight from the packed weight (nf4's small-M
     kernel), faster than bitsandbytes' GEMV (H200: 25-31% of the copy rate against 7-24%,
     bench/RESULTS.md). FASTFT_NF4_FUSED_SMALL_M=0 leaves them to peft's path."""
-    if x.device.type != "cuda" or x.numel() // max(1, x.shape[-1]) > _lora_ops._SMALL_M_ROWS:
-        return False
-    if _lora_ops._compute_dtype(x) not in (torch.bfloat16, torch.float16) or \
-            not _lora_ops.fused_small_m_enabled():
+    rows = x.numel() // max(1, x.shape[-1])
+    if x.device.type != "cuda" or not _lora_ops.small_m_case(rows, _lora_ops._compute_dtype(x)):
         return False
     linear = getattr(module, "gate_proj", module)  # the MLP: its projections share the case
     linear = getattr(linear, "base_layer", linear)

@@ -381,8 +381,11 @@ def _lora_inputs(x2, projs, dtype):
 _SMALL_M_ROWS = 16  # nf4.SMALL_M: the fused kernel's limit
 
 
-def fused_small_m_enabled() -> bool:
-    return os.environ.get("FASTFT_NF4_FUSED_SMALL_M", "1") != "0"
+def small_m_case(rows: int, dtype: torch.dtype) -> bool:
+    """Whether `rows` rows computed in `dtype` are a case for the fused small-M kernel (the
+    weight itself aside: NF4, on a backend with the kernel)."""
+    return (0 < rows <= _SMALL_M_ROWS and dtype in (torch.bfloat16, torch.float16)
+            and os.environ.get("FASTFT_NF4_FUSED_SMALL_M", "1") != "0")
 
 
 def _small_m_inputs(base: Base, dtype):
@@ -407,10 +410,7 @@ def _small_m_inputs(base: Base, dtype):
 def _small_m_matmul(x2, base: Base, dtype, out=None):
     """x2 @ Wᵀ (+ bias) by nf4's fused small-M kernel, which reads the packed weight once, into
     `out` (or a new tensor); None (out untouched) where that does not apply."""
-    if base.quant_state is None or dtype not in (torch.bfloat16, torch.float16) or \
-            x2.dtype != dtype or not 0 < x2.shape[0] <= _SMALL_M_ROWS:
-        return None
-    if not fused_small_m_enabled():
+    if base.quant_state is None or x2.dtype != dtype or not small_m_case(x2.shape[0], dtype):
         return None
     ptr = _storage_ptr(base.weight)
     cached = base.small_m.get(dtype)
