@@ -3,6 +3,9 @@ the decode-like up/down chain; one JSON line per case, appended to OUT. For A/B 
 two builds in one device call: run it once per build, TAG naming the build.
 
     KERNELS=auto,v3,v3h,v1 ROWS=1,4,8,9,16 python bench/nf4_small_m.py TAG OUT.jsonl
+
+A kernel may carry v3's work split: "v3h:p4" forces 4 K parts per CTA (FASTFT_NF4_V3_KPARTS),
+"v3h:p8:s2" also 2 K splits across CTAs (FASTFT_NF4_V3_SPLITS).
 """
 import json
 import os
@@ -18,8 +21,16 @@ from fastft.ops.nf4 import nf4_matmul, nf4_dequantize  # noqa: E402
 tag, out = sys.argv[1], sys.argv[2]
 kernels = os.environ.get("KERNELS", "auto").split(",")
 rows_list = [int(r) for r in os.environ.get("ROWS", "1,4,8,9,16").split(",")]
-shapes = {"4096->14336": (14336, 4096), "14336->4096": (4096, 14336)}
-weights = {s: [random_weight(o, i, seed) for seed in range(3)] for s, (o, i) in shapes.items()}
+# SHAPES: "in->out" pairs, e.g. 4096->1024 (Llama-3-8B's k / v projections), 4096->4096 (q / o)
+shapes = {}
+for text in os.environ.get("SHAPES", "4096->14336,14336->4096").split(","):
+    in_f, out_f = (int(v) for v in text.split("->"))
+    shapes[text] = (out_f, in_f)
+# enough copies of each weight that the calls cycle through more than twice the 50 MB L2 (a
+# decoding model's weights come from DRAM)
+copies = {s: max(3, -(-2 * 50 * 2 ** 20 // (o * i // 2))) for s, (o, i) in shapes.items()}
+weights = {s: [random_weight(o, i, seed) for seed in range(copies[s])]
+           for s, (o, i) in shapes.items()}
 copy = copy_bandwidth_gbps()
 f = open(out, "a")
 
@@ -34,10 +45,17 @@ def emit(**rec):
 for shape, (o, i) in shapes.items():
     w32 = nf4_dequantize(*weights[shape][0], dtype=torch.float32, backend="torch")
     for rows in rows_list:
-        xs = [torch.randn(rows, i, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        xs = [torch.randn(rows, i, device="cuda", dtype=torch.bfloat16)
+              for _ in range(copies[shape])]
         want = xs[0].float() @ w32.t()
         for kernel in kernels:
-            os.environ["FASTFT_NF4_GEMV"] = kernel
+            name, *opts = kernel.split(":")
+            os.environ["FASTFT_NF4_GEMV"] = name
+            os.environ.pop("FASTFT_NF4_V3_KPARTS", None)
+            os.environ.pop("FASTFT_NF4_V3_SPLITS", None)
+            for opt in opts:
+                key = {"p": "FASTFT_NF4_V3_KPARTS", "s": "FASTFT_NF4_V3_SPLITS"}[opt[0]]
+                os.environ[key] = opt[1:]
             sets = [(x, p, s) for x, (p, s) in zip(xs, weights[shape])]
             fn = lambda x, p, s: nf4_matmul(x, p, s, backend="cuda")  # noqa: E731
             err = ((fn(*sets[0]).float() - want).norm() / want.norm()).item()
@@ -48,7 +66,11 @@ for shape, (o, i) in shapes.items():
     del w32
 
 # decode-like chain: x -> up -> down, twice (each call reads what the one before wrote)
+if "4096->14336" not in shapes or "14336->4096" not in shapes:
+    sys.exit(0)
 os.environ["FASTFT_NF4_GEMV"] = "auto"
+os.environ.pop("FASTFT_NF4_V3_KPARTS", None)
+os.environ.pop("FASTFT_NF4_V3_SPLITS", None)
 pairs = [(weights["4096->14336"][k], weights["14336->4096"][k]) for k in range(2)]
 for rows in (1, 16):
     x0 = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)

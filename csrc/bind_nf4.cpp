@@ -85,14 +85,17 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
           const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
           const c10::optional<at::Tensor>& offset, const at::Tensor& code,
           const c10::optional<at::Tensor>& bias, int64_t blocksize, int64_t blocksize2,
-          int64_t variant, int64_t v3_splits, bool pdl, const at::Tensor& y) {
-  // variant / v3_splits / pdl: fastft/ops/nf4.py reads and checks FASTFT_NF4_GEMV,
-  // FASTFT_NF4_V3_SPLITS (0 = the plan chooses) and FASTFT_NF4_PDL, so the extension reads no
-  // environment.
+          int64_t variant, int64_t v3_splits, int64_t v3_kparts, bool pdl, const at::Tensor& y) {
+  // variant / v3_splits / v3_kparts / pdl: fastft/ops/nf4.py reads and checks FASTFT_NF4_GEMV,
+  // FASTFT_NF4_V3_SPLITS, FASTFT_NF4_V3_KPARTS (0 = the plan chooses) and FASTFT_NF4_PDL, so the
+  // extension reads no environment.
   TORCH_CHECK((variant >= 0 && variant <= 3) || variant == 5 || variant == 6,
               "fastft nf4: variant must be 0..3, 5 or 6, got ", variant);
   TORCH_CHECK(v3_splits >= 0 && v3_splits <= 65535, "fastft nf4: v3_splits must be 0..65535, got ",
               v3_splits);
+  TORCH_CHECK(v3_kparts == 0 || v3_kparts == 1 || v3_kparts == 2 || v3_kparts == 4 ||
+                  v3_kparts == 8,
+              "fastft nf4: v3_kparts must be 0, 1, 2, 4 or 8, got ", v3_kparts);
   check_rows(x, "x");
   check_rows(y, "y");
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
@@ -135,6 +138,7 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   a.dtype = dtype_tag(x);
   a.variant = (int)variant;
   a.v3_splits = variant == 3 || variant >= 5 ? (int)v3_splits : 0;  // (5, 6: v3's decodes)
+  a.v3_kparts = variant == 3 || variant >= 5 ? (int)v3_kparts : 0;
   a.pdl = pdl && major >= 9;  // griddepcontrol: sm_90
   nf4_gemv_plan(w, a, sm_count(x));
   // Split K: float32 partials and the row blocks' completion counters in one scratch

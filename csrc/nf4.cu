@@ -972,11 +972,13 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
 //   8 warps): 64 KB of weight loads in flight per SM.
 // * Scales: lane L of a warp computes the scale of the warp's row L for the 4 steps of a group
 //   (raw inputs loaded one group ahead); each step takes its 4 row scales by SHFL.
-// * Work split: CTA (x, y) = rows [256 x, 256 x + 256) (8 warps x 32 rows) x steps
-//   [y * steps, (y + 1) * steps) of K / 64. nf4_gemv_plan picks the split from a cost model
-//   (the most work any SM gets). With more than one K split the CTAs write float32 partials and
-//   the last CTA of each row group to finish adds them in split order (deterministic; the
-//   counters as for v1: arrive_is_last).
+// * Work split: CTA (x, y) = rows [R x, R x + R) x steps [y * steps, (y + 1) * steps) of
+//   K / 64, R = 256 / P: the 8 warps are 8 / P tiles of 32 rows x P parts of the CTA's steps
+//   (a.v3_kparts = P: 1, 2, 4 or 8). The parts' sums are added in shared memory at the end, in
+//   part order; K split across CTAs (grid.y > 1) instead costs float32 partials, a fence, a
+//   counter and a last CTA that adds them (the counters as for v1: arrive_is_last), all at the
+//   kernel's end where nothing hides them. nf4_gemv_plan picks P and the CTA split from a cost
+//   model (the most work any SM gets); the sums are deterministic either way.
 //
 // Cost (ptxas 13.0, sm_90a; one loop iteration = 4 steps = 4 KB of packed weight per warp):
 // 435 / 468 SASS instructions (M <= 8, plain / nested scales) and 513 / 547..550 (M 9..16),
@@ -1017,8 +1019,13 @@ constexpr int kV3AnchorBytes = 128;                      // static: entry 0's 32
 // dynamic shared memory: the rest of the table span, then code2 [256] and tok_shift [16]
 constexpr int kV3Smem = kV3TableSpan - kV3AnchorBytes + 256 * 4 + 32 * 4;
 
-// Steps of x one CTA can hold in the table's 256 holes for `tokens` (8 or 16) rows of x.
-__host__ __device__ constexpr int v3_max_steps(int tokens) { return 256 / tokens; }
+// x slots per step in the table's holes: M tokens (M <= 8: the lanes of absent tokens load
+// nothing), or the second tile's 16 (M 9..16: a tile's lanes all load, and the slots of absent
+// tokens feed only mma columns that are never written, so they may hold anything, but they
+// must lie inside the table).
+__host__ __device__ constexpr int v3_slots(int M) { return M <= 8 ? M : 16; }
+// Steps of x one CTA can hold in the table's 256 holes.
+__host__ __device__ constexpr int v3_max_steps(int M) { return 256 / v3_slots(M); }
 
 // The fp16x2 level pair of byte J of `word`: lane4 = lane * 4, table at `anchor`. `anchor + off`
 // reaches past the 128-byte static array into the dynamic shared memory on purpose (see the
@@ -1126,14 +1133,27 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   unsigned* last = tok_max + 16;  // the K split's last-CTA flag
   // (no other static shared variable: `anchor` must be the whole static part)
 
-  constexpr int TOK = MT * 8;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int N = a.N, K = a.K, M = a.M;
   const int S = K / kV3Step;
+  // x slots per step (v3_slots): a run-time M for one token tile, 16 for two
+  const int slots = MT == 1 ? M : 16;
+  const uint32_t step_bytes = 256u * (uint32_t)slots;  // from one step's holes to the next's
+  // the CTA: rows [rows_cta * x, + rows_cta) x steps [s0, s0 + count); this warp: tile `wt` of
+  // the CTA's rows x part `part` of its steps: [s0 + p0, s0 + p0 + wcount), wcount maybe 0
+  // (two token tiles: one part, a compile-time 1: the K parts' few registers made MT = 2 spill
+  // more, 5-7% slower in run 65, and more parts never paid there)
+  const int parts = MT == 1 ? a.v3_kparts : 1, tiles = kV3Warps / parts;
+  const int rows_cta = tiles * kV3WarpRows;
+  const int part = parts == 1 ? 0 : warp / tiles, wt = warp - part * tiles;
   const int s0 = blockIdx.y * a.v3_steps;
   const int count = min(a.v3_steps, S - s0);  // >= 1 (the plan's split is exact)
-  const int tile_base = blockIdx.x * kV3Rows + warp * kV3WarpRows;
+  const int per_part = (count + parts - 1) / parts;
+  const int p0 = min(count, part * per_part);
+  const int wcount = min(count, p0 + per_part) - p0;
+  const int ws = s0 + p0;  // the warp's first step
+  const int tile_base = blockIdx.x * rows_cta + wt * kV3WarpRows;
   const int64_t half_k = K / 2;
 
   gemv_wait_for_previous();
@@ -1144,22 +1164,22 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int row = min(tile_base + g + 8 * i, N - 1);
-    wp[i] = w.packed + (int64_t)row * half_k + (int64_t)s0 * (kV3Step / 2) + 8 * t;
+    wp[i] = w.packed + (int64_t)row * half_k + (int64_t)ws * (kV3Step / 2) + 8 * t;
   }
   V3In ring[kV3Ahead];
 #pragma unroll
   for (int j = 0; j < kV3Ahead; ++j) {
-    if (j < count) {
+    if (j < wcount) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) ring[j].w[i] = load_stream8(wp[i] + j * (kV3Step / 2));
     }
   }
   // This lane's scale row (warp row `lane`) and the raw scale inputs of steps 0..3 (steps past
-  // the CTA's range are not loaded: their scales are never used). Block indices in 32 bits
+  // the warp's range are not loaded: their scales are never used). Block indices in 32 bits
   // (N * K / 64 < 2^31 blocks): step i's block is blk0 + ((r0 + 64 i) >> bs_log2).
   uint32_t blk0, rv;  // rv = r0 + 64 * (the group's first step)
   {
-    const int64_t sval0 = (int64_t)min(tile_base + lane, N - 1) * K + (int64_t)s0 * kV3Step;
+    const int64_t sval0 = (int64_t)min(tile_base + lane, N - 1) * K + (int64_t)ws * kV3Step;
     blk0 = (uint32_t)(sval0 >> w.bs_log2);
     rv = (uint32_t)(sval0 & ((int64_t(1) << w.bs_log2) - 1));
   }
@@ -1170,7 +1190,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
     for (int j = 0; j < 4; ++j) {
       raw_q[j] = 0u;
       raw_a2[j] = 0.f;
-      if (i0 + j < count) {
+      if (i0 + j < wcount) {
         const uint32_t blk = blk0 + ((rv + j * kV3Step) >> w.bs_log2);
         if (NESTED) {
           raw_q[j] = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
@@ -1197,12 +1217,13 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   if (tid < 16) tok_max[tid] = 0u;
   __syncthreads();  // tok_max zeroed
 
-  // x[token][s0 * 64 .. (s0 + count) * 64) -> the holes, as fp16. 16-byte unit i of the range:
-  // token i / units_row, step (i % units_row) / 8, unit u = i % 8; tokens < M only. The slots
-  // of tokens >= M keep whatever shared memory held: with M <= 8 their lanes take zeros instead
-  // of loading them (fewer shared-memory wavefronts too: 1 instead of 4 per 16-byte x load at
-  // M = 1); in the second tile of M 9..16 they feed only the mma output columns of those
-  // tokens (each column is its own dot product), which are never written.
+  // x[token][s0 * 64 .. (s0 + count) * 64) -> the holes, as fp16: hole step * slots + token.
+  // 16-byte unit i of the range: token i / units_row, step (i % units_row) / 8, unit u = i % 8;
+  // tokens < M only. With M <= 8 there are M slots per step and the lanes of absent tokens take
+  // zeros instead of loading (fewer shared-memory wavefronts too: 1 instead of 4 per 16-byte x
+  // load at M = 1); in the second tile of M 9..16 the slots of absent tokens keep whatever
+  // shared memory held: they feed only the mma output columns of those tokens (each column is
+  // its own dot product), which are never written.
   const T* x = static_cast<const T*>(a.x);
   const int units_row = count * 8;
   const int units = M * units_row;  // tokens < M only (see above)
@@ -1215,13 +1236,13 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
                                            8 * u);
   };
   auto hole_unit = [&](int tok, int step, int u) -> uint32_t {
-    return anchor_addr + 256u * (uint32_t)(step * TOK + tok) + 128u +
+    return anchor_addr + 256u * (uint32_t)(step * slots + tok) + 128u +
            16u * (uint32_t)(u ^ (tok & 1));
   };
-  // At most v3_max_steps * tokens * 8 = 2048 units: 8 per thread, all loaded at once (one L2
-  // round trip), kept in registers between the max and the conversion.
+  // At most 256 holes x 8 units = 2048 units: 8 per thread, all loaded at once (one L2 round
+  // trip), kept in registers between the max and the conversion.
   constexpr int kUnitsPerThread = 256 * 8 / kV3Threads;
-  static_assert(kUnitsPerThread * kV3Threads == v3_max_steps(8) * 8 * 8, "x staging per thread");
+  static_assert(kUnitsPerThread * kV3Threads == 256 * 8, "x staging per thread");
   uint4 xu[kUnitsPerThread];
 #pragma unroll
   for (int q = 0; q < kUnitsPerThread; ++q) {
@@ -1282,11 +1303,12 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
 
   const float offset = NESTED ? __ldg(w.offset) : 0.f;
   const uint32_t lane4 = (uint32_t)lane * 4u;
-  // this lane's x: token tile mt, token g, step i, 16-byte units 2t and 2t+1 (swizzled), as
-  // offsets from `anchor`; xg moves one group of 4 steps on per loop iteration, the rest of the
-  // offset is an immediate
-  uint32_t xg0 = 256u * (uint32_t)g + 128u + 16u * (uint32_t)((2 * t) ^ (g & 1));
-  uint32_t xg1 = 256u * (uint32_t)g + 128u + 16u * (uint32_t)((2 * t + 1) ^ (g & 1));
+  // this lane's x: token tile mt, token g, step p0 + i, 16-byte units 2t and 2t+1 (swizzled),
+  // as offsets from `anchor`; xg moves one group of 4 steps on per loop iteration
+  uint32_t xg0 = step_bytes * (uint32_t)p0 + 256u * (uint32_t)g + 128u +
+                 16u * (uint32_t)((2 * t) ^ (g & 1));
+  uint32_t xg1 = step_bytes * (uint32_t)p0 + 256u * (uint32_t)g + 128u +
+                 16u * (uint32_t)((2 * t + 1) ^ (g & 1));
 
   // M <= 8: only the lanes of tokens < M load x (see the staging above)
   const bool x_lane = MT == 2 || g < M;
@@ -1300,7 +1322,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
       for (int c = 0; c < 4; ++c) acc[tl][mt][c] = 0.f;
 
   static_assert(kV3Ahead == 4, "the loop's groups of 4 steps are the ring and the scale groups");
-  for (int i0 = 0; i0 < count; i0 += 4) {
+  for (int i0 = 0; i0 < wcount; i0 += 4) {
     // this lane's row scale for steps i0 .. i0 + 3, then the next group's raw inputs
     float sc[4];
 #pragma unroll
@@ -1311,7 +1333,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
     load_raw(i0 + 4);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      if (i0 + j >= count) break;  // uniform over the CTA
+      if (i0 + j >= wcount) break;  // uniform over the warp
       // the 4 rows' scales of this step: rows g + 8r are lanes g + 8r
       float s[4];
 #pragma unroll
@@ -1320,8 +1342,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
       uint4 xv[MT][2];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        constexpr uint32_t kStepBytes = 256u * TOK;
-        const uint32_t off = kStepBytes * j + 256u * 8 * mt;
+        const uint32_t off = step_bytes * j + 256u * 8 * mt;
         if (x_lane) {
           xv[mt][0] = *reinterpret_cast<const uint4*>(anchor + xg0 + off);
           xv[mt][1] = *reinterpret_cast<const uint4*>(anchor + xg1 + off);
@@ -1351,7 +1372,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
           pb[4] = v3_pair<0>(anchor, rb.y, lane4); pb[5] = v3_pair<1>(anchor, rb.y, lane4);
           pb[6] = v3_pair<2>(anchor, rb.y, lane4); pb[7] = v3_pair<3>(anchor, rb.y, lane4);
         }
-        if (tl == 1 && i0 + j + kV3Ahead < count) {
+        if (tl == 1 && i0 + j + kV3Ahead < wcount) {
           // the slot's words are consumed (above): reload it in place (no register moves)
 #pragma unroll
           for (int r = 0; r < 4; ++r)
@@ -1374,8 +1395,37 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
     }
 #pragma unroll
     for (int r = 0; r < 4; ++r) wp[r] += 4 * (kV3Step / 2);
-    xg0 += 4u * 256u * TOK;
-    xg1 += 4u * 256u * TOK;
+    xg0 += 4u * step_bytes;
+    xg1 += 4u * step_bytes;
+  }
+
+  if (parts > 1) {
+    // the parts' sums, added in part order (deterministic) by the warps of part 0, through
+    // the table's space (every warp is past its last table and x read at the first sync)
+    constexpr int kVals = 2 * MT * 4;
+    float* sums = reinterpret_cast<float*>(smem);  // (parts - 1) x tiles x kVals x 32 lanes
+    __syncthreads();
+    if (part > 0) {
+      float* dst = sums + ((part - 1) * tiles + wt) * (kVals * 32) + lane;
+#pragma unroll
+      for (int tl = 0; tl < 2; ++tl)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) dst[((tl * MT + mt) * 4 + c) * 32] = acc[tl][mt][c];
+    }
+    __syncthreads();
+    if (part == 0) {
+      for (int p = 1; p < parts; ++p) {
+        const float* src = sums + ((p - 1) * tiles + wt) * (kVals * 32) + lane;
+#pragma unroll
+        for (int tl = 0; tl < 2; ++tl)
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[tl][mt][c] += src[((tl * MT + mt) * 4 + c) * 32];
+      }
+    }
   }
 
   // acc[tl][mt][c]: weight row tile_base + 16 tl + g (+ 8 for c >= 2), token mt*8 + 2t + (c&1)
@@ -1389,7 +1439,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
       for (int c = 0; c < 4; ++c) {
         const int m = mt * 8 + 2 * t + (c & 1);
         const int n = tile_base + 16 * tl + g + (c < 2 ? 0 : 8);
-        if (m >= M || n >= N) continue;
+        if (part > 0 || m >= M || n >= N) continue;  // part 0 holds the sums
         float v = acc[tl][mt][c];
         if (std::is_same<T, __nv_bfloat16>::value)  // undo the token's power of two
           v *= pow2f(-x_scale_shift(tok_max[m]));
@@ -1411,8 +1461,9 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   __syncthreads();
   if (!*last) return;
   __threadfence();
-  v3_sum_splits<T>(a.partial, blockIdx.x * kV3Rows + tid, M, N, (int)gridDim.y, bias, y,
-                   a.y_stride);
+  if (tid < rows_cta)
+    v3_sum_splits<T>(a.partial, blockIdx.x * rows_cta + tid, M, N, (int)gridDim.y, bias, y,
+                     a.y_stride);
 #endif
 }
 
@@ -1484,64 +1535,75 @@ bool nf4_gemv_v3_ok(const NF4Weight& w, const NF4GemvArgs& a) {
          w.bs_log2 >= 6 && (a.dtype == kBF16 || a.dtype == kF16);
 }
 
-// v3's K split: the fewest splits among those that minimise the most work any SM gets
-// (resident CTAs share an SM's bandwidth, so work per SM, not waves, is the measure), each
-// split at most v3_max_steps steps (x must fit the table's holes); +1 step per CTA for its
-// start (table, x staging, first loads). An SM with a single CTA has half the loads in flight
-// (8 warps, 32 KB): counted as streaming at 2/3 of the rate of two (an assumption, untimed).
-static void plan_v3(NF4GemvArgs& a, int sms, int requested_splits) {
+// v3's work split: a CTA's rows (256 / parts) and its K range (steps; splits = grid.y). The
+// cheapest by a cost model of the most work any SM gets (resident CTAs share an SM's
+// bandwidth, so work per SM, not waves, is the measure), in steps of one warp (32 rows x 64 k):
+// a CTA costs its warps' steps (steps / parts) + 1 for its start (table, x staging, first
+// loads) + 0.5 for adding the parts' sums (parts > 1) + for a K split across CTAs its partials
+// (256 rows x M floats through L2: M / 4 of a step's 8 KB, at half a DRAM byte each) and the
+// last CTA's adding of `splits` partials (4 per L2 round trip, a quarter step each: a guess).
+// An SM with a single CTA has half the loads in flight (8 warps, 32 KB): counted as streaming
+// at 2/3 of the rate of two (an assumption, untimed). Each CTA's steps x slots must fit the
+// table's holes (v3_max_steps). Ties go to fewer parts, then fewer splits. M 9..16 (two
+// token tiles) always has one part (see the kernel), whatever was requested.
+static void plan_v3(NF4GemvArgs& a, int sms, int requested_splits, int requested_parts) {
   const int S = a.K / kV3Step;
-  const int max_steps = v3_max_steps(a.M <= 8 ? 8 : 16);
-  if (requested_splits > 0) {  // a benchmark's choice, within what x staging allows
-    const int steps = std::min(max_steps, (S + requested_splits - 1) / requested_splits);
-    a.v3_steps = steps;
-    a.v3_splits = (S + steps - 1) / steps;
-    return;
-  }
-  const int64_t row_groups = (a.N + kV3Rows - 1) / kV3Rows;
+  const int max_steps = std::min(S, v3_max_steps(a.M));
   const int64_t n_sms = std::max(1, sms);
-  int best_steps = std::min(S, max_steps), best_splits = 0;
-  int64_t best_cost = INT64_MAX;
-  for (int ks = (S + max_steps - 1) / max_steps; ks <= S; ++ks) {
-    const int steps = (S + ks - 1) / ks;
-    const int splits = (S + steps - 1) / steps;  // every split non-empty
-    if (splits == best_splits) continue;
-    const int64_t per_sm = (row_groups * splits + n_sms - 1) / n_sms;
-    // a K split adds the CTA's partials (256 rows x M floats, written and read back through
-    // L2: M / 4 of a step's 8 KB of weight, counted at half a DRAM byte each)
-    const int extra = splits > 1 ? (a.M + 7) / 8 : 0;
-    const int64_t cost = (per_sm == 1 ? 3 : 2 * per_sm) * (steps + 1 + extra);  // x2
-    if (cost < best_cost) {
-      best_cost = cost;
-      best_steps = steps;
-      best_splits = splits;
+  double best_cost = 1e300;
+  for (int parts = 1; parts <= (a.M <= 8 ? kV3Warps : 1); parts *= 2) {  // M 9..16: 1 (kernel)
+    if (requested_parts > 0 && parts != requested_parts && a.M <= 8) continue;
+    const int64_t row_groups = (a.N + kV3Rows / parts - 1) / (kV3Rows / parts);
+    int prev_splits = 0;
+    for (int ks = (S + max_steps - 1) / max_steps; ks <= S; ++ks) {
+      if (requested_splits > 0) ks = std::max(ks, std::min(requested_splits, S));
+      const int steps = (S + ks - 1) / ks;
+      const int splits = (S + steps - 1) / steps;  // every split non-empty
+      if (splits != prev_splits) {
+        prev_splits = splits;
+        const int64_t per_sm = (row_groups * splits + n_sms - 1) / n_sms;
+        const double per_warp = (double)((steps + parts - 1) / parts);
+        const double extra = (parts > 1 ? 0.5 : 0.0) +
+                             (splits > 1 ? (a.M + 7) / 8 + splits / 4.0 : 0.0);
+        const double cost = (per_sm == 1 ? 1.5 : (double)per_sm) * (per_warp + 1.0 + extra);
+        if (cost < best_cost) {
+          best_cost = cost;
+          a.v3_steps = steps;
+          a.v3_splits = splits;
+          a.v3_kparts = parts;
+        }
+      }
+      if (requested_splits > 0) break;  // a benchmark's choice (within what x staging allows)
     }
   }
-  a.v3_steps = best_steps;
-  a.v3_splits = std::max(1, best_splits);
 }
 
 void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
-  const int v3_requested_splits = a.v3_splits;
+  const int v3_requested_splits = a.v3_splits, v3_requested_parts = a.v3_kparts;
   a.v3_decode = 0;
   if (a.variant == 5 || a.variant == 6) {  // v3 with its decode in registers / half and half
     a.v3_decode = a.variant - 4;
     a.variant = 3;
   }
-  a.split = a.per_split = a.v2_blocks = a.v2_steps = a.v3_steps = a.v3_splits = 0;
-  // Automatic choice (variant 0), from the H200 (run 17, one run, M = 1..16): v3 was faster
-  // than v1 at every M where the output is wide (4096 -> 14336: 0.025-0.031 ms vs 0.029-0.041)
-  // and slower, or level at M = 16, where it is narrow (14336 -> 4096). Between the two (e.g.
-  // square weights) nothing was timed, so v1 stays. Wide outputs take v3 with half of the rows
-  // decoded in registers (v3h, the same results bit for bit): 2.3-3.6% faster than v3 at
-  // M <= 8 there, level at M >= 9 (runs 27 and 32).
+  a.split = a.per_split = a.v2_blocks = a.v2_steps = a.v3_steps = a.v3_splits = a.v3_kparts = 0;
+  // Automatic choice (variant 0), from the H200: v3 was faster than v1 at every M where the
+  // output is wide (run 17: 4096 -> 14336, 0.025-0.031 ms vs 0.029-0.041), and since its
+  // warps split a CTA's K range (K parts, runs 65-67) also at M <= 8 where the output is at
+  // most half the input (run 67: 14336 -> 4096, 22.9 / 25.6 / 28.2 us vs v1's 25.6 / 26.7 /
+  // 28.4 at M = 1 / 4 / 8; 4096 -> 1024, 9.3 / 10.2 / 11.4 us vs 15.0 / 16.0 / 17.8); v1 stays
+  // for those at M 9..16 (14336 -> 4096: 32.2-35.0 us vs 34.3-37.5) and for shapes in between
+  // (4096 -> 4096: v1 12.3-16.9 us, v3h 13.1-21.5). v3 runs with half of the rows decoded in
+  // registers (v3h, the same results bit for bit): 2.3-3.6% faster than v3 at M <= 8 on wide
+  // outputs, level at M >= 9 (runs 27 and 32).
   if (a.variant == 0) {
     const bool wide = (int64_t)a.N >= 2 * (int64_t)a.K;
-    a.variant = wide ? 3 : 1;
-    a.v3_decode = wide ? 2 : 0;
+    const bool deep = (int64_t)a.K >= 2 * (int64_t)a.N;
+    const bool v3 = wide || (deep && a.M <= 8);
+    a.variant = v3 ? 3 : 1;
+    a.v3_decode = v3 ? 2 : 0;
   }
   if (a.variant == 3 && nf4_gemv_v3_ok(w, a)) {
-    plan_v3(a, sms, v3_requested_splits);
+    plan_v3(a, sms, v3_requested_splits, v3_requested_parts);
     return;
   }
   if (a.variant == 2 && nf4_gemv_v2_ok(w, a)) {
@@ -1566,7 +1628,7 @@ unsigned long long nf4_gemv_counter_tag() {
 }
 
 int64_t nf4_gemv_counters(const NF4GemvArgs& a) {
-  if (a.variant == 3) return (a.N + kV3Rows - 1) / kV3Rows;
+  if (a.variant == 3) return (a.N + kV3Rows / a.v3_kparts - 1) / (kV3Rows / a.v3_kparts);
   return a.variant == 2 ? (a.N + kV2Rows - 1) / kV2Rows : nf4_gemv_row_blocks(a.N);
 }
 
@@ -1637,7 +1699,7 @@ void launch_gemv_v2(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t strea
 template <typename T, int MT, bool NESTED, int DECODE>
 void launch_gemv_v3_decode(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
   allow_dynamic_smem<nf4_gemv_v3_kernel<MT, NESTED, T, DECODE>>(kV3Smem);
-  const dim3 grid((unsigned)((a.N + kV3Rows - 1) / kV3Rows), (unsigned)a.v3_splits);
+  const dim3 grid((unsigned)nf4_gemv_counters(a), (unsigned)a.v3_splits);  // row groups x splits
   launch_kernel(nf4_gemv_v3_kernel<MT, NESTED, T, DECODE>, grid, kV3Threads, kV3Smem, stream,
                 a.pdl, w, a);
 }

@@ -534,7 +534,7 @@ def test_cuda_ops_pass_opcheck():
         y = torch.empty(5, 64, dtype=torch.bfloat16, device="cuda")
         torch.library.opcheck(ops.nf4_gemv, (x, st.packed, st.absmax, st.absmax2, st.code2,
                                              st.offset, st.code, None, st.blocksize,
-                                             st.blocksize2, 0, 0, True, y))
+                                             st.blocksize2, 0, 0, 0, True, y))
 
 
 @pytest.mark.gpu
@@ -782,23 +782,32 @@ def test_fused_matmul_gpu_x_ranges(backend, variant, monkeypatch):
 
 
 def test_gemv_settings_from_environment(monkeypatch):
-    """FASTFT_NF4_GEMV / FASTFT_NF4_V3_SPLITS / FASTFT_NF4_PDL are read and checked in Python
-    (the extension gets plain values): unset / auto = 0 (the plan chooses), PDL on unless
-    "0"; bad values name the variable."""
-    for name in ("FASTFT_NF4_GEMV", "FASTFT_NF4_V3_SPLITS", "FASTFT_NF4_PDL"):
+    """FASTFT_NF4_GEMV / FASTFT_NF4_V3_SPLITS / FASTFT_NF4_V3_KPARTS / FASTFT_NF4_PDL are read
+    and checked in Python (the extension gets plain values): unset / auto = 0 (the plan
+    chooses), PDL on unless "0"; bad values name the variable."""
+    for name in ("FASTFT_NF4_GEMV", "FASTFT_NF4_V3_SPLITS", "FASTFT_NF4_V3_KPARTS",
+                 "FASTFT_NF4_PDL"):
         monkeypatch.delenv(name, raising=False)
-    assert nf4_mod.gemv_settings() == (0, 0, True)
+    assert nf4_mod.gemv_settings() == (0, 0, 0, True)
     for name, variant in (("", 0), ("auto", 0), ("v1", 1), ("v2", 2), ("v3", 3), ("v3r", 5),
                           ("v3h", 6)):
         monkeypatch.setenv("FASTFT_NF4_GEMV", name)
-        assert nf4_mod.gemv_settings() == (variant, 0, True)
+        assert nf4_mod.gemv_settings() == (variant, 0, 0, True)
     monkeypatch.setenv("FASTFT_NF4_GEMV", "v3")
     for splits in ("1", "7", "65535"):
         monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", splits)
-        assert nf4_mod.gemv_settings() == (3, int(splits), True)
+        assert nf4_mod.gemv_settings() == (3, int(splits), 0, True)
+    for parts in ("1", "2", "4", "8"):
+        monkeypatch.setenv("FASTFT_NF4_V3_KPARTS", parts)
+        assert nf4_mod.gemv_settings() == (3, 65535, int(parts), True)
+    for parts in ("0", "3", "16", " 2", "x"):
+        monkeypatch.setenv("FASTFT_NF4_V3_KPARTS", parts)
+        with pytest.raises(ValueError, match="FASTFT_NF4_V3_KPARTS must be 1, 2, 4 or 8"):
+            nf4_mod.gemv_settings()
+    monkeypatch.delenv("FASTFT_NF4_V3_KPARTS")
     for flag, want in (("0", False), ("1", True), ("", True)):  # set but empty: the default
         monkeypatch.setenv("FASTFT_NF4_PDL", flag)
-        assert nf4_mod.gemv_settings()[2] is want
+        assert nf4_mod.gemv_settings()[3] is want
     for flag in ("yes", "2", " 1"):
         monkeypatch.setenv("FASTFT_NF4_PDL", flag)
         with pytest.raises(ValueError, match="FASTFT_NF4_PDL must be 0 or 1"):
@@ -828,17 +837,29 @@ def test_fused_matmul_gpu_rejects_unknown_variant(monkeypatch):
 
 @pytest.mark.gpu
 def test_fused_matmul_gpu_auto_variant(monkeypatch):
-    """Unset FASTFT_NF4_GEMV: v3h where out_features >= 2 x in_features (and v3 applies), v1
-    elsewhere; bit for bit the forced kernel's result (v3h gives v3's results bit for bit)."""
+    """Unset FASTFT_NF4_GEMV: v3h (where v3 applies: in_features % 64 == 0, blocksize >= 64)
+    where out_features >= 2 x in_features, and at up to 8 rows where in_features >= 2 x
+    out_features; v1 elsewhere; bit for bit the forced kernel's result (v3h gives v3's results
+    bit for bit)."""
     if "cuda" not in backends("nf4_matmul", "cuda"):
         pytest.skip("fastft._C is not built")
     monkeypatch.delenv("FASTFT_NF4_V3_SPLITS", raising=False)
-    for (out_f, in_f), blocksize, want in ((((1000, 448), 64, "v3")), (((896, 448), 64, "v3")),
-                                           (((895, 448), 64, "v1")), (((600, 4480), 64, "v1")),
-                                           (((1000, 448), 32, "v1")), (((900, 384), 64, "v3"))):
+    monkeypatch.delenv("FASTFT_NF4_V3_KPARTS", raising=False)
+    # (shape, blocksize, v3 applies, which v3 takes: all rows / up to 8 / none)
+    for (out_f, in_f), blocksize, v3_ok, v3_rows in (((1000, 448), 64, True, 16),
+                                                     ((896, 448), 64, True, 16),
+                                                     ((895, 448), 64, True, 0),
+                                                     ((600, 4480), 64, True, 8),
+                                                     ((448, 896), 64, True, 8),
+                                                     ((449, 896), 64, True, 0),
+                                                     ((1000, 448), 32, False, 16),
+                                                     ((900, 384), 64, True, 16),
+                                                     ((900, 416), 64, False, 16)):
         _, packed, state = quantize((out_f, in_f), True, blocksize=blocksize, device="cuda",
                                     seed=out_f)
-        for rows, dtype in ((1, torch.bfloat16), (9, torch.float16), (16, torch.bfloat16)):
+        for rows, dtype in ((1, torch.bfloat16), (8, torch.float16), (9, torch.float16),
+                            (16, torch.bfloat16)):
+            want = "v3" if v3_ok and rows <= v3_rows else "v1"
             x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)) \
                 .to(device="cuda", dtype=dtype)
             monkeypatch.delenv("FASTFT_NF4_GEMV", raising=False)
@@ -848,7 +869,7 @@ def test_fused_matmul_gpu_auto_variant(monkeypatch):
             other = "v1" if want == "v3" else "v3"
             monkeypatch.setenv("FASTFT_NF4_GEMV", other)
             assert torch.equal(got, forced), (out_f, in_f, blocksize, rows, want)
-            if not (want == "v1" and blocksize == 32):  # v3 does not take blocksize 32
+            if v3_ok:  # v3 does not take blocksize 32 or in_features % 64 != 0
                 assert not torch.equal(got, nf4_matmul(x, packed, state, backend="cuda")), \
                     ("the two kernels should differ in rounding here", out_f, in_f, rows)
 
@@ -1089,6 +1110,34 @@ def test_fused_matmul_gpu_v3_requested_splits(monkeypatch):
     x = torch.randn(2, 64 * 70, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(ValueError, match="FASTFT_NF4_V3_SPLITS must be a whole number"):
         nf4_matmul(x, packed, state, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["v3", "v3h"])
+def test_fused_matmul_gpu_v3_requested_kparts(variant, monkeypatch):
+    """FASTFT_NF4_V3_KPARTS (for tuning): a CTA's warps take 1, 2, 4 or 8 parts of its K range
+    and add their sums in shared memory. Every count gives the right result (check_fused_gpu:
+    float64, per element) and the same bits when called again: with the plan's K split, with
+    7 CTA splits of 10 steps (4 parts: 3, 3, 3, 1 steps; 8 parts: five of 2 and three empty)
+    and with 70 splits of 1 step (all parts but the first empty), at 600 rows (CTAs of 256,
+    128, 64 or 32 rows: the last one partly outside the weight)."""
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", variant)
+    for splits in ("", "7", "70"):
+        if splits:
+            monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", splits)
+        else:
+            monkeypatch.delenv("FASTFT_NF4_V3_SPLITS", raising=False)
+        for parts in ("1", "2", "4", "8"):
+            monkeypatch.setenv("FASTFT_NF4_V3_KPARTS", parts)
+            for rows, dtype in ((1, torch.bfloat16), (3, torch.float16), (8, torch.bfloat16),
+                                (13, torch.bfloat16), (16, torch.float16)):
+                x, packed, state, bias, y = check_fused_gpu(
+                    "cuda", rows, (600, 64 * 70), 64, dtype, True, with_bias=rows != 8,
+                    seed=90 + rows)
+                assert torch.equal(y, nf4_matmul(x, packed, state, bias, backend="cuda")), \
+                    (splits, parts, rows)
 
 
 @pytest.mark.gpu

@@ -22,8 +22,9 @@ summation order). CUDA's v2 and v3 (in_features % 64 == 0, blocksize >= 64) mult
 levels rounded to fp16 and apply each block's float32 scale to the float32 sums, i.e. W to
 2^-11 per level; v3 spends ~2 instructions per packed byte. The CUDA backend picks v3h (v3 with
 half of the level lookups done in registers instead of shared memory: the same results) where
-the output is at least twice as wide as the input (faster than v1 there on the H200) and v1
-elsewhere; FASTFT_NF4_GEMV forces one (see gemv_settings). Larger inputs, float32 x and
+the output is at least twice as wide as the input, and at M <= 8 where it is at most half as
+wide (faster than v1 there on the H200), v1 elsewhere; FASTFT_NF4_GEMV forces one (see
+gemv_settings). Larger inputs, float32 x and
 shapes the fused kernels don't take dequantise W into a per-device workspace (reused by every
 layer, see workspace()) and call cuBLAS. Only x (and a bias) get gradients: the quantised
 weight is frozen; backward dequantises again (dx = dy @ W), nothing W-sized is saved.
@@ -388,15 +389,17 @@ class _CudaBackend:
 
     @staticmethod
     def gemv(x2, st, bias, y) -> None:
-        variant, v3_splits, pdl = gemv_settings()
+        variant, v3_splits, v3_kparts, pdl = gemv_settings()
         cuda_ops().nf4_gemv(x2, *_state_args(st), bias, st.blocksize, st.blocksize2, variant,
-                            v3_splits, pdl, y)
+                            v3_splits, v3_kparts, pdl, y)
 
 
 # FASTFT_NF4_GEMV picks the CUDA backend's fused small-M kernel: unset or "auto" lets the
-# extension choose (v3h where the output is at least twice as wide as the input, v1 elsewhere:
-# what the H200 measured), "v1" / "v2" / "v3" force one where it applies. FASTFT_NF4_V3_SPLITS
-# forces v3's K split (tuning). Read on every call, so that one process can time every kernel.
+# extension choose (v3h where the output is at least twice as wide as the input, and at M <= 8
+# where it is at most half as wide; v1 elsewhere: what the H200 measured), "v1" / "v2" / "v3" force one where it applies.
+# FASTFT_NF4_V3_SPLITS forces v3's K split across CTAs and FASTFT_NF4_V3_KPARTS (1, 2, 4 or 8)
+# how many parts of a CTA's K range its warps take at M <= 8 (tuning). Read on every call, so
+# that one process can time every kernel.
 # v3r / v3h: v3 with its NF4 decode in registers (PRMT) / half in registers, half in the
 # shared-memory table (the extension's variants 5 / 6); the same results as v3, bit for bit.
 # FASTFT_NF4_PDL=0 turns off programmatic dependent launch of v1 / v3 (on by default where the
@@ -405,9 +408,9 @@ class _CudaBackend:
 _GEMV_VARIANTS = {"": 0, "auto": 0, "v1": 1, "v2": 2, "v3": 3, "v3r": 5, "v3h": 6}
 
 
-def gemv_settings() -> tuple[int, int, bool]:
-    """(variant, v3 K splits, PDL) for torch.ops.fastft.nf4_gemv from the environment; 0 means
-    the extension's plan chooses."""
+def gemv_settings() -> tuple[int, int, int, bool]:
+    """(variant, v3 K splits, v3 K parts per CTA, PDL) for torch.ops.fastft.nf4_gemv from the
+    environment; 0 means the extension's plan chooses."""
     name = os.environ.get("FASTFT_NF4_GEMV", "")
     if name not in _GEMV_VARIANTS:
         raise ValueError("FASTFT_NF4_GEMV must be auto, v1, v2, v3, v3r or v3h (or unset), got "
@@ -418,10 +421,13 @@ def gemv_settings() -> tuple[int, int, bool]:
     if text and not 1 <= splits <= 65535:
         raise ValueError("FASTFT_NF4_V3_SPLITS must be a whole number from 1 to 65535 (or "
                          f"unset), got {text!r}")
+    parts_text = os.environ.get("FASTFT_NF4_V3_KPARTS", "")
+    if parts_text not in ("", "1", "2", "4", "8"):
+        raise ValueError(f"FASTFT_NF4_V3_KPARTS must be 1, 2, 4 or 8 (or unset), got {parts_text!r}")
     pdl = os.environ.get("FASTFT_NF4_PDL", "") or "1"
     if pdl not in ("0", "1"):
         raise ValueError(f"FASTFT_NF4_PDL must be 0 or 1 (or unset), got {pdl!r}")
-    return _GEMV_VARIANTS[name], max(splits, 0), pdl == "1"
+    return _GEMV_VARIANTS[name], max(splits, 0), int(parts_text or 0), pdl == "1"
 
 
 _BACKENDS: dict[str, Any] = {"torch": _TorchBackend, "triton": _TritonBackend,

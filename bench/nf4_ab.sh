@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# A/B of the small-M NF4 kernels on the GPU machine, in one call: builds this tree and a base
+# tree (_base_tree: e.g. `git archive main | tar -x -C _base_tree`, untracked, made before the
+# call) side by side, runs the nf4 and fused-LoRA gpu tests on this tree, then times
+# bench/nf4_small_m.py for both builds (this tree twice, before and after the base, to show the
+# run's own noise). JSON lines and logs under $OUT. KERNELS / BASE_KERNELS / ROWS: see
+# bench/nf4_small_m.py; SKIP_TESTS=1 skips the tests.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 FASTFT_BUILD_CUDA=1
+T0=$(date +%s); stamp() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .whl/*.whl > "$OUT/wheels.log" 2>&1 || tail -5 "$OUT/wheels.log"
+stamp build
+( MAX_JOBS=8 python3 setup.py build_ext --inplace > "$OUT/build_new.log" 2>&1; echo "new build rc=$?" ) &
+( cd _base_tree && MAX_JOBS=8 python3 setup.py build_ext --inplace > "$OUT/build_base.log" 2>&1
+  echo "base build rc=$?" ) &
+wait
+for d in . _base_tree; do [ -e $d/fastft/triton_kernels ] || ln -s ../triton_kernels $d/fastft/triton_kernels; done
+grep -E "error" "$OUT/build_new.log" | head -5
+if [ -z "${SKIP_TESTS:-}" ]; then
+  stamp tests
+  PYTHONPATH=$PWD:/tmp/site timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/test_nf4.py \
+      tests/test_lora_fused.py -m gpu -q -p no:cacheprovider -rfE -n 4 > "$OUT/tests.log" 2>&1
+  echo "tests rc=$?"; tail -2 "$OUT/tests.log"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+fi
+bench() {  # tag, tree, kernels
+  stamp "bench $1"
+  PYTHONPATH=$2:/tmp/site KERNELS=$3 timeout 200 python3 bench/nf4_small_m.py "$1" \
+      "$OUT/ab.jsonl" > "$OUT/bench_$1.log" 2>&1
+  echo "bench $1 rc=$?"; grep -v '^{' "$OUT/bench_$1.log" | tail -3
+}
+bench new "$PWD" "${KERNELS:-auto,v3h,v1}"
+bench base "$PWD/_base_tree" "${BASE_KERNELS:-auto,v3h,v1}"
+bench new2 "$PWD" "${BASE_KERNELS:-auto,v3h,v1}"
+if [ -n "${DECODE:-}" ]; then  # DECODE=1: bench/decode_step.py for both builds (logs only)
+  for b in new base; do
+    tree=$PWD; [ $b = base ] && tree=$PWD/_base_tree
+    stamp "decode_step $b"
+    mkdir -p "$OUT/decode_$b"
+    PYTHONPATH=$tree:/tmp/site timeout 240 python3 bench/decode_step.py --out "$OUT/decode_$b" \
+        > "$OUT/decode_$b.log" 2>&1
+    echo "decode_step $b rc=$?"; grep -E "^(B=|generate)" "$OUT/decode_$b.log" | tail -8
+  done
+fi
+stamp done
