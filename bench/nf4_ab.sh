@@ -4,7 +4,8 @@
 # call) side by side, runs the nf4 and fused-LoRA gpu tests on this tree, then times
 # bench/nf4_small_m.py for both builds (this tree twice, before and after the base, to show the
 # run's own noise). JSON lines and logs under $OUT. KERNELS / BASE_KERNELS / ROWS: see
-# bench/nf4_small_m.py; SKIP_TESTS=1 skips the tests.
+# bench/nf4_small_m.py; TESTS: the test files (default the nf4 and fused-LoRA ones); SKIP_TESTS=1
+# skips the tests.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 FASTFT_BUILD_CUDA=1
@@ -20,8 +21,9 @@ for d in . _base_tree; do [ -e $d/fastft/triton_kernels ] || ln -s ../triton_ker
 grep -E "error" "$OUT/build_new.log" | head -5
 if [ -z "${SKIP_TESTS:-}" ]; then
   stamp tests
-  PYTHONPATH=$PWD:/tmp/site timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/test_nf4.py \
-      tests/test_lora_fused.py -m gpu -q -p no:cacheprovider -rfE -n 4 > "$OUT/tests.log" 2>&1
+  PYTHONPATH=$PWD:/tmp/site timeout ${TEST_TIMEOUT:-300} python3 -m pytest \
+      ${TESTS:-tests/test_nf4.py tests/test_lora_fused.py} -m gpu -q -p no:cacheprovider -rfE \
+      -n 4 > "$OUT/tests.log" 2>&1
   echo "tests rc=$?"; tail -2 "$OUT/tests.log"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 fi
 bench() {  # tag, tree, kernels

@@ -1588,19 +1588,20 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   a.split = a.per_split = a.v2_blocks = a.v2_steps = a.v3_steps = a.v3_splits = a.v3_kparts = 0;
   // Automatic choice (variant 0), from the H200: v3 was faster than v1 at every M where the
   // output is wide (run 17: 4096 -> 14336, 0.025-0.031 ms vs 0.029-0.041), and since its
-  // warps split a CTA's K range (K parts, runs 65-67) also at M <= 8 where the output is at
+  // warps split a CTA's K range (K parts, runs 65-68) also at M <= 8 where the output is at
   // most half the input (run 67: 14336 -> 4096, 22.9 / 25.6 / 28.2 us vs v1's 25.6 / 26.7 /
   // 28.4 at M = 1 / 4 / 8; 4096 -> 1024, 9.3 / 10.2 / 11.4 us vs 15.0 / 16.0 / 17.8); v1 stays
   // for those at M 9..16 (14336 -> 4096: 32.2-35.0 us vs 34.3-37.5) and for shapes in between
-  // (4096 -> 4096: v1 12.3-16.9 us, v3h 13.1-21.5). v3 runs with half of the rows decoded in
-  // registers (v3h, the same results bit for bit): 2.3-3.6% faster than v3 at M <= 8 on wide
-  // outputs, level at M >= 9 (runs 27 and 32).
+  // (4096 -> 4096: v1 12.3-16.9 us, v3h 13.1-21.5; run 68, the best forced K parts: v3 12.0 /
+  // 13.4 / 14.2 vs v1 12.3 / 12.9 / 13.8 at M = 1 / 4 / 8). Wide outputs take v3 with half of
+  // the rows decoded in registers (v3h, the same results bit for bit): 2.3-3.6% faster than v3
+  // at M <= 8 there, level at M >= 9 (runs 27 and 32); narrow ones the table alone (run 68:
+  // 4096 -> 1024 4-5% faster than v3h at M = 1 / 4 / 8, 14336 -> 4096 level).
   if (a.variant == 0) {
     const bool wide = (int64_t)a.N >= 2 * (int64_t)a.K;
     const bool deep = (int64_t)a.K >= 2 * (int64_t)a.N;
-    const bool v3 = wide || (deep && a.M <= 8);
-    a.variant = v3 ? 3 : 1;
-    a.v3_decode = v3 ? 2 : 0;
+    a.variant = wide || (deep && a.M <= 8) ? 3 : 1;
+    a.v3_decode = wide ? 2 : 0;
   }
   if (a.variant == 3 && nf4_gemv_v3_ok(w, a)) {
     plan_v3(a, sms, v3_requested_splits, v3_requested_parts);

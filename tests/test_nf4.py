@@ -837,8 +837,8 @@ def test_fused_matmul_gpu_rejects_unknown_variant(monkeypatch):
 
 @pytest.mark.gpu
 def test_fused_matmul_gpu_auto_variant(monkeypatch):
-    """Unset FASTFT_NF4_GEMV: v3h (where v3 applies: in_features % 64 == 0, blocksize >= 64)
-    where out_features >= 2 x in_features, and at up to 8 rows where in_features >= 2 x
+    """Unset FASTFT_NF4_GEMV: where v3 applies (in_features % 64 == 0, blocksize >= 64) v3h
+    where out_features >= 2 x in_features and v3 at up to 8 rows where in_features >= 2 x
     out_features; v1 elsewhere; bit for bit the forced kernel's result (v3h gives v3's results
     bit for bit)."""
     if "cuda" not in backends("nf4_matmul", "cuda"):

@@ -22,7 +22,7 @@ summation order). CUDA's v2 and v3 (in_features % 64 == 0, blocksize >= 64) mult
 levels rounded to fp16 and apply each block's float32 scale to the float32 sums, i.e. W to
 2^-11 per level; v3 spends ~2 instructions per packed byte. The CUDA backend picks v3h (v3 with
 half of the level lookups done in registers instead of shared memory: the same results) where
-the output is at least twice as wide as the input, and at M <= 8 where it is at most half as
+the output is at least twice as wide as the input, v3 at M <= 8 where it is at most half as
 wide (faster than v1 there on the H200), v1 elsewhere; FASTFT_NF4_GEMV forces one (see
 gemv_settings). Larger inputs, float32 x and
 shapes the fused kernels don't take dequantise W into a per-device workspace (reused by every
@@ -395,7 +395,7 @@ class _CudaBackend:
 
 
 # FASTFT_NF4_GEMV picks the CUDA backend's fused small-M kernel: unset or "auto" lets the
-# extension choose (v3h where the output is at least twice as wide as the input, and at M <= 8
+# extension choose (v3h where the output is at least twice as wide as the input, v3 at M <= 8
 # where it is at most half as wide; v1 elsewhere: what the H200 measured), "v1" / "v2" / "v3" force one where it applies.
 # FASTFT_NF4_V3_SPLITS forces v3's K split across CTAs and FASTFT_NF4_V3_KPARTS (1, 2, 4 or 8)
 # how many parts of a CTA's K range its warps take at M <= 8 (tuning). Read on every call, so
