@@ -1540,8 +1540,12 @@ bool nf4_gemv_v3_ok(const NF4Weight& w, const NF4GemvArgs& a) {
 // bandwidth, so work per SM, not waves, is the measure), in steps of one warp (32 rows x 64 k):
 // a CTA costs its warps' steps (steps / parts) + 1 for its start (table, x staging, first
 // loads) + 0.5 for adding the parts' sums (parts > 1) + for a K split across CTAs its partials
-// (256 rows x M floats through L2: M / 4 of a step's 8 KB, at half a DRAM byte each) and the
-// last CTA's adding of `splits` partials (4 per L2 round trip, a quarter step each: a guess).
+// (256 rows x M floats through L2: M / 4 of a step's 8 KB, at half a DRAM byte each), the last
+// CTA's adding of `splits` partials (4 per L2 round trip, a quarter step each) and 4 for the
+// latency of the fence, the counter and the partials' reads at the kernel's end (fitted to run
+// 70's sweep of every parts x splits choice on 4 shapes: without it the plan split small
+// weights across CTAs, e.g. 4096 -> 1024 at M = 1 in 4 splits, 8.9 us, where one CTA per
+// 32 rows with 8 parts took 7.3 us).
 // An SM with a single CTA has half the loads in flight (8 warps, 32 KB): counted as streaming
 // at 2/3 of the rate of two (an assumption, untimed). Each CTA's steps x slots must fit the
 // table's holes (v3_max_steps). Ties go to fewer parts, then fewer splits. M 9..16 (two
@@ -1564,7 +1568,7 @@ static void plan_v3(NF4GemvArgs& a, int sms, int requested_splits, int requested
         const int64_t per_sm = (row_groups * splits + n_sms - 1) / n_sms;
         const double per_warp = (double)((steps + parts - 1) / parts);
         const double extra = (parts > 1 ? 0.5 : 0.0) +
-                             (splits > 1 ? (a.M + 7) / 8 + splits / 4.0 : 0.0);
+                             (splits > 1 ? (a.M + 7) / 8 + 4.0 + splits / 4.0 : 0.0);
         const double cost = (per_sm == 1 ? 1.5 : (double)per_sm) * (per_warp + 1.0 + extra);
         if (cost < best_cost) {
           best_cost = cost;
