@@ -24,10 +24,10 @@ levels rounded to fp16 and apply each block's float32 scale to the float32 sums,
 half of the level lookups done in registers instead of shared memory: the same results) where
 the output is at least twice as wide as the input, v3 at M <= 8 where it is at most half as
 wide (faster than v1 there on the H200), v1 elsewhere; FASTFT_NF4_GEMV forces one (see
-gemv_settings). Larger inputs, float32 x and
-shapes the fused kernels don't take dequantise W into a per-device workspace (reused by every
-layer, see workspace()) and call cuBLAS. Only x (and a bias) get gradients: the quantised
-weight is frozen; backward dequantises again (dx = dy @ W), nothing W-sized is saved.
+gemv_settings). Larger inputs, float32 x and shapes the fused kernels don't take dequantise W
+into a per-device workspace (reused by every layer, see workspace()) and call cuBLAS. Only x
+(and a bias) get gradients: the quantised weight is frozen; backward dequantises again
+(dx = dy @ W), nothing W-sized is saved.
 """
 from __future__ import annotations
 
@@ -396,10 +396,10 @@ class _CudaBackend:
 
 # FASTFT_NF4_GEMV picks the CUDA backend's fused small-M kernel: unset or "auto" lets the
 # extension choose (v3h where the output is at least twice as wide as the input, v3 at M <= 8
-# where it is at most half as wide; v1 elsewhere: what the H200 measured), "v1" / "v2" / "v3" force one where it applies.
-# FASTFT_NF4_V3_SPLITS forces v3's K split across CTAs and FASTFT_NF4_V3_KPARTS (1, 2, 4 or 8)
-# how many parts of a CTA's K range its warps take at M <= 8 (tuning). Read on every call, so
-# that one process can time every kernel.
+# where it is at most half as wide; v1 elsewhere: what the H200 measured), "v1" / "v2" / "v3"
+# force one where it applies. FASTFT_NF4_V3_SPLITS forces v3's K split across CTAs and
+# FASTFT_NF4_V3_KPARTS (1, 2, 4 or 8) how many parts of a CTA's K range its warps take at
+# M <= 8 (tuning). Read on every call, so that one process can time every kernel.
 # v3r / v3h: v3 with its NF4 decode in registers (PRMT) / half in registers, half in the
 # shared-memory table (the extension's variants 5 / 6); the same results as v3, bit for bit.
 # FASTFT_NF4_PDL=0 turns off programmatic dependent launch of v1 / v3 (on by default where the
@@ -423,7 +423,8 @@ def gemv_settings() -> tuple[int, int, int, bool]:
                          f"unset), got {text!r}")
     parts_text = os.environ.get("FASTFT_NF4_V3_KPARTS", "")
     if parts_text not in ("", "1", "2", "4", "8"):
-        raise ValueError(f"FASTFT_NF4_V3_KPARTS must be 1, 2, 4 or 8 (or unset), got {parts_text!r}")
+        raise ValueError("FASTFT_NF4_V3_KPARTS must be 1, 2, 4 or 8 (or unset), got "
+                         f"{parts_text!r}")
     pdl = os.environ.get("FASTFT_NF4_PDL", "") or "1"
     if pdl not in ("0", "1"):
         raise ValueError(f"FASTFT_NF4_PDL must be 0 or 1 (or unset), got {pdl!r}")
