@@ -218,8 +218,8 @@ def _generation_step(module, x) -> bool:
 def _nf4_decoding(module, x) -> bool:
     """At most 16 rows (one token per sequence), bf16/fp16, through an NF4 layer on a GPU:
     fastft's fused path multiplies these straight from the packed weight (nf4's small-M
-    kernel), faster than bitsandbytes' GEMV (H200: 25-31% of the copy rate against 7-24%,
-    bench/RESULTS.md). FASTFT_NF4_FUSED_SMALL_M=0 leaves them to peft's path."""
+    kernel), faster than bitsandbytes' GEMV on the H200 (bench/RESULTS.md, "NF4 matmul").
+    FASTFT_NF4_FUSED_SMALL_M=0 leaves them to peft's path."""
     rows = x.numel() // max(1, x.shape[-1])
     if x.device.type != "cuda" or not _lora_ops.small_m_case(rows, _lora_ops._compute_dtype(x)):
         return False
