@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import out_dir_arg, write_result  # noqa: E402
-from train_step import RANK, TARGETS, _build_model, _quantize_decoder_linears  # noqa: E402
+from decode_step import build_qlora_model  # noqa: E402
 
 
 def main():
@@ -33,17 +33,7 @@ def main():
     layers = int(os.environ.get("LAYERS", "8"))
     batch = int(os.environ.get("B", "1"))
     iters = int(os.environ.get("ITERS", "50"))
-    from peft import LoraConfig, get_peft_model
-
-    from fastft.lora import apply_fused_lora
-
-    model = _quantize_decoder_linears(_build_model("8b", 4096, seed=0, layers=layers))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, bias="none",
-                                             target_modules=TARGETS, task_type="CAUSAL_LM",
-                                             init_lora_weights=False))
-    apply_fused_lora(model)
+    model = build_qlora_model(layers)
     model.eval()
     decoder = model.get_base_model().model
     ids = torch.randint(0, 128256, (batch, 1), device="cuda")

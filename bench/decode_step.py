@@ -35,10 +35,9 @@ from common import out_dir_arg, time_ms, write_result  # noqa: E402
 from train_step import RANK, TARGETS, _build_model, _quantize_decoder_linears  # noqa: E402
 
 
-def main():
-    out = out_dir_arg(__doc__)
-    layers = int(os.environ.get("LAYERS", "8"))
-    batches = [int(b) for b in os.environ.get("BATCHES", "1,4,16").split(",")]
+def build_qlora_model(layers: int):
+    """The model described above (also bench/decode_host.py's): frozen NF4 decoder linears,
+    peft LoRA on all 7 projections, fused by fastft.lora."""
     from peft import LoraConfig, get_peft_model
 
     from fastft.lora import apply_fused_lora
@@ -50,6 +49,14 @@ def main():
                                              target_modules=TARGETS, task_type="CAUSAL_LM",
                                              init_lora_weights=False))
     apply_fused_lora(model)
+    return model
+
+
+def main():
+    out = out_dir_arg(__doc__)
+    layers = int(os.environ.get("LAYERS", "8"))
+    batches = [int(b) for b in os.environ.get("BATCHES", "1,4,16").split(",")]
+    model = build_qlora_model(layers)
     g = torch.Generator(device="cuda").manual_seed(1)
     inputs = {b: [torch.randint(0, 128256, (b, 1), device="cuda", generator=g) for _ in range(2)]
               for b in batches}
