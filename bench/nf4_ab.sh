@@ -5,7 +5,7 @@
 # bench/nf4_small_m.py for both builds (this tree twice, before and after the base, to show the
 # run's own noise). JSON lines and logs under $OUT. KERNELS / BASE_KERNELS / ROWS: see
 # bench/nf4_small_m.py; TESTS: the test files (default the nf4 and fused-LoRA ones); SKIP_TESTS=1
-# skips the tests.
+# skips the tests; DECODE=1 / HOST=1 also time bench/decode_step.py / decode_host.py for both.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 FASTFT_BUILD_CUDA=1
@@ -43,6 +43,15 @@ if [ -n "${DECODE:-}" ]; then  # DECODE=1: bench/decode_step.py for both builds 
     PYTHONPATH=$tree:/tmp/site timeout 240 python3 bench/decode_step.py --out "$OUT/decode_$b" \
         > "$OUT/decode_$b.log" 2>&1
     echo "decode_step $b rc=$?"; grep -E "^(B=|generate)" "$OUT/decode_$b.log" | tail -8
+  done
+fi
+if [ -n "${HOST:-}" ]; then  # HOST=1: bench/decode_host.py (eager decoding's host time) for both
+  for b in new base; do
+    tree=$PWD; [ $b = base ] && tree=$PWD/_base_tree
+    stamp "decode_host $b"
+    PYTHONPATH=$tree:/tmp/site timeout 200 python3 bench/decode_host.py --out "$OUT/host_$b" \
+        > "$OUT/host_$b.log" 2>&1
+    echo "decode_host $b rc=$?"; grep -E "^(peft_bnb|fused) " "$OUT/host_$b.log"
   done
 fi
 stamp done

@@ -85,7 +85,9 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
           const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
           const c10::optional<at::Tensor>& offset, const at::Tensor& code,
           const c10::optional<at::Tensor>& bias, int64_t blocksize, int64_t blocksize2,
-          int64_t variant, int64_t v3_splits, int64_t v3_kparts, bool pdl, const at::Tensor& y) {
+          int64_t variant, int64_t v3_splits, int64_t v3_kparts, bool pdl,
+          const c10::optional<at::Tensor>& lora_xa, const c10::optional<at::Tensor>& lora_b,
+          double lora_scale, const at::Tensor& y) {
   // variant / v3_splits / v3_kparts / pdl: fastft/ops/nf4.py reads and checks FASTFT_NF4_GEMV,
   // FASTFT_NF4_V3_SPLITS, FASTFT_NF4_V3_KPARTS (0 = the plan chooses) and FASTFT_NF4_PDL, so the
   // extension reads no environment.
@@ -126,6 +128,28 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
                     bias->scalar_type() == x.scalar_type(),
                 "fastft nf4: bias must be a contiguous [", N, "] tensor of x's dtype");
   }
+  // The low-rank term (y += lora_scale * lora_xa lora_bᵀ): read in 16-byte pieces, so rows must
+  // be aligned and the rank a multiple of 8 (fastft/ops/lora.py checks this before asking).
+  TORCH_CHECK(lora_xa.has_value() == lora_b.has_value(),
+              "fastft nf4: lora_xa and lora_b come together (or neither)");
+  int64_t rank = 0;
+  if (lora_xa) {
+    check_cuda(*lora_xa, "lora_xa");
+    check_cuda(*lora_b, "lora_b");
+    rank = lora_xa->dim() == 2 ? lora_xa->size(1) : -1;
+    TORCH_CHECK(lora_xa->dim() == 2 && lora_xa->size(0) == M && lora_b->dim() == 2 &&
+                    lora_b->size(0) == N && lora_b->size(1) == rank,
+                "fastft nf4: lora_xa must be [", M, ", r] and lora_b [", N, ", r], got ",
+                lora_xa->sizes(), " and ", lora_b->sizes());
+    TORCH_CHECK(lora_xa->scalar_type() == x.scalar_type() &&
+                    lora_b->scalar_type() == x.scalar_type(),
+                "fastft nf4: lora_xa and lora_b must have x's dtype");
+    for (const at::Tensor* t : {&*lora_xa, &*lora_b})
+      TORCH_CHECK(rank > 0 && rank % 8 == 0 && t->stride(1) == 1 && t->stride(0) % 8 == 0 &&
+                      reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
+                  "fastft nf4: the low-rank term needs a rank that is a multiple of 8 and "
+                  "16-byte aligned rows (got rank ", rank, ", strides ", t->strides(), ")");
+  }
   int major = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index());
   TORCH_CHECK(major >= 8, "fastft nf4: the fused kernel needs compute capability >= 8.0");
@@ -140,7 +164,16 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   a.v3_splits = variant == 3 || variant >= 5 ? (int)v3_splits : 0;  // (5, 6: v3's decodes)
   a.v3_kparts = variant == 3 || variant >= 5 ? (int)v3_kparts : 0;
   a.pdl = pdl && major >= 9;  // griddepcontrol: sm_90
+  if (lora_xa) {
+    a.lora_xa = lora_xa->data_ptr(); a.lora_xa_stride = lora_xa->stride(0);
+    a.lora_b = lora_b->data_ptr(); a.lora_b_stride = lora_b->stride(0);
+    a.lora_rank = (int)rank;
+    a.lora_scale = (float)lora_scale;
+  }
   nf4_gemv_plan(w, a, sm_count(x));
+  TORCH_CHECK(a.lora_xa == nullptr || a.variant != 2,
+              "fastft nf4: the low-rank term is not implemented in the v2 kernel "
+              "(FASTFT_NF4_GEMV=v2): add it after the call");
   // Split K: float32 partials and the row blocks' completion counters in one scratch
   // allocation of this call (stream-ordered by the caching allocator, captured into a CUDA
   // graph's pool under capture). Not zeroed: the counters carry this call's tag, so the kernel

@@ -74,6 +74,83 @@ __device__ __forceinline__ void gemv_wait_for_previous() {
 #endif
 }
 
+// The optional low-rank term of y (NF4GemvArgs::lora_xa): lora_scale * sum_r xa[m, r] B[n, r],
+// in float32 with r ascending, 8 values per 16-byte load. add_low_rank adds it to an element of
+// y this thread has just written (a read-modify-write once the sums' registers are free: added
+// to the float32 sums instead, ptxas spilled more in v3's M 9..16 kernels, in the main loop too):
+// y = round(round(x Wᵀ + bias) + term), the roundings of adding it with a second GEMM.
+template <typename T> __device__ __forceinline__ float2 to_f32x2(uint32_t v);
+template <> __device__ __forceinline__ float2 to_f32x2<__nv_bfloat16>(uint32_t v) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+}
+template <> __device__ __forceinline__ float2 to_f32x2<__half>(uint32_t v) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&v));
+}
+
+template <typename T>
+__device__ __forceinline__ float lora_term(const NF4GemvArgs& a, int m, int64_t n) {
+  const uint4* xr = reinterpret_cast<const uint4*>(static_cast<const T*>(a.lora_xa) +
+                                                   m * a.lora_xa_stride);
+  const uint4* br = reinterpret_cast<const uint4*>(static_cast<const T*>(a.lora_b) +
+                                                   n * a.lora_b_stride);
+  float s = 0.f;
+  for (int q = 0; q < a.lora_rank / 8; ++q) {
+    const uint4 xv = __ldg(xr + q), bv = __ldg(br + q);
+    const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w}, bw[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 xf = to_f32x2<T>(xw[i]), bf = to_f32x2<T>(bw[i]);
+      s = fmaf(xf.x, bf.x, s);
+      s = fmaf(xf.y, bf.y, s);
+    }
+  }
+  return a.lora_scale * s;
+}
+
+template <typename T>
+__device__ __forceinline__ void add_low_rank(const NF4GemvArgs& a, T* y, int m, int64_t n) {
+  T* p = y + m * a.y_stride + n;
+  *p = from_f32<T>(to_f32(*p) + lora_term<T>(a, m, n));
+}
+
+// The term for one thread's outputs of the mma tiles, after the kernel has written them: tokens
+// mt * 8 + 2t and + 1 (mt < token_tiles), rows rows_at + 16 tl and + 8 (tl < tiles: rows g and
+// g + 8 of each m16 tile).
+template <typename T>
+__device__ __forceinline__ void add_low_rank_tile(const NF4GemvArgs& a, T* y, int64_t rows_at,
+                                               int tiles, int t, int token_tiles) {
+  for (int mt = 0; mt < token_tiles; ++mt)
+    for (int j = 0; j < 2; ++j) {
+      const int m = mt * 8 + 2 * t + j;
+      if (m >= a.M) continue;
+      for (int r = 0; r < 2 * tiles; ++r) {
+        const int64_t n = rows_at + (r & 1) * 8 + (r >> 1) * 16;
+        if (n < a.N) add_low_rank<T>(a, y, m, n);
+      }
+    }
+}
+
+// After the PDL wait (the kernel before may write xa): asks L1 for the low-rank term's rows of
+// this CTA (B rows [n0, n0 + rows), xa's M rows), so that the epilogue, where nothing hides a
+// DRAM or L2 round trip, finds them there. One thread per row, each row's first and last line.
+template <typename T>
+__device__ __forceinline__ void lora_prefetch(const NF4GemvArgs& a, int64_t n0, int rows) {
+#if defined(__CUDA_ARCH__)
+  if (a.lora_xa == nullptr) return;
+  const int i = threadIdx.x;
+  const int64_t row_bytes = (int64_t)a.lora_rank * sizeof(T);
+  const char* p = nullptr;
+  if (i < rows && n0 + i < a.N)
+    p = reinterpret_cast<const char*>(static_cast<const T*>(a.lora_b) + (n0 + i) * a.lora_b_stride);
+  else if (i >= rows && i < rows + a.M)
+    p = reinterpret_cast<const char*>(static_cast<const T*>(a.lora_xa) + (i - rows) * a.lora_xa_stride);
+  if (p != nullptr) {
+    asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p));
+    asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p + row_bytes - 1));
+  }
+#endif
+}
+
 // ------------------------------------------------------------------ dequantisation
 
 constexpr int kThreads = 256;
@@ -401,6 +478,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
     pairs[i] = make_float2(__ldg(w.code + (e >> 4)), __ldg(w.code + (e & 15)));
   }
   if (w.nested) code2_s[threadIdx.x] = __ldg(w.code2 + threadIdx.x);  // 256 threads
+  lora_prefetch<T>(a, (int64_t)blockIdx.x * kBlockRows, kBlockRows);
   asm volatile("cp.async.wait_all;\n" ::: "memory");
   __syncthreads();
   const float offset = nested_offset(w);
@@ -435,7 +513,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
       const int64_t n = i < 2 ? ra : rb;
       if (m >= a.M || n >= a.N) continue;
       float v = acc[mt][i];
-      if (a.partial) {  // split K: the splits' sum (+ bias) is written below
+      if (a.partial) {  // split K: the splits' sum (+ bias, + low-rank term) is written below
         a.partial[((int64_t)blockIdx.y * a.M + m) * a.N + n] = v;
       } else {
         if (bias) v += to_f32(bias[n]);
@@ -443,7 +521,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
       }
     }
   }
-  if (a.partial == nullptr) return;
+  if (a.partial == nullptr) {
+    if (a.lora_xa) add_low_rank_tile<T>(a, y, ra, 1, t, MT);
+    return;
+  }
   // Split K in one kernel: the last of the row block's `split` blocks to finish adds the
   // partials in split order (deterministic).
   __shared__ bool last;
@@ -465,6 +546,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
     for (int sp = 0; sp < a.split; ++sp) sum += __ldcg(p + sp * mn);  // L2: other SMs wrote
     if (bias) sum += to_f32(bias[n]);
     y[m * a.y_stride + n] = from_f32<T>(sum);
+    if (a.lora_xa) add_low_rank<T>(a, y, m, n);
   }
 #endif
 }
@@ -1091,8 +1173,8 @@ struct V3In {
 // before the sums use them (64 in flight per thread at M = 16): this runs at the kernel's end,
 // where nothing hides its latency.
 template <typename T>
-__device__ __forceinline__ void v3_sum_splits(const float* partial, int n, int M, int N,
-                                              int splits, const T* bias, T* y,
+__device__ __forceinline__ void v3_sum_splits(const NF4GemvArgs& a, const float* partial, int n,
+                                              int M, int N, int splits, const T* bias, T* y,
                                               int64_t y_stride) {
   if (n >= N) return;
   const int64_t mn = (int64_t)M * N;
@@ -1117,6 +1199,8 @@ __device__ __forceinline__ void v3_sum_splits(const float* partial, int n, int M
 #pragma unroll
   for (int m = 0; m < 16; ++m)
     if (m < M) y[m * y_stride + n] = from_f32<T>(sum[m] + b);
+  if (a.lora_xa)
+    for (int m = 0; m < M; ++m) add_low_rank<T>(a, y, m, n);
 }
 
 template <int MT, bool NESTED, typename T, int DECODE>
@@ -1215,6 +1299,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   }
   if (NESTED) code2_s[tid] = __ldg(w.code2 + tid);
   if (tid < 16) tok_max[tid] = 0u;
+  lora_prefetch<T>(a, (int64_t)blockIdx.x * rows_cta, rows_cta);
   __syncthreads();  // tok_max zeroed
 
   // x[token][s0 * 64 .. (s0 + count) * 64) -> the holes, as fp16: hole step * slots + token.
@@ -1443,7 +1528,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
         float v = acc[tl][mt][c];
         if (std::is_same<T, __nv_bfloat16>::value)  // undo the token's power of two
           v *= pow2f(-x_scale_shift(tok_max[m]));
-        if (a.partial) {  // K split: the splits' sum (+ bias) is written below
+        if (a.partial) {  // K split: the splits' sum (+ bias, + low-rank term) is written below
           a.partial[((int64_t)blockIdx.y * M + m) * N + n] = v;
         } else {
           if (bias) v += to_f32(bias[n]);
@@ -1452,7 +1537,10 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
       }
     }
   }
-  if (a.partial == nullptr) return;
+  if (a.partial == nullptr) {
+    if (a.lora_xa && part == 0) add_low_rank_tile<T>(a, y, tile_base + g, 2, t, MT);
+    return;
+  }
   // The last of the row group's gridDim.y CTAs to finish adds the partials in split order
   // (deterministic).
   __threadfence();  // this CTA's partials visible device-wide before it is counted
@@ -1462,8 +1550,8 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   if (!*last) return;
   __threadfence();
   if (tid < rows_cta)
-    v3_sum_splits<T>(a.partial, blockIdx.x * rows_cta + tid, M, N, (int)gridDim.y, bias, y,
-                     a.y_stride);
+    v3_sum_splits<T>(a, a.partial, blockIdx.x * rows_cta + tid, M, N, (int)gridDim.y, bias,
+                     y, a.y_stride);
 #endif
 }
 

@@ -58,6 +58,13 @@ struct NF4GemvArgs {
   // v3: parts of each CTA's K range (1, 2, 4 or 8; the CTA has 256 / parts rows). In: 0 (the
   // plan chooses) or a requested count
   int v3_kparts;
+  // Optional: a low-rank term added to y, as a LoRA adapter adds it (y += lora_scale * xa Bᵀ):
+  // lora_xa [M, lora_rank] = x Aᵀ and lora_b [N, lora_rank], both in x's dtype, rows 16-byte
+  // aligned (strides in elements), lora_rank % 8 == 0; lora_xa null = no term. v1 / v3 only.
+  const void* lora_xa; int64_t lora_xa_stride;
+  const void* lora_b; int64_t lora_b_stride;
+  int lora_rank;
+  float lora_scale;
   // nf4_gemv_partial_floats(a) float32 scratch when nf4_gemv_needs_scratch(a), else null
   float* partial;
   // with scratch: nf4_gemv_counters(a) 64-bit counters, 8-byte aligned, any content when the

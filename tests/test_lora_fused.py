@@ -409,7 +409,8 @@ def _count_small_m_calls(monkeypatch, backend):
 
     impl = nf4._BACKENDS[backend]
     calls, gemv = [], impl.gemv
-    monkeypatch.setattr(impl, "gemv", lambda x2, st, bias, y: (calls.append(x2.shape[0]), gemv(x2, st, bias, y)))
+    monkeypatch.setattr(impl, "gemv", lambda x2, st, bias, y, low_rank=None: (
+        calls.append(x2.shape[0]), gemv(x2, st, bias, y, low_rank)))
     return calls
 
 
@@ -617,18 +618,25 @@ def test_gpu_qlora_decoding_uses_the_fused_small_m_kernel(monkeypatch):
     """A bf16 QLoRA model (bitsandbytes NF4, peft LoRA, fused) in eval mode without grad: a
     forward of few tokens and greedy generation run their 4-bit projections through the fused
     small-M kernel (peft's path, bitsandbytes' GEMV, is what generation used before and what
-    FASTFT_NF4_FUSED_SMALL_M=0 keeps); the logits match peft's within bf16 tolerance."""
+    FASTFT_NF4_FUSED_SMALL_M=0 keeps); the logits match peft's within bf16 tolerance. Rank 8:
+    the CUDA kernel adds each adapter's term itself (no addmm_ after it)."""
     pytest.importorskip("bitsandbytes")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fastft import dispatch
+    from fastft.ops import nf4
+
+    added_after = []
+    add_low_rank = nf4._add_low_rank
+    monkeypatch.setattr(nf4, "_add_low_rank",
+                        lambda *args: (added_after.append(1), add_low_rank(*args)))
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       attn_implementation="eager", initializer_range=0.1)
     base = _nf4_on_gpu(LlamaForCausalLM(cfg).to(torch.bfloat16).cuda(), torch.bfloat16)
-    model = _peft(base).eval()
+    model = _peft(base, r=8).eval()
     ids = torch.randint(0, 97, (2, 3), device="cuda")
     with torch.no_grad():
         ref = model(input_ids=ids).logits.float()
@@ -637,6 +645,7 @@ def test_gpu_qlora_decoding_uses_the_fused_small_m_kernel(monkeypatch):
         calls = _count_small_m_calls(monkeypatch, backend)
         got = model(input_ids=ids).logits.float()
         assert len(calls) == 2 * 7 and set(calls) == {6}, calls  # 2 layers x 7 projections
+        assert not added_after or backend != "cuda", len(added_after)
         monkeypatch.setenv("FASTFT_NF4_FUSED_SMALL_M", "0")
         peft_path = model(input_ids=ids).logits.float()
         assert len(calls) == 14 and torch.equal(peft_path, ref)

@@ -534,7 +534,7 @@ def test_cuda_ops_pass_opcheck():
         y = torch.empty(5, 64, dtype=torch.bfloat16, device="cuda")
         torch.library.opcheck(ops.nf4_gemv, (x, st.packed, st.absmax, st.absmax2, st.code2,
                                              st.offset, st.code, None, st.blocksize,
-                                             st.blocksize2, 0, 0, 0, True, y))
+                                             st.blocksize2, 0, 0, 0, True, None, None, 1.0, y))
 
 
 @pytest.mark.gpu
@@ -1138,6 +1138,58 @@ def test_fused_matmul_gpu_v3_requested_kparts(variant, monkeypatch):
                     seed=90 + rows)
                 assert torch.equal(y, nf4_matmul(x, packed, state, bias, backend="cuda")), \
                     (splits, parts, rows)
+
+
+@pytest.mark.gpu
+def test_fused_matmul_gpu_low_rank_term(monkeypatch):
+    """The CUDA kernels add a LoRA adapter's term (y += scale * xa @ bᵀ) themselves where its
+    rows are 16-byte aligned and the rank a multiple of 8, in v1 and v3 (direct and K-split
+    epilogues, several K parts), and the backend adds it after the call otherwise (misaligned
+    rows, a rank of 12, v2). Against float64 per element, y poisoned with NaN beforehand."""
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    impl = nf4_mod._BACKENDS["cuda"]
+    fallbacks = []
+    real_add = nf4_mod._add_low_rank
+    monkeypatch.setattr(nf4_mod, "_add_low_rank",
+                        lambda *args: (fallbacks.append(1), real_add(*args)))
+    cases = [("", "", "", 16, True), ("v1", "", "", 16, True), ("v3", "", "2", 8, True),
+             ("v3", "7", "4", 40, True), ("v3h", "", "", 16, True), ("v1", "", "", 12, False),
+             ("v2", "", "", 16, False), ("v3", "", "", 16, False)]
+    for variant, splits, parts, rank, fused in cases:
+        monkeypatch.setenv("FASTFT_NF4_GEMV", variant)
+        monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", splits)
+        monkeypatch.setenv("FASTFT_NF4_V3_KPARTS", parts)
+        # the last case: xa's rows start 2 elements (4 bytes) past an aligned address
+        misaligned = variant == "v3" and not fused
+        for rows, dtype, w_shape in ((1, torch.bfloat16, (600, 64 * 70)),
+                                     (5, torch.float16, (300, 4096)),
+                                     (9, torch.bfloat16, (600, 64 * 70)),
+                                     (16, torch.bfloat16, (1000, 512))):
+            out_f, in_f = w_shape
+            _, packed, state = quantize(w_shape, True, seed=rows, device="cuda")
+            st = resolve(packed, state)
+            g = torch.Generator().manual_seed(rows + rank)
+            x = torch.randn(rows, in_f, generator=g).to("cuda", dtype)
+            # xa a column block of a wider buffer (as the stacked q/k/v adapters give it)
+            wide = torch.randn(rows, 3 * rank + 8, generator=g).to("cuda", dtype)
+            xa = wide[:, 2:2 + rank] if misaligned else wide[:, rank:2 * rank]
+            b = (torch.randn(out_f, rank, generator=g) * 0.2).to("cuda", dtype)
+            bias = (torch.randn(out_f, generator=g) * 0.1).to("cuda", dtype)
+            w = nf4_dequantize(packed, state, dtype=torch.float32, backend="torch").double()
+            low = 0.5 * xa.double() @ b.double().t()
+            ref = x.double() @ w.t() + bias.double() + low
+            y = torch.full((rows, out_f), float("nan"), dtype=dtype, device="cuda")
+            before = len(fallbacks)
+            impl.gemv(x, st, bias, y, (xa, b, 0.5))
+            assert (len(fallbacks) == before) == fused, (variant, rank, rows)
+            assert torch.isfinite(y).all(), (variant, rows, "unwritten outputs")
+            eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+            noise = ((x.double() ** 2) @ (w ** 2).t()).sqrt()
+            bound = 10 * eps * noise + 2 * eps * (ref.abs() + low.abs()) + 1e-6
+            bad = ((y.double() - ref).abs() > bound).nonzero()
+            assert bad.numel() == 0, (variant, splits, parts, rank, rows, bad[:8].tolist())
+            assert rel_err(y, ref) < RTOL[dtype], (variant, rows, rel_err(y, ref))
 
 
 @pytest.mark.gpu

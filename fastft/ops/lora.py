@@ -407,9 +407,10 @@ def _small_m_inputs(base: Base, dtype):
     return st, dispatch.implementation("nf4_matmul", backend), bias
 
 
-def _small_m_matmul(x2, base: Base, dtype, out=None):
+def _small_m_matmul(x2, base: Base, dtype, out=None, low_rank=None):
     """x2 @ Wᵀ (+ bias) by nf4's fused small-M kernel, which reads the packed weight once, into
-    `out` (or a new tensor); None (out untouched) where that does not apply."""
+    `out` (or a new tensor), plus scale * xa @ bᵀ when low_rank = (xa, b, scale) (an adapter's
+    term; the kernel adds it where it can); None (out untouched) where that does not apply."""
     if base.quant_state is None or x2.dtype != dtype or not small_m_case(x2.shape[0], dtype):
         return None
     ptr = _storage_ptr(base.weight)
@@ -426,7 +427,7 @@ def _small_m_matmul(x2, base: Base, dtype, out=None):
         return None
     if out is None:
         out = x2.new_empty(x2.shape[0], st.shape[0])
-    impl.gemv(x2, st, bias, out)
+    impl.gemv(x2, st, bias, out, low_rank)
     return out
 
 
@@ -462,10 +463,10 @@ def _project(x2, proj: Projection, dtype, out=None, xa=None):
         xa = x2.mm(_factor(proj.A, dtype).t())
     if out is None:
         out = torch.empty(x2.shape[0], proj.base.out_features, dtype=dtype, device=x2.device)
-    B = _factor(proj.B, dtype).t()
-    if _small_m_matmul(x2, proj.base, dtype, out) is not None:
-        out.addmm_(xa, B, alpha=proj.scaling)  # the base (+ bias) is in out already
+    B_rows = _factor(proj.B, dtype)  # [out_features, r]
+    if _small_m_matmul(x2, proj.base, dtype, out, (xa, B_rows, proj.scaling)) is not None:
         return out, xa
+    B = B_rows.t()
     if proj.base.bias is not None:
         torch.addmm(_cast(proj.base.bias, dtype), xa, B, alpha=proj.scaling, out=out)
     else:  # beta = 0: out's old content (uninitialised memory) is never read

@@ -357,8 +357,22 @@ class _TritonBackend:
         return x.dtype in (torch.bfloat16, torch.float16) and st.shape[1] % 64 == 0
 
     @staticmethod
-    def gemv(x2, st, bias, y) -> None:
+    def gemv(x2, st, bias, y, low_rank=None) -> None:
         _triton_gemv(x2, *_state_args(st), bias, st.blocksize, st.blocksize2, y)
+        if low_rank is not None:
+            _add_low_rank(y, *low_rank)
+
+
+def _add_low_rank(y, xa, b, scale) -> None:
+    """y += scale * xa @ bᵀ, after the matmul: one more kernel and one more pass over y."""
+    y.addmm_(xa, b.t(), alpha=scale)
+
+
+def _low_rank_fusable(x2, xa, b) -> bool:
+    """Whether the CUDA kernel can add xa @ bᵀ itself: it reads their rows in 16-byte pieces."""
+    return (xa.dtype == x2.dtype and b.dtype == x2.dtype and xa.shape[1] % 8 == 0
+            and xa.stride(1) == 1 and b.stride(1) == 1 and xa.stride(0) % 8 == 0
+            and b.stride(0) % 8 == 0 and xa.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
 
 
 def _capability_major(device) -> int:
@@ -388,10 +402,18 @@ class _CudaBackend:
                 and st.blocksize >= 32 and _capability_major(x.device) >= 8)
 
     @staticmethod
-    def gemv(x2, st, bias, y) -> None:
+    def gemv(x2, st, bias, y, low_rank=None) -> None:
+        """y = x2 @ Wᵀ (+ bias) (+ scale * xa @ bᵀ when low_rank = (xa [M, r], b [N, r], scale):
+        a LoRA adapter's term, added inside the kernel where its layout allows, which saves
+        decoding a kernel launch and a pass over y per projection)."""
         variant, v3_splits, v3_kparts, pdl = gemv_settings()
+        fuse = (low_rank is not None and variant != 2  # (v2 has no low-rank term)
+                and _low_rank_fusable(x2, low_rank[0], low_rank[1]))
+        xa, b, scale = low_rank if fuse else (None, None, 1.0)
         cuda_ops().nf4_gemv(x2, *_state_args(st), bias, st.blocksize, st.blocksize2, variant,
-                            v3_splits, v3_kparts, pdl, y)
+                            v3_splits, v3_kparts, pdl, xa, b, float(scale), y)
+        if low_rank is not None and not fuse:
+            _add_low_rank(y, *low_rank)
 
 
 # FASTFT_NF4_GEMV picks the CUDA backend's fused small-M kernel: unset or "auto" lets the
