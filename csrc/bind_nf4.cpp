@@ -164,14 +164,15 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   a.v3_splits = variant == 3 || variant >= 5 ? (int)v3_splits : 0;  // (5, 6: v3's decodes)
   a.v3_kparts = variant == 3 || variant >= 5 ? (int)v3_kparts : 0;
   a.pdl = pdl && major >= 9;  // griddepcontrol: sm_90
+  NF4LowRank lr{};
   if (lora_xa) {
-    a.lora_xa = lora_xa->data_ptr(); a.lora_xa_stride = lora_xa->stride(0);
-    a.lora_b = lora_b->data_ptr(); a.lora_b_stride = lora_b->stride(0);
-    a.lora_rank = (int)rank;
-    a.lora_scale = (float)lora_scale;
+    lr.xa = lora_xa->data_ptr(); lr.xa_stride = lora_xa->stride(0);
+    lr.b = lora_b->data_ptr(); lr.b_stride = lora_b->stride(0);
+    lr.rank = (int)rank;
+    lr.scale = (float)lora_scale;
   }
   nf4_gemv_plan(w, a, sm_count(x));
-  TORCH_CHECK(a.lora_xa == nullptr || a.variant != 2,
+  TORCH_CHECK(lr.xa == nullptr || a.variant != 2,
               "fastft nf4: the low-rank term is not implemented in the v2 kernel "
               "(FASTFT_NF4_GEMV=v2): add it after the call");
   // Split K: float32 partials and the row blocks' completion counters in one scratch
@@ -188,7 +189,7 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
     a.counters = reinterpret_cast<unsigned long long*>(a.partial + partials);
     a.counter_tag = nf4_gemv_counter_tag();
   }
-  nf4_gemv(w, a, stream);
+  nf4_gemv(w, a, lr, stream);
   check_launch(a.pdl ? " (nf4_gemv, launched with programmatic dependent launch; if the driver "
                        "or a graph capture rejects that, FASTFT_NF4_PDL=0 turns it off)"
                      : " (nf4_gemv)");

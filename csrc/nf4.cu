@@ -74,7 +74,7 @@ __device__ __forceinline__ void gemv_wait_for_previous() {
 #endif
 }
 
-// The optional low-rank term of y (NF4GemvArgs::lora_xa): lora_scale * sum_r xa[m, r] B[n, r],
+// The optional low-rank term of y (NF4LowRank): scale * sum_r xa[m, r] b[n, r],
 // in float32 with r ascending, 8 values per 16-byte load. add_low_rank adds it to an element of
 // y this thread has just written (a read-modify-write once the sums' registers are free: added
 // to the float32 sums instead, ptxas spilled more in v3's M 9..16 kernels, in the main loop too):
@@ -88,13 +88,11 @@ template <> __device__ __forceinline__ float2 to_f32x2<__half>(uint32_t v) {
 }
 
 template <typename T>
-__device__ __forceinline__ float lora_term(const NF4GemvArgs& a, int m, int64_t n) {
-  const uint4* xr = reinterpret_cast<const uint4*>(static_cast<const T*>(a.lora_xa) +
-                                                   m * a.lora_xa_stride);
-  const uint4* br = reinterpret_cast<const uint4*>(static_cast<const T*>(a.lora_b) +
-                                                   n * a.lora_b_stride);
+__device__ __forceinline__ float lora_term(const NF4LowRank& lr, int m, int64_t n) {
+  const uint4* xr = reinterpret_cast<const uint4*>(static_cast<const T*>(lr.xa) + m * lr.xa_stride);
+  const uint4* br = reinterpret_cast<const uint4*>(static_cast<const T*>(lr.b) + n * lr.b_stride);
   float s = 0.f;
-  for (int q = 0; q < a.lora_rank / 8; ++q) {
+  for (int q = 0; q < lr.rank / 8; ++q) {
     const uint4 xv = __ldg(xr + q), bv = __ldg(br + q);
     const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w}, bw[4] = {bv.x, bv.y, bv.z, bv.w};
 #pragma unroll
@@ -104,28 +102,30 @@ __device__ __forceinline__ float lora_term(const NF4GemvArgs& a, int m, int64_t 
       s = fmaf(xf.y, bf.y, s);
     }
   }
-  return a.lora_scale * s;
+  return lr.scale * s;
 }
 
 template <typename T>
-__device__ __forceinline__ void add_low_rank(const NF4GemvArgs& a, T* y, int m, int64_t n) {
-  T* p = y + m * a.y_stride + n;
-  *p = from_f32<T>(to_f32(*p) + lora_term<T>(a, m, n));
+__device__ __forceinline__ void add_low_rank(const NF4LowRank& lr, T* y, int64_t y_stride, int m,
+                                             int64_t n) {
+  T* p = y + m * y_stride + n;
+  *p = from_f32<T>(to_f32(*p) + lora_term<T>(lr, m, n));
 }
 
 // The term for one thread's outputs of the mma tiles, after the kernel has written them: tokens
 // mt * 8 + 2t and + 1 (mt < token_tiles), rows rows_at + 16 tl and + 8 (tl < tiles: rows g and
 // g + 8 of each m16 tile).
 template <typename T>
-__device__ __forceinline__ void add_low_rank_tile(const NF4GemvArgs& a, T* y, int64_t rows_at,
-                                               int tiles, int t, int token_tiles) {
+__device__ __forceinline__ void add_low_rank_tile(const NF4GemvArgs& a, const NF4LowRank& lr,
+                                                  T* y, int64_t rows_at, int tiles, int t,
+                                                  int token_tiles) {
   for (int mt = 0; mt < token_tiles; ++mt)
     for (int j = 0; j < 2; ++j) {
       const int m = mt * 8 + 2 * t + j;
       if (m >= a.M) continue;
       for (int r = 0; r < 2 * tiles; ++r) {
         const int64_t n = rows_at + (r & 1) * 8 + (r >> 1) * 16;
-        if (n < a.N) add_low_rank<T>(a, y, m, n);
+        if (n < a.N) add_low_rank<T>(lr, y, a.y_stride, m, n);
       }
     }
 }
@@ -134,16 +134,16 @@ __device__ __forceinline__ void add_low_rank_tile(const NF4GemvArgs& a, T* y, in
 // this CTA (B rows [n0, n0 + rows), xa's M rows), so that the epilogue, where nothing hides a
 // DRAM or L2 round trip, finds them there. One thread per row, each row's first and last line.
 template <typename T>
-__device__ __forceinline__ void lora_prefetch(const NF4GemvArgs& a, int64_t n0, int rows) {
+__device__ __forceinline__ void lora_prefetch(const NF4GemvArgs& a, const NF4LowRank& lr,
+                                              int64_t n0, int rows) {
 #if defined(__CUDA_ARCH__)
-  if (a.lora_xa == nullptr) return;
   const int i = threadIdx.x;
-  const int64_t row_bytes = (int64_t)a.lora_rank * sizeof(T);
+  const int64_t row_bytes = (int64_t)lr.rank * sizeof(T);
   const char* p = nullptr;
   if (i < rows && n0 + i < a.N)
-    p = reinterpret_cast<const char*>(static_cast<const T*>(a.lora_b) + (n0 + i) * a.lora_b_stride);
+    p = reinterpret_cast<const char*>(static_cast<const T*>(lr.b) + (n0 + i) * lr.b_stride);
   else if (i >= rows && i < rows + a.M)
-    p = reinterpret_cast<const char*>(static_cast<const T*>(a.lora_xa) + (i - rows) * a.lora_xa_stride);
+    p = reinterpret_cast<const char*>(static_cast<const T*>(lr.xa) + (i - rows) * lr.xa_stride);
   if (p != nullptr) {
     asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p));
     asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p + row_bytes - 1));
@@ -415,11 +415,14 @@ __host__ __device__ __forceinline__ int split_first(int split, int per_split) {
   return split * per_split;
 }
 
-// MT: token tiles of 8 rows of x (1 for M <= 8, 2 for M <= 16). Dynamic shared memory:
+// MT: token tiles of 8 rows of x (1 for M <= 8, 2 for M <= 16); LORA: lr.xa is set (a
+// compile-time switch, so that a call without the low-rank term runs exactly the code it ran
+// before there was one). Dynamic shared memory:
 // level pairs (kLevelBytes) | code2 (kCode2Bytes) | xs [MT * 8][xs_stride] of T.
-template <typename T, int MT>
+template <typename T, int MT, bool LORA>
 __global__ void __launch_bounds__(kGemvWarps * 32, 2)
-    nf4_gemv_kernel(const NF4Weight w, const NF4GemvArgs a, int per_split, int xs_stride) {
+    nf4_gemv_kernel(const NF4Weight w, const NF4GemvArgs a, int per_split, int xs_stride,
+                    const NF4LowRank lr) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(16) unsigned char smem[];
   float2* pairs = reinterpret_cast<float2*>(smem);
@@ -478,7 +481,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
     pairs[i] = make_float2(__ldg(w.code + (e >> 4)), __ldg(w.code + (e & 15)));
   }
   if (w.nested) code2_s[threadIdx.x] = __ldg(w.code2 + threadIdx.x);  // 256 threads
-  lora_prefetch<T>(a, (int64_t)blockIdx.x * kBlockRows, kBlockRows);
+  if (LORA) lora_prefetch<T>(a, lr, (int64_t)blockIdx.x * kBlockRows, kBlockRows);
   asm volatile("cp.async.wait_all;\n" ::: "memory");
   __syncthreads();
   const float offset = nested_offset(w);
@@ -522,7 +525,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
     }
   }
   if (a.partial == nullptr) {
-    if (a.lora_xa) add_low_rank_tile<T>(a, y, ra, 1, t, MT);
+    if (LORA) add_low_rank_tile<T>(a, lr, y, ra, 1, t, MT);
     return;
   }
   // Split K in one kernel: the last of the row block's `split` blocks to finish adds the
@@ -546,7 +549,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
     for (int sp = 0; sp < a.split; ++sp) sum += __ldcg(p + sp * mn);  // L2: other SMs wrote
     if (bias) sum += to_f32(bias[n]);
     y[m * a.y_stride + n] = from_f32<T>(sum);
-    if (a.lora_xa) add_low_rank<T>(a, y, m, n);
+    if (LORA) add_low_rank<T>(lr, y, a.y_stride, m, n);
   }
 #endif
 }
@@ -1172,8 +1175,8 @@ struct V3In {
 // added in split order (deterministic), + bias. Every load of 4 splits x all tokens is issued
 // before the sums use them (64 in flight per thread at M = 16): this runs at the kernel's end,
 // where nothing hides its latency.
-template <typename T>
-__device__ __forceinline__ void v3_sum_splits(const NF4GemvArgs& a, const float* partial, int n,
+template <typename T, bool LORA>
+__device__ __forceinline__ void v3_sum_splits(const NF4LowRank& lr, const float* partial, int n,
                                               int M, int N, int splits, const T* bias, T* y,
                                               int64_t y_stride) {
   if (n >= N) return;
@@ -1199,13 +1202,14 @@ __device__ __forceinline__ void v3_sum_splits(const NF4GemvArgs& a, const float*
 #pragma unroll
   for (int m = 0; m < 16; ++m)
     if (m < M) y[m * y_stride + n] = from_f32<T>(sum[m] + b);
-  if (a.lora_xa)
-    for (int m = 0; m < M; ++m) add_low_rank<T>(a, y, m, n);
+  if (LORA)
+    for (int m = 0; m < M; ++m) add_low_rank<T>(lr, y, y_stride, m, n);
 }
 
-template <int MT, bool NESTED, typename T, int DECODE>
+// LORA: lr.xa is set (compile-time, as for nf4_gemv_kernel).
+template <int MT, bool NESTED, typename T, int DECODE, bool LORA>
 __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
-    nf4_gemv_v3_kernel(const NF4Weight w, const NF4GemvArgs a) {
+    nf4_gemv_v3_kernel(const NF4Weight w, const NF4GemvArgs a, const NF4LowRank lr) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   __shared__ __align__(128) unsigned char anchor[kV3AnchorBytes];
   extern __shared__ __align__(16) unsigned char smem[];
@@ -1299,7 +1303,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   }
   if (NESTED) code2_s[tid] = __ldg(w.code2 + tid);
   if (tid < 16) tok_max[tid] = 0u;
-  lora_prefetch<T>(a, (int64_t)blockIdx.x * rows_cta, rows_cta);
+  if (LORA) lora_prefetch<T>(a, lr, (int64_t)blockIdx.x * rows_cta, rows_cta);
   __syncthreads();  // tok_max zeroed
 
   // x[token][s0 * 64 .. (s0 + count) * 64) -> the holes, as fp16: hole step * slots + token.
@@ -1538,7 +1542,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
     }
   }
   if (a.partial == nullptr) {
-    if (a.lora_xa && part == 0) add_low_rank_tile<T>(a, y, tile_base + g, 2, t, MT);
+    if (LORA && part == 0) add_low_rank_tile<T>(a, lr, y, tile_base + g, 2, t, MT);
     return;
   }
   // The last of the row group's gridDim.y CTAs to finish adds the partials in split order
@@ -1550,7 +1554,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   if (!*last) return;
   __threadfence();
   if (tid < rows_cta)
-    v3_sum_splits<T>(a, a.partial, blockIdx.x * rows_cta + tid, M, N, (int)gridDim.y, bias,
+    v3_sum_splits<T, LORA>(lr, a.partial, blockIdx.x * rows_cta + tid, M, N, (int)gridDim.y, bias,
                      y, a.y_stride);
 #endif
 }
@@ -1769,14 +1773,22 @@ void allow_dynamic_smem(int bytes) {
   }
 }
 
-template <typename T, int MT>
-void launch_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
-  allow_dynamic_smem<nf4_gemv_kernel<T, MT>>(kLevelBytes + kCode2Bytes + kMaxXBytes);
+template <typename T, int MT, bool LORA>
+void launch_gemv_lora(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
+                      cudaStream_t stream) {
+  allow_dynamic_smem<nf4_gemv_kernel<T, MT, LORA>>(kLevelBytes + kCode2Bytes + kMaxXBytes);
   const int xs_stride = a.per_split * kChunk + 16;  // 32 bytes mod 128: see the layout note
   const size_t smem = kLevelBytes + kCode2Bytes + (size_t)MT * 8 * xs_stride * sizeof(T);
   const dim3 grid((unsigned)((a.N + kBlockRows - 1) / kBlockRows), (unsigned)a.split);
-  launch_kernel(nf4_gemv_kernel<T, MT>, grid, kGemvWarps * 32, smem, stream, a.pdl, w, a,
-                a.per_split, xs_stride);
+  launch_kernel(nf4_gemv_kernel<T, MT, LORA>, grid, kGemvWarps * 32, smem, stream, a.pdl, w, a,
+                a.per_split, xs_stride, lr);
+}
+
+template <typename T, int MT>
+void launch_gemv(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
+                 cudaStream_t stream) {
+  if (lr.xa) launch_gemv_lora<T, MT, true>(w, a, lr, stream);
+  else launch_gemv_lora<T, MT, false>(w, a, lr, stream);
 }
 
 
@@ -1789,23 +1801,33 @@ void launch_gemv_v2(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t strea
       <<<(unsigned)a.v2_blocks, kV2Threads, smem, stream>>>(w, a, xs_stride);
 }
 
-template <typename T, int MT, bool NESTED, int DECODE>
-void launch_gemv_v3_decode(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
-  allow_dynamic_smem<nf4_gemv_v3_kernel<MT, NESTED, T, DECODE>>(kV3Smem);
+template <typename T, int MT, bool NESTED, int DECODE, bool LORA>
+void launch_gemv_v3_kernel(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
+                           cudaStream_t stream) {
+  allow_dynamic_smem<nf4_gemv_v3_kernel<MT, NESTED, T, DECODE, LORA>>(kV3Smem);
   const dim3 grid((unsigned)nf4_gemv_counters(a), (unsigned)a.v3_splits);  // row groups x splits
-  launch_kernel(nf4_gemv_v3_kernel<MT, NESTED, T, DECODE>, grid, kV3Threads, kV3Smem, stream,
-                a.pdl, w, a);
+  launch_kernel(nf4_gemv_v3_kernel<MT, NESTED, T, DECODE, LORA>, grid, kV3Threads, kV3Smem,
+                stream, a.pdl, w, a, lr);
+}
+
+template <typename T, int MT, bool NESTED, int DECODE>
+void launch_gemv_v3_decode(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
+                           cudaStream_t stream) {
+  if (lr.xa) launch_gemv_v3_kernel<T, MT, NESTED, DECODE, true>(w, a, lr, stream);
+  else launch_gemv_v3_kernel<T, MT, NESTED, DECODE, false>(w, a, lr, stream);
 }
 
 template <typename T, int MT, bool NESTED>
-void launch_gemv_v3(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
-  if (a.v3_decode == 1) launch_gemv_v3_decode<T, MT, NESTED, 1>(w, a, stream);
-  else if (a.v3_decode == 2) launch_gemv_v3_decode<T, MT, NESTED, 2>(w, a, stream);
-  else launch_gemv_v3_decode<T, MT, NESTED, 0>(w, a, stream);
+void launch_gemv_v3(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
+                    cudaStream_t stream) {
+  if (a.v3_decode == 1) launch_gemv_v3_decode<T, MT, NESTED, 1>(w, a, lr, stream);
+  else if (a.v3_decode == 2) launch_gemv_v3_decode<T, MT, NESTED, 2>(w, a, lr, stream);
+  else launch_gemv_v3_decode<T, MT, NESTED, 0>(w, a, lr, stream);
 }
 }  // namespace
 
-void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
+void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
+              cudaStream_t stream) {
   if (a.M <= 0 || a.N <= 0) return;
   // v2 / v3 are compiled per token tiles (MT: 1 for M <= 8, else 2) and scale nesting:
   // `with_shape` calls its argument with both as compile-time constants.
@@ -1824,7 +1846,7 @@ void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
     using T = decltype(tag);
     if (a.variant == 3) {
       with_shape([&](auto mt, auto nested) {
-        launch_gemv_v3<T, decltype(mt)::value, decltype(nested)::value>(w, a, stream);
+        launch_gemv_v3<T, decltype(mt)::value, decltype(nested)::value>(w, a, lr, stream);
       });
       return;
     }
@@ -1834,8 +1856,8 @@ void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
       });
       return;
     }
-    if (a.M <= 8) launch_gemv<T, 1>(w, a, stream);
-    else launch_gemv<T, 2>(w, a, stream);
+    if (a.M <= 8) launch_gemv<T, 1>(w, a, lr, stream);
+    else launch_gemv<T, 2>(w, a, lr, stream);
   };
   if (a.dtype == kBF16) launch(__nv_bfloat16{});
   else launch(__half{});

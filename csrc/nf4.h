@@ -58,13 +58,6 @@ struct NF4GemvArgs {
   // v3: parts of each CTA's K range (1, 2, 4 or 8; the CTA has 256 / parts rows). In: 0 (the
   // plan chooses) or a requested count
   int v3_kparts;
-  // Optional: a low-rank term added to y, as a LoRA adapter adds it (y += lora_scale * xa Bᵀ):
-  // lora_xa [M, lora_rank] = x Aᵀ and lora_b [N, lora_rank], both in x's dtype, rows 16-byte
-  // aligned (strides in elements), lora_rank % 8 == 0; lora_xa null = no term. v1 / v3 only.
-  const void* lora_xa; int64_t lora_xa_stride;
-  const void* lora_b; int64_t lora_b_stride;
-  int lora_rank;
-  float lora_scale;
   // nf4_gemv_partial_floats(a) float32 scratch when nf4_gemv_needs_scratch(a), else null
   float* partial;
   // with scratch: nf4_gemv_counters(a) 64-bit counters, 8-byte aligned, any content when the
@@ -74,6 +67,18 @@ struct NF4GemvArgs {
   unsigned long long counter_tag;  // nf4_gemv_counter_tag(), once per call
   // Launch v1 / v3 with programmatic dependent launch (needs compute capability >= 9.0).
   bool pdl;
+};
+// Optional for nf4_gemv: a low-rank term added to y, as a LoRA adapter adds it
+// (y += scale * xa bᵀ): xa [M, rank] = x Aᵀ and b [N, rank], both in x's dtype, rows 16-byte
+// aligned (strides in elements), rank % 8 == 0; xa null = no term. v1 / v3 only. A kernel
+// parameter of its own: the same fields in NF4GemvArgs changed the v3 kernels' code even where
+// they are unused (300-500 SASS instructions fewer, and the calls without a term ran 2-8% slower
+// in run 74).
+struct NF4LowRank {
+  const void* xa; int64_t xa_stride;
+  const void* b; int64_t b_stride;
+  int rank;
+  float scale;
 };
 // A counter word is tag | arrivals (arrivals < 2^24).
 constexpr unsigned long long kCounterMask = (1ull << 24) - 1;
@@ -89,6 +94,7 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms);
 bool nf4_gemv_needs_scratch(const NF4GemvArgs& a);
 int64_t nf4_gemv_partial_floats(const NF4GemvArgs& a);
 int64_t nf4_gemv_counters(const NF4GemvArgs& a);  // one per row block of the chosen kernel
-void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream);
+void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
+              cudaStream_t stream);
 
 }  // namespace fastft
