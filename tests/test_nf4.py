@@ -544,7 +544,11 @@ def test_gpu_compiles_fullgraph(backend):
     levels rounded to bf16 before scaling: the first CUDA kernel, 1.6% off here) add up in it,
     unlike in per-element checks."""
     _, packed, state = quantize((256, 512), True, device="cuda")
-    x = torch.randn(4, 512, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    # x from a generator of its own: drawn from the global one it depended on the tests that ran
+    # before in the worker, and a sum near zero then broke the bound's absolute part (run 75;
+    # for seed 6 a CPU model of the kernels' roundings is 0.003-0.02 off against a bound of 0.73)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 512, generator=g).to("cuda", torch.bfloat16).requires_grad_()
     f = torch.compile(lambda x: nf4_matmul(x, packed, state, backend=backend), fullgraph=True)
     y = f(x)
     y.float().sum().backward()
