@@ -77,7 +77,7 @@ __device__ __forceinline__ void gemv_wait_for_previous() {
 // The optional low-rank term of y (NF4LowRank): scale * sum_r xa[m, r] b[n, r],
 // in float32 with r ascending, 8 values per 16-byte load. add_low_rank adds it to an element of
 // y this thread has just written (a read-modify-write once the sums' registers are free: added
-// to the float32 sums instead, ptxas spilled more in v3's M 9..16 kernels, in the main loop too):
+// to the float32 sums instead, ptxas reported more spilled registers in v3's M 9..16 kernels):
 // y = round(round(x Wᵀ + bias) + term), the roundings of adding it with a second GEMM.
 template <typename T> __device__ __forceinline__ float2 to_f32x2(uint32_t v);
 template <> __device__ __forceinline__ float2 to_f32x2<__nv_bfloat16>(uint32_t v) {
