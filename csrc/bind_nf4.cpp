@@ -129,7 +129,7 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
                 "fastft nf4: bias must be a contiguous [", N, "] tensor of x's dtype");
   }
   // The low-rank term (y += lora_scale * lora_xa lora_bᵀ): read in 16-byte pieces, so rows must
-  // be aligned and the rank a multiple of 8 (fastft/ops/lora.py checks this before asking).
+  // be aligned and the rank a multiple of 8 (fastft/ops/nf4.py checks this before asking).
   TORCH_CHECK(lora_xa.has_value() == lora_b.has_value(),
               "fastft nf4: lora_xa and lora_b come together (or neither)");
   int64_t rank = 0;
