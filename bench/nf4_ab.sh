@@ -35,23 +35,16 @@ bench() {  # tag, tree, kernels
 bench new "$PWD" "${KERNELS:-auto,v3h,v1}"
 bench base "$PWD/_base_tree" "${BASE_KERNELS:-auto,v3h,v1}"
 bench new2 "$PWD" "${BASE_KERNELS:-auto,v3h,v1}"
-if [ -n "${DECODE:-}" ]; then  # DECODE=1: bench/decode_step.py for both builds (logs only)
+decode_both() {  # script, tag, lines to show: bench/<script>.py for both builds (logs only)
   for b in new base; do
     tree=$PWD; [ $b = base ] && tree=$PWD/_base_tree
-    stamp "decode_step $b"
-    mkdir -p "$OUT/decode_$b"
-    PYTHONPATH=$tree:/tmp/site timeout 240 python3 bench/decode_step.py --out "$OUT/decode_$b" \
-        > "$OUT/decode_$b.log" 2>&1
-    echo "decode_step $b rc=$?"; grep -E "^(B=|generate)" "$OUT/decode_$b.log" | tail -8
+    stamp "$1 $b"
+    PYTHONPATH=$tree:/tmp/site timeout 240 python3 bench/$1.py --out "$OUT/$2_$b" \
+        > "$OUT/$2_$b.log" 2>&1
+    echo "$1 $b rc=$?"; grep -E "$3" "$OUT/$2_$b.log" | tail -8
   done
-fi
-if [ -n "${HOST:-}" ]; then  # HOST=1: bench/decode_host.py (eager decoding's host time) for both
-  for b in new base; do
-    tree=$PWD; [ $b = base ] && tree=$PWD/_base_tree
-    stamp "decode_host $b"
-    PYTHONPATH=$tree:/tmp/site timeout 200 python3 bench/decode_host.py --out "$OUT/host_$b" \
-        > "$OUT/host_$b.log" 2>&1
-    echo "decode_host $b rc=$?"; grep -E "^(peft_bnb|fused) " "$OUT/host_$b.log"
-  done
-fi
+}
+# DECODE=1: the graph-timed decoding forward; HOST=1: eager decoding's host time
+[ -n "${DECODE:-}" ] && decode_both decode_step decode "^(B=|generate)"
+[ -n "${HOST:-}" ] && decode_both decode_host host "^(peft_bnb|fused) "
 stamp done
