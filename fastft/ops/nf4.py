@@ -370,7 +370,8 @@ def _add_low_rank(y, xa, b, scale) -> None:
 
 def _low_rank_fusable(x2, xa, b) -> bool:
     """Whether the CUDA kernel can add xa @ bᵀ itself: it reads their rows in 16-byte pieces."""
-    return (xa.dtype == x2.dtype and b.dtype == x2.dtype and xa.shape[1] % 8 == 0
+    rank = xa.shape[1]  # (the binding rejects rank 0: that case takes the addmm_ path)
+    return (xa.dtype == x2.dtype and b.dtype == x2.dtype and rank > 0 and rank % 8 == 0
             and xa.stride(1) == 1 and b.stride(1) == 1 and xa.stride(0) % 8 == 0
             and b.stride(0) % 8 == 0 and xa.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
 
