@@ -1059,7 +1059,8 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
 //   (raw inputs loaded one group ahead); each step takes its 4 row scales by SHFL.
 // * Work split: CTA (x, y) = rows [R x, R x + R) x steps [y * steps, (y + 1) * steps) of
 //   K / 64, R = 256 / P: the 8 warps are 8 / P tiles of 32 rows x P parts of the CTA's steps
-//   (a.v3_kparts = P: 1, 2, 4 or 8). The parts' sums are added in shared memory at the end, in
+//   (a.v3_kparts = P: 1, 2, 4 or 8; P = 16: a CTA of 16 warps on one tile, R = 32, see
+//   kV3WidePartsCTA). The parts' sums are added in shared memory at the end, in
 //   part order; K split across CTAs (grid.y > 1) instead costs float32 partials, a fence, a
 //   counter and a last CTA that adds them (the counters as for v1: arrive_is_last), all at the
 //   kernel's end where nothing hides them. nf4_gemv_plan picks P and the CTA split from a cost
@@ -1093,12 +1094,21 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
 // [2^14, 2^15), so only values ~2^31 or more times smaller lose bits (fp16 subnormals), far
 // below the sum's own rounding.
 constexpr int kV3Warps = 8;
-constexpr int kV3Threads = kV3Warps * 32;
 constexpr int kV3WarpRows = 32;                          // two m16 tiles
-constexpr int kV3Rows = kV3Warps * kV3WarpRows;          // 256 rows per CTA
 constexpr int kV3Step = 64;                              // k per step (one scale block)
 constexpr int kV3Ahead = 4;                              // steps of weight loads in flight
 constexpr int kV3BlocksPerSM = 2;                        // __launch_bounds__ and the plan
+// 16 K parts: a CTA of 16 warps (one per SM), all on one tile of 32 rows, each warp a sixteenth
+// of the CTA's K range. One CTA then holds an SM's 64 KB of loads in flight alone, so a deep
+// weight (14336 -> 4096 at M = 1: 128 tiles, 224 steps) needs no K split across CTAs, whose
+// partials, fence and last-CTA sum cost ~3-4 us at the kernel's end (run 70).
+constexpr int kV3WidePartsCTA = 16;
+__host__ __device__ constexpr int v3_cta_warps(int parts) {
+  return parts == kV3WidePartsCTA ? 16 : kV3Warps;
+}
+__host__ __device__ constexpr int v3_cta_rows(int parts) {
+  return v3_cta_warps(parts) / parts * kV3WarpRows;
+}
 constexpr int kV3TableSpan = 256 * 256;                  // entries 256 bytes apart
 constexpr int kV3AnchorBytes = 128;                      // static: entry 0's 32 copies
 // dynamic shared memory: the rest of the table span, then code2 [256] and tok_shift [16]
@@ -1206,10 +1216,14 @@ __device__ __forceinline__ void v3_sum_splits(const NF4LowRank& lr, const float*
     for (int m = 0; m < M; ++m) add_low_rank<T>(lr, y, y_stride, m, n);
 }
 
-// LORA: lr.xa is set (compile-time, as for nf4_gemv_kernel).
-template <int MT, bool NESTED, typename T, int DECODE, bool LORA>
-__global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
+// LORA: lr.xa is set (compile-time, as for nf4_gemv_kernel). WARPS: 8 (two CTAs per SM), or
+// 16 for 16 K parts (one CTA per SM, see kV3WidePartsCTA).
+template <int MT, bool NESTED, typename T, int DECODE, bool LORA, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, WARPS == kV3Warps ? kV3BlocksPerSM : 1)
     nf4_gemv_v3_kernel(const NF4Weight w, const NF4GemvArgs a, const NF4LowRank lr) {
+  static_assert(WARPS == kV3Warps || WARPS == 16, "v3 CTAs have 8 or 16 warps");
+  // the table, code2 and the x units are written by the first 256 threads' indices
+  constexpr bool kWide = WARPS != kV3Warps;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   __shared__ __align__(128) unsigned char anchor[kV3AnchorBytes];
   extern __shared__ __align__(16) unsigned char smem[];
@@ -1232,7 +1246,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   // the CTA's rows x part `part` of its steps: [s0 + p0, s0 + p0 + wcount), wcount maybe 0
   // (two token tiles: one part, a compile-time 1: the K parts' few registers made MT = 2 spill
   // more, 5-7% slower in run 65, and more parts never paid there)
-  const int parts = MT == 1 ? a.v3_kparts : 1, tiles = kV3Warps / parts;
+  const int parts = MT == 1 ? a.v3_kparts : 1, tiles = WARPS / parts;
   const int rows_cta = tiles * kV3WarpRows;
   const int part = parts == 1 ? 0 : warp / tiles, wt = warp - part * tiles;
   const int s0 = blockIdx.y * a.v3_steps;
@@ -1293,15 +1307,15 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
 
   // The level-pair table: thread e writes entry e's 32 copies as 8 16-byte stores, rotated by
   // e so that the 8 threads of a store phase hit 8 different bank groups.
-  {
-    const int e = tid;  // 256 threads, 256 entries
+  if (!kWide || tid < 256) {
+    const int e = tid;  // 256 entries
     const __half2 h = __floats2half2_rn(__ldg(w.code + (e >> 4)), __ldg(w.code + (e & 15)));
     const uint32_t v = *reinterpret_cast<const uint32_t*>(&h);
     const uint32_t entry = anchor_addr + (uint32_t)e * 256u;
 #pragma unroll
     for (int j = 0; j < 8; ++j) v3_store16(entry + 16u * ((j + e) & 7), make_uint4(v, v, v, v));
   }
-  if (NESTED) code2_s[tid] = __ldg(w.code2 + tid);
+  if (NESTED && (!kWide || tid < 256)) code2_s[tid] = __ldg(w.code2 + tid);
   if (tid < 16) tok_max[tid] = 0u;
   if (LORA) lora_prefetch<T>(a, lr, (int64_t)blockIdx.x * rows_cta, rows_cta);
   __syncthreads();  // tok_max zeroed
@@ -1330,12 +1344,12 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   };
   // At most 256 holes x 8 units = 2048 units: 8 per thread, all loaded at once (one L2 round
   // trip), kept in registers between the max and the conversion.
-  constexpr int kUnitsPerThread = 256 * 8 / kV3Threads;
-  static_assert(kUnitsPerThread * kV3Threads == 256 * 8, "x staging per thread");
+  constexpr int kUnitsPerThread = 256 * 8 / (WARPS * 32);
+  static_assert(kUnitsPerThread * WARPS * 32 == 256 * 8, "x staging per thread");
   uint4 xu[kUnitsPerThread];
 #pragma unroll
   for (int q = 0; q < kUnitsPerThread; ++q) {
-    const int i = tid + q * kV3Threads;
+    const int i = tid + q * WARPS * 32;
     int tok, step, u;
     xu[q] = i < units ? x_unit(i, tok, step, u) : make_uint4(0u, 0u, 0u, 0u);
   }
@@ -1343,7 +1357,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
     // per token: the largest |x| (as bits: monotonic for non-negative floats, NaN largest)
 #pragma unroll
     for (int q = 0; q < kUnitsPerThread; ++q) {
-      const int i = tid + q * kV3Threads;
+      const int i = tid + q * WARPS * 32;
       if (i >= units) break;
       const uint4 v = xu[q];
       const uint32_t m4 = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu),
@@ -1355,7 +1369,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
     // x * 2^shift with the token's largest |x| in [2^14, 2^15), as fp16
 #pragma unroll
     for (int q = 0; q < kUnitsPerThread; ++q) {
-      const int i = tid + q * kV3Threads;
+      const int i = tid + q * WARPS * 32;
       if (i >= units) break;
       const int tok = i / units_row, r = i - tok * units_row;
       v3_store16(hole_unit(tok, r >> 3, r & 7),
@@ -1364,7 +1378,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   } else {
 #pragma unroll
     for (int q = 0; q < kUnitsPerThread; ++q) {
-      const int i = tid + q * kV3Threads;
+      const int i = tid + q * WARPS * 32;
       if (i >= units) break;
       const int tok = i / units_row, r = i - tok * units_row;
       v3_store16(hole_unit(tok, r >> 3, r & 7), xu[q]);
@@ -1639,17 +1653,19 @@ bool nf4_gemv_v3_ok(const NF4Weight& w, const NF4GemvArgs& a) {
 // weights across CTAs, e.g. 4096 -> 1024 at M = 1 in 4 splits, 8.9 us, where one CTA per
 // 32 rows with 8 parts took 7.3 us).
 // An SM with a single CTA has half the loads in flight (8 warps, 32 KB): counted as streaming
-// at 2/3 of the rate of two (an assumption, untimed). Each CTA's steps x slots must fit the
-// table's holes (v3_max_steps). Ties go to fewer parts, then fewer splits. M 9..16 (two
-// token tiles) always has one part (see the kernel), whatever was requested.
+// at 2/3 of the rate of two (an assumption, untimed). A 16-warp CTA (16 parts) holds all of
+// them alone: it costs what two 8-warp CTAs with its steps per warp cost. Each CTA's steps x
+// slots must fit the table's holes (v3_max_steps). Ties go to fewer parts, then fewer splits.
+// M 9..16 (two token tiles) always has one part (see the kernel), whatever was requested.
 static void plan_v3(NF4GemvArgs& a, int sms, int requested_splits, int requested_parts) {
   const int S = a.K / kV3Step;
   const int max_steps = std::min(S, v3_max_steps(a.M));
   const int64_t n_sms = std::max(1, sms);
   double best_cost = 1e300;
-  for (int parts = 1; parts <= (a.M <= 8 ? kV3Warps : 1); parts *= 2) {  // M 9..16: 1 (kernel)
+  for (int parts = 1; parts <= (a.M <= 8 ? kV3WidePartsCTA : 1); parts *= 2) {  // M 9..16: 1
     if (requested_parts > 0 && parts != requested_parts && a.M <= 8) continue;
-    const int64_t row_groups = (a.N + kV3Rows / parts - 1) / (kV3Rows / parts);
+    const int64_t row_groups = (a.N + v3_cta_rows(parts) - 1) / v3_cta_rows(parts);
+    const bool wide_cta = parts == kV3WidePartsCTA;
     int prev_splits = 0;
     for (int ks = (S + max_steps - 1) / max_steps; ks <= S; ++ks) {
       if (requested_splits > 0) ks = std::max(ks, std::min(requested_splits, S));
@@ -1661,7 +1677,8 @@ static void plan_v3(NF4GemvArgs& a, int sms, int requested_splits, int requested
         const double per_warp = (double)((steps + parts - 1) / parts);
         const double extra = (parts > 1 ? 0.5 : 0.0) +
                              (splits > 1 ? (a.M + 7) / 8 + 4.0 + splits / 4.0 : 0.0);
-        const double cost = (per_sm == 1 ? 1.5 : (double)per_sm) * (per_warp + 1.0 + extra);
+        const double cost = (wide_cta ? 2.0 * per_sm : per_sm == 1 ? 1.5 : (double)per_sm) *
+                            (per_warp + 1.0 + extra);
         if (cost < best_cost) {
           best_cost = cost;
           a.v3_steps = steps;
@@ -1725,7 +1742,7 @@ unsigned long long nf4_gemv_counter_tag() {
 }
 
 int64_t nf4_gemv_counters(const NF4GemvArgs& a) {
-  if (a.variant == 3) return (a.N + kV3Rows / a.v3_kparts - 1) / (kV3Rows / a.v3_kparts);
+  if (a.variant == 3) return (a.N + v3_cta_rows(a.v3_kparts) - 1) / v3_cta_rows(a.v3_kparts);
   return a.variant == 2 ? (a.N + kV2Rows - 1) / kV2Rows : nf4_gemv_row_blocks(a.N);
 }
 
@@ -1801,20 +1818,33 @@ void launch_gemv_v2(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t strea
       <<<(unsigned)a.v2_blocks, kV2Threads, smem, stream>>>(w, a, xs_stride);
 }
 
-template <typename T, int MT, bool NESTED, int DECODE, bool LORA>
+template <typename T, int MT, bool NESTED, int DECODE, bool LORA, int WARPS>
 void launch_gemv_v3_kernel(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
                            cudaStream_t stream) {
-  allow_dynamic_smem<nf4_gemv_v3_kernel<MT, NESTED, T, DECODE, LORA>>(kV3Smem);
+  allow_dynamic_smem<nf4_gemv_v3_kernel<MT, NESTED, T, DECODE, LORA, WARPS>>(kV3Smem);
   const dim3 grid((unsigned)nf4_gemv_counters(a), (unsigned)a.v3_splits);  // row groups x splits
-  launch_kernel(nf4_gemv_v3_kernel<MT, NESTED, T, DECODE, LORA>, grid, kV3Threads, kV3Smem,
-                stream, a.pdl, w, a, lr);
+  launch_kernel(nf4_gemv_v3_kernel<MT, NESTED, T, DECODE, LORA, WARPS>, grid, WARPS * 32,
+                kV3Smem, stream, a.pdl, w, a, lr);
+}
+
+template <typename T, int MT, bool NESTED, int DECODE, bool LORA>
+void launch_gemv_v3_warps(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
+                          cudaStream_t stream) {
+  // 16 K parts (one token tile only: the plan gives M 9..16 one part) run 16-warp CTAs
+  if constexpr (MT == 1) {
+    if (a.v3_kparts == kV3WidePartsCTA) {
+      launch_gemv_v3_kernel<T, MT, NESTED, DECODE, LORA, 16>(w, a, lr, stream);
+      return;
+    }
+  }
+  launch_gemv_v3_kernel<T, MT, NESTED, DECODE, LORA, kV3Warps>(w, a, lr, stream);
 }
 
 template <typename T, int MT, bool NESTED, int DECODE>
 void launch_gemv_v3_decode(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
                            cudaStream_t stream) {
-  if (lr.xa) launch_gemv_v3_kernel<T, MT, NESTED, DECODE, true>(w, a, lr, stream);
-  else launch_gemv_v3_kernel<T, MT, NESTED, DECODE, false>(w, a, lr, stream);
+  if (lr.xa) launch_gemv_v3_warps<T, MT, NESTED, DECODE, true>(w, a, lr, stream);
+  else launch_gemv_v3_warps<T, MT, NESTED, DECODE, false>(w, a, lr, stream);
 }
 
 template <typename T, int MT, bool NESTED>
