@@ -1121,6 +1121,16 @@ constexpr int kV3Smem = kV3TableSpan - kV3AnchorBytes + 256 * 4 + 32 * 4;
 __host__ __device__ constexpr int v3_slots(int M) { return M <= 8 ? M : 16; }
 // Steps of x one CTA can hold in the table's 256 holes.
 __host__ __device__ constexpr int v3_max_steps(int M) { return 256 / v3_slots(M); }
+// A 16-warp CTA (one per SM) has shared memory to spare: its x may take holes past the
+// table's 256 entries (entries of x alone, bytes 128..255 used), up to kV3WideHoles, so that
+// e.g. 14336 -> 4096 (224 steps) fits one CTA's K range at up to 4 tokens: no K split. Its
+// span (table + extra entries) then ends where code2, tok_max and the flag begin.
+constexpr int kV3WideHoles = 896;
+__host__ __device__ constexpr int v3_wide_max_steps(int M) { return kV3WideHoles / v3_slots(M); }
+__host__ __device__ constexpr int v3_wide_span(int steps, int slots) {
+  return 256 * (steps * slots > 256 ? steps * slots : 256);
+}
+constexpr int kV3WideSmemMax = 256 * kV3WideHoles - kV3AnchorBytes + 256 * 4 + 32 * 4;
 
 // The fp16x2 level pair of byte J of `word`: lane4 = lane * 4, table at `anchor`. `anchor + off`
 // reaches past the 128-byte static array into the dynamic shared memory on purpose (see the
@@ -1168,6 +1178,15 @@ __device__ __forceinline__ void v3_pairs_reg(const V3Levels& lv, uint32_t word, 
     p[2 * half] = __byte_perm(lo, hi, 0x4051);
     p[2 * half + 1] = __byte_perm(lo, hi, 0x6273);
   }
+}
+
+__device__ __forceinline__ uint4 v3_load16(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
 }
 
 __device__ __forceinline__ void v3_store16(uint32_t addr, uint4 v) {
@@ -1230,17 +1249,19 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == kV3Warps ? kV3BlocksPerSM
   const uint32_t anchor_addr = (uint32_t)__cvta_generic_to_shared(anchor);
   // the table and x are addressed from `anchor` across the static/dynamic boundary
   if ((uint32_t)__cvta_generic_to_shared(smem) != anchor_addr + kV3AnchorBytes) __trap();
-  float* code2_s = reinterpret_cast<float*>(smem + kV3TableSpan - kV3AnchorBytes);
+  const int M = a.M;
+  // x slots per step (v3_slots): a run-time M for one token tile, 16 for two
+  const int slots = MT == 1 ? M : 16;
+  const int span = kWide ? v3_wide_span(a.v3_steps, slots) : kV3TableSpan;
+  float* code2_s = reinterpret_cast<float*>(smem + span - kV3AnchorBytes);
   unsigned* tok_max = reinterpret_cast<unsigned*>(code2_s + 256);  // [16] bf16 x: max |x| bits
   unsigned* last = tok_max + 16;  // the K split's last-CTA flag
   // (no other static shared variable: `anchor` must be the whole static part)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int N = a.N, K = a.K, M = a.M;
+  const int N = a.N, K = a.K;
   const int S = K / kV3Step;
-  // x slots per step (v3_slots): a run-time M for one token tile, 16 for two
-  const int slots = MT == 1 ? M : 16;
   const uint32_t step_bytes = 256u * (uint32_t)slots;  // from one step's holes to the next's
   // the CTA: rows [rows_cta * x, + rows_cta) x steps [s0, s0 + count); this warp: tile `wt` of
   // the CTA's rows x part `part` of its steps: [s0 + p0, s0 + p0 + wcount), wcount maybe 0
@@ -1342,6 +1363,43 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == kV3Warps ? kV3BlocksPerSM
     return anchor_addr + 256u * (uint32_t)(step * slots + tok) + 128u +
            16u * (uint32_t)(u ^ (tok & 1));
   };
+  if constexpr (kWide) {
+    // Up to kV3WideHoles x 8 units, 8 per thread at a time (one L2 round trip each batch: one
+    // at M = 1): stored as they come (bf16: with the token maxima on the way), then bf16 x
+    // converted in place once every maximum is known.
+    constexpr int kThreads = WARPS * 32, kBatch = 8;
+    for (int base = 0; base < units; base += kBatch * kThreads) {
+      uint4 xb[kBatch];
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) {
+        const int i = base + tid + q * kThreads;
+        int tok, step, u;
+        xb[q] = i < units ? x_unit(i, tok, step, u) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) {
+        const int i = base + tid + q * kThreads;
+        if (i >= units) break;
+        const int tok = i / units_row, r = i - tok * units_row;
+        v3_store16(hole_unit(tok, r >> 3, r & 7), xb[q]);
+        if (std::is_same<T, __nv_bfloat16>::value) {
+          const uint4 v = xb[q];
+          const uint32_t m4 = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu),
+                                       __vmaxu2(v.z & 0x7FFF7FFFu, v.w & 0x7FFF7FFFu));
+          const uint32_t m = max(m4 & 0xFFFFu, m4 >> 16);
+          if (m) atomicMax(&tok_max[tok], m);
+        }
+      }
+    }
+    if (std::is_same<T, __nv_bfloat16>::value) {
+      __syncthreads();  // every unit stored, every maximum in
+      for (int i = tid; i < units; i += kThreads) {
+        const int tok = i / units_row, r = i - tok * units_row;
+        const uint32_t at = hole_unit(tok, r >> 3, r & 7);
+        v3_store16(at, bf16x8_scaled_to_fp16(v3_load16(at), x_scale_shift(tok_max[tok])));
+      }
+    }
+  } else {
   // At most 256 holes x 8 units = 2048 units: 8 per thread, all loaded at once (one L2 round
   // trip), kept in registers between the max and the conversion.
   constexpr int kUnitsPerThread = 256 * 8 / (WARPS * 32);
@@ -1384,6 +1442,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == kV3Warps ? kV3BlocksPerSM
       v3_store16(hole_unit(tok, r >> 3, r & 7), xu[q]);
     }
   }
+  }  // (kWide)
   __syncthreads();  // table, code2, x and tok_max complete
 
   V3Levels lv;  // (DECODE 1 / 2 only; dead code otherwise)
@@ -1659,13 +1718,13 @@ bool nf4_gemv_v3_ok(const NF4Weight& w, const NF4GemvArgs& a) {
 // M 9..16 (two token tiles) always has one part (see the kernel), whatever was requested.
 static void plan_v3(NF4GemvArgs& a, int sms, int requested_splits, int requested_parts) {
   const int S = a.K / kV3Step;
-  const int max_steps = std::min(S, v3_max_steps(a.M));
   const int64_t n_sms = std::max(1, sms);
   double best_cost = 1e300;
   for (int parts = 1; parts <= (a.M <= 8 ? kV3WidePartsCTA : 1); parts *= 2) {  // M 9..16: 1
     if (requested_parts > 0 && parts != requested_parts && a.M <= 8) continue;
     const int64_t row_groups = (a.N + v3_cta_rows(parts) - 1) / v3_cta_rows(parts);
     const bool wide_cta = parts == kV3WidePartsCTA;
+    const int max_steps = std::min(S, wide_cta ? v3_wide_max_steps(a.M) : v3_max_steps(a.M));
     int prev_splits = 0;
     for (int ks = (S + max_steps - 1) / max_steps; ks <= S; ++ks) {
       if (requested_splits > 0) ks = std::max(ks, std::min(requested_splits, S));
@@ -1821,10 +1880,16 @@ void launch_gemv_v2(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t strea
 template <typename T, int MT, bool NESTED, int DECODE, bool LORA, int WARPS>
 void launch_gemv_v3_kernel(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
                            cudaStream_t stream) {
-  allow_dynamic_smem<nf4_gemv_v3_kernel<MT, NESTED, T, DECODE, LORA, WARPS>>(kV3Smem);
+  const bool wide = WARPS != kV3Warps;
+  allow_dynamic_smem<nf4_gemv_v3_kernel<MT, NESTED, T, DECODE, LORA, WARPS>>(
+      wide ? kV3WideSmemMax : kV3Smem);
+  // the wide CTA's span holds its K range's x (v3_wide_span), then code2, tok_max, the flag
+  const int smem = wide ? v3_wide_span(a.v3_steps, MT == 1 ? a.M : 16) - kV3AnchorBytes +
+                              256 * 4 + 32 * 4
+                        : kV3Smem;
   const dim3 grid((unsigned)nf4_gemv_counters(a), (unsigned)a.v3_splits);  // row groups x splits
   launch_kernel(nf4_gemv_v3_kernel<MT, NESTED, T, DECODE, LORA, WARPS>, grid, WARPS * 32,
-                kV3Smem, stream, a.pdl, w, a, lr);
+                smem, stream, a.pdl, w, a, lr);
 }
 
 template <typename T, int MT, bool NESTED, int DECODE, bool LORA>
