@@ -1123,14 +1123,16 @@ __host__ __device__ constexpr int v3_slots(int M) { return M <= 8 ? M : 16; }
 __host__ __device__ constexpr int v3_max_steps(int M) { return 256 / v3_slots(M); }
 // A 16-warp CTA (one per SM) has shared memory to spare: its x may take holes past the
 // table's 256 entries (entries of x alone, bytes 128..255 used), up to kV3WideHoles, so that
-// e.g. 14336 -> 4096 (224 steps) fits one CTA's K range at up to 4 tokens: no K split. Its
-// span (table + extra entries) then ends where code2, tok_max and the flag begin.
-constexpr int kV3WideHoles = 896;
+// 14336 -> 4096 (224 steps) fits one CTA's K range at 1 or 2 tokens: no K split. Its span
+// (table + extra entries) ends where code2, tok_max and the flag begin. (896 holes, for 4
+// tokens, ran 34% slower at M = 4 in run 78 than 8-warp CTAs with a K split: 224 KB of shared
+// memory leaves L1, which the scales are read through, ~30 KB; and 3 tokens 5% slower.)
+constexpr int kV3WideHoles = 512;
 __host__ __device__ constexpr int v3_wide_max_steps(int M) { return kV3WideHoles / v3_slots(M); }
-__host__ __device__ constexpr int v3_wide_span(int steps, int slots) {
-  return 256 * (steps * slots > 256 ? steps * slots : 256);
-}
-constexpr int kV3WideSmemMax = 256 * kV3WideHoles - kV3AnchorBytes + 256 * 4 + 32 * 4;
+// (a fixed span, whatever the call's K range: code2 at a run-time offset cost one more register
+// in the loop, and ptxas spilled in the nested-scale LoRA kernels; two 8-warp CTAs take as much)
+constexpr int kV3WideSpan = 256 * kV3WideHoles;
+constexpr int kV3WideSmem = kV3WideSpan - kV3AnchorBytes + 256 * 4 + 32 * 4;
 
 // The fp16x2 level pair of byte J of `word`: lane4 = lane * 4, table at `anchor`. `anchor + off`
 // reaches past the 128-byte static array into the dynamic shared memory on purpose (see the
@@ -1178,15 +1180,6 @@ __device__ __forceinline__ void v3_pairs_reg(const V3Levels& lv, uint32_t word, 
     p[2 * half] = __byte_perm(lo, hi, 0x4051);
     p[2 * half + 1] = __byte_perm(lo, hi, 0x6273);
   }
-}
-
-__device__ __forceinline__ uint4 v3_load16(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(addr)
-               : "memory");
-  return v;
 }
 
 __device__ __forceinline__ void v3_store16(uint32_t addr, uint4 v) {
@@ -1249,19 +1242,18 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == kV3Warps ? kV3BlocksPerSM
   const uint32_t anchor_addr = (uint32_t)__cvta_generic_to_shared(anchor);
   // the table and x are addressed from `anchor` across the static/dynamic boundary
   if ((uint32_t)__cvta_generic_to_shared(smem) != anchor_addr + kV3AnchorBytes) __trap();
-  const int M = a.M;
-  // x slots per step (v3_slots): a run-time M for one token tile, 16 for two
-  const int slots = MT == 1 ? M : 16;
-  const int span = kWide ? v3_wide_span(a.v3_steps, slots) : kV3TableSpan;
-  float* code2_s = reinterpret_cast<float*>(smem + span - kV3AnchorBytes);
+  float* code2_s = reinterpret_cast<float*>(smem + (kWide ? kV3WideSpan : kV3TableSpan) -
+                                            kV3AnchorBytes);
   unsigned* tok_max = reinterpret_cast<unsigned*>(code2_s + 256);  // [16] bf16 x: max |x| bits
   unsigned* last = tok_max + 16;  // the K split's last-CTA flag
   // (no other static shared variable: `anchor` must be the whole static part)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int N = a.N, K = a.K;
+  const int N = a.N, K = a.K, M = a.M;
   const int S = K / kV3Step;
+  // x slots per step (v3_slots): a run-time M for one token tile, 16 for two
+  const int slots = MT == 1 ? M : 16;
   const uint32_t step_bytes = 256u * (uint32_t)slots;  // from one step's holes to the next's
   // the CTA: rows [rows_cta * x, + rows_cta) x steps [s0, s0 + count); this warp: tile `wt` of
   // the CTA's rows x part `part` of its steps: [s0 + p0, s0 + p0 + wcount), wcount maybe 0
@@ -1363,47 +1355,11 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == kV3Warps ? kV3BlocksPerSM
     return anchor_addr + 256u * (uint32_t)(step * slots + tok) + 128u +
            16u * (uint32_t)(u ^ (tok & 1));
   };
-  if constexpr (kWide) {
-    // Up to kV3WideHoles x 8 units, 8 per thread at a time (one L2 round trip each batch: one
-    // at M = 1): stored as they come (bf16: with the token maxima on the way), then bf16 x
-    // converted in place once every maximum is known.
-    constexpr int kThreads = WARPS * 32, kBatch = 8;
-    for (int base = 0; base < units; base += kBatch * kThreads) {
-      uint4 xb[kBatch];
-#pragma unroll
-      for (int q = 0; q < kBatch; ++q) {
-        const int i = base + tid + q * kThreads;
-        int tok, step, u;
-        xb[q] = i < units ? x_unit(i, tok, step, u) : make_uint4(0u, 0u, 0u, 0u);
-      }
-#pragma unroll
-      for (int q = 0; q < kBatch; ++q) {
-        const int i = base + tid + q * kThreads;
-        if (i >= units) break;
-        const int tok = i / units_row, r = i - tok * units_row;
-        v3_store16(hole_unit(tok, r >> 3, r & 7), xb[q]);
-        if (std::is_same<T, __nv_bfloat16>::value) {
-          const uint4 v = xb[q];
-          const uint32_t m4 = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu),
-                                       __vmaxu2(v.z & 0x7FFF7FFFu, v.w & 0x7FFF7FFFu));
-          const uint32_t m = max(m4 & 0xFFFFu, m4 >> 16);
-          if (m) atomicMax(&tok_max[tok], m);
-        }
-      }
-    }
-    if (std::is_same<T, __nv_bfloat16>::value) {
-      __syncthreads();  // every unit stored, every maximum in
-      for (int i = tid; i < units; i += kThreads) {
-        const int tok = i / units_row, r = i - tok * units_row;
-        const uint32_t at = hole_unit(tok, r >> 3, r & 7);
-        v3_store16(at, bf16x8_scaled_to_fp16(v3_load16(at), x_scale_shift(tok_max[tok])));
-      }
-    }
-  } else {
-  // At most 256 holes x 8 units = 2048 units: 8 per thread, all loaded at once (one L2 round
-  // trip), kept in registers between the max and the conversion.
-  constexpr int kUnitsPerThread = 256 * 8 / (WARPS * 32);
-  static_assert(kUnitsPerThread * WARPS * 32 == 256 * 8, "x staging per thread");
+  // At most 256 holes (a 16-warp CTA: kV3WideHoles) x 8 units: 8 per thread, all loaded at
+  // once (one L2 round trip), kept in registers between the max and the conversion.
+  constexpr int kHoles = kWide ? kV3WideHoles : 256;
+  constexpr int kUnitsPerThread = kHoles * 8 / (WARPS * 32);
+  static_assert(kUnitsPerThread * WARPS * 32 == kHoles * 8, "x staging per thread");
   uint4 xu[kUnitsPerThread];
 #pragma unroll
   for (int q = 0; q < kUnitsPerThread; ++q) {
@@ -1442,7 +1398,6 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == kV3Warps ? kV3BlocksPerSM
       v3_store16(hole_unit(tok, r >> 3, r & 7), xu[q]);
     }
   }
-  }  // (kWide)
   __syncthreads();  // table, code2, x and tok_max complete
 
   V3Levels lv;  // (DECODE 1 / 2 only; dead code otherwise)
@@ -1713,7 +1668,10 @@ bool nf4_gemv_v3_ok(const NF4Weight& w, const NF4GemvArgs& a) {
 // 32 rows with 8 parts took 7.3 us).
 // An SM with a single CTA has half the loads in flight (8 warps, 32 KB): counted as streaming
 // at 2/3 of the rate of two (an assumption, untimed). A 16-warp CTA (16 parts) holds all of
-// them alone: it costs what two 8-warp CTAs with its steps per warp cost. Each CTA's steps x
+// them alone: it costs what two 8-warp CTAs with its steps per warp cost, plus 3.5 for its
+// start, which no other CTA's streaming hides on its SM (fitted: run 77 measured 4096 -> 1024
+// at M = 1..8 level with the 8-warp choice, which the cost without it put 23% behind, and
+// 14336 -> 4096 at M = 1 16% faster, 18.5% by this cost). Each CTA's steps x
 // slots must fit the table's holes (v3_max_steps). Ties go to fewer parts, then fewer splits.
 // M 9..16 (two token tiles) always has one part (see the kernel), whatever was requested.
 static void plan_v3(NF4GemvArgs& a, int sms, int requested_splits, int requested_parts) {
@@ -1736,8 +1694,9 @@ static void plan_v3(NF4GemvArgs& a, int sms, int requested_splits, int requested
         const double per_warp = (double)((steps + parts - 1) / parts);
         const double extra = (parts > 1 ? 0.5 : 0.0) +
                              (splits > 1 ? (a.M + 7) / 8 + 4.0 + splits / 4.0 : 0.0);
-        const double cost = (wide_cta ? 2.0 * per_sm : per_sm == 1 ? 1.5 : (double)per_sm) *
-                            (per_warp + 1.0 + extra);
+        const double cost =
+            wide_cta ? per_sm * (2.0 * (per_warp + 1.0 + extra) + 3.5)
+                     : (per_sm == 1 ? 1.5 : (double)per_sm) * (per_warp + 1.0 + extra);
         if (cost < best_cost) {
           best_cost = cost;
           a.v3_steps = steps;
@@ -1881,12 +1840,8 @@ template <typename T, int MT, bool NESTED, int DECODE, bool LORA, int WARPS>
 void launch_gemv_v3_kernel(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
                            cudaStream_t stream) {
   const bool wide = WARPS != kV3Warps;
-  allow_dynamic_smem<nf4_gemv_v3_kernel<MT, NESTED, T, DECODE, LORA, WARPS>>(
-      wide ? kV3WideSmemMax : kV3Smem);
-  // the wide CTA's span holds its K range's x (v3_wide_span), then code2, tok_max, the flag
-  const int smem = wide ? v3_wide_span(a.v3_steps, MT == 1 ? a.M : 16) - kV3AnchorBytes +
-                              256 * 4 + 32 * 4
-                        : kV3Smem;
+  const int smem = wide ? kV3WideSmem : kV3Smem;
+  allow_dynamic_smem<nf4_gemv_v3_kernel<MT, NESTED, T, DECODE, LORA, WARPS>>(smem);
   const dim3 grid((unsigned)nf4_gemv_counters(a), (unsigned)a.v3_splits);  // row groups x splits
   launch_kernel(nf4_gemv_v3_kernel<MT, NESTED, T, DECODE, LORA, WARPS>, grid, WARPS * 32,
                 smem, stream, a.pdl, w, a, lr);
