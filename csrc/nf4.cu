@@ -1544,6 +1544,21 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == kV3Warps ? kV3BlocksPerSM
       }
     }
   }
+  // A 16-warp CTA without a K split: the adapter's term of its 32 rows x M tokens, one output
+  // per thread of the warps of parts 1.. (threads 32..: one tile), which are idle while part 0
+  // adds the sums, for part 0 to add as it writes y (below). add_low_rank_tile instead has a
+  // lane read-modify-write 4 rows of y one after another, a chain of L2 round trips that cost
+  // about what this CTA saves by not splitting K (run 79: the decoding forward, level).
+  [[maybe_unused]] float* const lora_terms =  // [M][32], past the parts' sums
+      reinterpret_cast<float*>(smem) + (kV3WidePartsCTA - 1) * (2 * MT * 4) * 32;
+  if constexpr (kWide && LORA) {
+    if (a.partial == nullptr && part > 0) {
+      const int i = tid - 32;
+      if (i < M * kV3WarpRows && tile_base + i % kV3WarpRows < N)
+        lora_terms[i] = lora_term<T>(lr, i / kV3WarpRows, tile_base + i % kV3WarpRows);
+    }
+    __syncthreads();
+  }
 
   // acc[tl][mt][c]: weight row tile_base + 16 tl + g (+ 8 for c >= 2), token mt*8 + 2t + (c&1)
   const T* bias = static_cast<const T*>(a.bias);
@@ -1564,13 +1579,16 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == kV3Warps ? kV3BlocksPerSM
           a.partial[((int64_t)blockIdx.y * M + m) * N + n] = v;
         } else {
           if (bias) v += to_f32(bias[n]);
+          // round(round(x Wᵀ + bias) + term): add_low_rank's roundings, without its re-read
+          if constexpr (kWide && LORA)
+            v = to_f32(from_f32<T>(v)) + lora_terms[m * kV3WarpRows + (n - tile_base)];
           y[m * a.y_stride + n] = from_f32<T>(v);
         }
       }
     }
   }
   if (a.partial == nullptr) {
-    if (LORA && part == 0) add_low_rank_tile<T>(a, lr, y, tile_base + g, 2, t, MT);
+    if (LORA && !kWide && part == 0) add_low_rank_tile<T>(a, lr, y, tile_base + g, 2, t, MT);
     return;
   }
   // The last of the row group's gridDim.y CTAs to finish adds the partials in split order
