@@ -6,7 +6,7 @@ Compiling both versions here and comparing is free; a device run is not.
 
     nvcc -O3 --use_fast_math --expt-relaxed-constexpr -std=c++17 -arch=sm_90a -Icsrc \\
         -c csrc/nf4.cu -o /tmp/new.o          (and the same for the old source into /tmp/old.o)
-    python bench/sass_compare.py /tmp/old.o /tmp/new.o ['v3_kernel<1, true']
+    python bench/sass_compare.py /tmp/old.o /tmp/new.o ['v3_kernel<1, true' [OFF_VALUES]]
 
 (quote NAME_SUBSTRING: kernel names hold '<', a shell redirect unquoted)
 
@@ -14,7 +14,9 @@ Prints, per kernel of the new object whose name contains NAME_SUBSTRING (default
 instruction count, the old kernel's and whether the instruction text is identical, and how
 many local-memory accesses (LDL / STL: spills) each has. A kernel of the new object whose
 template arguments end in an added `, false>` (a new compile-time switch, off) is compared with
-the old kernel without it. Needs cuobjdump (on the PATH, or the one Triton ships).
+the old kernel without it; OFF_VALUES (comma-separated, default "false") names the values of
+such an added last argument that mean "as before", e.g. "false,8" for a new WARPS argument whose
+8 is the old kernel. Needs cuobjdump (on the PATH, or the one Triton ships).
 """
 import glob
 import os
@@ -54,6 +56,7 @@ def kernels(obj: str) -> dict:
 def main():
     old_obj, new_obj = sys.argv[1], sys.argv[2]
     want = sys.argv[3] if len(sys.argv) > 3 else ""
+    off_values = set((sys.argv[4] if len(sys.argv) > 4 else "false").split(","))
     old, new = kernels(old_obj), kernels(new_obj)
 
     def spills(ins):
@@ -63,7 +66,10 @@ def main():
         if want not in name:
             continue
         ins = new[name]
-        old_name = name if name in old else re.sub(r", false>$", ">", name)
+        old_name = name
+        added = re.search(r", (\w+)>$", name)
+        if name not in old and added and added.group(1) in off_values:
+            old_name = name[:added.start()] + ">"
         if old_name in old:
             same = "identical" if old[old_name] == ins else "differs"
             print(f"{name}: {len(ins)} instructions ({spills(ins)} LDL/STL), old {len(old[old_name])}"

@@ -96,8 +96,8 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   TORCH_CHECK(v3_splits >= 0 && v3_splits <= 65535, "fastft nf4: v3_splits must be 0..65535, got ",
               v3_splits);
   TORCH_CHECK(v3_kparts == 0 || v3_kparts == 1 || v3_kparts == 2 || v3_kparts == 4 ||
-                  v3_kparts == 8,
-              "fastft nf4: v3_kparts must be 0, 1, 2, 4 or 8, got ", v3_kparts);
+                  v3_kparts == 8 || v3_kparts == 16,
+              "fastft nf4: v3_kparts must be 0, 1, 2, 4, 8 or 16, got ", v3_kparts);
   check_rows(x, "x");
   check_rows(y, "y");
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1);

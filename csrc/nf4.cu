@@ -1059,7 +1059,8 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
 //   (raw inputs loaded one group ahead); each step takes its 4 row scales by SHFL.
 // * Work split: CTA (x, y) = rows [R x, R x + R) x steps [y * steps, (y + 1) * steps) of
 //   K / 64, R = 256 / P: the 8 warps are 8 / P tiles of 32 rows x P parts of the CTA's steps
-//   (a.v3_kparts = P: 1, 2, 4 or 8). The parts' sums are added in shared memory at the end, in
+//   (a.v3_kparts = P: 1, 2, 4 or 8; P = 16: a CTA of 16 warps on one tile, R = 32, see
+//   kV3WidePartsCTA). The parts' sums are added in shared memory at the end, in
 //   part order; K split across CTAs (grid.y > 1) instead costs float32 partials, a fence, a
 //   counter and a last CTA that adds them (the counters as for v1: arrive_is_last), all at the
 //   kernel's end where nothing hides them. nf4_gemv_plan picks P and the CTA split from a cost
@@ -1093,12 +1094,21 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
 // [2^14, 2^15), so only values ~2^31 or more times smaller lose bits (fp16 subnormals), far
 // below the sum's own rounding.
 constexpr int kV3Warps = 8;
-constexpr int kV3Threads = kV3Warps * 32;
 constexpr int kV3WarpRows = 32;                          // two m16 tiles
-constexpr int kV3Rows = kV3Warps * kV3WarpRows;          // 256 rows per CTA
 constexpr int kV3Step = 64;                              // k per step (one scale block)
 constexpr int kV3Ahead = 4;                              // steps of weight loads in flight
 constexpr int kV3BlocksPerSM = 2;                        // __launch_bounds__ and the plan
+// 16 K parts: a CTA of 16 warps (one per SM), all on one tile of 32 rows, each warp a sixteenth
+// of the CTA's K range. One CTA then holds an SM's 64 KB of loads in flight alone, so a deep
+// weight (14336 -> 4096 at M = 1: 128 tiles, 224 steps) needs no K split across CTAs, whose
+// partials, fence and last-CTA sum cost ~3-4 us at the kernel's end (run 70).
+constexpr int kV3WidePartsCTA = 16;
+__host__ __device__ constexpr int v3_cta_warps(int parts) {
+  return parts == kV3WidePartsCTA ? 16 : kV3Warps;
+}
+__host__ __device__ constexpr int v3_cta_rows(int parts) {
+  return v3_cta_warps(parts) / parts * kV3WarpRows;
+}
 constexpr int kV3TableSpan = 256 * 256;                  // entries 256 bytes apart
 constexpr int kV3AnchorBytes = 128;                      // static: entry 0's 32 copies
 // dynamic shared memory: the rest of the table span, then code2 [256] and tok_shift [16]
@@ -1111,6 +1121,18 @@ constexpr int kV3Smem = kV3TableSpan - kV3AnchorBytes + 256 * 4 + 32 * 4;
 __host__ __device__ constexpr int v3_slots(int M) { return M <= 8 ? M : 16; }
 // Steps of x one CTA can hold in the table's 256 holes.
 __host__ __device__ constexpr int v3_max_steps(int M) { return 256 / v3_slots(M); }
+// A 16-warp CTA (one per SM) has shared memory to spare: its x may take holes past the
+// table's 256 entries (entries of x alone, bytes 128..255 used), up to kV3WideHoles, so that
+// 14336 -> 4096 (224 steps) fits one CTA's K range at 1 or 2 tokens: no K split. Its span
+// (table + extra entries) ends where code2, tok_max and the flag begin. (896 holes, for 4
+// tokens, ran 34% slower at M = 4 in run 78 than 8-warp CTAs with a K split: 224 KB of shared
+// memory leaves L1, which the scales are read through, ~30 KB; and 3 tokens 5% slower.)
+constexpr int kV3WideHoles = 512;
+__host__ __device__ constexpr int v3_wide_max_steps(int M) { return kV3WideHoles / v3_slots(M); }
+// (a fixed span, whatever the call's K range: code2 at a run-time offset cost one more register
+// in the loop, and ptxas spilled in the nested-scale LoRA kernels; two 8-warp CTAs take as much)
+constexpr int kV3WideSpan = 256 * kV3WideHoles;
+constexpr int kV3WideSmem = kV3WideSpan - kV3AnchorBytes + 256 * 4 + 32 * 4;
 
 // The fp16x2 level pair of byte J of `word`: lane4 = lane * 4, table at `anchor`. `anchor + off`
 // reaches past the 128-byte static array into the dynamic shared memory on purpose (see the
@@ -1206,17 +1228,22 @@ __device__ __forceinline__ void v3_sum_splits(const NF4LowRank& lr, const float*
     for (int m = 0; m < M; ++m) add_low_rank<T>(lr, y, y_stride, m, n);
 }
 
-// LORA: lr.xa is set (compile-time, as for nf4_gemv_kernel).
-template <int MT, bool NESTED, typename T, int DECODE, bool LORA>
-__global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
+// LORA: lr.xa is set (compile-time, as for nf4_gemv_kernel). WARPS: 8 (two CTAs per SM), or
+// 16 for 16 K parts (one CTA per SM, see kV3WidePartsCTA).
+template <int MT, bool NESTED, typename T, int DECODE, bool LORA, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, WARPS == kV3Warps ? kV3BlocksPerSM : 1)
     nf4_gemv_v3_kernel(const NF4Weight w, const NF4GemvArgs a, const NF4LowRank lr) {
+  static_assert(WARPS == kV3Warps || WARPS == 16, "v3 CTAs have 8 or 16 warps");
+  // the table, code2 and the x units are written by the first 256 threads' indices
+  constexpr bool kWide = WARPS != kV3Warps;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   __shared__ __align__(128) unsigned char anchor[kV3AnchorBytes];
   extern __shared__ __align__(16) unsigned char smem[];
   const uint32_t anchor_addr = (uint32_t)__cvta_generic_to_shared(anchor);
   // the table and x are addressed from `anchor` across the static/dynamic boundary
   if ((uint32_t)__cvta_generic_to_shared(smem) != anchor_addr + kV3AnchorBytes) __trap();
-  float* code2_s = reinterpret_cast<float*>(smem + kV3TableSpan - kV3AnchorBytes);
+  float* code2_s = reinterpret_cast<float*>(smem + (kWide ? kV3WideSpan : kV3TableSpan) -
+                                            kV3AnchorBytes);
   unsigned* tok_max = reinterpret_cast<unsigned*>(code2_s + 256);  // [16] bf16 x: max |x| bits
   unsigned* last = tok_max + 16;  // the K split's last-CTA flag
   // (no other static shared variable: `anchor` must be the whole static part)
@@ -1232,7 +1259,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   // the CTA's rows x part `part` of its steps: [s0 + p0, s0 + p0 + wcount), wcount maybe 0
   // (two token tiles: one part, a compile-time 1: the K parts' few registers made MT = 2 spill
   // more, 5-7% slower in run 65, and more parts never paid there)
-  const int parts = MT == 1 ? a.v3_kparts : 1, tiles = kV3Warps / parts;
+  const int parts = MT == 1 ? a.v3_kparts : 1, tiles = WARPS / parts;
   const int rows_cta = tiles * kV3WarpRows;
   const int part = parts == 1 ? 0 : warp / tiles, wt = warp - part * tiles;
   const int s0 = blockIdx.y * a.v3_steps;
@@ -1293,15 +1320,15 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
 
   // The level-pair table: thread e writes entry e's 32 copies as 8 16-byte stores, rotated by
   // e so that the 8 threads of a store phase hit 8 different bank groups.
-  {
-    const int e = tid;  // 256 threads, 256 entries
+  if (!kWide || tid < 256) {
+    const int e = tid;  // 256 entries
     const __half2 h = __floats2half2_rn(__ldg(w.code + (e >> 4)), __ldg(w.code + (e & 15)));
     const uint32_t v = *reinterpret_cast<const uint32_t*>(&h);
     const uint32_t entry = anchor_addr + (uint32_t)e * 256u;
 #pragma unroll
     for (int j = 0; j < 8; ++j) v3_store16(entry + 16u * ((j + e) & 7), make_uint4(v, v, v, v));
   }
-  if (NESTED) code2_s[tid] = __ldg(w.code2 + tid);
+  if (NESTED && (!kWide || tid < 256)) code2_s[tid] = __ldg(w.code2 + tid);
   if (tid < 16) tok_max[tid] = 0u;
   if (LORA) lora_prefetch<T>(a, lr, (int64_t)blockIdx.x * rows_cta, rows_cta);
   __syncthreads();  // tok_max zeroed
@@ -1328,14 +1355,15 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
     return anchor_addr + 256u * (uint32_t)(step * slots + tok) + 128u +
            16u * (uint32_t)(u ^ (tok & 1));
   };
-  // At most 256 holes x 8 units = 2048 units: 8 per thread, all loaded at once (one L2 round
-  // trip), kept in registers between the max and the conversion.
-  constexpr int kUnitsPerThread = 256 * 8 / kV3Threads;
-  static_assert(kUnitsPerThread * kV3Threads == 256 * 8, "x staging per thread");
+  // At most 256 holes (a 16-warp CTA: kV3WideHoles) x 8 units: 8 per thread, all loaded at
+  // once (one L2 round trip), kept in registers between the max and the conversion.
+  constexpr int kHoles = kWide ? kV3WideHoles : 256;
+  constexpr int kUnitsPerThread = kHoles * 8 / (WARPS * 32);
+  static_assert(kUnitsPerThread * WARPS * 32 == kHoles * 8, "x staging per thread");
   uint4 xu[kUnitsPerThread];
 #pragma unroll
   for (int q = 0; q < kUnitsPerThread; ++q) {
-    const int i = tid + q * kV3Threads;
+    const int i = tid + q * WARPS * 32;
     int tok, step, u;
     xu[q] = i < units ? x_unit(i, tok, step, u) : make_uint4(0u, 0u, 0u, 0u);
   }
@@ -1343,7 +1371,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
     // per token: the largest |x| (as bits: monotonic for non-negative floats, NaN largest)
 #pragma unroll
     for (int q = 0; q < kUnitsPerThread; ++q) {
-      const int i = tid + q * kV3Threads;
+      const int i = tid + q * WARPS * 32;
       if (i >= units) break;
       const uint4 v = xu[q];
       const uint32_t m4 = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu),
@@ -1355,7 +1383,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
     // x * 2^shift with the token's largest |x| in [2^14, 2^15), as fp16
 #pragma unroll
     for (int q = 0; q < kUnitsPerThread; ++q) {
-      const int i = tid + q * kV3Threads;
+      const int i = tid + q * WARPS * 32;
       if (i >= units) break;
       const int tok = i / units_row, r = i - tok * units_row;
       v3_store16(hole_unit(tok, r >> 3, r & 7),
@@ -1364,7 +1392,7 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
   } else {
 #pragma unroll
     for (int q = 0; q < kUnitsPerThread; ++q) {
-      const int i = tid + q * kV3Threads;
+      const int i = tid + q * WARPS * 32;
       if (i >= units) break;
       const int tok = i / units_row, r = i - tok * units_row;
       v3_store16(hole_unit(tok, r >> 3, r & 7), xu[q]);
@@ -1516,6 +1544,21 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
       }
     }
   }
+  // A 16-warp CTA without a K split: the adapter's term of its 32 rows x M tokens, one output
+  // per thread of the warps of parts 1.. (threads 32..: one tile), which are idle while part 0
+  // adds the sums, for part 0 to add as it writes y (below). add_low_rank_tile instead has a
+  // lane read-modify-write 4 rows of y one after another, a chain of L2 round trips that cost
+  // about what this CTA saves by not splitting K (run 79: the decoding forward, level).
+  [[maybe_unused]] float* const lora_terms =  // [M][32], past the parts' sums
+      reinterpret_cast<float*>(smem) + (kV3WidePartsCTA - 1) * (2 * MT * 4) * 32;
+  if constexpr (kWide && LORA) {
+    if (a.partial == nullptr && part > 0) {
+      const int i = tid - 32;
+      if (i < M * kV3WarpRows && tile_base + i % kV3WarpRows < N)
+        lora_terms[i] = lora_term<T>(lr, i / kV3WarpRows, tile_base + i % kV3WarpRows);
+    }
+    __syncthreads();
+  }
 
   // acc[tl][mt][c]: weight row tile_base + 16 tl + g (+ 8 for c >= 2), token mt*8 + 2t + (c&1)
   const T* bias = static_cast<const T*>(a.bias);
@@ -1536,13 +1579,16 @@ __global__ void __launch_bounds__(kV3Threads, kV3BlocksPerSM)
           a.partial[((int64_t)blockIdx.y * M + m) * N + n] = v;
         } else {
           if (bias) v += to_f32(bias[n]);
+          // round(round(x Wᵀ + bias) + term): add_low_rank's roundings, without its re-read
+          if constexpr (kWide && LORA)
+            v = to_f32(from_f32<T>(v)) + lora_terms[m * kV3WarpRows + (n - tile_base)];
           y[m * a.y_stride + n] = from_f32<T>(v);
         }
       }
     }
   }
   if (a.partial == nullptr) {
-    if (LORA && part == 0) add_low_rank_tile<T>(a, lr, y, tile_base + g, 2, t, MT);
+    if (LORA && !kWide && part == 0) add_low_rank_tile<T>(a, lr, y, tile_base + g, 2, t, MT);
     return;
   }
   // The last of the row group's gridDim.y CTAs to finish adds the partials in split order
@@ -1639,17 +1685,22 @@ bool nf4_gemv_v3_ok(const NF4Weight& w, const NF4GemvArgs& a) {
 // weights across CTAs, e.g. 4096 -> 1024 at M = 1 in 4 splits, 8.9 us, where one CTA per
 // 32 rows with 8 parts took 7.3 us).
 // An SM with a single CTA has half the loads in flight (8 warps, 32 KB): counted as streaming
-// at 2/3 of the rate of two (an assumption, untimed). Each CTA's steps x slots must fit the
-// table's holes (v3_max_steps). Ties go to fewer parts, then fewer splits. M 9..16 (two
-// token tiles) always has one part (see the kernel), whatever was requested.
+// at 2/3 of the rate of two (an assumption, untimed). A 16-warp CTA (16 parts) holds all of
+// them alone: it costs what two 8-warp CTAs with its steps per warp cost, plus 3.5 for its
+// start, which no other CTA's streaming hides on its SM (fitted: run 77 measured 4096 -> 1024
+// at M = 1..8 level with the 8-warp choice, which the cost without it put 23% behind, and
+// 14336 -> 4096 at M = 1 16% faster, 18.5% by this cost). Each CTA's steps x
+// slots must fit the table's holes (v3_max_steps). Ties go to fewer parts, then fewer splits.
+// M 9..16 (two token tiles) always has one part (see the kernel), whatever was requested.
 static void plan_v3(NF4GemvArgs& a, int sms, int requested_splits, int requested_parts) {
   const int S = a.K / kV3Step;
-  const int max_steps = std::min(S, v3_max_steps(a.M));
   const int64_t n_sms = std::max(1, sms);
   double best_cost = 1e300;
-  for (int parts = 1; parts <= (a.M <= 8 ? kV3Warps : 1); parts *= 2) {  // M 9..16: 1 (kernel)
+  for (int parts = 1; parts <= (a.M <= 8 ? kV3WidePartsCTA : 1); parts *= 2) {  // M 9..16: 1
     if (requested_parts > 0 && parts != requested_parts && a.M <= 8) continue;
-    const int64_t row_groups = (a.N + kV3Rows / parts - 1) / (kV3Rows / parts);
+    const int64_t row_groups = (a.N + v3_cta_rows(parts) - 1) / v3_cta_rows(parts);
+    const bool wide_cta = parts == kV3WidePartsCTA;
+    const int max_steps = std::min(S, wide_cta ? v3_wide_max_steps(a.M) : v3_max_steps(a.M));
     int prev_splits = 0;
     for (int ks = (S + max_steps - 1) / max_steps; ks <= S; ++ks) {
       if (requested_splits > 0) ks = std::max(ks, std::min(requested_splits, S));
@@ -1661,7 +1712,9 @@ static void plan_v3(NF4GemvArgs& a, int sms, int requested_splits, int requested
         const double per_warp = (double)((steps + parts - 1) / parts);
         const double extra = (parts > 1 ? 0.5 : 0.0) +
                              (splits > 1 ? (a.M + 7) / 8 + 4.0 + splits / 4.0 : 0.0);
-        const double cost = (per_sm == 1 ? 1.5 : (double)per_sm) * (per_warp + 1.0 + extra);
+        const double cost =
+            wide_cta ? per_sm * (2.0 * (per_warp + 1.0 + extra) + 3.5)
+                     : (per_sm == 1 ? 1.5 : (double)per_sm) * (per_warp + 1.0 + extra);
         if (cost < best_cost) {
           best_cost = cost;
           a.v3_steps = steps;
@@ -1725,7 +1778,7 @@ unsigned long long nf4_gemv_counter_tag() {
 }
 
 int64_t nf4_gemv_counters(const NF4GemvArgs& a) {
-  if (a.variant == 3) return (a.N + kV3Rows / a.v3_kparts - 1) / (kV3Rows / a.v3_kparts);
+  if (a.variant == 3) return (a.N + v3_cta_rows(a.v3_kparts) - 1) / v3_cta_rows(a.v3_kparts);
   return a.variant == 2 ? (a.N + kV2Rows - 1) / kV2Rows : nf4_gemv_row_blocks(a.N);
 }
 
@@ -1801,20 +1854,35 @@ void launch_gemv_v2(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t strea
       <<<(unsigned)a.v2_blocks, kV2Threads, smem, stream>>>(w, a, xs_stride);
 }
 
-template <typename T, int MT, bool NESTED, int DECODE, bool LORA>
+template <typename T, int MT, bool NESTED, int DECODE, bool LORA, int WARPS>
 void launch_gemv_v3_kernel(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
                            cudaStream_t stream) {
-  allow_dynamic_smem<nf4_gemv_v3_kernel<MT, NESTED, T, DECODE, LORA>>(kV3Smem);
+  const bool wide = WARPS != kV3Warps;
+  const int smem = wide ? kV3WideSmem : kV3Smem;
+  allow_dynamic_smem<nf4_gemv_v3_kernel<MT, NESTED, T, DECODE, LORA, WARPS>>(smem);
   const dim3 grid((unsigned)nf4_gemv_counters(a), (unsigned)a.v3_splits);  // row groups x splits
-  launch_kernel(nf4_gemv_v3_kernel<MT, NESTED, T, DECODE, LORA>, grid, kV3Threads, kV3Smem,
-                stream, a.pdl, w, a, lr);
+  launch_kernel(nf4_gemv_v3_kernel<MT, NESTED, T, DECODE, LORA, WARPS>, grid, WARPS * 32,
+                smem, stream, a.pdl, w, a, lr);
+}
+
+template <typename T, int MT, bool NESTED, int DECODE, bool LORA>
+void launch_gemv_v3_warps(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
+                          cudaStream_t stream) {
+  // 16 K parts (one token tile only: the plan gives M 9..16 one part) run 16-warp CTAs
+  if constexpr (MT == 1) {
+    if (a.v3_kparts == kV3WidePartsCTA) {
+      launch_gemv_v3_kernel<T, MT, NESTED, DECODE, LORA, 16>(w, a, lr, stream);
+      return;
+    }
+  }
+  launch_gemv_v3_kernel<T, MT, NESTED, DECODE, LORA, kV3Warps>(w, a, lr, stream);
 }
 
 template <typename T, int MT, bool NESTED, int DECODE>
 void launch_gemv_v3_decode(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
                            cudaStream_t stream) {
-  if (lr.xa) launch_gemv_v3_kernel<T, MT, NESTED, DECODE, true>(w, a, lr, stream);
-  else launch_gemv_v3_kernel<T, MT, NESTED, DECODE, false>(w, a, lr, stream);
+  if (lr.xa) launch_gemv_v3_warps<T, MT, NESTED, DECODE, true>(w, a, lr, stream);
+  else launch_gemv_v3_warps<T, MT, NESTED, DECODE, false>(w, a, lr, stream);
 }
 
 template <typename T, int MT, bool NESTED>

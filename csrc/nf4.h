@@ -55,7 +55,8 @@ struct NF4GemvArgs {
   int v2_steps;     // v2: the most steps one block takes
   int v3_steps;     // v3: 64-k steps per K split (grid.y), set by nf4_gemv_plan
   int v3_splits;    // v3: K splits (grid.y). In: 0 (the plan chooses) or a requested count
-  // v3: parts of each CTA's K range (1, 2, 4 or 8; the CTA has 256 / parts rows). In: 0 (the
+  // v3: parts of each CTA's K range (1, 2, 4 or 8: the CTA has 256 / parts rows; 16: a CTA of
+  // 16 warps and 32 rows, M <= 8 only). In: 0 (the
   // plan chooses) or a requested count
   int v3_kparts;
   // nf4_gemv_partial_floats(a) float32 scratch when nf4_gemv_needs_scratch(a), else null

@@ -801,12 +801,12 @@ def test_gemv_settings_from_environment(monkeypatch):
     for splits in ("1", "7", "65535"):
         monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", splits)
         assert nf4_mod.gemv_settings() == (3, int(splits), 0, True)
-    for parts in ("1", "2", "4", "8"):
+    for parts in ("1", "2", "4", "8", "16"):
         monkeypatch.setenv("FASTFT_NF4_V3_KPARTS", parts)
         assert nf4_mod.gemv_settings() == (3, 65535, int(parts), True)
-    for parts in ("0", "3", "16", " 2", "x"):
+    for parts in ("0", "3", "32", " 2", "x"):
         monkeypatch.setenv("FASTFT_NF4_V3_KPARTS", parts)
-        with pytest.raises(ValueError, match="FASTFT_NF4_V3_KPARTS must be 1, 2, 4 or 8"):
+        with pytest.raises(ValueError, match="FASTFT_NF4_V3_KPARTS must be 1, 2, 4, 8 or 16"):
             nf4_mod.gemv_settings()
     monkeypatch.delenv("FASTFT_NF4_V3_KPARTS")
     for flag, want in (("0", False), ("1", True), ("", True)):  # set but empty: the default
@@ -1119,12 +1119,14 @@ def test_fused_matmul_gpu_v3_requested_splits(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["v3", "v3h"])
 def test_fused_matmul_gpu_v3_requested_kparts(variant, monkeypatch):
-    """FASTFT_NF4_V3_KPARTS (for tuning): a CTA's warps take 1, 2, 4 or 8 parts of its K range
-    and add their sums in shared memory. Every count gives the right result (check_fused_gpu:
+    """FASTFT_NF4_V3_KPARTS (for tuning): a CTA's warps take 1, 2, 4, 8 or 16 parts of its K
+    range and add their sums in shared memory (16: a CTA of 16 warps on 32 rows, at up to 8
+    rows of x; more rows take one part). Every count gives the right result (check_fused_gpu:
     float64, per element) and the same bits when called again: with the plan's K split, with
-    7 CTA splits of 10 steps (4 parts: 3, 3, 3, 1 steps; 8 parts: five of 2 and three empty)
-    and with 70 splits of 1 step (all parts but the first empty), at 600 rows (CTAs of 256,
-    128, 64 or 32 rows: the last one partly outside the weight)."""
+    7 CTA splits of 10 steps (4 parts: 3, 3, 3, 1 steps; 8 parts: five of 2 and three empty;
+    16 parts: ten of 1 and six empty) and with 70 splits of 1 step (all parts but the first
+    empty), at 600 rows (CTAs of 256, 128, 64 or 32 rows: the last one partly outside the
+    weight)."""
     if "cuda" not in backends("nf4_matmul", "cuda"):
         pytest.skip("fastft._C is not built")
     monkeypatch.setenv("FASTFT_NF4_GEMV", variant)
@@ -1133,7 +1135,7 @@ def test_fused_matmul_gpu_v3_requested_kparts(variant, monkeypatch):
             monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", splits)
         else:
             monkeypatch.delenv("FASTFT_NF4_V3_SPLITS", raising=False)
-        for parts in ("1", "2", "4", "8"):
+        for parts in ("1", "2", "4", "8", "16"):
             monkeypatch.setenv("FASTFT_NF4_V3_KPARTS", parts)
             for rows, dtype in ((1, torch.bfloat16), (3, torch.float16), (8, torch.bfloat16),
                                 (13, torch.bfloat16), (16, torch.float16)):
@@ -1158,7 +1160,8 @@ def test_fused_matmul_gpu_low_rank_term(monkeypatch):
     monkeypatch.setattr(nf4_mod, "_add_low_rank",
                         lambda *args: (fallbacks.append(1), real_add(*args)))
     cases = [("", "", "", 16, True), ("v1", "", "", 16, True), ("v3", "", "2", 8, True),
-             ("v3", "7", "4", 40, True), ("v3h", "", "", 16, True), ("v1", "", "", 12, False),
+             ("v3", "7", "4", 40, True), ("v3h", "", "", 16, True), ("v3", "", "16", 16, True),
+             ("v3h", "7", "16", 8, True), ("v1", "", "", 12, False),
              ("v2", "", "", 16, False), ("v3", "", "", 16, False)]
     for variant, splits, parts, rank, fused in cases:
         monkeypatch.setenv("FASTFT_NF4_GEMV", variant)

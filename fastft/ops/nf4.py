@@ -421,8 +421,9 @@ class _CudaBackend:
 # extension choose (v3h where the output is at least twice as wide as the input, v3 at M <= 8
 # where it is at most half as wide; v1 elsewhere: what the H200 measured), "v1" / "v2" / "v3"
 # force one where it applies. FASTFT_NF4_V3_SPLITS forces v3's K split across CTAs and
-# FASTFT_NF4_V3_KPARTS (1, 2, 4 or 8) how many parts of a CTA's K range its warps take at
-# M <= 8 (tuning). Read on every call, so that one process can time every kernel.
+# FASTFT_NF4_V3_KPARTS (1, 2, 4, 8, or 16: a CTA of 16 warps on 32 rows) how many parts of a
+# CTA's K range its warps take at M <= 8 (tuning). Read on every call, so that one process can
+# time every kernel.
 # v3r / v3h: v3 with its NF4 decode in registers (PRMT) / half in registers, half in the
 # shared-memory table (the extension's variants 5 / 6); the same results as v3, bit for bit.
 # FASTFT_NF4_PDL=0 turns off programmatic dependent launch of v1 / v3 (on by default where the
@@ -445,8 +446,8 @@ def gemv_settings() -> tuple[int, int, int, bool]:
         raise ValueError("FASTFT_NF4_V3_SPLITS must be a whole number from 1 to 65535 (or "
                          f"unset), got {text!r}")
     parts_text = os.environ.get("FASTFT_NF4_V3_KPARTS", "")
-    if parts_text not in ("", "1", "2", "4", "8"):
-        raise ValueError("FASTFT_NF4_V3_KPARTS must be 1, 2, 4 or 8 (or unset), got "
+    if parts_text not in ("", "1", "2", "4", "8", "16"):
+        raise ValueError("FASTFT_NF4_V3_KPARTS must be 1, 2, 4, 8 or 16 (or unset), got "
                          f"{parts_text!r}")
     pdl = os.environ.get("FASTFT_NF4_PDL", "") or "1"
     if pdl not in ("0", "1"):
