@@ -1687,11 +1687,12 @@ bool nf4_gemv_v3_ok(const NF4Weight& w, const NF4GemvArgs& a) {
 // An SM with a single CTA has half the loads in flight (8 warps, 32 KB): counted as streaming
 // at 2/3 of the rate of two (an assumption, untimed). A 16-warp CTA (16 parts) holds all of
 // them alone: it costs what two 8-warp CTAs with its steps per warp cost, plus 3.5 for its
-// start, which no other CTA's streaming hides on its SM (fitted: run 77 measured 4096 -> 1024
-// at M = 1..8 level with the 8-warp choice, which the cost without it put 23% behind, and
-// 14336 -> 4096 at M = 1 16% faster, 18.5% by this cost). Each CTA's steps x
-// slots must fit the table's holes (v3_max_steps). Ties go to fewer parts, then fewer splits.
-// M 9..16 (two token tiles) always has one part (see the kernel), whatever was requested.
+// start, which no other CTA's streaming hides on its SM. (Fitted to run 77: at 4096 -> 1024,
+// M = 1..8, the 16-warp CTA measured level with the 8-warp choice, which the cost without the
+// 3.5 put 23% behind; at 14336 -> 4096, M = 1, it measured 16% faster, this cost says 18.5%.)
+// Each CTA's steps x slots must fit its holes (v3_max_steps; v3_wide_max_steps for 16 warps).
+// Ties go to fewer parts, then fewer splits. M 9..16 (two token tiles) always has one part
+// (see the kernel), whatever was requested.
 static void plan_v3(NF4GemvArgs& a, int sms, int requested_splits, int requested_parts) {
   const int S = a.K / kV3Step;
   const int64_t n_sms = std::max(1, sms);
