@@ -48,3 +48,7 @@ decode_both() {  # script, tag, lines to show: bench/<script>.py for both builds
 [ -n "${DECODE:-}" ] && decode_both decode_step decode "^(B=|generate)"
 [ -n "${HOST:-}" ] && decode_both decode_host host "^(peft_bnb|fused) "
 stamp done
+# the tests' summary again, last: a caller's `tail` of this output keeps it (run 79's did not)
+if [ -z "${SKIP_TESTS:-}" ]; then
+  echo "tests: $(grep -E "passed|failed|error" "$OUT/tests.log" | tail -1)"
+fi
