@@ -3,7 +3,8 @@ one new token each (B rows per projection), without a KV cache (attention over t
 through the decoder only (no LM head), so the time is the layers' own work: mostly the 7 NF4
 projections per layer.
 
-    python bench/decode_step.py --out DIR        (LAYERS=8 decoder layers, BATCHES=1,4,16)
+    python bench/decode_step.py --out DIR        (LAYERS=8 decoder layers, BATCHES=1,4,16;
+                                                  GENERATE_ONLY=1, GEN_VARIANTS=a,b: generate only)
 
 One process, one random-init model (bf16, decoder linears NF4 via bitsandbytes, double
 quantisation), LoRA r=16 on all 7 projections through peft, fused by fastft.lora, three
@@ -19,9 +20,11 @@ Each forward is captured in a CUDA graph and its replays timed (bench.common.tim
 Python and launch overhead (which generation with CUDA graphs also removes) do not count. The
 fastft variants' logits are compared with peft_bnb's (relative error, reported).
 
-Then, for peft_bnb and fused, plain `model.generate` as a user runs it (eager, KV cache, greedy,
-a 32-token prompt and NEW_TOKENS=64 new tokens, timed on the host after one warm-up call):
-generated tokens per second, where the host's Python and launch costs do count.
+Then plain `model.generate` as a user runs it (greedy, a 32-token prompt and NEW_TOKENS=64 new
+tokens, timed on the host after one warm-up call): generated tokens per second, where the host's
+Python and launch costs do count; for peft_bnb, fused (eager, dynamic cache), fused_static (eager,
+static cache) and fused_graphs (fastft.decoding's CUDA graphs, what for_inference sets up), and
+after patch_model patched_static / patched_graphs (see time_generate).
 """
 import os
 import sys
@@ -52,6 +55,55 @@ def build_qlora_model(layers: int):
     return model
 
 
+def time_generate(model, variant, prompts, layers, new_tokens):
+    """Plain greedy `model.generate`, one timed call per batch size after a warm-up call (which
+    for the graph variants also captures). Variants: peft_bnb, fused (eager, dynamic cache),
+    fused_static (eager, static cache), fused_graphs (fastft.decoding: CUDA graphs over the
+    static cache); patched_* the same after patch_model. Each graph variant's tokens are
+    compared with its eager static-cache twin's (the same kernels)."""
+    from fastft.decoding import disable_graph_decoding, enable_graph_decoding
+
+    if variant == "peft_bnb":
+        os.environ["FASTFT_NF4_FUSED_SMALL_M"] = "0"
+    else:
+        os.environ.pop("FASTFT_NF4_FUSED_SMALL_M", None)
+    graphs = variant.endswith("_graphs")
+    if graphs:
+        assert enable_graph_decoding(model)
+    records = []
+    for b, prompt in prompts.items():
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=0, use_cache=True)  # (the bench config turns the cache off)
+        if variant.endswith("_static"):  # (without transformers' torch.compile, as for_inference)
+            kw.update(cache_implementation="static", disable_compile=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        first = model.generate(input_ids=prompt, **kw)  # warm-up (and capture)
+        torch.cuda.synchronize()
+        first_sec = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tokens = model.generate(input_ids=prompt, **kw)
+        torch.cuda.synchronize()
+        sec = time.perf_counter() - t0
+        rec = dict(variant=variant, batch=b, layers=layers, new_tokens=new_tokens,
+                   seconds=round(sec, 4), tokens_per_s=round(b * new_tokens / sec, 1),
+                   first_call_seconds=round(first_sec, 4))
+        if variant.endswith("_static"):
+            _STATIC_TOKENS[(variant.split("_")[0], b)] = tokens
+        if graphs:
+            twin = _STATIC_TOKENS.get((variant.split("_")[0], b))
+            rec["tokens_equal_eager_static"] = None if twin is None else bool(torch.equal(twin, tokens))
+            rec["first_call_equal"] = bool(torch.equal(first, tokens))
+        print(rec, flush=True)
+        records.append(rec)
+    if graphs:
+        disable_graph_decoding(model)
+    return records
+
+
+_STATIC_TOKENS = {}
+
+
 def main():
     out = out_dir_arg(__doc__)
     layers = int(os.environ.get("LAYERS", "8"))
@@ -67,8 +119,9 @@ def main():
         return decoder(input_ids=ids, use_cache=False).last_hidden_state
 
     results, ref = [], {}
+    generate_only = os.environ.get("GENERATE_ONLY", "0") == "1"  # e.g. for LAYERS=32
     with torch.no_grad():
-        for variant in ("peft_bnb", "dense", "fused"):
+        for variant in () if generate_only else ("peft_bnb", "dense", "fused"):
             model.train(variant == "dense")
             if variant == "fused":
                 os.environ.pop("FASTFT_NF4_FUSED_SMALL_M", None)
@@ -86,28 +139,12 @@ def main():
                 results.append(rec)
     new_tokens = int(os.environ.get("NEW_TOKENS", "64"))
     generation = []
+    prompts = {b: torch.randint(0, 128256, (b, 32), device="cuda", generator=g) for b in batches}
     with torch.no_grad():
         model.eval()
-        for variant in ("peft_bnb", "fused"):
-            if variant == "fused":
-                os.environ.pop("FASTFT_NF4_FUSED_SMALL_M", None)
-            else:
-                os.environ["FASTFT_NF4_FUSED_SMALL_M"] = "0"
-            for b in batches:
-                prompt = torch.randint(0, 128256, (b, 32), device="cuda", generator=g)
-                kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                          pad_token_id=0, use_cache=True)  # (the bench config turns the cache off)
-                model.generate(input_ids=prompt, **kw)  # warm-up
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                model.generate(input_ids=prompt, **kw)
-                torch.cuda.synchronize()
-                sec = time.perf_counter() - t0
-                rec = dict(variant=variant, batch=b, layers=layers, new_tokens=new_tokens,
-                           seconds=round(sec, 4), tokens_per_s=round(b * new_tokens / sec, 1))
-                print(rec, flush=True)
-                generation.append(rec)
-    if os.environ.get("PATCHED", "1") != "0":  # last: patch_model changes classes for good
+        for variant in os.environ.get("GEN_VARIANTS", "peft_bnb,fused,fused_static,fused_graphs").split(","):
+            generation += time_generate(model, variant, prompts, layers, new_tokens)
+    if os.environ.get("PATCHED", "1") != "0" and not generate_only:  # last: patch_model changes classes for good
         from fastft.models import patch_model
 
         patch_model(model.get_base_model())
@@ -126,11 +163,12 @@ def main():
                 torch.cuda.synchronize()
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
             print(f"one eager forward, B={batches[0]}, fused and patched:\n{table}", flush=True)
+            for variant in ("patched_static", "patched_graphs"):
+                generation += time_generate(model, variant, prompts, layers, new_tokens)
     for b in batches:
         t = {r["variant"]: r["tokens_per_s"] for r in generation if r["batch"] == b}
-        print(f"generate B={b}: peft_bnb {t['peft_bnb']:.0f} tokens/s, fastft fused {t['fused']:.0f} "
-              f"tokens/s (x{t['fused'] / t['peft_bnb']:.2f})")
-    for b in batches:
+        print(f"generate B={b}, tokens/s: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()))
+    for b in batches if results else ():
         t = {r["variant"]: r["ms"] for r in results if r["batch"] == b}
         print(f"B={b}: peft_bnb {t['peft_bnb']:.3f} ms, fastft dense {t['dense']:.3f} ms, "
               f"fastft fused {t['fused']:.3f} ms (x{t['peft_bnb'] / t['fused']:.2f} vs peft_bnb, "

@@ -461,21 +461,33 @@ class FastLanguageModel:
     # ------------------------------------------------------------ modes
 
     @staticmethod
-    def for_inference(model):
+    def for_inference(model, use_cuda_graphs: bool = True):
         """Evaluation mode for generation: eval(), checkpointing off, KV cache on. Decoding
-        steps of NF4 (QLoRA) layers then run on the fused small-M kernel (fastft.lora)."""
+        steps of NF4 (QLoRA) layers then run on the fused small-M kernel (fastft.lora). On a
+        GPU, `generate` also decodes from CUDA graphs over transformers' static KV cache
+        (fastft.decoding; use_cuda_graphs=False or FASTFT_CUDA_GRAPHS=0: eager, dynamic cache).
+        transformers' automatic torch.compile of static-cache decoding is turned off: it traces
+        with fullgraph=True, which fastft's fused layers do not support (it failed in run 83)."""
         base = _base_model(model)
         model.eval()
         _disable_checkpointing(model)
         base.config.use_cache = True
         if getattr(base, "generation_config", None) is not None:
             base.generation_config.use_cache = True
+            base.generation_config.disable_compile = True
+        if use_cuda_graphs:
+            from fastft.decoding import enable_graph_decoding
+
+            enable_graph_decoding(model)
         return model
 
     @staticmethod
     def for_training(model, use_gradient_checkpointing=None):
         """Back to training: train(), checkpointing as chosen in get_peft_model (or the argument)."""
+        from fastft.decoding import disable_graph_decoding
+
         base = _base_model(model)
+        disable_graph_decoding(model)
         model.train()
         mode = use_gradient_checkpointing
         if mode is None:

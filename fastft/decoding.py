@@ -1,0 +1,346 @@
+"""CUDA-graph decoding for `generate` (installed by FastLanguageModel.for_inference).
+
+At one new token per sequence, eager decoding is bound by the host, not the GPU: an 8-layer
+Llama-3.1-8B-shaped QLoRA forward takes ~18 ms of Python and kernel launches on the H200's
+host against ~2 ms of GPU work (bench/RESULTS.md, run 73). So for_inference has `generate` use
+transformers' static KV cache, whose decoding steps have fixed shapes and fixed addresses
+(input_ids (B, 1), a 4-D mask as long as the cache, the cache's tensors updated in place), and
+replays each such step from a CUDA graph captured the first time its shapes are seen.
+
+What a graph bakes in, and how it stays correct:
+- Addresses: of the cache (a graph belongs to one cache object: weakly held, its tensors'
+  addresses checked at each step), and of the parameters and buffers, which are part of a
+  "fingerprint" of the model taken when each `generate` call starts, with the train / eval
+  flags, peft's adapter state (disable_adapter(), set_adapter(), merges, scalings) and the
+  FASTFT_* settings. Any change drops the graphs; the next decoding step captures again.
+- Values of parameters are read at replay, so adapters trained in place between calls are used.
+- The cache's in-place counters (StaticLayer.cumulative_length): capture needs warm-up forwards,
+  which advance them, so they are saved before and put back after.
+Steps that do not fit run eagerly, exactly as before: grad enabled, train mode, more than one
+new token per sequence (the prompt), a cache other than a plain StaticCache of full-attention
+layers (sliding windows keep host-side counters), extra model inputs, or outputs asked for
+besides the logits. Graphs are used only inside `generate`, never in a user's own forward loop.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import weakref
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_ATTR = "_fastft_graph_decoding"
+# Forward keyword arguments a graphed step accepts: tensors copied into the graph's inputs...
+_TENSOR_INPUTS = ("input_ids", "attention_mask", "position_ids", "cache_position")
+# ...and plain values, part of the graph's key (outputs beyond the logits are not supported).
+_PLAIN_INPUTS = ("use_cache", "return_dict", "logits_to_keep", "output_attentions",
+                 "output_hidden_states")
+_CACHE_NAMES = ("past_key_values", "cache")  # transformers <= 5.17 / later
+# Tests on CPU set this: a "graph" then re-runs the forward on its inputs' buffers at each
+# replay, which exercises everything here except the capture itself.
+_EMULATE_ON_CPU = False
+
+
+def graph_decoding_supported(model) -> str | None:
+    """None when for_inference can decode `model` (a causal LM, peft-wrapped or not) with CUDA
+    graphs, else why not."""
+    if os.environ.get("FASTFT_CUDA_GRAPHS", "1") == "0":
+        return "FASTFT_CUDA_GRAPHS=0"
+    lm = _causal_lm(model)
+    if lm is None or not callable(getattr(lm, "generate", None)):
+        return "not a model with generate()"
+    device = next((p.device for p in lm.parameters()), None)
+    if device is None or (device.type != "cuda" and not (_EMULATE_ON_CPU and device.type == "cpu")):
+        return "the model is not on a CUDA device"
+    config = lm.config
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder models keep the dynamic cache"
+    if not getattr(lm, "_can_compile_fullgraph", False):
+        return f"{type(lm).__name__} does not support transformers' static cache"
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return f"attention {getattr(config, '_attn_implementation', None)!r} (graphs: sdpa or eager)"
+    kinds = _static_layer_kinds(config)
+    if kinds is None or set(kinds) != {"StaticLayer"}:
+        return "sliding-window (or other non-full) attention layers keep host-side counters"
+    return None
+
+
+def enable_graph_decoding(model) -> bool:
+    """Make `generate` on `model` decode with CUDA graphs (see the module's doc). Returns whether
+    it did; when not, says why once in the log and changes nothing."""
+    why = graph_decoding_supported(model)
+    if why is not None:
+        logger.info(f"fastft: generate keeps eager decoding: {why}.")
+        return False
+    lm = _causal_lm(model)
+    if _ATTR in lm.__dict__:
+        return True
+    gen_config = getattr(lm, "generation_config", None)
+    decoder = _GraphDecoder(lm, gen_config)
+    if gen_config is not None:
+        if gen_config.cache_implementation is None:
+            gen_config.cache_implementation = "static"
+        gen_config.disable_compile = True  # transformers would torch.compile for a static cache
+    object.__setattr__(lm, _ATTR, decoder)
+
+    # functools.wraps keeps the original signatures visible: generate reads forward's (whether
+    # it takes logits_to_keep, attention_mask, position_ids) to decide what to pass.
+    @functools.wraps(decoder.forward)
+    def forward(*args, **kwargs):
+        if decoder.generating and not args:
+            output = decoder.run(lm, kwargs)
+            if output is not None:
+                return output
+        return decoder.forward(*args, **kwargs)
+
+    @functools.wraps(decoder.generate)
+    def generate(*args, **kwargs):
+        decoder.begin_generate(lm)
+        decoder.generating += 1
+        try:
+            return decoder.generate(*args, **kwargs)
+        finally:
+            decoder.generating -= 1
+
+    lm.forward = forward
+    lm.generate = generate
+    return True
+
+
+def disable_graph_decoding(model) -> bool:
+    """Undo enable_graph_decoding (for_training calls it): eager decoding, the generation config
+    as it was, the graphs and their memory released."""
+    lm = _causal_lm(model)
+    decoder = None if lm is None else lm.__dict__.get(_ATTR)
+    if decoder is None:
+        return False
+    decoder.drop()
+    for name in ("forward", "generate"):
+        lm.__dict__.pop(name, None)
+        if name in decoder.own_methods:
+            lm.__dict__[name] = decoder.own_methods[name]
+    if decoder.gen_config is not None:
+        decoder.gen_config.cache_implementation, decoder.gen_config.disable_compile = decoder.saved_config
+    object.__delattr__(lm, _ATTR)
+    return True
+
+
+def graph_count(model) -> int:
+    """How many decoding graphs `model` holds now (for tests and benchmarks)."""
+    lm = _causal_lm(model)
+    decoder = None if lm is None else lm.__dict__.get(_ATTR)
+    return 0 if decoder is None else len(decoder.graphs)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def _causal_lm(model):
+    """The transformers model whose forward generate calls (under peft's wrappers)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _static_layer_kinds(config):
+    """Class names of the layers transformers' StaticCache builds for `config` (allocated lazily,
+    so this costs nothing), or None when it cannot build one."""
+    try:
+        from transformers import StaticCache
+
+        cache = StaticCache(config=config, max_cache_len=8)
+    except Exception:
+        return None
+    return [type(layer).__name__ for layer in cache.layers]
+
+
+def _model_fingerprint(lm):
+    """What a captured graph depends on besides its inputs (see the module's doc)."""
+    from fastft.lora import _peft_state
+
+    parts = []
+    for m in lm.modules():
+        d = m.__dict__
+        parts.append(m.training)
+        if "_disable_adapters" in d or "_active_adapter" in d:
+            parts.append(_peft_state(m))
+    parts.extend(t.data_ptr() for t in lm.parameters())
+    parts.extend(t.data_ptr() for t in lm.buffers())
+    parts.append(tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("FASTFT_"))))
+    return tuple(parts)
+
+
+def _cache_tensors(cache):
+    """The cache's tensors as (owner, attribute name, tensor): its layers' keys / values and
+    in-place counters (cumulative_length), and any tensor the cache object holds itself."""
+    found = []
+    for owner in [cache, *getattr(cache, "layers", ())]:
+        for name, value in vars(owner).items():
+            if torch.is_tensor(value):
+                found.append((owner, name, value))
+    return found
+
+
+class _Graph:
+    """One captured decoding step: its input buffers, the output it writes, the cache it uses."""
+
+    __slots__ = ("replay", "inputs", "output_type", "output_fields", "cache_name", "cache_ref",
+                 "cache_ptrs")
+
+
+class _GraphDecoder:
+    def __init__(self, lm, gen_config):
+        self.forward = lm.forward   # transformers' (or fastft's patched) forward, bound
+        self.generate = lm.generate
+        self.own_methods = {k: lm.__dict__[k] for k in ("forward", "generate") if k in lm.__dict__}
+        self.gen_config = gen_config
+        self.saved_config = None if gen_config is None else (gen_config.cache_implementation,
+                                                             gen_config.disable_compile)
+        self.graphs: dict = {}
+        self.fingerprint = None
+        self.generating = 0        # > 0 inside generate
+        self.failed: str | None = None  # why a capture failed: eager from then on
+
+    def drop(self):
+        self.graphs.clear()
+
+    def begin_generate(self, lm):
+        fingerprint = _model_fingerprint(lm)
+        if fingerprint != self.fingerprint:
+            self.drop()
+            self.fingerprint = fingerprint
+
+    # -- one decoding step
+
+    def step_key(self, lm, kwargs):
+        """(key, cache name, cache, tensors) when this forward call can run as a graph, else None."""
+        if torch.is_grad_enabled() or lm.training or self.failed is not None:
+            return None
+        ids = kwargs.get("input_ids")
+        if not torch.is_tensor(ids) or ids.dim() != 2 or ids.shape[1] != 1:
+            return None
+        if ids.device.type != "cuda" and not (_EMULATE_ON_CPU and ids.device.type == "cpu"):
+            return None
+        cache_name = next((n for n in _CACHE_NAMES if kwargs.get(n) is not None), None)
+        cache = kwargs.get(cache_name) if cache_name else None
+        if type(cache).__name__ != "StaticCache" or not cache.layers:
+            return None
+        for layer in cache.layers:
+            if type(layer).__name__ != "StaticLayer" or not getattr(layer, "is_initialized", False) \
+                    or layer.keys.device != ids.device:
+                return None
+        tensors, plain = {}, []  # tensors: {(name,) or (name, key in a dict of masks): tensor}
+        for name, value in kwargs.items():
+            if name == cache_name or value is None:
+                continue
+            if name in _TENSOR_INPUTS and torch.is_tensor(value):
+                tensors[(name,)] = value
+            elif name == "attention_mask" and isinstance(value, dict) \
+                    and all(torch.is_tensor(v) for v in value.values()):
+                tensors.update(((name, k), v) for k, v in value.items())  # one mask per layer kind
+            elif name in _PLAIN_INPUTS and not torch.is_tensor(value):
+                if name.startswith("output_") and value:
+                    return None
+                if name == "return_dict" and not value:
+                    return None
+                plain.append((name, value))
+            else:
+                return None  # an input the graph would not copy (embeddings, images, ...)
+        for path, t in tensors.items():
+            if t.device != ids.device:
+                return None
+            if path[0] == "attention_mask" and (t.dim() != 4 or t.shape[-1] != cache.layers[0].keys.shape[2]):
+                return None  # a 2-D mask grows each step: only transformers' 4-D static one fits
+        key = (tuple((p, tuple(t.shape), t.dtype) for p, t in sorted(tensors.items())),
+               tuple(sorted(plain)), cache_name, id(cache), torch.is_inference_mode_enabled())
+        return key, cache_name, cache, tensors
+
+    def run(self, lm, kwargs):
+        step = self.step_key(lm, kwargs)
+        if step is None:
+            return None
+        key, cache_name, cache, tensors = step
+        graph = self.graphs.get(key)
+        if graph is not None and (graph.cache_ref() is not cache
+                                  or graph.cache_ptrs != [t.data_ptr() for _, _, t in _cache_tensors(cache)]):
+            del self.graphs[key]
+            graph = None
+        if graph is None:
+            # Graphs of other caches are of earlier generate calls (transformers 5.17 makes a new
+            # StaticCache per call, so each call captures again): released before this capture.
+            for stale in [k for k, g in self.graphs.items() if g.cache_ref() is not cache]:
+                del self.graphs[stale]
+            graph = self.capture(kwargs, cache_name, cache, tensors)
+            if graph is None:
+                return None
+            self.graphs[key] = graph
+        for path, value in tensors.items():
+            graph.inputs[path].copy_(value)
+        graph.replay()
+        fields = {k: (cache if v is _CACHE else v.clone() if torch.is_tensor(v) else v)
+                  for k, v in graph.output_fields.items()}
+        return graph.output_type(**fields)
+
+    def capture(self, kwargs, cache_name, cache, tensors):
+        inputs = {path: t.clone() for path, t in tensors.items()}
+        call = dict(kwargs)
+        for path, buffer in inputs.items():
+            if len(path) == 1:
+                call[path[0]] = buffer
+            else:
+                call[path[0]] = dict(call[path[0]]) if call[path[0]] is kwargs[path[0]] else call[path[0]]
+                call[path[0]][path[1]] = buffer
+        counters = [(owner, name, t.clone()) for owner, name, t in _cache_tensors(cache)
+                    if name not in ("keys", "values")]
+
+        def restore_counters():
+            for owner, name, saved in counters:
+                getattr(owner, name).copy_(saved)
+
+        emulate = inputs[("input_ids",)].device.type != "cuda"
+        try:
+            if emulate:
+                for _ in range(2):  # as the real capture does, so the counters' restore is tested
+                    self.forward(**call)
+                    restore_counters()
+                output = self.forward(**call)
+                restore_counters()
+
+                def replay():  # what a graph's replay does: recompute into the same output
+                    again = self.forward(**call)
+                    for name, value in output.items():
+                        if torch.is_tensor(value):
+                            value.copy_(again[name])
+            else:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up: lazy inits, workspaces, kernel plans
+                    for _ in range(2):
+                        self.forward(**call)
+                        restore_counters()
+                torch.cuda.current_stream().wait_stream(side)
+                # Each graph has a memory pool of its own: one shared with graphs released since
+                # tripped the caching allocator's "use_count > 0" assert in a capture (run 85).
+                cuda_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(cuda_graph):
+                    output = self.forward(**call)
+                replay = cuda_graph.replay
+        except Exception as exc:  # a host sync or an op capture does not allow: stay eager
+            restore_counters()
+            self.failed = f"{type(exc).__name__}: {exc}"
+            logger.warning(f"fastft: decoding with CUDA graphs failed ({self.failed.splitlines()[0]}); "
+                           "generate decodes eagerly from now on (FASTFT_CUDA_GRAPHS=0 skips the attempt).")
+            return None
+        graph = _Graph()
+        graph.replay = replay
+        graph.inputs = inputs
+        graph.output_type = type(output)
+        graph.output_fields = {k: (_CACHE if v is cache else v) for k, v in output.items()}
+        graph.cache_name = cache_name
+        graph.cache_ref = weakref.ref(cache)
+        graph.cache_ptrs = [t.data_ptr() for _, _, t in _cache_tensors(cache)]
+        return graph
+
+
+_CACHE = object()  # stands for the step's cache among a graph's output fields

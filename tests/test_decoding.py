@@ -1,0 +1,222 @@
+"""CUDA-graph decoding (fastft.decoding, installed by FastLanguageModel.for_inference).
+
+On the CPU the graphs are emulated (fastft.decoding._EMULATE_ON_CPU: a replay re-runs the
+forward on the graph's input buffers and copies into its output), which tests everything but the
+capture: which steps are graphed, the inputs' buffers, the cache counters put back after the
+warm-ups, the graphs dropped when the model changes. The gpu tests capture real graphs."""
+import inspect
+import logging
+
+import pytest
+import torch
+
+import fastft.decoding as decoding
+from fastft.loader import FastLanguageModel
+from tests.tiny_models import FAMILIES, save_tiny_model
+
+GRAPHED = ("llama", "qwen2", "qwen3")  # full attention only; the others have sliding windows
+
+
+@pytest.fixture
+def emulate(monkeypatch):
+    monkeypatch.setattr(decoding, "_EMULATE_ON_CPU", True)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {fam: save_tiny_model(fam, root / fam) for fam in FAMILIES}
+
+
+def _lora_model(path, device="cpu", dtype=None, **load):
+    model, tok = FastLanguageModel.from_pretrained(path, dtype=dtype, device_map={"": device}, **load)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False,
+                                             init_lora_weights=False, random_state=1)
+    return model, tok
+
+
+def _generate(model, device="cpu", new=7, **extra):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (3, 6), device=device)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding in one row
+    mask[2, :1] = 0
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, pad_token_id=0, output_scores=True,
+                              return_dict_in_generate=True, **extra)
+
+
+def _max_score_diff(a, b):
+    """Largest score difference (min_new_tokens sets EOS to -inf in both: equal, not NaN)."""
+    assert len(a.scores) == len(b.scores)
+    return max(torch.where(x == y, 0.0, (x.float() - y.float()).abs()).max().item()
+               for x, y in zip(a.scores, b.scores))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graphed_generate_matches_eager(family, model_dirs, emulate):
+    model, _ = _lora_model(model_dirs[family])
+    FastLanguageModel.for_inference(model, use_cuda_graphs=False)
+    eager_static = _generate(model, cache_implementation="static")
+    eager = _generate(model)
+    why = decoding.graph_decoding_supported(model)
+    assert (why is None) == (family in GRAPHED), why
+    FastLanguageModel.for_inference(model)
+    graphed = _generate(model)
+    lm = model.get_base_model()
+    assert lm.generation_config.disable_compile  # transformers' compile cannot trace fused layers
+    if family in GRAPHED:
+        assert lm.generation_config.cache_implementation == "static"
+        assert decoding.graph_count(model) == 1 and lm.__dict__[decoding._ATTR].failed is None
+        assert torch.equal(graphed.sequences, eager_static.sequences)
+        assert _max_score_diff(graphed, eager_static) <= 1e-5
+    else:
+        assert decoding.graph_count(model) == 0 and lm.generation_config.cache_implementation is None
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert _max_score_diff(graphed, eager) <= 1e-4
+
+
+def test_graphs_follow_the_model(model_dirs, emulate):
+    """Adapters disabled, trained in place or swapped for new tensors between generate calls:
+    each call decodes with the model as it is then."""
+    model, _ = _lora_model(model_dirs["llama"])
+    FastLanguageModel.for_inference(model)
+
+    def both():
+        graphed = _generate(model)
+        decoding.disable_graph_decoding(model)
+        eager = _generate(model, cache_implementation="static")
+        decoding.enable_graph_decoding(model)
+        assert torch.equal(graphed.sequences, eager.sequences)
+        assert _max_score_diff(graphed, eager) <= 1e-5
+        return graphed
+
+    first = both()
+    with model.disable_adapter():
+        off = both()
+    assert _max_score_diff(first, off) > 1e-3  # the adapters do change the scores
+    lora_B = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        lora_B.mul_(3.0)  # in place: same address, the graph reads the new values
+    trained = both()
+    assert _max_score_diff(first, trained) > 1e-3
+    lora_B.data = lora_B.data * 0.5  # a new tensor: the graphs must be captured again
+    both()
+    # More steps than the graph saw at capture, a larger batch, a longer cache: new graphs
+    longer = _generate(model, new=12)
+    decoding.disable_graph_decoding(model)
+    assert torch.equal(longer.sequences, _generate(model, new=12, cache_implementation="static").sequences)
+
+
+def test_only_generate_decoding_steps_are_graphed(model_dirs, emulate):
+    model, tok = _lora_model(model_dirs["qwen2"])
+    lm = model.get_base_model()
+    signature = inspect.signature(lm.forward)
+    FastLanguageModel.for_inference(model)
+    # generate reads forward's signature (logits_to_keep, attention_mask, position_ids)
+    assert inspect.signature(lm.forward) == signature and "logits_to_keep" in signature.parameters
+    seen = []
+    decoder = lm.__dict__[decoding._ATTR]
+    real_capture = decoder.capture
+    decoder.capture = lambda kwargs, *a: seen.append(tuple(kwargs["input_ids"].shape)) or real_capture(kwargs, *a)
+    with torch.no_grad():
+        model(**tok(["abc"], return_tensors="pt"))  # a plain forward: eager
+    assert seen == [] and decoding.graph_count(model) == 0
+    _generate(model, new=5)
+    assert seen == [(3, 1)]  # the prompt (3, 6) ran eagerly, every decoding step from one graph
+    # training mode, or grad enabled: eager
+    model.train()
+    with torch.no_grad():
+        model.generate(**tok(["ab"], return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert seen == [(3, 1)]
+    FastLanguageModel.for_training(model)
+    assert decoding.graph_count(model) == 0 and decoding._ATTR not in lm.__dict__
+    assert "forward" not in lm.__dict__ and "generate" not in lm.__dict__
+    assert lm.generation_config.cache_implementation is None
+
+
+def test_capture_failure_falls_back_to_eager(model_dirs, emulate, caplog):
+    model, _ = _lora_model(model_dirs["llama"])
+    FastLanguageModel.for_inference(model, use_cuda_graphs=False)
+    expected = _generate(model, cache_implementation="static")
+    FastLanguageModel.for_inference(model)
+    decoder = model.get_base_model().__dict__[decoding._ATTR]
+    real_forward = decoder.forward
+    calls = [0]
+
+    def flaky_forward(**kwargs):  # the first warm-up raises, as an op that syncs would
+        calls[0] += 1
+        if calls[0] == 2:  # (call 1 is the prompt)
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real_forward(**kwargs)
+
+    decoder.forward = flaky_forward
+    with caplog.at_level(logging.WARNING, logger="fastft"):
+        got = _generate(model)
+    assert "decoding with CUDA graphs failed" in caplog.text
+    assert decoder.failed is not None and decoding.graph_count(model) == 0
+    assert torch.equal(got.sequences, expected.sequences)
+    assert _max_score_diff(got, expected) <= 1e-5
+
+
+def test_not_enabled_where_it_cannot_work(model_dirs, monkeypatch, caplog):
+    model, _ = _lora_model(model_dirs["llama"])
+    with caplog.at_level(logging.INFO, logger="fastft"):
+        FastLanguageModel.for_inference(model)  # CPU, no emulation: no graphs
+    assert "not on a CUDA device" in caplog.text
+    assert decoding._ATTR not in model.get_base_model().__dict__
+    monkeypatch.setattr(decoding, "_EMULATE_ON_CPU", True)
+    monkeypatch.setenv("FASTFT_CUDA_GRAPHS", "0")
+    assert decoding.graph_decoding_supported(model) == "FASTFT_CUDA_GRAPHS=0"
+    monkeypatch.delenv("FASTFT_CUDA_GRAPHS")
+    model.get_base_model().config._attn_implementation = "flash_attention_2"
+    assert "attention 'flash_attention_2'" in decoding.graph_decoding_supported(model)
+
+
+# --- gpu: real CUDA graphs ------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", GRAPHED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_graphed_generate_matches_eager(family, dtype, model_dirs):
+    model, _ = _lora_model(model_dirs[family], device="cuda", dtype=dtype)
+    FastLanguageModel.for_inference(model, use_cuda_graphs=False)
+    eager = _generate(model, device="cuda", cache_implementation="static")
+    FastLanguageModel.for_inference(model)
+    graphed = _generate(model, device="cuda")
+    assert model.get_base_model().__dict__[decoding._ATTR].failed is None
+    assert decoding.graph_count(model) == 1
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert _max_score_diff(graphed, eager) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    again = _generate(model, device="cuda")  # replays (the cache is reused or captured anew)
+    assert torch.equal(again.sequences, eager.sequences)
+
+
+@pytest.mark.gpu
+def test_gpu_graphed_generate_qlora(model_dirs):
+    """A 4-bit (NF4) base: the decoding steps' fused small-M NF4 kernels inside the graph."""
+    pytest.importorskip("bitsandbytes")
+    model, _ = _lora_model(model_dirs["llama"], device="cuda", dtype=torch.bfloat16, load_in_4bit=True)
+    FastLanguageModel.for_inference(model, use_cuda_graphs=False)
+    eager = _generate(model, device="cuda", cache_implementation="static")
+    FastLanguageModel.for_inference(model)
+    graphed = _generate(model, device="cuda")
+    assert model.get_base_model().__dict__[decoding._ATTR].failed is None
+    assert decoding.graph_count(model) == 1
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert _max_score_diff(graphed, eager) <= 1e-2
+    with model.disable_adapter():
+        off = _generate(model, device="cuda")
+    assert _max_score_diff(off, graphed) > 1e-3
+    # adapters changed in place between calls: the next call's prompt refreshes the bf16 casts
+    # of the LoRA factors, which the graph reads
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(3.0)
+    graphed = _generate(model, device="cuda")
+    decoding.disable_graph_decoding(model)
+    eager = _generate(model, device="cuda", cache_implementation="static")
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert _max_score_diff(graphed, eager) <= 1e-2
