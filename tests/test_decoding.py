@@ -176,11 +176,9 @@ def test_not_enabled_where_it_cannot_work(model_dirs, monkeypatch, caplog):
 
 # --- gpu: real CUDA graphs ------------------------------------------------------------------------
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("family", GRAPHED)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_graphed_generate_matches_eager(family, dtype, model_dirs):
-    model, _ = _lora_model(model_dirs[family], device="cuda", dtype=dtype)
+def _gpu_graphed_matches_eager(model, tolerance):
+    """(graphed, eager) generate outputs of `model` on the GPU, checked equal: eager decoding
+    with the static cache first, then for_inference's graphs (one captured, none failed)."""
     FastLanguageModel.for_inference(model, use_cuda_graphs=False)
     eager = _generate(model, device="cuda", cache_implementation="static")
     FastLanguageModel.for_inference(model)
@@ -188,7 +186,16 @@ def test_gpu_graphed_generate_matches_eager(family, dtype, model_dirs):
     assert model.get_base_model().__dict__[decoding._ATTR].failed is None
     assert decoding.graph_count(model) == 1
     assert torch.equal(graphed.sequences, eager.sequences)
-    assert _max_score_diff(graphed, eager) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    assert _max_score_diff(graphed, eager) <= tolerance
+    return graphed, eager
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", GRAPHED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_graphed_generate_matches_eager(family, dtype, model_dirs):
+    model, _ = _lora_model(model_dirs[family], device="cuda", dtype=dtype)
+    eager = _gpu_graphed_matches_eager(model, 1e-5 if dtype == torch.float32 else 1e-2)[1]
     again = _generate(model, device="cuda")  # replays (the cache is reused or captured anew)
     assert torch.equal(again.sequences, eager.sequences)
 
@@ -198,14 +205,7 @@ def test_gpu_graphed_generate_qlora(model_dirs):
     """A 4-bit (NF4) base: the decoding steps' fused small-M NF4 kernels inside the graph."""
     pytest.importorskip("bitsandbytes")
     model, _ = _lora_model(model_dirs["llama"], device="cuda", dtype=torch.bfloat16, load_in_4bit=True)
-    FastLanguageModel.for_inference(model, use_cuda_graphs=False)
-    eager = _generate(model, device="cuda", cache_implementation="static")
-    FastLanguageModel.for_inference(model)
-    graphed = _generate(model, device="cuda")
-    assert model.get_base_model().__dict__[decoding._ATTR].failed is None
-    assert decoding.graph_count(model) == 1
-    assert torch.equal(graphed.sequences, eager.sequences)
-    assert _max_score_diff(graphed, eager) <= 1e-2
+    graphed = _gpu_graphed_matches_eager(model, 1e-2)[0]
     with model.disable_adapter():
         off = _generate(model, device="cuda")
     assert _max_score_diff(off, graphed) > 1e-3
