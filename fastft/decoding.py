@@ -117,7 +117,7 @@ def disable_graph_decoding(model) -> bool:
     decoder = None if lm is None else lm.__dict__.get(_ATTR)
     if decoder is None:
         return False
-    decoder.drop()
+    decoder.graphs.clear()
     for name in ("forward", "generate"):
         lm.__dict__.pop(name, None)
         if name in decoder.own_methods:
@@ -185,8 +185,7 @@ def _cache_tensors(cache):
 class _Graph:
     """One captured decoding step: its input buffers, the output it writes, the cache it uses."""
 
-    __slots__ = ("replay", "inputs", "output_type", "output_fields", "cache_name", "cache_ref",
-                 "cache_ptrs")
+    __slots__ = ("replay", "inputs", "output_type", "output_fields", "cache_ref", "cache_ptrs")
 
 
 class _GraphDecoder:
@@ -202,19 +201,16 @@ class _GraphDecoder:
         self.generating = 0        # > 0 inside generate
         self.failed: str | None = None  # why a capture failed: eager from then on
 
-    def drop(self):
-        self.graphs.clear()
-
     def begin_generate(self, lm):
         fingerprint = _model_fingerprint(lm)
         if fingerprint != self.fingerprint:
-            self.drop()
+            self.graphs.clear()
             self.fingerprint = fingerprint
 
     # -- one decoding step
 
     def step_key(self, lm, kwargs):
-        """(key, cache name, cache, tensors) when this forward call can run as a graph, else None."""
+        """(key, cache, tensors) when this forward call can run as a graph, else None."""
         if torch.is_grad_enabled() or lm.training or self.failed is not None:
             return None
         ids = kwargs.get("input_ids")
@@ -254,13 +250,13 @@ class _GraphDecoder:
                 return None  # a 2-D mask grows each step: only transformers' 4-D static one fits
         key = (tuple((p, tuple(t.shape), t.dtype) for p, t in sorted(tensors.items())),
                tuple(sorted(plain)), cache_name, id(cache), torch.is_inference_mode_enabled())
-        return key, cache_name, cache, tensors
+        return key, cache, tensors
 
     def run(self, lm, kwargs):
         step = self.step_key(lm, kwargs)
         if step is None:
             return None
-        key, cache_name, cache, tensors = step
+        key, cache, tensors = step
         graph = self.graphs.get(key)
         if graph is not None and (graph.cache_ref() is not cache
                                   or graph.cache_ptrs != [t.data_ptr() for _, _, t in _cache_tensors(cache)]):
@@ -271,7 +267,7 @@ class _GraphDecoder:
             # StaticCache per call, so each call captures again): released before this capture.
             for stale in [k for k, g in self.graphs.items() if g.cache_ref() is not cache]:
                 del self.graphs[stale]
-            graph = self.capture(kwargs, cache_name, cache, tensors)
+            graph = self.capture(kwargs, cache, tensors)
             if graph is None:
                 return None
             self.graphs[key] = graph
@@ -282,7 +278,7 @@ class _GraphDecoder:
                   for k, v in graph.output_fields.items()}
         return graph.output_type(**fields)
 
-    def capture(self, kwargs, cache_name, cache, tensors):
+    def capture(self, kwargs, cache, tensors):
         inputs = {path: t.clone() for path, t in tensors.items()}
         call = dict(kwargs)
         for path, buffer in inputs.items():
@@ -298,12 +294,15 @@ class _GraphDecoder:
             for owner, name, saved in counters:
                 getattr(owner, name).copy_(saved)
 
+        def warm_up():  # lazy inits, workspaces, kernel plans (emulated too: tests the restore)
+            for _ in range(2):
+                self.forward(**call)
+                restore_counters()
+
         emulate = inputs[("input_ids",)].device.type != "cuda"
         try:
             if emulate:
-                for _ in range(2):  # as the real capture does, so the counters' restore is tested
-                    self.forward(**call)
-                    restore_counters()
+                warm_up()
                 output = self.forward(**call)
                 restore_counters()
 
@@ -315,10 +314,8 @@ class _GraphDecoder:
             else:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up: lazy inits, workspaces, kernel plans
-                    for _ in range(2):
-                        self.forward(**call)
-                        restore_counters()
+                with torch.cuda.stream(side):
+                    warm_up()
                 torch.cuda.current_stream().wait_stream(side)
                 # Each graph has a memory pool of its own: one shared with graphs released since
                 # tripped the caching allocator's "use_count > 0" assert in a capture (run 85).
@@ -337,7 +334,6 @@ class _GraphDecoder:
         graph.inputs = inputs
         graph.output_type = type(output)
         graph.output_fields = {k: (_CACHE if v is cache else v) for k, v in output.items()}
-        graph.cache_name = cache_name
         graph.cache_ref = weakref.ref(cache)
         graph.cache_ptrs = [t.data_ptr() for _, _, t in _cache_tensors(cache)]
         return graph
