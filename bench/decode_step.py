@@ -59,17 +59,22 @@ def time_generate(model, variant, prompts, layers, new_tokens):
     """Plain greedy `model.generate`, one timed call per batch size after a warm-up call (which
     for the graph variants also captures). Variants: peft_bnb, fused (eager, dynamic cache),
     fused_static (eager, static cache), fused_graphs (fastft.decoding: CUDA graphs over the
-    static cache); patched_* the same after patch_model. Each graph variant's tokens are
-    compared with its eager static-cache twin's (the same kernels)."""
-    from fastft.decoding import disable_graph_decoding, enable_graph_decoding
+    static cache, kept across calls), fused_graphs_newcache (the same with a new cache per call,
+    as transformers makes it: each call captures again); patched_* the same after patch_model.
+    Each graph variant's tokens are compared with its eager static-cache twin's (the same
+    kernels)."""
+    from fastft.decoding import _ATTR, disable_graph_decoding, enable_graph_decoding
 
     if variant == "peft_bnb":
         os.environ["FASTFT_NF4_FUSED_SMALL_M"] = "0"
     else:
         os.environ.pop("FASTFT_NF4_FUSED_SMALL_M", None)
-    graphs = variant.endswith("_graphs")
+    graphs = variant.endswith(("_graphs", "_graphs_newcache"))
     if graphs:
         assert enable_graph_decoding(model)
+        if variant.endswith("_newcache"):  # as before fastft kept the cache: a new one per call
+            lm = model.get_base_model()
+            lm._prepare_static_cache = lm.__dict__[_ATTR].prepare_static_cache
     records = []
     for b, prompt in prompts.items():
         kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,

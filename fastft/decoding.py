@@ -16,6 +16,11 @@ What a graph bakes in, and how it stays correct:
 - Values of parameters are read at replay, so adapters trained in place between calls are used.
 - The cache's in-place counters (StaticLayer.cumulative_length): capture needs warm-up forwards,
   which advance them, so they are saved before and put back after.
+- One static cache is kept across `generate` calls (transformers would make a new one per call,
+  and a new cache means new graphs: at 32 layers two warm-up forwards and a capture, ~0.2 s per
+  call). A call of the same batch size and cache length takes it again, reset in place, unless
+  something outside still holds it (e.g. a kept `return_dict_in_generate` output): then the
+  call gets a new one, as in transformers, and that becomes the kept cache.
 Steps that do not fit run eagerly, exactly as before: grad enabled, train mode, more than one
 new token per sequence (the prompt), a cache other than a plain StaticCache of full-attention
 layers (sliding windows keep host-side counters), extra model inputs, or outputs asked for
@@ -24,8 +29,10 @@ besides the logits. Graphs are used only inside `generate`, never in a user's ow
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
+import sys
 import weakref
 
 import torch
@@ -39,6 +46,8 @@ _TENSOR_INPUTS = ("input_ids", "attention_mask", "position_ids", "cache_position
 _PLAIN_INPUTS = ("use_cache", "return_dict", "logits_to_keep", "output_attentions",
                  "output_hidden_states")
 _CACHE_NAMES = ("past_key_values", "cache")  # transformers <= 5.17 / later
+# The causal LM's methods enable_graph_decoding replaces on the instance (undone by disable).
+_WRAPPED = ("forward", "generate", "_prepare_static_cache")
 # Tests on CPU set this: a "graph" then re-runs the forward on its inputs' buffers at each
 # replay, which exercises everything here except the capture itself.
 _EMULATE_ON_CPU = False
@@ -53,7 +62,7 @@ def graph_decoding_supported(model) -> str | None:
     if lm is None or not callable(getattr(lm, "generate", None)):
         return "not a model with generate()"
     device = next((p.device for p in lm.parameters()), None)
-    if device is None or (device.type != "cuda" and not (_EMULATE_ON_CPU and device.type == "cpu")):
+    if device is None or not _graph_device(device):
         return "the model is not on a CUDA device"
     config = lm.config
     if getattr(config, "is_encoder_decoder", False):
@@ -107,6 +116,12 @@ def enable_graph_decoding(model) -> bool:
 
     lm.forward = forward
     lm.generate = generate
+    if decoder.prepare_static_cache is not None:
+        @functools.wraps(decoder.prepare_static_cache)
+        def _prepare_static_cache(*args, **kwargs):
+            return decoder.static_cache(lm, args, kwargs)
+
+        lm._prepare_static_cache = _prepare_static_cache
     return True
 
 
@@ -118,7 +133,8 @@ def disable_graph_decoding(model) -> bool:
     if decoder is None:
         return False
     decoder.graphs.clear()
-    for name in ("forward", "generate"):
+    decoder.kept_cache = None
+    for name in _WRAPPED:
         lm.__dict__.pop(name, None)
         if name in decoder.own_methods:
             lm.__dict__[name] = decoder.own_methods[name]
@@ -182,6 +198,10 @@ def _cache_tensors(cache):
     return found
 
 
+def _graph_device(device) -> bool:
+    return device.type == "cuda" or (_EMULATE_ON_CPU and device.type == "cpu")
+
+
 class _Graph:
     """One captured decoding step: its input buffers, the output it writes, the cache it uses."""
 
@@ -192,12 +212,15 @@ class _GraphDecoder:
     def __init__(self, lm, gen_config):
         self.forward = lm.forward   # transformers' (or fastft's patched) forward, bound
         self.generate = lm.generate
-        self.own_methods = {k: lm.__dict__[k] for k in ("forward", "generate") if k in lm.__dict__}
+        # generate's maker of a new StaticCache per call (None in a transformers without it)
+        self.prepare_static_cache = getattr(lm, "_prepare_static_cache", None)
+        self.own_methods = {k: lm.__dict__[k] for k in _WRAPPED if k in lm.__dict__}
         self.gen_config = gen_config
         self.saved_config = None if gen_config is None else (gen_config.cache_implementation,
                                                              gen_config.disable_compile)
         self.graphs: dict = {}
         self.fingerprint = None
+        self.kept_cache = None     # (key, StaticCache) reused by the next generate call
         self.generating = 0        # > 0 inside generate
         self.failed: str | None = None  # why a capture failed: eager from then on
 
@@ -205,7 +228,37 @@ class _GraphDecoder:
         fingerprint = _model_fingerprint(lm)
         if fingerprint != self.fingerprint:
             self.graphs.clear()
+            self.kept_cache = None  # (the model may have moved device or dtype)
             self.fingerprint = fingerprint
+
+    def static_cache(self, lm, args, kwargs):
+        """generate's StaticCache for this call: the kept one, reset, where it fits and nothing
+        else holds it; else a new one from transformers' own method, kept from then on."""
+        make = self.prepare_static_cache
+        try:
+            bound = inspect.signature(make).bind(*args, **kwargs).arguments
+            batch, length = int(bound["batch_size"]), int(bound["max_cache_len"])
+            plain = bound["cache_implementation"] == "static" and bound.get("prefill_chunk_size") is None
+        except (TypeError, KeyError, ValueError):
+            return make(*args, **kwargs)
+        if not plain or getattr(lm.config, "is_encoder_decoder", False):
+            return make(*args, **kwargs)
+        # transformers sizes a static cache to the longest call so far (fewer recompilations)
+        length = max(length, getattr(lm, "_previous_max_cache_length", -1))
+        key = (batch, length)
+        if self.kept_cache is not None and self.kept_cache[0] == key:
+            cache = self.kept_cache[1]
+            # 3 references: the kept tuple, this name and getrefcount's argument; more means a
+            # caller still holds the cache, which resetting it would change under them
+            if sys.getrefcount(cache) == 3:
+                cache.reset()  # in place: same tensors, so the step's graphs stay valid
+                lm._previous_max_cache_length = length
+                return cache
+        self.kept_cache = None  # (dropped before the new one is allocated)
+        cache = make(*args, **kwargs)
+        if type(cache).__name__ == "StaticCache":
+            self.kept_cache = (key, cache)
+        return cache
 
     # -- one decoding step
 
@@ -216,7 +269,7 @@ class _GraphDecoder:
         ids = kwargs.get("input_ids")
         if not torch.is_tensor(ids) or ids.dim() != 2 or ids.shape[1] != 1:
             return None
-        if ids.device.type != "cuda" and not (_EMULATE_ON_CPU and ids.device.type == "cpu"):
+        if not _graph_device(ids.device):
             return None
         cache_name = next((n for n in _CACHE_NAMES if kwargs.get(n) is not None), None)
         cache = kwargs.get(cache_name) if cache_name else None
@@ -306,11 +359,17 @@ class _GraphDecoder:
                 output = self.forward(**call)
                 restore_counters()
 
+                # (the cache weakly held, as by a real graph: a strong reference here, or to
+                # the output that names it, would keep the next generate call from reusing it)
+                cache_name = next(n for n in _CACHE_NAMES if kwargs.get(n) is cache)
+                call_without_cache = {k: v for k, v in call.items() if k != cache_name}
+                cache_ref = weakref.ref(cache)
+                written = {k: v for k, v in output.items() if torch.is_tensor(v)}
+
                 def replay():  # what a graph's replay does: recompute into the same output
-                    again = self.forward(**call)
-                    for name, value in output.items():
-                        if torch.is_tensor(value):
-                            value.copy_(again[name])
+                    again = self.forward(**call_without_cache, **{cache_name: cache_ref()})
+                    for name, value in written.items():
+                        value.copy_(again[name])
             else:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())

@@ -465,7 +465,9 @@ class FastLanguageModel:
         """Evaluation mode for generation: eval(), checkpointing off, KV cache on. Decoding
         steps of NF4 (QLoRA) layers then run on the fused small-M kernel (fastft.lora). On a
         GPU, `generate` also decodes from CUDA graphs over transformers' static KV cache
-        (fastft.decoding; use_cuda_graphs=False or FASTFT_CUDA_GRAPHS=0: eager, dynamic cache).
+        (fastft.decoding; use_cuda_graphs=False or FASTFT_CUDA_GRAPHS=0: eager, dynamic cache),
+        with one static cache kept for the next call of the same batch size and length (memory
+        held until for_training, which releases it with the graphs).
         transformers' automatic torch.compile of static-cache decoding is turned off: it traces
         with fullgraph=True, which fastft's fused layers do not support (it failed in run 83)."""
         base = _base_model(model)

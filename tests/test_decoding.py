@@ -6,6 +6,7 @@ capture: which steps are graphed, the inputs' buffers, the cache counters put ba
 warm-ups, the graphs dropped when the model changes. The gpu tests capture real graphs."""
 import inspect
 import logging
+import weakref
 
 import pytest
 import torch
@@ -109,6 +110,45 @@ def test_graphs_follow_the_model(model_dirs, emulate):
     assert torch.equal(longer.sequences, _generate(model, new=12, cache_implementation="static").sequences)
 
 
+def test_static_cache_kept_across_generate_calls(model_dirs, emulate):
+    """One StaticCache serves the calls of one batch size and cache length, so their graphs are
+    captured once; a cache a caller still holds is never reset under them."""
+    model, _ = _lora_model(model_dirs["llama"])
+    FastLanguageModel.for_inference(model, use_cuda_graphs=False)
+    expected = _generate(model, cache_implementation="static").sequences
+    FastLanguageModel.for_inference(model)
+    decoder = model.get_base_model().__dict__[decoding._ATTR]
+    captures = []
+    real_capture = decoder.capture
+    decoder.capture = lambda *a: captures.append(1) or real_capture(*a)
+
+    def sequences(**kw):  # the output object (and with it the cache) dropped at once
+        return _generate(model, **kw).sequences
+
+    assert torch.equal(sequences(), expected)
+    kept = weakref.ref(decoder.kept_cache[1])  # (weakly: a reference here would count as held)
+    for _ in range(2):  # the same cache, reset, and the same graph
+        assert torch.equal(sequences(), expected)
+        assert decoder.kept_cache[1] is kept() and len(captures) == 1 and decoding.graph_count(model) == 1
+    assert torch.equal(sequences(new=4), expected[:, :10])  # shorter: the cache is as long as before
+    assert decoder.kept_cache[1] is kept() and len(captures) == 1
+
+    held = _generate(model)  # holds the cache (past_key_values) while the next calls run
+    assert held.past_key_values is kept()
+    keys = [layer.keys.clone() for layer in held.past_key_values.layers]
+    assert torch.equal(sequences(), expected)
+    assert decoder.kept_cache[1] is not held.past_key_values and len(captures) == 2  # new cache, graphs
+    assert all(torch.equal(k, layer.keys) for k, layer in zip(keys, held.past_key_values.layers))
+
+    # a longer call needs a longer cache; then the shorter calls use that one
+    longer = sequences(new=12)
+    kept = weakref.ref(decoder.kept_cache[1])
+    assert torch.equal(sequences(), expected) and decoder.kept_cache[1] is kept()
+    decoding.disable_graph_decoding(model)
+    assert decoder.kept_cache is None and "_prepare_static_cache" not in model.get_base_model().__dict__
+    assert torch.equal(longer, _generate(model, new=12, cache_implementation="static").sequences)
+
+
 def test_only_generate_decoding_steps_are_graphed(model_dirs, emulate):
     model, tok = _lora_model(model_dirs["qwen2"])
     lm = model.get_base_model()
@@ -132,7 +172,7 @@ def test_only_generate_decoding_steps_are_graphed(model_dirs, emulate):
     assert seen == [(3, 1)]
     FastLanguageModel.for_training(model)
     assert decoding.graph_count(model) == 0 and decoding._ATTR not in lm.__dict__
-    assert "forward" not in lm.__dict__ and "generate" not in lm.__dict__
+    assert not set(decoding._WRAPPED) & set(lm.__dict__)
     assert lm.generation_config.cache_implementation is None
 
 
@@ -220,3 +260,4 @@ def test_gpu_graphed_generate_qlora(model_dirs):
     eager = _generate(model, device="cuda", cache_implementation="static")
     assert torch.equal(graphed.sequences, eager.sequences)
     assert _max_score_diff(graphed, eager) <= 1e-2
+
