@@ -60,21 +60,25 @@ def time_generate(model, variant, prompts, layers, new_tokens):
     for the graph variants also captures). Variants: peft_bnb, fused (eager, dynamic cache),
     fused_static (eager, static cache), fused_graphs (fastft.decoding: CUDA graphs over the
     static cache, kept across calls), fused_graphs_newcache (the same with a new cache per call,
-    as transformers makes it: each call captures again); patched_* the same after patch_model.
-    Each graph variant's tokens are compared with its eager static-cache twin's (the same
-    kernels)."""
+    as transformers makes it: each call captures again), fused_graphs_nodefer (the same with
+    transformers' synchronous stop check); patched_* the same after patch_model. Each graph
+    variant's tokens are compared with its eager static-cache twin's (the same kernels)."""
+    import fastft.decoding as decoding
     from fastft.decoding import _ATTR, disable_graph_decoding, enable_graph_decoding
 
     if variant == "peft_bnb":
         os.environ["FASTFT_NF4_FUSED_SMALL_M"] = "0"
     else:
         os.environ.pop("FASTFT_NF4_FUSED_SMALL_M", None)
-    graphs = variant.endswith(("_graphs", "_graphs_newcache"))
+    graphs = variant.endswith(("_graphs", "_graphs_newcache", "_graphs_nodefer"))
     if graphs:
         assert enable_graph_decoding(model)
         if variant.endswith("_newcache"):  # as before fastft kept the cache: a new one per call
             lm = model.get_base_model()
             lm._prepare_static_cache = lm.__dict__[_ATTR].prepare_static_cache
+    nodefer = variant.endswith("_nodefer")  # as before the deferred stop check: a sync per step
+    if nodefer:
+        decoding._allow_deferred_stop_checks, allow = (lambda: (lambda: None)), decoding._allow_deferred_stop_checks
     records = []
     for b, prompt in prompts.items():
         kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -103,6 +107,8 @@ def time_generate(model, variant, prompts, layers, new_tokens):
         records.append(rec)
     if graphs:
         disable_graph_decoding(model)
+    if nodefer:
+        decoding._allow_deferred_stop_checks = allow
     return records
 
 

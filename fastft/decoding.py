@@ -46,6 +46,8 @@ _TENSOR_INPUTS = ("input_ids", "attention_mask", "position_ids", "cache_position
 _PLAIN_INPUTS = ("use_cache", "return_dict", "logits_to_keep", "output_attentions",
                  "output_hidden_states")
 _CACHE_NAMES = ("past_key_values", "cache")  # transformers <= 5.17 / later
+# Marks the caches this module makes for generate (the ones its deferred stop check is for).
+_GRAPHED_CACHE = "_fastft_graph_decoding"
 # The causal LM's methods enable_graph_decoding replaces on the instance (undone by disable).
 _WRAPPED = ("forward", "generate", "_prepare_static_cache")
 # Tests on CPU set this: a "graph" then re-runs the forward on its inputs' buffers at each
@@ -109,10 +111,12 @@ def enable_graph_decoding(model) -> bool:
     def generate(*args, **kwargs):
         decoder.begin_generate(lm)
         decoder.generating += 1
+        undo = _allow_deferred_stop_checks()
         try:
             return decoder.generate(*args, **kwargs)
         finally:
             decoder.generating -= 1
+            undo()
 
     lm.forward = forward
     lm.generate = generate
@@ -202,6 +206,49 @@ def _graph_device(device) -> bool:
     return device.type == "cuda" or (_EMULATE_ON_CPU and device.type == "cpu")
 
 
+@functools.lru_cache(maxsize=None)
+def _deferring_subclass(base):
+    """transformers' DeferredStopCheck, also allowed where the cache is one this module made."""
+
+    class GraphedDeferredStopCheck(base):
+        fastft_graphed = True
+
+        @staticmethod
+        def is_supported(device, cache, cache_is_returned, is_assistant, *args, **kwargs):
+            # (CUDA only, emulated graphs included: it records CUDA events, which a CPU lacks)
+            if getattr(cache, _GRAPHED_CACHE, False) and not is_assistant and device.type == "cuda":
+                # (a returned cache must be croppable: the one step too many is undone on it)
+                return bool(getattr(cache, "is_croppable", False)) or not cache_is_returned
+            return base.is_supported(device, cache, cache_is_returned, is_assistant, *args, **kwargs)
+
+    return GraphedDeferredStopCheck
+
+
+def _allow_deferred_stop_checks():
+    """For one graphed generate call: let transformers' DeferredStopCheck decide when to stop.
+    It reads "all sequences finished?" one step late, through an asynchronous copy, so that the
+    host queues the next step's graph while the GPU runs this one; the one step too many is then
+    undone (its token dropped; a returned cache cropped). transformers enables it on MPS only;
+    with graphs a CUDA step is ~6 ms of GPU against ~1 ms of generate's Python, which the
+    synchronous check ran one after the other (bench/RESULTS.md, runs 90-93). Other models'
+    calls keep the check transformers chooses: the subclass defers only for this module's caches.
+    Returns the undo."""
+    try:
+        from transformers.generation import utils as gen_utils
+    except ImportError:
+        return lambda: None
+    base = getattr(gen_utils, "DeferredStopCheck", None)
+    if base is None or getattr(base, "fastft_graphed", False) \
+            or not callable(getattr(base, "is_supported", None)):
+        return lambda: None  # (a transformers without it, or a call inside another one)
+    gen_utils.DeferredStopCheck = _deferring_subclass(base)
+
+    def undo():
+        if gen_utils.DeferredStopCheck is _deferring_subclass(base):
+            gen_utils.DeferredStopCheck = base
+    return undo
+
+
 class _Graph:
     """One captured decoding step: its input buffers, the output it writes, the cache it uses."""
 
@@ -258,6 +305,7 @@ class _GraphDecoder:
         cache = make(*args, **kwargs)
         if type(cache).__name__ == "StaticCache":
             self.kept_cache = (key, cache)
+            setattr(cache, _GRAPHED_CACHE, True)
         return cache
 
     # -- one decoding step

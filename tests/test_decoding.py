@@ -149,6 +149,36 @@ def test_static_cache_kept_across_generate_calls(model_dirs, emulate):
     assert torch.equal(longer, _generate(model, new=12, cache_implementation="static").sequences)
 
 
+def test_stop_check_deferred_only_for_graphed_caches(model_dirs, emulate):
+    """Inside a graphed generate call transformers' DeferredStopCheck is allowed on CUDA for the
+    caches fastft.decoding made (the GPU test checks the tokens); everything else keeps
+    transformers' own choice, and the class is put back after the call."""
+    gen_utils = pytest.importorskip("transformers.generation.utils")
+    base = getattr(gen_utils, "DeferredStopCheck", None)
+    if base is None:
+        pytest.skip("this transformers has no DeferredStopCheck")
+    model, _ = _lora_model(model_dirs["llama"])
+    FastLanguageModel.for_inference(model)
+    seen = []
+    real_prepare = model.get_base_model().__dict__[decoding._ATTR].static_cache
+
+    def spy(lm, args, kwargs):  # runs inside generate: look at the class transformers will use
+        cache = real_prepare(lm, args, kwargs)
+        check = gen_utils.DeferredStopCheck
+        cuda, cpu = torch.device("cuda"), torch.device("cpu")
+        seen.append((check is not base, check.is_supported(cuda, cache, False, False),
+                     check.is_supported(cuda, cache, False, True),  # an assistant model: no
+                     check.is_supported(cpu, cache, False, False),
+                     check.is_supported(cuda, object(), False, False) == base.is_supported(cuda, object(), False, False),
+                     check.is_supported(cuda, cache, True, False) == bool(cache.is_croppable)))
+        return cache
+
+    model.get_base_model().__dict__[decoding._ATTR].static_cache = spy
+    _generate(model, new=3)
+    assert seen == [(True, True, False, False, True, True)]
+    assert gen_utils.DeferredStopCheck is base
+
+
 def test_only_generate_decoding_steps_are_graphed(model_dirs, emulate):
     model, tok = _lora_model(model_dirs["qwen2"])
     lm = model.get_base_model()
@@ -261,3 +291,35 @@ def test_gpu_graphed_generate_qlora(model_dirs):
     assert torch.equal(graphed.sequences, eager.sequences)
     assert _max_score_diff(graphed, eager) <= 1e-2
 
+
+@pytest.mark.gpu
+def test_gpu_deferred_stop_matches_eager(model_dirs, monkeypatch):
+    """With graphs, transformers' DeferredStopCheck decides when to stop (read one step late, the
+    step too many undone): rows that end on EOS at different steps match eager decoding, with the
+    cache returned or not."""
+    gen_utils = pytest.importorskip("transformers.generation.utils")
+    base = getattr(gen_utils, "DeferredStopCheck", None)
+    if base is None:
+        pytest.skip("this transformers has no DeferredStopCheck")
+    deferred = []
+    real_init = base.__init__
+    monkeypatch.setattr(base, "__init__", lambda self, *a, **k: deferred.append(1) or real_init(self, *a, **k))
+    model, _ = _lora_model(model_dirs["llama"], device="cuda", dtype=torch.float32)
+
+    def run(**kw):
+        torch.manual_seed(0)
+        ids = torch.randint(0, 256, (3, 6), device="cuda")
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                 do_sample=False, pad_token_id=0, **kw)
+        return out if torch.is_tensor(out) else out.sequences
+
+    FastLanguageModel.for_inference(model, use_cuda_graphs=False)
+    free = run(eos_token_id=299, min_new_tokens=12)
+    eos = int(free[0, 6 + 3])  # row 0 stops after 4 new tokens, the others where they meet it
+    eager = run(eos_token_id=eos, cache_implementation="static")
+    assert eager.shape[1] > 6 + 4 and eager[0, 10] == 0  # (row 0 padded after its EOS)
+    FastLanguageModel.for_inference(model)
+    assert torch.equal(run(eos_token_id=eos), eager)
+    assert len(deferred) == 1
+    assert torch.equal(run(eos_token_id=eos, return_dict_in_generate=True, output_scores=True), eager)
