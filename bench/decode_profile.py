@@ -2,9 +2,10 @@
 bench/decode_step.py (LAYERS=32 decoder layers of the Llama-3.1-8B shape by default, patched as
 FastLanguageModel sets a model up):
 
-    python bench/decode_profile.py --out DIR     (LAYERS=32, BATCHES=1,16)
+    python bench/decode_profile.py --out DIR     (LAYERS=32, BATCHES=1,16, PROMPTS=32,
+                                                  ATTENTION=grouped[,repeat_kv])
 
-Per batch size, greedy, a 32-token prompt:
+Per batch size and prompt length, greedy:
 - seconds of a first call (prompt, warm-ups and capture) and of later calls of NEW_SHORT and
   NEW_LONG new tokens; (long - short) / (NEW_LONG - NEW_SHORT) is one decoding step's wall time
   with the prompt, the capture and generate's set-up taken out;
@@ -126,19 +127,34 @@ def main():
     from fastft.decoding import enable_graph_decoding
     from fastft.models import patch_model
 
+    import fastft.attention as attention
+    from fastft.decoding import disable_graph_decoding
+
     layers = int(os.environ.get("LAYERS", "32"))
     batches = [int(b) for b in os.environ.get("BATCHES", "1,16").split(",")]
+    prompts = [int(n) for n in os.environ.get("PROMPTS", "32").split(",")]
+    # ATTENTION=grouped,repeat_kv: also as before fastft.attention._grouped_decode (transformers'
+    # SDPA function copying K and V out to every query head at each decoding step)
+    variants = os.environ.get("ATTENTION", "grouped").split(",")
     new_short, new_long = int(os.environ.get("NEW_SHORT", "32")), int(os.environ.get("NEW_LONG", "160"))
     model = build_qlora_model(layers)
     patch_model(model.get_base_model())
     model.eval()
-    assert enable_graph_decoding(model)
+    attention.install_sdpa_wrapper()  # (as for_inference)
+    grouped = attention._grouped_decode
     g = torch.Generator(device="cuda").manual_seed(1)
     records = []
-    for b in batches:
-        prompt = torch.randint(0, 128256, (b, 32), device="cuda", generator=g)
+    for variant, length, b in [(v, n, b) for v in variants for n in prompts for b in batches]:
+        disable_graph_decoding(model)  # (new graphs for each variant: they bake the attention in)
+        # (transformers sizes a static cache to the longest call so far: each case its own length)
+        model.get_base_model().__dict__.pop("_previous_max_cache_length", None)
+        attention._grouped_decode = grouped if variant == "grouped" else (lambda *args: None)
+        assert enable_graph_decoding(model)
+        prompt = torch.randint(0, 128256, (b, length), device="cuda", generator=g)
+        torch.cuda.reset_peak_memory_stats()
         rec, text = profile_generate(model, prompt, new_short, new_long)
-        rec.update(layers=layers, peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+        rec.update(attention=variant, prompt=length, layers=layers,
+                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
         try:
             kernels_us, table = kernel_table(model.get_base_model(), prompt)
             rec["eager_step_kernels_ms"] = round(kernels_us / 1e3, 3)
@@ -148,6 +164,7 @@ def main():
         print(rec, flush=True)
         print(text, flush=True)
         records.append(rec)
+    attention._grouped_decode = grouped
     write_result(out, "decode_profile", results=records)
 
 

@@ -19,7 +19,9 @@ Public API only (saved_tensors_hooks, autograd.backward), so it works with whate
 picks (cuDNN, flash, memory-efficient, the CPU kernels) and across torch versions. Used only
 where it cannot change results or blow up host traffic: no dropout, no mask on CUDA (the fused
 kernels, which save O(tokens) and not O(tokens^2)), and only inside fastft's offloaded
-checkpoints; everywhere else the wrapper calls transformers' function unchanged.
+checkpoints; everywhere else the wrapper calls transformers' function unchanged, except for
+one-token decoding steps with grouped KV heads and a mask, which skip transformers' copy of K and
+V to every query head (_grouped_decode; installed by offloading and by for_inference).
 """
 from __future__ import annotations
 
@@ -222,6 +224,27 @@ def _first_forward(original, module, query, key, value, attention_mask, dropout,
     return out, weights
 
 
+def _grouped_decode(module, query, key, value, attention_mask, dropout, args, kwargs):
+    """One new token per sequence with grouped KV heads and a mask (decoding with padding or a
+    static cache): transformers' SDPA then copies K and V out to every query head (repeat_kv;
+    SDPA's enable_gqa is for mask-free calls), the whole cache twice per layer and step, which
+    grows with the cache's length. The query heads that share a KV head are instead passed as
+    that head's queries (B, KV heads, group, D): the same attention, the mask broadcast over
+    the group, nothing copied. None where that does not apply (transformers' function runs)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (not isinstance(groups, int) or groups <= 1 or args or dropout or attention_mask is None
+            or query.dim() != 4 or query.shape[2] != 1 or key.shape[1] * groups != query.shape[1]
+            or attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or attention_mask.shape[2] != 1
+            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+            or kwargs.get("output_attentions", False) or query.device.type not in ("cuda", "cpu")):
+        return None
+    batch, heads, _, dim = query.shape
+    grouped = query.reshape(batch, key.shape[1], groups, dim)  # head h = kv head h // groups
+    out = torch.nn.functional.scaled_dot_product_attention(
+        grouped, key, value, attn_mask=attention_mask, dropout_p=0.0, scale=kwargs.get("scaling"))
+    return out.reshape(batch, 1, heads, value.shape[-1]), None  # (B, tokens, heads, D)
+
+
 def _reusing_sdpa(module, query, key, value, attention_mask, dropout=0.0, *args, **kwargs):
     original = _ORIGINAL["sdpa"]
     if offload.stashing():
@@ -236,12 +259,16 @@ def _reusing_sdpa(module, query, key, value, attention_mask, dropout=0.0, *args,
         if taken is not None:
             stashed, kept = taken
             return _ReusedAttention.apply(query, key, value, kept, stashed), None
+    decoded = _grouped_decode(module, query, key, value, attention_mask, dropout, args, kwargs)
+    if decoded is not None:
+        return decoded
     return original(module, query, key, value, attention_mask, dropout, *args, **kwargs)
 
 
-def install_attention_reuse() -> None:
+def install_sdpa_wrapper() -> None:
     """Wrap transformers' "sdpa" attention function (idempotent). Outside fastft's offloaded
-    checkpoints the wrapper calls the original unchanged."""
+    checkpoints the wrapper calls the original unchanged, except for one-token decoding steps
+    that _grouped_decode takes."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     current = ALL_ATTENTION_FUNCTIONS["sdpa"]

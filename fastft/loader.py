@@ -477,6 +477,9 @@ class FastLanguageModel:
         if getattr(base, "generation_config", None) is not None:
             base.generation_config.use_cache = True
             base.generation_config.disable_compile = True
+        from fastft.attention import install_sdpa_wrapper
+
+        install_sdpa_wrapper()  # decoding steps skip transformers' K / V copy per query head
         if use_cuda_graphs:
             from fastft.decoding import enable_graph_decoding
 

@@ -694,9 +694,9 @@ def enable_offloaded_checkpointing(model) -> int:
                  and getattr(m, "gradient_checkpointing", False)
                  and _is_offloading(getattr(m, "_gradient_checkpointing_func", None)))
     func.offloader.layers = layers  # sizes the stash budget (see _Offloader._new_pass)
-    from fastft.attention import install_attention_reuse
+    from fastft.attention import install_sdpa_wrapper
 
-    install_attention_reuse()
+    install_sdpa_wrapper()
     return layers
 
 

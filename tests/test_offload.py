@@ -292,7 +292,7 @@ def _count_sdpa_runs():
     """Counts transformers' own sdpa function calls (under our wrapper), forward vs recompute."""
     import fastft.attention as attention
 
-    attention.install_attention_reuse()
+    attention.install_sdpa_wrapper()
     calls = {"first forward": 0, "recompute": 0, "plain": 0}
     original = attention._ORIGINAL["sdpa"]
 
