@@ -295,9 +295,12 @@ class _GraphDecoder:
         key = (batch, length)
         if self.kept_cache is not None and self.kept_cache[0] == key:
             cache = self.kept_cache[1]
-            # 3 references: the kept tuple, this name and getrefcount's argument; more means a
-            # caller still holds the cache, which resetting it would change under them
-            if sys.getrefcount(cache) == 3:
+            # Held by anyone else (resetting it would change it under them)? A fresh object
+            # referenced the same way (a tuple, a name, getrefcount's argument) is the baseline,
+            # so the check does not depend on how an interpreter counts those references.
+            probe_tuple = (key, object())
+            probe = probe_tuple[1]
+            if sys.getrefcount(cache) <= sys.getrefcount(probe):
                 cache.reset()  # in place: same tensors, so the step's graphs stay valid
                 lm._previous_max_cache_length = length
                 return cache
