@@ -109,7 +109,7 @@ def enable_graph_decoding(model) -> bool:
 
     @functools.wraps(decoder.generate)
     def generate(*args, **kwargs):
-        decoder.begin_generate(lm)
+        decoder.begin_generate(lm, kwargs)
         decoder.generating += 1
         undo = _allow_deferred_stop_checks()
         try:
@@ -269,14 +269,19 @@ class _GraphDecoder:
         self.fingerprint = None
         self.kept_cache = None     # (key, StaticCache) reused by the next generate call
         self.generating = 0        # > 0 inside generate
+        self.eager_call = False    # this generate call decodes eagerly (see begin_generate, run)
         self.failed: str | None = None  # why a capture failed: eager from then on
 
-    def begin_generate(self, lm):
+    def begin_generate(self, lm, kwargs):
         fingerprint = _model_fingerprint(lm)
         if fingerprint != self.fingerprint:
             self.graphs.clear()
             self.kept_cache = None  # (the model may have moved device or dtype)
             self.fingerprint = fingerprint
+        # Beam search reorders the cache between steps with index_select, i.e. into new tensors,
+        # which a graph cannot follow: every step would capture again (3 forwards' cost each).
+        config = kwargs.get("generation_config") or self.gen_config
+        self.eager_call = (kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1) > 1
 
     def static_cache(self, lm, args, kwargs):
         """generate's StaticCache for this call: the kept one, reset, where it fits and nothing
@@ -315,7 +320,7 @@ class _GraphDecoder:
 
     def step_key(self, lm, kwargs):
         """(key, cache, tensors) when this forward call can run as a graph, else None."""
-        if torch.is_grad_enabled() or lm.training or self.failed is not None:
+        if torch.is_grad_enabled() or lm.training or self.failed is not None or self.eager_call:
             return None
         ids = kwargs.get("input_ids")
         if not torch.is_tensor(ids) or ids.dim() != 2 or ids.shape[1] != 1:
@@ -362,8 +367,14 @@ class _GraphDecoder:
             return None
         key, cache, tensors = step
         graph = self.graphs.get(key)
-        if graph is not None and (graph.cache_ref() is not cache
-                                  or graph.cache_ptrs != [t.data_ptr() for _, _, t in _cache_tensors(cache)]):
+        if graph is not None and graph.cache_ref() is cache \
+                and graph.cache_ptrs != [t.data_ptr() for _, _, t in _cache_tensors(cache)]:
+            # the cache's tensors were replaced between steps (as beam search's reorder does):
+            # they may move again at every step, so the rest of this call decodes eagerly
+            del self.graphs[key]
+            self.eager_call = True
+            return None
+        if graph is not None and graph.cache_ref() is not cache:
             del self.graphs[key]
             graph = None
         if graph is None:

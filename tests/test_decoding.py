@@ -179,6 +179,38 @@ def test_stop_check_deferred_only_for_graphed_caches(model_dirs, emulate):
     assert gen_utils.DeferredStopCheck is base
 
 
+def test_cache_tensors_that_move_are_not_captured_every_step(model_dirs, emulate):
+    """Beam search reorders the cache into new tensors at every step: it decodes eagerly (no
+    capture per step), as does the rest of any call whose cache tensors were replaced."""
+    model, _ = _lora_model(model_dirs["llama"])
+    FastLanguageModel.for_inference(model, use_cuda_graphs=False)
+    beams = _generate(model, cache_implementation="static", num_beams=3).sequences
+    plain = _generate(model, cache_implementation="static").sequences
+    FastLanguageModel.for_inference(model)
+    decoder = model.get_base_model().__dict__[decoding._ATTR]
+    captures = []
+    real_capture = decoder.capture
+    decoder.capture = lambda *a: captures.append(1) or real_capture(*a)
+    assert torch.equal(_generate(model, num_beams=3).sequences, beams) and captures == []
+
+    class MoveTheCache:  # a logits processor that, at the third step, replaces a cache tensor
+        steps = 0
+
+        def __call__(self, input_ids, scores):
+            self.steps += 1
+            if self.steps == 3:
+                layer = decoder.kept_cache[1].layers[0]
+                layer.keys = layer.keys.clone()
+            return scores
+
+    from transformers import LogitsProcessorList
+
+    moved = _generate(model, logits_processor=LogitsProcessorList([MoveTheCache()]))
+    assert torch.equal(moved.sequences, plain) and len(captures) == 1 and decoding.graph_count(model) == 0
+    assert torch.equal(_generate(model).sequences, plain)  # the next call graphs again
+    assert len(captures) == 2 and decoding.graph_count(model) == 1
+
+
 def test_only_generate_decoding_steps_are_graphed(model_dirs, emulate):
     model, tok = _lora_model(model_dirs["qwen2"])
     lm = model.get_base_model()
