@@ -21,10 +21,13 @@ What a graph bakes in, and how it stays correct:
   call). A call of the same batch size and cache length takes it again, reset in place, unless
   something outside still holds it (e.g. a kept `return_dict_in_generate` output): then the
   call gets a new one, as in transformers, and that becomes the kept cache.
+- While a graphed generate call runs, transformers' DeferredStopCheck may decide when to stop
+  (see _allow_deferred_stop_checks), so the host does not wait for the GPU at every step.
 Steps that do not fit run eagerly, exactly as before: grad enabled, train mode, more than one
 new token per sequence (the prompt), a cache other than a plain StaticCache of full-attention
 layers (sliding windows keep host-side counters), extra model inputs, or outputs asked for
-besides the logits. Graphs are used only inside `generate`, never in a user's own forward loop.
+besides the logits; and whole calls whose cache tensors move between steps (beam search).
+Graphs are used only inside `generate`, never in a user's own forward loop.
 """
 from __future__ import annotations
 
@@ -215,7 +218,7 @@ def _deferring_subclass(base):
 
         @staticmethod
         def is_supported(device, cache, cache_is_returned, is_assistant, *args, **kwargs):
-            # (CUDA only, emulated graphs included: it records CUDA events, which a CPU lacks)
+            # (CUDA only, not the emulated CPU graphs: it records CUDA events, which a CPU lacks)
             if getattr(cache, _GRAPHED_CACHE, False) and not is_assistant and device.type == "cuda":
                 # (a returned cache must be croppable: the one step too many is undone on it)
                 return bool(getattr(cache, "is_croppable", False)) or not cache_is_returned
