@@ -55,6 +55,15 @@ def _max_score_diff(a, b):
                for x, y in zip(a.scores, b.scores))
 
 
+def _count_captures(model):
+    """(the model's graph decoder, a list that grows by one at each capture it makes)"""
+    decoder = model.get_base_model().__dict__[decoding._ATTR]
+    captures = []
+    real_capture = decoder.capture
+    decoder.capture = lambda *a: captures.append(1) or real_capture(*a)
+    return decoder, captures
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_graphed_generate_matches_eager(family, model_dirs, emulate):
     model, _ = _lora_model(model_dirs[family])
@@ -117,10 +126,7 @@ def test_static_cache_kept_across_generate_calls(model_dirs, emulate):
     FastLanguageModel.for_inference(model, use_cuda_graphs=False)
     expected = _generate(model, cache_implementation="static").sequences
     FastLanguageModel.for_inference(model)
-    decoder = model.get_base_model().__dict__[decoding._ATTR]
-    captures = []
-    real_capture = decoder.capture
-    decoder.capture = lambda *a: captures.append(1) or real_capture(*a)
+    decoder, captures = _count_captures(model)
 
     def sequences(**kw):  # the output object (and with it the cache) dropped at once
         return _generate(model, **kw).sequences
@@ -187,10 +193,7 @@ def test_cache_tensors_that_move_are_not_captured_every_step(model_dirs, emulate
     beams = _generate(model, cache_implementation="static", num_beams=3).sequences
     plain = _generate(model, cache_implementation="static").sequences
     FastLanguageModel.for_inference(model)
-    decoder = model.get_base_model().__dict__[decoding._ATTR]
-    captures = []
-    real_capture = decoder.capture
-    decoder.capture = lambda *a: captures.append(1) or real_capture(*a)
+    decoder, captures = _count_captures(model)
     assert torch.equal(_generate(model, num_beams=3).sequences, beams) and captures == []
 
     class MoveTheCache:  # a logits processor that, at the third step, replaces a cache tensor
