@@ -370,16 +370,15 @@ class _GraphDecoder:
             return None
         key, cache, tensors = step
         graph = self.graphs.get(key)
-        if graph is not None and graph.cache_ref() is cache \
-                and graph.cache_ptrs != [t.data_ptr() for _, _, t in _cache_tensors(cache)]:
+        if graph is not None and graph.cache_ref() is not cache:
+            del self.graphs[key]
+            graph = None
+        elif graph is not None and graph.cache_ptrs != [t.data_ptr() for _, _, t in _cache_tensors(cache)]:
             # the cache's tensors were replaced between steps (as beam search's reorder does):
             # they may move again at every step, so the rest of this call decodes eagerly
             del self.graphs[key]
             self.eager_call = True
             return None
-        if graph is not None and graph.cache_ref() is not cache:
-            del self.graphs[key]
-            graph = None
         if graph is None:
             # Graphs of other caches are of earlier generate calls (transformers 5.17 makes a new
             # StaticCache per call, so each call captures again): released before this capture.
