@@ -77,8 +77,9 @@ def time_generate(model, variant, prompts, layers, new_tokens):
             lm = model.get_base_model()
             lm._prepare_static_cache = lm.__dict__[_ATTR].prepare_static_cache
     nodefer = variant.endswith("_nodefer")  # as before the deferred stop check: a sync per step
+    allow = decoding._allow_deferred_stop_checks
     if nodefer:
-        decoding._allow_deferred_stop_checks, allow = (lambda: (lambda: None)), decoding._allow_deferred_stop_checks
+        decoding._allow_deferred_stop_checks = lambda: (lambda: None)  # (an undo that does nothing)
     records = []
     for b, prompt in prompts.items():
         kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
