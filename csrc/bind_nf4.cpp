@@ -3,6 +3,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
+#include <vector>
+
 #include "binding.h"
 #include "nf4.h"
 
@@ -81,13 +83,31 @@ void dequantize(const at::Tensor& packed, const at::Tensor& absmax,
   check_launch();
 }
 
-void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-          const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
-          const c10::optional<at::Tensor>& offset, const at::Tensor& code,
-          const c10::optional<at::Tensor>& bias, int64_t blocksize, int64_t blocksize2,
-          int64_t variant, int64_t v3_splits, int64_t v3_kparts, bool pdl,
-          const c10::optional<at::Tensor>& lora_xa, const c10::optional<at::Tensor>& lora_b,
-          double lora_scale, const at::Tensor& y) {
+// One weight's call, checked: nf4_gemv's arguments, and the aligned copies they point into.
+struct GemvCall {
+  NF4Weight w{};
+  NF4GemvArgs a{};
+  NF4LowRank lr{};
+  at::Tensor x, packed;
+};
+
+// x rows are read in 16-byte pieces: a copy when x is misaligned (a fresh allocation is aligned;
+// views with odd offsets are rare).
+at::Tensor aligned_rows(const at::Tensor& x) {
+  if (x.stride(0) % 8 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0)
+    return x.clone(at::MemoryFormat::Contiguous);
+  return x;
+}
+
+GemvCall prepare_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                      const c10::optional<at::Tensor>& absmax2,
+                      const c10::optional<at::Tensor>& code2,
+                      const c10::optional<at::Tensor>& offset, const at::Tensor& code,
+                      const c10::optional<at::Tensor>& bias, int64_t blocksize,
+                      int64_t blocksize2, int64_t variant, int64_t v3_splits, int64_t v3_kparts,
+                      bool pdl, const c10::optional<at::Tensor>& lora_xa,
+                      const c10::optional<at::Tensor>& lora_b, double lora_scale,
+                      const at::Tensor& y) {
   // variant / v3_splits / v3_kparts / pdl: fastft/ops/nf4.py reads and checks FASTFT_NF4_GEMV,
   // FASTFT_NF4_V3_SPLITS, FASTFT_NF4_V3_KPARTS (0 = the plan chooses) and FASTFT_NF4_PDL, so the
   // extension reads no environment.
@@ -113,11 +133,8 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   TORCH_CHECK(y.scalar_type() == x.scalar_type(), "fastft nf4: y must have x's dtype");
   TORCH_CHECK(y.device() == x.device() && packed.device() == x.device(),
               "fastft nf4: x, y and the weight must be on one device");
-  // The kernel reads x rows and the packed weight in 16-byte pieces: copy what is misaligned
-  // (a fresh allocation is aligned); views with odd offsets are rare.
-  at::Tensor xa = x, pa = packed;
-  if (x.stride(0) % 8 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0)
-    xa = x.clone(at::MemoryFormat::Contiguous);
+  // The kernel reads x rows and the packed weight in 16-byte pieces: copy what is misaligned.
+  at::Tensor xa = aligned_rows(x), pa = packed;
   if (reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 != 0)
     pa = packed.clone(at::MemoryFormat::Contiguous);
   NF4Weight w = weight_of(pa, absmax, absmax2, code2, offset, code, blocksize, blocksize2,
@@ -153,8 +170,11 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   int major = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index());
   TORCH_CHECK(major >= 8, "fastft nf4: the fused kernel needs compute capability >= 8.0");
-  c10::cuda::CUDAGuard guard(x.device());
-  NF4GemvArgs a{};
+  GemvCall call;
+  call.x = xa;
+  call.packed = pa;
+  call.w = w;
+  NF4GemvArgs& a = call.a;
   a.x = xa.data_ptr(); a.x_stride = xa.stride(0);
   a.bias = bias ? bias->data_ptr() : nullptr;
   a.y = y.data_ptr(); a.y_stride = y.stride(0);
@@ -164,35 +184,125 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
   a.v3_splits = variant == 3 || variant >= 5 ? (int)v3_splits : 0;  // (5, 6: v3's decodes)
   a.v3_kparts = variant == 3 || variant >= 5 ? (int)v3_kparts : 0;
   a.pdl = pdl && major >= 9;  // griddepcontrol: sm_90
-  NF4LowRank lr{};
+  NF4LowRank& lr = call.lr;
   if (lora_xa) {
     lr.xa = lora_xa->data_ptr(); lr.xa_stride = lora_xa->stride(0);
     lr.b = lora_b->data_ptr(); lr.b_stride = lora_b->stride(0);
     lr.rank = (int)rank;
     lr.scale = (float)lora_scale;
   }
-  nf4_gemv_plan(w, a, sm_count(x));
-  TORCH_CHECK(lr.xa == nullptr || a.variant != 2,
+  return call;
+}
+
+// Split K: float32 partials and the row blocks' completion counters, `floats` in one scratch
+// allocation per call (stream-ordered by the caching allocator, captured into a CUDA graph's
+// pool under capture). Not zeroed: the counters carry the call's tag, so the kernel never
+// depends on what an earlier call (eager, compiled or a graph replay) left there.
+int64_t scratch_floats(const NF4GemvArgs& a) {
+  if (!nf4_gemv_needs_scratch(a)) return 0;
+  const int64_t partials = (nf4_gemv_partial_floats(a) + 1) / 2 * 2;  // counters 8-aligned
+  return partials + 2 * nf4_gemv_counters(a);
+}
+
+void point_into_scratch(NF4GemvArgs& a, float* at, unsigned long long tag) {
+  a.partial = at;
+  a.counters = reinterpret_cast<unsigned long long*>(at + (nf4_gemv_partial_floats(a) + 1) / 2 * 2);
+  a.counter_tag = tag;
+}
+
+const char* launch_hint(bool pdl) {
+  return pdl ? " (nf4_gemv, launched with programmatic dependent launch; if the driver or a "
+               "graph capture rejects that, FASTFT_NF4_PDL=0 turns it off)"
+             : " (nf4_gemv)";
+}
+
+void launch_gemv_call(GemvCall& call) {
+  NF4GemvArgs& a = call.a;
+  c10::cuda::CUDAGuard guard(call.x.device());
+  nf4_gemv_plan(call.w, a, sm_count(call.x));
+  TORCH_CHECK(call.lr.xa == nullptr || a.variant != 2,
               "fastft nf4: the low-rank term is not implemented in the v2 kernel "
               "(FASTFT_NF4_GEMV=v2): add it after the call");
-  // Split K: float32 partials and the row blocks' completion counters in one scratch
-  // allocation of this call (stream-ordered by the caching allocator, captured into a CUDA
-  // graph's pool under capture). Not zeroed: the counters carry this call's tag, so the kernel
-  // never depends on what an earlier call (eager, compiled or a graph replay) left there.
-  const cudaStream_t stream = stream_of(x);
   at::Tensor scratch;
-  if (nf4_gemv_needs_scratch(a)) {
-    const int64_t partials = (nf4_gemv_partial_floats(a) + 1) / 2 * 2;  // counters 8-aligned
-    const int64_t row_blocks = nf4_gemv_counters(a);
-    scratch = at::empty({partials + 2 * row_blocks}, x.options().dtype(at::kFloat));
-    a.partial = scratch.data_ptr<float>();
-    a.counters = reinterpret_cast<unsigned long long*>(a.partial + partials);
-    a.counter_tag = nf4_gemv_counter_tag();
+  if (const int64_t floats = scratch_floats(a)) {
+    scratch = at::empty({floats}, call.x.options().dtype(at::kFloat));
+    point_into_scratch(a, scratch.data_ptr<float>(), nf4_gemv_counter_tag());
   }
-  nf4_gemv(w, a, lr, stream);
-  check_launch(a.pdl ? " (nf4_gemv, launched with programmatic dependent launch; if the driver "
-                       "or a graph capture rejects that, FASTFT_NF4_PDL=0 turns it off)"
-                     : " (nf4_gemv)");
+  nf4_gemv(call.w, a, call.lr, stream_of(call.x));
+  check_launch(launch_hint(a.pdl));
+}
+
+void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+          const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
+          const c10::optional<at::Tensor>& offset, const at::Tensor& code,
+          const c10::optional<at::Tensor>& bias, int64_t blocksize, int64_t blocksize2,
+          int64_t variant, int64_t v3_splits, int64_t v3_kparts, bool pdl,
+          const c10::optional<at::Tensor>& lora_xa, const c10::optional<at::Tensor>& lora_b,
+          double lora_scale, const at::Tensor& y) {
+  GemvCall call = prepare_gemv(x, packed, absmax, absmax2, code2, offset, code, bias, blocksize,
+                               blocksize2, variant, v3_splits, v3_kparts, pdl, lora_xa, lora_b,
+                               lora_scale, y);
+  launch_gemv_call(call);
+}
+
+// Several weights of one x, each into its own y (q, k and v; gate and up): one launch where
+// nf4_gemv_group_plan takes them (see nf4.h), else one nf4_gemv call per weight. The lists are
+// per weight; every weight is checked as nf4_gemv checks it.
+void gemv_group(const at::Tensor& x, at::TensorList packed, at::TensorList absmax,
+                const c10::List<c10::optional<at::Tensor>>& absmax2,
+                const c10::List<c10::optional<at::Tensor>>& code2,
+                const c10::List<c10::optional<at::Tensor>>& offset, at::TensorList code,
+                const c10::List<c10::optional<at::Tensor>>& bias, at::IntArrayRef blocksize,
+                at::IntArrayRef blocksize2, int64_t variant, int64_t v3_splits,
+                int64_t v3_kparts, bool pdl,
+                const c10::List<c10::optional<at::Tensor>>& lora_xa,
+                const c10::List<c10::optional<at::Tensor>>& lora_b,
+                at::ArrayRef<double> lora_scale, at::TensorList y) {
+  const size_t n = packed.size();
+  TORCH_CHECK(n >= 1, "fastft nf4: nf4_gemv_group needs at least one weight");
+  for (size_t len : {absmax.size(), absmax2.size(), code2.size(), offset.size(), code.size(),
+                     bias.size(), blocksize.size(), blocksize2.size(), lora_xa.size(),
+                     lora_b.size(), lora_scale.size(), y.size()})
+    TORCH_CHECK(len == n, "fastft nf4: nf4_gemv_group takes one entry per weight in every list "
+                "(", n, " packed weights, a list of ", len, ")");
+  check_rows(x, "x");
+  const at::Tensor xa = aligned_rows(x);  // once: the group shares one x
+  std::vector<GemvCall> calls;
+  calls.reserve(n);
+  for (size_t s = 0; s < n; ++s)
+    calls.push_back(prepare_gemv(xa, packed[s], absmax[s], absmax2.get(s), code2.get(s),
+                                 offset.get(s), code[s], bias.get(s), blocksize[s],
+                                 blocksize2[s], variant, v3_splits, v3_kparts, pdl,
+                                 lora_xa.get(s), lora_b.get(s), lora_scale[s], y[s]));
+  NF4GemvGroup g{};
+  g.count = (int)n;
+  if (n <= (size_t)kNF4GroupMax) {
+    for (size_t s = 0; s < n; ++s) {
+      g.w[s] = calls[s].w;
+      g.a[s] = calls[s].a;
+      g.lr[s] = calls[s].lr;
+    }
+  }
+  c10::cuda::CUDAGuard guard(xa.device());
+  if (n > (size_t)kNF4GroupMax || !nf4_gemv_group_plan(g, sm_count(xa))) {
+    for (GemvCall& call : calls) launch_gemv_call(call);
+    return;
+  }
+  int64_t floats = 0;
+  for (int s = 0; s < g.count; ++s) floats += scratch_floats(g.a[s]);
+  at::Tensor scratch;
+  if (floats > 0) {
+    scratch = at::empty({floats}, xa.options().dtype(at::kFloat));
+    const unsigned long long tag = nf4_gemv_counter_tag();
+    float* at = scratch.data_ptr<float>();
+    for (int s = 0; s < g.count; ++s) {
+      const int64_t mine = scratch_floats(g.a[s]);
+      if (mine > 0) point_into_scratch(g.a[s], at, tag);
+      at += mine;
+    }
+  }
+  nf4_gemv_group(g, stream_of(xa));
+  check_launch(launch_hint(g.a[0].pdl));
 }
 
 }  // namespace
@@ -201,4 +311,5 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
 TORCH_LIBRARY_IMPL(fastft, CUDA, m) {
   m.impl("nf4_dequantize", &fastft::dequantize);
   m.impl("nf4_gemv", &fastft::gemv);
+  m.impl("nf4_gemv_group", &fastft::gemv_group);
 }

@@ -1230,9 +1230,11 @@ __device__ __forceinline__ void v3_sum_splits(const NF4LowRank& lr, const float*
 
 // LORA: lr.xa is set (compile-time, as for nf4_gemv_kernel). WARPS: 8 (two CTAs per SM), or
 // 16 for 16 K parts (one CTA per SM, see kV3WidePartsCTA).
+// The v3 kernel's body (nf4_gemv_v3_kernel: one weight; nf4_gemv_v3_group_kernel: several
+// weights that share x, one launch). row_group: the CTA's group of rows in its weight.
 template <int MT, bool NESTED, typename T, int DECODE, bool LORA, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32, WARPS == kV3Warps ? kV3BlocksPerSM : 1)
-    nf4_gemv_v3_kernel(const NF4Weight w, const NF4GemvArgs a, const NF4LowRank lr) {
+__device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a,
+                                        const NF4LowRank& lr, const unsigned row_group) {
   static_assert(WARPS == kV3Warps || WARPS == 16, "v3 CTAs have 8 or 16 warps");
   // the table, code2 and the x units are written by the first 256 threads' indices
   constexpr bool kWide = WARPS != kV3Warps;
@@ -1268,7 +1270,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == kV3Warps ? kV3BlocksPerSM
   const int p0 = min(count, part * per_part);
   const int wcount = min(count, p0 + per_part) - p0;
   const int ws = s0 + p0;  // the warp's first step
-  const int tile_base = blockIdx.x * rows_cta + wt * kV3WarpRows;
+  const int tile_base = row_group * rows_cta + wt * kV3WarpRows;
   const int64_t half_k = K / 2;
 
   gemv_wait_for_previous();
@@ -1330,7 +1332,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == kV3Warps ? kV3BlocksPerSM
   }
   if (NESTED && (!kWide || tid < 256)) code2_s[tid] = __ldg(w.code2 + tid);
   if (tid < 16) tok_max[tid] = 0u;
-  if (LORA) lora_prefetch<T>(a, lr, (int64_t)blockIdx.x * rows_cta, rows_cta);
+  if (LORA) lora_prefetch<T>(a, lr, (int64_t)row_group * rows_cta, rows_cta);
   __syncthreads();  // tok_max zeroed
 
   // x[token][s0 * 64 .. (s0 + count) * 64) -> the holes, as fp16: hole step * slots + token.
@@ -1595,14 +1597,33 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == kV3Warps ? kV3BlocksPerSM
   // (deterministic).
   __threadfence();  // this CTA's partials visible device-wide before it is counted
   __syncthreads();
-  if (tid == 0) *last = arrive_is_last(a.counters + blockIdx.x, a.counter_tag, gridDim.y);
+  if (tid == 0) *last = arrive_is_last(a.counters + row_group, a.counter_tag, gridDim.y);
   __syncthreads();
   if (!*last) return;
   __threadfence();
   if (tid < rows_cta)
-    v3_sum_splits<T, LORA>(lr, a.partial, blockIdx.x * rows_cta + tid, M, N, (int)gridDim.y, bias,
+    v3_sum_splits<T, LORA>(lr, a.partial, row_group * rows_cta + tid, M, N, (int)gridDim.y, bias,
                      y, a.y_stride);
 #endif
+}
+
+template <int MT, bool NESTED, typename T, int DECODE, bool LORA, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, WARPS == kV3Warps ? kV3BlocksPerSM : 1)
+    nf4_gemv_v3_kernel(const NF4Weight w, const NF4GemvArgs a, const NF4LowRank lr) {
+  v3_gemv<MT, NESTED, T, DECODE, LORA, WARPS>(w, a, lr, blockIdx.x);
+}
+
+// One launch over the weights of a group (NF4GemvGroup): segment s owns grid columns
+// [first[s], first[s + 1]). One launch instead of one per weight saves each weight's fixed cost
+// (launch, staging x, the first loads' latency, the epilogue), most of a small weight's time.
+template <int MT, bool NESTED, typename T, int DECODE, bool LORA, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, WARPS == kV3Warps ? kV3BlocksPerSM : 1)
+    nf4_gemv_v3_group_kernel(const NF4GemvGroup g) {
+  int s = 0;
+#pragma unroll
+  for (int i = 1; i < kNF4GroupMax; ++i) s += i < g.count && (int)blockIdx.x >= g.first[i];
+  v3_gemv<MT, NESTED, T, DECODE, LORA, WARPS>(g.w[s], g.a[s], g.lr[s],
+                                              blockIdx.x - (unsigned)g.first[s]);
 }
 
 }  // namespace
@@ -1772,6 +1793,65 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   plan_v1(a, sms);
 }
 
+bool nf4_gemv_group_plan(NF4GemvGroup& g, int sms) {
+  if (g.count < 1 || g.count > kNF4GroupMax) return false;
+  const NF4GemvArgs& a0 = g.a[0];
+  int decode = -1;  // auto: as one weight of the group's whole width would take
+  if (a0.variant == 3) decode = 0;
+  else if (a0.variant == 6) decode = 2;
+  else if (a0.variant != 0) return false;  // v1, v2, v3r: one call per weight
+  int64_t n_total = 0;
+  for (int s = 0; s < g.count; ++s) {
+    const NF4GemvArgs& a = g.a[s];
+    if (a.M != a0.M || a.K != a0.K || a.dtype != a0.dtype || a.x != a0.x ||
+        a.x_stride != a0.x_stride || g.w[s].nested != g.w[0].nested ||
+        (g.lr[s].xa == nullptr) != (g.lr[0].xa == nullptr) || !nf4_gemv_v3_ok(g.w[s], a))
+      return false;
+    n_total += a.N;
+  }
+  if (n_total > INT32_MAX) return false;
+  NF4GemvArgs whole = a0;
+  whole.N = (int)n_total;
+  if (decode < 0) decode = n_total >= 2 * (int64_t)a0.K ? 2 : 0;
+  // the cost model on the group's total width (row groups per segment rounded up: close)
+  plan_v3(whole, sms, a0.v3_splits, a0.v3_kparts);
+  const int rows = v3_cta_rows(whole.v3_kparts);
+  // Whether one launch pays, by CTA counts (fitted to run 97, bench/nf4_group.py on an 8B
+  // layer's q/k/v and gate/up): it does where no weight fills the GPU alone (each weight's own
+  // plan has fewer CTAs than there are SMs: q/k/v, 0.36-0.64x the time of one call each at
+  // M = 1..16), or where the group needs no more CTAs than the weights alone (gate/up at
+  // M = 8, 16: 0.85-0.99x). Two weights that fill the GPU alone and would take more CTAs
+  // together are slower in one launch (gate/up at M <= 4: 1.06-1.26x: more CTAs per SM, each
+  // building its level table and staging x again).
+  bool each_small = true;
+  int64_t each_ctas = 0;
+  for (int s = 0; s < g.count; ++s) {
+    NF4GemvArgs one = g.a[s];
+    plan_v3(one, sms, a0.v3_splits, a0.v3_kparts);
+    const int64_t ctas = (int64_t)(one.N + v3_cta_rows(one.v3_kparts) - 1) /
+                         v3_cta_rows(one.v3_kparts) * one.v3_splits;
+    each_small = each_small && ctas < sms;
+    each_ctas += ctas;
+  }
+  int64_t group_ctas = 0;
+  for (int s = 0; s < g.count; ++s) group_ctas += (g.a[s].N + rows - 1) / rows;
+  if (!each_small && group_ctas * whole.v3_splits > each_ctas) return false;
+  int first = 0;
+  for (int s = 0; s < g.count; ++s) {
+    NF4GemvArgs& a = g.a[s];
+    a.variant = 3;
+    a.v3_decode = decode;
+    a.split = a.per_split = a.v2_blocks = a.v2_steps = 0;
+    a.v3_steps = whole.v3_steps;
+    a.v3_splits = whole.v3_splits;
+    a.v3_kparts = whole.v3_kparts;
+    g.first[s] = first;
+    first += (a.N + rows - 1) / rows;
+  }
+  g.first[g.count] = first;
+  return true;
+}
+
 unsigned long long nf4_gemv_counter_tag() {
   static std::atomic<unsigned long long> serial{0};
   const unsigned long long n = serial.fetch_add(1, std::memory_order_relaxed) & ((1ull << 40) - 1);
@@ -1893,7 +1973,52 @@ void launch_gemv_v3(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& 
   else if (a.v3_decode == 2) launch_gemv_v3_decode<T, MT, NESTED, 2>(w, a, lr, stream);
   else launch_gemv_v3_decode<T, MT, NESTED, 0>(w, a, lr, stream);
 }
+template <typename T, int MT, bool NESTED, int DECODE, bool LORA, int WARPS>
+void launch_gemv_v3_group(const NF4GemvGroup& g, cudaStream_t stream) {
+  const bool wide = WARPS != kV3Warps;
+  const int smem = wide ? kV3WideSmem : kV3Smem;
+  allow_dynamic_smem<nf4_gemv_v3_group_kernel<MT, NESTED, T, DECODE, LORA, WARPS>>(smem);
+  const dim3 grid((unsigned)g.first[g.count], (unsigned)g.a[0].v3_splits);
+  launch_kernel(nf4_gemv_v3_group_kernel<MT, NESTED, T, DECODE, LORA, WARPS>, grid, WARPS * 32,
+                smem, stream, g.a[0].pdl, g);
+}
+
+// f(std::true_type{}) or f(std::false_type{}): a run-time choice as a compile-time constant
+template <typename F>
+void with_bool(bool value, F&& f) {
+  if (value) f(std::true_type{});
+  else f(std::false_type{});
+}
 }  // namespace
+
+void nf4_gemv_group(const NF4GemvGroup& g, cudaStream_t stream) {
+  const NF4GemvArgs& a = g.a[0];
+  if (g.count < 1 || a.M <= 0 || g.first[g.count] <= 0) return;
+  // the group kernels are compiled for the plan's decodes (table: 0, half and half: 2) only
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    with_bool(a.M > 8, [&](auto two_tiles) {
+      with_bool(g.w[0].nested, [&](auto nested) {
+        with_bool(a.v3_decode == 2, [&](auto half) {
+          with_bool(g.lr[0].xa != nullptr, [&](auto lora) {
+            constexpr int MT = decltype(two_tiles)::value ? 2 : 1;
+            constexpr bool NESTED = decltype(nested)::value, LORA = decltype(lora)::value;
+            constexpr int DECODE = decltype(half)::value ? 2 : 0;
+            if constexpr (MT == 1) {
+              if (a.v3_kparts == kV3WidePartsCTA) {
+                launch_gemv_v3_group<T, MT, NESTED, DECODE, LORA, 16>(g, stream);
+                return;
+              }
+            }
+            launch_gemv_v3_group<T, MT, NESTED, DECODE, LORA, kV3Warps>(g, stream);
+          });
+        });
+      });
+    });
+  };
+  if (a.dtype == kBF16) launch(__nv_bfloat16{});
+  else launch(__half{});
+}
 
 void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
               cudaStream_t stream) {

@@ -81,6 +81,18 @@ struct NF4LowRank {
   int rank;
   float scale;
 };
+// Several weights of one input x (an attention layer's q, k and v; an MLP's gate and up): one v3
+// launch over all of them, each writing its own y with its own bias and low-rank term. a[s] is
+// filled as for nf4_gemv (the same x, M, K, dtype, variant, splits, parts and pdl; its own N, y,
+// bias); the plan sets the rest.
+constexpr int kNF4GroupMax = 4;
+struct NF4GemvGroup {
+  int count;
+  int first[kNF4GroupMax + 1];  // segment s owns grid columns [first[s], first[s + 1])
+  NF4Weight w[kNF4GroupMax];
+  NF4GemvArgs a[kNF4GroupMax];
+  NF4LowRank lr[kNF4GroupMax];
+};
 // A counter word is tag | arrivals (arrivals < 2^24).
 constexpr unsigned long long kCounterMask = (1ull << 24) - 1;
 // A fresh tag: a 40-bit call serial in bits 24..63 under a fixed top 12 bits (0xFFF: see
@@ -97,5 +109,13 @@ int64_t nf4_gemv_partial_floats(const NF4GemvArgs& a);
 int64_t nf4_gemv_counters(const NF4GemvArgs& a);  // one per row block of the chosen kernel
 void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
               cudaStream_t stream);
+// True when one launch can take the group and is expected to pay (see the CTA-count rule in
+// nf4.cu): every weight fits v3 (nf4_gemv_v3_ok), the scales are nested in all or none, a
+// low-rank term on all or none, the variant is auto, v3 or v3h.
+// Then every a[s] holds the plan (v3; K splits and parts chosen for the whole group, so that a
+// segment's scratch is nf4_gemv_partial_floats(a[s]) / nf4_gemv_counters(a[s]) as for one
+// call) and `first` the segments' grid columns. False: call nf4_gemv per weight.
+bool nf4_gemv_group_plan(NF4GemvGroup& g, int sms);
+void nf4_gemv_group(const NF4GemvGroup& g, cudaStream_t stream);
 
 }  // namespace fastft

@@ -47,6 +47,11 @@ TORCH_LIBRARY(fastft, m) {
         "Tensor? offset, Tensor code, Tensor? bias, int blocksize, int blocksize2, "
         "int variant, int v3_splits, int v3_kparts, bool pdl, Tensor? lora_xa, Tensor? lora_b, "
         "float lora_scale, Tensor(a!) y) -> ()");
+  // nf4_gemv over several weights of one x, one entry per weight in every list (q, k, v)
+  m.def("nf4_gemv_group(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor?[] absmax2, "
+        "Tensor?[] code2, Tensor?[] offset, Tensor[] code, Tensor?[] bias, int[] blocksize, "
+        "int[] blocksize2, int variant, int v3_splits, int v3_kparts, bool pdl, "
+        "Tensor?[] lora_xa, Tensor?[] lora_b, float[] lora_scale, Tensor(a!)[] y) -> ()");
 }
 
 static PyModuleDef fastft_c_module = {PyModuleDef_HEAD_INIT, "_C",

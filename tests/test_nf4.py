@@ -535,6 +535,13 @@ def test_cuda_ops_pass_opcheck():
         torch.library.opcheck(ops.nf4_gemv, (x, st.packed, st.absmax, st.absmax2, st.code2,
                                              st.offset, st.code, None, st.blocksize,
                                              st.blocksize2, 0, 0, 0, True, None, None, 1.0, y))
+        y2 = torch.empty(5, 64, dtype=torch.bfloat16, device="cuda")
+        lists = [[getattr(st, f)] * 2 for f in ("packed", "absmax", "absmax2", "code2", "offset",
+                                                  "code")]
+        torch.library.opcheck(ops.nf4_gemv_group, (x, *lists, [None, None], [st.blocksize] * 2,
+                                                   [st.blocksize2] * 2, 0, 0, 0, True,
+                                                   [None, None], [None, None], [1.0, 1.0],
+                                                   [y, y2]))
 
 
 @pytest.mark.gpu
@@ -1239,3 +1246,198 @@ def test_resolve_is_cached_per_state_until_its_tensors_change():
     assert resolve(other, qs).packed.data_ptr() == other.data_ptr()
     qs.state2.absmax = qs.state2.absmax * 2  # the nested scales changed
     assert resolve(other, qs).absmax2.data_ptr() == qs.state2.absmax.data_ptr()
+
+
+def _group_case(shapes, rows, dtype, nested, rank, seed, device):
+    """Weights of one input (shapes [(out, in)], the same in) with a bias on the first and a
+    LoRA term (rank > 0) on each: (x, calls for gemv_group with y poisoned, float64 refs)."""
+    g = torch.Generator().manual_seed(seed)
+    in_f = shapes[0][1]
+    x = torch.randn(rows, in_f, generator=g).to(device, dtype)
+    # the adapters' x·Aᵀ are column blocks of one product, as _lora_inputs gives them
+    xa_all = torch.randn(rows, rank * len(shapes) + 8, generator=g).to(device, dtype)
+    calls, refs = [], []
+    for i, (out_f, _) in enumerate(shapes):
+        _, packed, state = quantize((out_f, in_f), nested, seed=seed + 10 * i, device=device)
+        st = resolve(packed, state)
+        w = nf4_dequantize(packed, state, dtype=torch.float32, backend="torch").double()
+        bias = (torch.randn(out_f, generator=g) * 0.1).to(device, dtype) if i == 0 else None
+        ref = x.double() @ w.t() + (bias.double() if bias is not None else 0)
+        low_rank = None
+        if rank:
+            xa = xa_all[:, i * rank:(i + 1) * rank]
+            b = (torch.randn(out_f, rank, generator=g) * 0.2).to(device, dtype)
+            low_rank = (xa, b, 0.5)
+            ref = ref + 0.5 * xa.double() @ b.double().t()
+        y = torch.full((rows, out_f), float("nan"), dtype=dtype, device=device)
+        calls.append((st, bias, y, low_rank))
+        refs.append((ref, w))
+    return x, calls, refs
+
+
+def _check_group(x, calls, refs, dtype, what):
+    eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    for i, ((_, _, y, _), (ref, w)) in enumerate(zip(calls, refs)):
+        assert torch.isfinite(y).all(), (what, i, "unwritten (poisoned) outputs")
+        noise = ((x.double() ** 2) @ (w ** 2).t()).sqrt()
+        bound = 10 * eps * noise + 2 * eps * ref.abs() + 1e-6
+        bad = ((y.double() - ref).abs() > bound).nonzero()
+        assert bad.numel() == 0, (what, i, bad[:8].tolist())
+        assert rel_err(y, ref) < RTOL[dtype], (what, i, rel_err(y, ref))
+
+
+def _group_kernel_launches(fn) -> int:
+    """How many launches of the grouped v3 kernel fn() makes (the profiler's kernel names)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if "nf4_gemv_v3_group_kernel" in e.name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nested", [True, False])
+def test_fused_matmul_gpu_group_of_weights(nested, monkeypatch):
+    """Several weights of one x in one launch (nf4_gemv_group: an attention layer's q, k and v,
+    an MLP's gate and up): every weight's y, with its own bias and LoRA term, against float64
+    per element, y poisoned with NaN beforehand; at every M (one and two token tiles), with K
+    split across CTAs, with several K parts and with the 16-warp CTA; one launch where the plan
+    takes the group, one call per weight where it cannot (v1 forced, a LoRA term on some
+    weights only, a rank the kernel cannot read), with the same results."""
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    impl = nf4_mod._BACKENDS["cuda"]
+    qkv, gate_up = [(640, 512), (128, 512), (128, 512)], [(704, 448), (704, 448)]
+    cases = [  # (shapes, rows, dtype, rank, variant, splits, parts, grouped)
+        (qkv, 1, torch.bfloat16, 16, "", "", "", True),
+        (qkv, 3, torch.float16, 16, "", "", "", True),
+        (qkv, 8, torch.bfloat16, 8, "v3", "", "", True),
+        (qkv, 9, torch.bfloat16, 16, "", "", "", True),
+        (qkv, 16, torch.float16, 0, "", "", "", True),
+        (gate_up, 1, torch.bfloat16, 16, "v3h", "", "", True),
+        (gate_up, 5, torch.bfloat16, 0, "v3", "3", "", True),  # K split across CTAs
+        (qkv, 12, torch.bfloat16, 16, "v3", "2", "", True),
+        (gate_up, 2, torch.bfloat16, 16, "v3", "", "4", True),
+        (qkv, 1, torch.bfloat16, 16, "v3", "", "16", True),   # 16-warp CTAs
+        (qkv, 2, torch.bfloat16, 0, "v3h", "2", "16", True),
+        (qkv, 4, torch.bfloat16, 16, "v1", "", "", False),     # v1: one call per weight
+        (qkv, 4, torch.bfloat16, 12, "", "", "", True),        # rank 12: added after the launch
+    ]
+    for n, (shapes, rows, dtype, rank, variant, splits, parts, grouped) in enumerate(cases):
+        monkeypatch.setenv("FASTFT_NF4_GEMV", variant)
+        monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", splits)
+        monkeypatch.setenv("FASTFT_NF4_V3_KPARTS", parts)
+        x, calls, refs = _group_case(shapes, rows, dtype, nested, rank, seed=n, device="cuda")
+        launches = _group_kernel_launches(lambda: impl.gemv_group(x, calls))
+        assert launches == (1 if grouped else 0), (n, launches)
+        _check_group(x, calls, refs, dtype, n)
+    # a LoRA term on some weights only: one call per weight, each right
+    monkeypatch.setenv("FASTFT_NF4_GEMV", "")
+    monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", "")
+    monkeypatch.setenv("FASTFT_NF4_V3_KPARTS", "")
+    x, calls, refs = _group_case(qkv, 2, torch.bfloat16, nested, 16, seed=50, device="cuda")
+    st, bias, y, low_rank = calls[1]
+    calls[1] = (st, bias, y, None)
+    refs[1] = (refs[1][0] - 0.5 * low_rank[0].double() @ low_rank[1].double().t(), refs[1][1])
+    assert _group_kernel_launches(lambda: impl.gemv_group(x, calls)) == 0
+    _check_group(x, calls, refs, torch.bfloat16, "mixed")
+
+
+@pytest.mark.gpu
+def test_fused_matmul_gpu_group_in_a_cuda_graph_and_deterministic(monkeypatch):
+    """A grouped call captured in a CUDA graph (as decoding replays it) gives, replay after
+    replay and with new x, what the eager call gives, bit for bit; with a K split too."""
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    impl = nf4_mod._BACKENDS["cuda"]
+    for splits in ("", "4"):
+        monkeypatch.setenv("FASTFT_NF4_GEMV", "v3" if splits else "")  # (splits: v3 only)
+        monkeypatch.setenv("FASTFT_NF4_V3_SPLITS", splits)
+        x, calls, refs = _group_case([(640, 512), (128, 512), (128, 512)], 2, torch.bfloat16,
+                                     True, 16, seed=60, device="cuda")
+        impl.gemv_group(x, calls)
+        eager = [c[2].clone() for c in calls]
+        _check_group(x, calls, refs, torch.bfloat16, splits)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            impl.gemv_group(x, calls)  # warm-up outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            impl.gemv_group(x, calls)
+        for _ in range(3):
+            for c in calls:
+                c[2].fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            for c, e in zip(calls, eager):
+                assert torch.equal(c[2], e), splits
+        x.copy_(torch.randn_like(x))
+        impl.gemv_group(x, calls)
+        again = [c[2].clone() for c in calls]
+        graph.replay()
+        for c, a in zip(calls, again):
+            assert torch.equal(c[2], a), splits
+
+
+def test_cuda_backend_group_passes_each_weight_to_the_extension(monkeypatch):
+    """_CudaBackend.gemv_group's glue, on the CPU with a stand-in for the extension's op: one
+    entry per weight in every list, in order; a LoRA term the kernel can read is passed, one it
+    cannot (rank 12) is left out and added after; the results equal the float64 reference."""
+    seen, states = [], {}
+
+    class FakeOps:
+        @staticmethod
+        def nf4_gemv_group(x, packed, absmax, absmax2, code2, offset, code, bias, blocksize,
+                           blocksize2, variant, v3_splits, v3_kparts, pdl, lora_xa, lora_b,
+                           lora_scale, y):
+            lists = (packed, absmax, absmax2, code2, offset, code, bias, blocksize, blocksize2,
+                     lora_xa, lora_b, lora_scale, y)
+            assert len({len(v) for v in lists}) == 1
+            seen.append([t is not None for t in lora_xa])
+            for i in range(len(packed)):
+                st = states[id(packed[i])]  # the Resolved state whose tensors these are
+                assert st.absmax is absmax[i] and st.blocksize == blocksize[i]
+                w = nf4_mod.reference_dequantize(st, torch.float32).to(torch.float64)
+                out = x.double() @ w.t()
+                if bias[i] is not None:
+                    out += bias[i].double()
+                if lora_xa[i] is not None:
+                    out += lora_scale[i] * lora_xa[i].double() @ lora_b[i].double().t()
+                y[i].copy_(out)
+
+    monkeypatch.setattr(nf4_mod, "cuda_ops", lambda: FakeOps)
+    for rank, passed in ((16, True), (12, False)):
+        x, calls, refs = _group_case([(96, 128), (32, 128), (32, 128)], 3, torch.bfloat16,
+                                     True, rank, seed=rank, device="cpu")
+        states.clear()
+        states.update({id(c[0].packed): c[0] for c in calls})
+        nf4_mod._CudaBackend.gemv_group(x, calls)
+        assert seen[-1] == [passed] * 3
+        _check_group(x, calls, refs, torch.bfloat16, rank)
+
+
+@pytest.mark.gpu
+def test_fused_matmul_gpu_group_only_where_it_pays(monkeypatch):
+    """The plan's rule for one launch (nf4.cu, nf4_gemv_group_plan; bench/nf4_group.py): an 8B
+    layer's q/k/v are grouped at every M; its gate/up, each of which fills the GPU alone, only
+    where the group takes no more CTAs than the two calls (M = 8, 16), not at M = 1, 4, where
+    one launch measured slower. Either way every y is written and right."""
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    if torch.cuda.get_device_properties(0).multi_processor_count < 100:
+        pytest.skip("the expectations are the H200's plan (132 SMs)")
+    for var in ("FASTFT_NF4_GEMV", "FASTFT_NF4_V3_SPLITS", "FASTFT_NF4_V3_KPARTS"):
+        monkeypatch.delenv(var, raising=False)
+    impl = nf4_mod._BACKENDS["cuda"]
+    qkv = [(4096, 4096), (1024, 4096), (1024, 4096)]
+    gate_up = [(14336, 4096), (14336, 4096)]
+    for shapes, rows, grouped in ((qkv, 1, True), (qkv, 16, True), (gate_up, 1, False),
+                                  (gate_up, 4, False), (gate_up, 8, True), (gate_up, 16, True)):
+        x, calls, refs = _group_case(shapes, rows, torch.bfloat16, True, 16, seed=rows,
+                                     device="cuda")
+        launches = _group_kernel_launches(lambda: impl.gemv_group(x, calls))
+        assert launches == (1 if grouped else 0), (shapes[0], rows, launches)
+        _check_group(x, calls, refs, torch.bfloat16, (shapes[0], rows))

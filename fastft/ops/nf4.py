@@ -306,6 +306,10 @@ class _TorchBackend:
     def gemv(x2, st, bias, y) -> None:  # pragma: no cover - fused_ok is False
         raise NotImplementedError
 
+    @staticmethod
+    def gemv_group(x2, calls) -> None:  # pragma: no cover - fused_ok is False
+        raise NotImplementedError
+
 
 # Triton launchers wrapped as custom ops so torch.compile and opcheck see a schema.
 @torch.library.custom_op("fastft_triton::nf4_dequantize", mutates_args=("out",))
@@ -362,6 +366,12 @@ class _TritonBackend:
         if low_rank is not None:
             _add_low_rank(y, *low_rank)
 
+    @staticmethod
+    def gemv_group(x2, calls) -> None:
+        """gemv per (st, bias, y, low_rank) of `calls` (one x2): no grouped Triton kernel."""
+        for st, bias, y, low_rank in calls:
+            _TritonBackend.gemv(x2, st, bias, y, low_rank)
+
 
 def _add_low_rank(y, xa, b, scale) -> None:
     """y += scale * xa @ bᵀ, after the matmul: one more kernel and one more pass over y."""
@@ -416,6 +426,36 @@ class _CudaBackend:
         if low_rank is not None and not fuse:
             _add_low_rank(y, *low_rank)
 
+    @staticmethod
+    def gemv_group(x2, calls) -> None:
+        """gemv for several weights of one x2, calls = [(st, bias, y, low_rank), ...], in one
+        launch where the extension's plan takes them (nf4_gemv_group: v3 over all the weights),
+        else one nf4_gemv per weight inside the extension. Low-rank terms the kernel cannot
+        read (see _low_rank_fusable) are added after, as gemv does."""
+        ops = cuda_ops()
+        if len(calls) == 1 or not hasattr(ops, "nf4_gemv_group"):  # (an older build)
+            for st, bias, y, low_rank in calls:
+                _CudaBackend.gemv(x2, st, bias, y, low_rank)
+            return
+        variant, v3_splits, v3_kparts, pdl = gemv_settings()
+        fused = [low_rank is not None and variant != 2
+                 and _low_rank_fusable(x2, low_rank[0], low_rank[1])
+                 for _, _, _, low_rank in calls]
+        states = [c[0] for c in calls]
+        ops.nf4_gemv_group(
+            x2, [st.packed for st in states], [st.absmax for st in states],
+            [st.absmax2 for st in states], [st.code2 for st in states],
+            [st.offset for st in states], [st.code for st in states], [c[1] for c in calls],
+            [st.blocksize for st in states], [st.blocksize2 for st in states], variant,
+            v3_splits, v3_kparts, pdl,
+            [c[3][0] if f else None for c, f in zip(calls, fused)],
+            [c[3][1] if f else None for c, f in zip(calls, fused)],
+            [float(c[3][2]) if f else 1.0 for c, f in zip(calls, fused)],
+            [c[2] for c in calls])
+        for (_, _, y, low_rank), f in zip(calls, fused):
+            if low_rank is not None and not f:
+                _add_low_rank(y, *low_rank)
+
 
 # FASTFT_NF4_GEMV picks the CUDA backend's fused small-M kernel: unset or "auto" lets the
 # extension choose (v3h where the output is at least twice as wide as the input, v3 at M <= 8
@@ -464,8 +504,9 @@ for _op in ("nf4_dequantize", "nf4_matmul"):
         dispatch.register(_op, "cuda", _CudaBackend)
 
 if cuda_ops() is not None and hasattr(cuda_ops(), "nf4_dequantize"):
-    for _name in ("nf4_dequantize", "nf4_gemv"):
-        torch.library.register_fake(f"fastft::{_name}")(lambda *args, **kwargs: None)
+    for _name in ("nf4_dequantize", "nf4_gemv", "nf4_gemv_group"):
+        if hasattr(cuda_ops(), _name):  # (nf4_gemv_group: not in older builds)
+            torch.library.register_fake(f"fastft::{_name}")(lambda *args, **kwargs: None)
 
 
 # ---------------------------------------------------------------- the shared workspace
