@@ -403,14 +403,39 @@ def test_nf4_base_with_16bit_or_fp32_factors_against_float64(backend, factor_dty
         assert rel_err(o, r) <= tol
 
 
+class _SmallMCalls(list):
+    """One entry (x's rows) per weight multiplied by the fused small-M kernel; `groups`: the
+    number of weights of each grouped call (gemv_group)."""
+    groups: list
+
+
 def _count_small_m_calls(monkeypatch, backend):
-    """Counts the calls of the nf4 backend's fused small-M kernel (a list: one entry per call)."""
+    """Counts the weights the nf4 backend's fused small-M kernel multiplies, alone (gemv) or in
+    groups of one x (gemv_group, whose weights are counted once, whether the backend runs them
+    in one launch or one gemv each)."""
     from fastft.ops import nf4
 
     impl = nf4._BACKENDS[backend]
-    calls, gemv = [], impl.gemv
-    monkeypatch.setattr(impl, "gemv", lambda x2, st, bias, y, low_rank=None: (
-        calls.append(x2.shape[0]), gemv(x2, st, bias, y, low_rank)))
+    calls, gemv, gemv_group = _SmallMCalls(), impl.gemv, impl.gemv_group
+    calls.groups = []
+    in_group = [False]
+
+    def counted_gemv(x2, st, bias, y, low_rank=None):
+        if not in_group[0]:
+            calls.append(x2.shape[0])
+        gemv(x2, st, bias, y, low_rank)
+
+    def counted_group(x2, items):
+        calls.extend([x2.shape[0]] * len(items))
+        calls.groups.append(len(items))
+        in_group[0] = True
+        try:
+            gemv_group(x2, items)
+        finally:
+            in_group[0] = False
+
+    monkeypatch.setattr(impl, "gemv", counted_gemv)
+    monkeypatch.setattr(impl, "gemv_group", counted_group)
     return calls
 
 
@@ -442,6 +467,8 @@ def test_nf4_base_with_few_rows_uses_the_fused_kernel(backend, monkeypatch):
         ref_g = _ref64(x, gate, Wg) + gate.base.bias.double()
         ref = _ref64(nn.functional.silu(ref_g) * _ref64(x, up, Wu), down, Wd)
         assert len(calls) - before == (3 if fused else 0), (rows, calls)
+        assert calls.groups == ([2] if fused else []), calls.groups  # gate and up: one group
+        calls.groups.clear()
         assert rel_err(out, ref) <= tol, rows
         params = [x, gate.A, gate.B, up.A, up.B, down.A, down.B]
         dy = torch.randn_like(out)
@@ -451,6 +478,8 @@ def test_nf4_base_with_few_rows_uses_the_fused_kernel(backend, monkeypatch):
         q, k, v = lora_qkv(x, up, up, up)
         o = lora_linear(x, up)
         assert len(calls) - before == (4 if fused else 0), (rows, calls)
+        assert calls.groups == ([3] if fused else []), calls.groups  # q, k and v: one group
+        calls.groups.clear()
         for y in (q, k, v, o):
             assert rel_err(y, _ref64(x, up, Wu)) <= tol, rows
     monkeypatch.setenv("FASTFT_NF4_FUSED_SMALL_M", "0")
@@ -645,6 +674,7 @@ def test_gpu_qlora_decoding_uses_the_fused_small_m_kernel(monkeypatch):
         calls = _count_small_m_calls(monkeypatch, backend)
         got = model(input_ids=ids).logits.float()
         assert len(calls) == 2 * 7 and set(calls) == {6}, calls  # 2 layers x 7 projections
+        assert calls.groups == [3, 2] * 2, calls.groups  # per layer: q/k/v, gate/up
         assert not added_after or backend != "cuda", len(added_after)
         monkeypatch.setenv("FASTFT_NF4_FUSED_SMALL_M", "0")
         peft_path = model(input_ids=ids).logits.float()
@@ -658,6 +688,15 @@ def test_gpu_qlora_decoding_uses_the_fused_small_m_kernel(monkeypatch):
         out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 7)
     assert len(calls) >= 14 * 4 and set(calls[:14]) == {6} and set(calls[14:]) == {2}, calls
+    if backend == "cuda":  # one launch per group
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(input_ids=ids)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if "nf4_gemv" in e.name and "kernel" in e.name]
+        assert sum("group_kernel" in n for n in names) == 2 * 2, names
+        assert len(names) == 2 * 4, names  # + o and down alone
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])

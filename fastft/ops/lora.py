@@ -407,17 +407,22 @@ def _small_m_inputs(base: Base, dtype):
     return st, dispatch.implementation("nf4_matmul", backend), bias
 
 
+def _small_m_cached(base: Base, dtype):
+    """_small_m_inputs, kept on the Base until the weight's storage changes."""
+    ptr = _storage_ptr(base.weight)
+    cached = base.small_m.get(dtype)
+    if cached is None or cached[0] != ptr:  # new, or the weight's storage was replaced
+        cached = base.small_m[dtype] = (ptr, _small_m_inputs(base, dtype))
+    return cached[1]
+
+
 def _small_m_matmul(x2, base: Base, dtype, out=None, low_rank=None):
     """x2 @ Wᵀ (+ bias) by nf4's fused small-M kernel, which reads the packed weight once, into
     `out` (or a new tensor), plus scale * xa @ bᵀ when low_rank = (xa, b, scale) (an adapter's
     term; the kernel adds it where it can); None (out untouched) where that does not apply."""
     if base.quant_state is None or x2.dtype != dtype or not small_m_case(x2.shape[0], dtype):
         return None
-    ptr = _storage_ptr(base.weight)
-    cached = base.small_m.get(dtype)
-    if cached is None or cached[0] != ptr:  # new, or the weight's storage was replaced
-        cached = base.small_m[dtype] = (ptr, _small_m_inputs(base, dtype))
-    inputs = cached[1]
+    inputs = _small_m_cached(base, dtype)
     if inputs is None:
         return None
     st, impl, bias = inputs
@@ -429,6 +434,42 @@ def _small_m_matmul(x2, base: Base, dtype, out=None, low_rank=None):
         out = x2.new_empty(x2.shape[0], st.shape[0])
     impl.gemv(x2, st, bias, out, low_rank)
     return out
+
+
+def _small_m_group(x2, projs, dtype, outs, xas) -> bool:
+    """Projections of one x2 (an attention layer's q, k and v; an MLP's gate and up) by nf4's
+    fused small-M kernel in one launch where the backend has one (CUDA: the weights' fixed
+    costs, most of a small weight's time at one token, are paid once), each into its outs[i]
+    with its adapter's term (xas[i]: x·Aᵀ); False (outs untouched) where that does not apply to
+    every projection."""
+    if len(projs) < 2 or x2.dtype != dtype or not small_m_case(x2.shape[0], dtype):
+        return False
+    if os.environ.get("FASTFT_NF4_GROUP", "1") == "0":  # one launch per weight (comparisons)
+        return False
+    if any(p.base.quant_state is None for p in projs):
+        return False
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    calls, impl = [], None
+    for p, out, xa in zip(projs, outs, xas):
+        inputs = _small_m_cached(p.base, dtype)
+        if inputs is None or (impl is not None and inputs[1] is not impl):
+            return False
+        st, impl, bias = inputs
+        if not impl.fused_ok(st, x2):
+            return False
+        low_rank = (xa, _factor(p.B, dtype), p.scaling) if p.has_lora else None
+        calls.append((st, bias, out, low_rank))
+    impl.gemv_group(x2, calls)
+    return True
+
+
+def _project_each(x2, projs, dtype, outs, xas) -> None:
+    """_project for each of projs into outs[i] (xas[i]: its x·Aᵀ), in one small-M launch where
+    _small_m_group applies."""
+    if not _small_m_group(x2, projs, dtype, outs, xas):
+        for p, out, xa in zip(projs, outs, xas):
+            _project(x2, p, dtype, out=out, xa=xa)
 
 
 def _base_matmul(x2, base: Base, dtype, out=None):
@@ -596,11 +637,11 @@ class _LoRAProjections(torch.autograd.Function):
                 outs = [_new_output(x.shape[:-1], p.base.out_features, dtype, x.device)[0] for p in projs]
                 xas = _lora_inputs(x2, projs, dtype)
             else:
-                outs, xas = [], _lora_inputs(x2, projs, dtype)
-                for p, xa in zip(projs, xas):
-                    y, y2 = _new_output(x.shape[:-1], p.base.out_features, dtype, x.device)
-                    _project(x2, p, dtype, out=y2, xa=xa)
-                    outs.append(y)
+                xas = _lora_inputs(x2, projs, dtype)
+                made = [_new_output(x.shape[:-1], p.base.out_features, dtype, x.device)
+                        for p in projs]
+                _project_each(x2, projs, dtype, [y2 for _, y2 in made], xas)
+                outs = [y for y, _ in made]
                 if reuse == "output" and offload.stashing():
                     offload.stash_put(_REUSE_TAG, outs)
                 elif reuse == "attention inputs" and offload.stashing():
@@ -779,8 +820,9 @@ def _mlp_tile_forward(x2, gate, up, down, kind, dtype, out, need_output=True):
     skips h and h·Aᵀ (returned as None): the activation backward writes h anyway, and
     _mlp_tile_backward takes h·Aᵀ from that h instead of running the activation twice."""
     xag, xau = _lora_inputs(x2, (gate, up), dtype)
-    g, _ = _project(x2, gate, dtype, xa=xag)
-    u, _ = _project(x2, up, dtype, xa=xau)
+    g = x2.new_empty(x2.shape[0], gate.base.out_features, dtype=dtype)
+    u = x2.new_empty(x2.shape[0], up.base.out_features, dtype=dtype)
+    _project_each(x2, (gate, up), dtype, (g, u), (xag, xau))
     if not need_output:
         return g, u, xag, xau, None
     h = _act_forward(kind, g, u)
