@@ -61,7 +61,8 @@ def time_generate(model, variant, prompts, layers, new_tokens):
     fused_static (eager, static cache), fused_graphs (fastft.decoding: CUDA graphs over the
     static cache, kept across calls), fused_graphs_newcache (the same with a new cache per call,
     as transformers makes it: each call captures again), fused_graphs_nodefer (the same with
-    transformers' synchronous stop check); patched_* the same after patch_model. Each graph
+    transformers' synchronous stop check), fused_graphs_nogroup (the same with one small-M
+    launch per weight, FASTFT_NF4_GROUP=0); patched_* the same after patch_model. Each graph
     variant's tokens are compared with its eager static-cache twin's (the same kernels)."""
     import fastft.decoding as decoding
     from fastft.decoding import _ATTR, disable_graph_decoding, enable_graph_decoding
@@ -70,7 +71,11 @@ def time_generate(model, variant, prompts, layers, new_tokens):
         os.environ["FASTFT_NF4_FUSED_SMALL_M"] = "0"
     else:
         os.environ.pop("FASTFT_NF4_FUSED_SMALL_M", None)
-    graphs = variant.endswith(("_graphs", "_graphs_newcache", "_graphs_nodefer"))
+    if variant.endswith("_nogroup"):  # q/k/v and gate/up one launch per weight, as before
+        os.environ["FASTFT_NF4_GROUP"] = "0"
+    else:
+        os.environ.pop("FASTFT_NF4_GROUP", None)
+    graphs = variant.endswith(("_graphs", "_graphs_newcache", "_graphs_nodefer", "_graphs_nogroup"))
     if graphs:
         assert enable_graph_decoding(model)
         if variant.endswith("_newcache"):  # as before fastft kept the cache: a new one per call
@@ -133,12 +138,16 @@ def main():
     results, ref = [], {}
     generate_only = os.environ.get("GENERATE_ONLY", "0") == "1"  # e.g. for LAYERS=32
     with torch.no_grad():
-        for variant in () if generate_only else ("peft_bnb", "dense", "fused"):
+        for variant in () if generate_only else ("peft_bnb", "dense", "fused", "fused_nogroup"):
             model.train(variant == "dense")
-            if variant == "fused":
+            if variant.startswith("fused"):
                 os.environ.pop("FASTFT_NF4_FUSED_SMALL_M", None)
             else:
                 os.environ["FASTFT_NF4_FUSED_SMALL_M"] = "0"
+            if variant == "fused_nogroup":  # one small-M launch per weight
+                os.environ["FASTFT_NF4_GROUP"] = "0"
+            else:
+                os.environ.pop("FASTFT_NF4_GROUP", None)
             for b in batches:
                 logits = model(input_ids=inputs[b][0], use_cache=False).logits.float()
                 if variant == "peft_bnb":
