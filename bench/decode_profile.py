@@ -3,7 +3,9 @@ bench/decode_step.py (LAYERS=32 decoder layers of the Llama-3.1-8B shape by defa
 FastLanguageModel sets a model up):
 
     python bench/decode_profile.py --out DIR     (LAYERS=32, BATCHES=1,16, PROMPTS=32,
-                                                  ATTENTION=grouped[,repeat_kv])
+                                                  ATTENTION=grouped[,repeat_kv],
+                                                  REFRESH_IN_GRAPH=1: the LoRA factors' cast
+                                                  refresh captured into the graphs, as before)
 
 Per batch size and prompt length, greedy:
 - seconds of a first call (prompt, warm-ups and capture) and of later calls of NEW_SHORT and
@@ -137,6 +139,12 @@ def main():
     # SDPA function copying K and V out to every query head at each decoding step)
     variants = os.environ.get("ATTENTION", "grouped").split(",")
     new_short, new_long = int(os.environ.get("NEW_SHORT", "32")), int(os.environ.get("NEW_LONG", "160"))
+    if os.environ.get("REFRESH_IN_GRAPH") == "1":  # as before: the LoRA casts' refresh captured
+        import contextlib
+
+        import fastft.ops.lora as lora_ops
+
+        lora_ops.frozen_factor_copies = contextlib.nullcontext
     model = build_qlora_model(layers)
     patch_model(model.get_base_model())
     model.eval()

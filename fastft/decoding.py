@@ -178,6 +178,12 @@ def _static_layer_kinds(config):
     return [type(layer).__name__ for layer in cache.layers]
 
 
+def _lora_ops():
+    from fastft.ops import lora
+
+    return lora
+
+
 def _model_fingerprint(lm):
     """What a captured graph depends on besides its inputs (see the module's doc)."""
     from fastft.lora import _peft_state
@@ -276,6 +282,9 @@ class _GraphDecoder:
         self.failed: str | None = None  # why a capture failed: eager from then on
 
     def begin_generate(self, lm, kwargs):
+        # adapters trained in place since the last call: the graphs read the factors' cast
+        # copies, which they do not refresh themselves (frozen_factor_copies)
+        _lora_ops().refresh_factor_copies()
         fingerprint = _model_fingerprint(lm)
         if fingerprint != self.fingerprint:
             self.graphs.clear()
@@ -443,7 +452,9 @@ class _GraphDecoder:
                 # Each graph has a memory pool of its own: one shared with graphs released since
                 # tripped the caching allocator's "use_count > 0" assert in a capture (run 85).
                 cuda_graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(cuda_graph):
+                # (the LoRA factors' cast copies, refreshed by the warm-ups, are read as they are:
+                # see fastft.ops.lora.frozen_factor_copies)
+                with torch.cuda.graph(cuda_graph), _lora_ops().frozen_factor_copies():
                     output = self.forward(**call)
                 replay = cuda_graph.replay
         except Exception as exc:  # a host sync or an op capture does not allow: stay eager

@@ -321,6 +321,18 @@ def test_gpu_graphed_generate_qlora(model_dirs):
             if "lora_B" in name:
                 p.mul_(3.0)
     graphed = _generate(model, device="cuda")
+    # the replays do not refresh the factors' bf16 casts (frozen_factor_copies): the copy
+    # kernels of a call do not grow with its steps
+    from torch.profiler import ProfilerActivity, profile
+
+    def copy_kernels(new):
+        _generate(model, device="cuda", new=new)  # (captures for this length first)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _generate(model, device="cuda", new=new)
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if "multi_tensor_apply" in e.name)
+
+    assert copy_kernels(4) == copy_kernels(12) > 0
     decoding.disable_graph_decoding(model)
     eager = _generate(model, device="cuda", cache_implementation="static")
     assert torch.equal(graphed.sequences, eager.sequences)

@@ -2,6 +2,8 @@
 plain torch autograd for the functions, peft's own unfused modules for the patched models."""
 import copy
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -987,3 +989,36 @@ def test_inference_mode_forward_in_training_mode_then_training():
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[1] < losses[0]
+
+
+def test_frozen_factor_copies_are_read_without_a_refresh(monkeypatch):
+    """Inside frozen_factor_copies (what a decoding step's CUDA graph capture runs in) a new
+    forward pass reads the kept bf16 casts of the LoRA factors as they are, without the refresh
+    copy (captured, it would run at every replay); refresh_factor_copies brings them up to date,
+    stacked factors included."""
+    import fastft.ops.lora as ops
+
+    bf16 = torch.bfloat16
+    A, B = torch.randn(8, 64), torch.randn(64, 8)
+    A2 = torch.randn(8, 64)
+    ops.new_forward_pass()
+    cast_b = ops._factor(B, bf16)
+    stacked = ops._stacked_A([SimpleNamespace(A=A), SimpleNamespace(A=A2)], bf16)
+    assert torch.equal(cast_b, B.to(bf16)) and torch.equal(stacked[:8], A.to(bf16))
+    copies = []
+    real = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda d, s: (copies.append(len(d)), real(d, s)))
+    with torch.no_grad():
+        B.mul_(2.0)
+        A.mul_(3.0)
+    with ops.frozen_factor_copies():
+        ops.new_forward_pass()
+        assert ops._factor(B, bf16) is cast_b
+        assert ops._stacked_A([SimpleNamespace(A=A), SimpleNamespace(A=A2)], bf16) is stacked
+    assert copies == [] and torch.equal(cast_b, (B / 2).to(bf16))  # read as they were
+    ops.refresh_factor_copies()
+    assert copies and torch.equal(cast_b, B.to(bf16)) and torch.equal(stacked[:8], A.to(bf16))
+    ops.new_forward_pass()  # outside: a new pass refreshes as before
+    with torch.no_grad():
+        B.add_(1.0)
+    assert torch.equal(ops._factor(B, bf16), B.to(bf16))
