@@ -491,6 +491,27 @@ def test_nf4_base_with_few_rows_uses_the_fused_kernel(backend, monkeypatch):
     assert len(calls) == before
 
 
+def test_nf4_group_switch(monkeypatch):
+    """FASTFT_NF4_GROUP=0 sends q/k/v and gate/up to the fused small-M kernel one weight at a
+    time; by default they go as groups (gemv_group). Triton's groups are those same calls, so
+    the results are equal."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv("FASTFT_BACKEND", "triton")
+    calls = _count_small_m_calls(monkeypatch, "triton")
+    bf16 = torch.bfloat16
+    (gate, _), (up, _), (down, _) = (_proj_with_weight(o, i, bf16, seed=s, nf4=True, device="cpu")
+                                     for o, i, s in ((128, 64, 1), (128, 64, 2), (64, 128, 3)))
+    x = torch.randn(1, 3, 64, dtype=bf16)
+    with torch.no_grad():
+        grouped = [lora_mlp(x, gate, up, down), *lora_qkv(x, gate, up, gate)]
+        assert calls.groups == [2, 3] and len(calls) == 6, (calls.groups, calls)
+        monkeypatch.setenv("FASTFT_NF4_GROUP", "0")
+        alone = [lora_mlp(x, gate, up, down), *lora_qkv(x, gate, up, gate)]
+    assert calls.groups == [2, 3] and len(calls) == 12, (calls.groups, calls)
+    for a, b in zip(grouped, alone):
+        assert torch.equal(a, b)
+
+
 def test_tiny_model_trains_with_fused_lora():
     model = _peft(_tiny_llama(init_std=0.3), init_lora_weights=True)  # standard init: B = 0
     apply_fused_lora(model)
