@@ -386,6 +386,13 @@ def _low_rank_fusable(x2, xa, b) -> bool:
             and b.stride(0) % 8 == 0 and xa.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
 
 
+def _kernel_adds_low_rank(x2, low_rank, variant: int) -> bool:
+    """Whether the CUDA kernel adds this low-rank term itself (else the backend adds it after):
+    one is given, the kernel is not v2 (which has none) and its rows are readable."""
+    return (low_rank is not None and variant != 2
+            and _low_rank_fusable(x2, low_rank[0], low_rank[1]))
+
+
 def _capability_major(device) -> int:
     index = device.index if device.index is not None else torch.cuda.current_device()
     return dispatch._capability(index)[0]  # cached, as the dispatch table's own test
@@ -418,8 +425,7 @@ class _CudaBackend:
         a LoRA adapter's term, added inside the kernel where its layout allows, which saves
         decoding a kernel launch and a pass over y per projection)."""
         variant, v3_splits, v3_kparts, pdl = gemv_settings()
-        fuse = (low_rank is not None and variant != 2  # (v2 has no low-rank term)
-                and _low_rank_fusable(x2, low_rank[0], low_rank[1]))
+        fuse = _kernel_adds_low_rank(x2, low_rank, variant)
         xa, b, scale = low_rank if fuse else (None, None, 1.0)
         cuda_ops().nf4_gemv(x2, *_state_args(st), bias, st.blocksize, st.blocksize2, variant,
                             v3_splits, v3_kparts, pdl, xa, b, float(scale), y)
@@ -438,9 +444,7 @@ class _CudaBackend:
                 _CudaBackend.gemv(x2, st, bias, y, low_rank)
             return
         variant, v3_splits, v3_kparts, pdl = gemv_settings()
-        fused = [low_rank is not None and variant != 2
-                 and _low_rank_fusable(x2, low_rank[0], low_rank[1])
-                 for _, _, _, low_rank in calls]
+        fused = [_kernel_adds_low_rank(x2, low_rank, variant) for _, _, _, low_rank in calls]
         states = [c[0] for c in calls]
         ops.nf4_gemv_group(
             x2, [st.packed for st in states], [st.absmax for st in states],
