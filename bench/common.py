@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 
 import torch
@@ -129,3 +130,14 @@ def write_result(out_dir, name: str, **fields) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, name + ".json"), "w") as f:
         json.dump(dict(gpu=gpu_name(), **fields), f, indent=1)
+
+
+def use_nf4_kernel(spec: str) -> None:
+    """FASTFT_NF4_GEMV and v3's forced work split from a spec like "v3h:p8:s2" (":p" the K parts
+    per CTA, FASTFT_NF4_V3_KPARTS; ":s" the K splits across CTAs, FASTFT_NF4_V3_SPLITS)."""
+    name, *opts = spec.split(":")
+    os.environ["FASTFT_NF4_GEMV"] = name
+    os.environ.pop("FASTFT_NF4_V3_KPARTS", None)
+    os.environ.pop("FASTFT_NF4_V3_SPLITS", None)
+    for opt in opts:
+        os.environ[{"p": "FASTFT_NF4_V3_KPARTS", "s": "FASTFT_NF4_V3_SPLITS"}[opt[0]]] = opt[1:]

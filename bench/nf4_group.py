@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_nf4 import random_weight  # noqa: E402
-from common import copy_bandwidth_gbps, time_ms  # noqa: E402
+from common import copy_bandwidth_gbps, time_ms, use_nf4_kernel  # noqa: E402
 from fastft.ops import nf4 as nf4_mod  # noqa: E402
 from fastft.ops.nf4 import nf4_dequantize, resolve  # noqa: E402
 
@@ -31,16 +31,6 @@ GROUPS = {"q/k/v": [(4096, 4096), (1024, 4096), (1024, 4096)],
 impl = nf4_mod._BACKENDS["cuda"]
 copy = copy_bandwidth_gbps()
 out = open(os.path.join(args.out, "nf4_group.jsonl"), "a")
-
-
-def use_kernel(spec):
-    """FASTFT_NF4_GEMV and v3's forced split from a spec like "v3h:p8:s2" (see above)."""
-    name, *opts = spec.split(":")
-    os.environ["FASTFT_NF4_GEMV"] = "" if name == "auto" else name
-    os.environ.pop("FASTFT_NF4_V3_KPARTS", None)
-    os.environ.pop("FASTFT_NF4_V3_SPLITS", None)
-    for opt in opts:
-        os.environ[{"p": "FASTFT_NF4_V3_KPARTS", "s": "FASTFT_NF4_V3_SPLITS"}[opt[0]]] = opt[1:]
 
 
 def emit(**rec):
@@ -84,7 +74,7 @@ for name, shapes in GROUPS.items():
             x, calls = sets[0]
             results = {}
             for label, fn in [("each", each)] + [(k, grouped) for k in kernels]:
-                use_kernel("auto" if label == "each" else label)
+                use_nf4_kernel("auto" if label == "each" else label)
                 fn(x, calls)
                 errs = []
                 for (st, _, y, low), w in zip(calls, w32):
@@ -102,4 +92,4 @@ for name, shapes in GROUPS.items():
             emit(group=name, M=rows, rank=rank, calls="group / each",
                  auto=round(results[kernels[0]] / results["each"], 3), best=best,
                  best_ratio=round(results[best] / results["each"], 3))
-            use_kernel("auto")
+            use_nf4_kernel("auto")

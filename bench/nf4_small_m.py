@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_nf4 import random_weight  # noqa: E402
-from common import time_ms, copy_bandwidth_gbps  # noqa: E402
+from common import time_ms, copy_bandwidth_gbps, use_nf4_kernel  # noqa: E402
 from fastft.ops.nf4 import nf4_matmul, nf4_dequantize  # noqa: E402
 
 tag, out = sys.argv[1], sys.argv[2]
@@ -35,16 +35,6 @@ copy = copy_bandwidth_gbps()
 f = open(out, "a")
 
 
-def use_kernel(spec):
-    """FASTFT_NF4_GEMV and v3's forced split from a spec like "v3h:p8:s2" (see above)."""
-    name, *opts = spec.split(":")
-    os.environ["FASTFT_NF4_GEMV"] = name
-    os.environ.pop("FASTFT_NF4_V3_KPARTS", None)
-    os.environ.pop("FASTFT_NF4_V3_SPLITS", None)
-    for opt in opts:
-        os.environ[{"p": "FASTFT_NF4_V3_KPARTS", "s": "FASTFT_NF4_V3_SPLITS"}[opt[0]]] = opt[1:]
-
-
 def emit(**rec):
     rec.update(build=tag, copy_gbps=copy)
     print(json.dumps(rec), flush=True)
@@ -59,7 +49,7 @@ for shape, (o, i) in shapes.items():
               for _ in range(copies[shape])]
         want = xs[0].float() @ w32.t()
         for kernel in kernels:
-            use_kernel(kernel)
+            use_nf4_kernel(kernel)
             sets = [(x, p, s) for x, (p, s) in zip(xs, weights[shape])]
             fn = lambda x, p, s: nf4_matmul(x, p, s, backend="cuda")  # noqa: E731
             err = ((fn(*sets[0]).float() - want).norm() / want.norm()).item()
@@ -72,7 +62,7 @@ for shape, (o, i) in shapes.items():
 # decode-like chain: x -> up -> down, twice (each call reads what the one before wrote)
 if "4096->14336" not in shapes or "14336->4096" not in shapes:
     sys.exit(0)
-use_kernel("auto")
+use_nf4_kernel("auto")
 pairs = [(weights["4096->14336"][k], weights["14336->4096"][k]) for k in range(2)]
 for rows in (1, 16):
     x0 = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
