@@ -223,10 +223,13 @@ bool nf4_gemv_group_plan(NF4GemvGroup& g, int sms) {
     each_small = each_small && ctas < sms;
     each_ctas += ctas;
   }
-  int64_t group_ctas = 0;
-  for (int s = 0; s < g.count; ++s) group_ctas += (g.a[s].N + rows - 1) / rows;
+  int64_t group_ctas = 0;  // grid columns: segment s owns [first[s], first[s + 1])
+  for (int s = 0; s < g.count; ++s) {
+    g.first[s] = (int)group_ctas;
+    group_ctas += (g.a[s].N + rows - 1) / rows;
+  }
+  g.first[g.count] = (int)group_ctas;
   if (!each_small && group_ctas * whole.v3_splits > each_ctas) return false;
-  int first = 0;
   for (int s = 0; s < g.count; ++s) {
     NF4GemvArgs& a = g.a[s];
     a.variant = 3;
@@ -235,10 +238,7 @@ bool nf4_gemv_group_plan(NF4GemvGroup& g, int sms) {
     a.v3_steps = whole.v3_steps;
     a.v3_splits = whole.v3_splits;
     a.v3_kparts = whole.v3_kparts;
-    g.first[s] = first;
-    first += (a.N + rows - 1) / rows;
   }
-  g.first[g.count] = first;
   return true;
 }
 
