@@ -132,12 +132,23 @@ def write_result(out_dir, name: str, **fields) -> None:
         json.dump(dict(gpu=gpu_name(), **fields), f, indent=1)
 
 
-def use_nf4_kernel(spec: str) -> None:
+def use_nf4_kernel(spec: str):
     """FASTFT_NF4_GEMV and v3's forced work split from a spec like "v3h:p8:s2" (":p" the K parts
-    per CTA, FASTFT_NF4_V3_KPARTS; ":s" the K splits across CTAs, FASTFT_NF4_V3_SPLITS)."""
+    per CTA, FASTFT_NF4_V3_KPARTS; ":s" the K splits across CTAs, FASTFT_NF4_V3_SPLITS; ":f" the
+    weights frozen: the calls made inside the returned context load the weight before the PDL
+    wait, as in generate). Returns that context (a no-op without ":f")."""
+    import contextlib
+
+    from fastft.ops.nf4 import frozen_weights
+
     name, *opts = spec.split(":")
     os.environ["FASTFT_NF4_GEMV"] = name
     os.environ.pop("FASTFT_NF4_V3_KPARTS", None)
     os.environ.pop("FASTFT_NF4_V3_SPLITS", None)
+    frozen = False
     for opt in opts:
+        if opt == "f":
+            frozen = True
+            continue
         os.environ[{"p": "FASTFT_NF4_V3_KPARTS", "s": "FASTFT_NF4_V3_SPLITS"}[opt[0]]] = opt[1:]
+    return frozen_weights() if frozen else contextlib.nullcontext()

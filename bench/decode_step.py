@@ -62,7 +62,9 @@ def time_generate(model, variant, prompts, layers, new_tokens):
     static cache, kept across calls), fused_graphs_newcache (the same with a new cache per call,
     as transformers makes it: each call captures again), fused_graphs_nodefer (the same with
     transformers' synchronous stop check), fused_graphs_nogroup (the same with one small-M
-    launch per weight, FASTFT_NF4_GROUP=0); patched_* the same after patch_model. Each graph
+    launch per weight, FASTFT_NF4_GROUP=0), fused_graphs_noearly (the same with the NF4 kernels
+    waiting for the previous kernel before loading the weight, FASTFT_NF4_EARLY_LOADS=0);
+    patched_* the same after patch_model. Each graph
     variant's tokens are compared with its eager static-cache twin's (the same kernels)."""
     import fastft.decoding as decoding
     from fastft.decoding import _ATTR, disable_graph_decoding, enable_graph_decoding
@@ -75,7 +77,12 @@ def time_generate(model, variant, prompts, layers, new_tokens):
         os.environ["FASTFT_NF4_GROUP"] = "0"
     else:
         os.environ.pop("FASTFT_NF4_GROUP", None)
-    graphs = variant.endswith(("_graphs", "_graphs_newcache", "_graphs_nodefer", "_graphs_nogroup"))
+    if variant.endswith("_noearly"):  # the NF4 kernels wait before loading the weight, as before
+        os.environ["FASTFT_NF4_EARLY_LOADS"] = "0"
+    else:
+        os.environ.pop("FASTFT_NF4_EARLY_LOADS", None)
+    graphs = variant.endswith(("_graphs", "_graphs_newcache", "_graphs_nodefer", "_graphs_nogroup",
+                               "_graphs_noearly"))
     if graphs:
         assert enable_graph_decoding(model)
         if variant.endswith("_newcache"):  # as before fastft kept the cache: a new one per call

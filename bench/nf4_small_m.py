@@ -5,7 +5,8 @@ two builds in one device call: run it once per build, TAG naming the build.
     KERNELS=auto,v3,v3h,v1 ROWS=1,4,8,9,16 python bench/nf4_small_m.py TAG OUT.jsonl
 
 A kernel may carry v3's work split: "v3h:p4" forces 4 K parts per CTA (FASTFT_NF4_V3_KPARTS),
-"v3h:p8:s2" also 2 K splits across CTAs (FASTFT_NF4_V3_SPLITS).
+"v3h:p8:s2" also 2 K splits across CTAs (FASTFT_NF4_V3_SPLITS); "auto:f" the default kernel with
+the weight frozen (fastft.ops.nf4.frozen_weights: its loads before the PDL wait, as generate).
 """
 import json
 import os
@@ -49,12 +50,12 @@ for shape, (o, i) in shapes.items():
               for _ in range(copies[shape])]
         want = xs[0].float() @ w32.t()
         for kernel in kernels:
-            use_nf4_kernel(kernel)
             sets = [(x, p, s) for x, (p, s) in zip(xs, weights[shape])]
             fn = lambda x, p, s: nf4_matmul(x, p, s, backend="cuda")  # noqa: E731
-            err = ((fn(*sets[0]).float() - want).norm() / want.norm()).item()
-            assert err < 2e-2, f"{kernel} is wrong at M={rows} {shape}: relative error {err:.3g}"
-            ms = time_ms(fn, sets)
+            with use_nf4_kernel(kernel):
+                err = ((fn(*sets[0]).float() - want).norm() / want.norm()).item()
+                assert err < 2e-2, f"{kernel} is wrong at M={rows} {shape}: relative error {err:.3g}"
+                ms = time_ms(fn, sets)
             emit(shape=shape, M=rows, kernel=kernel, us=round(ms * 1e3, 2),
                  pct_copy=round(100 * (o * i / 2) / (ms * 1e-3) / (copy * 1e9), 1), err=err)
     del w32
@@ -62,14 +63,15 @@ for shape, (o, i) in shapes.items():
 # decode-like chain: x -> up -> down, twice (each call reads what the one before wrote)
 if "4096->14336" not in shapes or "14336->4096" not in shapes:
     sys.exit(0)
-use_nf4_kernel("auto")
 pairs = [(weights["4096->14336"][k], weights["14336->4096"][k]) for k in range(2)]
-for rows in (1, 16):
-    x0 = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+for kernel in (k for k in kernels if k.split(":")[0] == "auto"):
+    for rows in (1, 16):
+        x0 = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
 
-    def chain(x):
-        for (pu, su), (pd, sd) in pairs:
-            x = nf4_matmul(nf4_matmul(x, pu, su, backend="cuda"), pd, sd, backend="cuda")
-        return x
-    ms = time_ms(chain, [(x0,)]) / 4
-    emit(shape="chain up+down x2", M=rows, kernel="auto", us=round(ms * 1e3, 2))
+        def chain(x):
+            for (pu, su), (pd, sd) in pairs:
+                x = nf4_matmul(nf4_matmul(x, pu, su, backend="cuda"), pd, sd, backend="cuda")
+            return x
+        with use_nf4_kernel(kernel):
+            ms = time_ms(chain, [(x0,)]) / 4
+        emit(shape="chain up+down x2", M=rows, kernel=kernel, us=round(ms * 1e3, 2))

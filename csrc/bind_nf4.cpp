@@ -105,16 +105,18 @@ GemvCall prepare_gemv(const at::Tensor& x, const at::Tensor& packed, const at::T
                       const c10::optional<at::Tensor>& offset, const at::Tensor& code,
                       const c10::optional<at::Tensor>& bias, int64_t blocksize,
                       int64_t blocksize2, int64_t variant, int64_t v3_splits, int64_t v3_kparts,
-                      bool pdl, const c10::optional<at::Tensor>& lora_xa,
+                      int64_t pdl, const c10::optional<at::Tensor>& lora_xa,
                       const c10::optional<at::Tensor>& lora_b, double lora_scale,
                       const at::Tensor& y) {
   // variant / v3_splits / v3_kparts / pdl: fastft/ops/nf4.py reads and checks FASTFT_NF4_GEMV,
   // FASTFT_NF4_V3_SPLITS, FASTFT_NF4_V3_KPARTS (0 = the plan chooses) and FASTFT_NF4_PDL, so the
-  // extension reads no environment.
+  // extension reads no environment. pdl: 0 off, 1 on, 2 on with the weight frozen (its first
+  // loads before the wait: NF4GemvArgs::weights_frozen; fastft.ops.nf4.frozen_weights).
   TORCH_CHECK((variant >= 0 && variant <= 3) || variant == 5 || variant == 6,
               "fastft nf4: variant must be 0..3, 5 or 6, got ", variant);
   TORCH_CHECK(v3_splits >= 0 && v3_splits <= 65535, "fastft nf4: v3_splits must be 0..65535, got ",
               v3_splits);
+  TORCH_CHECK(pdl >= 0 && pdl <= 2, "fastft nf4: pdl must be 0, 1 or 2, got ", pdl);
   TORCH_CHECK(v3_kparts == 0 || v3_kparts == 1 || v3_kparts == 2 || v3_kparts == 4 ||
                   v3_kparts == 8 || v3_kparts == 16,
               "fastft nf4: v3_kparts must be 0, 1, 2, 4, 8 or 16, got ", v3_kparts);
@@ -183,7 +185,8 @@ GemvCall prepare_gemv(const at::Tensor& x, const at::Tensor& packed, const at::T
   a.variant = (int)variant;
   a.v3_splits = variant == 3 || variant >= 5 ? (int)v3_splits : 0;  // (5, 6: v3's decodes)
   a.v3_kparts = variant == 3 || variant >= 5 ? (int)v3_kparts : 0;
-  a.pdl = pdl && major >= 9;  // griddepcontrol: sm_90
+  a.pdl = pdl >= 1 && major >= 9;  // griddepcontrol: sm_90
+  a.weights_frozen = a.pdl && pdl == 2;
   NF4LowRank& lr = call.lr;
   if (lora_xa) {
     lr.xa = lora_xa->data_ptr(); lr.xa_stride = lora_xa->stride(0);
@@ -236,7 +239,7 @@ void gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absma
           const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
           const c10::optional<at::Tensor>& offset, const at::Tensor& code,
           const c10::optional<at::Tensor>& bias, int64_t blocksize, int64_t blocksize2,
-          int64_t variant, int64_t v3_splits, int64_t v3_kparts, bool pdl,
+          int64_t variant, int64_t v3_splits, int64_t v3_kparts, int64_t pdl,
           const c10::optional<at::Tensor>& lora_xa, const c10::optional<at::Tensor>& lora_b,
           double lora_scale, const at::Tensor& y) {
   GemvCall call = prepare_gemv(x, packed, absmax, absmax2, code2, offset, code, bias, blocksize,
@@ -254,7 +257,7 @@ void gemv_group(const at::Tensor& x, at::TensorList packed, at::TensorList absma
                 const c10::List<c10::optional<at::Tensor>>& offset, at::TensorList code,
                 const c10::List<c10::optional<at::Tensor>>& bias, at::IntArrayRef blocksize,
                 at::IntArrayRef blocksize2, int64_t variant, int64_t v3_splits,
-                int64_t v3_kparts, bool pdl,
+                int64_t v3_kparts, int64_t pdl,
                 const c10::List<c10::optional<at::Tensor>>& lora_xa,
                 const c10::List<c10::optional<at::Tensor>>& lora_b,
                 at::ArrayRef<double> lora_scale, at::TensorList y) {

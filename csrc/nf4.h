@@ -68,6 +68,11 @@ struct NF4GemvArgs {
   unsigned long long counter_tag;  // nf4_gemv_counter_tag(), once per call
   // Launch v1 / v3 with programmatic dependent launch (needs compute capability >= 9.0).
   bool pdl;
+  // With pdl: no kernel that may still be running writes the packed weight, its scales or its
+  // code (generation: fastft.ops.nf4.frozen_weights), so a CTA loads its first steps of them
+  // before waiting for the previous kernel, overlapping that kernel's tail. (The wait is what
+  // makes the previous kernel's writes visible, so this is wrong for a weight written there.)
+  bool weights_frozen;
 };
 // Optional for nf4_gemv: a low-rank term added to y, as a LoRA adapter adds it
 // (y += scale * xa bᵀ): xa [M, rank] = x Aᵀ and b [N, rank], both in x's dtype, rows 16-byte

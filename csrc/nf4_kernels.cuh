@@ -64,7 +64,8 @@ __device__ __forceinline__ bool arrive_is_last(unsigned long long* counter,
 // launch_kernel): the next kernel on the stream may start its CTAs while this one finishes,
 // which hides its launch behind our tail. A CTA calls this before it touches global memory at
 // all (x and the weight may still be written by the kernel before, y and the scratch may
-// still be read by it). Without the launch attribute it returns at once.
+// still be read by it), or, with a.weights_frozen, after loading its first weight steps, scales
+// and code only. Without the launch attribute it returns at once.
 __device__ __forceinline__ void gemv_wait_for_previous() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
@@ -445,12 +446,25 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
   r.blk_a = ra * K + r.k_first;
   r.blk_b = rb * K + r.k_first;
 
-  gemv_wait_for_previous();
+  if (!a.weights_frozen) gemv_wait_for_previous();
 
   // Weight bytes first, so their latency overlaps the table and x staging below.
   ChunkIn ring[kAhead];
 #pragma unroll
   for (int i = 0; i < kAhead; ++i) ring[i] = load_chunk_in(w, r, i, nch, K);
+  // pairs[e * 16 + copy] = (code[e >> 4], code[e & 15]) for every byte value e; consecutive
+  // threads write consecutive 8-byte entries
+  auto stage_levels = [&]() {
+    for (int i = threadIdx.x; i < 256 * kPairCopies; i += kGemvWarps * 32) {
+      const int e = i / kPairCopies;
+      pairs[i] = make_float2(__ldg(w.code + (e >> 4)), __ldg(w.code + (e & 15)));
+    }
+    if (w.nested) code2_s[threadIdx.x] = __ldg(w.code2 + threadIdx.x);  // 256 threads
+  };
+  if (a.weights_frozen) {
+    stage_levels();
+    gemv_wait_for_previous();
+  }
 
   {
     // x[token][k0 + kk] for kk < nch * 128 in 16-byte units, copied asynchronously (all in
@@ -472,13 +486,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
     }
     asm volatile("cp.async.commit_group;\n" ::);
   }
-  // pairs[e * 16 + copy] = (code[e >> 4], code[e & 15]) for every byte value e; consecutive
-  // threads write consecutive 8-byte entries
-  for (int i = threadIdx.x; i < 256 * kPairCopies; i += kGemvWarps * 32) {
-    const int e = i / kPairCopies;
-    pairs[i] = make_float2(__ldg(w.code + (e >> 4)), __ldg(w.code + (e & 15)));
-  }
-  if (w.nested) code2_s[threadIdx.x] = __ldg(w.code2 + threadIdx.x);  // 256 threads
+  if (!a.weights_frozen) stage_levels();  // after x's copies are issued: both latencies overlap
   if (LORA) lora_prefetch<T>(a, lr, (int64_t)blockIdx.x * kBlockRows, kBlockRows);
   asm volatile("cp.async.wait_all;\n" ::: "memory");
   __syncthreads();
@@ -1270,8 +1278,11 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
   const int ws = s0 + p0;  // the warp's first step
   const int tile_base = row_group * rows_cta + wt * kV3WarpRows;
   const int64_t half_k = K / 2;
+  // (one token tile only: in the two-tile kernels, M 9..16, the second wait placement made
+  // ptxas spill up to twice as many registers)
+  const bool early_loads = MT == 1 && a.weights_frozen;
 
-  gemv_wait_for_previous();
+  if (!early_loads) gemv_wait_for_previous();
 
   // Weight loads first: their DRAM latency overlaps the table and x staging below. Rows past
   // N read row N - 1 (in bounds; their sums are never written).
@@ -1329,6 +1340,7 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
     for (int j = 0; j < 8; ++j) v3_store16(entry + 16u * ((j + e) & 7), make_uint4(v, v, v, v));
   }
   if (NESTED && (!kWide || tid < 256)) code2_s[tid] = __ldg(w.code2 + tid);
+  if (early_loads) gemv_wait_for_previous();  // x and xa only after it
   if (tid < 16) tok_max[tid] = 0u;
   if (LORA) lora_prefetch<T>(a, lr, (int64_t)row_group * rows_cta, rows_cta);
   __syncthreads();  // tok_max zeroed

@@ -45,12 +45,12 @@ TORCH_LIBRARY(fastft, m) {
         "Tensor(a!) out) -> ()");
   m.def("nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code2, "
         "Tensor? offset, Tensor code, Tensor? bias, int blocksize, int blocksize2, "
-        "int variant, int v3_splits, int v3_kparts, bool pdl, Tensor? lora_xa, Tensor? lora_b, "
+        "int variant, int v3_splits, int v3_kparts, int pdl, Tensor? lora_xa, Tensor? lora_b, "
         "float lora_scale, Tensor(a!) y) -> ()");
   // nf4_gemv over several weights of one x, one entry per weight in every list (q, k, v)
   m.def("nf4_gemv_group(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor?[] absmax2, "
         "Tensor?[] code2, Tensor?[] offset, Tensor[] code, Tensor?[] bias, int[] blocksize, "
-        "int[] blocksize2, int variant, int v3_splits, int v3_kparts, bool pdl, "
+        "int[] blocksize2, int variant, int v3_splits, int v3_kparts, int pdl, "
         "Tensor?[] lora_xa, Tensor?[] lora_b, float[] lora_scale, Tensor(a!)[] y) -> ()");
 }
 

@@ -116,7 +116,8 @@ def enable_graph_decoding(model) -> bool:
         decoder.generating += 1
         undo = _allow_deferred_stop_checks()
         try:
-            return decoder.generate(*args, **kwargs)
+            with _nf4_ops().frozen_weights():  # (the NF4 kernels' early loads: see there)
+                return decoder.generate(*args, **kwargs)
         finally:
             decoder.generating -= 1
             undo()
@@ -182,6 +183,12 @@ def _lora_ops():
     from fastft.ops import lora
 
     return lora
+
+
+def _nf4_ops():
+    from fastft.ops import nf4
+
+    return nf4
 
 
 def _model_fingerprint(lm):

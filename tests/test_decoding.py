@@ -214,6 +214,32 @@ def test_cache_tensors_that_move_are_not_captured_every_step(model_dirs, emulate
     assert len(captures) == 2 and decoding.graph_count(model) == 1
 
 
+def test_generate_marks_the_nf4_weights_frozen(model_dirs, emulate):
+    """generate's forwards, the prompt, the captured steps and a failed generate's cleanup
+    included, run inside fastft.ops.nf4.frozen_weights (the NF4 kernels then load the weight
+    before the PDL wait); a plain forward, before and after, does not."""
+    from fastft.ops import nf4
+
+    model, tok = _lora_model(model_dirs["qwen2"])
+    lm = model.get_base_model()
+    FastLanguageModel.for_inference(model)
+    seen = []
+    decoder = lm.__dict__[decoding._ATTR]
+    inner = decoder.forward
+    decoder.forward = lambda *a, **k: seen.append(nf4._FROZEN_WEIGHTS[0]) or inner(*a, **k)
+    with torch.no_grad():
+        model(**tok(["abc"], return_tensors="pt"))
+    assert seen == [0]
+    seen.clear()
+    _generate(model, new=4)
+    assert len(seen) >= 2 and all(depth == 1 for depth in seen), seen
+    assert nf4._FROZEN_WEIGHTS[0] == 0
+    with pytest.raises(ValueError, match="no_such_argument_anywhere"):
+        model.generate(input_ids=torch.ones(1, 3, dtype=torch.long), max_new_tokens=2,
+                       no_such_argument_anywhere=object(), do_sample=False)
+    assert nf4._FROZEN_WEIGHTS[0] == 0
+
+
 def test_only_generate_decoding_steps_are_graphed(model_dirs, emulate):
     model, tok = _lora_model(model_dirs["qwen2"])
     lm = model.get_base_model()

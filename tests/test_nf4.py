@@ -1,6 +1,7 @@
 """nf4_dequantize / nf4_matmul against bitsandbytes (which quantises and dequantises NF4 on the
 CPU): dequantisation bit-exact for every backend and dtype, matmul within the dtype's
 tolerance of x @ W.T in float64, backward to x, workspace reuse, bad input."""
+import contextlib
 import copy
 import functools
 import warnings
@@ -534,12 +535,12 @@ def test_cuda_ops_pass_opcheck():
         y = torch.empty(5, 64, dtype=torch.bfloat16, device="cuda")
         torch.library.opcheck(ops.nf4_gemv, (x, st.packed, st.absmax, st.absmax2, st.code2,
                                              st.offset, st.code, None, st.blocksize,
-                                             st.blocksize2, 0, 0, 0, True, None, None, 1.0, y))
+                                             st.blocksize2, 0, 0, 0, 1, None, None, 1.0, y))
         y2 = torch.empty(5, 64, dtype=torch.bfloat16, device="cuda")
         lists = [[getattr(st, f)] * 2 for f in ("packed", "absmax", "absmax2", "code2", "offset",
                                                   "code")]
         torch.library.opcheck(ops.nf4_gemv_group, (x, *lists, [None, None], [st.blocksize] * 2,
-                                                   [st.blocksize2] * 2, 0, 0, 0, True,
+                                                   [st.blocksize2] * 2, 0, 0, 0, 1,
                                                    [None, None], [None, None], [1.0, 1.0],
                                                    [y, y2]))
 
@@ -835,6 +836,30 @@ def test_gemv_settings_from_environment(monkeypatch):
             nf4_mod.gemv_settings()
 
 
+def test_pdl_mode_loads_early_only_inside_frozen_weights(monkeypatch):
+    """The extension's pdl argument: 0 without PDL, 1 with it, 2 (weight loads before the
+    wait) only inside frozen_weights(), nested or not, and not with FASTFT_NF4_EARLY_LOADS=0;
+    the context is left cleanly after an exception."""
+    monkeypatch.delenv("FASTFT_NF4_EARLY_LOADS", raising=False)
+    assert (nf4_mod._pdl_mode(False), nf4_mod._pdl_mode(True)) == (0, 1)
+    with nf4_mod.frozen_weights():
+        assert (nf4_mod._pdl_mode(False), nf4_mod._pdl_mode(True)) == (0, 2)
+        with nf4_mod.frozen_weights():
+            assert nf4_mod._pdl_mode(True) == 2
+        assert nf4_mod._pdl_mode(True) == 2
+        monkeypatch.setenv("FASTFT_NF4_EARLY_LOADS", "0")
+        assert nf4_mod._pdl_mode(True) == 1
+        monkeypatch.setenv("FASTFT_NF4_EARLY_LOADS", "yes")
+        with pytest.raises(ValueError, match="FASTFT_NF4_EARLY_LOADS must be 0 or 1"):
+            nf4_mod._pdl_mode(True)
+        monkeypatch.delenv("FASTFT_NF4_EARLY_LOADS")
+    assert nf4_mod._pdl_mode(True) == 1
+    with pytest.raises(RuntimeError, match="inside"):
+        with nf4_mod.frozen_weights():
+            raise RuntimeError("inside")
+    assert nf4_mod._pdl_mode(True) == 1
+
+
 @pytest.mark.gpu
 def test_fused_matmul_gpu_rejects_unknown_variant(monkeypatch):
     if "cuda" not in backends("nf4_matmul", "cuda"):
@@ -934,15 +959,59 @@ def test_fused_matmul_gpu_pdl_changes_no_bit(variant, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["v1", "v3"])
-def test_fused_matmul_gpu_pdl_waits_for_the_previous_kernel(variant, monkeypatch):
-    """With PDL a call's CTAs start while the previous kernel still runs; they must not read x
-    (here: the previous call's y) or the weight (here: rewritten by the kernel just before)
-    until it has finished. Chains of back-to-back calls, eager and replayed from a CUDA graph,
-    equal the same chains without PDL bit for bit."""
+@pytest.mark.parametrize("variant", ["auto", "v1", "v3", "v3h"])
+def test_fused_matmul_gpu_frozen_weights_change_no_bit(variant, monkeypatch):
+    """Inside frozen_weights() the kernels load their first weight steps before the PDL wait:
+    only timing changes. The same bits as outside, with and without bias, LoRA term, K splits,
+    M = 1, 5 and 16, one call and a group (q/k/v-like: one launch where the plan takes it)."""
     if "cuda" not in backends("nf4_matmul", "cuda"):
         pytest.skip("fastft._C is not built")
     monkeypatch.setenv("FASTFT_NF4_GEMV", variant)
+    _use_pdl(monkeypatch, True)
+    gen = torch.Generator().manual_seed(5)
+    for w_shape in ((1000, 4544), (4608, 512), (4096, 14336)):
+        _, packed, state = quantize(w_shape, True, device="cuda", seed=3)
+        bias = torch.randn(w_shape[0], dtype=torch.bfloat16, device="cuda")
+        for rows in (1, 5, 16):
+            x = torch.randn(rows, w_shape[1], generator=gen).to("cuda", torch.bfloat16)
+            plain = nf4_matmul(x, packed, state, bias, backend="cuda")
+            with nf4_mod.frozen_weights():
+                assert nf4_mod._pdl_mode(True) == 2
+                early = nf4_matmul(x, packed, state, bias, backend="cuda")
+            assert torch.equal(early, plain), (w_shape, rows)
+    # a group with low-rank terms (the decoding path's call)
+    weights = [quantize((n, 1024), True, device="cuda", seed=10 + n)[1:] for n in (1024, 256, 256)]
+    states = [resolve(p, s) for p, s in weights]
+    for rows in (1, 4, 16):
+        x = torch.randn(rows, 1024, generator=gen).to("cuda", torch.bfloat16)
+        xa = torch.randn(rows, 16, generator=gen).to("cuda", torch.bfloat16)
+        outs = []
+        for frozen in (False, True):
+            calls = [(st, None, torch.full((rows, st.shape[0]), float("nan"), dtype=torch.bfloat16,
+                                           device="cuda"),
+                      (xa, torch.randn(st.shape[0], 16, generator=torch.Generator().manual_seed(i))
+                       .to("cuda", torch.bfloat16), 0.5)) for i, st in enumerate(states)]
+            with nf4_mod.frozen_weights() if frozen else contextlib.nullcontext():
+                nf4_mod._CudaBackend.gemv_group(x, calls)
+            outs.append([c[2] for c in calls])
+        for plain, early in zip(*outs):
+            assert torch.isfinite(plain).all()
+            assert torch.equal(early, plain), rows
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("frozen", [False, True], ids=["plain", "frozen_weights"])
+@pytest.mark.parametrize("variant", ["v1", "v3"])
+def test_fused_matmul_gpu_pdl_waits_for_the_previous_kernel(variant, frozen, monkeypatch):
+    """With PDL a call's CTAs start while the previous kernel still runs; they must not read x
+    (here: the previous call's y) or the weight (here: rewritten by the kernel just before)
+    until it has finished. Chains of back-to-back calls, eager and replayed from a CUDA graph,
+    equal the same chains without PDL bit for bit. Inside frozen_weights() (weight loads before
+    the wait) x must still wait; the weight is not rewritten there (that is the promise)."""
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", variant)
+    context = nf4_mod.frozen_weights if frozen else contextlib.nullcontext
     layers = [quantize((2048, 2048), True, device="cuda", seed=40 + i, scale=0.03)[1:]
               for i in range(6)]
 
@@ -958,10 +1027,12 @@ def test_fused_matmul_gpu_pdl_waits_for_the_previous_kernel(variant, monkeypatch
         assert torch.isfinite(want).all() and want.abs().max() > 0
         _use_pdl(monkeypatch, True)
         for _ in range(3):
-            assert torch.equal(chain(x), want), rows
+            with context():
+                assert torch.equal(chain(x), want), rows
         # captured with PDL, replayed with new x
         static_x = x.clone()
-        graph, static_y = capture_cuda_graph(chain, static_x)
+        with context():
+            graph, static_y = capture_cuda_graph(chain, static_x)
         for seed in range(3):
             static_x.copy_(torch.randn(rows, 2048, generator=torch.Generator().manual_seed(seed))
                            .to(device="cuda", dtype=torch.bfloat16))
@@ -971,6 +1042,8 @@ def test_fused_matmul_gpu_pdl_waits_for_the_previous_kernel(variant, monkeypatch
             _use_pdl(monkeypatch, True)
             torch.cuda.synchronize()
             assert torch.equal(static_y, expect), (rows, seed)
+    if frozen:
+        return
 
     # the weight rewritten by the kernel right before each call (an XOR flips it between two
     # states): each result is that of the state the weight is in

@@ -31,6 +31,7 @@ into a per-device workspace (reused by every layer, see workspace()) and call cu
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -428,7 +429,7 @@ class _CudaBackend:
         fuse = _kernel_adds_low_rank(x2, low_rank, variant)
         xa, b, scale = low_rank if fuse else (None, None, 1.0)
         cuda_ops().nf4_gemv(x2, *_state_args(st), bias, st.blocksize, st.blocksize2, variant,
-                            v3_splits, v3_kparts, pdl, xa, b, float(scale), y)
+                            v3_splits, v3_kparts, _pdl_mode(pdl), xa, b, float(scale), y)
         if low_rank is not None and not fuse:
             _add_low_rank(y, *low_rank)
 
@@ -451,7 +452,7 @@ class _CudaBackend:
             [st.absmax2 for st in states], [st.code2 for st in states],
             [st.offset for st in states], [st.code for st in states], [c[1] for c in calls],
             [st.blocksize for st in states], [st.blocksize2 for st in states], variant,
-            v3_splits, v3_kparts, pdl,
+            v3_splits, v3_kparts, _pdl_mode(pdl),
             [c[3][0] if f else None for c, f in zip(calls, fused)],
             [c[3][1] if f else None for c, f in zip(calls, fused)],
             [float(c[3][2]) if f else 1.0 for c, f in zip(calls, fused)],
@@ -497,6 +498,35 @@ def gemv_settings() -> tuple[int, int, int, bool]:
     if pdl not in ("0", "1"):
         raise ValueError(f"FASTFT_NF4_PDL must be 0 or 1 (or unset), got {pdl!r}")
     return _GEMV_VARIANTS[name], max(splits, 0), int(parts_text or 0), pdl == "1"
+
+
+# Depth of frozen_weights() contexts (generate runs them on one thread).
+_FROZEN_WEIGHTS = [0]
+
+
+@contextlib.contextmanager
+def frozen_weights():
+    """Inside: no kernel writes an NF4 weight, its scales or its code (fastft's `generate`:
+    nothing trains while it decodes), so the CUDA backend's fused small-M kernels, launched with
+    programmatic dependent launch, load their first weight steps before waiting for the
+    previous kernel: that kernel's tail hides their latency. Outside, a weight may have been
+    written by the kernel just before (an optimizer step, a copy), which only the wait makes
+    visible. FASTFT_NF4_EARLY_LOADS=0 keeps the plain order (for comparisons)."""
+    _FROZEN_WEIGHTS[0] += 1
+    try:
+        yield
+    finally:
+        _FROZEN_WEIGHTS[0] -= 1
+
+
+def _pdl_mode(pdl: bool) -> int:
+    """The extension's pdl argument: 0 off, 1 on, 2 on with the weight frozen (frozen_weights)."""
+    if not pdl:
+        return 0
+    early = os.environ.get("FASTFT_NF4_EARLY_LOADS", "") or "1"
+    if early not in ("0", "1"):
+        raise ValueError(f"FASTFT_NF4_EARLY_LOADS must be 0 or 1 (or unset), got {early!r}")
+    return 2 if _FROZEN_WEIGHTS[0] > 0 and early == "1" else 1
 
 
 _BACKENDS: dict[str, Any] = {"torch": _TorchBackend, "triton": _TritonBackend,
