@@ -308,6 +308,46 @@ void gemv_group(const at::Tensor& x, at::TensorList packed, at::TensorList absma
   check_launch(launch_hint(g.a[0].pdl));
 }
 
+// out = x·aᵀ for M <= 16 rows of x (nf4_low_rank_input in nf4.h).
+void low_rank_input(const at::Tensor& x, const at::Tensor& a, bool pdl, const at::Tensor& out) {
+  check_rows(x, "x");
+  check_rows(a, "a");
+  check_rows(out, "out");
+  const int64_t M = x.size(0), K = x.size(1), R = a.size(0);
+  TORCH_CHECK(M >= 1 && M <= 16, "fastft nf4_low_rank_input: takes 1 to 16 rows of x, got ", M,
+              " (use a matmul)");
+  TORCH_CHECK(a.size(1) == K, "fastft nf4_low_rank_input: a must be [R, ", K, "], got ",
+              a.sizes());
+  TORCH_CHECK(out.size(0) == M && out.size(1) == R, "fastft nf4_low_rank_input: out must be [",
+              M, ", ", R, "], got ", out.sizes());
+  TORCH_CHECK(R >= 1 && R <= INT32_MAX, "fastft nf4_low_rank_input: a needs 1 to 2^31 - 1 rows");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "fastft nf4_low_rank_input: takes bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(a.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
+              "fastft nf4_low_rank_input: x, a and out must have one dtype");
+  TORCH_CHECK(a.device() == x.device() && out.device() == x.device(),
+              "fastft nf4_low_rank_input: x, a and out must be on one device");
+  for (const at::Tensor* t : {&x, &a})
+    TORCH_CHECK(K % 8 == 0 && t->stride(0) % 8 == 0 &&
+                    reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
+                "fastft nf4_low_rank_input: needs in_features % 8 == 0 and 16-byte aligned rows "
+                "(got K = ", K, ", strides ", t->strides(), ")");
+  c10::cuda::CUDAGuard guard(x.device());
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index());
+  NF4LowRankInput p{};
+  p.x = x.data_ptr(); p.x_stride = x.stride(0);
+  p.a = a.data_ptr(); p.a_stride = a.stride(0);
+  p.out = out.data_ptr(); p.out_stride = out.stride(0);
+  p.M = (int)M; p.K = (int)K; p.R = (int)R;
+  p.dtype = dtype_tag(x);
+  p.pdl = pdl && major >= 9;
+  nf4_low_rank_input(p, stream_of(x));
+  check_launch(p.pdl ? " (nf4_low_rank_input, launched with programmatic dependent launch; "
+                       "FASTFT_NF4_PDL=0 turns it off)"
+                     : " (nf4_low_rank_input)");
+}
+
 }  // namespace
 }  // namespace fastft
 
@@ -315,4 +355,5 @@ TORCH_LIBRARY_IMPL(fastft, CUDA, m) {
   m.impl("nf4_dequantize", &fastft::dequantize);
   m.impl("nf4_gemv", &fastft::gemv);
   m.impl("nf4_gemv_group", &fastft::gemv_group);
+  m.impl("nf4_low_rank_input", &fastft::low_rank_input);
 }

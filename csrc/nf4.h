@@ -123,4 +123,18 @@ void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
 bool nf4_gemv_group_plan(NF4GemvGroup& g, int sms);
 void nf4_gemv_group(const NF4GemvGroup& g, cudaStream_t stream);
 
+// out [M, R] = x [M, K] · a [R, K]ᵀ (nf4_low_rank.cu): the xa of NF4LowRank, a LoRA adapter's
+// x·Aᵀ, at M <= 16. bf16 or f16 (`dtype`) throughout, float32 sums rounded once; K % 8 == 0,
+// x and a rows 16-byte aligned. One CTA per row of a, launched with programmatic dependent
+// launch when `pdl` (compute capability >= 9.0).
+struct NF4LowRankInput {
+  const void* x; int64_t x_stride;
+  const void* a; int64_t a_stride;
+  void* out; int64_t out_stride;
+  int M, K, R;
+  int dtype;
+  bool pdl;
+};
+void nf4_low_rank_input(const NF4LowRankInput& p, cudaStream_t stream);
+
 }  // namespace fastft

@@ -52,6 +52,8 @@ TORCH_LIBRARY(fastft, m) {
         "Tensor?[] code2, Tensor?[] offset, Tensor[] code, Tensor?[] bias, int[] blocksize, "
         "int[] blocksize2, int variant, int v3_splits, int v3_kparts, int pdl, "
         "Tensor?[] lora_xa, Tensor?[] lora_b, float[] lora_scale, Tensor(a!)[] y) -> ()");
+  // out = x·aᵀ at M <= 16: a LoRA adapter's x·Aᵀ for nf4_gemv's low-rank term (lora_xa)
+  m.def("nf4_low_rank_input(Tensor x, Tensor a, bool pdl, Tensor(a!) out) -> ()");
 }
 
 static PyModuleDef fastft_c_module = {PyModuleDef_HEAD_INIT, "_C",

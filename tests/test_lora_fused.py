@@ -512,6 +512,40 @@ def test_nf4_group_switch(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_small_m_low_rank_input_goes_to_the_backend(monkeypatch):
+    """At most 16 rows on NF4 bases, x·Aᵀ (one product per group of stacked adapters: q/k/v,
+    gate/up, down) is asked of the small-M backend's low_rank_input where it has one (the CUDA
+    backend's kernel; faked on Triton here), and its result is what the LoRA term uses; with 17
+    rows, or a backend without it, a matmul."""
+    pytest.importorskip("bitsandbytes")
+    from fastft.ops import nf4
+
+    monkeypatch.setenv("FASTFT_BACKEND", "triton")
+    asked = []
+
+    def low_rank_input(x2, a):
+        asked.append((x2.shape[0], a.shape[0]))
+        return x2.mm(a.t()) * 0  # (zeros: the term must vanish)
+
+    bf16 = torch.bfloat16
+    (gate, Wg), (up, _), (down, _) = (_proj_with_weight(o, i, bf16, seed=s, nf4=True, device="cpu")
+                                      for o, i, s in ((128, 64, 1), (128, 64, 2), (64, 128, 3)))
+    x = torch.randn(1, 3, 64, dtype=bf16)
+    with torch.no_grad():
+        with_term = lora_qkv(x, gate, up, gate)[0]
+        monkeypatch.setattr(nf4._TritonBackend, "low_rank_input", staticmethod(low_rank_input),
+                            raising=False)
+        lora_mlp(x, gate, up, down)
+        assert asked == [(3, 32), (3, 16)], asked  # gate/up stacked (r = 16 each), down
+        without_term = lora_qkv(x, gate, up, gate)[0]
+        assert asked[2:] == [(3, 48)], asked
+        base_only = Projection(gate.base, None, None, 1.0)
+        assert rel_err(without_term, lora_linear(x, base_only)) <= 1e-6
+        assert rel_err(with_term, without_term) > 1e-2
+        lora_mlp(torch.randn(1, 17, 64, dtype=bf16), gate, up, down)
+    assert len(asked) == 3, asked
+
+
 def test_tiny_model_trains_with_fused_lora():
     model = _peft(_tiny_llama(init_std=0.3), init_lora_weights=True)  # standard init: B = 0
     apply_fused_lora(model)
@@ -720,6 +754,15 @@ def test_gpu_qlora_decoding_uses_the_fused_small_m_kernel(monkeypatch):
         names = [e.name for e in prof.events() if "nf4_gemv" in e.name and "kernel" in e.name]
         assert sum("group_kernel" in n for n in names) == 2 * 2, names
         assert len(names) == 2 * 4, names  # + o and down alone
+        # x·Aᵀ by the extension's kernel, once per group (q/k/v stacked, o, gate/up, down)
+        lr_names = [e.name for e in prof.events() if "low_rank_input_kernel" in e.name]
+        assert len(lr_names) == 2 * 4, lr_names
+        monkeypatch.setenv("FASTFT_NF4_LOW_RANK_INPUT", "0")  # a matmul instead
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            off = model(input_ids=ids).logits.float()
+            torch.cuda.synchronize()
+        assert not [e.name for e in prof.events() if "low_rank_input_kernel" in e.name]
+        assert rel_err(off, got) <= 1e-2
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])

@@ -543,6 +543,9 @@ def test_cuda_ops_pass_opcheck():
                                                    [st.blocksize2] * 2, 0, 0, 0, 1,
                                                    [None, None], [None, None], [1.0, 1.0],
                                                    [y, y2]))
+        xa = torch.empty(5, 24, dtype=torch.bfloat16, device="cuda")
+        a = torch.randn(24, 256, dtype=torch.bfloat16, device="cuda")
+        torch.library.opcheck(ops.nf4_low_rank_input, (x, a, True, xa))
 
 
 @pytest.mark.gpu
@@ -836,6 +839,17 @@ def test_gemv_settings_from_environment(monkeypatch):
             nf4_mod.gemv_settings()
 
 
+def test_low_rank_input_switch_is_checked(monkeypatch):
+    """FASTFT_NF4_LOW_RANK_INPUT: 0 or 1; anything else names the variable (checked before the
+    extension is asked, so on the CPU too)."""
+    x, a = torch.randn(2, 16, dtype=torch.bfloat16), torch.randn(4, 16, dtype=torch.bfloat16)
+    monkeypatch.setenv("FASTFT_NF4_LOW_RANK_INPUT", "yes")
+    with pytest.raises(ValueError, match="FASTFT_NF4_LOW_RANK_INPUT must be 0 or 1"):
+        nf4_mod._CudaBackend.low_rank_input(x, a)
+    monkeypatch.setenv("FASTFT_NF4_LOW_RANK_INPUT", "0")
+    assert nf4_mod._CudaBackend.low_rank_input(x, a) is None
+
+
 def test_pdl_mode_loads_early_only_inside_frozen_weights(monkeypatch):
     """The extension's pdl argument: 0 without PDL, 1 with it, 2 (weight loads before the
     wait) only inside frozen_weights(), nested or not, and not with FASTFT_NF4_EARLY_LOADS=0;
@@ -956,6 +970,53 @@ def test_fused_matmul_gpu_pdl_changes_no_bit(variant, monkeypatch):
             _use_pdl(monkeypatch, False)
             assert torch.equal(nf4_matmul(x, packed, state, bias, backend="cuda"), with_pdl), \
                 (w_shape, rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_rank_input_gpu_against_float64(dtype):
+    """nf4_low_rank_input (x·Aᵀ at M <= 16, the LoRA term's input) against float64: float32
+    sums rounded once, so within one rounding of the exact product plus the float32 sums'
+    worst-case error; odd M, K and R, strided rows, with and without PDL; every element
+    written (out poisoned with NaN); the same bits on a second call."""
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    ops = torch.ops.fastft
+    gen = torch.Generator().manual_seed(11)
+    unit = torch.finfo(dtype).eps / 2  # one rounding
+    for M, K, R in ((1, 4096, 48), (3, 296, 7), (16, 14336, 16), (9, 8, 1), (16, 1032, 33)):
+        wide_x = torch.randn(M, K + 24, generator=gen).to("cuda", dtype)
+        x = wide_x[:, 8:8 + K]  # rows 16-byte aligned, stride K + 24
+        a = (torch.randn(R, K, generator=gen) / K ** 0.5).to("cuda", dtype)
+        for pdl in (True, False):
+            out = torch.full((M, R), float("nan"), dtype=dtype, device="cuda")
+            ops.nf4_low_rank_input(x, a, pdl, out)
+            exact = x.double() @ a.double().t()
+            # float32 sums: each thread adds K / 256 products in turn, then 5 shuffle steps and 8
+            # warps: at most that many float32 roundings deep; then one rounding to dtype
+            depth = K / 256 + 16
+            f32_error = depth * 2.0 ** -24 * (x.double().abs() @ a.double().abs().t())
+            bound = unit * exact.abs() + (1 + unit) * f32_error
+            assert torch.isfinite(out).all(), (M, K, R)
+            assert ((out.double() - exact).abs() <= bound).all(), (M, K, R, pdl)
+            again = torch.empty_like(out)
+            ops.nf4_low_rank_input(x, a, pdl, again)
+            assert torch.equal(again, out)
+    x = torch.randn(17, 64, dtype=dtype, device="cuda")
+    a = torch.randn(8, 64, dtype=dtype, device="cuda")
+    with pytest.raises(RuntimeError, match="1 to 16 rows"):
+        ops.nf4_low_rank_input(x, a, True, torch.empty(17, 8, dtype=dtype, device="cuda"))
+    with pytest.raises(RuntimeError, match="in_features % 8 == 0"):
+        ops.nf4_low_rank_input(x[:4, :60], a[:, :60], True,
+                               torch.empty(4, 8, dtype=dtype, device="cuda"))
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ops.nf4_low_rank_input(x[:4], a.float(), True, torch.empty(4, 8, dtype=dtype, device="cuda"))
+    # the backend's wrapper: None (a matmul instead) where the kernel does not apply
+    backend = nf4_mod._CudaBackend
+    assert backend.low_rank_input(x, a) is None  # 17 rows
+    assert backend.low_rank_input(x[:4, 1:57], a[:, 1:57]) is None  # misaligned rows
+    got = backend.low_rank_input(x[:4], a)
+    assert got.shape == (4, 8) and (got.double() - x[:4].double() @ a.double().t()).abs().max() < 0.1
 
 
 @pytest.mark.gpu

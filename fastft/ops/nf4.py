@@ -434,6 +434,32 @@ class _CudaBackend:
             _add_low_rank(y, *low_rank)
 
     @staticmethod
+    def low_rank_input(x2, a):
+        """x2 @ aᵀ ([M, R] in x2's dtype: a LoRA adapter's x·Aᵀ, the low-rank term's input)
+        by the extension's one-kernel product, or None where it does not apply (more than
+        SMALL_M rows, dtypes, layout, FASTFT_NF4_LOW_RANK_INPUT=0, an older build). cuBLAS runs
+        this skinny product as split-K plus a reduce (~5.7 us, run 100); the kernel is launched
+        with PDL, so the gemv after it starts at once (and in generate loads its weight)."""
+        ops = cuda_ops()
+        flag = os.environ.get("FASTFT_NF4_LOW_RANK_INPUT", "") or "1"
+        if flag not in ("0", "1"):
+            raise ValueError("FASTFT_NF4_LOW_RANK_INPUT must be 0 or 1 (or unset), got "
+                             f"{flag!r}")
+        if flag == "0" or not hasattr(ops, "nf4_low_rank_input"):
+            return None
+        M, K = x2.shape
+        if (not 1 <= M <= SMALL_M or x2.dtype not in (torch.bfloat16, torch.float16)
+                or a.dtype != x2.dtype or a.dim() != 2 or a.shape[1] != K or K % 8 != 0
+                or a.device != x2.device):
+            return None
+        for t in (x2, a):
+            if t.stride(1) != 1 or t.stride(0) % 8 != 0 or t.data_ptr() % 16 != 0:
+                return None
+        out = x2.new_empty(M, a.shape[0])
+        ops.nf4_low_rank_input(x2, a, gemv_settings()[3], out)
+        return out
+
+    @staticmethod
     def gemv_group(x2, calls) -> None:
         """gemv for several weights of one x2, calls = [(st, bias, y, low_rank), ...], in one
         launch where the extension's plan takes them (nf4_gemv_group: v3 over all the weights),
@@ -538,8 +564,8 @@ for _op in ("nf4_dequantize", "nf4_matmul"):
         dispatch.register(_op, "cuda", _CudaBackend)
 
 if cuda_ops() is not None and hasattr(cuda_ops(), "nf4_dequantize"):
-    for _name in ("nf4_dequantize", "nf4_gemv", "nf4_gemv_group"):
-        if hasattr(cuda_ops(), _name):  # (nf4_gemv_group: not in older builds)
+    for _name in ("nf4_dequantize", "nf4_gemv", "nf4_gemv_group", "nf4_low_rank_input"):
+        if hasattr(cuda_ops(), _name):  # (the last two: not in older builds)
             torch.library.register_fake(f"fastft::{_name}")(lambda *args, **kwargs: None)
 
 
