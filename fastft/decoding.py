@@ -16,6 +16,10 @@ What a graph bakes in, and how it stays correct:
 - Values of parameters are read at replay, so adapters trained in place between calls are used.
 - The cache's in-place counters (StaticLayer.cumulative_length): capture needs warm-up forwards,
   which advance them, so they are saved before and put back after.
+- Sliding-window layers (StaticSlidingWindowLayer) also count in a Python int, which picks the
+  branch of their update and which a replay does not advance: steps are graphed only while every
+  window has room for the new token (update's in-place branch), and after each replay the ints
+  are set as the step's forward would have set them. Steps past a full window run eagerly.
 - One static cache is kept across `generate` calls (transformers would make a new one per call,
   and a new cache means new graphs: at 32 layers two warm-up forwards and a capture, ~0.2 s per
   call). A call of the same batch size and cache length takes it again, reset in place, unless
@@ -25,7 +29,7 @@ What a graph bakes in, and how it stays correct:
   (see _allow_deferred_stop_checks), so the host does not wait for the GPU at every step.
 Steps that do not fit run eagerly, exactly as before: grad enabled, train mode, more than one
 new token per sequence (the prompt), a cache other than a plain StaticCache of full-attention
-layers (sliding windows keep host-side counters), extra model inputs, or outputs asked for
+and sliding-window layers, a full sliding window, extra model inputs, or outputs asked for
 besides the logits; and whole calls whose cache tensors move between steps (beam search).
 Graphs are used only inside `generate`, never in a user's own forward loop.
 """
@@ -53,6 +57,10 @@ _CACHE_NAMES = ("past_key_values", "cache")  # transformers <= 5.17 / later
 _GRAPHED_CACHE = "_fastft_graph_decoding"
 # The causal LM's methods enable_graph_decoding replaces on the instance (undone by disable).
 _WRAPPED = ("forward", "generate", "_prepare_static_cache")
+# StaticCache layers a graph can follow; a sliding window's host-side int counter is kept by
+# _sliding_counters (see the module's doc)
+_GRAPHED_LAYERS = ("StaticLayer", "StaticSlidingWindowLayer")
+_SLIDING_COUNTER = "cumulative_length_int"
 # Tests on CPU set this: a "graph" then re-runs the forward on its inputs' buffers at each
 # replay, which exercises everything here except the capture itself.
 _EMULATE_ON_CPU = False
@@ -77,8 +85,8 @@ def graph_decoding_supported(model) -> str | None:
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
         return f"attention {getattr(config, '_attn_implementation', None)!r} (graphs: sdpa or eager)"
     kinds = _static_layer_kinds(config)
-    if kinds is None or set(kinds) != {"StaticLayer"}:
-        return "sliding-window (or other non-full) attention layers keep host-side counters"
+    if kinds is None or not set(kinds) <= set(_GRAPHED_LAYERS):
+        return f"cache layers {sorted(set(kinds or ()) - set(_GRAPHED_LAYERS))} (graphs: full or sliding-window attention)"
     return None
 
 
@@ -218,6 +226,12 @@ def _cache_tensors(cache):
     return found
 
 
+def _sliding_counters(cache):
+    """[(layer, its Python-int token count)] of the cache's sliding-window layers."""
+    return [(layer, getattr(layer, _SLIDING_COUNTER)) for layer in cache.layers
+            if type(layer).__name__ == "StaticSlidingWindowLayer"]
+
+
 def _graph_device(device) -> bool:
     return device.type == "cuda" or (_EMULATE_ON_CPU and device.type == "cpu")
 
@@ -351,9 +365,14 @@ class _GraphDecoder:
         if type(cache).__name__ != "StaticCache" or not cache.layers:
             return None
         for layer in cache.layers:
-            if type(layer).__name__ != "StaticLayer" or not getattr(layer, "is_initialized", False) \
+            kind = type(layer).__name__
+            if kind not in _GRAPHED_LAYERS or not getattr(layer, "is_initialized", False) \
                     or layer.keys.device != ids.device:
                 return None
+            if kind == "StaticSlidingWindowLayer":
+                count = getattr(layer, _SLIDING_COUNTER, None)
+                if type(count) is not int or count + ids.shape[1] > layer.max_cache_len:
+                    return None  # a full window: update's other branches (roll, cat) run eagerly
         tensors, plain = {}, []  # tensors: {(name,) or (name, key in a dict of masks): tensor}
         for name, value in kwargs.items():
             if name == cache_name or value is None:
@@ -374,8 +393,9 @@ class _GraphDecoder:
         for path, t in tensors.items():
             if t.device != ids.device:
                 return None
-            if path[0] == "attention_mask" and (t.dim() != 4 or t.shape[-1] != cache.layers[0].keys.shape[2]):
-                return None  # a 2-D mask grows each step: only transformers' 4-D static one fits
+            if path[0] == "attention_mask" and (
+                    t.dim() != 4 or t.shape[-1] not in {layer.keys.shape[2] for layer in cache.layers}):
+                return None  # a 2-D mask grows each step: only transformers' 4-D static ones fit
         key = (tuple((p, tuple(t.shape), t.dtype) for p, t in sorted(tensors.items())),
                tuple(sorted(plain)), cache_name, id(cache), torch.is_inference_mode_enabled())
         return key, cache, tensors
@@ -406,7 +426,10 @@ class _GraphDecoder:
             self.graphs[key] = graph
         for path, value in tensors.items():
             graph.inputs[path].copy_(value)
+        sliding = _sliding_counters(cache)
         graph.replay()
+        for layer, count in sliding:  # what the step's update would have counted
+            setattr(layer, _SLIDING_COUNTER, count + tensors[("input_ids",)].shape[1])
         fields = {k: (cache if v is _CACHE else v.clone() if torch.is_tensor(v) else v)
                   for k, v in graph.output_fields.items()}
         return graph.output_type(**fields)
@@ -422,10 +445,13 @@ class _GraphDecoder:
                 call[path[0]][path[1]] = buffer
         counters = [(owner, name, t.clone()) for owner, name, t in _cache_tensors(cache)
                     if name not in ("keys", "values")]
+        sliding = _sliding_counters(cache)
 
         def restore_counters():
             for owner, name, saved in counters:
                 getattr(owner, name).copy_(saved)
+            for layer, count in sliding:
+                setattr(layer, _SLIDING_COUNTER, count)
 
         def warm_up():  # lazy inits, workspaces, kernel plans (emulated too: tests the restore)
             for _ in range(2):
@@ -463,6 +489,9 @@ class _GraphDecoder:
                 # see fastft.ops.lora.frozen_factor_copies)
                 with torch.cuda.graph(cuda_graph), _lora_ops().frozen_factor_copies():
                     output = self.forward(**call)
+                # (the capture ran no kernel, so the tensor counters are as they were, but its
+                # Python did count in the sliding windows' ints)
+                restore_counters()
                 replay = cuda_graph.replay
         except Exception as exc:  # a host sync or an op capture does not allow: stay eager
             restore_counters()

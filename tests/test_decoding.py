@@ -15,7 +15,7 @@ import fastft.decoding as decoding
 from fastft.loader import FastLanguageModel
 from tests.tiny_models import FAMILIES, save_tiny_model
 
-GRAPHED = ("llama", "qwen2", "qwen3")  # full attention only; the others have sliding windows
+GRAPHED = FAMILIES  # full attention, or sliding windows graphed while they have room
 
 
 @pytest.fixture
@@ -85,6 +85,43 @@ def test_graphed_generate_matches_eager(family, model_dirs, emulate):
         assert decoding.graph_count(model) == 0 and lm.generation_config.cache_implementation is None
     assert torch.equal(graphed.sequences, eager.sequences)
     assert _max_score_diff(graphed, eager) <= 1e-4
+
+
+def test_sliding_windows_graphed_while_they_have_room(model_dirs, emulate):
+    """Sliding-window layers (gemma2: every other layer, a window of 16) decode from graphs while
+    the window has room for the new token, and eagerly once it is full (their update's roll and
+    cat branches); the tokens equal eager static-cache decoding either way. The replays here
+    leave the layers' Python-int counters alone, as a real CUDA graph's do, so run() must count
+    for them."""
+    model, _ = _lora_model(model_dirs["gemma2"])
+    FastLanguageModel.for_inference(model, use_cuda_graphs=False)
+    eager = _generate(model, new=16, cache_implementation="static")  # 6 + 16 tokens > 16
+    FastLanguageModel.for_inference(model)
+    decoder = model.get_base_model().__dict__[decoding._ATTR]
+    real_capture, replays = decoder.capture, []
+
+    def capture(*args):
+        graph = real_capture(*args)
+        if graph is not None:
+            emulated = graph.replay
+
+            def replay_without_python():
+                counts = decoding._sliding_counters(graph.cache_ref())
+                emulated()  # (re-runs the forward, whose update counts: undone below)
+                for layer, count in counts:
+                    setattr(layer, decoding._SLIDING_COUNTER, count)
+                replays.append(1)
+            graph.replay = replay_without_python
+        return graph
+
+    decoder.capture = capture
+    graphed = _generate(model, new=16)
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert _max_score_diff(graphed, eager) <= 1e-5
+    # the window (16) holds the prompt (6) and then has room for 10 decoding steps' tokens
+    assert len(replays) == 10, len(replays)
+    cache_layers = [type(layer).__name__ for layer in decoder.kept_cache[1].layers]
+    assert "StaticSlidingWindowLayer" in cache_layers and "StaticLayer" in cache_layers
 
 
 def test_graphs_follow_the_model(model_dirs, emulate):
@@ -328,6 +365,23 @@ def test_gpu_graphed_generate_matches_eager(family, dtype, model_dirs):
     model, _ = _lora_model(model_dirs[family], device="cuda", dtype=dtype)
     eager = _gpu_graphed_matches_eager(model, 1e-5 if dtype == torch.float32 else 1e-2)[1]
     again = _generate(model, device="cuda")  # replays (the cache is reused or captured anew)
+    assert torch.equal(again.sequences, eager.sequences)
+
+
+@pytest.mark.gpu
+def test_gpu_sliding_window_fills_during_a_graphed_call(model_dirs):
+    """Real graphs on gemma2 (window 16) past the window: replays while it has room, eager steps
+    after; the tokens equal eager static-cache decoding (the replays' counting is right)."""
+    model, _ = _lora_model(model_dirs["gemma2"], device="cuda", dtype=torch.float32)
+    FastLanguageModel.for_inference(model, use_cuda_graphs=False)
+    eager = _generate(model, device="cuda", new=16, cache_implementation="static")
+    FastLanguageModel.for_inference(model)
+    graphed = _generate(model, device="cuda", new=16)
+    assert model.get_base_model().__dict__[decoding._ATTR].failed is None
+    assert decoding.graph_count(model) == 1
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert _max_score_diff(graphed, eager) <= 1e-5
+    again = _generate(model, device="cuda", new=16)  # the kept cache, reset: replays again
     assert torch.equal(again.sequences, eager.sequences)
 
 
