@@ -9,16 +9,16 @@ namespace {
 // same shape, dtype and device as gate (rows may have their own stride).
 void check_gate(const at::Tensor& gate, int64_t act) {
   check_rows(gate, "gate");
-  TORCH_CHECK(act == kSiLU || act == kGeluErf || act == kGeluTanh,
+  FASTFT_CHECK(act == kSiLU || act == kGeluErf || act == kGeluTanh,
               "fastft: act must be 0 (SiLU), 1 (GELU erf) or 2 (GELU tanh), got ", act);
 }
 
 void check_like(const at::Tensor& t, const at::Tensor& gate, const char* name) {
   check_rows(t, name);
-  TORCH_CHECK(t.sizes() == gate.sizes() && t.scalar_type() == gate.scalar_type(), "fastft: ", name,
+  FASTFT_CHECK(t.sizes() == gate.sizes() && t.scalar_type() == gate.scalar_type(), "fastft: ", name,
               " must match gate's shape ", gate.sizes(), " and dtype ", gate.scalar_type(),
               ", got ", t.sizes(), " ", t.scalar_type());
-  TORCH_CHECK(t.device() == gate.device(), "fastft: ", name, " is on ", t.device(),
+  FASTFT_CHECK(t.device() == gate.device(), "fastft: ", name, " is on ", t.device(),
               ", gate on ", gate.device());
 }
 

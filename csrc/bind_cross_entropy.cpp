@@ -9,27 +9,27 @@ namespace {
 
 void check_common(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& loss) {
   check_rows(logits, "logits");
-  TORCH_CHECK(logits.size(1) >= 1, "fastft: logits need a vocab dim of at least 1");
+  FASTFT_CHECK(logits.size(1) >= 1, "fastft: logits need a vocab dim of at least 1");
   check_cuda(labels, "labels");
-  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.is_contiguous() &&
+  FASTFT_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.is_contiguous() &&
                   labels.size(0) == logits.size(0),
               "fastft: labels must be a contiguous int64 tensor of ", logits.size(0),
               " elements (one per logits row), got ", labels.scalar_type(), " ", labels.sizes());
   check_cuda(loss, "loss");
-  TORCH_CHECK(loss.scalar_type() == at::kFloat && loss.dim() == 1 && loss.is_contiguous() &&
+  FASTFT_CHECK(loss.scalar_type() == at::kFloat && loss.dim() == 1 && loss.is_contiguous() &&
                   loss.size(0) == logits.size(0),
               "fastft: loss must be a contiguous float32 tensor of ", logits.size(0), " elements");
-  TORCH_CHECK(labels.device() == logits.device() && loss.device() == logits.device(),
+  FASTFT_CHECK(labels.device() == logits.device() && loss.device() == logits.device(),
               "fastft: logits, labels and loss must be on one device");
 }
 
 void check_weight(const at::Tensor& w, const at::Tensor& logits) {
   check_cuda(w, "row_weight");
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() &&
+  FASTFT_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() &&
                   (w.numel() == 1 || w.numel() == logits.size(0)),
               "fastft: row_weight must be a contiguous float32 tensor of 1 or ", logits.size(0),
               " elements, got ", w.scalar_type(), " ", w.sizes());
-  TORCH_CHECK(w.device() == logits.device(), "fastft: row_weight must be on the logits' device");
+  FASTFT_CHECK(w.device() == logits.device(), "fastft: row_weight must be on the logits' device");
 }
 
 // Layout switches (benchmarks and tests compare them): FASTFT_CE_BLOCKS_PER_SM=1|2 forces the
@@ -55,7 +55,7 @@ void launch(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor
   a.rows = logits.size(0); a.vocab = logits.size(1); a.dtype = dtype_tag(logits);
   a.ignore_index = ignore_index;
   a.softcap = (float)softcap; a.scale = (float)logit_scale; a.smoothing = (float)label_smoothing;
-  TORCH_CHECK(a.rows < (int64_t{1} << 31), "fastft: cross_entropy takes fewer than 2^31 rows");
+  FASTFT_CHECK(a.rows < (int64_t{1} << 31), "fastft: cross_entropy takes fewer than 2^31 rows");
   CrossEntropyLayout layout;
   layout.blocks_per_sm = env_int("FASTFT_CE_BLOCKS_PER_SM");
   layout.cluster_size = env_int("FASTFT_CE_CLUSTER");
@@ -70,9 +70,9 @@ void cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& labels, const
   check_common(logits, labels, loss);
   if (grad) {
     check_rows(*grad, "grad");
-    TORCH_CHECK(grad->sizes() == logits.sizes() && grad->scalar_type() == logits.scalar_type(),
+    FASTFT_CHECK(grad->sizes() == logits.sizes() && grad->scalar_type() == logits.scalar_type(),
                 "fastft: grad must match the logits' shape and dtype");
-    TORCH_CHECK(row_weight.has_value(), "fastft: a gradient needs row_weight");
+    FASTFT_CHECK(row_weight.has_value(), "fastft: a gradient needs row_weight");
   }
   if (row_weight) check_weight(*row_weight, logits);
   launch(logits, labels, loss, grad ? grad->data_ptr() : nullptr, grad ? grad->stride(0) : 0,

@@ -12,7 +12,7 @@ namespace fastft {
 namespace {
 
 int log2_of(int64_t v, const char* name) {
-  TORCH_CHECK(v > 0 && (v & (v - 1)) == 0, "fastft nf4: ", name, " must be a power of two, got ",
+  FASTFT_CHECK(v > 0 && (v & (v - 1)) == 0, "fastft nf4: ", name, " must be a power of two, got ",
               v);
   int l = 0;
   while ((int64_t(1) << l) < v) ++l;
@@ -22,11 +22,11 @@ int log2_of(int64_t v, const char* name) {
 void check_vector(const at::Tensor& t, const at::Tensor& like, at::ScalarType dtype,
                   int64_t min_numel, const char* name) {
   check_cuda(t, name);
-  TORCH_CHECK(t.device() == like.device(), "fastft nf4: ", name, " is on ", t.device(),
+  FASTFT_CHECK(t.device() == like.device(), "fastft nf4: ", name, " is on ", t.device(),
               ", the packed weight on ", like.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "fastft nf4: ", name, " must be ", dtype, ", got ",
+  FASTFT_CHECK(t.scalar_type() == dtype, "fastft nf4: ", name, " must be ", dtype, ", got ",
               t.scalar_type());
-  TORCH_CHECK(t.is_contiguous() && t.numel() >= min_numel, "fastft nf4: ", name,
+  FASTFT_CHECK(t.is_contiguous() && t.numel() >= min_numel, "fastft nf4: ", name,
               " must be contiguous with at least ", min_numel, " elements, got ", t.numel());
 }
 
@@ -39,10 +39,10 @@ NF4Weight weight_of(const at::Tensor& packed, const at::Tensor& absmax,
   check_vector(packed, packed, at::kByte, (numel + 1) / 2, "packed");
   check_vector(code, packed, at::kFloat, 16, "code");
   const int bs_log2 = log2_of(blocksize, "blocksize");
-  TORCH_CHECK(blocksize >= 32, "fastft nf4: blocksize must be >= 32, got ", blocksize);
+  FASTFT_CHECK(blocksize >= 32, "fastft nf4: blocksize must be >= 32, got ", blocksize);
   const int64_t blocks = (numel + blocksize - 1) / blocksize;
   const bool nested = absmax2.has_value();
-  TORCH_CHECK(nested == code2.has_value() && nested == offset.has_value(),
+  FASTFT_CHECK(nested == code2.has_value() && nested == offset.has_value(),
               "fastft nf4: absmax2, code2 and offset come together (nested state) or not at all");
   NF4Weight w{};
   w.packed = packed.data_ptr<uint8_t>();
@@ -69,13 +69,13 @@ void dequantize(const at::Tensor& packed, const at::Tensor& absmax,
                 const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
                 const c10::optional<at::Tensor>& offset, const at::Tensor& code, int64_t blocksize,
                 int64_t blocksize2, int64_t numel, const at::Tensor& out) {
-  TORCH_CHECK(numel >= 0, "fastft nf4: numel must be >= 0");
+  FASTFT_CHECK(numel >= 0, "fastft nf4: numel must be >= 0");
   NF4Weight w = weight_of(packed, absmax, absmax2, code2, offset, code, blocksize, blocksize2,
                           numel);
   check_cuda(out, "out");
-  TORCH_CHECK(out.device() == packed.device(), "fastft nf4: out is on ", out.device(),
+  FASTFT_CHECK(out.device() == packed.device(), "fastft nf4: out is on ", out.device(),
               ", the packed weight on ", packed.device());
-  TORCH_CHECK(out.is_contiguous() && out.numel() >= numel, "fastft nf4: out must be contiguous "
+  FASTFT_CHECK(out.is_contiguous() && out.numel() >= numel, "fastft nf4: out must be contiguous "
               "with at least ", numel, " elements");
   const int tag = dtype_tag(out);
   c10::cuda::CUDAGuard guard(packed.device());
@@ -112,28 +112,28 @@ GemvCall prepare_gemv(const at::Tensor& x, const at::Tensor& packed, const at::T
   // FASTFT_NF4_V3_SPLITS, FASTFT_NF4_V3_KPARTS (0 = the plan chooses) and FASTFT_NF4_PDL, so the
   // extension reads no environment. pdl: 0 off, 1 on, 2 on with the weight frozen (its first
   // loads before the wait: NF4GemvArgs::weights_frozen; fastft.ops.nf4.frozen_weights).
-  TORCH_CHECK((variant >= 0 && variant <= 3) || variant == 5 || variant == 6,
+  FASTFT_CHECK((variant >= 0 && variant <= 3) || variant == 5 || variant == 6,
               "fastft nf4: variant must be 0..3, 5 or 6, got ", variant);
-  TORCH_CHECK(v3_splits >= 0 && v3_splits <= 65535, "fastft nf4: v3_splits must be 0..65535, got ",
+  FASTFT_CHECK(v3_splits >= 0 && v3_splits <= 65535, "fastft nf4: v3_splits must be 0..65535, got ",
               v3_splits);
-  TORCH_CHECK(pdl >= 0 && pdl <= 2, "fastft nf4: pdl must be 0, 1 or 2, got ", pdl);
-  TORCH_CHECK(v3_kparts == 0 || v3_kparts == 1 || v3_kparts == 2 || v3_kparts == 4 ||
+  FASTFT_CHECK(pdl >= 0 && pdl <= 2, "fastft nf4: pdl must be 0, 1 or 2, got ", pdl);
+  FASTFT_CHECK(v3_kparts == 0 || v3_kparts == 1 || v3_kparts == 2 || v3_kparts == 4 ||
                   v3_kparts == 8 || v3_kparts == 16,
               "fastft nf4: v3_kparts must be 0, 1, 2, 4, 8 or 16, got ", v3_kparts);
   check_rows(x, "x");
   check_rows(y, "y");
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
-  TORCH_CHECK(y.size(0) == M, "fastft nf4: y must have x's ", M, " rows, got ", y.size(0));
-  TORCH_CHECK(M <= 16, "fastft nf4: the fused kernel takes at most 16 rows of x, got ", M,
+  FASTFT_CHECK(y.size(0) == M, "fastft nf4: y must have x's ", M, " rows, got ", y.size(0));
+  FASTFT_CHECK(M <= 16, "fastft nf4: the fused kernel takes at most 16 rows of x, got ", M,
               " (larger inputs: dequantise and use a matmul)");
-  TORCH_CHECK(K % 32 == 0, "fastft nf4: the fused kernel needs in_features % 32 == 0, got ", K,
+  FASTFT_CHECK(K % 32 == 0, "fastft nf4: the fused kernel needs in_features % 32 == 0, got ", K,
               " (use nf4_dequantize + matmul)");
-  TORCH_CHECK(blocksize >= 32, "fastft nf4: the fused kernel needs blocksize >= 32, got ",
+  FASTFT_CHECK(blocksize >= 32, "fastft nf4: the fused kernel needs blocksize >= 32, got ",
               blocksize, " (use nf4_dequantize + matmul)");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+  FASTFT_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "fastft nf4: the fused kernel takes bfloat16 or float16 x, got ", x.scalar_type());
-  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "fastft nf4: y must have x's dtype");
-  TORCH_CHECK(y.device() == x.device() && packed.device() == x.device(),
+  FASTFT_CHECK(y.scalar_type() == x.scalar_type(), "fastft nf4: y must have x's dtype");
+  FASTFT_CHECK(y.device() == x.device() && packed.device() == x.device(),
               "fastft nf4: x, y and the weight must be on one device");
   // The kernel reads x rows and the packed weight in 16-byte pieces: copy what is misaligned.
   at::Tensor xa = aligned_rows(x), pa = packed;
@@ -143,35 +143,35 @@ GemvCall prepare_gemv(const at::Tensor& x, const at::Tensor& packed, const at::T
                           N * K);
   if (bias) {
     check_cuda(*bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous() &&
+    FASTFT_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous() &&
                     bias->scalar_type() == x.scalar_type(),
                 "fastft nf4: bias must be a contiguous [", N, "] tensor of x's dtype");
   }
   // The low-rank term (y += lora_scale * lora_xa lora_bᵀ): read in 16-byte pieces, so rows must
   // be aligned and the rank a multiple of 8 (fastft/ops/nf4.py checks this before asking).
-  TORCH_CHECK(lora_xa.has_value() == lora_b.has_value(),
+  FASTFT_CHECK(lora_xa.has_value() == lora_b.has_value(),
               "fastft nf4: lora_xa and lora_b come together (or neither)");
   int64_t rank = 0;
   if (lora_xa) {
     check_cuda(*lora_xa, "lora_xa");
     check_cuda(*lora_b, "lora_b");
     rank = lora_xa->dim() == 2 ? lora_xa->size(1) : -1;
-    TORCH_CHECK(lora_xa->dim() == 2 && lora_xa->size(0) == M && lora_b->dim() == 2 &&
+    FASTFT_CHECK(lora_xa->dim() == 2 && lora_xa->size(0) == M && lora_b->dim() == 2 &&
                     lora_b->size(0) == N && lora_b->size(1) == rank,
                 "fastft nf4: lora_xa must be [", M, ", r] and lora_b [", N, ", r], got ",
                 lora_xa->sizes(), " and ", lora_b->sizes());
-    TORCH_CHECK(lora_xa->scalar_type() == x.scalar_type() &&
+    FASTFT_CHECK(lora_xa->scalar_type() == x.scalar_type() &&
                     lora_b->scalar_type() == x.scalar_type(),
                 "fastft nf4: lora_xa and lora_b must have x's dtype");
     for (const at::Tensor* t : {&*lora_xa, &*lora_b})
-      TORCH_CHECK(rank > 0 && rank % 8 == 0 && t->stride(1) == 1 && t->stride(0) % 8 == 0 &&
+      FASTFT_CHECK(rank > 0 && rank % 8 == 0 && t->stride(1) == 1 && t->stride(0) % 8 == 0 &&
                       reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
                   "fastft nf4: the low-rank term needs a rank that is a multiple of 8 and "
                   "16-byte aligned rows (got rank ", rank, ", strides ", t->strides(), ")");
   }
   int major = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index());
-  TORCH_CHECK(major >= 8, "fastft nf4: the fused kernel needs compute capability >= 8.0");
+  FASTFT_CHECK(major >= 8, "fastft nf4: the fused kernel needs compute capability >= 8.0");
   GemvCall call;
   call.x = xa;
   call.packed = pa;
@@ -223,7 +223,7 @@ void launch_gemv_call(GemvCall& call) {
   NF4GemvArgs& a = call.a;
   c10::cuda::CUDAGuard guard(call.x.device());
   nf4_gemv_plan(call.w, a, sm_count(call.x));
-  TORCH_CHECK(call.lr.xa == nullptr || a.variant != 2,
+  FASTFT_CHECK(call.lr.xa == nullptr || a.variant != 2,
               "fastft nf4: the low-rank term is not implemented in the v2 kernel "
               "(FASTFT_NF4_GEMV=v2): add it after the call");
   at::Tensor scratch;
@@ -262,11 +262,11 @@ void gemv_group(const at::Tensor& x, at::TensorList packed, at::TensorList absma
                 const c10::List<c10::optional<at::Tensor>>& lora_b,
                 at::ArrayRef<double> lora_scale, at::TensorList y) {
   const size_t n = packed.size();
-  TORCH_CHECK(n >= 1, "fastft nf4: nf4_gemv_group needs at least one weight");
+  FASTFT_CHECK(n >= 1, "fastft nf4: nf4_gemv_group needs at least one weight");
   for (size_t len : {absmax.size(), absmax2.size(), code2.size(), offset.size(), code.size(),
                      bias.size(), blocksize.size(), blocksize2.size(), lora_xa.size(),
                      lora_b.size(), lora_scale.size(), y.size()})
-    TORCH_CHECK(len == n, "fastft nf4: nf4_gemv_group takes one entry per weight in every list "
+    FASTFT_CHECK(len == n, "fastft nf4: nf4_gemv_group takes one entry per weight in every list "
                 "(", n, " packed weights, a list of ", len, ")");
   check_rows(x, "x");
   const at::Tensor xa = aligned_rows(x);  // once: the group shares one x
@@ -314,21 +314,21 @@ void low_rank_input(const at::Tensor& x, const at::Tensor& a, bool pdl, const at
   check_rows(a, "a");
   check_rows(out, "out");
   const int64_t M = x.size(0), K = x.size(1), R = a.size(0);
-  TORCH_CHECK(M >= 1 && M <= 16, "fastft nf4_low_rank_input: takes 1 to 16 rows of x, got ", M,
+  FASTFT_CHECK(M >= 1 && M <= 16, "fastft nf4_low_rank_input: takes 1 to 16 rows of x, got ", M,
               " (use a matmul)");
-  TORCH_CHECK(a.size(1) == K, "fastft nf4_low_rank_input: a must be [R, ", K, "], got ",
+  FASTFT_CHECK(a.size(1) == K, "fastft nf4_low_rank_input: a must be [R, ", K, "], got ",
               a.sizes());
-  TORCH_CHECK(out.size(0) == M && out.size(1) == R, "fastft nf4_low_rank_input: out must be [",
+  FASTFT_CHECK(out.size(0) == M && out.size(1) == R, "fastft nf4_low_rank_input: out must be [",
               M, ", ", R, "], got ", out.sizes());
-  TORCH_CHECK(R >= 1 && R <= INT32_MAX, "fastft nf4_low_rank_input: a needs 1 to 2^31 - 1 rows");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+  FASTFT_CHECK(R >= 1 && R <= INT32_MAX, "fastft nf4_low_rank_input: a needs 1 to 2^31 - 1 rows");
+  FASTFT_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "fastft nf4_low_rank_input: takes bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK(a.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
+  FASTFT_CHECK(a.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
               "fastft nf4_low_rank_input: x, a and out must have one dtype");
-  TORCH_CHECK(a.device() == x.device() && out.device() == x.device(),
+  FASTFT_CHECK(a.device() == x.device() && out.device() == x.device(),
               "fastft nf4_low_rank_input: x, a and out must be on one device");
   for (const at::Tensor* t : {&x, &a})
-    TORCH_CHECK(K % 8 == 0 && t->stride(0) % 8 == 0 &&
+    FASTFT_CHECK(K % 8 == 0 && t->stride(0) % 8 == 0 &&
                     reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
                 "fastft nf4_low_rank_input: needs in_features % 8 == 0 and 16-byte aligned rows "
                 "(got K = ", K, ", strides ", t->strides(), ")");
@@ -342,6 +342,7 @@ void low_rank_input(const at::Tensor& x, const at::Tensor& a, bool pdl, const at
   p.M = (int)M; p.K = (int)K; p.R = (int)R;
   p.dtype = dtype_tag(x);
   p.pdl = pdl && major >= 9;
+  p.clusters = major >= 9;
   nf4_low_rank_input(p, stream_of(x));
   check_launch(p.pdl ? " (nf4_low_rank_input, launched with programmatic dependent launch; "
                        "FASTFT_NF4_PDL=0 turns it off)"

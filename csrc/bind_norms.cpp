@@ -10,9 +10,9 @@ namespace {
 int weight_tag(const c10::optional<at::Tensor>& w, const at::Tensor& x, const char* name) {
   if (!w.has_value()) return dtype_tag(x);
   check_cuda(*w, name);
-  TORCH_CHECK(w->dim() == 1 && w->size(0) == x.size(1) && w->is_contiguous(), "fastft: ", name,
+  FASTFT_CHECK(w->dim() == 1 && w->size(0) == x.size(1) && w->is_contiguous(), "fastft: ", name,
               " must be a contiguous 1-D tensor of size ", x.size(1), ", got ", w->sizes());
-  TORCH_CHECK(w->scalar_type() == x.scalar_type() || w->scalar_type() == at::kFloat, "fastft: ",
+  FASTFT_CHECK(w->scalar_type() == x.scalar_type() || w->scalar_type() == at::kFloat, "fastft: ",
               name, " must have the input's dtype or float32, got ", w->scalar_type(), " for ",
               x.scalar_type(), " input");
   return dtype_tag(*w);
@@ -20,13 +20,13 @@ int weight_tag(const c10::optional<at::Tensor>& w, const at::Tensor& x, const ch
 
 void check_out(const at::Tensor& out, const at::Tensor& like, const char* name) {
   check_rows(out, name);
-  TORCH_CHECK(out.sizes() == like.sizes() && out.scalar_type() == like.scalar_type(), "fastft: ",
+  FASTFT_CHECK(out.sizes() == like.sizes() && out.scalar_type() == like.scalar_type(), "fastft: ",
               name, " must match the input's shape and dtype");
 }
 
 void check_stat(const at::Tensor& t, int64_t rows, const char* name) {
   check_cuda(t, name);
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == rows && t.is_contiguous(), "fastft: ",
+  FASTFT_CHECK(t.scalar_type() == at::kFloat && t.numel() == rows && t.is_contiguous(), "fastft: ",
               name, " must be a contiguous float32 tensor of ", rows, " elements");
 }
 
@@ -41,7 +41,7 @@ void forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
   const int w_tag = weight_tag(weight, x, "weight");
   if (bias) {
     int b_tag = weight_tag(bias, x, "bias");
-    TORCH_CHECK(!weight || b_tag == w_tag, "fastft: bias and weight must share a dtype");
+    FASTFT_CHECK(!weight || b_tag == w_tag, "fastft: bias and weight must share a dtype");
   }
   c10::cuda::CUDAGuard guard(x.device());
   NormArgs a{};
@@ -63,16 +63,16 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const c10::optional<at:
               double offset, bool is_rms) {
   check_rows(x, "x");
   check_rows(dy, "dy");
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+  FASTFT_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
               "fastft: dy must match x's shape and dtype");
   check_out(dx, x, "dx");
   check_stat(rstd, x.size(0), "rstd");
   if (mean) check_stat(*mean, x.size(0), "mean");
   const int w_tag = weight_tag(weight, x, "weight");
-  TORCH_CHECK(!dw || weight, "fastft: dw asked for without a weight");
-  if (dw) TORCH_CHECK(dw->sizes() == weight->sizes() && dw->scalar_type() == weight->scalar_type(),
+  FASTFT_CHECK(!dw || weight, "fastft: dw asked for without a weight");
+  if (dw) FASTFT_CHECK(dw->sizes() == weight->sizes() && dw->scalar_type() == weight->scalar_type(),
                       "fastft: dw must match the weight's shape and dtype");
-  if (db) TORCH_CHECK(db->dim() == 1 && db->size(0) == x.size(1), "fastft: db has the wrong shape");
+  if (db) FASTFT_CHECK(db->dim() == 1 && db->size(0) == x.size(1), "fastft: db has the wrong shape");
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0);
   const int hidden = (int)x.size(1);

@@ -7,26 +7,26 @@ namespace {
 
 void check_heads(const at::Tensor& t, const char* name) {
   check_cuda(t, name);
-  TORCH_CHECK(t.dim() == 4, "fastft: ", name, " must be 4-D [batch, seq, heads, head_dim], got ",
+  FASTFT_CHECK(t.dim() == 4, "fastft: ", name, " must be 4-D [batch, seq, heads, head_dim], got ",
               t.sizes());
-  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "fastft: ", name,
+  FASTFT_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "fastft: ", name,
               " must have a contiguous last dim (call .contiguous())");
 }
 
 void check_out(const at::Tensor& out, const at::Tensor& like, const char* name) {
   check_heads(out, name);
-  TORCH_CHECK(out.sizes() == like.sizes() && out.scalar_type() == like.scalar_type(), "fastft: ",
+  FASTFT_CHECK(out.sizes() == like.sizes() && out.scalar_type() == like.scalar_type(), "fastft: ",
               name, " must match its input's shape ", like.sizes(), " and dtype");
 }
 
 void check_table(const at::Tensor& t, const at::Tensor& q, const char* name) {
   check_cuda(t, name);
-  TORCH_CHECK(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(1), "fastft: ", name,
+  FASTFT_CHECK(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(1), "fastft: ", name,
               " must be [batch, seq, rot] = [", q.size(0), ", ", q.size(1), ", rot] (expand a "
               "shared table), got ", t.sizes());
-  TORCH_CHECK(t.size(2) <= 1 || t.stride(2) == 1, "fastft: ", name,
+  FASTFT_CHECK(t.size(2) <= 1 || t.stride(2) == 1, "fastft: ", name,
               " must have a contiguous last dim");
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "fastft: ", name, " must have q's dtype ",
+  FASTFT_CHECK(t.scalar_type() == q.scalar_type(), "fastft: ", name, " must have q's dtype ",
               q.scalar_type(), ", got ", t.scalar_type());
 }
 
@@ -36,14 +36,14 @@ void rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const
           bool backward) {
   check_heads(q, "q");
   check_heads(k, "k");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+  FASTFT_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
               "fastft: q ", q.sizes(), " and k ", k.sizes(), " must agree on batch, seq, head_dim");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "fastft: q and k must share a dtype");
+  FASTFT_CHECK(k.scalar_type() == q.scalar_type(), "fastft: q and k must share a dtype");
   check_table(cos, q, "cos");
   check_table(sin, q, "sin");
-  TORCH_CHECK(cos.size(2) == sin.size(2), "fastft: cos and sin must have the same rot dim");
+  FASTFT_CHECK(cos.size(2) == sin.size(2), "fastft: cos and sin must have the same rot dim");
   const int64_t rot = cos.size(2);
-  TORCH_CHECK(rot > 0 && rot % 2 == 0 && rot <= q.size(3), "fastft: rot dim ", rot,
+  FASTFT_CHECK(rot > 0 && rot % 2 == 0 && rot <= q.size(3), "fastft: rot dim ", rot,
               " must be even, positive and at most head_dim ", q.size(3));
   if (q_out) check_out(*q_out, q, "q_out");
   if (k_out) check_out(*k_out, k, "k_out");

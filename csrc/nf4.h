@@ -125,8 +125,9 @@ void nf4_gemv_group(const NF4GemvGroup& g, cudaStream_t stream);
 
 // out [M, R] = x [M, K] · a [R, K]ᵀ (nf4_low_rank.cu): the xa of NF4LowRank, a LoRA adapter's
 // x·Aᵀ, at M <= 16. bf16 or f16 (`dtype`) throughout, float32 sums rounded once; K % 8 == 0,
-// x and a rows 16-byte aligned. One CTA per row of a, launched with programmatic dependent
-// launch when `pdl` (compute capability >= 9.0).
+// x and a rows 16-byte aligned. One CTA per row of a and K part, launched with programmatic
+// dependent launch when `pdl`; K parts (a thread-block cluster) only when `clusters` (both:
+// compute capability >= 9.0).
 struct NF4LowRankInput {
   const void* x; int64_t x_stride;
   const void* a; int64_t a_stride;
@@ -134,6 +135,7 @@ struct NF4LowRankInput {
   int M, K, R;
   int dtype;
   bool pdl;
+  bool clusters;
 };
 void nf4_low_rank_input(const NF4LowRankInput& p, cudaStream_t stream);
 

@@ -399,6 +399,12 @@ def _capability_major(device) -> int:
     return dispatch._capability(index)[0]  # cached, as the dispatch table's own test
 
 
+# Rows up to which the CUDA backend computes x·Aᵀ with its own kernel (run 104, 8B shapes: 0.38-0.72x
+# cuBLAS's time at M = 1 and 0.61-0.67x at M = 4, but 1.01-1.11x at M = 16, where the 16-token
+# decoding step's GPU time rose 7.746 -> 7.839 ms with it; M = 8 not measured).
+LOW_RANK_INPUT_ROWS = 8
+
+
 class _CudaBackend:
     @staticmethod
     def dequantize(st: Resolved, out_flat: torch.Tensor) -> None:
@@ -437,9 +443,10 @@ class _CudaBackend:
     def low_rank_input(x2, a):
         """x2 @ aᵀ ([M, R] in x2's dtype: a LoRA adapter's x·Aᵀ, the low-rank term's input)
         by the extension's one-kernel product, or None where it does not apply (more than
-        SMALL_M rows, dtypes, layout, FASTFT_NF4_LOW_RANK_INPUT=0, an older build). cuBLAS runs
-        this skinny product as split-K plus a reduce (~5.7 us, run 100); the kernel is launched
-        with PDL, so the gemv after it starts at once (and in generate loads its weight)."""
+        LOW_RANK_INPUT_ROWS rows, dtypes, layout, FASTFT_NF4_LOW_RANK_INPUT=0, an older build).
+        cuBLAS runs this skinny product as split-K plus a reduce (~5.7 us, run 100); the kernel
+        is launched with PDL, so the gemv after it starts at once (and in generate loads its
+        weight)."""
         ops = cuda_ops()
         flag = os.environ.get("FASTFT_NF4_LOW_RANK_INPUT", "") or "1"
         if flag not in ("0", "1"):
@@ -448,7 +455,7 @@ class _CudaBackend:
         if flag == "0" or not hasattr(ops, "nf4_low_rank_input"):
             return None
         M, K = x2.shape
-        if (not 1 <= M <= SMALL_M or x2.dtype not in (torch.bfloat16, torch.float16)
+        if (not 1 <= M <= LOW_RANK_INPUT_ROWS or x2.dtype not in (torch.bfloat16, torch.float16)
                 or a.dtype != x2.dtype or a.dim() != 2 or a.shape[1] != K or K % 8 != 0
                 or a.device != x2.device):
             return None
