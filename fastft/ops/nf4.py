@@ -399,9 +399,9 @@ def _capability_major(device) -> int:
     return dispatch._capability(index)[0]  # cached, as the dispatch table's own test
 
 
-# Rows up to which the CUDA backend computes x·Aᵀ with its own kernel (run 104, 8B shapes: 0.38-0.72x
-# cuBLAS's time at M = 1 and 0.61-0.67x at M = 4, but 1.01-1.11x at M = 16, where the 16-token
-# decoding step's GPU time rose 7.746 -> 7.839 ms with it; M = 8 not measured).
+# Rows up to which the CUDA backend computes x·Aᵀ with its own kernel (run 104, 8B shapes:
+# 0.38-0.72x cuBLAS's time at M = 1 and 0.61-0.67x at M = 4, but 1.01-1.11x at M = 16, where
+# the 16-token decoding step's GPU time rose 7.746 -> 7.839 ms with it; M = 8 not measured).
 LOW_RANK_INPUT_ROWS = 8
 
 
