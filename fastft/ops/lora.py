@@ -391,10 +391,7 @@ def _lora_inputs(x2, projs, dtype):
     lora = [p for p in projs if p.has_lora]
     if not lora:
         return [None] * len(projs)
-    A = _stacked_A(lora, dtype)
-    xa_all = _small_m_low_rank_input(x2, lora[0], A, dtype)
-    if xa_all is None:
-        xa_all = x2.mm(A.t())
+    xa_all = _xa(x2, lora[0], _stacked_A(lora, dtype), dtype)
     out, start = [], 0
     for p in projs:
         if p.has_lora:
@@ -467,15 +464,17 @@ def _small_m_matmul(x2, base: Base, dtype, out=None, low_rank=None):
     return out
 
 
-def _small_m_low_rank_input(x2, proj: Projection, A, dtype):
-    """x2·Aᵀ by the small-M backend's own kernel (CUDA: one launch where cuBLAS takes two, and
-    the fused kernel after it overlaps it), where proj's base takes the fused small-M path;
-    None elsewhere (then a matmul)."""
-    if proj.base.quant_state is None or x2.dtype != dtype or not small_m_case(x2.shape[0], dtype):
-        return None
-    inputs = _small_m_cached(proj.base, dtype)
-    low_rank_input = getattr(inputs[1], "low_rank_input", None) if inputs is not None else None
-    return None if low_rank_input is None else low_rank_input(x2, A)
+def _xa(x2, proj: Projection, A, dtype):
+    """x2·Aᵀ (A: proj's adapter factor, or several stacked): by the small-M backend's own kernel
+    where proj's base takes the fused small-M path and the backend has one (CUDA: one launch
+    where cuBLAS takes two, and the fused kernel after it overlaps it), else a matmul."""
+    if proj.base.quant_state is not None and x2.dtype == dtype and small_m_case(x2.shape[0], dtype):
+        inputs = _small_m_cached(proj.base, dtype)
+        low_rank_input = getattr(inputs[1], "low_rank_input", None) if inputs is not None else None
+        xa = None if low_rank_input is None else low_rank_input(x2, A)
+        if xa is not None:
+            return xa
+    return x2.mm(A.t())
 
 
 def _small_m_group(x2, projs, dtype, outs, xas) -> bool:
@@ -543,10 +542,7 @@ def _project(x2, proj: Projection, dtype, out=None, xa=None):
     if not proj.has_lora:
         return _base_matmul(x2, proj.base, dtype, out=out), None
     if xa is None:
-        A = _factor(proj.A, dtype)
-        xa = _small_m_low_rank_input(x2, proj, A, dtype)
-        if xa is None:
-            xa = x2.mm(A.t())
+        xa = _xa(x2, proj, _factor(proj.A, dtype), dtype)
     if out is None:
         out = torch.empty(x2.shape[0], proj.base.out_features, dtype=dtype, device=x2.device)
     B_rows = _factor(proj.B, dtype)  # [out_features, r]

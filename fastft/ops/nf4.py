@@ -448,11 +448,7 @@ class _CudaBackend:
         is launched with PDL, so the gemv after it starts at once (and in generate loads its
         weight)."""
         ops = cuda_ops()
-        flag = os.environ.get("FASTFT_NF4_LOW_RANK_INPUT", "") or "1"
-        if flag not in ("0", "1"):
-            raise ValueError("FASTFT_NF4_LOW_RANK_INPUT must be 0 or 1 (or unset), got "
-                             f"{flag!r}")
-        if flag == "0" or not hasattr(ops, "nf4_low_rank_input"):
+        if not _switch_on("FASTFT_NF4_LOW_RANK_INPUT") or not hasattr(ops, "nf4_low_rank_input"):
             return None
         M, K = x2.shape
         if (not 1 <= M <= LOW_RANK_INPUT_ROWS or x2.dtype not in (torch.bfloat16, torch.float16)
@@ -527,10 +523,16 @@ def gemv_settings() -> tuple[int, int, int, bool]:
     if parts_text not in ("", "1", "2", "4", "8", "16"):
         raise ValueError("FASTFT_NF4_V3_KPARTS must be 1, 2, 4, 8 or 16 (or unset), got "
                          f"{parts_text!r}")
-    pdl = os.environ.get("FASTFT_NF4_PDL", "") or "1"
-    if pdl not in ("0", "1"):
-        raise ValueError(f"FASTFT_NF4_PDL must be 0 or 1 (or unset), got {pdl!r}")
-    return _GEMV_VARIANTS[name], max(splits, 0), int(parts_text or 0), pdl == "1"
+    return _GEMV_VARIANTS[name], max(splits, 0), int(parts_text or 0), _switch_on("FASTFT_NF4_PDL")
+
+
+def _switch_on(name: str) -> bool:
+    """An on/off environment switch that is on unless set to "0" (unset or empty: on); any
+    other value is an error that names it."""
+    value = os.environ.get(name, "") or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1 (or unset), got {value!r}")
+    return value == "1"
 
 
 # Depth of frozen_weights() contexts (generate runs them on one thread).
@@ -556,10 +558,8 @@ def _pdl_mode(pdl: bool) -> int:
     """The extension's pdl argument: 0 off, 1 on, 2 on with the weight frozen (frozen_weights)."""
     if not pdl:
         return 0
-    early = os.environ.get("FASTFT_NF4_EARLY_LOADS", "") or "1"
-    if early not in ("0", "1"):
-        raise ValueError(f"FASTFT_NF4_EARLY_LOADS must be 0 or 1 (or unset), got {early!r}")
-    return 2 if _FROZEN_WEIGHTS[0] > 0 and early == "1" else 1
+    early = _switch_on("FASTFT_NF4_EARLY_LOADS")  # (checked on every call, frozen or not)
+    return 2 if _FROZEN_WEIGHTS[0] > 0 and early else 1
 
 
 _BACKENDS: dict[str, Any] = {"torch": _TorchBackend, "triton": _TritonBackend,
