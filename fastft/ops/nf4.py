@@ -379,12 +379,17 @@ def _add_low_rank(y, xa, b, scale) -> None:
     y.addmm_(xa, b.t(), alpha=scale)
 
 
+def _rows_16_byte_aligned(t) -> bool:
+    """Whether a 2-D tensor of a 16-bit dtype can be read in 16-byte pieces row by row, as the
+    CUDA kernels read x·Aᵀ, B and A: contiguous rows, each starting on 16 bytes."""
+    return t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0
+
+
 def _low_rank_fusable(x2, xa, b) -> bool:
     """Whether the CUDA kernel can add xa @ bᵀ itself: it reads their rows in 16-byte pieces."""
     rank = xa.shape[1]  # (the binding rejects rank 0: that case takes the addmm_ path)
     return (xa.dtype == x2.dtype and b.dtype == x2.dtype and rank > 0 and rank % 8 == 0
-            and xa.stride(1) == 1 and b.stride(1) == 1 and xa.stride(0) % 8 == 0
-            and b.stride(0) % 8 == 0 and xa.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
+            and _rows_16_byte_aligned(xa) and _rows_16_byte_aligned(b))
 
 
 def _kernel_adds_low_rank(x2, low_rank, variant: int) -> bool:
@@ -455,9 +460,8 @@ class _CudaBackend:
                 or a.dtype != x2.dtype or a.dim() != 2 or a.shape[1] != K or K % 8 != 0
                 or a.device != x2.device):
             return None
-        for t in (x2, a):
-            if t.stride(1) != 1 or t.stride(0) % 8 != 0 or t.data_ptr() % 16 != 0:
-                return None
+        if not (_rows_16_byte_aligned(x2) and _rows_16_byte_aligned(a)):
+            return None
         out = x2.new_empty(M, a.shape[0])
         ops.nf4_low_rank_input(x2, a, gemv_settings()[3], out)
         return out
