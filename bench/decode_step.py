@@ -55,6 +55,14 @@ def build_qlora_model(layers: int):
     return model
 
 
+def switch_off(name: str, off: bool) -> None:
+    """Sets the fastft switch `name` to "0" when `off`, else unsets it (its default, on)."""
+    if off:
+        os.environ[name] = "0"
+    else:
+        os.environ.pop(name, None)
+
+
 def time_generate(model, variant, prompts, layers, new_tokens):
     """Plain greedy `model.generate`, one timed call per batch size after a warm-up call (which
     for the graph variants also captures). Variants: peft_bnb, fused (eager, dynamic cache),
@@ -69,18 +77,11 @@ def time_generate(model, variant, prompts, layers, new_tokens):
     import fastft.decoding as decoding
     from fastft.decoding import _ATTR, disable_graph_decoding, enable_graph_decoding
 
-    if variant == "peft_bnb":
-        os.environ["FASTFT_NF4_FUSED_SMALL_M"] = "0"
-    else:
-        os.environ.pop("FASTFT_NF4_FUSED_SMALL_M", None)
-    if variant.endswith("_nogroup"):  # q/k/v and gate/up one launch per weight, as before
-        os.environ["FASTFT_NF4_GROUP"] = "0"
-    else:
-        os.environ.pop("FASTFT_NF4_GROUP", None)
-    if variant.endswith("_noearly"):  # the NF4 kernels wait before loading the weight, as before
-        os.environ["FASTFT_NF4_EARLY_LOADS"] = "0"
-    else:
-        os.environ.pop("FASTFT_NF4_EARLY_LOADS", None)
+    switch_off("FASTFT_NF4_FUSED_SMALL_M", variant == "peft_bnb")
+    # q/k/v and gate/up one launch per weight, as before
+    switch_off("FASTFT_NF4_GROUP", variant.endswith("_nogroup"))
+    # the NF4 kernels wait before loading the weight, as before
+    switch_off("FASTFT_NF4_EARLY_LOADS", variant.endswith("_noearly"))
     graphs = variant.endswith(("_graphs", "_graphs_newcache", "_graphs_nodefer", "_graphs_nogroup",
                                "_graphs_noearly"))
     if graphs:
@@ -147,14 +148,8 @@ def main():
     with torch.no_grad():
         for variant in () if generate_only else ("peft_bnb", "dense", "fused", "fused_nogroup"):
             model.train(variant == "dense")
-            if variant.startswith("fused"):
-                os.environ.pop("FASTFT_NF4_FUSED_SMALL_M", None)
-            else:
-                os.environ["FASTFT_NF4_FUSED_SMALL_M"] = "0"
-            if variant == "fused_nogroup":  # one small-M launch per weight
-                os.environ["FASTFT_NF4_GROUP"] = "0"
-            else:
-                os.environ.pop("FASTFT_NF4_GROUP", None)
+            switch_off("FASTFT_NF4_FUSED_SMALL_M", not variant.startswith("fused"))
+            switch_off("FASTFT_NF4_GROUP", variant == "fused_nogroup")  # one launch per weight
             for b in batches:
                 logits = model(input_ids=inputs[b][0], use_cache=False).logits.float()
                 if variant == "peft_bnb":
