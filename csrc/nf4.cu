@@ -86,7 +86,8 @@ bool nf4_gemv_v3_ok(const NF4Weight& w, const NF4GemvArgs& a) {
 
 // v3's work split: a CTA's rows (256 / parts) and its K range (steps; splits = grid.y). The
 // cheapest by a cost model of the most work any SM gets (resident CTAs share an SM's
-// bandwidth, so work per SM, not waves, is the measure), in steps of one warp (32 rows x 64 k):
+// bandwidth, so work per SM is the measure, plus later waves' starts: below), in steps of one
+// warp (32 rows x 64 k):
 // a CTA costs its warps' steps (steps / parts) + 1 for its start (table, x staging, first
 // loads) + 0.5 for adding the parts' sums (parts > 1) + for a K split across CTAs its partials
 // (256 rows x M floats through L2: M / 4 of a step's 8 KB, at half a DRAM byte each), the last
@@ -102,8 +103,17 @@ bool nf4_gemv_v3_ok(const NF4Weight& w, const NF4GemvArgs& a) {
 // M = 1..8, the 16-warp CTA measured level with the 8-warp choice, which the cost without the
 // 3.5 put 23% behind; at 14336 -> 4096, M = 1, it measured 16% faster, this cost says 18.5%.)
 // Each CTA's steps x slots must fit its holes (v3_max_steps; v3_wide_max_steps for 16 warps).
+// More CTAs than fit an SM at once (two 8-warp ones) come in waves, and a later wave's start
+// (table, x staging, the first loads' latency) is only partly hidden by the CTA still running:
+// each CTA past two per SM costs kV3WaveStart more. A 16-warp CTA holds its SM alone, so nothing
+// hides a second wave's start at all: it is only taken where one wave covers the weight.
+// (Fitted to run 107: 3584 -> 18944 at M = 1 took 28.5 us with 8 parts (5 CTAs per SM) and
+// 25.2 with 4 (3 per SM); 4096 -> 11008 at M = 4 24.8 us with 8 parts (3 per SM) and 22.0 with
+// 4 (2 per SM); 16-warp CTAs in two waves 20.6-27.4 us where 8-warp ones with a K split took
+// 16.6-19.6 at M = 6, 8 on 3072 -> 8192 and 4096 -> 8448.)
 // Ties go to fewer parts, then fewer splits. M 9..16 (two token tiles) always has one part
 // (see the kernel), whatever was requested.
+constexpr double kV3WaveStart = 8.0;
 static void plan_v3(NF4GemvArgs& a, int sms, int requested_splits, int requested_parts) {
   const int S = a.K / kV3Step;
   const int64_t n_sms = std::max(1, sms);
@@ -124,10 +134,12 @@ static void plan_v3(NF4GemvArgs& a, int sms, int requested_splits, int requested
         const double per_warp = (double)((steps + parts - 1) / parts);
         const double extra = (parts > 1 ? 0.5 : 0.0) +
                              (splits > 1 ? (a.M + 7) / 8 + 4.0 + splits / 4.0 : 0.0);
+        const bool requested = requested_parts > 0 && a.M <= 8;  // a benchmark's choice
         const double cost =
             wide_cta ? per_sm * (2.0 * (per_warp + 1.0 + extra) + 3.5)
-                     : (per_sm == 1 ? 1.5 : (double)per_sm) * (per_warp + 1.0 + extra);
-        if (cost < best_cost) {
+                     : (per_sm == 1 ? 1.5 : (double)per_sm) * (per_warp + 1.0 + extra) +
+                           kV3WaveStart * (double)std::max<int64_t>(0, per_sm - 2);
+        if (cost < best_cost && (!wide_cta || per_sm == 1 || requested)) {
           best_cost = cost;
           a.v3_steps = steps;
           a.v3_splits = splits;
@@ -210,8 +222,9 @@ bool nf4_gemv_group_plan(NF4GemvGroup& g, int sms) {
   // layer's q/k/v and gate/up): it does where no weight fills the GPU alone (each weight's own
   // plan has fewer CTAs than there are SMs: q/k/v, 0.36-0.64x the time of one call each at
   // M = 1..16), or where the group needs no more CTAs than the weights alone (gate/up at
-  // M = 8, 16: 0.85-0.99x). Two weights that fill the GPU alone and would take more CTAs
-  // together are slower in one launch (gate/up at M <= 4: 1.06-1.26x: more CTAs per SM, each
+  // M = 8, 16: 0.85-0.99x; at M = 1, 4 0.76-0.85x since the wave cost, run 108). Two weights
+  // that fill the GPU alone and would take more CTAs together are slower in one launch (run 97,
+  // gate/up at M <= 4 before the wave cost: 896 CTAs, 1.06-1.26x: more CTAs per SM, each
   // building its level table and staging x again).
   bool each_small = true;
   int64_t each_ctas = 0;
