@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include <type_traits>
+#include <utility>
 
 #include "kernels.h"
 
@@ -107,6 +108,37 @@ void dispatch_float(int dt, F&& f) {
     case kF16: f(__half{}); break;
     case kBF16: f(__nv_bfloat16{}); break;
   }
+}
+
+// A launch through cudaLaunchKernelEx: programmatic dependent launch allowed when `pdl` (the
+// next kernel on the stream may start its CTAs as this one's finish; such a kernel waits with
+// griddepcontrol.wait before it reads what the one before wrote), and the CTAs grouped in
+// thread-block clusters of `cluster_y` along grid.y when it is above 1 (sm_90).
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, int threads, size_t smem,
+                   cudaStream_t stream, bool pdl, int cluster_y, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3((unsigned)threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attributes[2] = {};
+  unsigned n = 0;
+  if (pdl) {
+    attributes[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  if (cluster_y > 1) {
+    attributes[n].id = cudaLaunchAttributeClusterDimension;
+    attributes[n].val.clusterDim.x = 1;
+    attributes[n].val.clusterDim.y = (unsigned)cluster_y;
+    attributes[n].val.clusterDim.z = 1;
+    ++n;
+  }
+  config.attrs = attributes;
+  config.numAttrs = n;
+  cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);  // errors: check_launch
 }
 
 }  // namespace fastft

@@ -288,8 +288,8 @@ void launch_gemv_lora(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank
   const int xs_stride = a.per_split * kChunk + 16;  // 32 bytes mod 128: see the layout note
   const size_t smem = kLevelBytes + kCode2Bytes + (size_t)MT * 8 * xs_stride * sizeof(T);
   const dim3 grid((unsigned)((a.N + kBlockRows - 1) / kBlockRows), (unsigned)a.split);
-  launch_kernel(nf4_gemv_kernel<T, MT, LORA>, grid, kGemvWarps * 32, smem, stream, a.pdl, w, a,
-                a.per_split, xs_stride, lr);
+  launch_kernel(nf4_gemv_kernel<T, MT, LORA>, grid, kGemvWarps * 32, smem, stream, a.pdl, 1, w,
+                a, a.per_split, xs_stride, lr);
 }
 
 template <typename T, int MT>
@@ -317,7 +317,7 @@ void launch_gemv_v3_kernel(const NF4Weight& w, const NF4GemvArgs& a, const NF4Lo
   allow_dynamic_smem<nf4_gemv_v3_kernel<MT, NESTED, T, DECODE, LORA, WARPS>>(smem);
   const dim3 grid((unsigned)nf4_gemv_counters(a), (unsigned)a.v3_splits);  // row groups x splits
   launch_kernel(nf4_gemv_v3_kernel<MT, NESTED, T, DECODE, LORA, WARPS>, grid, WARPS * 32,
-                smem, stream, a.pdl, w, a, lr);
+                smem, stream, a.pdl, 1, w, a, lr);
 }
 
 template <typename T, int MT, bool NESTED, int DECODE, bool LORA>

@@ -25,7 +25,7 @@ void launch_gemv_v3_group(const NF4GemvGroup& g, cudaStream_t stream) {
   allow_dynamic_smem<nf4_gemv_v3_group_kernel<MT, NESTED, T, DECODE, LORA, WARPS>>(smem);
   const dim3 grid((unsigned)g.first[g.count], (unsigned)g.a[0].v3_splits);
   launch_kernel(nf4_gemv_v3_group_kernel<MT, NESTED, T, DECODE, LORA, WARPS>, grid, WARPS * 32,
-                smem, stream, g.a[0].pdl, g);
+                smem, stream, g.a[0].pdl, 1, g);
 }
 
 // f(std::true_type{}) or f(std::false_type{}): a run-time choice as a compile-time constant

@@ -332,6 +332,20 @@ struct GemvRows {
   bool va, vb;           // rows inside N
 };
 
+// One row's 16 packed bytes at p and the raw scale inputs of the block holding flat value
+// index `value` (see ChunkIn).
+__device__ __forceinline__ void load_row_chunk(const NF4Weight& w, const uint8_t* p, int64_t value,
+                                               uint4& packed, uint32_t& q, float& a2) {
+  packed = load_stream16(p);
+  const int64_t blk = value >> w.bs_log2;
+  if (w.nested) {
+    q = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
+    a2 = __ldg(w.absmax2 + (blk >> w.bs2_log2));
+  } else {
+    q = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + blk));
+  }
+}
+
 __device__ __forceinline__ ChunkIn load_chunk_in(const NF4Weight& w, const GemvRows& r, int c,
                                                  int nch, int K) {
   ChunkIn in;
@@ -342,26 +356,8 @@ __device__ __forceinline__ ChunkIn load_chunk_in(const NF4Weight& w, const GemvR
   if (c >= nch || k >= K) return in;
   const int64_t off = (int64_t)c * (kChunk / 2);
   const int64_t dv = (int64_t)c * kChunk;
-  if (r.va) {
-    in.wa = load_stream16(r.pa + off);
-    const int64_t blk = (r.blk_a + dv) >> w.bs_log2;
-    if (w.nested) {
-      in.qa = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
-      in.a2a = __ldg(w.absmax2 + (blk >> w.bs2_log2));
-    } else {
-      in.qa = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + blk));
-    }
-  }
-  if (r.vb) {
-    in.wb = load_stream16(r.pb + off);
-    const int64_t blk = (r.blk_b + dv) >> w.bs_log2;
-    if (w.nested) {
-      in.qb = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
-      in.a2b = __ldg(w.absmax2 + (blk >> w.bs2_log2));
-    } else {
-      in.qb = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + blk));
-    }
-  }
+  if (r.va) load_row_chunk(w, r.pa + off, r.blk_a + dv, in.wa, in.qa, in.a2a);
+  if (r.vb) load_row_chunk(w, r.pb + off, r.blk_b + dv, in.wb, in.qb, in.a2b);
   return in;
 }
 
@@ -1618,24 +1614,6 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
 }
 
 // ---- host helpers of the launchers
-
-// A launch, with programmatic dependent launch allowed when `pdl` (see gemv_wait_for_previous).
-template <typename... Params, typename... Args>
-void launch_kernel(void (*kernel)(Params...), dim3 grid, int threads, size_t smem,
-                   cudaStream_t stream, bool pdl, Args&&... args) {
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = dim3((unsigned)threads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &attribute;
-  config.numAttrs = pdl ? 1 : 0;
-  cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);  // errors: check_launch
-}
-
 // The opt-in to more than 48 KB of dynamic shared memory: once per kernel and device.
 template <auto Kernel>
 void allow_dynamic_smem(int bytes) {

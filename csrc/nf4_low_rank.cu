@@ -3,9 +3,10 @@
 // fp16. cuBLAS runs this skinny product as a split-K GEMM plus a reduce kernel, ~5.7 us per
 // call at decoding shapes (run 100), four times per decoder layer. One CTA per row of A
 // computes its M outputs over its part of K; the parts of a row (one where M x K is small) are
-// a thread-block cluster whose first CTA adds them in order: deterministic, no scratch. Launched with programmatic dependent launch: the small-M kernel launched
-// after it starts its CTAs at once, and inside generate loads its frozen weight while this one
-// runs (NF4GemvArgs::weights_frozen).
+// a thread-block cluster whose first CTA adds them in order: deterministic, no scratch.
+// Launched with programmatic dependent launch: the small-M kernel launched after it starts its
+// CTAs at once, and inside generate loads its frozen weight while this one runs
+// (NF4GemvArgs::weights_frozen).
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -102,36 +103,17 @@ void nf4_low_rank_input(const NF4LowRankInput& p, cudaStream_t stream) {
     parts = std::min(parts, std::max(1, units));
   }
   const int units_per_part = (units + parts - 1) / parts;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3((unsigned)p.R, (unsigned)parts);
-  config.blockDim = dim3(kLowRankThreads);
-  config.stream = stream;
-  cudaLaunchAttribute attributes[2] = {};
-  int n = 0;
-  if (p.pdl) {
-    attributes[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attributes[n].val.programmaticStreamSerializationAllowed = 1;
-    ++n;
-  }
-  if (parts > 1) {
-    attributes[n].id = cudaLaunchAttributeClusterDimension;
-    attributes[n].val.clusterDim.x = 1;
-    attributes[n].val.clusterDim.y = (unsigned)parts;
-    attributes[n].val.clusterDim.z = 1;
-    ++n;
-  }
-  config.attrs = attributes;
-  config.numAttrs = n;
+  const dim3 grid((unsigned)p.R, (unsigned)parts);
   if (p.dtype == kBF16)
-    cudaLaunchKernelEx(&config, low_rank_input_kernel<__nv_bfloat16>,
-                       static_cast<const __nv_bfloat16*>(p.x), p.x_stride,
-                       static_cast<const __nv_bfloat16*>(p.a), p.a_stride,
-                       static_cast<__nv_bfloat16*>(p.out), p.out_stride, p.M, units,
-                       units_per_part);
+    launch_kernel(low_rank_input_kernel<__nv_bfloat16>, grid, kLowRankThreads, 0, stream, p.pdl,
+                  parts, static_cast<const __nv_bfloat16*>(p.x), p.x_stride,
+                  static_cast<const __nv_bfloat16*>(p.a), p.a_stride,
+                  static_cast<__nv_bfloat16*>(p.out), p.out_stride, p.M, units, units_per_part);
   else
-    cudaLaunchKernelEx(&config, low_rank_input_kernel<__half>, static_cast<const __half*>(p.x),
-                       p.x_stride, static_cast<const __half*>(p.a), p.a_stride,
-                       static_cast<__half*>(p.out), p.out_stride, p.M, units, units_per_part);
+    launch_kernel(low_rank_input_kernel<__half>, grid, kLowRankThreads, 0, stream, p.pdl, parts,
+                  static_cast<const __half*>(p.x), p.x_stride, static_cast<const __half*>(p.a),
+                  p.a_stride, static_cast<__half*>(p.out), p.out_stride, p.M, units,
+                  units_per_part);
 }
 
 }  // namespace fastft
