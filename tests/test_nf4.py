@@ -1554,6 +1554,41 @@ def test_cuda_backend_group_passes_each_weight_to_the_extension(monkeypatch):
         _check_group(x, calls, refs, torch.bfloat16, rank)
 
 
+def _v3_cta_warps(fn) -> list:
+    """The warps per CTA (the last template argument) of each one-weight v3 kernel fn() launches."""
+    import re
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    found = [re.search(r"nf4_gemv_v3_kernel<([^>]*)>", e.name) for e in prof.events()]
+    return [int(re.search(r"(\d+)\)?\s*$", m.group(1).split(",")[-1]).group(1))
+            for m in found if m]
+
+
+@pytest.mark.gpu
+def test_fused_matmul_gpu_16_warp_ctas_in_one_wave_only(monkeypatch):
+    """A 16-warp CTA holds its SM alone, so the plan takes it only where one wave of them covers
+    the weight: Llama 3.2 3B's gate/up (3072 -> 8192) at 8 rows would need 256 of them (two
+    waves on 132 SMs, 22.2 us in run 108) and gets 8-warp CTAs (17.8 us); 14336 -> 4096 at one
+    row still gets its 128 (one wave). The results are right either way."""
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    if torch.cuda.get_device_properties(0).multi_processor_count < 128:
+        pytest.skip("the expectations are the H200's plan (132 SMs)")
+    for var in ("FASTFT_NF4_GEMV", "FASTFT_NF4_V3_SPLITS", "FASTFT_NF4_V3_KPARTS"):
+        monkeypatch.delenv(var, raising=False)
+    impl = nf4_mod._BACKENDS["cuda"]
+    for shape, rows, warps in (((8192, 3072), 8, 8), ((4096, 14336), 1, 16)):
+        x, calls, refs = _group_case([shape], rows, torch.bfloat16, True, 0, seed=rows,
+                                     device="cuda")
+        st, bias, y, low = calls[0]
+        assert _v3_cta_warps(lambda: impl.gemv(x, st, bias, y, low)) == [warps], (shape, rows)
+        _check_group(x, calls, refs, torch.bfloat16, (shape, rows))
+
+
 @pytest.mark.gpu
 def test_fused_matmul_gpu_group_only_where_it_pays(monkeypatch):
     """The plan's rule for one launch (nf4.cu, nf4_gemv_group_plan; bench/nf4_group.py): an 8B
