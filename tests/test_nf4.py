@@ -1554,6 +1554,18 @@ def test_cuda_backend_group_passes_each_weight_to_the_extension(monkeypatch):
         _check_group(x, calls, refs, torch.bfloat16, rank)
 
 
+def _plan_impl(monkeypatch, min_sms):
+    """The CUDA backend with the plan choosing freely (no kernel, K split or K parts forced), on
+    a GPU of at least min_sms SMs (the expectations are the H200's plan; skips elsewhere)."""
+    if "cuda" not in backends("nf4_matmul", "cuda"):
+        pytest.skip("fastft._C is not built")
+    if torch.cuda.get_device_properties(0).multi_processor_count < min_sms:
+        pytest.skip("the expectations are the H200's plan (132 SMs)")
+    for var in ("FASTFT_NF4_GEMV", "FASTFT_NF4_V3_SPLITS", "FASTFT_NF4_V3_KPARTS"):
+        monkeypatch.delenv(var, raising=False)
+    return nf4_mod._BACKENDS["cuda"]
+
+
 def _v3_cta_warps(fn) -> list:
     """The warps per CTA (the last template argument) of each one-weight v3 kernel fn() launches."""
     import re
@@ -1574,13 +1586,7 @@ def test_fused_matmul_gpu_16_warp_ctas_in_one_wave_only(monkeypatch):
     the weight: Llama 3.2 3B's gate/up (3072 -> 8192) at 8 rows would need 256 of them (two
     waves on 132 SMs, 22.2 us in run 108) and gets 8-warp CTAs (17.8 us); 14336 -> 4096 at one
     row still gets its 128 (one wave). The results are right either way."""
-    if "cuda" not in backends("nf4_matmul", "cuda"):
-        pytest.skip("fastft._C is not built")
-    if torch.cuda.get_device_properties(0).multi_processor_count < 128:
-        pytest.skip("the expectations are the H200's plan (132 SMs)")
-    for var in ("FASTFT_NF4_GEMV", "FASTFT_NF4_V3_SPLITS", "FASTFT_NF4_V3_KPARTS"):
-        monkeypatch.delenv(var, raising=False)
-    impl = nf4_mod._BACKENDS["cuda"]
+    impl = _plan_impl(monkeypatch, min_sms=128)
     for shape, rows, warps in (((8192, 3072), 8, 8), ((4096, 14336), 1, 16)):
         x, calls, refs = _group_case([shape], rows, torch.bfloat16, True, 0, seed=rows,
                                      device="cuda")
@@ -1596,13 +1602,7 @@ def test_fused_matmul_gpu_group_only_where_it_pays(monkeypatch):
     the group takes no more CTAs than the two calls: at every M since the plan stopped taking
     more CTAs than fit an SM at once (M = 1, 4: 224 CTAs of 2 K parts, where 896 CTAs of 8 had
     measured slower than two calls). Either way every y is written and right."""
-    if "cuda" not in backends("nf4_matmul", "cuda"):
-        pytest.skip("fastft._C is not built")
-    if torch.cuda.get_device_properties(0).multi_processor_count < 100:
-        pytest.skip("the expectations are the H200's plan (132 SMs)")
-    for var in ("FASTFT_NF4_GEMV", "FASTFT_NF4_V3_SPLITS", "FASTFT_NF4_V3_KPARTS"):
-        monkeypatch.delenv(var, raising=False)
-    impl = nf4_mod._BACKENDS["cuda"]
+    impl = _plan_impl(monkeypatch, min_sms=100)
     qkv = [(4096, 4096), (1024, 4096), (1024, 4096)]
     gate_up = [(14336, 4096), (14336, 4096)]
     for shapes, rows, grouped in ((qkv, 1, True), (qkv, 16, True), (gate_up, 1, True),
