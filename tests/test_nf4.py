@@ -235,6 +235,12 @@ def test_bad_states_are_rejected_clearly():
         nf4_dequantize(packed, NF4State(absmax=state.absmax, shape=state.shape, blocksize=32))
     with pytest.raises(ValueError, match="bytes"):
         nf4_dequantize(packed[:100], state)
+    # the byte values as floats (4 bytes each) would read as garbage: rejected
+    with pytest.raises(ValueError, match="more than the weight holds"):
+        nf4_dequantize(packed.float(), state)
+    # the same bytes in another dtype (bitsandbytes' quant_storage) are read as they are
+    assert torch.equal(nf4_dequantize(packed.reshape(-1).view(torch.bfloat16)[:, None], state),
+                       nf4_dequantize(packed, state))
     repacked = copy.deepcopy(state)
     repacked.packing_format_for_cpu = True  # what bitsandbytes sets after repacking for its CPU gemm
     with pytest.raises(ValueError, match="CPU-repacked"):
@@ -243,9 +249,12 @@ def test_bad_states_are_rejected_clearly():
         nf4_dequantize(packed)
     with pytest.raises(ValueError, match="features"):
         nf4_matmul(torch.randn(2, 63), packed, state)
+    with pytest.raises(ValueError, match="floating point"):
+        nf4_matmul(torch.randint(-5, 5, (2, 64), dtype=torch.int32), packed, state)
     with pytest.raises(ValueError, match="2-D"):
-        nf4_matmul(torch.randn(2, 64),
-                   packed, NF4State(absmax=state.absmax[:4], shape=torch.Size([2, 4, 32])))
+        nf4_matmul(torch.randn(2, 64),  # a 3-D shape of 256 values: the first 128 bytes
+                   packed.reshape(-1)[:128], NF4State(absmax=state.absmax[:4],
+                                                      shape=torch.Size([2, 4, 32])))
 
 
 # ------------------------------------------------------------------------------ matmul

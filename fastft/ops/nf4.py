@@ -235,16 +235,22 @@ def _resolve(packed: torch.Tensor, qs) -> Resolved:
     numel = math.prod(shape)
     device = packed.device
     packed = _plain(packed)
-    if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage may be another dtype
+    # bitsandbytes' quant_storage may be another dtype: its bytes are the packed weight, rounded
+    # up to a whole element at most
+    spare = packed.element_size() - 1
+    if packed.dtype != torch.uint8:
         if not packed.is_contiguous():
             packed = packed.contiguous()
         packed = packed.view(torch.uint8)
     packed = packed.reshape(-1)
     if not packed.is_contiguous():
         packed = packed.contiguous()
-    if packed.numel() < (numel + 1) // 2:
+    needed = (numel + 1) // 2
+    if not needed <= packed.numel() <= needed + spare:
+        more = ("; more than the weight holds: pass the packed bytes themselves (e.g. a "
+                "Params4bit's data), not a converted copy" if packed.numel() > needed else "")
         raise ValueError(f"nf4: packed weight has {packed.numel()} bytes but shape {list(shape)} "
-                         f"needs {(numel + 1) // 2}")
+                         f"needs {needed}{more}")
     blocks = -(-numel // blocksize)
     code = getattr(qs, "code", None)
     code = _nf4_levels(device) if code is None else _on(code, device, "code", torch.float32, 16)
@@ -732,6 +738,9 @@ def nf4_matmul(x, packed, quant_state=None, bias=None, *, backend=None):
         raise ValueError(f"nf4_matmul: the weight must be 2-D [out, in], got shape "
                          f"{list(st.shape)}")
     out_features, in_features = st.shape
+    if not x.is_floating_point():
+        raise ValueError(f"nf4_matmul: x must be floating point (bf16, fp16, fp32 or fp64), got "
+                         f"{x.dtype}; cast it first, e.g. x.to(torch.bfloat16)")
     if x.shape[-1] != in_features:
         raise ValueError(f"nf4_matmul: x has {x.shape[-1]} features but the weight is "
                          f"[{out_features}, {in_features}] (in={in_features})")
