@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The single call on the GPU machine: build fastft._C for sm_90, run the gpu tests, run the
 # benchmarks; logs and JSON go to $OUT. Usage (repo root): bash bench/device.sh [pytest -k expr]
+# At its end it archives $OUT/*.log and *.txt into logs.tar.gz and removes them: send its own
+# output to another name (e.g. > $OUT/device.out), or what it prints after that is lost.
 # Carried wheels (.whl/: pytest, pytest-benchmark, bitsandbytes, liger-kernel, ...) are
 # installed first when present, since that machine has no package index.
 set -uo pipefail
