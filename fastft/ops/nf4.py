@@ -469,7 +469,7 @@ class _CudaBackend:
         if not (_rows_16_byte_aligned(x2) and _rows_16_byte_aligned(a)):
             return None
         out = x2.new_empty(M, a.shape[0])
-        ops.nf4_low_rank_input(x2, a, gemv_settings()[3], out)
+        ops.nf4_low_rank_input(x2, a, _switch_on("FASTFT_NF4_PDL"), out)
         return out
 
     @staticmethod
