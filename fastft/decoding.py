@@ -59,7 +59,8 @@ _GRAPHED_CACHE = "_fastft_graph_decoding"
 _WRAPPED = ("forward", "generate", "_prepare_static_cache")
 # StaticCache layers a graph can follow; a sliding window's host-side int counter is kept by
 # _sliding_counters (see the module's doc)
-_GRAPHED_LAYERS = ("StaticLayer", "StaticSlidingWindowLayer")
+_SLIDING_LAYER = "StaticSlidingWindowLayer"
+_GRAPHED_LAYERS = ("StaticLayer", _SLIDING_LAYER)
 _SLIDING_COUNTER = "cumulative_length_int"
 # Tests on CPU set this: a "graph" then re-runs the forward on its inputs' buffers at each
 # replay, which exercises everything here except the capture itself.
@@ -229,7 +230,7 @@ def _cache_tensors(cache):
 def _sliding_counters(cache):
     """[(layer, its Python-int token count)] of the cache's sliding-window layers."""
     return [(layer, getattr(layer, _SLIDING_COUNTER)) for layer in cache.layers
-            if type(layer).__name__ == "StaticSlidingWindowLayer"]
+            if type(layer).__name__ == _SLIDING_LAYER]
 
 
 def _graph_device(device) -> bool:
@@ -369,7 +370,7 @@ class _GraphDecoder:
             if kind not in _GRAPHED_LAYERS or not getattr(layer, "is_initialized", False) \
                     or layer.keys.device != ids.device:
                 return None
-            if kind == "StaticSlidingWindowLayer":
+            if kind == _SLIDING_LAYER:
                 count = getattr(layer, _SLIDING_COUNTER, None)
                 if type(count) is not int or count + ids.shape[1] > layer.max_cache_len:
                     return None  # a full window: update's other branches (roll, cat) run eagerly
