@@ -73,6 +73,39 @@ __device__ __forceinline__ void gemv_wait_for_previous() {
 #endif
 }
 
+// Phase timestamps of v3's CTAs for bench/nf4_timeline.cu, which defines FASTFT_NF4_TIMELINE
+// before including this file; elsewhere the marks compile to nothing. The probe numbers its
+// calls in a.counter_tag's serial bits (24..35). Slots per CTA: see kTimeline* below.
+#ifdef FASTFT_NF4_TIMELINE
+constexpr int kTimelineSlots = 320, kTimelineCtas = 1024, kTimelineCalls = 16;
+constexpr int kTimelineIters = 8;  // loop iterations (groups of 4 steps) timed per warp
+enum TimelineSlot {
+  kTimelineStartNs = 0, kTimelineSm = 1, kTimelineStart = 2, kTimelineWaited = 3,
+  kTimelineTable = 4, kTimelineStaged = 5, kTimelineSummed = 6, kTimelineEnd = 7,
+  kTimelineEndNs = 8, kTimelineWarpLoopEnd = 16,  // + warp
+  // + (warp * kTimelineIters + iteration) * 2: the iteration's start, then its scales computed
+  kTimelineIter = 32
+};
+__device__ unsigned long long nf4_timeline[kTimelineCalls * kTimelineCtas * kTimelineSlots];
+__device__ __forceinline__ void timeline_mark(const NF4GemvArgs& a, int slot) {
+  const unsigned call = (unsigned)(a.counter_tag >> 24) & 0xFFFu;
+  const unsigned cta = blockIdx.y * gridDim.x + blockIdx.x;
+  if (call >= (unsigned)kTimelineCalls || cta >= (unsigned)kTimelineCtas) return;
+  unsigned long long v;
+  if (slot == kTimelineStartNs || slot == kTimelineEndNs)
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(v));
+  else if (slot == kTimelineSm)
+    asm volatile("{ .reg .u32 s; mov.u32 s, %%smid; cvt.u64.u32 %0, s; }" : "=l"(v));
+  else
+    v = clock64();
+  nf4_timeline[((size_t)call * kTimelineCtas + cta) * kTimelineSlots + slot] = v;
+}
+#define NF4_MARK(cond, slot) \
+  do { if (cond) timeline_mark(a, slot); } while (0)
+#else
+#define NF4_MARK(cond, slot) do {} while (0)
+#endif
+
 // The optional low-rank term of y (NF4LowRank): scale * sum_r xa[m, r] b[n, r],
 // in float32 with r ascending, 8 values per 16-byte load. add_low_rank adds it to an element of
 // y this thread has just written (a read-modify-write once the sums' registers are free: added
@@ -1278,7 +1311,11 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
   // ptxas spill up to twice as many registers)
   const bool early_loads = MT == 1 && a.weights_frozen;
 
+  NF4_MARK(tid == 0, kTimelineStartNs);
+  NF4_MARK(tid == 0, kTimelineSm);
+  NF4_MARK(tid == 0, kTimelineStart);
   if (!early_loads) gemv_wait_for_previous();
+  NF4_MARK(tid == 0 && !early_loads, kTimelineWaited);
 
   // Weight loads first: their DRAM latency overlaps the table and x staging below. Rows past
   // N read row N - 1 (in bounds; their sums are never written).
@@ -1336,7 +1373,9 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
     for (int j = 0; j < 8; ++j) v3_store16(entry + 16u * ((j + e) & 7), make_uint4(v, v, v, v));
   }
   if (NESTED && (!kWide || tid < 256)) code2_s[tid] = __ldg(w.code2 + tid);
+  NF4_MARK(tid == 0, kTimelineTable);
   if (early_loads) gemv_wait_for_previous();  // x and xa only after it
+  NF4_MARK(tid == 0 && early_loads, kTimelineWaited);
   if (tid < 16) tok_max[tid] = 0u;
   if (LORA) lora_prefetch<T>(a, lr, (int64_t)row_group * rows_cta, rows_cta);
   __syncthreads();  // tok_max zeroed
@@ -1407,6 +1446,7 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
     }
   }
   __syncthreads();  // table, code2, x and tok_max complete
+  NF4_MARK(tid == 0, kTimelineStaged);
 
   V3Levels lv;  // (DECODE 1 / 2 only; dead code otherwise)
   if (DECODE != 0) {
@@ -1448,12 +1488,20 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
 
   static_assert(kV3Ahead == 4, "the loop's groups of 4 steps are the ring and the scale groups");
   for (int i0 = 0; i0 < wcount; i0 += 4) {
+    NF4_MARK(lane == 0 && i0 < 4 * kTimelineIters,
+             kTimelineIter + (warp * kTimelineIters + i0 / 4) * 2);
     // this lane's row scale for steps i0 .. i0 + 3, then the next group's raw inputs
     float sc[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j)
       sc[j] = NESTED ? __fadd_rn(__fmul_rn(code2_s[raw_q[j]], raw_a2[j]), offset)
                      : __uint_as_float(raw_q[j]);
+#ifdef FASTFT_NF4_TIMELINE
+    if (lane == 0 && i0 < 4 * kTimelineIters) {  // the mark after the scales' loads landed
+      asm volatile("" ::"f"(sc[0]), "f"(sc[1]), "f"(sc[2]), "f"(sc[3]));
+      timeline_mark(a, kTimelineIter + (warp * kTimelineIters + i0 / 4) * 2 + 1);
+    }
+#endif
     rv += 4 * kV3Step;
     load_raw(i0 + 4);
 #pragma unroll
@@ -1523,6 +1571,7 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
     xg0 += 4u * step_bytes;
     xg1 += 4u * step_bytes;
   }
+  NF4_MARK(lane == 0, kTimelineWarpLoopEnd + warp);
 
   if (parts > 1) {
     // the parts' sums, added in part order (deterministic) by the warps of part 0, through
@@ -1568,6 +1617,7 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
     __syncthreads();
   }
 
+  NF4_MARK(tid == 0, kTimelineSummed);
   // acc[tl][mt][c]: weight row tile_base + 16 tl + g (+ 8 for c >= 2), token mt*8 + 2t + (c&1)
   const T* bias = static_cast<const T*>(a.bias);
   T* y = static_cast<T*>(a.y);
@@ -1595,6 +1645,8 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
       }
     }
   }
+  NF4_MARK(tid == 0, kTimelineEnd);
+  NF4_MARK(tid == 0, kTimelineEndNs);
   if (a.partial == nullptr) {
     if (LORA && !kWide && part == 0) add_low_rank_tile<T>(a, lr, y, tile_base + g, 2, t, MT);
     return;

@@ -39,6 +39,16 @@ FAMILY_SPECIAL = {
 }
 
 
+def profiled_names(fn) -> list:
+    """The names of the profiler's events (CPU ops and CUDA kernels) while fn() runs on the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events()]
+
+
 def family_tokenizer(name):
     """The shipped tokenizer with chat format `name`'s BOS / EOS tokens (no template installed)."""
     from fastft.assets import load_default_tokenizer

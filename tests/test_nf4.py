@@ -16,7 +16,7 @@ with warnings.catch_warnings():
 from fastft.ops import nf4_dequantize, nf4_matmul  # noqa: E402
 from fastft.ops import nf4 as nf4_mod  # noqa: E402
 from fastft.ops.nf4 import NF4State, resolve  # noqa: E402
-from tests.helpers import DTYPES, RTOL, backends, gpu_backends, rel_err  # noqa: E402
+from tests.helpers import DTYPES, RTOL, backends, profiled_names, gpu_backends, rel_err  # noqa: E402
 
 
 GEMV_VARIANTS = ("v1", "v2", "v3")  # FASTFT_NF4_GEMV: the CUDA backend's fused kernels
@@ -1431,13 +1431,8 @@ def _check_group(x, calls, refs, dtype, what):
 
 
 def _group_kernel_launches(fn) -> int:
-    """How many launches of the grouped v3 kernel fn() makes (the profiler's kernel names)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if "nf4_gemv_v3_group_kernel" in e.name)
+    """How many launches of the grouped v3 kernel fn() makes."""
+    return sum("nf4_gemv_v3_group_kernel" in n for n in profiled_names(fn))
 
 
 @pytest.mark.gpu
@@ -1579,12 +1574,7 @@ def _v3_cta_warps(fn) -> list:
     """The warps per CTA (the last template argument) of each one-weight v3 kernel fn() launches."""
     import re
 
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    found = [re.search(r"nf4_gemv_v3_kernel<([^>]*)>", e.name) for e in prof.events()]
+    found = [re.search(r"nf4_gemv_v3_kernel<([^>]*)>", n) for n in profiled_names(fn)]
     return [int(re.search(r"(\d+)\)?\s*$", m.group(1).split(",")[-1]).group(1))
             for m in found if m]
 
@@ -1610,12 +1600,17 @@ def test_fused_matmul_gpu_group_only_where_it_pays(monkeypatch):
     layer's q/k/v are grouped at every M; its gate/up, each of which fills the GPU alone, where
     the group takes no more CTAs than the two calls: at every M since the plan stopped taking
     more CTAs than fit an SM at once (M = 1, 4: 224 CTAs of 2 K parts, where 896 CTAs of 8 had
-    measured slower than two calls). Either way every y is written and right."""
+    measured slower than two calls). A pair that would take more CTAs together stays two
+    calls: two 5120 -> 18944 weights at M = 1 (592 CTAs of 4 K parts together, 222 of 3 K
+    splits each alone, by a Python mirror of the plan). Either way every y is written and
+    right."""
     impl = _plan_impl(monkeypatch, min_sms=100)
     qkv = [(4096, 4096), (1024, 4096), (1024, 4096)]
     gate_up = [(14336, 4096), (14336, 4096)]
+    wide_pair = [(18944, 5120), (18944, 5120)]
     for shapes, rows, grouped in ((qkv, 1, True), (qkv, 16, True), (gate_up, 1, True),
-                                  (gate_up, 4, True), (gate_up, 8, True), (gate_up, 16, True)):
+                                  (gate_up, 4, True), (gate_up, 8, True), (gate_up, 16, True),
+                                  (wide_pair, 1, False), (wide_pair, 4, True)):
         x, calls, refs = _group_case(shapes, rows, torch.bfloat16, True, 16, seed=rows,
                                      device="cuda")
         launches = _group_kernel_launches(lambda: impl.gemv_group(x, calls))
