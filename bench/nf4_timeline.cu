@@ -63,6 +63,31 @@ __device__ __forceinline__ uint2 load8(const uint8_t* p) {
   return v;
 }
 
+// The loads-only kernels below: what v3_gemv's CTA (blockIdx) and warp get of the plan in `a`
+// (8-warp CTAs, or 16 warps for 16 K parts): the warp's tile of 32 rows (its index among all
+// tiles) and its K range in 64-k steps. Each waits for the previous kernel first (PDL, as v3).
+struct WarpWork {
+  int tile;        // rows 32 tile .. 32 tile + 31
+  int first_step;  // the warp's steps: [first_step, first_step + steps)
+  int steps;
+};
+template <int WARPS>
+__device__ WarpWork warp_work(const NF4GemvArgs& a, int warp) {
+  const int S = a.K / 64;
+  const int parts = a.v3_kparts, tiles = WARPS / parts;
+  const int part = warp / tiles, wt = warp - part * tiles;
+  const int s0 = blockIdx.y * a.v3_steps;
+  const int count = min(a.v3_steps, S - s0);
+  const int per_part = (count + parts - 1) / parts;
+  const int p0 = min(count, part * per_part);
+  return {(int)blockIdx.x * tiles + wt, s0 + p0, min(count, p0 + per_part) - p0};
+}
+
+// One value per CTA, so that no load is dead code.
+__device__ __forceinline__ void sink_xor(uint32_t* sink, uint32_t acc, int lane) {
+  sink_xor(sink, acc, lane);
+}
+
 // v3's weight loads alone, the bytes XORed instead of decoded: the grid, rows and K ranges of
 // the v3 plan in `a` (8-warp CTAs, or 16 warps for 16 K parts), each lane loading 8 bytes of its
 // 4 rows per 64-k step, AHEAD steps in flight per lane (v3: 4). HINT 0: as v3 (L2 fetches
@@ -70,28 +95,19 @@ __device__ __forceinline__ uint2 load8(const uint8_t* p) {
 template <int WARPS, int AHEAD, int HINT>
 __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
     v3_loads_only(const NF4Weight w, const NF4GemvArgs a, uint32_t* sink) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int N = a.N, K = a.K, S = K / 64;
-  const int parts = a.v3_kparts, tiles = WARPS / parts;
-  const int part = warp / tiles, wt = warp - part * tiles;
-  const int s0 = blockIdx.y * a.v3_steps;
-  const int count = min(a.v3_steps, S - s0);
-  const int per_part = (count + parts - 1) / parts;
-  const int p0 = min(count, part * per_part);
-  const int wcount = min(count, p0 + per_part) - p0;
-  const int tile_base = blockIdx.x * tiles * 32 + wt * 32;
+  const int N = a.N, K = a.K;
+  const WarpWork ww = warp_work<WARPS>(a, warp);
+  const int wcount = ww.steps;
+  const int tile_base = ww.tile * 32;
   const uint8_t* wp[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
     wp[i] = w.packed + (int64_t)min(tile_base + g + 8 * i, N - 1) * (K / 2) +
-            (int64_t)(s0 + p0) * 32 + 8 * t;
+            (int64_t)ww.first_step * 32 + 8 * t;
   if (HINT == 2 && wcount > 0) {
     const uint8_t* p = w.packed + (int64_t)min(tile_base + lane, N - 1) * (K / 2) +
-                       (int64_t)(s0 + p0) * 32;
+                       (int64_t)ww.first_step * 32;
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(wcount * 32)
                  : "memory");
   }
@@ -113,8 +129,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
         for (int i = 0; i < 4; ++i) ring[j][i] = load8<HINT>(wp[i] + (i0 + j + AHEAD) * 32);
     }
   }
-  acc = __reduce_xor_sync(0xffffffffu, acc);
-  if (lane == 0) atomicXor(sink + blockIdx.x, acc);
+  sink_xor(sink, acc, lane);
 }
 
 // v3's work split and bytes in flight (128 per lane), but 16-byte loads with LANES lanes on
@@ -123,21 +138,12 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
 template <int WARPS, int LANES>
 __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
     row_pieces_loads_only(const NF4Weight w, const NF4GemvArgs a, uint32_t* sink) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
   constexpr int kRows = 32 / LANES, kPiece = 16 * LANES;  // rows and bytes per instruction
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int N = a.N, K = a.K, S = K / 64;
-  const int parts = a.v3_kparts, tiles = WARPS / parts;
-  const int part = warp / tiles, wt = warp - part * tiles;
-  const int s0 = blockIdx.y * a.v3_steps;
-  const int count = min(a.v3_steps, S - s0);
-  const int per_part = (count + parts - 1) / parts;
-  const int p0 = min(count, part * per_part);
-  const int wcount = min(count, p0 + per_part) - p0;
-  const int tile_base = blockIdx.x * tiles * 32 + wt * 32;
+  const int N = a.N, K = a.K;
+  const WarpWork ww = warp_work<WARPS>(a, warp);
+  const int wcount = ww.steps;
+  const int tile_base = ww.tile * 32;
   const int range = wcount * 32;                      // bytes per row
   const int loads = 32 / kRows * ((range + kPiece - 1) / kPiece);
   const int row_in = lane / LANES, col_in = (lane % LANES) * 16;
@@ -147,7 +153,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
     if (col >= range) return nullptr;
     const int row = min(tile_base + rb * kRows + row_in, N - 1);
     return reinterpret_cast<const uint4*>(w.packed + (int64_t)row * (K / 2) +
-                                          (int64_t)(s0 + p0) * 32 + col);
+                                          (int64_t)ww.first_step * 32 + col);
   };
   auto load = [&](int i) {
     const uint4* p = i < loads ? address(i) : nullptr;
@@ -164,8 +170,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
       ring[j] = load(i0 + j + 8);
     }
   }
-  acc = __reduce_xor_sync(0xffffffffu, acc);
-  if (lane == 0) atomicXor(sink + blockIdx.x, acc);
+  sink_xor(sink, acc, lane);
 }
 
 // The same work split, but each warp's 32 rows x 4 steps (4 KB) contiguous, as a re-laid
@@ -174,25 +179,16 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
 template <int WARPS, int GROUPS>
 __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
     tiled_loads_only(const NF4Weight w, const NF4GemvArgs a, uint32_t* sink) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int N = a.N, K = a.K, S = K / 64;
-  const int parts = a.v3_kparts, tiles = WARPS / parts;
-  const int part = warp / tiles, wt = warp - part * tiles;
-  const int s0 = blockIdx.y * a.v3_steps;
-  const int count = min(a.v3_steps, S - s0);
-  const int per_part = (count + parts - 1) / parts;
-  const int p0 = min(count, part * per_part);
-  const int wcount = min(count, p0 + per_part) - p0;
+  const WarpWork ww = warp_work<WARPS>(a, warp);
+  const int wcount = ww.steps;
   const int units = wcount * 64;  // 16-byte units: 1 KB per step
   const int groups = (units + 255) / 256;
-  const int tile = min(blockIdx.x * tiles + wt, (N - 1) / 32);
+  const int tile = min(ww.tile, (N - 1) / 32);
   // tile-major: tile t's K range is S steps of 1 KB (32 rows x 32 bytes)
   const uint4* base =
-      reinterpret_cast<const uint4*>(w.packed + ((int64_t)tile * S + s0 + p0) * 1024) + lane;
+      reinterpret_cast<const uint4*>(w.packed + ((int64_t)tile * S + ww.first_step) * 1024) + lane;
   uint4 ring[GROUPS][8];
   auto load = [&](int group, int q) {
     const int u = group * 256 + q * 32;
@@ -215,8 +211,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
         for (int q = 0; q < 8; ++q) ring[j][q] = load(i0 + j + GROUPS, q);
     }
   }
-  acc = __reduce_xor_sync(0xffffffffu, acc);
-  if (lane == 0) atomicXor(sink + blockIdx.x, acc);
+  sink_xor(sink, acc, lane);
 }
 
 static float median(std::vector<float> v) {
@@ -365,27 +360,24 @@ int main(int argc, char** argv) {
     CHECK(cudaGetLastError());
     return us;
   };
-  float us_v3_loads4, us_v3_loads8, us_v3_256, us_v3_prefetch, us_tiled1, us_rows4, us_rows8,
-      us_rows32;
-  if (wide) {
-    us_rows4 = time_loads(row_pieces_loads_only<16, 4>, 512);
-    us_rows8 = time_loads(row_pieces_loads_only<16, 8>, 512);
-    us_rows32 = time_loads(row_pieces_loads_only<16, 32>, 512);
-    us_v3_loads4 = time_loads(v3_loads_only<16, 4, 0>, 512);
-    us_v3_loads8 = time_loads(v3_loads_only<16, 8, 0>, 512);
-    us_v3_256 = time_loads(v3_loads_only<16, 4, 1>, 512);
-    us_v3_prefetch = time_loads(v3_loads_only<16, 4, 2>, 512);
-    us_tiled1 = time_loads(tiled_loads_only<16, 1>, 512);
-  } else {
-    us_rows4 = time_loads(row_pieces_loads_only<8, 4>, 256);
-    us_rows8 = time_loads(row_pieces_loads_only<8, 8>, 256);
-    us_rows32 = time_loads(row_pieces_loads_only<8, 32>, 256);
-    us_v3_loads4 = time_loads(v3_loads_only<8, 4, 0>, 256);
-    us_v3_loads8 = time_loads(v3_loads_only<8, 8, 0>, 256);
-    us_v3_256 = time_loads(v3_loads_only<8, 4, 1>, 256);
-    us_v3_prefetch = time_loads(v3_loads_only<8, 4, 2>, 256);
-    us_tiled1 = time_loads(tiled_loads_only<8, 1>, 256);
-  }
+  struct LoadTimes {
+    float v3_4, v3_8, v3_256, v3_prefetch, tiled, rows64, rows128, rows512;
+  };
+  auto time_all = [&](auto warps) {  // every loads-only kernel with the plan's CTA size
+    constexpr int W = decltype(warps)::value;
+    LoadTimes r;
+    r.rows64 = time_loads(row_pieces_loads_only<W, 4>, W * 32);
+    r.rows128 = time_loads(row_pieces_loads_only<W, 8>, W * 32);
+    r.rows512 = time_loads(row_pieces_loads_only<W, 32>, W * 32);
+    r.v3_4 = time_loads(v3_loads_only<W, 4, 0>, W * 32);
+    r.v3_8 = time_loads(v3_loads_only<W, 8, 0>, W * 32);
+    r.v3_256 = time_loads(v3_loads_only<W, 4, 1>, W * 32);
+    r.v3_prefetch = time_loads(v3_loads_only<W, 4, 2>, W * 32);
+    r.tiled = time_loads(tiled_loads_only<W, 1>, W * 32);
+    return r;
+  };
+  const LoadTimes lt = wide ? time_all(std::integral_constant<int, 16>{})
+                            : time_all(std::integral_constant<int, 8>{});
 
   std::printf(
       "{\"M\": %d, \"N\": %d, \"K\": %d, \"calls\": %d, \"frozen\": %d, \"variant\": %d, "
@@ -395,8 +387,8 @@ int main(int argc, char** argv) {
       "\"us_rows64B\": %.3f, \"us_rows128B\": %.3f, \"us_rows512B\": %.3f, "
       "\"packed_bytes\": %lld, \"timeline_ctas\": %d, \"timeline_slots\": %d}\n",
       M, N, K, calls, (int)frozen, a0.variant, a0.v3_decode, a0.v3_kparts, a0.v3_splits,
-      a0.v3_steps, ctas, sms, us_nf4, us_v3_loads4, us_v3_loads8, us_v3_256, us_v3_prefetch, us_tiled1,
-      us_rows4, us_rows8, us_rows32,
+      a0.v3_steps, ctas, sms, us_nf4, lt.v3_4, lt.v3_8, lt.v3_256, lt.v3_prefetch, lt.tiled,
+      lt.rows64, lt.rows128, lt.rows512,
       (long long)(numel / 2), kTimelineCtas,
       kTimelineSlots);
   return 0;
