@@ -40,7 +40,8 @@ FAMILY_SPECIAL = {
 
 
 def profiled_names(fn) -> list:
-    """The names of the profiler's events (CPU ops and CUDA kernels) while fn() runs on the GPU."""
+    """The names of the events the profiler's CUDA activity records while fn() runs (its kernels
+    among them), for tests that check which kernels a call launches."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
