@@ -130,42 +130,23 @@ def summarise(meta, raw):
     }
 
 
-def copy_rate_gbs():
-    """A device copy of 1 GiB (read + write), GB/s, for the % column."""
-    try:
-        import torch
-    except Exception:
-        return None
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    del a, b
-    return 2 * (1 << 30) / (sorted(times)[5] * 1e-3) / 1e9
-
-
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "/tmp/nf4-timeline"
     os.makedirs(out_dir, exist_ok=True)
     exe = os.environ.get("EXE") or build(out_dir)
     if os.environ.get("BUILD_ONLY"):
         return
-    rate = copy_rate_gbs()
+    sys.path.insert(0, HERE)
+    from common import copy_bandwidth_gbps  # the copy rate every bench's "% copy" uses
+
+    rate = copy_bandwidth_gbps()
     calls = int(os.environ.get("CALLS", "8"))
     results = []
     for case in os.environ.get("CASES", DEFAULT_CASES).split(";"):
         args = case.split()
         if not args:
             continue
-        binp = os.path.join(out_dir, "tl.bin")  # (removed after each case: 40 MB)
+        binp = os.path.join(out_dir, "tl.bin")  # 40 MB, rewritten per case, removed at the end
         proc = subprocess.run([exe, args[0], args[1], args[2], str(calls), args[3], binp] + args[4:],
                               capture_output=True, text=True)
         if proc.returncode != 0:
