@@ -85,7 +85,7 @@ __device__ WarpWork warp_work(const NF4GemvArgs& a, int warp) {
 
 // One value per CTA, so that no load is dead code.
 __device__ __forceinline__ void sink_xor(uint32_t* sink, uint32_t acc, int lane) {
-  sink_xor(sink, acc, lane);
+  if (lane == 0) atomicXor(sink + blockIdx.x, acc);
 }
 
 // v3's weight loads alone, the bytes XORed instead of decoded: the grid, rows and K ranges of
