@@ -1090,6 +1090,20 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
 //   of a block; LDG.64 costs 4 instructions per KB, and whole sectors are read either way.)
 //   kV3Ahead = 4 steps of loads in flight per thread: 128 bytes, 16 warps per SM (2 CTAs of
 //   8 warps): 64 KB of weight loads in flight per SM.
+// * Whole lines (the 16-warp CTA only): each load instruction asks L2 for 8 rows x one 32-byte
+//   sector above; v3's loads alone then stream at ~10 us for 4096 x 14336, whole 128-byte lines
+//   per instruction at ~8.4 (runs 115, 119, 120). So in the 16-warp CTA a lane loads 16 bytes
+//   (8 lanes = one row's 4 steps, 128 bytes) and the 8 loads of a group of 4 steps cover the
+//   warp's 32 rows: load q, row 4q + lane / 8, at 16 (lane % 8 ^ 4 (q & 1)). A quad then holds
+//   one step pair (64 bytes) of a row: quad g holds rows rho(g) + 8i (rho(g) = 4 (g & 1) + g / 2)
+//   for steps 0-1 and its partner quad's rows rho(g) ^ 4 + 8i for steps 2-3, so it keeps two
+//   sets of sums, added by one shfl.xor 4 at the end. Per group: 32 SEL pick each lane's pair
+//   from its two loads, v3_pair_exchange moves half of each pair between lanes t and t ^ 2
+//   (48 SEL + 16 SHFL), and each tile's x fragments are read once per tile (twice per step).
+//   That is ~720 SASS instructions per group against 509: the loop's load waits shrink but its
+//   decode per group grows from 1.8 to 2.6 us (run 120), so it pays only where the loads were
+//   the bound: 14336 -> 4096 at M = 1 and 2 (16 K parts, one CTA per SM) ran 6-10% faster
+//   (run 121), and 4096 -> 14336 with two 8-warp CTAs per SM 4-6% slower (run 119).
 // * Scales: lane L of a warp computes the scale of the warp's row L for the 4 steps of a group
 //   (raw inputs loaded one group ahead); each step takes its 4 row scales by SHFL.
 // * Work split: CTA (x, y) = rows [R x, R x + R) x steps [y * steps, (y + 1) * steps) of
@@ -1228,6 +1242,33 @@ struct V3In {
   uint2 w[4];
 };
 
+// c ? a : b, word by word, kept where it is written: before the ring slots it reads are
+// reloaded (as a plain select, the compiler sank it past the loop's exits, behind the reloads,
+// and then copied the whole ring to other registers first: 32 moves per group)
+__device__ __forceinline__ uint4 select4(bool c, uint4 a, uint4 b) {
+  uint4 r;
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %8, 0;\n"
+      "selp.b32 %0, %4, %9, p;\nselp.b32 %1, %5, %10, p;\n"
+      "selp.b32 %2, %6, %11, p;\nselp.b32 %3, %7, %12, p;\n}\n"
+      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"((uint32_t)c), "r"(b.x), "r"(b.y), "r"(b.z),
+        "r"(b.w));
+  return r;
+}
+
+// Whole lines: a quad's 4 lanes hold one row's 64 bytes of a step pair (lane t: 16 bytes at
+// 16 t, i.e. values 32 t' .. 32 t' + 31 of step t >> 1, t' = t & 1). Lanes t and t ^ 2 swap
+// half of them, after which lane t holds 8 bytes (16 values at 0 / 32 / 16 / 48 for t = 0..3)
+// of each step: s0 (the pair's first step) and s1, as the mma's k slots need (every lane's
+// values of one mma from one quantisation block).
+__device__ __forceinline__ void v3_pair_exchange(uint4 d, bool hi_lane, uint2& s0, uint2& s1) {
+  const uint32_t r0 = __shfl_xor_sync(0xffffffffu, hi_lane ? d.x : d.z, 2);
+  const uint32_t r1 = __shfl_xor_sync(0xffffffffu, hi_lane ? d.y : d.w, 2);
+  s0 = hi_lane ? make_uint2(r0, r1) : make_uint2(d.x, d.y);
+  s1 = hi_lane ? make_uint2(d.z, d.w) : make_uint2(r0, r1);
+}
+
 // The last CTA of a row group: y[:, n] = the K splits' partials of row n (one row per thread)
 // added in split order (deterministic), + bias. Every load of 4 splits x all tokens is issued
 // before the sums use them (64 in flight per thread at M = 16): this runs at the kernel's end,
@@ -1317,20 +1358,53 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
   if (!early_loads) gemv_wait_for_previous();
   NF4_MARK(tid == 0 && !early_loads, kTimelineWaited);
 
-  // Weight loads first: their DRAM latency overlaps the table and x staging below. Rows past
-  // N read row N - 1 (in bounds; their sums are never written).
+  // Weight loads first: their DRAM latency overlaps the table and x staging below.
+  // The 16-warp CTA (one token tile): whole lines (see "Whole lines" above): load q (0..7) of a
+  // group of 4 steps reads row 4q + oct (oct = lane / 8), 16 bytes at 16 (jj ^ 4 (q & 1)) of the
+  // group's 128 (jj = lane % 8). quad g's rows: tile row rho (pair 0; the pair-1 sums belong to
+  // rho ^ 4).
+  constexpr bool kLines = MT == 1 && kWide;
+  const int rho = kLines ? ((g & 1) << 2 | g >> 1) : g;
+  const bool odd_quad = g & 1, hi_lane = t >= 2;
+  uint4 lring[8];
+  const uint8_t* lp[2];
+  int lstride = 0, rows_left = 0, lstep[2] = {0, 0};
+  // loads [q0, q0 + 4) of the group `ahead` groups after lp's (rows past N, steps past the
+  // warp's range: not loaded, their sums are never written or their steps never run)
+  auto line_loads = [&](int i0, int ahead, int q0) {
+#pragma unroll
+    for (int q = q0; q < q0 + 4; ++q)
+      if (4 * q < rows_left && i0 + 4 * ahead + lstep[q & 1] < wcount)
+        lring[q] = load_stream16(lp[q & 1] + (q >> 1) * lstride + 128 * ahead);
+  };
+  // The other tile counts: 8 bytes of rows g + 8i per step (lane t at byte 8t of the 32). Rows
+  // past N read row N - 1 (in bounds; their sums are never written).
   const uint8_t* wp[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int row = min(tile_base + g + 8 * i, N - 1);
-    wp[i] = w.packed + (int64_t)row * half_k + (int64_t)ws * (kV3Step / 2) + 8 * t;
-  }
   V3In ring[kV3Ahead];
+  if constexpr (kLines) {
+    const int oct = lane >> 3, jj = lane & 7;
+    const uint8_t* first =
+        w.packed + (int64_t)(tile_base + oct) * half_k + (int64_t)ws * (kV3Step / 2);
+    lp[0] = first + 16 * jj;
+    lp[1] = first + 4 * half_k + 16 * (jj ^ 4);
+    lstride = 8 * (int)half_k;
+    rows_left = N - tile_base - oct;
+    lstep[0] = 2 * (g & 1) + (t >> 1);  // this lane's step of the group in loads q even / odd
+    lstep[1] = 2 * ((g & 1) ^ 1) + (t >> 1);
+    line_loads(0, 0, 0);
+    line_loads(0, 0, 4);
+  } else {
 #pragma unroll
-  for (int j = 0; j < kV3Ahead; ++j) {
-    if (j < wcount) {
+    for (int i = 0; i < 4; ++i) {
+      const int row = min(tile_base + g + 8 * i, N - 1);
+      wp[i] = w.packed + (int64_t)row * half_k + (int64_t)ws * (kV3Step / 2) + 8 * t;
+    }
 #pragma unroll
-      for (int i = 0; i < 4; ++i) ring[j].w[i] = load_stream8(wp[i] + j * (kV3Step / 2));
+    for (int j = 0; j < kV3Ahead; ++j) {
+      if (j < wcount) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) ring[j].w[i] = load_stream8(wp[i] + j * (kV3Step / 2));
+      }
     }
   }
   // This lane's scale row (warp row `lane`) and the raw scale inputs of steps 0..3 (steps past
@@ -1468,30 +1542,34 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
 
   const float offset = NESTED ? __ldg(w.offset) : 0.f;
   const uint32_t lane4 = (uint32_t)lane * 4u;
-  // this lane's x: token tile mt, token g, step p0 + i, 16-byte units 2t and 2t+1 (swizzled),
-  // as offsets from `anchor`; xg moves one group of 4 steps on per loop iteration
+  // this lane's x: token tile mt, token g, step p0 + i, 16-byte units x_unit0 and + 1
+  // (values 8 x_unit0 .. + 15 of the step, as the lane's weight values; swizzled), as offsets
+  // from `anchor`; xg moves one group of 4 steps on per loop iteration
+  const int x_unit0 = kLines ? ((t & 1) << 2 | (t >> 1) << 1) : 2 * t;
   uint32_t xg0 = step_bytes * (uint32_t)p0 + 256u * (uint32_t)g + 128u +
-                 16u * (uint32_t)((2 * t) ^ (g & 1));
+                 16u * (uint32_t)(x_unit0 ^ (g & 1));
   uint32_t xg1 = step_bytes * (uint32_t)p0 + 256u * (uint32_t)g + 128u +
-                 16u * (uint32_t)((2 * t + 1) ^ (g & 1));
+                 16u * (uint32_t)((x_unit0 + 1) ^ (g & 1));
 
   // M <= 8: only the lanes of tokens < M load x (see the staging above)
   const bool x_lane = MT == 2 || g < M;
 
-  float acc[2][MT][4];
+  // acc[pair][tl][mt]: kLines' sums of steps 0-1 (rows rho) and 2-3 (rows rho ^ 4) of each
+  // group; the other tile counts use acc[0] only
+  float acc2[kLines ? 2 : 1][2][MT][4];
 #pragma unroll
-  for (int tl = 0; tl < 2; ++tl)
+  for (int p = 0; p < (kLines ? 2 : 1); ++p)
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+    for (int tl = 0; tl < 2; ++tl)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) acc[tl][mt][c] = 0.f;
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc2[p][tl][mt][c] = 0.f;
+  auto& acc = acc2[0];
 
-  static_assert(kV3Ahead == 4, "the loop's groups of 4 steps are the ring and the scale groups");
-  for (int i0 = 0; i0 < wcount; i0 += 4) {
-    NF4_MARK(lane == 0 && i0 < 4 * kTimelineIters,
-             kTimelineIter + (warp * kTimelineIters + i0 / 4) * 2);
-    // this lane's row scale for steps i0 .. i0 + 3, then the next group's raw inputs
-    float sc[4];
+  // the group's row scales: this lane's (warp row `lane`) for steps i0 .. i0 + 3, then the
+  // next group's raw inputs
+  auto group_scales = [&](int i0, float (&sc)[4]) {
 #pragma unroll
     for (int j = 0; j < 4; ++j)
       sc[j] = NESTED ? __fadd_rn(__fmul_rn(code2_s[raw_q[j]], raw_a2[j]), offset)
@@ -1504,72 +1582,147 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
 #endif
     rv += 4 * kV3Step;
     load_raw(i0 + 4);
+  };
+  // x of step j of the group: 8 words per token tile
+  auto x_fragments = [&](int j, uint4 (&xv)[MT][2]) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (i0 + j >= wcount) break;  // uniform over the warp
-      // the 4 rows' scales of this step: rows g + 8r are lanes g + 8r
-      float s[4];
-#pragma unroll
-      for (int r = 0; r < 4; ++r) s[r] = __shfl_sync(0xffffffffu, sc[j], g + 8 * r);
-      // x of this step: 8 words per token tile
-      uint4 xv[MT][2];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const uint32_t off = step_bytes * j + 256u * 8 * mt;
-        if (x_lane) {
-          xv[mt][0] = *reinterpret_cast<const uint4*>(anchor + xg0 + off);
-          xv[mt][1] = *reinterpret_cast<const uint4*>(anchor + xg1 + off);
-        } else {
-          xv[mt][0] = xv[mt][1] = make_uint4(0u, 0u, 0u, 0u);
-        }
-      }
-#pragma unroll
-      for (int tl = 0; tl < 2; ++tl) {
-        const uint2 ra = ring[j].w[2 * tl], rb = ring[j].w[2 * tl + 1];  // rows g, g+8 of tile tl
-        uint32_t pa[8], pb[8];
-        if (DECODE == 1) {  // registers for both rows
-          v3_pairs_reg(lv, ra.x, *reinterpret_cast<uint32_t(*)[4]>(pa));
-          v3_pairs_reg(lv, ra.y, *reinterpret_cast<uint32_t(*)[4]>(pa + 4));
-        } else {  // the table (DECODE 2: for rows g only)
-          pa[0] = v3_pair<0>(anchor, ra.x, lane4); pa[1] = v3_pair<1>(anchor, ra.x, lane4);
-          pa[2] = v3_pair<2>(anchor, ra.x, lane4); pa[3] = v3_pair<3>(anchor, ra.x, lane4);
-          pa[4] = v3_pair<0>(anchor, ra.y, lane4); pa[5] = v3_pair<1>(anchor, ra.y, lane4);
-          pa[6] = v3_pair<2>(anchor, ra.y, lane4); pa[7] = v3_pair<3>(anchor, ra.y, lane4);
-        }
-        if (DECODE != 0) {  // registers for rows g + 8
-          v3_pairs_reg(lv, rb.x, *reinterpret_cast<uint32_t(*)[4]>(pb));
-          v3_pairs_reg(lv, rb.y, *reinterpret_cast<uint32_t(*)[4]>(pb + 4));
-        } else {
-          pb[0] = v3_pair<0>(anchor, rb.x, lane4); pb[1] = v3_pair<1>(anchor, rb.x, lane4);
-          pb[2] = v3_pair<2>(anchor, rb.x, lane4); pb[3] = v3_pair<3>(anchor, rb.x, lane4);
-          pb[4] = v3_pair<0>(anchor, rb.y, lane4); pb[5] = v3_pair<1>(anchor, rb.y, lane4);
-          pb[6] = v3_pair<2>(anchor, rb.y, lane4); pb[7] = v3_pair<3>(anchor, rb.y, lane4);
-        }
-        if (tl == 1 && i0 + j + kV3Ahead < wcount) {
-          // the slot's words are consumed (above): reload it in place (no register moves)
-#pragma unroll
-          for (int r = 0; r < 4; ++r)
-            ring[j].w[r] = load_stream8(wp[r] + (j + kV3Ahead) * (kV3Step / 2));
-        }
-        const float sa = s[2 * tl], sb = s[2 * tl + 1];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          float tmp[4] = {0.f, 0.f, 0.f, 0.f};
-          mma_f16_16816(tmp, pa[0], pb[0], pa[1], pb[1], xv[mt][0].x, xv[mt][0].y);
-          mma_f16_16816(tmp, pa[2], pb[2], pa[3], pb[3], xv[mt][0].z, xv[mt][0].w);
-          mma_f16_16816(tmp, pa[4], pb[4], pa[5], pb[5], xv[mt][1].x, xv[mt][1].y);
-          mma_f16_16816(tmp, pa[6], pb[6], pa[7], pb[7], xv[mt][1].z, xv[mt][1].w);
-          acc[tl][mt][0] = fmaf(sa, tmp[0], acc[tl][mt][0]);
-          acc[tl][mt][1] = fmaf(sa, tmp[1], acc[tl][mt][1]);
-          acc[tl][mt][2] = fmaf(sb, tmp[2], acc[tl][mt][2]);
-          acc[tl][mt][3] = fmaf(sb, tmp[3], acc[tl][mt][3]);
-        }
+    for (int mt = 0; mt < MT; ++mt) {
+      const uint32_t off = step_bytes * j + 256u * 8 * mt;
+      if (x_lane) {
+        xv[mt][0] = *reinterpret_cast<const uint4*>(anchor + xg0 + off);
+        xv[mt][1] = *reinterpret_cast<const uint4*>(anchor + xg1 + off);
+      } else {
+        xv[mt][0] = xv[mt][1] = make_uint4(0u, 0u, 0u, 0u);
       }
     }
+  };
+  // one step's level pairs of a tile's rows g (ra) and g + 8 (rb)
+  auto decode = [&](uint2 ra, uint2 rb, uint32_t (&pa)[8], uint32_t (&pb)[8]) {
+    if (DECODE == 1) {  // registers for both rows
+      v3_pairs_reg(lv, ra.x, *reinterpret_cast<uint32_t(*)[4]>(pa));
+      v3_pairs_reg(lv, ra.y, *reinterpret_cast<uint32_t(*)[4]>(pa + 4));
+    } else {  // the table (DECODE 2: for rows g only)
+      pa[0] = v3_pair<0>(anchor, ra.x, lane4); pa[1] = v3_pair<1>(anchor, ra.x, lane4);
+      pa[2] = v3_pair<2>(anchor, ra.x, lane4); pa[3] = v3_pair<3>(anchor, ra.x, lane4);
+      pa[4] = v3_pair<0>(anchor, ra.y, lane4); pa[5] = v3_pair<1>(anchor, ra.y, lane4);
+      pa[6] = v3_pair<2>(anchor, ra.y, lane4); pa[7] = v3_pair<3>(anchor, ra.y, lane4);
+    }
+    if (DECODE != 0) {  // registers for rows g + 8
+      v3_pairs_reg(lv, rb.x, *reinterpret_cast<uint32_t(*)[4]>(pb));
+      v3_pairs_reg(lv, rb.y, *reinterpret_cast<uint32_t(*)[4]>(pb + 4));
+    } else {
+      pb[0] = v3_pair<0>(anchor, rb.x, lane4); pb[1] = v3_pair<1>(anchor, rb.x, lane4);
+      pb[2] = v3_pair<2>(anchor, rb.x, lane4); pb[3] = v3_pair<3>(anchor, rb.x, lane4);
+      pb[4] = v3_pair<0>(anchor, rb.y, lane4); pb[5] = v3_pair<1>(anchor, rb.y, lane4);
+      pb[6] = v3_pair<2>(anchor, rb.y, lane4); pb[7] = v3_pair<3>(anchor, rb.y, lane4);
+    }
+  };
+  // the step's 4 mma per token tile, then the block scales folded into the sums
+  auto mma_fold = [&](const uint32_t (&pa)[8], const uint32_t (&pb)[8], const uint4 (&xv)[MT][2],
+                      float sa, float sb, float (&sums)[MT][4]) {
 #pragma unroll
-    for (int r = 0; r < 4; ++r) wp[r] += 4 * (kV3Step / 2);
-    xg0 += 4u * step_bytes;
-    xg1 += 4u * step_bytes;
+    for (int mt = 0; mt < MT; ++mt) {
+      float tmp[4] = {0.f, 0.f, 0.f, 0.f};
+      mma_f16_16816(tmp, pa[0], pb[0], pa[1], pb[1], xv[mt][0].x, xv[mt][0].y);
+      mma_f16_16816(tmp, pa[2], pb[2], pa[3], pb[3], xv[mt][0].z, xv[mt][0].w);
+      mma_f16_16816(tmp, pa[4], pb[4], pa[5], pb[5], xv[mt][1].x, xv[mt][1].y);
+      mma_f16_16816(tmp, pa[6], pb[6], pa[7], pb[7], xv[mt][1].z, xv[mt][1].w);
+      sums[mt][0] = fmaf(sa, tmp[0], sums[mt][0]);
+      sums[mt][1] = fmaf(sa, tmp[1], sums[mt][1]);
+      sums[mt][2] = fmaf(sb, tmp[2], sums[mt][2]);
+      sums[mt][3] = fmaf(sb, tmp[3], sums[mt][3]);
+    }
+  };
+
+  static_assert(kV3Ahead == 4, "the loop's groups of 4 steps are the ring and the scale groups");
+  if constexpr (kLines) {
+    for (int i0 = 0; i0 < wcount; i0 += 4) {
+      NF4_MARK(lane == 0 && i0 < 4 * kTimelineIters,
+               kTimelineIter + (warp * kTimelineIters + i0 / 4) * 2);
+      float sc[4];
+      group_scales(i0, sc);
+      // tile by tile (its x fragments read once per tile): the tile's 4 loads give each lane its
+      // 16 bytes of each step pair of rows rho + 16 tl (+ 8), then are reloaded at once
+#pragma unroll
+      for (int tl = 0; tl < 2; ++tl) {
+        // d[pair][row rr]: the pair's 16 bytes are in load q with q & 1 == pair ^ (g & 1)
+        uint4 d[2][2];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          const uint4 e = lring[4 * tl + 2 * rr], o = lring[4 * tl + 2 * rr + 1];
+          d[0][rr] = select4(odd_quad, o, e);
+          d[1][rr] = select4(odd_quad, e, o);
+        }
+        line_loads(i0, 1, 4 * tl);  // (predicated loads, no branch: a branch here made ptxas
+                                    // copy the whole ring to other registers first)
+#pragma unroll
+        for (int pair = 0; pair < 2; ++pair) {
+          if (pair == 1 && i0 + 2 >= wcount) break;  // uniform over the warp
+          uint2 sd[2][2];  // [step of the pair][row rr]
+#pragma unroll
+          for (int rr = 0; rr < 2; ++rr)
+            v3_pair_exchange(d[pair][rr], hi_lane, sd[0][rr], sd[1][rr]);
+          const int src = (rho ^ (4 * pair)) + 16 * tl;  // the scale lanes of these rows
+#pragma unroll
+          for (int ss = 0; ss < 2; ++ss) {
+            const int j = 2 * pair + ss;
+            if (i0 + j >= wcount) break;
+            const float sa = __shfl_sync(0xffffffffu, sc[j], src);
+            const float sb = __shfl_sync(0xffffffffu, sc[j], src + 8);
+            uint4 xv[MT][2];
+            x_fragments(j, xv);
+            uint32_t pa[8], pb[8];
+            decode(sd[ss][0], sd[ss][1], pa, pb);
+            mma_fold(pa, pb, xv, sa, sb, acc2[pair][tl]);
+          }
+        }
+      }
+      lp[0] += 128;
+      lp[1] += 128;
+      xg0 += 4u * step_bytes;
+      xg1 += 4u * step_bytes;
+    }
+    // pair 1's sums are of the rows of quad g ^ 1's pair 0 (lane ^ 4, same tokens)
+#pragma unroll
+    for (int tl = 0; tl < 2; ++tl)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          acc[tl][mt][c] += __shfl_xor_sync(0xffffffffu, acc2[1][tl][mt][c], 4);
+  } else {
+    for (int i0 = 0; i0 < wcount; i0 += 4) {
+      NF4_MARK(lane == 0 && i0 < 4 * kTimelineIters,
+               kTimelineIter + (warp * kTimelineIters + i0 / 4) * 2);
+      float sc[4];
+      group_scales(i0, sc);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (i0 + j >= wcount) break;  // uniform over the warp
+        // the 4 rows' scales of this step: rows g + 8r are lanes g + 8r
+        float s[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) s[r] = __shfl_sync(0xffffffffu, sc[j], g + 8 * r);
+        uint4 xv[MT][2];
+        x_fragments(j, xv);
+#pragma unroll
+        for (int tl = 0; tl < 2; ++tl) {
+          uint32_t pa[8], pb[8];
+          decode(ring[j].w[2 * tl], ring[j].w[2 * tl + 1], pa, pb);  // rows g, g+8 of tile tl
+          if (tl == 1 && i0 + j + kV3Ahead < wcount) {
+            // the slot's words are consumed (above): reload it in place (no register moves)
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+              ring[j].w[r] = load_stream8(wp[r] + (j + kV3Ahead) * (kV3Step / 2));
+          }
+          mma_fold(pa, pb, xv, s[2 * tl], s[2 * tl + 1], acc[tl]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 4; ++r) wp[r] += 4 * (kV3Step / 2);
+      xg0 += 4u * step_bytes;
+      xg1 += 4u * step_bytes;
+    }
   }
   NF4_MARK(lane == 0, kTimelineWarpLoopEnd + warp);
 
@@ -1618,7 +1771,7 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
   }
 
   NF4_MARK(tid == 0, kTimelineSummed);
-  // acc[tl][mt][c]: weight row tile_base + 16 tl + g (+ 8 for c >= 2), token mt*8 + 2t + (c&1)
+  // acc[tl][mt][c]: weight row tile_base + 16 tl + rho (+ 8 for c >= 2), token mt*8 + 2t + (c&1)
   const T* bias = static_cast<const T*>(a.bias);
   T* y = static_cast<T*>(a.y);
 #pragma unroll
@@ -1628,7 +1781,7 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int m = mt * 8 + 2 * t + (c & 1);
-        const int n = tile_base + 16 * tl + g + (c < 2 ? 0 : 8);
+        const int n = tile_base + 16 * tl + rho + (c < 2 ? 0 : 8);
         if (part > 0 || m >= M || n >= N) continue;  // part 0 holds the sums
         float v = acc[tl][mt][c];
         if (std::is_same<T, __nv_bfloat16>::value)  // undo the token's power of two
@@ -1648,7 +1801,7 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
   NF4_MARK(tid == 0, kTimelineEnd);
   NF4_MARK(tid == 0, kTimelineEndNs);
   if (a.partial == nullptr) {
-    if (LORA && !kWide && part == 0) add_low_rank_tile<T>(a, lr, y, tile_base + g, 2, t, MT);
+    if (LORA && !kWide && part == 0) add_low_rank_tile<T>(a, lr, y, tile_base + rho, 2, t, MT);
     return;
   }
   // The last of the row group's gridDim.y CTAs to finish adds the partials in split order
