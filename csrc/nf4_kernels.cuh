@@ -1635,12 +1635,12 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
   };
 
   static_assert(kV3Ahead == 4, "the loop's groups of 4 steps are the ring and the scale groups");
-  if constexpr (kLines) {
-    for (int i0 = 0; i0 < wcount; i0 += 4) {
-      NF4_MARK(lane == 0 && i0 < 4 * kTimelineIters,
-               kTimelineIter + (warp * kTimelineIters + i0 / 4) * 2);
-      float sc[4];
-      group_scales(i0, sc);
+  for (int i0 = 0; i0 < wcount; i0 += 4) {
+    NF4_MARK(lane == 0 && i0 < 4 * kTimelineIters,
+             kTimelineIter + (warp * kTimelineIters + i0 / 4) * 2);
+    float sc[4];
+    group_scales(i0, sc);
+    if constexpr (kLines) {
       // tile by tile (its x fragments read once per tile): the tile's 4 loads give each lane its
       // 16 bytes of each step pair of rows rho + 16 tl (+ 8), then are reloaded at once
 #pragma unroll
@@ -1679,23 +1679,7 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
       }
       lp[0] += 128;
       lp[1] += 128;
-      xg0 += 4u * step_bytes;
-      xg1 += 4u * step_bytes;
-    }
-    // pair 1's sums are of the rows of quad g ^ 1's pair 0 (lane ^ 4, same tokens)
-#pragma unroll
-    for (int tl = 0; tl < 2; ++tl)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          acc[tl][mt][c] += __shfl_xor_sync(0xffffffffu, acc2[1][tl][mt][c], 4);
-  } else {
-    for (int i0 = 0; i0 < wcount; i0 += 4) {
-      NF4_MARK(lane == 0 && i0 < 4 * kTimelineIters,
-               kTimelineIter + (warp * kTimelineIters + i0 / 4) * 2);
-      float sc[4];
-      group_scales(i0, sc);
+    } else {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         if (i0 + j >= wcount) break;  // uniform over the warp
@@ -1720,9 +1704,19 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
       }
 #pragma unroll
       for (int r = 0; r < 4; ++r) wp[r] += 4 * (kV3Step / 2);
-      xg0 += 4u * step_bytes;
-      xg1 += 4u * step_bytes;
     }
+    xg0 += 4u * step_bytes;
+    xg1 += 4u * step_bytes;
+  }
+  if constexpr (kLines) {
+    // pair 1's sums are of the rows of quad g ^ 1's pair 0 (lane ^ 4, same tokens)
+#pragma unroll
+    for (int tl = 0; tl < 2; ++tl)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          acc[tl][mt][c] += __shfl_xor_sync(0xffffffffu, acc2[1][tl][mt][c], 4);
   }
   NF4_MARK(lane == 0, kTimelineWarpLoopEnd + warp);
 
