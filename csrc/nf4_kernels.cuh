@@ -1377,8 +1377,8 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
       if (4 * q < rows_left && i0 + 4 * ahead + lstep[q & 1] < wcount)
         lring[q] = load_stream16(lp[q & 1] + (q >> 1) * lstride + 128 * ahead);
   };
-  // The other tile counts: 8 bytes of rows g + 8i per step (lane t at byte 8t of the 32). Rows
-  // past N read row N - 1 (in bounds; their sums are never written).
+  // The 8-warp CTAs and two token tiles: 8 bytes of rows g + 8i per step (lane t at byte 8t of
+  // the 32). Rows past N read row N - 1 (in bounds; their sums are never written).
   const uint8_t* wp[4];
   V3In ring[kV3Ahead];
   if constexpr (kLines) {
@@ -1555,7 +1555,7 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
   const bool x_lane = MT == 2 || g < M;
 
   // acc[pair][tl][mt]: kLines' sums of steps 0-1 (rows rho) and 2-3 (rows rho ^ 4) of each
-  // group; the other tile counts use acc[0] only
+  // group; v3's own loads use acc[0] only
   float acc2[kLines ? 2 : 1][2][MT][4];
 #pragma unroll
   for (int p = 0; p < (kLines ? 2 : 1); ++p)
