@@ -13,6 +13,9 @@
 // Prints one JSON line: the plan, us per call of both kernels, the timeline's layout.
 #define FASTFT_NF4_TIMELINE 1
 #include "nf4.cu"  // csrc/, or the tree in $CSRC (bench/nf4_timeline.py)
+#if __has_include("nf4_stream.cu")
+#include "nf4_stream.cu"  // nf4.cu's plan and launch reach the v4 kernel
+#endif
 
 #include <cstdio>
 #include <cstdlib>

@@ -112,8 +112,8 @@ GemvCall prepare_gemv(const at::Tensor& x, const at::Tensor& packed, const at::T
   // FASTFT_NF4_V3_SPLITS, FASTFT_NF4_V3_KPARTS (0 = the plan chooses) and FASTFT_NF4_PDL, so the
   // extension reads no environment. pdl: 0 off, 1 on, 2 on with the weight frozen (its first
   // loads before the wait: NF4GemvArgs::weights_frozen; fastft.ops.nf4.frozen_weights).
-  FASTFT_CHECK((variant >= 0 && variant <= 3) || variant == 5 || variant == 6,
-              "fastft nf4: variant must be 0..3, 5 or 6, got ", variant);
+  FASTFT_CHECK((variant >= 0 && variant <= 3) || (variant >= 5 && variant <= 7),
+              "fastft nf4: variant must be 0..3 or 5..7, got ", variant);
   FASTFT_CHECK(v3_splits >= 0 && v3_splits <= 65535, "fastft nf4: v3_splits must be 0..65535, got ",
               v3_splits);
   FASTFT_CHECK(pdl >= 0 && pdl <= 2, "fastft nf4: pdl must be 0, 1 or 2, got ", pdl);
@@ -182,7 +182,9 @@ GemvCall prepare_gemv(const at::Tensor& x, const at::Tensor& packed, const at::T
   a.y = y.data_ptr(); a.y_stride = y.stride(0);
   a.M = (int)M; a.N = (int)N; a.K = (int)K;
   a.dtype = dtype_tag(x);
-  a.variant = (int)variant;
+  // v4 needs sm_90 (cp.async.bulk) and has no low-rank term: v3's plan takes those calls
+  a.v4_allowed = major >= 9 && !lora_xa.has_value();
+  a.variant = variant == 7 && !a.v4_allowed ? 3 : (int)variant;
   a.v3_splits = variant == 3 || variant >= 5 ? (int)v3_splits : 0;  // (5, 6: v3's decodes)
   a.v3_kparts = variant == 3 || variant >= 5 ? (int)v3_kparts : 0;
   a.pdl = pdl >= 1 && major >= 9;  // griddepcontrol: sm_90
@@ -231,7 +233,9 @@ void launch_gemv_call(GemvCall& call) {
     scratch = at::empty({floats}, call.x.options().dtype(at::kFloat));
     point_into_scratch(a, scratch.data_ptr<float>(), nf4_gemv_counter_tag());
   }
-  nf4_gemv(call.w, a, call.lr, stream_of(call.x));
+  FASTFT_CHECK(nf4_gemv(call.w, a, call.lr, stream_of(call.x)),
+              "fastft nf4: the driver could not describe the weight to the copy engine for the v4 "
+              "kernel (cuTensorMapEncodeTiled failed); FASTFT_NF4_GEMV=v3 (or unset) avoids v4");
   check_launch(launch_hint(a.pdl));
 }
 

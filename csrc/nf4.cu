@@ -159,6 +159,12 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
     a.variant = 3;
   }
   a.split = a.per_split = a.v2_blocks = a.v2_steps = a.v3_steps = a.v3_splits = a.v3_kparts = 0;
+  a.v4_ctas = a.v4_stages = 0;
+  if (a.variant == 7) {
+    if (nf4_gemv_v4_plan(w, a, sms)) return;
+    a.v4_ctas = a.v4_stages = 0;
+    a.variant = 3;  // where v4 does not apply: v3's plan (v1 where that does not apply either)
+  }
   // Automatic choice (variant 0), from the H200: v3 was faster than v1 at every M where the
   // output is wide (run 17: 4096 -> 14336, 0.025-0.031 ms vs 0.029-0.041), and since its
   // warps split a CTA's K range (K parts, runs 65-68) also at M <= 8 where the output is at
@@ -173,6 +179,17 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   if (a.variant == 0) {
     const bool wide = (int64_t)a.N >= 2 * (int64_t)a.K;
     const bool deep = (int64_t)a.K >= 2 * (int64_t)a.N;
+    // v4 where the output is wide, at up to 4 rows, and the busiest CTA takes 7 or more tiles
+    // (H200, runs 129 and 131: 4096 -> 14336, 7 tiles, 8-14% faster than v3h at M = 1, 2, 4 with
+    // the weight frozen, 8-17% not frozen; 3072 -> 8192, 4 tiles, 3-15% slower frozen at
+    // M = 1, 2, 4, where v4's fixed start costs weigh more; 5 and 6 not measured; M = 8 does
+    // not fit v4 at 4096 -> 14336); v3h elsewhere where the output is wide
+    if (wide && a.M <= 4 && a.v4_allowed && nf4_gemv_v4_plan(w, a, sms) &&
+        ((int64_t)a.N + 15) / 16 > 6 * (int64_t)a.v4_ctas) {
+      a.variant = 7;
+      return;
+    }
+    a.v4_ctas = a.v4_stages = 0;
     a.variant = wide || (deep && a.M <= 8) ? 3 : 1;
     a.v3_decode = wide ? 2 : 0;
   }
@@ -349,9 +366,9 @@ void launch_gemv_v3(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& 
 }
 }  // namespace
 
-void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
+bool nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
               cudaStream_t stream) {
-  if (a.M <= 0 || a.N <= 0) return;
+  if (a.M <= 0 || a.N <= 0) return true;
   // v2 / v3 are compiled per token tiles (MT: 1 for M <= 8, else 2) and scale nesting:
   // `with_shape` calls its argument with both as compile-time constants.
   auto with_shape = [&](auto launch_one) {
@@ -365,6 +382,7 @@ void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
       else launch_one(Two{}, std::false_type{});
     }
   };
+  if (a.variant == 7) return nf4_gemv_v4(w, a, stream);
   auto launch = [&](auto tag) {
     using T = decltype(tag);
     if (a.variant == 3) {
@@ -384,6 +402,7 @@ void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
   };
   if (a.dtype == kBF16) launch(__nv_bfloat16{});
   else launch(__half{});
+  return true;
 }
 
 }  // namespace fastft

@@ -40,8 +40,8 @@ struct NF4GemvArgs {
   void* y; int64_t y_stride;
   int M, N, K;
   int dtype;
-  // In: the requested kernel (1, 2, 3, or 5 / 6: v3 with v3_decode 1 / 2; 0 = the plan's
-  // choice: v3 for wide outputs); the
+  // In: the requested kernel (1, 2, 3, 5 / 6: v3 with v3_decode 1 / 2, or 7: v4; 0 = the
+  // plan's choice: v3 for wide outputs); the
   // plan takes v2 / v3 where they apply (see nf4_gemv_v2_ok / nf4_gemv_v3_ok), v1 otherwise.
   // Out: the kernel that runs.
   int variant;
@@ -73,6 +73,11 @@ struct NF4GemvArgs {
   // before waiting for the previous kernel, overlapping that kernel's tail. (The wait is what
   // makes the previous kernel's writes visible, so this is wrong for a weight written there.)
   bool weights_frozen;
+  // v4 (variant 7, nf4_stream.cu): CTAs (one per SM at most) and ring stages, set by the plan;
+  // v4_allowed: the GPU has it (compute capability >= 9.0) and there is no low-rank term
+  int v4_ctas;
+  int v4_stages;
+  bool v4_allowed;
 };
 // Optional for nf4_gemv: a low-rank term added to y, as a LoRA adapter adds it
 // (y += scale * xa bᵀ): xa [M, rank] = x Aᵀ and b [N, rank], both in x's dtype, rows 16-byte
@@ -107,12 +112,19 @@ inline int64_t nf4_gemv_row_blocks(int64_t N) { return (N + 127) / 128; }  // v1
 // Whether v2 / v3 take this call (shape, blocksize, dtype).
 bool nf4_gemv_v2_ok(const NF4Weight& w, const NF4GemvArgs& a);
 bool nf4_gemv_v3_ok(const NF4Weight& w, const NF4GemvArgs& a);
+// v4 (nf4_stream.cu, compute capability >= 9.0): the weight streamed into a ring of
+// shared-memory stages by cp.async.bulk, one CTA per SM, M <= 8. nf4_gemv_v4_plan: whether it
+// takes the call (then a.v4_ctas / a.v4_stages are set).
+bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms);
+// False when the driver could not describe the weight to the copy engine (nothing launched).
+bool nf4_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream);
 // Chooses a.variant and its launch shape for a.M, a.N, a.K on a device with `sms` SMs.
 void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms);
 bool nf4_gemv_needs_scratch(const NF4GemvArgs& a);
 int64_t nf4_gemv_partial_floats(const NF4GemvArgs& a);
 int64_t nf4_gemv_counters(const NF4GemvArgs& a);  // one per row block of the chosen kernel
-void nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
+// False only where v4 could not launch (see nf4_gemv_v4).
+bool nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
               cudaStream_t stream);
 // True when one launch can take the group and is expected to pay (see the CTA-count rule in
 // nf4.cu): every weight fits v3 (nf4_gemv_v3_ok), the scales are nested in all or none, a

@@ -32,7 +32,7 @@ def test_gpu_nf4_gemv_unknown_variant(ops):
     _, packed, state = quantize((64, 256), True, device="cuda")
     st = resolve(packed, state)
     x = torch.randn(2, 256, dtype=torch.bfloat16, device="cuda")
-    with pytest.raises(RuntimeError, match="variant must be 0..3, 5 or 6, got 4"):
+    with pytest.raises(RuntimeError, match="variant must be 0..3 or 5..7, got 4"):
         ops.nf4_gemv(x, *_state_args(st), None, st.blocksize, st.blocksize2, 4, 0, 0, 1, None,
                      None, 1.0, torch.empty(2, 64, dtype=torch.bfloat16, device="cuda"))
 

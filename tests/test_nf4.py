@@ -19,7 +19,8 @@ from fastft.ops.nf4 import NF4State, resolve  # noqa: E402
 from tests.helpers import DTYPES, RTOL, backends, profiled_names, gpu_backends, rel_err  # noqa: E402
 
 
-GEMV_VARIANTS = ("v1", "v2", "v3")  # FASTFT_NF4_GEMV: the CUDA backend's fused kernels
+# FASTFT_NF4_GEMV: the CUDA backend's fused kernels (v4 where it applies, v3's plan elsewhere)
+GEMV_VARIANTS = ("v1", "v2", "v3", "v4")
 
 
 def use_variant(backend, variant, monkeypatch):
@@ -814,7 +815,7 @@ def test_gemv_settings_from_environment(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     assert nf4_mod.gemv_settings() == (0, 0, 0, True)
     for name, variant in (("", 0), ("auto", 0), ("v1", 1), ("v2", 2), ("v3", 3), ("v3r", 5),
-                          ("v3h", 6)):
+                          ("v3h", 6), ("v4", 7)):
         monkeypatch.setenv("FASTFT_NF4_GEMV", name)
         assert nf4_mod.gemv_settings() == (variant, 0, 0, True)
     monkeypatch.setenv("FASTFT_NF4_GEMV", "v3")
@@ -842,9 +843,9 @@ def test_gemv_settings_from_environment(monkeypatch):
         with pytest.raises(ValueError, match="FASTFT_NF4_V3_SPLITS must be a whole number"):
             nf4_mod.gemv_settings()
     monkeypatch.delenv("FASTFT_NF4_V3_SPLITS")
-    for name in ("v4", "V1", "v1 "):
+    for name in ("v5", "V1", "v1 "):
         monkeypatch.setenv("FASTFT_NF4_GEMV", name)
-        with pytest.raises(ValueError, match="FASTFT_NF4_GEMV must be auto, v1, v2, v3, v3r or v3h"):
+        with pytest.raises(ValueError, match="FASTFT_NF4_GEMV must be auto, v1, v2, v3, v3r, v3h or v4"):
             nf4_mod.gemv_settings()
 
 
@@ -889,8 +890,8 @@ def test_fused_matmul_gpu_rejects_unknown_variant(monkeypatch):
         pytest.skip("fastft._C is not built")
     _, packed, state = quantize((256, 512), True, device="cuda")
     x = torch.randn(2, 512, dtype=torch.bfloat16, device="cuda")
-    monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
-    with pytest.raises(ValueError, match="FASTFT_NF4_GEMV must be auto, v1, v2, v3, v3r or v3h"):
+    monkeypatch.setenv("FASTFT_NF4_GEMV", "v5")
+    with pytest.raises(ValueError, match="FASTFT_NF4_GEMV must be auto, v1, v2, v3, v3r, v3h or v4"):
         nf4_matmul(x, packed, state, backend="cuda")
 
 
@@ -1586,12 +1587,49 @@ def test_fused_matmul_gpu_16_warp_ctas_in_one_wave_only(monkeypatch):
     waves on 132 SMs, 22.2 us in run 108) and gets 8-warp CTAs (17.8 us); 14336 -> 4096 at one
     row still gets its 128 (one wave). The results are right either way."""
     impl = _plan_impl(monkeypatch, min_sms=128)
+    monkeypatch.setenv("FASTFT_NF4_GEMV", "v3")  # v3's plan (auto takes v4 for some wide ones)
     for shape, rows, warps in (((8192, 3072), 8, 8), ((4096, 14336), 1, 16)):
         x, calls, refs = _group_case([shape], rows, torch.bfloat16, True, 0, seed=rows,
                                      device="cuda")
         st, bias, y, low = calls[0]
         assert _v3_cta_warps(lambda: impl.gemv(x, st, bias, y, low)) == [warps], (shape, rows)
         _check_group(x, calls, refs, torch.bfloat16, (shape, rows))
+
+
+@pytest.mark.gpu
+def test_fused_matmul_gpu_v4_where_wide_and_few_rows(monkeypatch):
+    """The plan's v4 rule (nf4.cu, auto): the copy-engine kernel where the output is at least
+    twice as wide as the input, at up to 4 rows, and the busiest CTA takes 7 or more 16-row
+    tiles (4096 -> 14336 at M = 1, 2, 4: 8-14% faster than v3h; 3072 -> 8192, 4 tiles: slower,
+    runs 129, 131); v3 otherwise (8 rows, a narrow output, a low-rank term, too few tiles per
+    SM). Forced, v4 runs where it fits even outside the rule. Every result against float64."""
+    impl = _plan_impl(monkeypatch, min_sms=100)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("v4 needs compute capability 9.0")
+
+    def kernels(fn):
+        names = profiled_names(fn)
+        return ("v4" if any("nf4_gemv_v4_kernel" in n for n in names) else
+                "v3" if any("nf4_gemv_v3_kernel" in n for n in names) else "other")
+
+    for shape, rows, low_rank, want in (((14336, 4096), 1, False, "v4"),
+                                        ((14336, 4096), 4, False, "v4"),
+                                        ((14336, 4096), 8, False, "v3"),
+                                        ((14336, 4096), 2, True, "v3"),
+                                        ((4096, 14336), 1, False, "v3"),
+                                        ((8192, 3072), 1, False, "v3"),
+                                        ((2048, 1024), 2, False, "v3")):
+        x, calls, refs = _group_case([shape], rows, torch.bfloat16, True, 16 if low_rank else 0,
+                                     seed=rows, device="cuda")
+        st, bias, y, low = calls[0]
+        assert kernels(lambda: impl.gemv(x, st, bias, y, low)) == want, (shape, rows, low_rank)
+        _check_group(x, calls, refs, torch.bfloat16, (shape, rows))
+    monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
+    x, calls, refs = _group_case([(2048, 1024)], 2, torch.bfloat16, True, 0, seed=3,
+                                 device="cuda")
+    st, bias, y, low = calls[0]
+    assert kernels(lambda: impl.gemv(x, st, bias, y, low)) == "v4"
+    _check_group(x, calls, refs, torch.bfloat16, ((2048, 1024), 2))
 
 
 @pytest.mark.gpu

@@ -20,10 +20,13 @@ the Triton kernel and CUDA's v1 multiply by exactly the dequantised W, each valu
 nf4_dequantize rounds it, so they differ from dequantise + matmul only in the float32
 summation order). CUDA's v2 and v3 (in_features % 64 == 0, blocksize >= 64) multiply by the NF4
 levels rounded to fp16 and apply each block's float32 scale to the float32 sums, i.e. W to
-2^-11 per level; v3 spends ~2 instructions per packed byte. The CUDA backend picks v3h (v3 with
-half of the level lookups done in registers instead of shared memory: the same results) where
-the output is at least twice as wide as the input, v3 at M <= 8 where it is at most half as
-wide (faster than v1 there on the H200), v1 elsewhere; FASTFT_NF4_GEMV forces one (see
+2^-11 per level; v3 spends ~2 instructions per packed byte; v4 (sm_90) has the same numerics
+and streams the weight into shared memory with the copy engine. The CUDA backend picks v4 where
+the output is at least twice as wide as the input at M <= 4 and every SM gets 7 or more 16-row
+tiles (e.g. Llama-3-8B's gate / up), else v3h (v3 with half of the level lookups done in
+registers instead of shared memory: the same results) where the output is that wide, v3 at
+M <= 8 where it is at most half as wide (faster than v1 there on the H200), v1 elsewhere;
+FASTFT_NF4_GEMV forces one (see
 gemv_settings). Larger inputs, float32 x and shapes the fused kernels don't take dequantise W
 into a per-device workspace (reused by every layer, see workspace()) and call cuBLAS. Only x
 (and a bias) get gradients: the quantised weight is frozen; backward dequantises again
@@ -502,9 +505,9 @@ class _CudaBackend:
 
 
 # FASTFT_NF4_GEMV picks the CUDA backend's fused small-M kernel: unset or "auto" lets the
-# extension choose (v3h where the output is at least twice as wide as the input, v3 at M <= 8
-# where it is at most half as wide; v1 elsewhere: what the H200 measured), "v1" / "v2" / "v3"
-# force one where it applies. FASTFT_NF4_V3_SPLITS forces v3's K split across CTAs and
+# extension choose (v4 or v3h where the output is at least twice as wide as the input, v3 at
+# M <= 8 where it is at most half as wide; v1 elsewhere: what the H200 measured), "v1" / "v2" /
+# "v3" / "v4" force one where it applies. FASTFT_NF4_V3_SPLITS forces v3's K split across CTAs and
 # FASTFT_NF4_V3_KPARTS (1, 2, 4, 8, or 16: a CTA of 16 warps on 32 rows) how many parts of a
 # CTA's K range its warps take at M <= 8 (tuning). Read on every call, so that one process can
 # time every kernel.
@@ -513,7 +516,10 @@ class _CudaBackend:
 # FASTFT_NF4_PDL=0 turns off programmatic dependent launch of v1 / v3 (on by default where the
 # GPU has it, compute capability >= 9.0: a call's CTAs start as the previous kernel's finish
 # and wait for it before touching global memory, which hides the launch).
-_GEMV_VARIANTS = {"": 0, "auto": 0, "v1": 1, "v2": 2, "v3": 3, "v3r": 5, "v3h": 6}
+# v4: the weight streamed into shared memory by the copy engine (TMA), one CTA per SM (sm_90,
+# M <= 8 where x and 2 stages fit, no low-rank term: v3's plan takes the other calls); v3's
+# numerics.
+_GEMV_VARIANTS = {"": 0, "auto": 0, "v1": 1, "v2": 2, "v3": 3, "v3r": 5, "v3h": 6, "v4": 7}
 
 
 def gemv_settings() -> tuple[int, int, int, bool]:
@@ -521,7 +527,7 @@ def gemv_settings() -> tuple[int, int, int, bool]:
     environment; 0 means the extension's plan chooses."""
     name = os.environ.get("FASTFT_NF4_GEMV", "")
     if name not in _GEMV_VARIANTS:
-        raise ValueError("FASTFT_NF4_GEMV must be auto, v1, v2, v3, v3r or v3h (or unset), got "
+        raise ValueError("FASTFT_NF4_GEMV must be auto, v1, v2, v3, v3r, v3h or v4 (or unset), got "
                          f"{name!r}")
     text = os.environ.get("FASTFT_NF4_V3_SPLITS", "")
     # ASCII digits only: no sign, no spaces (str.isdigit alone also takes e.g. "²")

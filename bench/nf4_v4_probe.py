@@ -1,0 +1,38 @@
+"""Where the v4 NF4 kernel's time goes (bench only): each shape and M timed with
+FASTFT_NF4_V4_PROBE = 0 (the kernel), 1 (its weight copies alone), 2 (copies, table, scales and
+x staging, no decode), 3 (everything but the weight copies: the decode of stale shared memory),
+the weight frozen as in generate. Probe results are wrong by design: only times are reported.
+
+    python bench/nf4_v4_probe.py OUT.jsonl
+"""
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_nf4 import random_weight  # noqa: E402
+from common import time_ms, copy_bandwidth_gbps, use_nf4_kernel  # noqa: E402
+from fastft.ops.nf4 import nf4_matmul  # noqa: E402
+
+out = open(sys.argv[1], "a")
+copy = copy_bandwidth_gbps()
+rows_list = [int(r) for r in os.environ.get("ROWS", "1,8").split(",")]
+for text in os.environ.get("SHAPES", "4096->14336,14336->4096").split(","):
+    in_f, out_f = (int(v) for v in text.split("->"))
+    copies = max(3, -(-2 * 50 * 2 ** 20 // (out_f * in_f // 2)))
+    weights = [random_weight(out_f, in_f, seed) for seed in range(copies)]
+    for rows in rows_list:
+        sets = [(torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16), p, s)
+                for p, s in weights]
+        for probe in (0, 1, 2, 3):
+            os.environ["FASTFT_NF4_V4_PROBE"] = str(probe)
+            with use_nf4_kernel(os.environ.get("KERNEL", "v4:f")):
+                ms = time_ms(lambda x, p, s: nf4_matmul(x, p, s, backend="cuda"), sets)
+            rec = dict(shape=text, M=rows, probe=probe, us=round(ms * 1e3, 2),
+                       pct_copy=round(100 * (out_f * in_f / 2) / (ms * 1e-3) / (copy * 1e9), 1),
+                       copy_gbps=copy)
+            print(json.dumps(rec), flush=True)
+            out.write(json.dumps(rec) + "\n")
+        os.environ.pop("FASTFT_NF4_V4_PROBE")

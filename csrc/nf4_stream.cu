@@ -1,0 +1,500 @@
+// The small-M NF4 matmul fed by the copy engine (v4, sm_90): one CTA per SM, one warp that
+// streams the weight into a ring of shared-memory stages with cp.async.bulk (TMA), eight warps
+// that decode from the ring.
+//
+// Why: v3's warps load the weight into registers, so an SM has at most 64 KB in flight (its
+// registers), the loads wait for the decode and the decode for the loads, and a call's CTAs
+// begin streaming only after x is staged. Runs 112-121 measured ~5.5 us per call besides the
+// bytes and the bytes at ~62% of copy speed. Here the ring (~90-120 KB per SM) is filled as
+// soon as the CTA starts, before the PDL wait when the weight is frozen (generate), so the
+// previous call's tail, x's staging and the table build overlap the weight's first bytes.
+//
+// Work split: CTA c takes 16-row tiles [c T / G, (c + 1) T / G) of the T = ceil(N / 16) (G
+// CTAs, at most kV4MaxTiles each) and the whole K range. K goes in windows of 1024 values (16
+// steps of 64, one quantisation block each): a stage is the CTA's rows x one window, copied
+// as four boxes of rows x 128 bytes by the tensor-map copy (one instruction each: per-row bulk
+// copies cost ~34 ns apiece in run 123, so a call's ~400 of them were most of its time). The
+// boxes use the 128-byte swizzle, so the 8 rows a load instruction reads fall in different
+// banks. Consumer warp w (of 16) takes step w of every window for all of the CTA's tiles, two
+// tiles at a time: its x fragment is read once per window and serves every tile. The scales
+// of the CTA's rows are loaded into shared memory once, at the start; x likewise, after the
+// PDL wait. At the end the warps' sums are added in shared memory in warp order
+// (deterministic). Measured (runs 125-131): the copies alone stream at 92% of the copy rate
+// (4096 -> 14336), the decode is the bound (about 2x the copies' time with x staging).
+//
+// Numerics as v3 (see nf4_kernels.cuh): fp16 levels from the same level-pair table (byte ->
+// fp16x2, 32 copies, entries 256 bytes apart), fp16 mma, the step's float32 scale applied to
+// the float32 sum of its 4 mma, bf16 x times a per-token power of two (largest |x| of the
+// whole row in [2^14, 2^15)) and undone on the sum. The k permutation of v3: lane (g, t)
+// holds values 16t .. 16t + 15 of a step.
+#include <cstdlib>
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include "nf4_kernels.cuh"
+
+namespace fastft {
+namespace {
+
+constexpr int kV4Consumers = 16;  // decoding warps (one step of each window each); then the copy warp
+constexpr int kV4Threads = (kV4Consumers + 1) * 32;
+constexpr int kV4ConsumerThreads = kV4Consumers * 32;
+constexpr int kV4Window = kV4Consumers * kV3Step;  // values per row of a stage: 1024
+constexpr int kV4WindowBytes = kV4Window / 2;      // four 128-byte boxes
+constexpr int kV4Boxes = kV4WindowBytes / 128;
+constexpr int kV4AnchorBytes = 128;  // the static part of the shared memory (see the kernel)
+constexpr int kV4MaxTiles = 8, kV4MaxStages = 32;
+constexpr int kV4MaxSmem = 227 * 1024;  // an sm_90 CTA's most dynamic shared memory
+constexpr int kV4MaxXBytes = 96 * 1024;
+constexpr int kV4XPiece = 144;  // one step of one token: 128 bytes of fp16 + 16 of padding
+constexpr int kV4TableSpan = 256 * 256;
+constexpr int kV4Misc = 2048;   // code2 [256], tok_max [16], the barriers
+
+// Where everything lies in the dynamic shared memory (computed alike on the host and the GPU).
+struct V4Layout {
+  int KB;          // steps (of 64 values) per row
+  int KS;          // scales per row (K >> bs_log2)
+  int tmax;        // the most tiles a CTA takes
+  int sc_pitch;    // a row's scales (a 16-byte multiple) + 16 bytes
+  uint32_t x_area, sc_area, a2_area, ring, stage_bytes;
+  __host__ __device__ V4Layout(const NF4GemvArgs& a, const NF4Weight& w, int ctas) {
+    KB = a.K / kV3Step;
+    KS = a.K >> w.bs_log2;
+    tmax = ((a.N + 15) / 16 + ctas - 1) / ctas;
+    sc_pitch = KS * (w.nested ? 1 : 4) + 16;
+    auto up = [](int64_t v, int64_t to) { return (uint32_t)((v + to - 1) / to * to); };
+    x_area = kV4TableSpan + kV4Misc;
+    sc_area = x_area + up((int64_t)KB * a.M * kV4XPiece, 128);
+    a2_area = sc_area + up((int64_t)tmax * 16 * sc_pitch, 128);
+    // nested: the absmax2 entries of the CTA's scales, from a multiple of 4 (see the kernel)
+    const int64_t a2_bytes = w.nested ? 4 * ((((int64_t)tmax * 16 * KS) >> w.bs2_log2) + 8) : 0;
+    ring = up(a2_area + a2_bytes, 1024);  // the 128-byte swizzle's 1 KB alignment
+    stage_bytes = (uint32_t)(tmax * 16 * kV4WindowBytes);
+  }
+};
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return (uint32_t)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void mbar_init(uint32_t bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, unsigned parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// The box of `map` at (column byte c0, row r0) to shared `dst` (1 KB aligned); the barrier's
+// transaction count drops by the box's bytes when it has landed (rows past N read as zeros).
+__device__ __forceinline__ void box_copy(uint32_t dst, const CUtensorMap* map, int c0, int r0,
+                                         uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+      "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(r0), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint2 lds64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.b32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+// For i in [tid, count) step kV4ConsumerThreads: store(i, load(i)), the loads 8 at a time
+// before their stores, so that one L2 / DRAM round trip serves 8 of a thread's units.
+template <typename Load, typename Store>
+__device__ __forceinline__ void staged_units(int tid, int count, Load load, Store store) {
+  constexpr int kBatch = 8, kStride = kV4ConsumerThreads;
+  for (int i0 = tid; i0 < count; i0 += kBatch * kStride) {
+    uint4 v[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k)
+      if (i0 + k * kStride < count) v[k] = load(i0 + k * kStride);
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k)
+      if (i0 + k * kStride < count) store(i0 + k * kStride, v[k]);
+  }
+}
+// the consumer threads only (the copy warp may be waiting on a barrier)
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kV4ConsumerThreads) : "memory");
+}
+#endif
+
+// maps[0]: boxes of tmax * 16 rows, maps[1]: of (tmax - 1) * 16 rows (CTAs with one tile less)
+struct V4Maps {
+  CUtensorMap m[2];
+};
+
+template <bool NESTED, typename T>
+__global__ void __launch_bounds__(kV4Threads, 1)
+    nf4_gemv_v4_kernel(const NF4Weight w, const NF4GemvArgs a, const __grid_constant__ V4Maps maps,
+                       const int probe) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The table is addressed from a static array (its address folds into each lookup's LDS as
+  // a constant; from the dynamic array's base ptxas added a register per lookup, run 127),
+  // across into the dynamic shared memory that follows it: `smem` covers both.
+  __shared__ __align__(1024) unsigned char smem[kV4AnchorBytes];
+  extern __shared__ __align__(16) unsigned char dynamic_smem[];
+  if (smem_addr(dynamic_smem) != smem_addr(smem) + kV4AnchorBytes) __trap();
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int N = a.N, K = a.K, M = a.M;
+  const V4Layout L(a, w, (int)gridDim.x);
+  const int tiles_total = (N + 15) / 16, G = (int)gridDim.x;
+  const int tile0 = (int)((int64_t)blockIdx.x * tiles_total / G);
+  const int tiles = (int)((int64_t)(blockIdx.x + 1) * tiles_total / G) - tile0;
+  const int row0 = tile0 * 16;
+  const int rows = min(N - row0, tiles * 16);  // rows of the weight in this CTA
+  const int windows = (K + kV4Window - 1) / kV4Window;
+  const int S = a.v4_stages;
+  const uint32_t box_bytes = (uint32_t)tiles * 16u * 128u;  // one box; a stage holds kV4Boxes
+
+  const uint32_t table = smem_addr(smem);
+  float* code2_s = reinterpret_cast<float*>(smem + kV4TableSpan);
+  unsigned* tok_max = reinterpret_cast<unsigned*>(code2_s + 256);
+  const uint32_t full0 = smem_addr(tok_max + 16);  // full[s] at full0 + 8 s
+  const uint32_t empty0 = full0 + 8 * kV4MaxStages;
+  const uint32_t x_area = table + L.x_area;
+  const uint32_t ring = table + L.ring;
+
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(full0 + 8 * s, 1);
+      mbar_init(empty0 + 8 * s, kV4Consumers);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == kV4Consumers) {
+    // ---- the copy warp (one lane): window j into slot j % S once the 8 consumers have
+    // released the slot's previous window. Before the PDL wait when the weight is frozen.
+    if (!a.weights_frozen) gemv_wait_for_previous();
+    else if (lane == 0) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+    if (lane == 0) {
+      const CUtensorMap* map = &maps.m[tiles == L.tmax ? 0 : 1];
+      for (int j = 0; j < windows; ++j) {
+        const int s = j % S;
+        if (j >= S) mbar_wait(empty0 + 8 * s, (unsigned)(j / S - 1) & 1u);
+        const uint32_t dst = ring + (uint32_t)s * L.stage_bytes, bar = full0 + 8 * s;
+        if (probe == 3) {  // (probe: no weight copies)
+          mbar_arrive(bar);
+          continue;
+        }
+        mbar_expect_tx(bar, kV4Boxes * box_bytes);
+        for (int k = 0; k < kV4Boxes; ++k)
+          box_copy(dst + k * box_bytes, map, j * kV4WindowBytes + 128 * k, row0, bar);
+      }
+    }
+    return;
+  }
+
+  // ---- the consumers
+  if (!a.weights_frozen) gemv_wait_for_previous();
+  if (probe == 1) {  // (probe: the copies alone)
+    for (int j = 0; j < windows; ++j) {
+      mbar_wait(full0 + 8 * (j % S), (unsigned)(j / S) & 1u);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty0 + 8 * (j % S));
+    }
+    return;
+  }
+  constexpr int kScaleBytes = NESTED ? 1 : 4;
+  // the CTA's absmax2 entries from a2_first (a multiple of 4) on (nested only)
+  const int64_t blk0 = (int64_t)row0 * L.KS;
+  const int64_t a2_first = NESTED ? (blk0 >> w.bs2_log2) & ~int64_t(3) : 0;
+  {
+    // the level-pair table as v3's: entry e (256 bytes apart) = 32 copies of fp16x2
+    // (code[e >> 4], code[e & 15]), stored rotated by e so a store phase spreads over banks
+    if (tid < 256) {
+      const int e = tid;
+      const __half2 h = __floats2half2_rn(__ldg(w.code + (e >> 4)), __ldg(w.code + (e & 15)));
+      const uint32_t v = *reinterpret_cast<const uint32_t*>(&h);
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        v3_store16(table + (uint32_t)e * 256u + 16u * ((j + e) & 7), make_uint4(v, v, v, v));
+      if (NESTED) code2_s[tid] = __ldg(w.code2 + tid);
+    }
+    if (tid < 16) tok_max[tid] = 0u;
+    // the CTA's scales: rows [row0, row0 + rows), 16 bytes at a time, rows padded to sc_pitch
+    const int units_row = L.KS * kScaleBytes / 16;
+    const uint8_t* scales = static_cast<const uint8_t*>(w.absmax) + blk0 * kScaleBytes;
+    staged_units(
+        tid, rows * units_row,
+        [&](int i) { return __ldg(reinterpret_cast<const uint4*>(scales) + i); },
+        [&](int i, uint4 v) {
+          const int r = i / units_row, u = i - r * units_row;
+          v3_store16(table + L.sc_area + (uint32_t)(r * L.sc_pitch + 16 * u), v);
+        });
+    if (NESTED) {
+      const int64_t a2_end = ((blk0 + (int64_t)rows * L.KS - 1) >> w.bs2_log2) + 1;
+      float* a2_s = reinterpret_cast<float*>(smem + L.a2_area);
+      for (int64_t i = a2_first + tid; i < a2_end; i += kV4ConsumerThreads)
+        a2_s[i - a2_first] = __ldg(w.absmax2 + i);
+    }
+  }
+  if (a.weights_frozen) gemv_wait_for_previous();  // x only after it
+  const float offset = NESTED ? __ldg(w.offset) : 0.f;
+  const int g = lane >> 2, t = lane & 3;
+  const uint32_t lane4 = (uint32_t)lane * 4u;
+
+  // x [token m][step b] -> x_area piece b M + m (128 bytes of fp16 + 16 of padding). A
+  // thread's units i = tid + 512 k are of token (i / 8) % M: one token for all of them when M
+  // divides 64, so their largest |x| is taken in registers and over the 8 lanes of a piece,
+  // then one shared atomic per 8 lanes (per-unit atomics on a few words serialise: ~3.5 ns
+  // each, run 125); other M take one atomic per unit.
+  consumers_sync();  // tok_max zeroed
+  const T* x = static_cast<const T*>(a.x);
+  const int units = L.KB * M * 8;  // 16-byte units of x: piece i >> 3, unit i & 7
+  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+  const bool one_token = (kV4ConsumerThreads / 8) % M == 0;
+  uint32_t local_max = 0u;
+  staged_units(
+      tid, units,
+      [&](int i) {
+        const int piece = i >> 3, b = piece / M, m = piece - b * M;
+        return *reinterpret_cast<const uint4*>(x + m * a.x_stride + b * kV3Step + 8 * (i & 7));
+      },
+      [&](int i, uint4 v) {
+        v3_store16(x_area + (uint32_t)(i >> 3) * kV4XPiece + 16u * (i & 7), v);
+        if (kBf16) {
+          const uint32_t m4 = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu),
+                                       __vmaxu2(v.z & 0x7FFF7FFFu, v.w & 0x7FFF7FFFu));
+          const uint32_t mx = max(m4 & 0xFFFFu, m4 >> 16);
+          if (one_token) local_max = max(local_max, mx);
+          else if (mx) atomicMax(&tok_max[(i >> 3) % M], mx);
+        }
+      });
+  if (kBf16) {
+    if (one_token) {
+#pragma unroll
+      for (int o = 1; o < 8; o <<= 1)
+        local_max = max(local_max, __shfl_xor_sync(0xffffffffu, local_max, o));
+      if ((lane & 7) == 0 && local_max) atomicMax(&tok_max[(tid >> 3) % M], local_max);
+    }
+    consumers_sync();
+    for (int i = tid; i < units; i += kV4ConsumerThreads) {
+      const uint32_t addr = x_area + (uint32_t)(i >> 3) * kV4XPiece + 16u * (i & 7);
+      v3_store16(addr, bf16x8_scaled_to_fp16(lds128(addr), x_scale_shift(tok_max[(i >> 3) % M])));
+    }
+  }
+  consumers_sync();  // the table, code2, scales and x complete
+
+  // This lane's scales in a window: row lane & 15 of tiles (lane >> 4) + 2 i, the warp's step
+  const int srow = lane & 15, stile = lane >> 4;
+  const float* a2_s = reinterpret_cast<const float*>(smem + L.a2_area);
+  auto scale_of = [&](int r, int b) -> float {  // r: the CTA's row, b: the row's step
+    const int bs = b >> (w.bs_log2 - 6);
+    if (NESTED) {
+      const int q = smem[L.sc_area + r * L.sc_pitch + bs];
+      const int64_t blk = blk0 + (int64_t)r * L.KS + bs;
+      return __fadd_rn(__fmul_rn(code2_s[q], a2_s[(blk >> w.bs2_log2) - a2_first]), offset);
+    }
+    return *reinterpret_cast<const float*>(smem + L.sc_area + r * L.sc_pitch + 4 * bs);
+  };
+
+  const bool has_token = g < M;
+  float acc[kV4MaxTiles][4];
+#pragma unroll
+  for (int i = 0; i < kV4MaxTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  // this lane's 8 bytes of step `warp` in a row r of a stage: box warp / 4, then the 128-byte
+  // swizzle (16-byte chunk c of row r at chunk c ^ (r & 7); here r & 7 = g)
+  const uint32_t lane_at = (uint32_t)(warp >> 2) * box_bytes +
+                           ((((uint32_t)(2 * (warp & 3) + (t >> 1))) ^ (uint32_t)g) << 4) +
+                           8u * (t & 1) + (uint32_t)g * 128u;
+  // One tile's step: 16 level pairs from the table, 4 mma, the sums scaled into acc.
+  auto tile_step = [&](uint32_t at, const uint32_t (&xw)[8], float s_lo, float s_hi,
+                       float (&sums)[4]) {
+    const uint2 lo = lds64(at), hi = lds64(at + 8u * 128u);
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      // mma q: byte 2q of the lane's 8 (values 16t + 4q, +1) and byte 2q + 1 (+2, +3)
+      const uint32_t wl = q < 2 ? lo.x : lo.y, wh = q < 2 ? hi.x : hi.y;
+      uint32_t a0, a1, a2, a3;
+      if (q & 1) {
+        a0 = v3_pair<2>(smem, wl, lane4); a1 = v3_pair<2>(smem, wh, lane4);
+        a2 = v3_pair<3>(smem, wl, lane4); a3 = v3_pair<3>(smem, wh, lane4);
+      } else {
+        a0 = v3_pair<0>(smem, wl, lane4); a1 = v3_pair<0>(smem, wh, lane4);
+        a2 = v3_pair<1>(smem, wl, lane4); a3 = v3_pair<1>(smem, wh, lane4);
+      }
+      mma_f16_16816(c, a0, a1, a2, a3, xw[2 * q], xw[2 * q + 1]);
+    }
+    sums[0] = fmaf(s_lo, c[0], sums[0]);
+    sums[1] = fmaf(s_lo, c[1], sums[1]);
+    sums[2] = fmaf(s_hi, c[2], sums[2]);
+    sums[3] = fmaf(s_hi, c[3], sums[3]);
+  };
+  for (int j = 0; j < windows; ++j) {
+    const int s = j % S;
+    const int b = j * kV4Consumers + warp;  // this warp's step
+    if (b < L.KB && probe != 2) {  // (probe 2: no decode)
+      float sc[kV4MaxTiles / 2];
+#pragma unroll
+      for (int i = 0; i < kV4MaxTiles / 2; ++i)
+        sc[i] = stile + 2 * i < tiles ? scale_of((stile + 2 * i) * 16 + srow, b) : 0.f;
+      uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
+      if (has_token) {
+        const uint32_t xa = x_area + (uint32_t)(b * M + g) * kV4XPiece + 32u * t;
+        x0 = lds128(xa);
+        x1 = lds128(xa + 16u);
+      }
+      const uint32_t xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+      mbar_wait(full0 + 8 * s, (unsigned)(j / S) & 1u);
+      const uint32_t at = ring + (uint32_t)s * L.stage_bytes + lane_at;
+      // tiles two at a time (two independent chains of loads, lookups and mma for the
+      // scheduler to interleave), the odd last one alone (4 tiles at a time spilled: 17 warps
+      // leave ptxas 96 registers)
+#pragma unroll
+      for (int tile = 0; tile < kV4MaxTiles; tile += 2) {
+        const float lo0 = __shfl_sync(0xffffffffu, sc[tile >> 1], g);
+        const float hi0 = __shfl_sync(0xffffffffu, sc[tile >> 1], g + 8);
+        const float lo1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 16 + g);
+        const float hi1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 24 + g);
+        const uint32_t at0 = at + (uint32_t)(tile * 16) * 128u;
+        if (tile + 1 < tiles) {
+          tile_step(at0, xw, lo0, hi0, acc[tile]);
+          tile_step(at0 + 16u * 128u, xw, lo1, hi1, acc[tile + 1]);
+        } else if (tile < tiles) {
+          tile_step(at0, xw, lo0, hi0, acc[tile]);
+        }
+      }
+    } else {
+      mbar_wait(full0 + 8 * s, (unsigned)(j / S) & 1u);
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty0 + 8 * s);
+  }
+
+  // ---- the warps' sums, added in warp order, over the ring (every copy has landed)
+  consumers_sync();
+  // [warp][tile < tmax][16 rows][8 tokens]: 8 KB per tile, half a stage's 16 KB per tile
+  float* sums = reinterpret_cast<float*>(smem + L.ring);
+#pragma unroll
+  for (int tile = 0; tile < kV4MaxTiles; ++tile) {
+    if (tile >= tiles) break;
+    float* p = sums + (warp * L.tmax + tile) * 128;
+    p[g * 8 + 2 * t] = acc[tile][0];
+    p[g * 8 + 2 * t + 1] = acc[tile][1];
+    p[(g + 8) * 8 + 2 * t] = acc[tile][2];
+    p[(g + 8) * 8 + 2 * t + 1] = acc[tile][3];
+  }
+  consumers_sync();
+  const T* bias = static_cast<const T*>(a.bias);
+  T* y = static_cast<T*>(a.y);
+  for (int i = tid; i < rows * M; i += kV4ConsumerThreads) {
+    const int m = i % M, r = i / M;  // r: the CTA's row
+    float v = 0.f;
+#pragma unroll
+    for (int wp = 0; wp < kV4Consumers; ++wp)
+      v += sums[(wp * L.tmax + (r >> 4)) * 128 + (r & 15) * 8 + m];
+    if (std::is_same<T, __nv_bfloat16>::value) v *= pow2f(-x_scale_shift(tok_max[m]));
+    if (bias) v += to_f32(bias[row0 + r]);
+    y[m * a.y_stride + row0 + r] = from_f32<T>(v);
+  }
+#endif
+}
+
+// cuTensorMapEncodeTiled from the driver (through the runtime: no link to libcuda), or null.
+PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault,
+                                         &status) != cudaSuccess ||
+        status != cudaDriverEntryPointSuccess)
+      p = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+// The packed weight as a 2-D byte tensor [N][K / 2], boxes of `box_rows` rows x 128 bytes with
+// the 128-byte swizzle; rows past N read as zeros.
+bool encode_weight_map(CUtensorMap* map, const NF4GemvArgs& a, const NF4Weight& w, int box_rows) {
+  const cuuint64_t dims[2] = {(cuuint64_t)(a.K / 2), (cuuint64_t)a.N};
+  const cuuint64_t strides[1] = {(cuuint64_t)(a.K / 2)};
+  const cuuint32_t box[2] = {128u, (cuuint32_t)box_rows};
+  const cuuint32_t element_strides[2] = {1u, 1u};
+  return encode_tiled()(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(w.packed),
+                        dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                        CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// FASTFT_NF4_V4_PROBE (bench/nf4_v4_probe.py only: the results are wrong): 1 = the copies
+// alone (no decode, no x), 2 = no decode, 3 = no weight copies (the decode of stale data).
+int v4_probe() {
+  const char* v = std::getenv("FASTFT_NF4_V4_PROBE");
+  return v ? std::atoi(v) : 0;
+}
+
+template <bool NESTED, typename T>
+bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
+  const V4Layout L(a, w, a.v4_ctas);
+  V4Maps maps;
+  if (!encode_weight_map(&maps.m[0], a, w, L.tmax * 16)) return false;
+  maps.m[1] = maps.m[0];
+  if (L.tmax > 1 && !encode_weight_map(&maps.m[1], a, w, (L.tmax - 1) * 16)) return false;
+  allow_dynamic_smem<nf4_gemv_v4_kernel<NESTED, T>>(kV4MaxSmem - kV4AnchorBytes);
+  launch_kernel(nf4_gemv_v4_kernel<NESTED, T>, dim3((unsigned)a.v4_ctas), kV4Threads,
+                (size_t)(L.ring + (uint32_t)a.v4_stages * L.stage_bytes - kV4AnchorBytes), stream,
+                a.pdl, 1, w, a,
+                maps, v4_probe());
+  return true;
+}
+
+}  // namespace
+
+// v4 takes a call when: the driver has tensor maps; v3 would (nf4_gemv_v3_ok) at M <= 8; the
+// quantisation blocks do not straddle rows (K % blocksize == 0) and a row's scales are whole
+// 16-byte pieces at 16-byte aligned addresses (they are loaded 16 bytes at a time); one CTA
+// per SM (fewer with fewer tiles) takes at most kV4MaxTiles tiles (a box's rows: <= 256);
+// x (fp16, 144 bytes per step and token) takes at most kV4MaxXBytes; and 2 or more stages fit.
+bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
+  if (encode_tiled() == nullptr || !nf4_gemv_v3_ok(w, a) || a.M > 8 ||
+      a.K % (1 << w.bs_log2) != 0)
+    return false;
+  const int64_t row_scale_bytes = (int64_t)(a.K >> w.bs_log2) * (w.nested ? 1 : 4);
+  if (row_scale_bytes % 16 != 0 || reinterpret_cast<uintptr_t>(w.absmax) % 16 != 0) return false;
+  if ((int64_t)(a.K / kV3Step) * a.M * kV4XPiece > kV4MaxXBytes) return false;
+  const int64_t tiles = (a.N + 15) / 16;
+  a.v4_ctas = (int)std::min<int64_t>(std::max(1, sms), tiles);
+  if ((tiles + a.v4_ctas - 1) / a.v4_ctas > kV4MaxTiles) return false;
+  const V4Layout L(a, w, a.v4_ctas);
+  if (L.ring > (uint32_t)kV4MaxSmem) return false;
+  a.v4_stages = std::min<int>(kV4MaxStages, (kV4MaxSmem - (int)L.ring) / (int)L.stage_bytes);
+  return a.v4_stages >= 2;
+}
+
+bool nf4_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
+  if (a.dtype == kBF16)
+    return w.nested ? launch_gemv_v4<true, __nv_bfloat16>(w, a, stream)
+                    : launch_gemv_v4<false, __nv_bfloat16>(w, a, stream);
+  return w.nested ? launch_gemv_v4<true, __half>(w, a, stream)
+                  : launch_gemv_v4<false, __half>(w, a, stream);
+}
+
+}  // namespace fastft
