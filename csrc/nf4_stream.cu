@@ -1,5 +1,5 @@
 // The small-M NF4 matmul fed by the copy engine (v4, sm_90): one CTA per SM, one warp that
-// streams the weight into a ring of shared-memory stages with cp.async.bulk (TMA), eight warps
+// streams the weight into a ring of shared-memory stages with tensor-map copies (TMA), 16 warps
 // that decode from the ring.
 //
 // Why: v3's warps load the weight into registers, so an SM has at most 64 KB in flight (its
@@ -45,7 +45,7 @@ constexpr int kV4WindowBytes = kV4Window / 2;      // four 128-byte boxes
 constexpr int kV4Boxes = kV4WindowBytes / 128;
 constexpr int kV4AnchorBytes = 128;  // the static part of the shared memory (see the kernel)
 constexpr int kV4MaxTiles = 8, kV4MaxStages = 32;
-constexpr int kV4MaxSmem = 227 * 1024;  // an sm_90 CTA's most dynamic shared memory
+constexpr int kV4MaxSmem = 227 * 1024;  // an sm_90 CTA's most shared memory (static + dynamic)
 constexpr int kV4MaxXBytes = 96 * 1024;
 constexpr int kV4XPiece = 144;  // one step of one token: 128 bytes of fp16 + 16 of padding
 constexpr int kV4TableSpan = 256 * 256;
@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   __syncthreads();
 
   if (warp == kV4Consumers) {
-    // ---- the copy warp (one lane): window j into slot j % S once the 8 consumers have
+    // ---- the copy warp (one lane): window j into slot j % S once the 16 consumers have
     // released the slot's previous window. Before the PDL wait when the weight is frozen.
     if (!a.weights_frozen) gemv_wait_for_previous();
     else if (lane == 0) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
