@@ -301,18 +301,35 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   }
   consumers_sync();  // the table, code2, scales and x complete
 
+  // Every scale of the CTA as float32, decoded once into the table's holes (the second 128
+  // bytes of each 256-byte entry): row r's step b at hole r * holes_row + b / 32, word
+  // (b + r) % 32, so the 16 rows a window's lanes read fall in 16 banks. The window loop then
+  // reads one word per scale (nested scales cost 3 lookups and 64-bit index arithmetic).
+  const int holes_row = (L.KB + 31) / 32;
+  auto hole_word = [&](int r, int b) -> uint32_t {
+    return (uint32_t)((r * holes_row + (b >> 5)) * 256 + 128 + 4 * ((b + r) & 31));
+  };
+  {
+    const float* a2_s = reinterpret_cast<const float*>(smem + L.a2_area);
+    for (int r = warp; r < rows; r += kV4Consumers) {  // a row per warp, its steps by lane
+      const int64_t row_blk = blk0 + (int64_t)r * L.KS;
+      for (int b = lane; b < L.KB; b += 32) {
+        const int bs = b >> (w.bs_log2 - 6);
+        float v;
+        if (NESTED) {
+          const int q = smem[L.sc_area + r * L.sc_pitch + bs];
+          v = __fadd_rn(__fmul_rn(code2_s[q], a2_s[((row_blk + bs) >> w.bs2_log2) - a2_first]),
+                        offset);
+        } else {
+          v = *reinterpret_cast<const float*>(smem + L.sc_area + r * L.sc_pitch + 4 * bs);
+        }
+        *reinterpret_cast<float*>(smem + hole_word(r, b)) = v;
+      }
+    }
+  }
+  consumers_sync();
   // This lane's scales in a window: row lane & 15 of tiles (lane >> 4) + 2 i, the warp's step
   const int srow = lane & 15, stile = lane >> 4;
-  const float* a2_s = reinterpret_cast<const float*>(smem + L.a2_area);
-  auto scale_of = [&](int r, int b) -> float {  // r: the CTA's row, b: the row's step
-    const int bs = b >> (w.bs_log2 - 6);
-    if (NESTED) {
-      const int q = smem[L.sc_area + r * L.sc_pitch + bs];
-      const int64_t blk = blk0 + (int64_t)r * L.KS + bs;
-      return __fadd_rn(__fmul_rn(code2_s[q], a2_s[(blk >> w.bs2_log2) - a2_first]), offset);
-    }
-    return *reinterpret_cast<const float*>(smem + L.sc_area + r * L.sc_pitch + 4 * bs);
-  };
 
   const bool has_token = g < M;
   float acc[kV4MaxTiles][4];
@@ -347,14 +364,17 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     sums[2] = fmaf(s_hi, c[2], sums[2]);
     sums[3] = fmaf(s_hi, c[3], sums[3]);
   };
+  int s = 0;               // the window's slot (j % S) and that slot's use count parity
+  unsigned parity = 0u;    // ((j / S) & 1), kept without divisions
   for (int j = 0; j < windows; ++j) {
-    const int s = j % S;
     const int b = j * kV4Consumers + warp;  // this warp's step
     if (b < L.KB && probe != 2) {  // (probe 2: no decode)
       float sc[kV4MaxTiles / 2];
 #pragma unroll
       for (int i = 0; i < kV4MaxTiles / 2; ++i)
-        sc[i] = stile + 2 * i < tiles ? scale_of((stile + 2 * i) * 16 + srow, b) : 0.f;
+        sc[i] = stile + 2 * i < tiles
+                    ? *reinterpret_cast<const float*>(smem + hole_word((stile + 2 * i) * 16 + srow, b))
+                    : 0.f;
       uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
       if (has_token) {
         const uint32_t xa = x_area + (uint32_t)(b * M + g) * kV4XPiece + 32u * t;
@@ -362,7 +382,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         x1 = lds128(xa + 16u);
       }
       const uint32_t xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-      mbar_wait(full0 + 8 * s, (unsigned)(j / S) & 1u);
+      mbar_wait(full0 + 8 * s, parity);
       const uint32_t at = ring + (uint32_t)s * L.stage_bytes + lane_at;
       // tiles two at a time (two independent chains of loads, lookups and mma for the
       // scheduler to interleave), the odd last one alone (4 tiles at a time spilled: 17 warps
@@ -382,10 +402,14 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         }
       }
     } else {
-      mbar_wait(full0 + 8 * s, (unsigned)(j / S) & 1u);
+      mbar_wait(full0 + 8 * s, parity);
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(empty0 + 8 * s);
+    if (++s == S) {
+      s = 0;
+      parity ^= 1u;
+    }
   }
 
   // ---- the warps' sums, added in warp order, over the ring (every copy has landed)
@@ -472,7 +496,8 @@ bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t strea
 // quantisation blocks do not straddle rows (K % blocksize == 0) and a row's scales are whole
 // 16-byte pieces at 16-byte aligned addresses (they are loaded 16 bytes at a time); one CTA
 // per SM (fewer with fewer tiles) takes at most kV4MaxTiles tiles (a box's rows: <= 256);
-// x (fp16, 144 bytes per step and token) takes at most kV4MaxXBytes; and 2 or more stages fit.
+// x (fp16, 144 bytes per step and token) takes at most kV4MaxXBytes; the CTA's scales fit the
+// table's holes as float32 (16 x tiles x ceil(K / 2048) holes <= 256); and 2 or more stages fit.
 bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   if (encode_tiled() == nullptr || !nf4_gemv_v3_ok(w, a) || a.M > 8 ||
       a.K % (1 << w.bs_log2) != 0)
@@ -485,6 +510,8 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   if ((tiles + a.v4_ctas - 1) / a.v4_ctas > kV4MaxTiles) return false;
   const V4Layout L(a, w, a.v4_ctas);
   if (L.ring > (uint32_t)kV4MaxSmem) return false;
+  // every scale of a CTA, as float32, in the table's 256 holes of 32 words (see the kernel)
+  if (L.tmax * 16 * ((L.KB + 31) / 32) > 256) return false;
   a.v4_stages = std::min<int>(kV4MaxStages, (kV4MaxSmem - (int)L.ring) / (int)L.stage_bytes);
   return a.v4_stages >= 2;
 }
