@@ -175,6 +175,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   unsigned* tok_max = reinterpret_cast<unsigned*>(code2_s + 256);
   const uint32_t full0 = smem_addr(tok_max + 16);  // full[s] at full0 + 8 s
   const uint32_t empty0 = full0 + 8 * kV4MaxStages;
+  const uint32_t x_staged = empty0 + 8 * kV4MaxStages;  // the consumers' x is in place
   const uint32_t x_area = table + L.x_area;
   const uint32_t ring = table + L.ring;
 
@@ -183,6 +184,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       mbar_init(full0 + 8 * s, 1);
       mbar_init(empty0 + 8 * s, kV4Consumers);
     }
+    mbar_init(x_staged, kV4Consumers);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -196,6 +198,9 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       const CUtensorMap* map = &maps.m[tiles == L.tmax ? 0 : 1];
       for (int j = 0; j < windows; ++j) {
         const int s = j % S;
+        // (probe 4: one window, then the rest only once x is staged, so that x's loads do not
+        // queue behind the whole ring's)
+        if (probe == 4 && j == 1) mbar_wait(x_staged, 0u);
         if (j >= S) mbar_wait(empty0 + 8 * s, (unsigned)(j / S - 1) & 1u);
         const uint32_t dst = ring + (uint32_t)s * L.stage_bytes, bar = full0 + 8 * s;
         if (probe == 3) {  // (probe: no weight copies)
@@ -300,6 +305,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     }
   }
   consumers_sync();  // the table, code2, scales and x complete
+  if (lane == 0) mbar_arrive(x_staged);
 
   // Every scale of the CTA as float32, decoded once into the table's holes (the second 128
   // bytes of each 256-byte entry): row r's step b at hole r * holes_row + b / 32, word
@@ -468,8 +474,9 @@ bool encode_weight_map(CUtensorMap* map, const NF4GemvArgs& a, const NF4Weight& 
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// FASTFT_NF4_V4_PROBE (bench/nf4_v4_probe.py only: the results are wrong): 1 = the copies
-// alone (no decode, no x), 2 = no decode, 3 = no weight copies (the decode of stale data).
+// FASTFT_NF4_V4_PROBE (bench/nf4_v4_probe.py only): 1 = the copies alone (no decode, no x),
+// 2 = no decode, 3 = no weight copies (the decode of stale data): wrong results; 4 = the ring
+// fill held after one window until x is staged (right results: an ordering experiment).
 int v4_probe() {
   const char* v = std::getenv("FASTFT_NF4_V4_PROBE");
   return v ? std::atoi(v) : 0;
