@@ -1,8 +1,9 @@
 """Where the v4 NF4 kernel's time goes (bench only): each shape and M timed with
 FASTFT_NF4_V4_PROBE = 0 (the kernel), 1 (its weight copies alone), 2 (copies, table, scales and
 x staging, no decode), 3 (everything but the weight copies: the decode of stale shared memory),
-4 (the kernel with the ring fill held after one window until x is staged), the weight frozen
-as in generate. Probes 1-3 give wrong results by design: only times are reported.
+4 (the kernel with the ring filled without waiting for x: the order before run 132), 5 (no
+copies, no decode: the prologue and epilogue), the weight frozen as in generate. Probes 1-3
+and 5 give wrong results by design: only times are reported.
 
     python bench/nf4_v4_probe.py OUT.jsonl
 """
@@ -27,7 +28,7 @@ for text in os.environ.get("SHAPES", "4096->14336,14336->4096").split(","):
     for rows in rows_list:
         sets = [(torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16), p, s)
                 for p, s in weights]
-        for probe in (0, 1, 2, 3, 4):
+        for probe in (0, 1, 2, 3, 4, 5):
             os.environ["FASTFT_NF4_V4_PROBE"] = str(probe)
             with use_nf4_kernel(os.environ.get("KERNEL", "v4:f")):
                 ms = time_ms(lambda x, p, s: nf4_matmul(x, p, s, backend="cuda"), sets)

@@ -56,17 +56,14 @@ struct V4Layout {
   int KB;          // steps (of 64 values) per row
   int KS;          // scales per row (K >> bs_log2)
   int tmax;        // the most tiles a CTA takes
-  int sc_pitch;    // a row's scales (a 16-byte multiple) + 16 bytes
-  uint32_t x_area, sc_area, a2_area, ring, stage_bytes;
+  uint32_t x_area, a2_area, ring, stage_bytes;
   __host__ __device__ V4Layout(const NF4GemvArgs& a, const NF4Weight& w, int ctas) {
     KB = a.K / kV3Step;
     KS = a.K >> w.bs_log2;
     tmax = ((a.N + 15) / 16 + ctas - 1) / ctas;
-    sc_pitch = KS * (w.nested ? 1 : 4) + 16;
     auto up = [](int64_t v, int64_t to) { return (uint32_t)((v + to - 1) / to * to); };
     x_area = kV4TableSpan + kV4Misc;
-    sc_area = x_area + up((int64_t)KB * a.M * kV4XPiece, 128);
-    a2_area = sc_area + up((int64_t)tmax * 16 * sc_pitch, 128);
+    a2_area = x_area + up((int64_t)KB * a.M * kV4XPiece, 128);
     // nested: the absmax2 entries of the CTA's scales, from a multiple of 4 (see the kernel)
     const int64_t a2_bytes = w.nested ? 4 * ((((int64_t)tmax * 16 * KS) >> w.bs2_log2) + 8) : 0;
     ring = up(a2_area + a2_bytes, 1024);  // the 128-byte swizzle's 1 KB alignment
@@ -198,12 +195,13 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       const CUtensorMap* map = &maps.m[tiles == L.tmax ? 0 : 1];
       for (int j = 0; j < windows; ++j) {
         const int s = j % S;
-        // (probe 4: one window, then the rest only once x is staged, so that x's loads do not
-        // queue behind the whole ring's)
-        if (probe == 4 && j == 1) mbar_wait(x_staged, 0u);
+        // One window, then the rest only once x is staged: x's loads (and the scales') would
+        // otherwise queue behind the whole ring's (run 132: 8% faster at M = 4, 3% at M = 1).
+        // (probe 4: no hold, for comparison; probe 1 stages no x)
+        if (j == 1 && probe != 1 && probe != 4) mbar_wait(x_staged, 0u);
         if (j >= S) mbar_wait(empty0 + 8 * s, (unsigned)(j / S - 1) & 1u);
         const uint32_t dst = ring + (uint32_t)s * L.stage_bytes, bar = full0 + 8 * s;
-        if (probe == 3) {  // (probe: no weight copies)
+        if (probe == 3 || probe == 5) {  // (probes: no weight copies)
           mbar_arrive(bar);
           continue;
         }
@@ -225,42 +223,91 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     }
     return;
   }
+  // The prologue, in as few global round trips as possible (run 132: the prologue and
+  // epilogue alone took 7.1 us of the 15.7 us call, as long as the weight's copies, in four
+  // dependent rounds: the levels, the scales, absmax2, x). Now one round for the levels,
+  // code2, absmax2 and the first scales (all loads issued before any store), one for x.
   constexpr int kScaleBytes = NESTED ? 1 : 4;
-  // the CTA's absmax2 entries from a2_first (a multiple of 4) on (nested only)
-  const int64_t blk0 = (int64_t)row0 * L.KS;
-  const int64_t a2_first = NESTED ? (blk0 >> w.bs2_log2) & ~int64_t(3) : 0;
-  {
+  constexpr int kScalesPerUnit = 16 / kScaleBytes;
+  constexpr int kScaleBatch = 4;  // 16-byte units of scales a thread holds in registers
+  const int64_t blk0 = (int64_t)row0 * L.KS;  // the CTA's first quantisation block
+  // the CTA's absmax2 entries: a2_count from a2_first (nested only); blk_rel0: blk0 counted
+  // from a2_first's first block, so the loop's absmax2 indices are 32-bit
+  const int64_t a2_first = NESTED ? (blk0 >> w.bs2_log2) : 0;
+  const int a2_count =
+      NESTED ? (int)(((blk0 + (int64_t)rows * L.KS - 1) >> w.bs2_log2) + 1 - a2_first) : 0;
+  const int blk_rel0 = NESTED ? (int)(blk0 - (a2_first << w.bs2_log2)) : 0;
+  const int units_row = L.KS / kScalesPerUnit;  // a row's scales in 16-byte units
+  const int scale_units = rows * units_row;
+  const uint4* scales = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(w.absmax) +
+                                                       blk0 * kScaleBytes);
+  float* a2_s = reinterpret_cast<float*>(smem + L.a2_area);
+  float level_hi = 0.f, level_lo = 0.f, code2_v = 0.f, a2_v = 0.f;
+  const float offset = NESTED ? __ldg(w.offset) : 0.f;
+  if (tid < 256) {
+    level_hi = __ldg(w.code + (tid >> 4));
+    level_lo = __ldg(w.code + (tid & 15));
+    if (NESTED) code2_v = __ldg(w.code2 + tid);
+  }
+  if (NESTED && tid < a2_count) a2_v = __ldg(w.absmax2 + a2_first + tid);
+  uint4 scale_v[kScaleBatch];
+#pragma unroll
+  for (int k = 0; k < kScaleBatch; ++k)
+    if (tid + k * kV4ConsumerThreads < scale_units)
+      scale_v[k] = __ldg(scales + tid + k * kV4ConsumerThreads);
+  if (tid < 256) {
     // the level-pair table as v3's: entry e (256 bytes apart) = 32 copies of fp16x2
     // (code[e >> 4], code[e & 15]), stored rotated by e so a store phase spreads over banks
-    if (tid < 256) {
-      const int e = tid;
-      const __half2 h = __floats2half2_rn(__ldg(w.code + (e >> 4)), __ldg(w.code + (e & 15)));
-      const uint32_t v = *reinterpret_cast<const uint32_t*>(&h);
+    const __half2 h = __floats2half2_rn(level_hi, level_lo);
+    const uint32_t v = *reinterpret_cast<const uint32_t*>(&h);
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
-        v3_store16(table + (uint32_t)e * 256u + 16u * ((j + e) & 7), make_uint4(v, v, v, v));
-      if (NESTED) code2_s[tid] = __ldg(w.code2 + tid);
-    }
-    if (tid < 16) tok_max[tid] = 0u;
-    // the CTA's scales: rows [row0, row0 + rows), 16 bytes at a time, rows padded to sc_pitch
-    const int units_row = L.KS * kScaleBytes / 16;
-    const uint8_t* scales = static_cast<const uint8_t*>(w.absmax) + blk0 * kScaleBytes;
-    staged_units(
-        tid, rows * units_row,
-        [&](int i) { return __ldg(reinterpret_cast<const uint4*>(scales) + i); },
-        [&](int i, uint4 v) {
-          const int r = i / units_row, u = i - r * units_row;
-          v3_store16(table + L.sc_area + (uint32_t)(r * L.sc_pitch + 16 * u), v);
-        });
-    if (NESTED) {
-      const int64_t a2_end = ((blk0 + (int64_t)rows * L.KS - 1) >> w.bs2_log2) + 1;
-      float* a2_s = reinterpret_cast<float*>(smem + L.a2_area);
-      for (int64_t i = a2_first + tid; i < a2_end; i += kV4ConsumerThreads)
-        a2_s[i - a2_first] = __ldg(w.absmax2 + i);
-    }
+    for (int j = 0; j < 8; ++j)
+      v3_store16(table + (uint32_t)tid * 256u + 16u * ((j + tid) & 7), make_uint4(v, v, v, v));
+    if (NESTED) code2_s[tid] = code2_v;
   }
+  if (NESTED) {
+    if (tid < a2_count) a2_s[tid] = a2_v;
+    for (int i = tid + kV4ConsumerThreads; i < a2_count; i += kV4ConsumerThreads)
+      a2_s[i] = __ldg(w.absmax2 + a2_first + i);
+  }
+  if (tid < 16) tok_max[tid] = 0u;
+  consumers_sync();  // code2, absmax2 and tok_max in place
+
+  // Every scale of the CTA as float32 into the table's holes (the second 128 bytes of each
+  // 256-byte entry): row r's step b at hole r * holes_row + b / 32, word (b + r) % 32, so the
+  // 16 rows a window's lanes read fall in 16 banks, and the window loop reads one word per
+  // scale (a nested scale costs 3 lookups and an absmax2 index).
+  const int holes_row = (L.KB + 31) / 32;
+  auto hole_word = [&](int r, int b) -> uint32_t {
+    return (uint32_t)((r * holes_row + (b >> 5)) * 256 + 128 + 4 * ((b + r) & 31));
+  };
+  const int steps_log2 = w.bs_log2 - 6;  // steps (of 64 values) per quantisation block
+  auto scales_to_holes = [&](int i, uint4 v) {  // unit i: row i / units_row's 16 bytes
+    const int r = i / units_row, bs0 = (i - r * units_row) * kScalesPerUnit;
+    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < kScalesPerUnit; ++k) {
+      const int bs = bs0 + k;  // the row's block
+      float sc;
+      if (NESTED) {
+        const int q = (words[k >> 2] >> (8 * (k & 3))) & 0xFF;
+        sc = __fadd_rn(__fmul_rn(code2_s[q], a2_s[(blk_rel0 + r * L.KS + bs) >> w.bs2_log2]),
+                       offset);
+      } else {
+        sc = __uint_as_float(words[k]);
+      }
+      for (int b = bs << steps_log2; b < (bs + 1) << steps_log2; ++b)
+        *reinterpret_cast<float*>(smem + hole_word(r, b)) = sc;
+    }
+  };
+#pragma unroll
+  for (int k = 0; k < kScaleBatch; ++k)
+    if (tid + k * kV4ConsumerThreads < scale_units)
+      scales_to_holes(tid + k * kV4ConsumerThreads, scale_v[k]);
+  for (int i = tid + kScaleBatch * kV4ConsumerThreads; i < scale_units; i += kV4ConsumerThreads)
+    scales_to_holes(i, __ldg(scales + i));
+
   if (a.weights_frozen) gemv_wait_for_previous();  // x only after it
-  const float offset = NESTED ? __ldg(w.offset) : 0.f;
   const int g = lane >> 2, t = lane & 3;
   const uint32_t lane4 = (uint32_t)lane * 4u;
 
@@ -269,7 +316,6 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // divides 64, so their largest |x| is taken in registers and over the 8 lanes of a piece,
   // then one shared atomic per 8 lanes (per-unit atomics on a few words serialise: ~3.5 ns
   // each, run 125); other M take one atomic per unit.
-  consumers_sync();  // tok_max zeroed
   const T* x = static_cast<const T*>(a.x);
   const int units = L.KB * M * 8;  // 16-byte units of x: piece i >> 3, unit i & 7
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
@@ -304,36 +350,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       v3_store16(addr, bf16x8_scaled_to_fp16(lds128(addr), x_scale_shift(tok_max[(i >> 3) % M])));
     }
   }
-  consumers_sync();  // the table, code2, scales and x complete
+  consumers_sync();  // the table, the scales' holes and x complete
   if (lane == 0) mbar_arrive(x_staged);
-
-  // Every scale of the CTA as float32, decoded once into the table's holes (the second 128
-  // bytes of each 256-byte entry): row r's step b at hole r * holes_row + b / 32, word
-  // (b + r) % 32, so the 16 rows a window's lanes read fall in 16 banks. The window loop then
-  // reads one word per scale (nested scales cost 3 lookups and 64-bit index arithmetic).
-  const int holes_row = (L.KB + 31) / 32;
-  auto hole_word = [&](int r, int b) -> uint32_t {
-    return (uint32_t)((r * holes_row + (b >> 5)) * 256 + 128 + 4 * ((b + r) & 31));
-  };
-  {
-    const float* a2_s = reinterpret_cast<const float*>(smem + L.a2_area);
-    for (int r = warp; r < rows; r += kV4Consumers) {  // a row per warp, its steps by lane
-      const int64_t row_blk = blk0 + (int64_t)r * L.KS;
-      for (int b = lane; b < L.KB; b += 32) {
-        const int bs = b >> (w.bs_log2 - 6);
-        float v;
-        if (NESTED) {
-          const int q = smem[L.sc_area + r * L.sc_pitch + bs];
-          v = __fadd_rn(__fmul_rn(code2_s[q], a2_s[((row_blk + bs) >> w.bs2_log2) - a2_first]),
-                        offset);
-        } else {
-          v = *reinterpret_cast<const float*>(smem + L.sc_area + r * L.sc_pitch + 4 * bs);
-        }
-        *reinterpret_cast<float*>(smem + hole_word(r, b)) = v;
-      }
-    }
-  }
-  consumers_sync();
   // This lane's scales in a window: row lane & 15 of tiles (lane >> 4) + 2 i, the warp's step
   const int srow = lane & 15, stile = lane >> 4;
 
@@ -374,7 +392,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   unsigned parity = 0u;    // ((j / S) & 1), kept without divisions
   for (int j = 0; j < windows; ++j) {
     const int b = j * kV4Consumers + warp;  // this warp's step
-    if (b < L.KB && probe != 2) {  // (probe 2: no decode)
+    if (b < L.KB && probe != 2 && probe != 5) {  // (probes 2, 5: no decode)
       float sc[kV4MaxTiles / 2];
 #pragma unroll
       for (int i = 0; i < kV4MaxTiles / 2; ++i)
@@ -475,8 +493,9 @@ bool encode_weight_map(CUtensorMap* map, const NF4GemvArgs& a, const NF4Weight& 
 }
 
 // FASTFT_NF4_V4_PROBE (bench/nf4_v4_probe.py only): 1 = the copies alone (no decode, no x),
-// 2 = no decode, 3 = no weight copies (the decode of stale data): wrong results; 4 = the ring
-// fill held after one window until x is staged (right results: an ordering experiment).
+// 2 = no decode, 3 = no weight copies (the decode of stale data), 5 = neither (the prologue and
+// the epilogue): wrong results; 4 = the ring filled without waiting for x (right results: the
+// order before run 132, for comparison).
 int v4_probe() {
   const char* v = std::getenv("FASTFT_NF4_V4_PROBE");
   return v ? std::atoi(v) : 0;
