@@ -365,9 +365,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
                            ((((uint32_t)(2 * (warp & 3) + (t >> 1))) ^ (uint32_t)g) << 4) +
                            8u * (t & 1) + (uint32_t)g * 128u;
   // One tile's step: 16 level pairs from the table, 4 mma, the sums scaled into acc.
-  auto tile_step = [&](uint32_t at, const uint32_t (&xw)[8], float s_lo, float s_hi,
+  auto tile_step = [&](uint2 lo, uint2 hi, const uint32_t (&xw)[8], float s_lo, float s_hi,
                        float (&sums)[4]) {
-    const uint2 lo = lds64(at), hi = lds64(at + 8u * 128u);
     float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -408,22 +407,34 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       const uint32_t xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
       mbar_wait(full0 + 8 * s, parity);
       const uint32_t at = ring + (uint32_t)s * L.stage_bytes + lane_at;
-      // tiles two at a time (two independent chains of loads, lookups and mma for the
-      // scheduler to interleave), the odd last one alone (4 tiles at a time spilled: 17 warps
-      // leave ptxas 96 registers)
+      // this lane's weight words of tiles `tile` and `tile + 1` (rows g and g + 8 of each)
+      auto load_pair = [&](int tile, uint2 (&wv)[4]) {
+        const uint32_t at0 = at + (uint32_t)(tile * 16) * 128u;
+        wv[0] = lds64(at0);
+        wv[1] = lds64(at0 + 8u * 128u);
+        if (tile + 1 < tiles) {
+          wv[2] = lds64(at0 + 16u * 128u);
+          wv[3] = lds64(at0 + 24u * 128u);
+        }
+      };
+      // tiles two at a time (two independent chains of lookups and mma for the scheduler to
+      // interleave), the odd last one alone (4 tiles at a time spilled: 17 warps leave ptxas
+      // 96 registers); the next pair's weight words loaded before this pair's lookups, so
+      // their latency is not on the chain
+      uint2 cur[4], next[4];
+      load_pair(0, cur);
 #pragma unroll
       for (int tile = 0; tile < kV4MaxTiles; tile += 2) {
+        if (tile >= tiles) break;
+        if (tile + 2 < tiles) load_pair(tile + 2, next);
         const float lo0 = __shfl_sync(0xffffffffu, sc[tile >> 1], g);
         const float hi0 = __shfl_sync(0xffffffffu, sc[tile >> 1], g + 8);
         const float lo1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 16 + g);
         const float hi1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 24 + g);
-        const uint32_t at0 = at + (uint32_t)(tile * 16) * 128u;
-        if (tile + 1 < tiles) {
-          tile_step(at0, xw, lo0, hi0, acc[tile]);
-          tile_step(at0 + 16u * 128u, xw, lo1, hi1, acc[tile + 1]);
-        } else if (tile < tiles) {
-          tile_step(at0, xw, lo0, hi0, acc[tile]);
-        }
+        tile_step(cur[0], cur[1], xw, lo0, hi0, acc[tile]);
+        if (tile + 1 < tiles) tile_step(cur[2], cur[3], xw, lo1, hi1, acc[tile + 1]);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) cur[k] = next[k];
       }
     } else {
       mbar_wait(full0 + 8 * s, parity);
