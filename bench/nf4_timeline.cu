@@ -1,5 +1,5 @@
-// Where a v3 small-M NF4 call's time goes, CTA by CTA: a standalone program (nvcc, no torch)
-// that builds nf4.cu with FASTFT_NF4_TIMELINE, so each v3 CTA records its phases (start,
+// Where a v3 or v4 small-M NF4 call's time goes, CTA by CTA: a standalone program (nvcc, no
+// torch) that builds nf4.cu with FASTFT_NF4_TIMELINE, so each v3 / v4 CTA records its phases (start,
 // table built, previous kernel waited for, x staged, each warp's loop end, parts summed, end)
 // with clock64 and the global timer. It times a CUDA graph of `calls` launches of one shape
 // (each on its own weight, so that no call finds its weight in L2; programmatic dependent
@@ -9,7 +9,7 @@
 // after a bulk L2 prefetch of each row's range; and the same work split reading a
 // tile-contiguous layout (a warp's 32 rows x 4 steps as one 4 KB piece). bench/nf4_timeline.py builds, runs and summarises it.
 //
-// Usage: nf4_timeline M N K calls frozen out.bin [variant kparts]
+// Usage: nf4_timeline M N K calls frozen out.bin [variant kparts]  (variant 7: v4)
 // Prints one JSON line: the plan, us per call of both kernels, the timeline's layout.
 #define FASTFT_NF4_TIMELINE 1
 #include "nf4.cu"  // csrc/, or the tree in $CSRC (bench/nf4_timeline.py)
@@ -309,7 +309,7 @@ int main(int argc, char** argv) {
     NF4GemvArgs& a = as[c];
     a.x = x; a.x_stride = K; a.bias = nullptr; a.y = ys[c]; a.y_stride = N;
     a.M = M; a.N = N; a.K = K; a.dtype = kBF16;
-    a.variant = variant; a.v3_kparts = kparts; a.v3_splits = 0;
+    a.variant = variant; a.v3_kparts = kparts; a.v3_splits = 0; a.v4_allowed = true;
     a.pdl = true; a.weights_frozen = frozen;
     nf4_gemv_plan(w, a, sms);
     // the call's number in the tag's serial bits (the timeline's index; a valid counter tag)
@@ -325,11 +325,13 @@ int main(int argc, char** argv) {
   CHECK(cudaStreamSynchronize(stream));
   const NF4LowRank lr{};
   const NF4GemvArgs& a0 = as[0];
-  if (a0.variant != 3) {
-    std::fprintf(stderr, "the plan chose variant %d: the timeline covers v3 only\n", a0.variant);
+  const bool v4 = a0.variant == 7;
+  if (a0.variant != 3 && !v4) {
+    std::fprintf(stderr, "the plan chose variant %d: the timeline covers v3 and v4 only\n",
+                 a0.variant);
     return 3;
   }
-  const int ctas = (int)nf4_gemv_counters(a0) * a0.v3_splits;
+  const int ctas = v4 ? a0.v4_ctas : (int)nf4_gemv_counters(a0) * a0.v3_splits;
 
   cudaGraphExec_t exec;
   const float us_nf4 = time_graph(stream, calls, [&] {
@@ -379,8 +381,10 @@ int main(int argc, char** argv) {
     r.tiled = time_loads(tiled_loads_only<W, 1>, W * 32);
     return r;
   };
-  const LoadTimes lt = wide ? time_all(std::integral_constant<int, 16>{})
-                            : time_all(std::integral_constant<int, 8>{});
+  // (v3's load patterns: not timed for v4, whose copies bench/nf4_v4_probe.py times)
+  const LoadTimes lt = v4     ? LoadTimes{}
+                       : wide ? time_all(std::integral_constant<int, 16>{})
+                              : time_all(std::integral_constant<int, 8>{});
 
   std::printf(
       "{\"M\": %d, \"N\": %d, \"K\": %d, \"calls\": %d, \"frozen\": %d, \"variant\": %d, "

@@ -58,7 +58,7 @@ def summarise(meta, raw):
     calls, ctas = meta["calls"], meta["ctas"]
     tl = raw.reshape(-1, meta["timeline_ctas"], meta["timeline_slots"])[:calls, :ctas].astype(
         np.int64)
-    warps = 16 if meta["v3_kparts"] == 16 else 8
+    warps = 16 if meta["v3_kparts"] == 16 or meta["variant"] == 7 else 8  # v4: 16 consumers
     loop_ends = tl[:, :, SLOT["warp_loop_end"]:SLOT["warp_loop_end"] + warps]
     # [call, cta, warp, iteration, (start, scales ready)]; 0 where the warp had no such iteration
     iters = tl[:, :, SLOT["iter"]:SLOT["iter"] + 16 * ITERS * 2].reshape(calls, ctas, 16, ITERS, 2)[

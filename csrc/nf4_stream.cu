@@ -176,6 +176,9 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   const uint32_t x_area = table + L.x_area;
   const uint32_t ring = table + L.ring;
 
+  NF4_MARK(tid == 0, kTimelineStartNs);  // (bench/nf4_timeline.cu only)
+  NF4_MARK(tid == 0, kTimelineSm);
+  NF4_MARK(tid == 0, kTimelineStart);
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(full0 + 8 * s, 1);
@@ -196,8 +199,10 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       for (int j = 0; j < windows; ++j) {
         const int s = j % S;
         // One window, then the rest only once x is staged: x's loads (and the scales') would
-        // otherwise queue behind the whole ring's (run 132: 8% faster at M = 4, 3% at M = 1).
-        // (probe 4: no hold, for comparison; probe 1 stages no x)
+        // otherwise queue behind the whole ring's (run 132: M = 4 from 18.2 to 16.9 us at
+        // 4096 -> 14336). Neither holding every window (16.6 / 18.6 us at M = 1 / 4) nor
+        // starting the ring only once the scales' loads were issued (no change) did better
+        // (run 136). (probe 4: no hold, for comparison; probe 1 stages no x)
         if (j == 1 && probe != 1 && probe != 4) mbar_wait(x_staged, 0u);
         if (j >= S) mbar_wait(empty0 + 8 * s, (unsigned)(j / S - 1) & 1u);
         const uint32_t dst = ring + (uint32_t)s * L.stage_bytes, bar = full0 + 8 * s;
@@ -215,6 +220,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
 
   // ---- the consumers
   if (!a.weights_frozen) gemv_wait_for_previous();
+  NF4_MARK(tid == 0 && !a.weights_frozen, kTimelineWaited);
   if (probe == 1) {  // (probe: the copies alone)
     for (int j = 0; j < windows; ++j) {
       mbar_wait(full0 + 8 * (j % S), (unsigned)(j / S) & 1u);
@@ -306,8 +312,10 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       scales_to_holes(tid + k * kV4ConsumerThreads, scale_v[k]);
   for (int i = tid + kScaleBatch * kV4ConsumerThreads; i < scale_units; i += kV4ConsumerThreads)
     scales_to_holes(i, __ldg(scales + i));
+  NF4_MARK(tid == 0, kTimelineTable);
 
   if (a.weights_frozen) gemv_wait_for_previous();  // x only after it
+  NF4_MARK(tid == 0 && a.weights_frozen, kTimelineWaited);
   const int g = lane >> 2, t = lane & 3;
   const uint32_t lane4 = (uint32_t)lane * 4u;
 
@@ -352,6 +360,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   }
   consumers_sync();  // the table, the scales' holes and x complete
   if (lane == 0) mbar_arrive(x_staged);
+  NF4_MARK(tid == 0, kTimelineStaged);
   // This lane's scales in a window: row lane & 15 of tiles (lane >> 4) + 2 i, the warp's step
   const int srow = lane & 15, stile = lane >> 4;
 
@@ -447,6 +456,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     }
   }
 
+  NF4_MARK(lane == 0, kTimelineWarpLoopEnd + warp);
+
   // ---- the warps' sums, added in warp order, over the ring (every copy has landed)
   consumers_sync();
   // [warp][tile < tmax][16 rows][8 tokens]: 8 KB per tile, half a stage's 16 KB per tile
@@ -461,6 +472,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     p[(g + 8) * 8 + 2 * t + 1] = acc[tile][3];
   }
   consumers_sync();
+  NF4_MARK(tid == 0, kTimelineSummed);
   const T* bias = static_cast<const T*>(a.bias);
   T* y = static_cast<T*>(a.y);
   for (int i = tid; i < rows * M; i += kV4ConsumerThreads) {
@@ -473,6 +485,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     if (bias) v += to_f32(bias[row0 + r]);
     y[m * a.y_stride + row0 + r] = from_f32<T>(v);
   }
+  NF4_MARK(tid == 0, kTimelineEnd);
+  NF4_MARK(tid == 0, kTimelineEndNs);
 #endif
 }
 
