@@ -179,13 +179,14 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   if (a.variant == 0) {
     const bool wide = (int64_t)a.N >= 2 * (int64_t)a.K;
     const bool deep = (int64_t)a.K >= 2 * (int64_t)a.N;
-    // v4 where the output is wide, at up to 4 rows, and the busiest CTA takes 7 or more tiles
-    // (H200, runs 129 and 131: 4096 -> 14336, 7 tiles, 8-14% faster than v3h at M = 1, 2, 4 with
-    // the weight frozen, 8-17% not frozen; 3072 -> 8192, 4 tiles, 3-15% slower frozen at
-    // M = 1, 2, 4, where v4's fixed start costs weigh more; 5 and 6 not measured; M = 8 does
-    // not fit v4 at 4096 -> 14336); v3h elsewhere where the output is wide
+    // v4 where the output is wide, at up to 4 rows, and the busiest CTA takes 7 or more tiles,
+    // 4 or more at M = 3, 4 (H200, runs 134-135, frozen: 4096 -> 14336, 7 tiles, 11-22% faster
+    // than v3h at M = 1, 2, 4; 3072 -> 8192, 4 tiles: 2-7% slower at M = 1, level at M = 2,
+    // 7-10% faster at M = 4; M = 8 does not fit v4 at 4096 -> 14336); v3h elsewhere where the
+    // output is wide
+    const int64_t v4_min_tiles = a.M >= 3 ? 4 : 7;
     if (wide && a.M <= 4 && a.v4_allowed && nf4_gemv_v4_plan(w, a, sms) &&
-        ((int64_t)a.N + 15) / 16 > 6 * (int64_t)a.v4_ctas) {
+        ((int64_t)a.N + 15) / 16 > (v4_min_tiles - 1) * (int64_t)a.v4_ctas) {
       a.variant = 7;
       return;
     }

@@ -1600,9 +1600,9 @@ def test_fused_matmul_gpu_16_warp_ctas_in_one_wave_only(monkeypatch):
 def test_fused_matmul_gpu_v4_where_wide_and_few_rows(monkeypatch):
     """The plan's v4 rule (nf4.cu, auto): the copy-engine kernel where the output is at least
     twice as wide as the input, at up to 4 rows, and the busiest CTA takes 7 or more 16-row
-    tiles (4096 -> 14336 at M = 1, 2, 4: 8-14% faster than v3h; 3072 -> 8192, 4 tiles: slower,
-    runs 129, 131); v3 otherwise (8 rows, a narrow output, a low-rank term, too few tiles per
-    SM). Forced, v4 runs where it fits even outside the rule. Every result against float64."""
+    tiles (4096 -> 14336), 4 or more at 3 or 4 rows (3072 -> 8192; runs 134-135); v3 otherwise
+    (8 rows, a narrow output, a low-rank term, too few tiles per SM: 2048 -> 4096 has 2).
+    Forced, v4 runs where it fits even outside the rule. Every result against float64."""
     impl = _plan_impl(monkeypatch, min_sms=100)
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("v4 needs compute capability 9.0")
@@ -1618,6 +1618,8 @@ def test_fused_matmul_gpu_v4_where_wide_and_few_rows(monkeypatch):
                                         ((14336, 4096), 2, True, "v3"),
                                         ((4096, 14336), 1, False, "v3"),
                                         ((8192, 3072), 1, False, "v3"),
+                                        ((8192, 3072), 4, False, "v4"),
+                                        ((4096, 2048), 4, False, "v3"),
                                         ((2048, 1024), 2, False, "v3")):
         x, calls, refs = _group_case([shape], rows, torch.bfloat16, True, 16 if low_rank else 0,
                                      seed=rows, device="cuda")
