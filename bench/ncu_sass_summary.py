@@ -1,4 +1,4 @@
-"""Summary of an Nsight Compute source page (SASS, CSV; bench/nf4_ncu_sass.sh): instructions
+"""Summary of an Nsight Compute source page (SASS, CSV; bench/nf4_ncu_source.sh): instructions
 executed and warp-stall samples by opcode, and the instructions with the most samples.
 
     python bench/ncu_sass_summary.py sass.csv [TOP]

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Nsight Compute's per-SASS-instruction view of the default small-M NF4 kernel (VARIANT,
-# default v3h) at M = 1 on both Llama-3.1-8B MLP shapes: one profiled launch each (--set full,
-# caches flushed), saved as .ncu-rep, then printed from the report as the source page (SASS with
-# per-instruction samples and stall reasons, CSV) and the details page. Why: the ablations of
-# runs 28-29 split v3's time into launch, setup, loop and split-K sum; this says which
-# instructions of the loop the warps wait on.
-# Usage (after bench/device.sh has built fastft._C): bash bench/nf4_ncu_source.sh OUTDIR
+# Nsight Compute's per-SASS-instruction view of a small-M NF4 kernel (VARIANT, default v3h),
+# one profiled launch per case (CASES, "M N K;...", default M = 1 on both Llama-3.1-8B MLP
+# shapes; --set full, caches flushed), saved as .ncu-rep, then printed from the report as the
+# source page (SASS with per-instruction samples and stall reasons, CSV), summarised by
+# bench/ncu_sass_summary.py (by opcode; the instructions with the most samples), and the
+# details page. Why: the ablations of runs 28-29 split v3's time into launch, setup, loop and
+# split-K sum; this says which instructions the warps wait on (run 133 found v4's stalls on
+# instruction fetch: cold caches make them larger here than in a timed loop).
+# Usage (after bench/device.sh has built fastft._C): CASES="1 14336 4096" VARIANT=v4 bash bench/nf4_ncu_source.sh OUTDIR
 OUT=${1:-/tmp/ncu-source}; mkdir -p "$OUT"
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}
 echo "ncu: $NCU"
-for case in "1 14336 4096" "1 4096 14336"; do
+IFS=';' read -ra CASE_LIST <<< "${CASES:-1 14336 4096;1 4096 14336}"
+for case in "${CASE_LIST[@]}"; do
   tag=$(echo $case | tr ' ' '_')
   FASTFT_NF4_GEMV=${VARIANT:-v3h} timeout 180 $NCU --clock-control none -k regex:nf4_gemv \
     --launch-skip 3 --launch-count 1 --set full --import-source yes -f -o "$OUT/report_$tag" \
@@ -18,6 +21,7 @@ for case in "1 14336 4096" "1 4096 14336"; do
   timeout 120 $NCU --import "$OUT/report_$tag.ncu-rep" --page source --print-source sass --csv \
     > "$OUT/sass_$tag.csv" 2> "$OUT/sass_$tag.err"
   echo "sass page rc=$? ($(wc -l < "$OUT/sass_$tag.csv") lines)"
+  python3 bench/ncu_sass_summary.py "$OUT/sass_$tag.csv" 20 | head -45
   timeout 120 $NCU --import "$OUT/report_$tag.ncu-rep" --page details --print-details all \
     > "$OUT/details_$tag.txt" 2>&1
   echo "details rc=$?"; grep -E "^ +(Duration|DRAM Throughput|Issued Ipc Active|Achieved Occupancy)" "$OUT/details_$tag.txt" | head -6
