@@ -21,7 +21,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SLOT = dict(start_ns=0, sm=1, start=2, waited=3, table=4, staged=5, summed=6, end=7, end_ns=8,
-            warp_loop_end=16, iter=32)
+            extra=9, warp_loop_end=16, iter=32)
 ITERS = 8  # kTimelineIters: loop iterations timed per warp
 DEFAULT_CASES = ";".join(
     [f"{m} 14336 4096 1" for m in (1, 4, 8, 16)] + [f"{m} 4096 14336 1" for m in (1, 4, 8)]
@@ -114,6 +114,13 @@ def summarise(meta, raw):
             break
         it_len.append(float(np.median(us(nxt - st)[ok])))
         it_scale.append(float(np.median(us(iters[1:, :, :, k, 1] - st)[ok])))
+    # a kernel's own finer marks (slots 9..15, v4's prologue): median us from the CTA's start
+    steady_tl = tl[1:] if calls > 1 else tl
+    extra = {}
+    for k in range(7):
+        v = steady_tl[:, :, SLOT["extra"] + k]
+        if (v > 0).any():
+            extra[k] = float(np.median(us(v - steady_tl[:, :, SLOT["start"]])[v > 0]))
     copy_rate = meta.get("copy_gbs")
     return {
         **meta,
@@ -124,6 +131,7 @@ def summarise(meta, raw):
         "call_to_call_start_mean": float(np.mean(starts)) if starts else None,
         "gap_end_to_next_start_mean": float(np.mean(gaps)) if gaps else None,
         "phase_median_mean": mean_phase,
+        "extra_marks_us_from_start": extra,
         "iteration_us_median": it_len,
         "iteration_scales_wait_us_median": it_scale,
         "calls_detail": per_call,
@@ -171,6 +179,9 @@ def main():
               f"span {s['span_mean']:.2f}, call-to-call "
               f"{s['call_to_call_start_mean']:.2f}, SM {s['sm_ghz']:.2f} GHz")
         print("   phases (median CTA, us): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
+        if s["extra_marks_us_from_start"]:
+            print("   finer marks (us from the CTA's start): " + ", ".join(
+                f"{k}: {v:.2f}" for k, v in s["extra_marks_us_from_start"].items()))
         print("   iterations (us): " + " ".join(f"{v:.2f}" for v in s["iteration_us_median"])
               + "; of which waiting for scales: "
               + " ".join(f"{v:.2f}" for v in s["iteration_scales_wait_us_median"]))

@@ -188,6 +188,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+  NF4_MARK(tid == 0, kTimelineExtra + 0);  // every warp has started
 
   if (warp == kV4Consumers) {
     // ---- the copy warp (one lane): window j into slot j % S once the 16 consumers have
@@ -271,6 +272,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       v3_store16(table + (uint32_t)tid * 256u + 16u * ((j + tid) & 7), make_uint4(v, v, v, v));
     if (NESTED) code2_s[tid] = code2_v;
   }
+  NF4_MARK(tid == 0, kTimelineExtra + 1);  // this thread's levels have arrived
   if (NESTED) {
     if (tid < a2_count) a2_s[tid] = a2_v;
     for (int i = tid + kV4ConsumerThreads; i < a2_count; i += kV4ConsumerThreads)
@@ -278,6 +280,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   }
   if (tid < 16) tok_max[tid] = 0u;
   consumers_sync();  // code2, absmax2 and tok_max in place
+  NF4_MARK(tid == 0, kTimelineExtra + 2);
 
   // Every scale of the CTA as float32 into the table's holes (the second 128 bytes of each
   // 256-byte entry): row r's step b at hole r * holes_row + b / 32, word (b + r) % 32, so the
@@ -329,6 +332,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
   const bool one_token = (kV4ConsumerThreads / 8) % M == 0;
   uint32_t local_max = 0u;
+  NF4_MARK(tid == 0, kTimelineExtra + 3);  // x's loads begin
   staged_units(
       tid, units,
       [&](int i) {
@@ -345,6 +349,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
           else if (mx) atomicMax(&tok_max[(i >> 3) % M], mx);
         }
       });
+  NF4_MARK(tid == 0, kTimelineExtra + 4);  // this thread's x has arrived and is stored
   if (kBf16) {
     if (one_token) {
 #pragma unroll
