@@ -5,9 +5,10 @@
 // Why: v3's warps load the weight into registers, so an SM has at most 64 KB in flight (its
 // registers), the loads wait for the decode and the decode for the loads, and a call's CTAs
 // begin streaming only after x is staged. Runs 112-121 measured ~5.5 us per call besides the
-// bytes and the bytes at ~62% of copy speed. Here the ring (~90-120 KB per SM) is filled as
-// soon as the CTA starts, before the PDL wait when the weight is frozen (generate), so the
-// previous call's tail, x's staging and the table build overlap the weight's first bytes.
+// bytes and the bytes at ~62% of copy speed. Here the ring (~90-120 KB per SM) gets its first
+// window as soon as the CTA starts, before the PDL wait when the weight is frozen (generate),
+// and the rest once x is staged (x's loads would otherwise queue behind it), so the table
+// build and the scales overlap the weight's first bytes.
 //
 // Work split: CTA c takes 16-row tiles [c T / G, (c + 1) T / G) of the T = ceil(N / 16) (G
 // CTAs, at most kV4MaxTiles each) and the whole K range. K goes in windows of 1024 values (16
@@ -17,10 +18,11 @@
 // boxes use the 128-byte swizzle, so the 8 rows a load instruction reads fall in different
 // banks. Consumer warp w (of 16) takes step w of every window for all of the CTA's tiles, two
 // tiles at a time: its x fragment is read once per window and serves every tile. The scales
-// of the CTA's rows are loaded into shared memory once, at the start; x likewise, after the
-// PDL wait. At the end the warps' sums are added in shared memory in warp order
-// (deterministic). Measured (runs 125-131): the copies alone stream at 92% of the copy rate
-// (4096 -> 14336), the decode is the bound (about 2x the copies' time with x staging).
+// of the CTA's rows are loaded once, at the start, and decoded into shared memory as float32;
+// x is staged after the PDL wait. At the end the warps' sums are added in shared memory in
+// warp order (deterministic). Measured (runs 135-137, 4096 -> 14336): the decode loop runs at
+// ~93% of the copy rate; the prologue (~5.5 us per CTA: the scales' loaded-DRAM round trip,
+// then x's) is what a call spends besides.
 //
 // Numerics as v3 (see nf4_kernels.cuh): fp16 levels from the same level-pair table (byte ->
 // fp16x2, 32 copies, entries 256 bytes apart), fp16 mma, the step's float32 scale applied to
@@ -64,7 +66,7 @@ struct V4Layout {
     auto up = [](int64_t v, int64_t to) { return (uint32_t)((v + to - 1) / to * to); };
     x_area = kV4TableSpan + kV4Misc;
     a2_area = x_area + up((int64_t)KB * a.M * kV4XPiece, 128);
-    // nested: the absmax2 entries of the CTA's scales, from a multiple of 4 (see the kernel)
+    // nested: the absmax2 entries of the CTA's scales (see the kernel), with room to spare
     const int64_t a2_bytes = w.nested ? 4 * ((((int64_t)tmax * 16 * KS) >> w.bs2_log2) + 8) : 0;
     ring = up(a2_area + a2_bytes, 1024);  // the 128-byte swizzle's 1 KB alignment
     stage_bytes = (uint32_t)(tmax * 16 * kV4WindowBytes);
