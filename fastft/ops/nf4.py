@@ -22,11 +22,12 @@ summation order). CUDA's v2 and v3 (in_features % 64 == 0, blocksize >= 64) mult
 levels rounded to fp16 and apply each block's float32 scale to the float32 sums, i.e. W to
 2^-11 per level; v3 spends ~2 instructions per packed byte; v4 (sm_90) has the same numerics
 and streams the weight into shared memory with the copy engine. The CUDA backend picks v4 where
-the output is at least twice as wide as the input at M <= 4 and the busiest SM gets 7 or more
-16-row tiles, 4 or more at M = 3, 4 (e.g. Llama-3-8B's gate / up), else v3h (v3 with half of the level lookups done in
-registers instead of shared memory: the same results) where the output is that wide, v3 at
-M <= 8 where it is at most half as wide (faster than v1 there on the H200), v1 elsewhere;
-FASTFT_NF4_GEMV forces one (see
+(without a LoRA term) the output is at least twice as wide as the input at M <= 4 and the
+busiest SM gets 7 or more 16-row tiles, 4 or more at M = 3, 4 (e.g. Llama-3-8B's gate / up
+as single calls), else v3h (v3 with half of
+the level lookups done in registers instead of shared memory: the same results) where the
+output is that wide, v3 at M <= 8 where it is at most half as wide (faster than v1 there on
+the H200), v1 elsewhere; FASTFT_NF4_GEMV forces one (see
 gemv_settings). Larger inputs, float32 x and shapes the fused kernels don't take dequantise W
 into a per-device workspace (reused by every layer, see workspace()) and call cuBLAS. Only x
 (and a bias) get gradients: the quantised weight is frozen; backward dequantises again
