@@ -601,6 +601,13 @@ __device__ __forceinline__ int x_scale_shift(unsigned max_bits) {
   const int e = (int)(max_bits >> 7) - 127;  // unbiased exponent of the largest |x|
   return max(-126, min(126, 14 - e));
 }
+// The largest |x| of 8 bf16 values as bits (monotonic for non-negative values, NaN largest):
+// what x_scale_shift takes, per 16-byte unit.
+__device__ __forceinline__ uint32_t bf16x8_max_abs_bits(uint4 v) {
+  const uint32_t m4 = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu),
+                               __vmaxu2(v.z & 0x7FFF7FFFu, v.w & 0x7FFF7FFFu));
+  return max(m4 & 0xFFFFu, m4 >> 16);  // per-half maxima -> one
+}
 
 __device__ __forceinline__ float pow2f(int e) { return __int_as_float((127 + e) << 23); }
 
@@ -917,10 +924,8 @@ __global__ void __launch_bounds__(kV2Threads, kV2BlocksPerSM)
     // per token: the largest |x| (as bits: monotonic for non-negative floats, NaN largest)
     for (int i = tid; i < tokens * units8; i += kV2Threads) {
       const int tok = i / units8, uu = i % units8;
-      const uint4 v = *reinterpret_cast<const uint4*>(xs + tok * xs_stride + 8 * uu);
-      const uint32_t m4 = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu),
-                                   __vmaxu2(v.z & 0x7FFF7FFFu, v.w & 0x7FFF7FFFu));
-      const uint32_t m = max(m4 & 0xFFFFu, m4 >> 16);  // per-half maxima -> one
+      const uint32_t m =
+          bf16x8_max_abs_bits(*reinterpret_cast<const uint4*>(xs + tok * xs_stride + 8 * uu));
       if (m) atomicMax(&tok_max[tok], m);
     }
     __syncthreads();
@@ -1239,6 +1244,17 @@ __device__ __forceinline__ void v3_store16(uint32_t addr, uint4 v) {
                : "memory");
 }
 
+// Entry e of the level-pair table at `table` (v3, v4; entries 256 bytes apart): 32 copies of
+// fp16x2 (hi, lo) = (code[e >> 4], code[e & 15]) as 8 16-byte stores, rotated by e so that the
+// 8 threads of a store phase hit 8 different bank groups.
+__device__ __forceinline__ void v3_store_level_pair(uint32_t table, int e, float hi, float lo) {
+  const __half2 h = __floats2half2_rn(hi, lo);
+  const uint32_t v = *reinterpret_cast<const uint32_t*>(&h);
+  const uint32_t entry = table + (uint32_t)e * 256u;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v3_store16(entry + 16u * ((j + e) & 7), make_uint4(v, v, v, v));
+}
+
 // One step's packed bytes of one lane's 4 rows (g, g+8, g+16, g+24).
 struct V3In {
   uint2 w[4];
@@ -1438,16 +1454,9 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
   };
   load_raw(0);
 
-  // The level-pair table: thread e writes entry e's 32 copies as 8 16-byte stores, rotated by
-  // e so that the 8 threads of a store phase hit 8 different bank groups.
-  if (!kWide || tid < 256) {
-    const int e = tid;  // 256 entries
-    const __half2 h = __floats2half2_rn(__ldg(w.code + (e >> 4)), __ldg(w.code + (e & 15)));
-    const uint32_t v = *reinterpret_cast<const uint32_t*>(&h);
-    const uint32_t entry = anchor_addr + (uint32_t)e * 256u;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v3_store16(entry + 16u * ((j + e) & 7), make_uint4(v, v, v, v));
-  }
+  // The level-pair table: thread e writes entry e (256 entries)
+  if (!kWide || tid < 256)
+    v3_store_level_pair(anchor_addr, tid, __ldg(w.code + (tid >> 4)), __ldg(w.code + (tid & 15)));
   if (NESTED && (!kWide || tid < 256)) code2_s[tid] = __ldg(w.code2 + tid);
   NF4_MARK(tid == 0, kTimelineTable);
   if (early_loads) gemv_wait_for_previous();  // x and xa only after it
@@ -1496,10 +1505,7 @@ __device__ __forceinline__ void v3_gemv(const NF4Weight& w, const NF4GemvArgs& a
     for (int q = 0; q < kUnitsPerThread; ++q) {
       const int i = tid + q * WARPS * 32;
       if (i >= units) break;
-      const uint4 v = xu[q];
-      const uint32_t m4 = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu),
-                                   __vmaxu2(v.z & 0x7FFF7FFFu, v.w & 0x7FFF7FFFu));
-      const uint32_t m = max(m4 & 0xFFFFu, m4 >> 16);
+      const uint32_t m = bf16x8_max_abs_bits(xu[q]);
       if (m) atomicMax(&tok_max[i / units_row], m);
     }
     __syncthreads();

@@ -264,14 +264,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   for (int k = 0; k < kScaleBatch; ++k)
     if (tid + k * kV4ConsumerThreads < scale_units)
       scale_v[k] = __ldg(scales + tid + k * kV4ConsumerThreads);
-  if (tid < 256) {
-    // the level-pair table as v3's: entry e (256 bytes apart) = 32 copies of fp16x2
-    // (code[e >> 4], code[e & 15]), stored rotated by e so a store phase spreads over banks
-    const __half2 h = __floats2half2_rn(level_hi, level_lo);
-    const uint32_t v = *reinterpret_cast<const uint32_t*>(&h);
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-      v3_store16(table + (uint32_t)tid * 256u + 16u * ((j + tid) & 7), make_uint4(v, v, v, v));
+  if (tid < 256) {  // the level-pair table as v3's
+    v3_store_level_pair(table, tid, level_hi, level_lo);
     if (NESTED) code2_s[tid] = code2_v;
   }
   NF4_MARK(tid == 0, kTimelineExtra + 1);  // this thread's levels have arrived
@@ -344,9 +338,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       [&](int i, uint4 v) {
         v3_store16(x_area + (uint32_t)(i >> 3) * kV4XPiece + 16u * (i & 7), v);
         if (kBf16) {
-          const uint32_t m4 = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu),
-                                       __vmaxu2(v.z & 0x7FFF7FFFu, v.w & 0x7FFF7FFFu));
-          const uint32_t mx = max(m4 & 0xFFFFu, m4 >> 16);
+          const uint32_t mx = bf16x8_max_abs_bits(v);
           if (one_token) local_max = max(local_max, mx);
           else if (mx) atomicMax(&tok_max[(i >> 3) % M], mx);
         }
