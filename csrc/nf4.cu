@@ -383,7 +383,7 @@ bool nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
       else launch_one(Two{}, std::false_type{});
     }
   };
-  if (a.variant == 7) return nf4_gemv_v4(w, a, stream);
+  if (a.variant == 7) return nf4_gemv_v4(w, a, lr, stream);
   auto launch = [&](auto tag) {
     using T = decltype(tag);
     if (a.variant == 3) {

@@ -74,7 +74,8 @@ struct NF4GemvArgs {
   // makes the previous kernel's writes visible, so this is wrong for a weight written there.)
   bool weights_frozen;
   // v4 (variant 7, nf4_stream.cu): CTAs (one per SM at most) and ring stages, set by the plan;
-  // v4_allowed: the GPU has it (compute capability >= 9.0) and there is no low-rank term
+  // v4_allowed: the plan may choose v4 itself: the GPU has it (compute capability >= 9.0) and
+  // there is no low-rank term (v4 adds one, but only where forced: not measured yet)
   int v4_ctas;
   int v4_stages;
   bool v4_allowed;
@@ -117,7 +118,8 @@ bool nf4_gemv_v3_ok(const NF4Weight& w, const NF4GemvArgs& a);
 // takes the call (then a.v4_ctas / a.v4_stages are set).
 bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms);
 // False when the driver could not describe the weight to the copy engine (nothing launched).
-bool nf4_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream);
+bool nf4_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
+                 cudaStream_t stream);
 // Chooses a.variant and its launch shape for a.M, a.N, a.K on a device with `sms` SMs.
 void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms);
 bool nf4_gemv_needs_scratch(const NF4GemvArgs& a);

@@ -149,7 +149,7 @@ struct V4Maps {
 template <bool NESTED, typename T>
 __global__ void __launch_bounds__(kV4Threads, 1)
     nf4_gemv_v4_kernel(const NF4Weight w, const NF4GemvArgs a, const __grid_constant__ V4Maps maps,
-                       const int probe) {
+                       const NF4LowRank lr, const int probe) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // The table is addressed from a static array (its address folds into each lookup's LDS as
   // a constant; from the dynamic array's base ptxas added a register per lookup, run 127),
@@ -315,6 +315,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
 
   if (a.weights_frozen) gemv_wait_for_previous();  // x only after it
   NF4_MARK(tid == 0 && a.weights_frozen, kTimelineWaited);
+  if (lr.xa) lora_prefetch<T>(a, lr, row0, rows);  // xa: written by the kernel before
   const int g = lane >> 2, t = lane & 3;
   const uint32_t lane4 = (uint32_t)lane * 4u;
 
@@ -482,6 +483,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       v += sums[(wp * L.tmax + (r >> 4)) * 128 + (r & 15) * 8 + m];
     if (std::is_same<T, __nv_bfloat16>::value) v *= pow2f(-x_scale_shift(tok_max[m]));
     if (bias) v += to_f32(bias[row0 + r]);
+    // round(round(x Wᵀ + bias) + term), as v3 (add_low_rank's roundings)
+    if (lr.xa) v = to_f32(from_f32<T>(v)) + lora_term<T>(lr, m, row0 + r);
     y[m * a.y_stride + row0 + r] = from_f32<T>(v);
   }
   NF4_MARK(tid == 0, kTimelineEnd);
@@ -526,7 +529,8 @@ int v4_probe() {
 }
 
 template <bool NESTED, typename T>
-bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
+bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
+                    cudaStream_t stream) {
   const V4Layout L(a, w, a.v4_ctas);
   V4Maps maps;
   if (!encode_weight_map(&maps.m[0], a, w, L.tmax * 16)) return false;
@@ -535,8 +539,7 @@ bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t strea
   allow_dynamic_smem<nf4_gemv_v4_kernel<NESTED, T>>(kV4MaxSmem - kV4AnchorBytes);
   launch_kernel(nf4_gemv_v4_kernel<NESTED, T>, dim3((unsigned)a.v4_ctas), kV4Threads,
                 (size_t)(L.ring + (uint32_t)a.v4_stages * L.stage_bytes - kV4AnchorBytes), stream,
-                a.pdl, 1, w, a,
-                maps, v4_probe());
+                a.pdl, 1, w, a, maps, lr, v4_probe());
   return true;
 }
 
@@ -566,12 +569,13 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   return a.v4_stages >= 2;
 }
 
-bool nf4_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, cudaStream_t stream) {
+bool nf4_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
+                 cudaStream_t stream) {
   if (a.dtype == kBF16)
-    return w.nested ? launch_gemv_v4<true, __nv_bfloat16>(w, a, stream)
-                    : launch_gemv_v4<false, __nv_bfloat16>(w, a, stream);
-  return w.nested ? launch_gemv_v4<true, __half>(w, a, stream)
-                  : launch_gemv_v4<false, __half>(w, a, stream);
+    return w.nested ? launch_gemv_v4<true, __nv_bfloat16>(w, a, lr, stream)
+                    : launch_gemv_v4<false, __nv_bfloat16>(w, a, lr, stream);
+  return w.nested ? launch_gemv_v4<true, __half>(w, a, lr, stream)
+                  : launch_gemv_v4<false, __half>(w, a, lr, stream);
 }
 
 }  // namespace fastft

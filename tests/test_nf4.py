@@ -1602,7 +1602,8 @@ def test_fused_matmul_gpu_v4_where_wide_and_few_rows(monkeypatch):
     twice as wide as the input, at up to 4 rows, and the busiest CTA takes 7 or more 16-row
     tiles (4096 -> 14336), 4 or more at 3 or 4 rows (3072 -> 8192; runs 134-135); v3 otherwise
     (8 rows, a narrow output, a low-rank term, too few tiles per SM: 2048 -> 4096 has 2).
-    Forced, v4 runs where it fits even outside the rule. Every result against float64."""
+    Forced, v4 runs where it fits even outside the rule, and with a low-rank term (added in its
+    epilogue). Every result against float64."""
     impl = _plan_impl(monkeypatch, min_sms=100)
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("v4 needs compute capability 9.0")
@@ -1632,6 +1633,13 @@ def test_fused_matmul_gpu_v4_where_wide_and_few_rows(monkeypatch):
     st, bias, y, low = calls[0]
     assert kernels(lambda: impl.gemv(x, st, bias, y, low)) == "v4"
     _check_group(x, calls, refs, torch.bfloat16, ((2048, 1024), 2))
+    for dtype, rows in ((torch.bfloat16, 1), (torch.float16, 4)):
+        x, calls, refs = _group_case([(14336, 4096)], rows, dtype, True, 16, seed=5 + rows,
+                                     device="cuda")
+        st, bias, y, low = calls[0]
+        assert low is not None
+        assert kernels(lambda: impl.gemv(x, st, bias, y, low)) == "v4", (dtype, rows)
+        _check_group(x, calls, refs, dtype, ((14336, 4096), rows, "low rank"))
 
 
 @pytest.mark.gpu

@@ -518,8 +518,8 @@ class _CudaBackend:
 # GPU has it, compute capability >= 9.0: a call's CTAs start as the previous kernel's finish
 # and wait for it before touching global memory, which hides the launch).
 # v4: the weight streamed into shared memory by the copy engine (TMA), one CTA per SM (sm_90,
-# M <= 8 where x and 2 stages fit, no low-rank term: v3's plan takes the other calls); v3's
-# numerics.
+# M <= 8 where x and 2 stages fit: v3's plan takes the other calls; the automatic choice takes
+# it only without a low-rank term); v3's numerics.
 _GEMV_VARIANTS = {"": 0, "auto": 0, "v1": 1, "v2": 2, "v3": 3, "v3r": 5, "v3h": 6, "v4": 7}
 
 
