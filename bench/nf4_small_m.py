@@ -7,6 +7,8 @@ two builds in one device call: run it once per build, TAG naming the build.
 A kernel may carry v3's work split: "v3h:p4" forces 4 K parts per CTA (FASTFT_NF4_V3_KPARTS),
 "v3h:p8:s2" also 2 K splits across CTAs (FASTFT_NF4_V3_SPLITS); "auto:f" the default kernel with
 the weight frozen (fastft.ops.nf4.frozen_weights: its loads before the PDL wait, as generate).
+LORA=r adds a rank-r low-rank term (a LoRA adapter's scale * xa @ bᵀ, added by the kernel where
+it can), called through the CUDA backend's gemv as the fused LoRA layers call it.
 """
 import json
 import os
@@ -17,11 +19,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_nf4 import random_weight  # noqa: E402
 from common import time_ms, copy_bandwidth_gbps, use_nf4_kernel  # noqa: E402
-from fastft.ops.nf4 import nf4_matmul, nf4_dequantize  # noqa: E402
+from fastft.ops.nf4 import nf4_matmul, nf4_dequantize, resolve, _CudaBackend  # noqa: E402
 
 tag, out = sys.argv[1], sys.argv[2]
 kernels = os.environ.get("KERNELS", "auto").split(",")
 rows_list = [int(r) for r in os.environ.get("ROWS", "1,4,8,9,16").split(",")]
+rank = int(os.environ.get("LORA", "0"))
 # SHAPES: "in->out" pairs, e.g. 4096->1024 (Llama-3-8B's k / v projections), 4096->4096 (q / o)
 shapes = {}
 for text in os.environ.get("SHAPES", "4096->14336,14336->4096").split(","):
@@ -49,14 +52,24 @@ for shape, (o, i) in shapes.items():
         xs = [torch.randn(rows, i, device="cuda", dtype=torch.bfloat16)
               for _ in range(copies[shape])]
         want = xs[0].float() @ w32.t()
+        if rank:
+            xa = torch.randn(rows, rank, device="cuda", dtype=torch.bfloat16)
+            b = torch.randn(o, rank, device="cuda", dtype=torch.bfloat16) * 0.01
+            want = want + xa.float() @ b.float().t()
+            y = torch.empty(rows, o, device="cuda", dtype=torch.bfloat16)
+
+            def fn(x, p, s):
+                _CudaBackend.gemv(x, resolve(p, s), None, y, (xa, b, 1.0))
+                return y
+        else:
+            fn = lambda x, p, s: nf4_matmul(x, p, s, backend="cuda")  # noqa: E731
         for kernel in kernels:
             sets = [(x, p, s) for x, (p, s) in zip(xs, weights[shape])]
-            fn = lambda x, p, s: nf4_matmul(x, p, s, backend="cuda")  # noqa: E731
             with use_nf4_kernel(kernel):
                 err = ((fn(*sets[0]).float() - want).norm() / want.norm()).item()
                 assert err < 2e-2, f"{kernel} is wrong at M={rows} {shape}: relative error {err:.3g}"
                 ms = time_ms(fn, sets)
-            emit(shape=shape, M=rows, kernel=kernel, us=round(ms * 1e3, 2),
+            emit(shape=shape, M=rows, kernel=kernel, lora=rank, us=round(ms * 1e3, 2),
                  pct_copy=round(100 * (o * i / 2) / (ms * 1e-3) / (copy * 1e9), 1), err=err)
     del w32
 

@@ -5,7 +5,7 @@ x staging, no decode), 3 (everything but the weight copies: the decode of stale 
 copies, no decode: the prologue and epilogue), the weight frozen as in generate. Probes 1-3
 and 5 give wrong results by design: only times are reported.
 
-    python bench/nf4_v4_probe.py OUT.jsonl
+    [PROBES=0,5] python bench/nf4_v4_probe.py OUT.jsonl
 """
 import json
 import os
@@ -28,7 +28,7 @@ for text in os.environ.get("SHAPES", "4096->14336,14336->4096").split(","):
     for rows in rows_list:
         sets = [(torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16), p, s)
                 for p, s in weights]
-        for probe in (0, 1, 2, 3, 4, 5):
+        for probe in (int(v) for v in os.environ.get("PROBES", "0,1,2,3,4,5").split(",")):
             os.environ["FASTFT_NF4_V4_PROBE"] = str(probe)
             with use_nf4_kernel(os.environ.get("KERNEL", "v4:f")):
                 ms = time_ms(lambda x, p, s: nf4_matmul(x, p, s, backend="cuda"), sets)

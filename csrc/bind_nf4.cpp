@@ -182,9 +182,9 @@ GemvCall prepare_gemv(const at::Tensor& x, const at::Tensor& packed, const at::T
   a.y = y.data_ptr(); a.y_stride = y.stride(0);
   a.M = (int)M; a.N = (int)N; a.K = (int)K;
   a.dtype = dtype_tag(x);
-  // v4 needs sm_90 (tensor-map copies): v3's plan takes a forced v4 elsewhere. The plan picks
-  // v4 itself only without a low-rank term (v4's term is not measured yet; forced, it runs).
-  a.v4_allowed = major >= 9 && !lora_xa.has_value();
+  // v4 needs sm_90 (tensor-map copies): v3's plan takes a forced v4 elsewhere
+  a.v4_allowed = major >= 9;
+  a.v4_low_rank = lora_xa.has_value();
   a.variant = variant == 7 && major < 9 ? 3 : (int)variant;
   a.v3_splits = variant == 3 || variant >= 5 ? (int)v3_splits : 0;  // (5, 6: v3's decodes)
   a.v3_kparts = variant == 3 || variant >= 5 ? (int)v3_kparts : 0;
