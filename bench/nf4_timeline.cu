@@ -310,7 +310,6 @@ int main(int argc, char** argv) {
     a.x = x; a.x_stride = K; a.bias = nullptr; a.y = ys[c]; a.y_stride = N;
     a.M = M; a.N = N; a.K = K; a.dtype = kBF16;
     a.variant = variant; a.v3_kparts = kparts; a.v3_splits = 0; a.v4_allowed = true;
-    a.v4_low_rank = false;
     a.pdl = true; a.weights_frozen = frozen;
     nf4_gemv_plan(w, a, sms);
     // the call's number in the tag's serial bits (the timeline's index; a valid counter tag)

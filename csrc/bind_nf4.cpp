@@ -184,7 +184,6 @@ GemvCall prepare_gemv(const at::Tensor& x, const at::Tensor& packed, const at::T
   a.dtype = dtype_tag(x);
   // v4 needs sm_90 (tensor-map copies): v3's plan takes a forced v4 elsewhere
   a.v4_allowed = major >= 9;
-  a.v4_low_rank = lora_xa.has_value();
   a.variant = variant == 7 && major < 9 ? 3 : (int)variant;
   a.v3_splits = variant == 3 || variant >= 5 ? (int)v3_splits : 0;  // (5, 6: v3's decodes)
   a.v3_kparts = variant == 3 || variant >= 5 ? (int)v3_kparts : 0;

@@ -179,22 +179,18 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   if (a.variant == 0) {
     const bool wide = (int64_t)a.N >= 2 * (int64_t)a.K;
     const bool deep = (int64_t)a.K >= 2 * (int64_t)a.N;
-    // v4 at up to 4 rows (M = 8 does not fit it at 4096 -> 14336), H200, frozen:
-    // - without a low-rank term where the output is wide and the busiest CTA takes 7 or more
-    //   tiles, 4 or more at M = 3, 4 (runs 134-135: 4096 -> 14336, 7 tiles, 11-22% faster than
-    //   v3h at M = 1, 2, 4; 3072 -> 8192, 4 tiles: 2-7% slower at M = 1, level at M = 2, 7-10%
-    //   faster at M = 4);
-    // - with one (a LoRA adapter's, rank 16) where the output is at least as wide as the input
-    //   and the busiest CTA takes 2 or more tiles: v4 adds the term in its epilogue at ~no cost,
-    //   v3's cost it 2-4 us (run 139, M = 1 / 2 / 4: 4096 -> 14336 16.3 / 16.6 / 17.2 us vs
-    //   v3h's 20.0 / 22.5 / 24.8; 3072 -> 8192 11.2 / 11.7 / 12.0 vs 12.3 / 14.5 / 16.0;
-    //   4096 -> 4096 10.2 / 10.4 / 11.1 vs v1's 10.7 / 10.7 / 11.5; 14336 -> 4096 was 6% slower
-    //   than v3 at M = 1 and 4);
+    // v4 at up to 4 rows (M = 8 does not fit it at 4096 -> 14336) where the output is at least
+    // as wide as the input, the input has 3072 or more features and the busiest CTA takes 2 or
+    // more tiles: what was measured (H200, frozen, M = 1 / 2 / 4; run 142, after v4's scale
+    // decode was made straight-line): 4096 -> 14336 14.4 / 14.9 / 15.5 us vs v3h's 17.7 / 18.8
+    // / 20.8 (run 136); 3072 -> 8192 9.3 / 9.8 / 10.0 vs v3h's 10.1 / 11.3 / 11.5 (auto then);
+    // 4096 -> 4096 8.2 / 8.3 / 9.2 vs v1's 10.1 / 10.3 / 10.9. With a LoRA term (rank 16) v4
+    // adds it in its epilogue at ~no cost where v3's cost 2-4 us (run 139). 14336 -> 4096
+    // stays v3 (level or faster at M = 1 and 4), and so do inputs under 3072 features (not
+    // measured; 1024 -> 2048, one tile per CTA, was 37% slower with v4 in run 140).
     // v3h elsewhere where the output is wide.
-    const bool v4_shape = a.v4_low_rank ? a.N >= a.K : wide;
-    const int64_t v4_min_tiles = a.v4_low_rank ? 2 : a.M >= 3 ? 4 : 7;
-    if (v4_shape && a.M <= 4 && a.v4_allowed && nf4_gemv_v4_plan(w, a, sms) &&
-        ((int64_t)a.N + 15) / 16 > (v4_min_tiles - 1) * (int64_t)a.v4_ctas) {
+    if (a.N >= a.K && a.K >= 3072 && a.M <= 4 && a.v4_allowed && nf4_gemv_v4_plan(w, a, sms) &&
+        ((int64_t)a.N + 15) / 16 > (int64_t)a.v4_ctas) {
       a.variant = 7;
       return;
     }

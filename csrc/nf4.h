@@ -74,12 +74,10 @@ struct NF4GemvArgs {
   // makes the previous kernel's writes visible, so this is wrong for a weight written there.)
   bool weights_frozen;
   // v4 (variant 7, nf4_stream.cu): CTAs (one per SM at most) and ring stages, set by the plan;
-  // v4_allowed: the plan may choose v4 itself (the GPU has it: compute capability >= 9.0);
-  // v4_low_rank: the call adds a low-rank term (the plan's v4 rule differs then)
+  // v4_allowed: the plan may choose v4 itself (the GPU has it: compute capability >= 9.0)
   int v4_ctas;
   int v4_stages;
   bool v4_allowed;
-  bool v4_low_rank;
 };
 // Optional for nf4_gemv: a low-rank term added to y, as a LoRA adapter adds it
 // (y += scale * xa bᵀ): xa [M, rank] = x Aᵀ and b [N, rank], both in x's dtype, rows 16-byte

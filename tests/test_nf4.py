@@ -1599,12 +1599,11 @@ def test_fused_matmul_gpu_16_warp_ctas_in_one_wave_only(monkeypatch):
 @pytest.mark.gpu
 def test_fused_matmul_gpu_v4_where_wide_and_few_rows(monkeypatch):
     """The plan's v4 rule (nf4.cu, auto), at up to 4 rows: the copy-engine kernel where the
-    output is at least twice as wide as the input and the busiest CTA takes 7 or more 16-row
-    tiles (4096 -> 14336), 4 or more at 3 or 4 rows (3072 -> 8192; runs 134-135); with a
-    low-rank term (added in v4's epilogue) where the output is at least as wide as the input and
-    the busiest CTA takes 2 or more tiles (4096 -> 4096; run 139); v3 otherwise (8 rows, a
-    narrow output, too few tiles per SM: 2048 -> 4096 has 2, 1024 -> 2048 with a term 1).
-    Forced, v4 runs where it fits even outside the rule. Every result against float64."""
+    output is at least as wide as the input, the input has 3072 or more features and the
+    busiest CTA takes 2 or more 16-row tiles (4096 -> 14336, 3072 -> 8192, 4096 -> 4096; with a
+    low-rank term too, added in v4's epilogue); v3 otherwise (8 rows, a narrower output, fewer
+    input features: 2048 -> 4096, one tile per CTA: 1024 -> 2048). Forced, v4 runs where it
+    fits even outside the rule. Every result against float64."""
     impl = _plan_impl(monkeypatch, min_sms=100)
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("v4 needs compute capability 9.0")
@@ -1622,8 +1621,9 @@ def test_fused_matmul_gpu_v4_where_wide_and_few_rows(monkeypatch):
                                         ((4096, 14336), 1, True, "v3"),
                                         ((2048, 1024), 4, True, "v3"),
                                         ((4096, 14336), 1, False, "v3"),
-                                        ((8192, 3072), 1, False, "v3"),
+                                        ((8192, 3072), 1, False, "v4"),
                                         ((8192, 3072), 4, False, "v4"),
+                                        ((4096, 4096), 2, False, "v4"),
                                         ((4096, 2048), 4, False, "v3"),
                                         ((2048, 1024), 2, False, "v3")):
         x, calls, refs = _group_case([shape], rows, torch.bfloat16, True, 16 if low_rank else 0,

@@ -21,11 +21,10 @@ nf4_dequantize rounds it, so they differ from dequantise + matmul only in the fl
 summation order). CUDA's v2 and v3 (in_features % 64 == 0, blocksize >= 64) multiply by the NF4
 levels rounded to fp16 and apply each block's float32 scale to the float32 sums, i.e. W to
 2^-11 per level; v3 spends ~2 instructions per packed byte; v4 (sm_90) has the same numerics
-and streams the weight into shared memory with the copy engine. The CUDA backend picks v4 at
-M <= 4 where the output is at least twice as wide as the input and the busiest SM gets 7 or
-more 16-row tiles, 4 or more at M = 3, 4 (e.g. Llama-3-8B's gate / up as single calls), or,
-with a LoRA term (which v4 adds in its epilogue), where the output is at least as wide as the
-input and the busiest SM gets 2 or more tiles; else v3h (v3 with half of
+and streams the weight into shared memory with the copy engine (it also adds a LoRA term in
+its epilogue). The CUDA backend picks v4 at M <= 4 where the output is at least as wide as the
+input, the input has 3072 or more features and the busiest SM gets 2 or more 16-row tiles
+(e.g. Llama-3-8B's q / o, and gate / up as single calls); else v3h (v3 with half of
 the level lookups done in registers instead of shared memory: the same results) where the
 output is that wide, v3 at M <= 8 where it is at most half as wide (faster than v1 there on
 the H200), v1 elsewhere; FASTFT_NF4_GEMV forces one (see
