@@ -1597,7 +1597,7 @@ def test_fused_matmul_gpu_16_warp_ctas_in_one_wave_only(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_fused_matmul_gpu_v4_where_wide_and_few_rows(monkeypatch):
+def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
     """The plan's v4 rule (nf4.cu, auto), at up to 4 rows: the copy-engine kernel where the
     output is at least as wide as the input, the input has 3072 or more features and the
     busiest CTA takes 2 or more 16-row tiles (4096 -> 14336, 3072 -> 8192, 4096 -> 4096; with a
