@@ -41,7 +41,7 @@ struct NF4GemvArgs {
   int M, N, K;
   int dtype;
   // In: the requested kernel (1, 2, 3, 5 / 6: v3 with v3_decode 1 / 2, or 7: v4; 0 = the
-  // plan's choice: v3 for wide outputs); the
+  // plan's choice: v4 or v3, see nf4_gemv_plan); the
   // plan takes v2 / v3 where they apply (see nf4_gemv_v2_ok / nf4_gemv_v3_ok), v1 otherwise.
   // Out: the kernel that runs.
   int variant;

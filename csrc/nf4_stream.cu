@@ -20,9 +20,9 @@
 // tiles at a time: its x fragment is read once per window and serves every tile. The scales
 // of the CTA's rows are loaded once, at the start, and decoded into shared memory as float32;
 // x is staged after the PDL wait. At the end the warps' sums are added in shared memory in
-// warp order (deterministic). Measured (runs 135-137, 4096 -> 14336): the decode loop runs at
-// ~93% of the copy rate; the prologue (~5.5 us per CTA: the scales' loaded-DRAM round trip,
-// then x's) is what a call spends besides.
+// warp order (deterministic). Measured (run 142, 4096 -> 14336, M = 1): the decode loop runs
+// at ~93% of the copy rate (~7.9 us); the prologue (~3.3 us per CTA: the levels and scales,
+// their decode, then x) and the epilogue (~1 us) are what a call spends besides.
 //
 // Numerics as v3 (see nf4_kernels.cuh): fp16 levels from the same level-pair table (byte ->
 // fp16x2, 32 copies, entries 256 bytes apart), fp16 mma, the step's float32 scale applied to
