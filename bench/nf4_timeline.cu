@@ -331,7 +331,8 @@ int main(int argc, char** argv) {
                  a0.variant);
     return 3;
   }
-  const int ctas = v4 ? a0.v4_ctas : (int)nf4_gemv_counters(a0) * a0.v3_splits;
+  const int ctas = v4 ? a0.v4_ctas * std::max(1, (int)a0.v4_kparts)
+                     : (int)nf4_gemv_counters(a0) * a0.v3_splits;
 
   cudaGraphExec_t exec;
   const float us_nf4 = time_graph(stream, calls, [&] {

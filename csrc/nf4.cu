@@ -159,10 +159,10 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
     a.variant = 3;
   }
   a.split = a.per_split = a.v2_blocks = a.v2_steps = a.v3_steps = a.v3_splits = a.v3_kparts = 0;
-  a.v4_ctas = a.v4_stages = 0;
+  a.v4_ctas = a.v4_stages = a.v4_split = a.v4_kparts = 0;
   if (a.variant == 7) {
     if (nf4_gemv_v4_plan(w, a, sms)) return;
-    a.v4_ctas = a.v4_stages = 0;
+    a.v4_ctas = a.v4_stages = a.v4_split = a.v4_kparts = 0;
     a.variant = 3;  // where v4 does not apply: v3's plan (v1 where that does not apply either)
   }
   // Automatic choice (variant 0), from the H200: v3 was faster than v1 at every M where the
@@ -179,22 +179,33 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   if (a.variant == 0) {
     const bool wide = (int64_t)a.N >= 2 * (int64_t)a.K;
     const bool deep = (int64_t)a.K >= 2 * (int64_t)a.N;
-    // v4 at up to 4 rows (M = 8 does not fit it at 4096 -> 14336) where the output is at least
-    // as wide as the input, the input has 3072 or more features and the busiest CTA takes 2 or
-    // more tiles: what was measured (H200, frozen, M = 1 / 2 / 4; run 142, after v4's scale
-    // decode was made straight-line): 4096 -> 14336 14.4 / 14.9 / 15.5 us vs v3h's 17.7 / 18.8
-    // / 20.8 (run 136); 3072 -> 8192 9.3 / 9.8 / 10.0 vs v3h's 10.1 / 11.3 / 11.5 (auto then);
-    // 4096 -> 4096 8.2 / 8.3 / 9.2 vs v1's 10.1 / 10.3 / 10.9. With a LoRA term (rank 16) v4
-    // adds it in its epilogue at ~no cost where v3's cost 2-4 us (run 139). 14336 -> 4096
-    // stays v3 (level or faster at M = 1 and 4), and so do inputs under 3072 features (not
+    // v4 at up to 8 rows where the output is at least as wide as the input, the input has
+    // 3072 or more features and the busiest CTA takes 2 or more tiles: what was measured
+    // (H200, frozen; run 142, after v4's scale decode was made straight-line, M = 1 / 2 / 4):
+    // 4096 -> 14336 14.4 / 14.9 / 15.5 us vs v3h's 17.7 / 18.8 / 20.8 (run 136); 3072 -> 8192
+    // 9.3 / 9.8 / 10.0 vs v3h's 10.1 / 11.3 / 11.5 (auto then); 4096 -> 4096 8.2 / 8.3 / 9.2 vs
+    // v1's 10.1 / 10.3 / 10.9. Run 144, M = 5 / 6 / 8: 4096 -> 14336 15.8 / 17.2 / 17.6 vs v3h's
+    // 22.3 / 22.5 / 23.1 (at 6 and 8 two warps per step: x leaves room for no other ring);
+    // 3072 -> 8192 10.6 / 10.8 / 10.8 vs 13.4 / 15.6 / 15.9; 4096 -> 4096 9.7 / 10.0 / 10.3 vs
+    // v1's 11.4 / 11.6 / 12.1. With a LoRA term (rank 16) v4 adds it in its epilogue at ~no
+    // cost where v3's cost 2-4 us (run 139). Inputs under 3072 features stay v3 (not
     // measured; 1024 -> 2048, one tile per CTA, was 37% slower with v4 in run 140).
-    // v3h elsewhere where the output is wide.
-    if (a.N >= a.K && a.K >= 3072 && a.M <= 4 && a.v4_allowed && nf4_gemv_v4_plan(w, a, sms) &&
-        ((int64_t)a.N + 15) / 16 > (int64_t)a.v4_ctas) {
+    // Where the output is narrower than the input, v4 at 2..5 rows (one K part at 2, two at 3..5
+    // where x fits them: nf4_gemv_v4_plan), and at 1 row where the input has at most 9216
+    // features (H200, frozen, runs 146-147; v4 vs v3 at M = 1 / 2 / 3 / 4 / 5, us):
+    //   14336 -> 4096  18.4 / 18.3 / 19.3 / 19.5 / 20.9 vs 17.5 / 19.6 / 22.0 / 22.9 / 24.4
+    //    8192 -> 3072  11.3 / 11.9 / 13.1 / 13.0 / 13.3 vs 12.1 / 13.5 / 14.3 / 15.5 / 17.5
+    //    8192 -> 2048   9.6 / 10.2 / 11.1 / 11.3 / 11.8 vs 13.1 / 13.5 / 15.2 / 16.9 / 13.3
+    //    9216 -> 2304  12.2 / 12.9 / 13.6 / 13.6 / 14.3 vs 12.2 / 13.6 / 14.9 / 14.8 / 15.8
+    // (v4 with one tile per CTA included: 8192 -> 2048). v3h elsewhere where the output is wide.
+    const bool v4_wide = a.N >= a.K && a.M <= 8;
+    const bool v4_deep = a.N < a.K && a.M <= 5 && (a.M >= 2 || a.K <= 9216);
+    if ((v4_wide || v4_deep) && a.K >= 3072 && a.v4_allowed && nf4_gemv_v4_plan(w, a, sms) &&
+        (v4_deep || ((int64_t)a.N + 15) / 16 > (int64_t)a.v4_ctas)) {
       a.variant = 7;
       return;
     }
-    a.v4_ctas = a.v4_stages = 0;
+    a.v4_ctas = a.v4_stages = a.v4_split = a.v4_kparts = 0;
     a.variant = wide || (deep && a.M <= 8) ? 3 : 1;
     a.v3_decode = wide ? 2 : 0;
   }

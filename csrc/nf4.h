@@ -73,11 +73,16 @@ struct NF4GemvArgs {
   // before waiting for the previous kernel, overlapping that kernel's tail. (The wait is what
   // makes the previous kernel's writes visible, so this is wrong for a weight written there.)
   bool weights_frozen;
-  // v4 (variant 7, nf4_stream.cu): CTAs (one per SM at most) and ring stages, set by the plan;
-  // v4_allowed: the plan may choose v4 itself (the GPU has it: compute capability >= 9.0)
+  // v4 (variant 7, nf4_stream.cu), set by the plan: CTAs per K part (one per SM at most), ring
+  // stages, warps per step (1 or 2: a stage of 1024 or 512 values per row) and K parts (1 or
+  // 2: clusters of two CTAs, each with half of K); v4_allowed: the plan may choose v4 itself
+  // (the GPU has it: compute capability >= 9.0). (v4_split and v4_kparts lie in the padding
+  // after v4_allowed: the other kernels' parameters keep their places.)
   int v4_ctas;
   int v4_stages;
   bool v4_allowed;
+  unsigned char v4_split;
+  unsigned char v4_kparts;
 };
 // Optional for nf4_gemv: a low-rank term added to y, as a LoRA adapter adds it
 // (y += scale * xa bᵀ): xa [M, rank] = x Aᵀ and b [N, rank], both in x's dtype, rows 16-byte
@@ -114,7 +119,7 @@ bool nf4_gemv_v2_ok(const NF4Weight& w, const NF4GemvArgs& a);
 bool nf4_gemv_v3_ok(const NF4Weight& w, const NF4GemvArgs& a);
 // v4 (nf4_stream.cu, compute capability >= 9.0): the weight streamed into a ring of
 // shared-memory stages by cp.async.bulk, one CTA per SM, M <= 8. nf4_gemv_v4_plan: whether it
-// takes the call (then a.v4_ctas / a.v4_stages are set).
+// takes the call (then a.v4_ctas / a.v4_stages / a.v4_split / a.v4_kparts are set).
 bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms);
 // False when the driver could not describe the weight to the copy engine (nothing launched).
 bool nf4_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,

@@ -42,9 +42,9 @@ namespace {
 constexpr int kV4Consumers = 16;  // decoding warps (one step of each window each); then the copy warp
 constexpr int kV4Threads = (kV4Consumers + 1) * 32;
 constexpr int kV4ConsumerThreads = kV4Consumers * 32;
-constexpr int kV4Window = kV4Consumers * kV3Step;  // values per row of a stage: 1024
-constexpr int kV4WindowBytes = kV4Window / 2;      // four 128-byte boxes
-constexpr int kV4Boxes = kV4WindowBytes / 128;
+// Values per row of a stage: 1024 (four 128-byte boxes), or 512 where the CTA's tiles are
+// split between two warps per step ("split" 2: half the stage, for rings that need the room).
+__host__ __device__ constexpr int v4_window(int split) { return kV4Consumers * kV3Step / split; }
 constexpr int kV4AnchorBytes = 128;  // the static part of the shared memory (see the kernel)
 constexpr int kV4MaxTiles = 8, kV4MaxStages = 32;
 constexpr int kV4MaxSmem = 227 * 1024;  // an sm_90 CTA's most shared memory (static + dynamic)
@@ -54,22 +54,34 @@ constexpr int kV4TableSpan = 256 * 256;
 constexpr int kV4Misc = 2048;   // code2 [256], tok_max [16], the barriers
 
 // Where everything lies in the dynamic shared memory (computed alike on the host and the GPU).
+// kparts: the K parts of a row group (1, or 2: a cluster of two CTAs, each with its half of the
+// windows, the second adding its sums into the first's shared memory); groups: CTAs per part.
 struct V4Layout {
   int KB;          // steps (of 64 values) per row
   int KS;          // scales per row (K >> bs_log2)
+  int part_windows;  // windows of the first K part (the most any part takes)
+  int KBc;         // steps of the first K part (the most any CTA stages)
   int tmax;        // the most tiles a CTA takes
-  uint32_t x_area, a2_area, ring, stage_bytes;
-  __host__ __device__ V4Layout(const NF4GemvArgs& a, const NF4Weight& w, int ctas) {
+  uint32_t x_area, a2_area, sums_in, ring, stage_bytes;
+  __host__ __device__ V4Layout(const NF4GemvArgs& a, const NF4Weight& w, int groups, int split,
+                               int kparts) {
     KB = a.K / kV3Step;
     KS = a.K >> w.bs_log2;
-    tmax = ((a.N + 15) / 16 + ctas - 1) / ctas;
+    const int window_steps = v4_window(split) / kV3Step;
+    part_windows = kparts == 1 ? 0 : ((KB + window_steps - 1) / window_steps + kparts - 1) / kparts;
+    KBc = kparts == 1 ? KB : min(KB, part_windows * window_steps);
+    tmax = ((a.N + 15) / 16 + groups - 1) / groups;
     auto up = [](int64_t v, int64_t to) { return (uint32_t)((v + to - 1) / to * to); };
     x_area = kV4TableSpan + kV4Misc;
-    a2_area = x_area + up((int64_t)KB * a.M * kV4XPiece, 128);
+    a2_area = x_area + up((int64_t)KBc * a.M * kV4XPiece, 128);
     // nested: the absmax2 entries of the CTA's scales (see the kernel), with room to spare
     const int64_t a2_bytes = w.nested ? 4 * ((((int64_t)tmax * 16 * KS) >> w.bs2_log2) + 8) : 0;
-    ring = up(a2_area + a2_bytes, 1024);  // the 128-byte swizzle's 1 KB alignment
-    stage_bytes = (uint32_t)(tmax * 16 * kV4WindowBytes);
+    // kparts 2: the second part's sums [row][token] (float32), written by that CTA
+    sums_in = kparts == 1 ? 0 : up(a2_area + a2_bytes, 16);
+    const int64_t sums_in_bytes = (int64_t)tmax * 16 * a.M * 4;
+    // the 128-byte swizzle's 1 KB alignment
+    ring = kparts == 1 ? up(a2_area + a2_bytes, 1024) : up(sums_in + sums_in_bytes, 1024);
+    stage_bytes = (uint32_t)(tmax * 16 * (v4_window(split) / 2));
   }
 };
 
@@ -139,6 +151,12 @@ __device__ __forceinline__ void staged_units(int tid, int count, Load load, Stor
 __device__ __forceinline__ void consumers_sync() {
   asm volatile("bar.sync 1, %0;\n" ::"n"(kV4ConsumerThreads) : "memory");
 }
+// The address in the cluster's shared memory of the CTA `rank`'s copy of local address `addr`
+__device__ __forceinline__ uint32_t cluster_addr(uint32_t addr, unsigned rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+  return r;
+}
 #endif
 
 // maps[0]: boxes of tmax * 16 rows, maps[1]: of (tmax - 1) * 16 rows (CTAs with one tile less)
@@ -146,7 +164,7 @@ struct V4Maps {
   CUtensorMap m[2];
 };
 
-template <bool NESTED, typename T>
+template <bool NESTED, typename T, int SPLIT, int KPARTS>
 __global__ void __launch_bounds__(kV4Threads, 1)
     nf4_gemv_v4_kernel(const NF4Weight w, const NF4GemvArgs a, const __grid_constant__ V4Maps maps,
                        const NF4LowRank lr, const int probe) {
@@ -159,13 +177,21 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   if (smem_addr(dynamic_smem) != smem_addr(smem) + kV4AnchorBytes) __trap();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int N = a.N, K = a.K, M = a.M;
-  const V4Layout L(a, w, (int)gridDim.x);
+  const V4Layout L(a, w, (int)gridDim.x, SPLIT, KPARTS);
+  constexpr int kWindow = v4_window(SPLIT), kWindowBytes = kWindow / 2;
+  constexpr int kBoxes = kWindowBytes / 128, kSteps = kWindow / kV3Step;  // per window
+  // grid (row groups, K parts): the row group's tiles, this part's windows [w_begin, w_end)
   const int tiles_total = (N + 15) / 16, G = (int)gridDim.x;
   const int tile0 = (int)((int64_t)blockIdx.x * tiles_total / G);
   const int tiles = (int)((int64_t)(blockIdx.x + 1) * tiles_total / G) - tile0;
   const int row0 = tile0 * 16;
   const int rows = min(N - row0, tiles * 16);  // rows of the weight in this CTA
-  const int windows = (K + kV4Window - 1) / kV4Window;
+  const int part = KPARTS == 1 ? 0 : (int)blockIdx.y;
+  const int w_begin = part * L.part_windows;
+  const int windows = KPARTS == 1 ? (K + kWindow - 1) / kWindow
+                                  : min(L.part_windows, (K + kWindow - 1) / kWindow - w_begin);
+  const int step0 = w_begin * kSteps;                          // the part's first step
+  const int steps = KPARTS == 1 ? L.KB : min(L.KB - step0, L.part_windows * kSteps);
   const int S = a.v4_stages;
   const uint32_t box_bytes = (uint32_t)tiles * 16u * 128u;  // one box; a stage holds kV4Boxes
 
@@ -175,6 +201,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   const uint32_t full0 = smem_addr(tok_max + 16);  // full[s] at full0 + 8 s
   const uint32_t empty0 = full0 + 8 * kV4MaxStages;
   const uint32_t x_staged = empty0 + 8 * kV4MaxStages;  // the consumers' x is in place
+  const uint32_t sums_in_full = x_staged + 8;  // (K parts) the second part's sums have arrived
   const uint32_t x_area = table + L.x_area;
   const uint32_t ring = table + L.ring;
 
@@ -187,9 +214,13 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       mbar_init(empty0 + 8 * s, kV4Consumers);
     }
     mbar_init(x_staged, kV4Consumers);
+    if (KPARTS > 1) mbar_init(sums_in_full, kV4Consumers);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+  // K parts: every thread arrives here, once this CTA's barriers exist, and waits (long since
+  // complete) before it leaves: the second part's before it arrives on the first part's barrier
+  if (KPARTS > 1) asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
   NF4_MARK(tid == 0, kTimelineExtra + 0);  // every warp has started
 
   if (warp == kV4Consumers) {
@@ -213,11 +244,13 @@ __global__ void __launch_bounds__(kV4Threads, 1)
           mbar_arrive(bar);
           continue;
         }
-        mbar_expect_tx(bar, kV4Boxes * box_bytes);
-        for (int k = 0; k < kV4Boxes; ++k)
-          box_copy(dst + k * box_bytes, map, j * kV4WindowBytes + 128 * k, row0, bar);
+        mbar_expect_tx(bar, kBoxes * box_bytes);
+        for (int k = 0; k < kBoxes; ++k)
+          box_copy(dst + k * box_bytes, map, (w_begin + j) * kWindowBytes + 128 * k, row0, bar);
       }
     }
+    __syncwarp();
+    if (KPARTS > 1) asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
     return;
   }
 
@@ -230,6 +263,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       __syncwarp();
       if (lane == 0) mbar_arrive(empty0 + 8 * (j % S));
     }
+    if (KPARTS > 1) asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
     return;
   }
   // The prologue, in as few global round trips as possible (run 132: the prologue and
@@ -247,9 +281,19 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       NESTED ? (int)(((blk0 + (int64_t)rows * L.KS - 1) >> w.bs2_log2) + 1 - a2_first) : 0;
   const int blk_rel0 = NESTED ? (int)(blk0 - (a2_first << w.bs2_log2)) : 0;
   const int units_row = L.KS / kScalesPerUnit;  // a row's scales in 16-byte units
-  const int scale_units = rows * units_row;
+  const int steps_log2 = w.bs_log2 - 6;  // steps (of 64 values) per quantisation block
+  // this K part's scales of a row: blocks from blk_part0, units_part 16-byte units from
+  // unit_part0 (the plan checks that they are whole units)
+  const int blk_part0 = KPARTS == 1 ? 0 : step0 >> steps_log2;
+  const int units_part = KPARTS == 1 ? units_row : (steps >> steps_log2) / kScalesPerUnit;
+  const int unit_part0 = KPARTS == 1 ? 0 : blk_part0 / kScalesPerUnit;
+  const int scale_units = rows * units_part;
   const uint4* scales = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(w.absmax) +
                                                        blk0 * kScaleBytes);
+  auto scale_unit = [&](int i) {  // unit i of the CTA's scales (row i / units_part)
+    return KPARTS == 1 ? scales + i
+                       : scales + (i / units_part) * units_row + unit_part0 + i % units_part;
+  };
   float* a2_s = reinterpret_cast<float*>(smem + L.a2_area);
   float level_hi = 0.f, level_lo = 0.f, code2_v = 0.f, a2_v = 0.f;
   const float offset = NESTED ? __ldg(w.offset) : 0.f;
@@ -263,7 +307,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
 #pragma unroll
   for (int k = 0; k < kScaleBatch; ++k)
     if (tid + k * kV4ConsumerThreads < scale_units)
-      scale_v[k] = __ldg(scales + tid + k * kV4ConsumerThreads);
+      scale_v[k] = __ldg(scale_unit(tid + k * kV4ConsumerThreads));
   if (tid < 256) {  // the level-pair table as v3's
     v3_store_level_pair(table, tid, level_hi, level_lo);
     if (NESTED) code2_s[tid] = code2_v;
@@ -282,17 +326,16 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // 256-byte entry): row r's step b at hole r * holes_row + b / 32, word (b + r) % 32, so the
   // 16 rows a window's lanes read fall in 16 banks, and the window loop reads one word per
   // scale (a nested scale costs 3 lookups and an absmax2 index).
-  const int holes_row = (L.KB + 31) / 32;
+  const int holes_row = (L.KBc + 31) / 32;
   auto hole_word = [&](int r, int b) -> uint32_t {
     return (uint32_t)((r * holes_row + (b >> 5)) * 256 + 128 + 4 * ((b + r) & 31));
   };
-  const int steps_log2 = w.bs_log2 - 6;  // steps (of 64 values) per quantisation block
   // Every scale of the unit first, then the stores: the compiler cannot tell the stores from
   // code2_s / a2_s, so a load after a store waits for it; and the common blocksize (64: one
   // step per scale) takes straight-line stores. (A loop per scale made this ~2.2 us of the
   // prologue at 4096 -> 14336, run 141: ~1000 instructions per unit.)
-  auto scales_to_holes = [&](int i, uint4 v) {  // unit i: row i / units_row's 16 bytes
-    const int r = i / units_row, bs0 = (i - r * units_row) * kScalesPerUnit;
+  auto scales_to_holes = [&](int i, uint4 v) {  // unit i: row i / units_part's 16 bytes
+    const int r = i / units_part, bs0 = (i - r * units_part) * kScalesPerUnit;
     const uint32_t words[4] = {v.x, v.y, v.z, v.w};
     float sc[kScalesPerUnit];
 #pragma unroll
@@ -300,7 +343,9 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       if (NESTED) {
         const int q = (words[k >> 2] >> (8 * (k & 3))) & 0xFF;
         sc[k] = __fadd_rn(
-            __fmul_rn(code2_s[q], a2_s[(blk_rel0 + r * L.KS + bs0 + k) >> w.bs2_log2]), offset);
+            __fmul_rn(code2_s[q],
+                      a2_s[(blk_rel0 + r * L.KS + blk_part0 + bs0 + k) >> w.bs2_log2]),
+            offset);
       } else {
         sc[k] = __uint_as_float(words[k]);
       }
@@ -324,12 +369,13 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     if (tid + k * kV4ConsumerThreads < scale_units)
       scales_to_holes(tid + k * kV4ConsumerThreads, scale_v[k]);
   for (int i = tid + kScaleBatch * kV4ConsumerThreads; i < scale_units; i += kV4ConsumerThreads)
-    scales_to_holes(i, __ldg(scales + i));
+    scales_to_holes(i, __ldg(scale_unit(i)));
   NF4_MARK(tid == 0, kTimelineTable);
 
   if (a.weights_frozen) gemv_wait_for_previous();  // x only after it
   NF4_MARK(tid == 0 && a.weights_frozen, kTimelineWaited);
-  if (lr.xa) lora_prefetch<T>(a, lr, row0, rows);  // xa: written by the kernel before
+  // (xa: written by the kernel before; the first K part adds the term)
+  if (lr.xa && part == 0) lora_prefetch<T>(a, lr, row0, rows);
   const int g = lane >> 2, t = lane & 3;
   const uint32_t lane4 = (uint32_t)lane * 4u;
 
@@ -339,7 +385,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // then one shared atomic per 8 lanes (per-unit atomics on a few words serialise: ~3.5 ns
   // each, run 125); other M take one atomic per unit.
   const T* x = static_cast<const T*>(a.x);
-  const int units = L.KB * M * 8;  // 16-byte units of x: piece i >> 3, unit i & 7
+  const int units = steps * M * 8;  // 16-byte units of x: piece i >> 3, unit i & 7
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
   const bool one_token = (kV4ConsumerThreads / 8) % M == 0;
   uint32_t local_max = 0u;
@@ -348,7 +394,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       tid, units,
       [&](int i) {
         const int piece = i >> 3, b = piece / M, m = piece - b * M;
-        return *reinterpret_cast<const uint4*>(x + m * a.x_stride + b * kV3Step + 8 * (i & 7));
+        return *reinterpret_cast<const uint4*>(x + m * a.x_stride + (step0 + b) * kV3Step +
+                                               8 * (i & 7));
       },
       [&](int i, uint4 v) {
         v3_store16(x_area + (uint32_t)(i >> 3) * kV4XPiece + 16u * (i & 7), v);
@@ -375,18 +422,24 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   consumers_sync();  // the table, the scales' holes and x complete
   if (lane == 0) mbar_arrive(x_staged);
   NF4_MARK(tid == 0, kTimelineStaged);
-  // This lane's scales in a window: row lane & 15 of tiles (lane >> 4) + 2 i, the warp's step
+  // The warp's step of each window (wstep) and its tiles: the CTA's tiles tfirst + SPLIT i,
+  // i < my_tiles (all of them with SPLIT 1).
+  constexpr int kMyMaxTiles = kV4MaxTiles / SPLIT;
+  const int wstep = SPLIT == 1 ? warp : warp % kSteps, tfirst = SPLIT == 1 ? 0 : warp / kSteps;
+  const int my_tiles = (tiles - tfirst + SPLIT - 1) / SPLIT;
+  // This lane's scales in a window: row lane & 15 of its tile (lane >> 4) + 2 i, wstep
   const int srow = lane & 15, stile = lane >> 4;
 
   const bool has_token = g < M;
-  float acc[kV4MaxTiles][4];
+  float acc[kMyMaxTiles][4];
 #pragma unroll
-  for (int i = 0; i < kV4MaxTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  // this lane's 8 bytes of step `warp` in a row r of a stage: box warp / 4, then the 128-byte
-  // swizzle (16-byte chunk c of row r at chunk c ^ (r & 7); here r & 7 = g)
-  const uint32_t lane_at = (uint32_t)(warp >> 2) * box_bytes +
-                           ((((uint32_t)(2 * (warp & 3) + (t >> 1))) ^ (uint32_t)g) << 4) +
-                           8u * (t & 1) + (uint32_t)g * 128u;
+  for (int i = 0; i < kMyMaxTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  // this lane's 8 bytes of step wstep in a row r of a stage: box wstep / 4, then the 128-byte
+  // swizzle (16-byte chunk c of row r at chunk c ^ (r & 7); here r & 7 = g), from the warp's
+  // first tile
+  const uint32_t lane_at = (uint32_t)(wstep >> 2) * box_bytes +
+                           ((((uint32_t)(2 * (wstep & 3) + (t >> 1))) ^ (uint32_t)g) << 4) +
+                           8u * (t & 1) + (uint32_t)(tfirst * 16 + g) * 128u;
   // One tile's step: 16 level pairs from the table, 4 mma, the sums scaled into acc.
   auto tile_step = [&](uint2 lo, uint2 hi, const uint32_t (&xw)[8], float s_lo, float s_hi,
                        float (&sums)[4]) {
@@ -413,13 +466,14 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   int s = 0;               // the window's slot (j % S) and that slot's use count parity
   unsigned parity = 0u;    // ((j / S) & 1), kept without divisions
   for (int j = 0; j < windows; ++j) {
-    const int b = j * kV4Consumers + warp;  // this warp's step
-    if (b < L.KB && probe != 2 && probe != 5) {  // (probes 2, 5: no decode)
-      float sc[kV4MaxTiles / 2];
+    const int b = j * kSteps + wstep;  // this warp's step (of the K part)
+    if (b < steps && probe != 2 && probe != 5) {  // (probes 2, 5: no decode)
+      float sc[kMyMaxTiles / 2];
 #pragma unroll
-      for (int i = 0; i < kV4MaxTiles / 2; ++i)
-        sc[i] = stile + 2 * i < tiles
-                    ? *reinterpret_cast<const float*>(smem + hole_word((stile + 2 * i) * 16 + srow, b))
+      for (int i = 0; i < kMyMaxTiles / 2; ++i)
+        sc[i] = stile + 2 * i < my_tiles
+                    ? *reinterpret_cast<const float*>(
+                          smem + hole_word((tfirst + SPLIT * (stile + 2 * i)) * 16 + srow, b))
                     : 0.f;
       uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
       if (has_token) {
@@ -430,14 +484,14 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       const uint32_t xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
       mbar_wait(full0 + 8 * s, parity);
       const uint32_t at = ring + (uint32_t)s * L.stage_bytes + lane_at;
-      // this lane's weight words of tiles `tile` and `tile + 1` (rows g and g + 8 of each)
+      // this lane's weight words of its tiles `tile` and `tile + 1` (rows g and g + 8 of each)
       auto load_pair = [&](int tile, uint2 (&wv)[4]) {
-        const uint32_t at0 = at + (uint32_t)(tile * 16) * 128u;
+        const uint32_t at0 = at + (uint32_t)(tile * SPLIT * 16) * 128u;
         wv[0] = lds64(at0);
         wv[1] = lds64(at0 + 8u * 128u);
-        if (tile + 1 < tiles) {
-          wv[2] = lds64(at0 + 16u * 128u);
-          wv[3] = lds64(at0 + 24u * 128u);
+        if (tile + 1 < my_tiles) {
+          wv[2] = lds64(at0 + (uint32_t)(SPLIT * 16) * 128u);
+          wv[3] = lds64(at0 + (uint32_t)(SPLIT * 16 + 8) * 128u);
         }
       };
       // tiles two at a time (two independent chains of lookups and mma for the scheduler to
@@ -447,15 +501,15 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       uint2 cur[4], next[4];
       load_pair(0, cur);
 #pragma unroll
-      for (int tile = 0; tile < kV4MaxTiles; tile += 2) {
-        if (tile >= tiles) break;
-        if (tile + 2 < tiles) load_pair(tile + 2, next);
+      for (int tile = 0; tile < kMyMaxTiles; tile += 2) {
+        if (tile >= my_tiles) break;
+        if (tile + 2 < my_tiles) load_pair(tile + 2, next);
         const float lo0 = __shfl_sync(0xffffffffu, sc[tile >> 1], g);
         const float hi0 = __shfl_sync(0xffffffffu, sc[tile >> 1], g + 8);
         const float lo1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 16 + g);
         const float hi1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 24 + g);
         tile_step(cur[0], cur[1], xw, lo0, hi0, acc[tile]);
-        if (tile + 1 < tiles) tile_step(cur[2], cur[3], xw, lo1, hi1, acc[tile + 1]);
+        if (tile + 1 < my_tiles) tile_step(cur[2], cur[3], xw, lo1, hi1, acc[tile + 1]);
 #pragma unroll
         for (int k = 0; k < 4; ++k) cur[k] = next[k];
       }
@@ -474,12 +528,13 @@ __global__ void __launch_bounds__(kV4Threads, 1)
 
   // ---- the warps' sums, added in warp order, over the ring (every copy has landed)
   consumers_sync();
-  // [warp][tile < tmax][16 rows][8 tokens]: 8 KB per tile, half a stage's 16 KB per tile
+  // [wstep][tile < tmax][16 rows][8 tokens]: 8 KB per tile with SPLIT 1 (half a stage's 16
+  // KB per tile), 4 KB with SPLIT 2 (half a stage's 8 KB)
   float* sums = reinterpret_cast<float*>(smem + L.ring);
 #pragma unroll
-  for (int tile = 0; tile < kV4MaxTiles; ++tile) {
-    if (tile >= tiles) break;
-    float* p = sums + (warp * L.tmax + tile) * 128;
+  for (int tile = 0; tile < kMyMaxTiles; ++tile) {
+    if (tile >= my_tiles) break;
+    float* p = sums + (wstep * L.tmax + tfirst + SPLIT * tile) * 128;
     p[g * 8 + 2 * t] = acc[tile][0];
     p[g * 8 + 2 * t + 1] = acc[tile][1];
     p[(g + 8) * 8 + 2 * t] = acc[tile][2];
@@ -487,15 +542,51 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   }
   consumers_sync();
   NF4_MARK(tid == 0, kTimelineSummed);
+  // y[m][row0 + r] for i = r M + m: this CTA's sum (over the warps, in warp order)
+  auto cta_sum = [&](int i) {
+    const int m = i % M, r = i / M;  // r: the CTA's row
+    float v = 0.f;
+#pragma unroll
+    for (int ws = 0; ws < kSteps; ++ws) v += sums[(ws * L.tmax + (r >> 4)) * 128 + (r & 15) * 8 + m];
+    if (std::is_same<T, __nv_bfloat16>::value) v *= pow2f(-x_scale_shift(tok_max[m]));
+    return v;
+  };
+  float* sums_in = reinterpret_cast<float*>(smem + L.sums_in);
+  if (KPARTS > 1 && part == 1) {
+    // The second K part: its sums into the first part's sums_in (distributed shared memory),
+    // then one arrival per warp on that CTA's barrier. The wait: that CTA's barrier exists.
+    asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+    const uint32_t remote = cluster_addr(smem_addr(sums_in), 0u);
+    for (int i = tid; i < rows * M; i += kV4ConsumerThreads)
+      asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(remote + 4u * (uint32_t)i),
+                   "f"(cta_sum(i))
+                   : "memory");
+    asm volatile("fence.acq_rel.cluster;\n" ::: "memory");
+    __syncwarp();
+    if (lane == 0)
+      asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(
+                       cluster_addr(sums_in_full, 0u))
+                   : "memory");
+    return;
+  }
+  if (KPARTS > 1) {  // the second part's sums, in place once its 16 warps have arrived
+    asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+    uint32_t done;
+    do {
+      asm volatile(
+          "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], 0;\n"
+          "selp.u32 %0, 1, 0, p;\n}\n"
+          : "=r"(done)
+          : "r"(sums_in_full)
+          : "memory");
+    } while (!done);
+  }
   const T* bias = static_cast<const T*>(a.bias);
   T* y = static_cast<T*>(a.y);
   for (int i = tid; i < rows * M; i += kV4ConsumerThreads) {
     const int m = i % M, r = i / M;  // r: the CTA's row
-    float v = 0.f;
-#pragma unroll
-    for (int wp = 0; wp < kV4Consumers; ++wp)
-      v += sums[(wp * L.tmax + (r >> 4)) * 128 + (r & 15) * 8 + m];
-    if (std::is_same<T, __nv_bfloat16>::value) v *= pow2f(-x_scale_shift(tok_max[m]));
+    float v = cta_sum(i);
+    if (KPARTS > 1) v += sums_in[i];  // (the parts in order: deterministic)
     if (bias) v += to_f32(bias[row0 + r]);
     // round(round(x Wᵀ + bias) + term), as v3 (add_low_rank's roundings)
     if (lr.xa) v = to_f32(from_f32<T>(v)) + lora_term<T>(lr, m, row0 + r);
@@ -541,20 +632,62 @@ int v4_probe() {
   const char* v = std::getenv("FASTFT_NF4_V4_PROBE");
   return v ? std::atoi(v) : 0;
 }
+// FASTFT_NF4_V4_SPLIT, FASTFT_NF4_V4_KPARTS (benchmarks and tests only): 1 or 2 warps per
+// step, 1 or 2 K parts, that one only (v4 does not take a call where it does not fit); unset or
+// 0: the plan chooses
+int env_int(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::atoi(v) : 0;
+}
 
-template <bool NESTED, typename T>
+template <bool NESTED, typename T, int SPLIT, int KPARTS>
 bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
                     cudaStream_t stream) {
-  const V4Layout L(a, w, a.v4_ctas);
+  const V4Layout L(a, w, a.v4_ctas, SPLIT, KPARTS);
   V4Maps maps;
   if (!encode_weight_map(&maps.m[0], a, w, L.tmax * 16)) return false;
   maps.m[1] = maps.m[0];
   if (L.tmax > 1 && !encode_weight_map(&maps.m[1], a, w, (L.tmax - 1) * 16)) return false;
-  allow_dynamic_smem<nf4_gemv_v4_kernel<NESTED, T>>(kV4MaxSmem - kV4AnchorBytes);
-  launch_kernel(nf4_gemv_v4_kernel<NESTED, T>, dim3((unsigned)a.v4_ctas), kV4Threads,
+  auto kernel = nf4_gemv_v4_kernel<NESTED, T, SPLIT, KPARTS>;
+  allow_dynamic_smem<nf4_gemv_v4_kernel<NESTED, T, SPLIT, KPARTS>>(kV4MaxSmem - kV4AnchorBytes);
+  launch_kernel(kernel, dim3((unsigned)a.v4_ctas, KPARTS), kV4Threads,
                 (size_t)(L.ring + (uint32_t)a.v4_stages * L.stage_bytes - kV4AnchorBytes), stream,
-                a.pdl, 1, w, a, maps, lr, v4_probe());
+                a.pdl, KPARTS, w, a, maps, lr, v4_probe());
   return true;
+}
+template <bool NESTED, typename T>
+bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
+                    cudaStream_t stream) {
+  if (a.v4_kparts == 2) return launch_gemv_v4<NESTED, T, 1, 2>(w, a, lr, stream);
+  return a.v4_split == 2 ? launch_gemv_v4<NESTED, T, 2, 1>(w, a, lr, stream)
+                         : launch_gemv_v4<NESTED, T, 1, 1>(w, a, lr, stream);
+}
+
+// How many clusters of two v4 CTAs (one per SM each) the GPU runs at once (0: none)
+int v4_cluster_pairs() {
+  static const int pairs = [] {
+    auto kernel = nf4_gemv_v4_kernel<true, __nv_bfloat16, 1, 2>;
+    allow_dynamic_smem<nf4_gemv_v4_kernel<true, __nv_bfloat16, 1, 2>>(kV4MaxSmem -
+                                                                      kV4AnchorBytes);
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(1, 2);
+    config.blockDim = dim3(kV4Threads);
+    config.dynamicSmemBytes = kV4MaxSmem - kV4AnchorBytes;
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = 1;
+    cluster.val.clusterDim.y = 2;
+    cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    int n = 0;
+    if (cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess) {
+      (void)cudaGetLastError();  // (not sticky: clear it)
+      n = 0;
+    }
+    return n;
+  }();
+  return pairs;
 }
 
 }  // namespace
@@ -563,24 +696,55 @@ bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& 
 // quantisation blocks do not straddle rows (K % blocksize == 0) and a row's scales are whole
 // 16-byte pieces at 16-byte aligned addresses (they are loaded 16 bytes at a time); one CTA
 // per SM (fewer with fewer tiles) takes at most kV4MaxTiles tiles (a box's rows: <= 256);
-// x (fp16, 144 bytes per step and token) takes at most kV4MaxXBytes; the CTA's scales fit the
-// table's holes as float32 (16 x tiles x ceil(K / 2048) holes <= 256); and 2 or more stages fit.
+// x (fp16, 144 bytes per step and token) of a CTA takes at most kV4MaxXBytes; the CTA's scales
+// fit the table's holes as float32 (16 x tiles x ceil(steps / 32) holes <= 256); and 2 or more
+// stages fit. Tried in order: one K part with stages of 1024 values per row (one warp per
+// step), of 512 (two warps per step, each with half the tiles: M = 6..8 at 4096 -> 14336,
+// whose x takes up to 74 KB); then two K parts (clusters of two CTAs on two SMs, each with half
+// of the windows and of x: 14336 -> 4096 at M = 4, 5), where the second part's scales start
+// at a whole 16-byte unit. Two K parts come first where the output is narrower than the input
+// at 3 or more rows.
 bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   if (encode_tiled() == nullptr || !nf4_gemv_v3_ok(w, a) || a.M > 8 ||
       a.K % (1 << w.bs_log2) != 0)
     return false;
-  const int64_t row_scale_bytes = (int64_t)(a.K >> w.bs_log2) * (w.nested ? 1 : 4);
+  const int scale_bytes = w.nested ? 1 : 4;
+  const int64_t row_scale_bytes = (int64_t)(a.K >> w.bs_log2) * scale_bytes;
   if (row_scale_bytes % 16 != 0 || reinterpret_cast<uintptr_t>(w.absmax) % 16 != 0) return false;
-  if ((int64_t)(a.K / kV3Step) * a.M * kV4XPiece > kV4MaxXBytes) return false;
   const int64_t tiles = (a.N + 15) / 16;
-  a.v4_ctas = (int)std::min<int64_t>(std::max(1, sms), tiles);
-  if ((tiles + a.v4_ctas - 1) / a.v4_ctas > kV4MaxTiles) return false;
-  const V4Layout L(a, w, a.v4_ctas);
-  if (L.ring > (uint32_t)kV4MaxSmem) return false;
-  // every scale of a CTA, as float32, in the table's 256 holes of 32 words (see the kernel)
-  if (L.tmax * 16 * ((L.KB + 31) / 32) > 256) return false;
-  a.v4_stages = std::min<int>(kV4MaxStages, (kV4MaxSmem - (int)L.ring) / (int)L.stage_bytes);
-  return a.v4_stages >= 2;
+  const int requested_split = env_int("FASTFT_NF4_V4_SPLIT");
+  const int requested_kparts = env_int("FASTFT_NF4_V4_KPARTS");
+  // two K parts first where the output is narrower than the input at 3 or more rows (runs
+  // 146-147: 14336 -> 4096 19.3 vs 20.3 us at M = 3, 8192 -> 3072 13.1 vs 13.3), one first
+  // elsewhere (M = 2: 18.3 vs 19.3, 11.9 vs 12.4)
+  const bool two_first = a.N < a.K && a.M >= 3;
+  for (int n = 0; n < 2; ++n) {
+    const int kparts = two_first ? 2 - n : 1 + n;
+    if (requested_kparts != 0 && requested_kparts != kparts) continue;
+    int64_t groups = std::min<int64_t>(std::max(1, sms / kparts), tiles);
+    if (kparts == 2) groups = std::min<int64_t>(groups, v4_cluster_pairs());
+    if (groups < 1 || (tiles + groups - 1) / groups > kV4MaxTiles) continue;
+    for (int split = 1; split <= 2; ++split) {
+      if ((requested_split != 0 && requested_split != split) || (kparts == 2 && split != 1))
+        continue;
+      const V4Layout L(a, w, (int)groups, split, kparts);
+      if ((int64_t)L.KBc * a.M * kV4XPiece > kV4MaxXBytes || L.ring > (uint32_t)kV4MaxSmem)
+        continue;
+      // every scale of a CTA, as float32, in the table's 256 holes of 32 words (see the kernel)
+      if (L.tmax * 16 * ((L.KBc + 31) / 32) > 256) continue;
+      if (kparts == 2 && (L.KBc >= L.KB || ((L.KBc >> (w.bs_log2 - 6)) * scale_bytes) % 16 != 0))
+        continue;
+      const int stages =
+          std::min<int>(kV4MaxStages, (kV4MaxSmem - (int)L.ring) / (int)L.stage_bytes);
+      if (stages < 2) continue;
+      a.v4_ctas = (int)groups;
+      a.v4_stages = stages;
+      a.v4_split = (unsigned char)split;
+      a.v4_kparts = (unsigned char)kparts;
+      return true;
+    }
+  }
+  return false;
 }
 
 bool nf4_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,

@@ -4,6 +4,7 @@ tolerance of x @ W.T in float64, backward to x, workspace reuse, bad input."""
 import contextlib
 import copy
 import functools
+import re
 import warnings
 
 import pytest
@@ -1566,7 +1567,8 @@ def _plan_impl(monkeypatch, min_sms):
         pytest.skip("fastft._C is not built")
     if torch.cuda.get_device_properties(0).multi_processor_count < min_sms:
         pytest.skip("the expectations are the H200's plan (132 SMs)")
-    for var in ("FASTFT_NF4_GEMV", "FASTFT_NF4_V3_SPLITS", "FASTFT_NF4_V3_KPARTS"):
+    for var in ("FASTFT_NF4_GEMV", "FASTFT_NF4_V3_SPLITS", "FASTFT_NF4_V3_KPARTS",
+                "FASTFT_NF4_V4_SPLIT", "FASTFT_NF4_V4_KPARTS"):
         monkeypatch.delenv(var, raising=False)
     return nf4_mod._BACKENDS["cuda"]
 
@@ -1598,12 +1600,14 @@ def test_fused_matmul_gpu_16_warp_ctas_in_one_wave_only(monkeypatch):
 
 @pytest.mark.gpu
 def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
-    """The plan's v4 rule (nf4.cu, auto), at up to 4 rows: the copy-engine kernel where the
-    output is at least as wide as the input, the input has 3072 or more features and the
-    busiest CTA takes 2 or more 16-row tiles (4096 -> 14336, 3072 -> 8192, 4096 -> 4096; with a
-    low-rank term too, added in v4's epilogue); v3 otherwise (8 rows, a narrower output, fewer
-    input features: 2048 -> 4096, one tile per CTA: 1024 -> 2048). Forced, v4 runs where it
-    fits even outside the rule. Every result against float64."""
+    """The plan's v4 rule (nf4.cu, auto): the copy-engine kernel where the input has 3072 or
+    more features and either the output is at least as wide as the input, at up to 8 rows,
+    where the busiest CTA takes 2 or more 16-row tiles (4096 -> 14336, 3072 -> 8192, 4096 ->
+    4096; with a low-rank term too, added in v4's epilogue), or narrower, at 2..5 rows, and at
+    1 row with at most 9216 input features (14336 -> 4096: one K part at 2, two at 3..5;
+    8192 -> 2048 at 1 row, one tile per CTA); v3 otherwise (9 rows; 1, 8 rows of 14336 ->
+    4096; fewer input features: 2048 -> 4096, one tile per CTA: 1024 -> 2048). Forced, v4 runs
+    where it fits even outside the rule. Every result against float64."""
     impl = _plan_impl(monkeypatch, min_sms=100)
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("v4 needs compute capability 9.0")
@@ -1615,12 +1619,18 @@ def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
 
     for shape, rows, low_rank, want in (((14336, 4096), 1, False, "v4"),
                                         ((14336, 4096), 4, False, "v4"),
-                                        ((14336, 4096), 8, False, "v3"),
+                                        ((14336, 4096), 8, False, "v4"),
+                                        ((14336, 4096), 9, False, "v3"),
+                                        ((8192, 3072), 6, True, "v4"),
                                         ((14336, 4096), 2, True, "v4"),
                                         ((4096, 4096), 1, True, "v4"),
                                         ((4096, 14336), 1, True, "v3"),
                                         ((2048, 1024), 4, True, "v3"),
                                         ((4096, 14336), 1, False, "v3"),
+                                        ((4096, 14336), 2, False, "v4"),
+                                        ((4096, 14336), 4, True, "v4"),
+                                        ((4096, 14336), 8, False, "v3"),
+                                        ((2048, 8192), 1, False, "v4"),
                                         ((8192, 3072), 1, False, "v4"),
                                         ((8192, 3072), 4, False, "v4"),
                                         ((4096, 4096), 2, False, "v4"),
@@ -1644,6 +1654,105 @@ def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
         assert low is not None
         assert kernels(lambda: impl.gemv(x, st, bias, y, low)) == "v4", (dtype, rows)
         _check_group(x, calls, refs, dtype, ((14336, 4096), rows, "low rank"))
+
+
+def v4_template_args(fn):
+    """(SPLIT, KPARTS) of the one v4 kernel fn() launched (from its name), or None."""
+    names = [n for n in profiled_names(fn) if "nf4_gemv_v4_kernel" in n]
+    args = {tuple(int(v) for v in m) for n in names
+            for m in re.findall(r"nf4_gemv_v4_kernel<[^<>]*,\s*(\d+)\s*,\s*(\d+)\s*>", n)}
+    assert len(args) == (1 if names else 0), names
+    return args.pop() if args else None
+
+
+@pytest.mark.gpu
+def test_fused_matmul_gpu_v4_one_or_two_warps_per_step(monkeypatch):
+    """v4's two ways to take a window: one warp per step of 1024-value stages, or two per step,
+    each with every other tile of the CTA, in 512-value stages (what M = 6..8 at 4096 -> 14336
+    need to fit x beside two stages). The plan takes the first where it fits, else the second;
+    FASTFT_NF4_V4_SPLIT (for benchmarks) asks for one of them only, and where that one does not
+    fit v4 leaves the call to v3. Each right against float64 at odd row counts, both dtypes,
+    nested scales or not, a partial last tile, CTAs with one tile (the second warp of a step
+    idle) and a LoRA term."""
+    impl = _plan_impl(monkeypatch, min_sms=132)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("v4 needs compute capability 9.0")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
+
+    def split_taken(fn):  # the SPLIT template argument of the v4 kernel fn() launched, or None
+        found = v4_template_args(fn)
+        assert found is None or found[1] == 1, found  # (one K part)
+        return found and found[0]
+
+    cases = (((14336, 4096), 8, torch.bfloat16, True, 0),
+             ((14336, 4096), 5, torch.bfloat16, True, 16),
+             ((3990, 3072), 7, torch.float16, False, 0),
+             ((3990, 3072), 1, torch.bfloat16, False, 16),
+             ((2600, 2048), 3, torch.float16, True, 0))  # 163 tiles: most CTAs take one
+    for split in (0, 1, 2):
+        monkeypatch.setenv("FASTFT_NF4_V4_SPLIT", str(split))
+        for shape, rows, dtype, nested, rank in cases:
+            x, calls, refs = _group_case([shape], rows, dtype, nested, rank, seed=rows + split,
+                                         device="cuda")
+            st, bias, y, low = calls[0]
+            got = split_taken(lambda: impl.gemv(x, st, bias, y, low))
+            # one warp per step leaves no room for two stages beside x at 6 or more rows of
+            # 4096 -> 14336 (H200: 132 SMs, 7 tiles per CTA)
+            one_fits = not (shape == (14336, 4096) and rows >= 6)
+            want = {0: 1 if one_fits else 2, 1: 1 if one_fits else None, 2: 2}[split]
+            assert got == want, (shape, rows, split, got)
+            _check_group(x, calls, refs, dtype, (shape, rows, split))
+
+
+@pytest.mark.gpu
+def test_fused_matmul_gpu_v4_two_k_parts(monkeypatch):
+    """v4 in clusters of two CTAs, each with half of K's windows (FASTFT_NF4_V4_KPARTS=2, for
+    benchmarks; v4's last resort where one part's x does not fit: 14336 -> 4096 at 3..5
+    rows): the second part adds its sums into the first's shared memory, which adds bias and
+    LoRA term. Right against float64 for both dtypes, nested scales or not, blocksize 64 and
+    128, odd row counts, K of an odd number of windows (the parts unequal) and a partial last
+    window (plain scales: nested ones of a row are whole 16-byte units only where K is whole
+    windows); the same bits twice; the kernel taken is the two-part one."""
+    impl = _plan_impl(monkeypatch, min_sms=1)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("v4 needs compute capability 9.0")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
+
+    def parts_taken(fn):  # the KPARTS template argument of the v4 kernel fn() launched, or None
+        found = v4_template_args(fn)
+        return found and found[1]
+
+    monkeypatch.setenv("FASTFT_NF4_V4_KPARTS", "2")
+    for shape, rows, dtype, nested, rank in (((4096, 14336), 1, torch.bfloat16, True, 16),
+                                             ((4096, 14336), 5, torch.bfloat16, True, 0),
+                                             ((3990, 5120), 7, torch.float16, False, 16),
+                                             ((1000, 3072), 2, torch.bfloat16, False, 0),
+                                             ((2600, 3072), 3, torch.float16, True, 0),
+                                             ((2600, 2304), 3, torch.float16, False, 0)):
+        x, calls, refs = _group_case([shape], rows, dtype, nested, rank, seed=rows,
+                                     device="cuda")
+        st, bias, y, low = calls[0]
+        assert parts_taken(lambda: impl.gemv(x, st, bias, y, low)) == 2, (shape, rows)
+        _check_group(x, calls, refs, dtype, (shape, rows))
+        first = y.clone()
+        y.fill_(float("nan"))
+        impl.gemv(x, st, bias, y, low)
+        assert torch.equal(y, first), (shape, rows, "not deterministic")
+    # blocksize 128 (8 scales per window): K parts of 2 windows and of half a window (plain
+    # scales), of 2 and 2 (nested: a part's scales are whole 16-byte units)
+    for rows, in_f, nested in ((1, 2560, False), (4, 4096, True)):
+        assert parts_taken(lambda: check_fused_gpu("cuda", rows, (520, in_f), 128,
+                                                   torch.bfloat16, nested, True,
+                                                   seed=rows)) == 2, (rows, in_f)
+    # v4's own plan at 14336 -> 4096: one K part at 2 rows, two at 3 (first where the output
+    # is narrower than the input) and 4 (x does not fit one part)
+    monkeypatch.delenv("FASTFT_NF4_V4_KPARTS")
+    for rows, want in ((2, 1), (3, 2), (4, 2)):
+        x, calls, refs = _group_case([(4096, 14336)], rows, torch.bfloat16, True, 0, seed=9,
+                                     device="cuda")
+        st, bias, y, low = calls[0]
+        assert parts_taken(lambda: impl.gemv(x, st, bias, y, low)) == want, rows
+        _check_group(x, calls, refs, torch.bfloat16, ("v4's plan", rows))
 
 
 @pytest.mark.gpu
