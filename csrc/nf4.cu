@@ -190,16 +190,19 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
     // v1's 11.4 / 11.6 / 12.1. With a LoRA term (rank 16) v4 adds it in its epilogue at ~no
     // cost where v3's cost 2-4 us (run 139). Inputs under 3072 features stay v3 (not
     // measured; 1024 -> 2048, one tile per CTA, was 37% slower with v4 in run 140).
-    // Where the output is narrower than the input, v4 at 2..5 rows (one K part at 2, two at 3..5
-    // where x fits them: nf4_gemv_v4_plan), and at 1 row where the input has at most 9216
-    // features (H200, frozen, runs 146-147; v4 vs v3 at M = 1 / 2 / 3 / 4 / 5, us):
+    // Where the output is narrower than the input, v4 at 2..8 rows (one K part at 2, two at
+    // 3..8 where x fits them: nf4_gemv_v4_plan; v3 where it does not, e.g. 14336 -> 4096 at 7
+    // and 8), and at 1 row where the input has at most 9216 features (H200, frozen, runs
+    // 146-148; v4 vs v3 at M = 1 / 2 / 3 / 4 / 5, us):
     //   14336 -> 4096  18.4 / 18.3 / 19.3 / 19.5 / 20.9 vs 17.5 / 19.6 / 22.0 / 22.9 / 24.4
     //    8192 -> 3072  11.3 / 11.9 / 13.1 / 13.0 / 13.3 vs 12.1 / 13.5 / 14.3 / 15.5 / 17.5
     //    8192 -> 2048   9.6 / 10.2 / 11.1 / 11.3 / 11.8 vs 13.1 / 13.5 / 15.2 / 16.9 / 13.3
     //    9216 -> 2304  12.2 / 12.9 / 13.6 / 13.6 / 14.3 vs 12.2 / 13.6 / 14.9 / 14.8 / 15.8
-    // (v4 with one tile per CTA included: 8192 -> 2048). v3h elsewhere where the output is wide.
+    // and at M = 6 / 7 / 8 (two parts): 8192 -> 3072 13.8 / 14.4 / 14.2 vs 18.0 / 18.3 / 18.6,
+    // 8192 -> 2048 12.2 / 12.7 / 12.5 vs 13.7 / 14.2 / 14.6 (v4 with one tile per CTA
+    // included: 8192 -> 2048). v3h elsewhere where the output is wide.
     const bool v4_wide = a.N >= a.K && a.M <= 8;
-    const bool v4_deep = a.N < a.K && a.M <= 5 && (a.M >= 2 || a.K <= 9216);
+    const bool v4_deep = a.N < a.K && a.M <= 8 && (a.M >= 2 || a.K <= 9216);
     if ((v4_wide || v4_deep) && a.K >= 3072 && a.v4_allowed && nf4_gemv_v4_plan(w, a, sms) &&
         (v4_deep || ((int64_t)a.N + 15) / 16 > (int64_t)a.v4_ctas)) {
       a.variant = 7;

@@ -1603,11 +1603,11 @@ def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
     """The plan's v4 rule (nf4.cu, auto): the copy-engine kernel where the input has 3072 or
     more features and either the output is at least as wide as the input, at up to 8 rows,
     where the busiest CTA takes 2 or more 16-row tiles (4096 -> 14336, 3072 -> 8192, 4096 ->
-    4096; with a low-rank term too, added in v4's epilogue), or narrower, at 2..5 rows, and at
-    1 row with at most 9216 input features (14336 -> 4096: one K part at 2, two at 3..5;
-    8192 -> 2048 at 1 row, one tile per CTA); v3 otherwise (9 rows; 1, 8 rows of 14336 ->
-    4096; fewer input features: 2048 -> 4096, one tile per CTA: 1024 -> 2048). Forced, v4 runs
-    where it fits even outside the rule. Every result against float64."""
+    4096; with a low-rank term too, added in v4's epilogue), or narrower, at 2..8 rows where
+    v4's x fits, and at 1 row with at most 9216 input features (14336 -> 4096: one K part at
+    2, two at 3..6; 8192 -> 2048 at 1 row, one tile per CTA); v3 otherwise (9 rows; 1, 8 rows
+    of 14336 -> 4096; fewer input features: 2048 -> 4096, one tile per CTA: 1024 -> 2048).
+    Forced, v4 runs where it fits even outside the rule. Every result against float64."""
     impl = _plan_impl(monkeypatch, min_sms=100)
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("v4 needs compute capability 9.0")
@@ -1629,8 +1629,10 @@ def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
                                         ((4096, 14336), 1, False, "v3"),
                                         ((4096, 14336), 2, False, "v4"),
                                         ((4096, 14336), 4, True, "v4"),
+                                        ((4096, 14336), 6, False, "v4"),
                                         ((4096, 14336), 8, False, "v3"),
                                         ((2048, 8192), 1, False, "v4"),
+                                        ((3072, 8192), 8, True, "v4"),
                                         ((8192, 3072), 1, False, "v4"),
                                         ((8192, 3072), 4, False, "v4"),
                                         ((4096, 4096), 2, False, "v4"),
