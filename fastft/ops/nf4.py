@@ -22,13 +22,14 @@ summation order). CUDA's v2 and v3 (in_features % 64 == 0, blocksize >= 64) mult
 levels rounded to fp16 and apply each block's float32 scale to the float32 sums, i.e. W to
 2^-11 per level; v3 spends ~2 instructions per packed byte; v4 (sm_90) has the same numerics
 and streams the weight into shared memory with the copy engine (it also adds a LoRA term in
-its epilogue). The CUDA backend picks v4 at M <= 4 where the output is at least as wide as the
-input, the input has 3072 or more features and the busiest SM gets 2 or more 16-row tiles
-(e.g. Llama-3-8B's q / o, and gate / up as single calls); else v3h (v3 with half of
-the level lookups done in registers instead of shared memory: the same results) where the
-output is that wide, v3 at M <= 8 where it is at most half as wide (faster than v1 there on
-the H200), v1 elsewhere; FASTFT_NF4_GEMV forces one (see
-gemv_settings). Larger inputs, float32 x and shapes the fused kernels don't take dequantise W
+its epilogue). The CUDA backend picks v4 where the input has 3072 or more features and either
+the output is at least as wide, at M <= 8 where the busiest SM gets 2 or more 16-row tiles
+(e.g. Llama-3-8B's q / o, and gate / up as single calls), or narrower, at M = 2..8 where v4's
+staged x fits (two CTAs of a cluster split K from M = 3) and at M = 1 with at most 9216 input
+features (e.g. Llama-3-8B's down at M = 2..6); else v3h (v3 with half of the level lookups
+done in registers instead of shared memory: the same results) where the output is at least
+twice as wide, v3 at M <= 8 where it is at most half as wide (faster than v1 there on the
+H200), v1 elsewhere; FASTFT_NF4_GEMV forces one (see gemv_settings). Larger inputs, float32 x and shapes the fused kernels don't take dequantise W
 into a per-device workspace (reused by every layer, see workspace()) and call cuBLAS. Only x
 (and a bias) get gradients: the quantised weight is frozen; backward dequantises again
 (dx = dy @ W), nothing W-sized is saved.
@@ -506,7 +507,8 @@ class _CudaBackend:
 
 
 # FASTFT_NF4_GEMV picks the CUDA backend's fused small-M kernel: unset or "auto" lets the
-# extension choose (v4 at M <= 4 where out >= in >= 3072, v3h where the output is at least
+# extension choose (v4 at M <= 8 where in >= 3072 and out >= in, or at M = 2..8 where out < in
+# and its x fits (M = 1 also where in <= 9216), v3h where the output is at least
 # twice as wide as the input, v3 at M <= 8 where it is at most half as wide; v1 elsewhere: what
 # the H200 measured; the module docstring has the whole rule), "v1" / "v2" /
 # "v3" / "v4" force one where it applies. FASTFT_NF4_V3_SPLITS forces v3's K split across CTAs and
