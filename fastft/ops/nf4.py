@@ -29,10 +29,11 @@ staged x fits (two CTAs of a cluster split K from M = 3) and at M = 1 with at mo
 features (e.g. Llama-3-8B's down at M = 2..6); else v3h (v3 with half of the level lookups
 done in registers instead of shared memory: the same results) where the output is at least
 twice as wide, v3 at M <= 8 where it is at most half as wide (faster than v1 there on the
-H200), v1 elsewhere; FASTFT_NF4_GEMV forces one (see gemv_settings). Larger inputs, float32 x and shapes the fused kernels don't take dequantise W
-into a per-device workspace (reused by every layer, see workspace()) and call cuBLAS. Only x
-(and a bias) get gradients: the quantised weight is frozen; backward dequantises again
-(dx = dy @ W), nothing W-sized is saved.
+H200), v1 elsewhere; FASTFT_NF4_GEMV forces one (see gemv_settings). Larger inputs, float32
+x and shapes the fused kernels don't take dequantise W into a per-device workspace (reused by
+every layer, see workspace()) and call cuBLAS. Only x (and a bias) get gradients: the
+quantised weight is frozen; backward dequantises again (dx = dy @ W), nothing W-sized is
+saved.
 """
 from __future__ import annotations
 
