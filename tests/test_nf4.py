@@ -1709,9 +1709,9 @@ def test_fused_matmul_gpu_v4_one_or_two_warps_per_step(monkeypatch):
 @pytest.mark.gpu
 def test_fused_matmul_gpu_v4_two_k_parts(monkeypatch):
     """v4 in clusters of two CTAs, each with half of K's windows (FASTFT_NF4_V4_KPARTS=2, for
-    benchmarks; v4's last resort where one part's x does not fit: 14336 -> 4096 at 3..5
-    rows): the second part adds its sums into the first's shared memory, which adds bias and
-    LoRA term. Right against float64 for both dtypes, nested scales or not, blocksize 64 and
+    benchmarks; v4's plan tries it first where the output is narrower than the input at 3 or
+    more rows, and it is what lets x fit at 4..6 rows of 14336 -> 4096): the second part adds
+    its sums into the first's shared memory, which adds bias and LoRA term. Right against float64 for both dtypes, nested scales or not, blocksize 64 and
     128, odd row counts, K of an odd number of windows (the parts unequal) and a partial last
     window (plain scales: nested ones of a row are whole 16-byte units only where K is whole
     windows); the same bits twice; the kernel taken is the two-part one."""
