@@ -632,17 +632,14 @@ bool encode_weight_map(CUtensorMap* map, const NF4GemvArgs& a, const NF4Weight& 
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// FASTFT_NF4_V4_PROBE (bench/nf4_v4_probe.py only): 1 = the copies alone (no decode, no x),
+// An integer setting from the environment (unset: 0). v4 reads three, for benchmarks and tests
+// only:
+// FASTFT_NF4_V4_PROBE (bench/nf4_v4_probe.py): 1 = the copies alone (no decode, no x),
 // 2 = no decode, 3 = no weight copies (the decode of stale data), 5 = neither (the prologue and
 // the epilogue): wrong results; 4 = the ring filled without waiting for x (right results: the
 // order before run 132, for comparison).
-int v4_probe() {
-  const char* v = std::getenv("FASTFT_NF4_V4_PROBE");
-  return v ? std::atoi(v) : 0;
-}
-// FASTFT_NF4_V4_SPLIT, FASTFT_NF4_V4_KPARTS (benchmarks and tests only): 1 or 2 warps per
-// step, 1 or 2 K parts, that one only (v4 does not take a call where it does not fit); unset or
-// 0: the plan chooses
+// FASTFT_NF4_V4_SPLIT, FASTFT_NF4_V4_KPARTS: 1 or 2 warps per step, 1 or 2 K parts, that one
+// only (v4 does not take a call where it does not fit); 0: the plan chooses.
 int env_int(const char* name) {
   const char* v = std::getenv(name);
   return v ? std::atoi(v) : 0;
@@ -660,7 +657,7 @@ bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& 
   allow_dynamic_smem<nf4_gemv_v4_kernel<NESTED, T, SPLIT, KPARTS>>(kV4MaxSmem - kV4AnchorBytes);
   launch_kernel(kernel, dim3((unsigned)a.v4_ctas, KPARTS), kV4Threads,
                 (size_t)(L.ring + (uint32_t)a.v4_stages * L.stage_bytes - kV4AnchorBytes), stream,
-                a.pdl, KPARTS, w, a, maps, lr, v4_probe());
+                a.pdl, KPARTS, w, a, maps, lr, env_int("FASTFT_NF4_V4_PROBE"));
   return true;
 }
 template <bool NESTED, typename T>
