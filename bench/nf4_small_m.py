@@ -7,8 +7,9 @@ two builds in one device call: run it once per build, TAG naming the build.
 A kernel may carry v3's work split: "v3h:p4" forces 4 K parts per CTA (FASTFT_NF4_V3_KPARTS),
 "v3h:p8:s2" also 2 K splits across CTAs (FASTFT_NF4_V3_SPLITS); "auto:f" the default kernel with
 the weight frozen (fastft.ops.nf4.frozen_weights: its loads before the PDL wait, as generate).
-LORA=r adds a rank-r low-rank term (a LoRA adapter's scale * xa @ bᵀ, added by the kernel where
-it can), called through the CUDA backend's gemv as the fused LoRA layers call it.
+DTYPE=fp16 times fp16 x (default bf16). LORA=r adds a rank-r low-rank term (a LoRA adapter's
+scale * xa @ bᵀ, added by the kernel where it can), called through the CUDA backend's gemv as the
+fused LoRA layers call it.
 """
 import json
 import os
@@ -25,6 +26,7 @@ tag, out = sys.argv[1], sys.argv[2]
 kernels = os.environ.get("KERNELS", "auto").split(",")
 rows_list = [int(r) for r in os.environ.get("ROWS", "1,4,8,9,16").split(",")]
 rank = int(os.environ.get("LORA", "0"))
+dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[os.environ.get("DTYPE", "bf16")]
 # SHAPES: "in->out" pairs, e.g. 4096->1024 (Llama-3-8B's k / v projections), 4096->4096 (q / o)
 shapes = {}
 for text in os.environ.get("SHAPES", "4096->14336,14336->4096").split(","):
@@ -49,7 +51,7 @@ def emit(**rec):
 for shape, (o, i) in shapes.items():
     w32 = nf4_dequantize(*weights[shape][0], dtype=torch.float32, backend="torch")
     for rows in rows_list:
-        xs = [torch.randn(rows, i, device="cuda", dtype=torch.bfloat16)
+        xs = [torch.randn(rows, i, device="cuda", dtype=dtype)
               for _ in range(copies[shape])]
         want = xs[0].float() @ w32.t()
         if rank:
@@ -67,10 +69,14 @@ for shape, (o, i) in shapes.items():
             sets = [(x, p, s) for x, (p, s) in zip(xs, weights[shape])]
             with use_nf4_kernel(kernel):
                 err = ((fn(*sets[0]).float() - want).norm() / want.norm()).item()
-                assert err < 2e-2, f"{kernel} is wrong at M={rows} {shape}: relative error {err:.3g}"
+                # (v4's timing probes but 4 compute wrong results: nf4_stream.cu)
+                wrong_by_design = any(opt[:1] == "q" and opt[1:] != "4"
+                                      for opt in kernel.split(":")[1:])
+                assert err < 2e-2 or wrong_by_design, \
+                    f"{kernel} is wrong at M={rows} {shape}: relative error {err:.3g}"
                 ms = time_ms(fn, sets)
-            emit(shape=shape, M=rows, kernel=kernel, lora=rank, us=round(ms * 1e3, 2),
-                 pct_copy=round(100 * (o * i / 2) / (ms * 1e-3) / (copy * 1e9), 1), err=err)
+            emit(shape=shape, M=rows, kernel=kernel, lora=rank, dtype=str(dtype)[6:],
+                 us=round(ms * 1e3, 2), pct_copy=round(100 * (o * i / 2) / (ms * 1e-3) / (copy * 1e9), 1), err=err)
     del w32
 
 # decode-like chain: x -> up -> down, twice (each call reads what the one before wrote)
