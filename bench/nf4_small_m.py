@@ -26,7 +26,8 @@ tag, out = sys.argv[1], sys.argv[2]
 kernels = os.environ.get("KERNELS", "auto").split(",")
 rows_list = [int(r) for r in os.environ.get("ROWS", "1,4,8,9,16").split(",")]
 rank = int(os.environ.get("LORA", "0"))
-dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[os.environ.get("DTYPE", "bf16")]
+dtype_name = os.environ.get("DTYPE", "bf16")
+dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
 # SHAPES: "in->out" pairs, e.g. 4096->1024 (Llama-3-8B's k / v projections), 4096->4096 (q / o)
 shapes = {}
 for text in os.environ.get("SHAPES", "4096->14336,14336->4096").split(","):
@@ -55,10 +56,10 @@ for shape, (o, i) in shapes.items():
               for _ in range(copies[shape])]
         want = xs[0].float() @ w32.t()
         if rank:
-            xa = torch.randn(rows, rank, device="cuda", dtype=torch.bfloat16)
-            b = torch.randn(o, rank, device="cuda", dtype=torch.bfloat16) * 0.01
+            xa = torch.randn(rows, rank, device="cuda", dtype=dtype)
+            b = torch.randn(o, rank, device="cuda", dtype=dtype) * 0.01
             want = want + xa.float() @ b.float().t()
-            y = torch.empty(rows, o, device="cuda", dtype=torch.bfloat16)
+            y = torch.empty(rows, o, device="cuda", dtype=dtype)
 
             def fn(x, p, s):
                 _CudaBackend.gemv(x, resolve(p, s), None, y, (xa, b, 1.0))
@@ -75,8 +76,9 @@ for shape, (o, i) in shapes.items():
                 assert err < 2e-2 or wrong_by_design, \
                     f"{kernel} is wrong at M={rows} {shape}: relative error {err:.3g}"
                 ms = time_ms(fn, sets)
-            emit(shape=shape, M=rows, kernel=kernel, lora=rank, dtype=str(dtype)[6:],
-                 us=round(ms * 1e3, 2), pct_copy=round(100 * (o * i / 2) / (ms * 1e-3) / (copy * 1e9), 1), err=err)
+            emit(shape=shape, M=rows, kernel=kernel, lora=rank, dtype=dtype_name,
+                 us=round(ms * 1e3, 2),
+                 pct_copy=round(100 * (o * i / 2) / (ms * 1e-3) / (copy * 1e9), 1), err=err)
     del w32
 
 # decode-like chain: x -> up -> down, twice (each call reads what the one before wrote)
@@ -85,7 +87,7 @@ if "4096->14336" not in shapes or "14336->4096" not in shapes:
 pairs = [(weights["4096->14336"][k], weights["14336->4096"][k]) for k in range(2)]
 for kernel in (k for k in kernels if k.split(":")[0] == "auto"):
     for rows in (1, 16):
-        x0 = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+        x0 = torch.randn(rows, 4096, device="cuda", dtype=dtype)
 
         def chain(x):
             for (pu, su), (pd, sd) in pairs:
