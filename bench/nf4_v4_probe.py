@@ -29,12 +29,11 @@ for text in os.environ.get("SHAPES", "4096->14336,14336->4096").split(","):
         sets = [(torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16), p, s)
                 for p, s in weights]
         for probe in (int(v) for v in os.environ.get("PROBES", "0,1,2,3,4,5").split(",")):
-            os.environ["FASTFT_NF4_V4_PROBE"] = str(probe)
-            with use_nf4_kernel(os.environ.get("KERNEL", "v4:f")):
+            # (":q": FASTFT_NF4_V4_PROBE, which use_nf4_kernel sets or clears)
+            with use_nf4_kernel(os.environ.get("KERNEL", "v4:f") + f":q{probe}"):
                 ms = time_ms(lambda x, p, s: nf4_matmul(x, p, s, backend="cuda"), sets)
             rec = dict(shape=text, M=rows, probe=probe, us=round(ms * 1e3, 2),
                        pct_copy=round(100 * (out_f * in_f / 2) / (ms * 1e-3) / (copy * 1e9), 1),
                        copy_gbps=copy)
             print(json.dumps(rec), flush=True)
             out.write(json.dumps(rec) + "\n")
-        os.environ.pop("FASTFT_NF4_V4_PROBE")
