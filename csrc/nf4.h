@@ -117,8 +117,8 @@ inline int64_t nf4_gemv_row_blocks(int64_t N) { return (N + 127) / 128; }  // v1
 // Whether v2 / v3 take this call (shape, blocksize, dtype).
 bool nf4_gemv_v2_ok(const NF4Weight& w, const NF4GemvArgs& a);
 bool nf4_gemv_v3_ok(const NF4Weight& w, const NF4GemvArgs& a);
-// v4 (nf4_stream.cu, compute capability >= 9.0): the weight streamed into a ring of
-// shared-memory stages by cp.async.bulk, one CTA per SM, M <= 8. nf4_gemv_v4_plan: whether it
+// v4 (nf4_stream.cu, compute capability >= 9.0): the weight and x streamed into a ring of
+// shared-memory stages by tensor-map copies, one CTA per SM, M <= 16. nf4_gemv_v4_plan: whether it
 // takes the call (then a.v4_ctas / a.v4_stages / a.v4_split / a.v4_kparts are set).
 bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms);
 // False when the driver could not describe the weight to the copy engine (nothing launched).

@@ -5,37 +5,47 @@
 // Why: v3's warps load the weight into registers, so an SM has at most 64 KB in flight (its
 // registers), the loads wait for the decode and the decode for the loads, and a call's CTAs
 // begin streaming only after x is staged. Runs 112-121 measured ~5.5 us per call besides the
-// bytes and the bytes at ~62% of copy speed. Here the ring (~90-120 KB per SM) gets its first
-// window as soon as the CTA starts, before the PDL wait when the weight is frozen (generate),
-// and the rest once x is staged (x's loads would otherwise queue behind it), so the table
-// build and the scales overlap the weight's first bytes.
+// bytes and the bytes at ~62% of copy speed. Here the ring gets its first window as soon as
+// the CTA starts, before the PDL wait when the weight is frozen (generate), and the rest once
+// the scales are in place (their loads would otherwise queue behind it), so the table build
+// and the scales overlap the weight's first bytes.
 //
 // Work split: CTA c takes 16-row tiles [c T / G, (c + 1) T / G) of the T = ceil(N / 16) (G
 // CTAs, at most kV4MaxTiles each) and the whole K range. K goes in windows of 1024 values (16
 // steps of 64, one quantisation block each): a stage is the CTA's rows x one window, copied
 // as four boxes of rows x 128 bytes by the tensor-map copy (one instruction each: per-row bulk
-// copies cost ~34 ns apiece in run 123, so a call's ~400 of them were most of its time). The
-// boxes use the 128-byte swizzle, so the 8 rows a load instruction reads fall in different
-// banks. Consumer warp w (of 16) takes step w of every window for all of the CTA's tiles, two
-// tiles at a time: its x fragment is read once per window and serves every tile. The scales
-// of the CTA's rows are loaded once, at the start, and decoded into shared memory as float32;
-// x is staged after the PDL wait. At the end the warps' sums are added in shared memory in
-// warp order (deterministic). Measured (run 142, 4096 -> 14336, M = 1): the decode loop runs
-// at ~93% of the copy rate (~7.9 us); the prologue (~3.3 us per CTA: the levels and scales,
-// their decode, then x) and the epilogue (~1 us) are what a call spends besides.
+// copies cost ~34 ns apiece in run 123, so a call's ~400 of them were most of its time), and
+// the window's x, all M tokens, one more box (x's tensor map: encode_x_map). The boxes use the
+// 128-byte swizzle, so the 8 rows a load instruction reads fall in different banks. Consumer
+// warp w (of 16) takes step w of every window for all of the CTA's tiles, two tiles at a time:
+// its x fragment is read once per window and serves every tile. The scales of the CTA's rows
+// are loaded once, at the start, and decoded into shared memory as float32. At the end the
+// warps' sums are added in shared memory in warp order (deterministic).
 //
-// Two other forms, for calls whose x leaves no room otherwise (x is staged whole, up to
-// 96 KB): SPLIT 2, two warps per step with every other tile each, in 512-value windows (half
-// the stage: 4096 -> 14336 at M = 6..8); KPARTS 2, a cluster of two CTAs (grid.y) per row
-// group, each with half of the windows and of x, the second adding its sums into the first's
-// shared memory (distributed shared memory, in part order: deterministic), where the output is
-// narrower than the input (14336 -> 4096 at M = 3..6). Runs 144-149.
+// x in the stages (runs 151-156): until run 150 each CTA staged all of x in its prologue
+// (after the PDL wait, up to 96 KB), which took 0.9-2.5 us of it, left less room for the ring
+// and kept M = 7, 8 of 14336 -> 4096 off v4. With x copied per window beside the weight, a
+// call at M = 8 took 14.9 instead of 17.8 us at 4096 -> 14336 and 17.7 instead of 26.4 (v3)
+// at 14336 -> 4096; M = 1 at 4096 -> 14336 3% longer (14.5 vs 14.1: the conversion below in
+// the loop). (Run 156 had one x factor per step for all tokens; per token as now: not yet
+// timed.)
 //
-// Numerics as v3 (see nf4_kernels.cuh): fp16 levels from the same level-pair table (byte ->
-// fp16x2, 32 copies, entries 256 bytes apart), fp16 mma, the step's float32 scale applied to
-// the float32 sum of its 4 mma, bf16 x times a per-token power of two (largest |x| of the
-// whole row in [2^14, 2^15)) and undone on the sum. The k permutation of v3: lane (g, t)
-// holds values 16t .. 16t + 15 of a step.
+// M = 9..16 (not yet timed; the plan's rule in nf4.cu takes v4 at up to 8): two token tiles
+// (NT 2) of the mma, whose lookups serve both, with two warps per step.
+//
+// Two other forms: SPLIT 2, two warps per step with every other tile each, in 512-value
+// windows (half the stage), for CTAs whose 1024-value stages do not fit two; KPARTS 2, a
+// cluster of two CTAs (grid.y) per row group, each with half of the windows, the second
+// adding its sums into the first's shared memory (distributed shared memory, in part order:
+// deterministic), where the output is narrower than the input (14336 -> 4096 at M = 3..8).
+// Runs 144-149.
+//
+// Numerics as v3 (see nf4_kernels.cuh) but for bf16 x's scaling: fp16 levels from the same
+// level-pair table (byte -> fp16x2, 32 copies, entries 256 bytes apart), fp16 mma, the step's
+// float32 scale applied to the float32 sum of its 4 mma; bf16 x times a power of two per token
+// and step (the token's largest |x| of the step in [2^14, 2^15); v3: of the whole row), undone
+// on the step's sums. The k permutation of v3: lane (g, t) holds values
+// 16t .. 16t + 15 of a step.
 #include <cstdlib>
 
 #include <cuda.h>
@@ -55,10 +65,8 @@ __host__ __device__ constexpr int v4_window(int split) { return kV4Consumers * k
 constexpr int kV4AnchorBytes = 128;  // the static part of the shared memory (see the kernel)
 constexpr int kV4MaxTiles = 8, kV4MaxStages = 32;
 constexpr int kV4MaxSmem = 227 * 1024;  // an sm_90 CTA's most shared memory (static + dynamic)
-constexpr int kV4MaxXBytes = 96 * 1024;
-constexpr int kV4XPiece = 144;  // one step of one token: 128 bytes of fp16 + 16 of padding
 constexpr int kV4TableSpan = 256 * 256;
-constexpr int kV4Misc = 2048;   // code2 [256], tok_max [16], the barriers
+constexpr int kV4Misc = 2048;  // code2 [256] floats, then the barriers
 
 // Where everything lies in the dynamic shared memory (computed alike on the host and the GPU).
 // kparts: the K parts of a row group (1, or 2: a cluster of two CTAs, each with its half of the
@@ -69,7 +77,9 @@ struct V4Layout {
   int part_windows;  // windows of the first K part (the most any part takes)
   int KBc;         // steps of the first K part (the most any CTA stages)
   int tmax;        // the most tiles a CTA takes
-  uint32_t x_area, a2_area, sums_in, ring, stage_bytes;
+  // a stage: the weight's window (stage_w bytes: 4 or 2 boxes of rows x 128 bytes), then x's
+  // (the window's steps x M tokens x 128 bytes)
+  uint32_t a2_area, sums_in, ring, stage_w, stage_bytes;
   __host__ __device__ V4Layout(const NF4GemvArgs& a, const NF4Weight& w, int groups, int split,
                                int kparts) {
     KB = a.K / kV3Step;
@@ -79,8 +89,7 @@ struct V4Layout {
     KBc = kparts == 1 ? KB : min(KB, part_windows * window_steps);
     tmax = ((a.N + 15) / 16 + groups - 1) / groups;
     auto up = [](int64_t v, int64_t to) { return (uint32_t)((v + to - 1) / to * to); };
-    x_area = kV4TableSpan + kV4Misc;
-    a2_area = x_area + up((int64_t)KBc * a.M * kV4XPiece, 128);
+    a2_area = kV4TableSpan + kV4Misc;
     // nested: the absmax2 entries of the CTA's scales (see the kernel), with room to spare
     const int64_t a2_bytes = w.nested ? 4 * ((((int64_t)tmax * 16 * KS) >> w.bs2_log2) + 8) : 0;
     // kparts 2: the second part's sums [row][token] (float32), written by that CTA
@@ -88,7 +97,8 @@ struct V4Layout {
     const int64_t sums_in_bytes = (int64_t)tmax * 16 * a.M * 4;
     // the 128-byte swizzle's 1 KB alignment
     ring = kparts == 1 ? up(a2_area + a2_bytes, 1024) : up(sums_in + sums_in_bytes, 1024);
-    stage_bytes = (uint32_t)(tmax * 16 * (v4_window(split) / 2));
+    stage_w = (uint32_t)(tmax * 16 * (v4_window(split) / 2));
+    stage_bytes = stage_w + (uint32_t)(window_steps * a.M * 128);
   }
 };
 
@@ -139,21 +149,6 @@ __device__ __forceinline__ uint2 lds64(uint32_t addr) {
   asm volatile("ld.shared.v2.b32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
   return v;
 }
-// For i in [tid, count) step kV4ConsumerThreads: store(i, load(i)), the loads 8 at a time
-// before their stores, so that one L2 / DRAM round trip serves 8 of a thread's units.
-template <typename Load, typename Store>
-__device__ __forceinline__ void staged_units(int tid, int count, Load load, Store store) {
-  constexpr int kBatch = 8, kStride = kV4ConsumerThreads;
-  for (int i0 = tid; i0 < count; i0 += kBatch * kStride) {
-    uint4 v[kBatch];
-#pragma unroll
-    for (int k = 0; k < kBatch; ++k)
-      if (i0 + k * kStride < count) v[k] = load(i0 + k * kStride);
-#pragma unroll
-    for (int k = 0; k < kBatch; ++k)
-      if (i0 + k * kStride < count) store(i0 + k * kStride, v[k]);
-  }
-}
 // the consumer threads only (the copy warp may be waiting on a barrier)
 __device__ __forceinline__ void consumers_sync() {
   asm volatile("bar.sync 1, %0;\n" ::"n"(kV4ConsumerThreads) : "memory");
@@ -166,12 +161,15 @@ __device__ __forceinline__ uint32_t cluster_addr(uint32_t addr, unsigned rank) {
 }
 #endif
 
-// maps[0]: boxes of tmax * 16 rows, maps[1]: of (tmax - 1) * 16 rows (CTAs with one tile less)
+// m[0]: the weight in boxes of tmax * 16 rows, m[1]: of (tmax - 1) * 16 rows (CTAs with one
+// tile less); x: x as [step][token][64 values], a box per window
 struct V4Maps {
   CUtensorMap m[2];
+  CUtensorMap x;
 };
 
-template <bool NESTED, typename T, int SPLIT, int KPARTS>
+// NT: token tiles of 8 (mma n), 2 for M = 9..16 (then SPLIT 2: a warp's 4 tiles x 8 sums)
+template <bool NESTED, typename T, int SPLIT, int KPARTS, int NT>
 __global__ void __launch_bounds__(kV4Threads, 1)
     nf4_gemv_v4_kernel(const NF4Weight w, const NF4GemvArgs a, const __grid_constant__ V4Maps maps,
                        const NF4LowRank lr, const int probe) {
@@ -202,14 +200,13 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   const int S = a.v4_stages;
   const uint32_t box_bytes = (uint32_t)tiles * 16u * 128u;  // one box; a stage holds kV4Boxes
 
+  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
   const uint32_t table = smem_addr(smem);
   float* code2_s = reinterpret_cast<float*>(smem + kV4TableSpan);
-  unsigned* tok_max = reinterpret_cast<unsigned*>(code2_s + 256);
-  const uint32_t full0 = smem_addr(tok_max + 16);  // full[s] at full0 + 8 s
-  const uint32_t empty0 = full0 + 8 * kV4MaxStages;
-  const uint32_t x_staged = empty0 + 8 * kV4MaxStages;  // the consumers' x is in place
-  const uint32_t sums_in_full = x_staged + 8;  // (K parts) the second part's sums have arrived
-  const uint32_t x_area = table + L.x_area;
+  const uint32_t full0 = smem_addr(code2_s + 256);  // full[s] at full0 + 8 s: slot s has landed
+  const uint32_t empty0 = full0 + 8 * kV4MaxStages;  // the consumers are done with slot s
+  const uint32_t scales_ready = empty0 + 8 * kV4MaxStages;  // the scales are in place
+  const uint32_t sums_in_full = scales_ready + 8;  // (K parts) the second part's sums have arrived
   const uint32_t ring = table + L.ring;
 
   NF4_MARK(tid == 0, kTimelineStartNs);  // (bench/nf4_timeline.cu only)
@@ -220,7 +217,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       mbar_init(full0 + 8 * s, 1);
       mbar_init(empty0 + 8 * s, kV4Consumers);
     }
-    mbar_init(x_staged, kV4Consumers);
+    mbar_init(scales_ready, kV4Consumers);
     if (KPARTS > 1) mbar_init(sums_in_full, kV4Consumers);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -231,29 +228,38 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   NF4_MARK(tid == 0, kTimelineExtra + 0);  // every warp has started
 
   if (warp == kV4Consumers) {
-    // ---- the copy warp (one lane): window j into slot j % S once the 16 consumers have
-    // released the slot's previous window. Before the PDL wait when the weight is frozen.
+    // ---- the copy warp (one lane): window j (the weight's and x's) into slot j % S once the
+    // 16 consumers have released the slot's previous window. The first window's weight before
+    // the PDL wait when the weight is frozen; x always after it.
     if (!a.weights_frozen) gemv_wait_for_previous();
     else if (lane == 0) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
     if (lane == 0) {
       const CUtensorMap* map = &maps.m[tiles == L.tmax ? 0 : 1];
       for (int j = 0; j < windows; ++j) {
         const int s = j % S;
-        // One window, then the rest only once x is staged: x's loads (and the scales') would
-        // otherwise queue behind the whole ring's (run 132: M = 4 from 18.2 to 16.9 us at
-        // 4096 -> 14336). Neither holding every window (16.6 / 18.6 us at M = 1 / 4) nor
-        // starting the ring only once the scales' loads were issued (no change) did better
-        // (run 136). (probe 4: no hold, for comparison; probe 1 stages no x)
-        if (j == 1 && probe != 1 && probe != 4) mbar_wait(x_staged, 0u);
+        // One window, then the rest only once the scales are in place: the scales' loads
+        // would otherwise queue behind the whole ring's (run 132: M = 4 from 18.2 to 16.9 us
+        // at 4096 -> 14336, then with x staged in the prologue too). (probe 4: no hold, for
+        // comparison)
+        if (j == 1 && probe != 1 && probe != 4) mbar_wait(scales_ready, 0u);
         if (j >= S) mbar_wait(empty0 + 8 * s, (unsigned)(j / S - 1) & 1u);
         const uint32_t dst = ring + (uint32_t)s * L.stage_bytes, bar = full0 + 8 * s;
-        if (probe == 3 || probe == 5) {  // (probes: no weight copies)
+        if (probe == 3 || probe == 5) {  // (probes: no copies)
           mbar_arrive(bar);
           continue;
         }
-        mbar_expect_tx(bar, kBoxes * box_bytes);
+        // (box_bytes: this CTA's rows, which may be a tile fewer than the stage has room for)
+        mbar_expect_tx(bar, kBoxes * box_bytes + (L.stage_bytes - L.stage_w));
         for (int k = 0; k < kBoxes; ++k)
           box_copy(dst + k * box_bytes, map, (w_begin + j) * kWindowBytes + 128 * k, row0, bar);
+        if (j == 0 && a.weights_frozen) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+        // x's box: values 0..63, tokens 0..M-1, the window's steps
+        asm volatile(
+            "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+            "[%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst + L.stage_w),
+            "l"(reinterpret_cast<uint64_t>(&maps.x)), "r"(0), "r"(0), "r"((w_begin + j) * kSteps),
+            "r"(bar)
+            : "memory");
       }
     }
     __syncwarp();
@@ -325,8 +331,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     for (int i = tid + kV4ConsumerThreads; i < a2_count; i += kV4ConsumerThreads)
       a2_s[i] = __ldg(w.absmax2 + a2_first + i);
   }
-  if (tid < 16) tok_max[tid] = 0u;
-  consumers_sync();  // code2, absmax2 and tok_max in place
+  consumers_sync();  // code2 and absmax2 in place
   NF4_MARK(tid == 0, kTimelineExtra + 2);
 
   // Every scale of the CTA as float32 into the table's holes (the second 128 bytes of each
@@ -379,56 +384,15 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     scales_to_holes(i, __ldg(scale_unit(i)));
   NF4_MARK(tid == 0, kTimelineTable);
 
-  if (a.weights_frozen) gemv_wait_for_previous();  // x only after it
+  consumers_sync();  // the table and the scales' holes complete
+  if (lane == 0) mbar_arrive(scales_ready);
+  NF4_MARK(tid == 0, kTimelineStaged);
+  // (y may be read by the kernel before; xa is written by it: the first K part adds the term)
+  if (a.weights_frozen) gemv_wait_for_previous();
   NF4_MARK(tid == 0 && a.weights_frozen, kTimelineWaited);
-  // (xa: written by the kernel before; the first K part adds the term)
   if (lr.xa && part == 0) lora_prefetch<T>(a, lr, row0, rows);
   const int g = lane >> 2, t = lane & 3;
   const uint32_t lane4 = (uint32_t)lane * 4u;
-
-  // x [token m][step b] -> x_area piece b M + m (128 bytes of fp16 + 16 of padding). A
-  // thread's units i = tid + 512 k are of token (i / 8) % M: one token for all of them when M
-  // divides 64, so their largest |x| is taken in registers and over the 8 lanes of a piece,
-  // then one shared atomic per 8 lanes (per-unit atomics on a few words serialise: ~3.5 ns
-  // each, run 125); other M take one atomic per unit.
-  const T* x = static_cast<const T*>(a.x);
-  const int units = steps * M * 8;  // 16-byte units of x: piece i >> 3, unit i & 7
-  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
-  const bool one_token = (kV4ConsumerThreads / 8) % M == 0;
-  uint32_t local_max = 0u;
-  NF4_MARK(tid == 0, kTimelineExtra + 3);  // x's loads begin
-  staged_units(
-      tid, units,
-      [&](int i) {
-        const int piece = i >> 3, b = piece / M, m = piece - b * M;
-        return *reinterpret_cast<const uint4*>(x + m * a.x_stride + (step0 + b) * kV3Step +
-                                               8 * (i & 7));
-      },
-      [&](int i, uint4 v) {
-        v3_store16(x_area + (uint32_t)(i >> 3) * kV4XPiece + 16u * (i & 7), v);
-        if (kBf16) {
-          const uint32_t mx = bf16x8_max_abs_bits(v);
-          if (one_token) local_max = max(local_max, mx);
-          else if (mx) atomicMax(&tok_max[(i >> 3) % M], mx);
-        }
-      });
-  NF4_MARK(tid == 0, kTimelineExtra + 4);  // this thread's x has arrived and is stored
-  if (kBf16) {
-    if (one_token) {
-#pragma unroll
-      for (int o = 1; o < 8; o <<= 1)
-        local_max = max(local_max, __shfl_xor_sync(0xffffffffu, local_max, o));
-      if ((lane & 7) == 0 && local_max) atomicMax(&tok_max[(tid >> 3) % M], local_max);
-    }
-    consumers_sync();
-    for (int i = tid; i < units; i += kV4ConsumerThreads) {
-      const uint32_t addr = x_area + (uint32_t)(i >> 3) * kV4XPiece + 16u * (i & 7);
-      v3_store16(addr, bf16x8_scaled_to_fp16(lds128(addr), x_scale_shift(tok_max[(i >> 3) % M])));
-    }
-  }
-  consumers_sync();  // the table, the scales' holes and x complete
-  if (lane == 0) mbar_arrive(x_staged);
-  NF4_MARK(tid == 0, kTimelineStaged);
   // The warp's step of each window (wstep) and its tiles: the CTA's tiles tfirst + SPLIT i,
   // i < my_tiles (all of them with SPLIT 1).
   constexpr int kMyMaxTiles = kV4MaxTiles / SPLIT;
@@ -437,20 +401,40 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // This lane's scales in a window: row lane & 15 of its tile (lane >> 4) + 2 i, wstep
   const int srow = lane & 15, stile = lane >> 4;
 
-  const bool has_token = g < M;
-  float acc[kMyMaxTiles][4];
+  static_assert(NT == 1 || SPLIT == 2, "two token tiles take half a step's tiles per warp");
+  // this lane's x in a stage, token tile u: row wstep M + 8u + g of the x box (token 8u + g of
+  // step wstep), 16-byte chunks 2t and 2t + 1 (values 16t .. 16t + 15) at their 128-byte
+  // swizzle positions
+  bool has_token[NT];
+  uint32_t x_at0[NT], x_at1[NT];
 #pragma unroll
-  for (int i = 0; i < kMyMaxTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  for (int u = 0; u < NT; ++u) {
+    has_token[u] = 8 * u + g < M;
+    const uint32_t x_row = (uint32_t)(wstep * M + 8 * u + g);
+    x_at0[u] = x_row * 128u + ((((uint32_t)(2 * t)) ^ (x_row & 7u)) << 4);
+    x_at1[u] = x_row * 128u + ((((uint32_t)(2 * t + 1)) ^ (x_row & 7u)) << 4);
+  }
+  // acc[tile][4u + k]: token tile u's mma sums (rows g, g + 8 x tokens 8u + 2t, + 1)
+  float acc[kMyMaxTiles][4 * NT];
+#pragma unroll
+  for (int i = 0; i < kMyMaxTiles; ++i)
+#pragma unroll
+    for (int k = 0; k < 4 * NT; ++k) acc[i][k] = 0.f;
   // this lane's 8 bytes of step wstep in a row r of a stage: box wstep / 4, then the 128-byte
   // swizzle (16-byte chunk c of row r at chunk c ^ (r & 7); here r & 7 = g), from the warp's
   // first tile
   const uint32_t lane_at = (uint32_t)(wstep >> 2) * box_bytes +
                            ((((uint32_t)(2 * (wstep & 3) + (t >> 1))) ^ (uint32_t)g) << 4) +
                            8u * (t & 1) + (uint32_t)(tfirst * 16 + g) * 128u;
-  // One tile's step: 16 level pairs from the table, 4 mma, the sums scaled into acc.
-  auto tile_step = [&](uint2 lo, uint2 hi, const uint32_t (&xw)[8], float s_lo, float s_hi,
-                       float (&sums)[4]) {
-    float c[4] = {0.f, 0.f, 0.f, 0.f};
+  // One tile's step: 16 level pairs from the table, 4 mma per token tile, the sums scaled into
+  // acc. (bf16: undo[u][0 / 1] undo the x scaling of tokens 8u + 2t / + 1, the sums' columns,
+  // folded into the row scales: products formed while the mma run, not after them; run 158:
+  // 14336 -> 4096 at M = 8 17.2 vs 18.8 us with the sums multiplied first)
+  auto tile_step = [&](uint2 lo, uint2 hi, const uint32_t (&xw)[NT][8], float s_lo, float s_hi,
+                       const float (&undo)[NT][2], float (&sums)[4 * NT]) {
+    float c[NT][4];
+#pragma unroll
+    for (int u = 0; u < NT; ++u) c[u][0] = c[u][1] = c[u][2] = c[u][3] = 0.f;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       // mma q: byte 2q of the lane's 8 (values 16t + 4q, +1) and byte 2q + 1 (+2, +3)
@@ -463,12 +447,18 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         a0 = v3_pair<0>(smem, wl, lane4); a1 = v3_pair<0>(smem, wh, lane4);
         a2 = v3_pair<1>(smem, wl, lane4); a3 = v3_pair<1>(smem, wh, lane4);
       }
-      mma_f16_16816(c, a0, a1, a2, a3, xw[2 * q], xw[2 * q + 1]);
+#pragma unroll
+      for (int u = 0; u < NT; ++u)
+        mma_f16_16816(c[u], a0, a1, a2, a3, xw[u][2 * q], xw[u][2 * q + 1]);
     }
-    sums[0] = fmaf(s_lo, c[0], sums[0]);
-    sums[1] = fmaf(s_lo, c[1], sums[1]);
-    sums[2] = fmaf(s_hi, c[2], sums[2]);
-    sums[3] = fmaf(s_hi, c[3], sums[3]);
+#pragma unroll
+    for (int u = 0; u < NT; ++u) {
+      const float u0 = kBf16 ? undo[u][0] : 1.f, u1 = kBf16 ? undo[u][1] : 1.f;
+      sums[4 * u + 0] = fmaf(s_lo * u0, c[u][0], sums[4 * u + 0]);
+      sums[4 * u + 1] = fmaf(s_lo * u1, c[u][1], sums[4 * u + 1]);
+      sums[4 * u + 2] = fmaf(s_hi * u0, c[u][2], sums[4 * u + 2]);
+      sums[4 * u + 3] = fmaf(s_hi * u1, c[u][3], sums[4 * u + 3]);
+    }
   };
   int s = 0;               // the window's slot (j % S) and that slot's use count parity
   unsigned parity = 0u;    // ((j / S) & 1), kept without divisions
@@ -482,15 +472,42 @@ __global__ void __launch_bounds__(kV4Threads, 1)
                     ? *reinterpret_cast<const float*>(
                           smem + hole_word((tfirst + SPLIT * (stile + 2 * i)) * 16 + srow, b))
                     : 0.f;
-      uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
-      if (has_token) {
-        const uint32_t xa = x_area + (uint32_t)(b * M + g) * kV4XPiece + 32u * t;
-        x0 = lds128(xa);
-        x1 = lds128(xa + 16u);
-      }
-      const uint32_t xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
       mbar_wait(full0 + 8 * s, parity);
-      const uint32_t at = ring + (uint32_t)s * L.stage_bytes + lane_at;
+      const uint32_t stage = ring + (uint32_t)s * L.stage_bytes;
+      uint32_t xw[NT][8];  // the token tiles' mma b fragments
+      float undo[NT][2];    // (bf16) see tile_step
+#pragma unroll
+      for (int u = 0; u < NT; ++u) {
+        uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
+        if (has_token[u]) {
+          x0 = lds128(stage + L.stage_w + x_at0[u]);
+          x1 = lds128(stage + L.stage_w + x_at1[u]);
+        }
+        undo[u][0] = undo[u][1] = 1.f;
+        if (kBf16) {
+          // bf16 x into fp16 for the mma, in each warp's own fragments: token g's values of
+          // the step (lanes (g, 0..3)) times a power of two 2^shift that puts their largest |x|
+          // in [2^14, 2^15) (x_scale_shift: exact unless a value is ~2^31 times smaller than
+          // that largest), 2^-shift undone on the mma's sums of that token's column. (Runs
+          // 151-155: one converter warp for the whole window was the pipeline's slowest stage,
+          // ~1 us per window at 14336 -> 4096, M = 2; bf16 levels would bias each level by up
+          // to 2^-9; one factor for all tokens of a step, run 156, loses a token ~2^31 times
+          // smaller than another.)
+          uint32_t mx = max(bf16x8_max_abs_bits(x0), bf16x8_max_abs_bits(x1));
+          mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const int shift = x_scale_shift(mx);
+          x0 = bf16x8_scaled_to_fp16(x0, shift);
+          x1 = bf16x8_scaled_to_fp16(x1, shift);
+          // token g's factor; the sums' columns are tokens 2t, 2t + 1 (lanes 8t, 8t + 4)
+          const float token_undo = pow2f(-shift);
+          undo[u][0] = __shfl_sync(0xffffffffu, token_undo, 8 * t);
+          undo[u][1] = __shfl_sync(0xffffffffu, token_undo, 8 * t + 4);
+        }
+        xw[u][0] = x0.x; xw[u][1] = x0.y; xw[u][2] = x0.z; xw[u][3] = x0.w;
+        xw[u][4] = x1.x; xw[u][5] = x1.y; xw[u][6] = x1.z; xw[u][7] = x1.w;
+      }
+      const uint32_t at = stage + lane_at;
       // this lane's weight words of its tiles `tile` and `tile + 1` (rows g and g + 8 of each)
       auto load_pair = [&](int tile, uint2 (&wv)[4]) {
         const uint32_t at0 = at + (uint32_t)(tile * SPLIT * 16) * 128u;
@@ -515,8 +532,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         const float hi0 = __shfl_sync(0xffffffffu, sc[tile >> 1], g + 8);
         const float lo1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 16 + g);
         const float hi1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 24 + g);
-        tile_step(cur[0], cur[1], xw, lo0, hi0, acc[tile]);
-        if (tile + 1 < my_tiles) tile_step(cur[2], cur[3], xw, lo1, hi1, acc[tile + 1]);
+        tile_step(cur[0], cur[1], xw, lo0, hi0, undo, acc[tile]);
+        if (tile + 1 < my_tiles) tile_step(cur[2], cur[3], xw, lo1, hi1, undo, acc[tile + 1]);
 #pragma unroll
         for (int k = 0; k < 4; ++k) cur[k] = next[k];
       }
@@ -535,17 +552,22 @@ __global__ void __launch_bounds__(kV4Threads, 1)
 
   // ---- the warps' sums, added in warp order, over the ring (every copy has landed)
   consumers_sync();
-  // [wstep][tile < tmax][16 rows][8 tokens]: 8 KB per tile with SPLIT 1 (half a stage's 16
-  // KB per tile), 4 KB with SPLIT 2 (half a stage's 8 KB)
+  // [wstep][tile < tmax][16 rows][8 NT tokens]: 8 KB per tile with SPLIT 1 (a stage's weight
+  // takes 8 KB per tile, and there are 2 or more stages), 4 NT KB with SPLIT 2 (the weight's
+  // 4 KB per tile and a stage's x, 16 KB at NT = 2, in each of 2 or more stages)
+  constexpr int kTileSums = 128 * NT;
   float* sums = reinterpret_cast<float*>(smem + L.ring);
 #pragma unroll
   for (int tile = 0; tile < kMyMaxTiles; ++tile) {
     if (tile >= my_tiles) break;
-    float* p = sums + (wstep * L.tmax + tfirst + SPLIT * tile) * 128;
-    p[g * 8 + 2 * t] = acc[tile][0];
-    p[g * 8 + 2 * t + 1] = acc[tile][1];
-    p[(g + 8) * 8 + 2 * t] = acc[tile][2];
-    p[(g + 8) * 8 + 2 * t + 1] = acc[tile][3];
+    float* p = sums + (wstep * L.tmax + tfirst + SPLIT * tile) * kTileSums;
+#pragma unroll
+    for (int u = 0; u < NT; ++u) {
+      p[g * 8 * NT + 8 * u + 2 * t] = acc[tile][4 * u + 0];
+      p[g * 8 * NT + 8 * u + 2 * t + 1] = acc[tile][4 * u + 1];
+      p[(g + 8) * 8 * NT + 8 * u + 2 * t] = acc[tile][4 * u + 2];
+      p[(g + 8) * 8 * NT + 8 * u + 2 * t + 1] = acc[tile][4 * u + 3];
+    }
   }
   consumers_sync();
   NF4_MARK(tid == 0, kTimelineSummed);
@@ -555,8 +577,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     float v = 0.f;
 #pragma unroll
     for (int ws = 0; ws < kSteps; ++ws)
-      v += sums[(ws * L.tmax + (r >> 4)) * 128 + (r & 15) * 8 + m];
-    if (std::is_same<T, __nv_bfloat16>::value) v *= pow2f(-x_scale_shift(tok_max[m]));
+      v += sums[(ws * L.tmax + (r >> 4)) * kTileSums + (r & 15) * 8 * NT + m];
     return v;
   };
   float* sums_in = reinterpret_cast<float*>(smem + L.sums_in);
@@ -632,12 +653,28 @@ bool encode_weight_map(CUtensorMap* map, const NF4GemvArgs& a, const NF4Weight& 
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// x [M][K] (bf16 / fp16, row stride x_stride) as a 3-D tensor [steps][tokens][64 values]
+// (dimension 0 first below), boxes of a window's `steps` x all M tokens, the 128-byte swizzle:
+// in shared memory row step * M + token, 128 bytes each, so a warp's 8 tokens (lanes g) of one
+// step fall on 8 different swizzle rows. Needs x 16-byte aligned and a row stride of a
+// multiple of 8 values (the plan checks).
+bool encode_x_map(CUtensorMap* map, const NF4GemvArgs& a, int steps) {
+  const cuuint64_t dims[3] = {64u, (cuuint64_t)a.M, (cuuint64_t)(a.K / 64)};
+  const cuuint64_t strides[2] = {(cuuint64_t)a.x_stride * 2u, 128u};
+  const cuuint32_t box[3] = {64u, (cuuint32_t)a.M, (cuuint32_t)steps};
+  const cuuint32_t element_strides[3] = {1u, 1u, 1u};
+  return encode_tiled()(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 3, const_cast<void*>(a.x), dims,
+                        strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                        CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 // An integer setting from the environment (unset: 0). v4 reads three, for benchmarks and tests
 // only:
-// FASTFT_NF4_V4_PROBE (bench/nf4_v4_probe.py): 1 = the copies alone (no decode, no x),
-// 2 = no decode, 3 = no weight copies (the decode of stale data), 5 = neither (the prologue and
-// the epilogue): wrong results; 4 = the ring filled without waiting for x (right results: the
-// order before run 132, for comparison).
+// FASTFT_NF4_V4_PROBE (bench/nf4_v4_probe.py): 1 = the copies alone (no decode), 2 = no
+// decode, 3 = no copies (the decode of stale data), 5 = neither (the prologue and the
+// epilogue): wrong results; 4 = the ring filled without waiting for the scales (right
+// results: the order before run 132, for comparison).
 // FASTFT_NF4_V4_SPLIT, FASTFT_NF4_V4_KPARTS: 1 or 2 warps per step, 1 or 2 K parts, that one
 // only (v4 does not take a call where it does not fit); 0: the plan chooses.
 int env_int(const char* name) {
@@ -645,7 +682,7 @@ int env_int(const char* name) {
   return v ? std::atoi(v) : 0;
 }
 
-template <bool NESTED, typename T, int SPLIT, int KPARTS>
+template <bool NESTED, typename T, int SPLIT, int KPARTS, int NT>
 bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
                     cudaStream_t stream) {
   const V4Layout L(a, w, a.v4_ctas, SPLIT, KPARTS);
@@ -653,8 +690,10 @@ bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& 
   if (!encode_weight_map(&maps.m[0], a, w, L.tmax * 16)) return false;
   maps.m[1] = maps.m[0];
   if (L.tmax > 1 && !encode_weight_map(&maps.m[1], a, w, (L.tmax - 1) * 16)) return false;
-  auto kernel = nf4_gemv_v4_kernel<NESTED, T, SPLIT, KPARTS>;
-  allow_dynamic_smem<nf4_gemv_v4_kernel<NESTED, T, SPLIT, KPARTS>>(kV4MaxSmem - kV4AnchorBytes);
+  if (!encode_x_map(&maps.x, a, v4_window(SPLIT) / kV3Step)) return false;
+  auto kernel = nf4_gemv_v4_kernel<NESTED, T, SPLIT, KPARTS, NT>;
+  allow_dynamic_smem<nf4_gemv_v4_kernel<NESTED, T, SPLIT, KPARTS, NT>>(kV4MaxSmem -
+                                                                       kV4AnchorBytes);
   launch_kernel(kernel, dim3((unsigned)a.v4_ctas, KPARTS), kV4Threads,
                 (size_t)(L.ring + (uint32_t)a.v4_stages * L.stage_bytes - kV4AnchorBytes), stream,
                 a.pdl, KPARTS, w, a, maps, lr, env_int("FASTFT_NF4_V4_PROBE"));
@@ -663,16 +702,19 @@ bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& 
 template <bool NESTED, typename T>
 bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
                     cudaStream_t stream) {
-  if (a.v4_kparts == 2) return launch_gemv_v4<NESTED, T, 1, 2>(w, a, lr, stream);
-  return a.v4_split == 2 ? launch_gemv_v4<NESTED, T, 2, 1>(w, a, lr, stream)
-                         : launch_gemv_v4<NESTED, T, 1, 1>(w, a, lr, stream);
+  if (a.M > 8)  // two token tiles: two warps per step (the plan's only form there)
+    return a.v4_kparts == 2 ? launch_gemv_v4<NESTED, T, 2, 2, 2>(w, a, lr, stream)
+                            : launch_gemv_v4<NESTED, T, 2, 1, 2>(w, a, lr, stream);
+  if (a.v4_kparts == 2) return launch_gemv_v4<NESTED, T, 1, 2, 1>(w, a, lr, stream);
+  return a.v4_split == 2 ? launch_gemv_v4<NESTED, T, 2, 1, 1>(w, a, lr, stream)
+                         : launch_gemv_v4<NESTED, T, 1, 1, 1>(w, a, lr, stream);
 }
 
 // How many clusters of two v4 CTAs (one per SM each) the GPU runs at once (0: none)
 int v4_cluster_pairs() {
   static const int pairs = [] {
-    auto kernel = nf4_gemv_v4_kernel<true, __nv_bfloat16, 1, 2>;
-    allow_dynamic_smem<nf4_gemv_v4_kernel<true, __nv_bfloat16, 1, 2>>(kV4MaxSmem -
+    auto kernel = nf4_gemv_v4_kernel<true, __nv_bfloat16, 1, 2, 1>;
+    allow_dynamic_smem<nf4_gemv_v4_kernel<true, __nv_bfloat16, 1, 2, 1>>(kV4MaxSmem -
                                                                       kV4AnchorBytes);
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(1, 2);
@@ -697,32 +739,39 @@ int v4_cluster_pairs() {
 
 }  // namespace
 
-// v4 takes a call when: the driver has tensor maps; v3 would (nf4_gemv_v3_ok) at M <= 8; the
+// v4 takes a call when: the driver has tensor maps; v3 would (nf4_gemv_v3_ok: M <= 16); the
 // quantisation blocks do not straddle rows (K % blocksize == 0) and a row's scales are whole
-// 16-byte pieces at 16-byte aligned addresses (they are loaded 16 bytes at a time); one CTA
-// per SM (fewer with fewer tiles) takes at most kV4MaxTiles tiles (a box's rows: <= 256);
-// x (fp16, 144 bytes per step and token) of a CTA takes at most kV4MaxXBytes; the CTA's scales
-// fit the table's holes as float32 (16 x tiles x ceil(steps / 32) holes <= 256); and 2 or more
-// stages fit. Tried in order: one K part with stages of 1024 values per row (one warp per
-// step), of 512 (two warps per step, each with half the tiles: M = 6..8 at 4096 -> 14336,
-// whose x takes up to 74 KB); then two K parts (clusters of two CTAs on two SMs, each with half
-// of the windows and of x: 14336 -> 4096 at M = 4, 5), where the second part's scales start
-// at a whole 16-byte unit. Two K parts come first where the output is narrower than the input
-// at 3 or more rows.
+// 16-byte pieces at 16-byte aligned addresses (they are loaded 16 bytes at a time); x's rows
+// are 16-byte aligned (its tensor map; the binding's aligned_rows makes them so); one CTA per
+// SM (fewer with fewer tiles) takes at most kV4MaxTiles tiles (a box's rows: <= 256); the
+// CTA's scales fit the table's holes as float32 (16 x tiles x ceil(steps / 32) holes <= 256);
+// and 2 or more stages fit. Tried in order: one K part with stages of 1024 values per row
+// (one warp per step), of 512 (two warps per step, each with half the tiles); then two K parts
+// (clusters of two CTAs on two SMs, each with half of the windows), where the second part's
+// scales start at a whole 16-byte unit. Two K parts come first where the output is narrower
+// than the input at 3 or more rows. M = 9..16 (two token tiles of the mma) take two warps per
+// step only (a warp's 4 tiles x 8 sums, as 8 tiles x 4 at M <= 8).
 bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
-  if (encode_tiled() == nullptr || !nf4_gemv_v3_ok(w, a) || a.M > 8 ||
-      a.K % (1 << w.bs_log2) != 0)
+  if (encode_tiled() == nullptr || !nf4_gemv_v3_ok(w, a) || a.K % (1 << w.bs_log2) != 0)
     return false;
+  // x is copied by its tensor map (encode_x_map)
+  if (reinterpret_cast<uintptr_t>(a.x) % 16 != 0 || a.x_stride % 8 != 0) return false;
   const int scale_bytes = w.nested ? 1 : 4;
   const int64_t row_scale_bytes = (int64_t)(a.K >> w.bs_log2) * scale_bytes;
   if (row_scale_bytes % 16 != 0 || reinterpret_cast<uintptr_t>(w.absmax) % 16 != 0) return false;
   const int64_t tiles = (a.N + 15) / 16;
   const int requested_split = env_int("FASTFT_NF4_V4_SPLIT");
   const int requested_kparts = env_int("FASTFT_NF4_V4_KPARTS");
-  // two K parts first where the output is narrower than the input at 3 or more rows (runs
-  // 146-147: 14336 -> 4096 19.3 vs 20.3 us at M = 3, 8192 -> 3072 13.1 vs 13.3), one first
-  // elsewhere (M = 2: 18.3 vs 19.3, 11.9 vs 12.4)
-  const bool two_first = a.N < a.K && a.M >= 3;
+  // two K parts first where the output is narrower than the input and either the input has
+  // 8192 or more features or there are 9..16 rows; one first elsewhere. H200, frozen, run 160
+  // (since x is copied with each window), two parts vs one at M = 1 / 2 / 4 / 8 / 12 / 16, us:
+  //   14336 -> 4096  17.7 / 17.7 / 16.8 / 17.1 / 27.8 / 28.1 vs 18.3 / 18.2 / 18.0 / 18.1 /
+  //                  39.1 / 39.5
+  //    8192 -> 2048  9.2 / 9.1 / 9.1 / 9.2 / 15.4 / 15.8 vs 9.6 / 9.6 / 9.6 / 9.5 / 21.0 / 21.1
+  //    4096 -> 1024  6.2 / 6.2 / 6.1 / 6.1 / 9.2 / 9.3 vs 4.5 / 4.6 / 4.6 / 4.7 / 11.1 / 11.2
+  // (3072 -> 1024: one part at every M, 3.7-3.9 us at M <= 8 vs 5.3-5.4; at 12 / 16 two parts do
+  // not fit the plan.)
+  const bool two_first = a.N < a.K && (a.K >= 8192 || a.M > 8);
   for (int n = 0; n < 2; ++n) {
     const int kparts = two_first ? 2 - n : 1 + n;
     if (requested_kparts != 0 && requested_kparts != kparts) continue;
@@ -730,11 +779,14 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
     if (kparts == 2) groups = std::min<int64_t>(groups, v4_cluster_pairs());
     if (groups < 1 || (tiles + groups - 1) / groups > kV4MaxTiles) continue;
     for (int split = 1; split <= 2; ++split) {
-      if ((requested_split != 0 && requested_split != split) || (kparts == 2 && split != 1))
+      // M = 9..16 (two token tiles): two warps per step only, in either K form; M <= 8: two K
+      // parts with one warp per step only (the kernels there are)
+      const int split_of_two_parts = a.M > 8 ? 2 : 1;
+      if ((requested_split != 0 && requested_split != split) || (a.M > 8 && split != 2) ||
+          (kparts == 2 && split != split_of_two_parts))
         continue;
       const V4Layout L(a, w, (int)groups, split, kparts);
-      if ((int64_t)L.KBc * a.M * kV4XPiece > kV4MaxXBytes || L.ring > (uint32_t)kV4MaxSmem)
-        continue;
+      if (L.ring > (uint32_t)kV4MaxSmem) continue;
       // every scale of a CTA, as float32, in the table's 256 holes of 32 words (see the kernel)
       if (L.tmax * 16 * ((L.KBc + 31) / 32) > 256) continue;
       if (kparts == 2 && (L.KBc >= L.KB || ((L.KBc >> (w.bs_log2 - 6)) * scale_bytes) % 16 != 0))

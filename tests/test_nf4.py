@@ -786,14 +786,16 @@ def test_fused_matmul_gpu_more_odd_shapes(backend, nested, variant, monkeypatch)
 @pytest.mark.parametrize("variant", GEMV_VARIANTS)
 @pytest.mark.parametrize("backend", gpu_backends("nf4_matmul"))
 def test_fused_matmul_gpu_x_ranges(backend, variant, monkeypatch):
-    """bf16 x far outside fp16's range and far below it (v2 runs its mma in fp16: each token's
-    x is scaled by a power of two in the kernel), a zero row, and a row mixing both."""
+    """bf16 x far outside fp16's range and far below it (v2 - v4 run their mma in fp16: x is
+    scaled by powers of two in the kernel, per token), a zero row, and a row mixing both; in
+    4096 (v4's plan takes 5 rows) and 4544 input features (v4's does not: a row's 71 nested
+    scales are not whole 16-byte units)."""
     use_variant(backend, variant, monkeypatch)
-    _, packed, state = quantize((1000, 4544), True, device="cuda", seed=50)
-    w = nf4_dequantize(packed, state, dtype=torch.float32, backend="torch").double()
-    g = torch.Generator().manual_seed(51)
-    for rows in (5, 13):
-        x = torch.randn(rows, 4544, generator=g)
+    for in_f, rows in ((4544, 5), (4544, 13), (4096, 5)):
+        _, packed, state = quantize((1000, in_f), True, device="cuda", seed=50)
+        w = nf4_dequantize(packed, state, dtype=torch.float32, backend="torch").double()
+        g = torch.Generator().manual_seed(51)
+        x = torch.randn(rows, in_f, generator=g)
         x[0] *= 1e30
         x[1] *= 1e-30
         x[2] = 0
@@ -1601,12 +1603,12 @@ def test_fused_matmul_gpu_16_warp_ctas_in_one_wave_only(monkeypatch):
 @pytest.mark.gpu
 def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
     """The plan's v4 rule (nf4.cu, auto): the copy-engine kernel where the input has 3072 or
-    more features and either the output is at least as wide as the input, at up to 8 rows,
+    more features and either the output is at least as wide as the input, at up to 16 rows,
     where the busiest CTA takes 2 or more 16-row tiles (4096 -> 14336, 3072 -> 8192, 4096 ->
-    4096; with a low-rank term too, added in v4's epilogue), or narrower, at 2..8 rows where
-    v4's x fits, and at 1 row with at most 9216 input features (14336 -> 4096: one K part at
-    2, two at 3..6; 8192 -> 2048 at 1 row, one tile per CTA); v3 otherwise (9 rows; 1, 8 rows
-    of 14336 -> 4096; fewer input features: 2048 -> 4096, one tile per CTA: 1024 -> 2048).
+    4096; with a low-rank term too, added in v4's epilogue), or narrower, at 2..16 rows, and
+    at 1 row with at most 9216 input features (8192 -> 2048 at 1 row, one tile per CTA); v3 /
+    v1 otherwise (1 row of 14336 -> 4096; 18944 -> 3584, whose scales do not fit v4's table;
+    fewer input features: 2048 -> 4096, one tile per CTA: 1024 -> 2048).
     Forced, v4 runs where it fits even outside the rule. Every result against float64."""
     impl = _plan_impl(monkeypatch, min_sms=100)
     if torch.cuda.get_device_capability()[0] < 9:
@@ -1620,7 +1622,11 @@ def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
     for shape, rows, low_rank, want in (((14336, 4096), 1, False, "v4"),
                                         ((14336, 4096), 4, False, "v4"),
                                         ((14336, 4096), 8, False, "v4"),
-                                        ((14336, 4096), 9, False, "v3"),
+                                        ((14336, 4096), 9, False, "v4"),
+                                        ((14336, 4096), 16, True, "v4"),
+                                        ((1024, 4096), 12, False, "v4"),
+                                        ((3584, 18944), 12, False, "other"),
+                                        ((4096, 2048), 12, False, "v3"),
                                         ((8192, 3072), 6, True, "v4"),
                                         ((14336, 4096), 2, True, "v4"),
                                         ((4096, 4096), 1, True, "v4"),
@@ -1630,7 +1636,7 @@ def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
                                         ((4096, 14336), 2, False, "v4"),
                                         ((4096, 14336), 4, True, "v4"),
                                         ((4096, 14336), 6, False, "v4"),
-                                        ((4096, 14336), 8, False, "v3"),
+                                        ((4096, 14336), 8, False, "v4"),
                                         ((2048, 8192), 1, False, "v4"),
                                         ((3072, 8192), 8, True, "v4"),
                                         ((8192, 3072), 1, False, "v4"),
@@ -1659,10 +1665,11 @@ def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
 
 
 def v4_template_args(fn):
-    """(SPLIT, KPARTS) of the one v4 kernel fn() launched (from its name), or None."""
+    """(SPLIT, KPARTS, NT) of the one v4 kernel fn() launched (from its name), or None."""
     names = [n for n in profiled_names(fn) if "nf4_gemv_v4_kernel" in n]
     args = {tuple(int(v) for v in m) for n in names
-            for m in re.findall(r"nf4_gemv_v4_kernel<[^<>]*,\s*(\d+)\s*,\s*(\d+)\s*>", n)}
+            for m in re.findall(
+                r"nf4_gemv_v4_kernel<[^<>]*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*>", n)}
     assert len(args) == (1 if names else 0), names
     return args.pop() if args else None
 
@@ -1670,12 +1677,11 @@ def v4_template_args(fn):
 @pytest.mark.gpu
 def test_fused_matmul_gpu_v4_one_or_two_warps_per_step(monkeypatch):
     """v4's two ways to take a window: one warp per step of 1024-value stages, or two per step,
-    each with every other tile of the CTA, in 512-value stages (what M = 6..8 at 4096 -> 14336
-    need to fit x beside two stages). The plan takes the first where it fits, else the second;
-    FASTFT_NF4_V4_SPLIT (for benchmarks) asks for one of them only, and where that one does not
-    fit v4 leaves the call to v3. Each right against float64 at odd row counts, both dtypes,
-    nested scales or not, a partial last tile, CTAs with one tile (the second warp of a step
-    idle) and a LoRA term."""
+    each with every other tile of the CTA, in 512-value stages (for CTAs whose 1024-value
+    stages would not fit two in shared memory). The plan takes the first where it fits, else
+    the second; FASTFT_NF4_V4_SPLIT (for benchmarks) asks for one of them only. Each right
+    against float64 at odd row counts, both dtypes, nested scales or not, a partial last tile,
+    CTAs with one tile (the second warp of a step idle) and a LoRA term."""
     impl = _plan_impl(monkeypatch, min_sms=132)
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("v4 needs compute capability 9.0")
@@ -1698,23 +1704,55 @@ def test_fused_matmul_gpu_v4_one_or_two_warps_per_step(monkeypatch):
                                          device="cuda")
             st, bias, y, low = calls[0]
             got = split_taken(lambda: impl.gemv(x, st, bias, y, low))
-            # one warp per step leaves no room for two stages beside x at 6 or more rows of
-            # 4096 -> 14336 (H200: 132 SMs, 7 tiles per CTA)
-            one_fits = not (shape == (14336, 4096) and rows >= 6)
-            want = {0: 1 if one_fits else 2, 1: 1 if one_fits else None, 2: 2}[split]
+            want = {0: 1, 1: 1, 2: 2}[split]  # (x is in the stages: one warp per step fits)
             assert got == want, (shape, rows, split, got)
             _check_group(x, calls, refs, dtype, (shape, rows, split))
 
 
 @pytest.mark.gpu
+def test_fused_matmul_gpu_v4_two_token_tiles(monkeypatch):
+    """v4 at 9..16 rows (forced here; where auto takes it: the rule test): two token tiles of
+    the mma, two warps per step, one K part or two (FASTFT_NF4_V4_KPARTS). Right against float64
+    for both dtypes, nested scales or not, odd row counts, a partial last tile, a LoRA term, x
+    rows far apart in size in one call; the same bits twice; the kernel taken has NT = 2."""
+    impl = _plan_impl(monkeypatch, min_sms=100)  # (H200: 132)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("v4 needs compute capability 9.0")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
+    for kparts in ("1", "2"):
+        monkeypatch.setenv("FASTFT_NF4_V4_KPARTS", kparts)
+        # (K of whole 16-byte units of nested scales per K part: 4096, 6144)
+        for shape, rows, dtype, nested, rank in (((3990, 4096), 9, torch.bfloat16, True, 16),
+                                                 ((2600, 4096), 16, torch.bfloat16, False, 0),
+                                                 ((1000, 6144), 13, torch.float16, True, 0),
+                                                 ((4096, 2048), 11, torch.float16, False, 16)):
+            x, calls, refs = _group_case([shape], rows, dtype, nested, rank, seed=rows,
+                                         device="cuda")
+            if dtype == torch.bfloat16:  # one token 1e16 times the size of another
+                x_before = x.double()
+                x[1] *= 1e8
+                x[2] *= 1e-8
+                refs = [(ref + (x.double() - x_before) @ w.t(), w) for ref, w in refs]
+            st, bias, y, low = calls[0]
+            assert v4_template_args(lambda: impl.gemv(x, st, bias, y, low)) == \
+                (2, int(kparts), 2), (shape, rows, kparts)
+            _check_group(x, calls, refs, dtype, (shape, rows, kparts))
+            first = y.clone()
+            y.fill_(float("nan"))
+            impl.gemv(x, st, bias, y, low)
+            assert torch.equal(y, first), (shape, rows, kparts, "not deterministic")
+
+
+@pytest.mark.gpu
 def test_fused_matmul_gpu_v4_two_k_parts(monkeypatch):
     """v4 in clusters of two CTAs, each with half of K's windows (FASTFT_NF4_V4_KPARTS=2, for
-    benchmarks; v4's plan tries it first where the output is narrower than the input at 3 or
-    more rows, and it is what lets x fit at 4..6 rows of 14336 -> 4096): the second part adds
-    its sums into the first's shared memory, which adds bias and LoRA term. Right against float64 for both dtypes, nested scales or not, blocksize 64 and
-    128, odd row counts, K of an odd number of windows (the parts unequal) and a partial last
-    window (plain scales: nested ones of a row are whole 16-byte units only where K is whole
-    windows); the same bits twice; the kernel taken is the two-part one."""
+    benchmarks; v4's plan tries it first where the output is narrower than the input and the
+    input has 8192 or more features or there are 9..16 rows): the second part adds its sums
+    into the first's shared memory, which adds bias and LoRA term. Right against float64 for
+    both dtypes, nested scales or not, blocksize 64 and 128, odd row counts, K of an odd number
+    of windows (the parts unequal) and a partial last window (plain scales: nested ones of a row
+    are whole 16-byte units only where K is whole windows); the same bits twice; the kernel
+    taken is the two-part one."""
     impl = _plan_impl(monkeypatch, min_sms=100)  # (H200: 132)
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("v4 needs compute capability 9.0")
@@ -1746,15 +1784,17 @@ def test_fused_matmul_gpu_v4_two_k_parts(monkeypatch):
         assert parts_taken(lambda: check_fused_gpu("cuda", rows, (520, in_f), 128,
                                                    torch.bfloat16, nested, True,
                                                    seed=rows)) == 2, (rows, in_f)
-    # v4's own plan at 14336 -> 4096: one K part at 2 rows, two at 3 (first where the output
-    # is narrower than the input) and 4 (x does not fit one part)
+    # v4's own plan where the output is narrower than the input: two K parts first where the
+    # input has 8192 or more features or at 9..16 rows, one first elsewhere
     monkeypatch.delenv("FASTFT_NF4_V4_KPARTS")
-    for rows, want in ((2, 1), (3, 2), (4, 2)):
-        x, calls, refs = _group_case([(4096, 14336)], rows, torch.bfloat16, True, 0, seed=9,
+    for shape, rows, want in (((4096, 14336), 1, 2), ((4096, 14336), 2, 2),
+                              ((4096, 14336), 3, 2), ((4096, 14336), 12, 2),
+                              ((1024, 4096), 1, 1), ((1024, 4096), 8, 1), ((1024, 4096), 12, 2)):
+        x, calls, refs = _group_case([shape], rows, torch.bfloat16, True, 0, seed=9,
                                      device="cuda")
         st, bias, y, low = calls[0]
-        assert parts_taken(lambda: impl.gemv(x, st, bias, y, low)) == want, rows
-        _check_group(x, calls, refs, torch.bfloat16, ("v4's plan", rows))
+        assert parts_taken(lambda: impl.gemv(x, st, bias, y, low)) == want, (shape, rows)
+        _check_group(x, calls, refs, torch.bfloat16, ("v4's plan", shape, rows))
 
 
 @pytest.mark.gpu

@@ -17,23 +17,24 @@ multiply: never fused into an FMA), so its output is bit-identical to bitsandbyt
 nf4_matmul(x, W) = x @ W.T (+ bias) where W is the dequantised [out, in] weight, in x's dtype.
 Up to SMALL_M rows of x (decode) a fused kernel reads the packed weight directly (bf16/fp16 x;
 the Triton kernel and CUDA's v1 multiply by exactly the dequantised W, each value rounded as
-nf4_dequantize rounds it, so they differ from dequantise + matmul only in the float32
-summation order). CUDA's v2 and v3 (in_features % 64 == 0, blocksize >= 64) multiply by the NF4
-levels rounded to fp16 and apply each block's float32 scale to the float32 sums, i.e. W to
-2^-11 per level; v3 spends ~2 instructions per packed byte; v4 (sm_90) has the same numerics
-and streams the weight into shared memory with the copy engine (it also adds a LoRA term in
-its epilogue). The CUDA backend picks v4 where the input has 3072 or more features and either
-the output is at least as wide, at M <= 8 where the busiest SM gets 2 or more 16-row tiles
-(e.g. Llama-3-8B's q / o, and gate / up as single calls), or narrower, at M = 2..8 where v4's
-staged x fits (two CTAs of a cluster split K from M = 3) and at M = 1 with at most 9216 input
-features (e.g. Llama-3-8B's down at M = 2..6); else v3h (v3 with half of the level lookups
-done in registers instead of shared memory: the same results) where the output is at least
-twice as wide, v3 at M <= 8 where it is at most half as wide (faster than v1 there on the
-H200), v1 elsewhere; FASTFT_NF4_GEMV forces one (see gemv_settings). Larger inputs, float32
-x and shapes the fused kernels don't take dequantise W into a per-device workspace (reused by
-every layer, see workspace()) and call cuBLAS. Only x (and a bias) get gradients: the
-quantised weight is frozen; backward dequantises again (dx = dy @ W), nothing W-sized is
-saved.
+nf4_dequantize rounds it, so they differ from dequantise + matmul only in the float32 summation
+order). CUDA's v2 and v3 (in_features % 64 == 0, blocksize >= 64) multiply by the NF4 levels
+rounded to fp16 and apply each block's float32 scale to the float32 sums, i.e. W to 2^-11 per
+level; v3 spends ~2 instructions per packed byte; v4 (sm_90) has the same numerics (bf16 x
+scaled into fp16 per token and 64-value step rather than per token) and streams the weight and x
+into shared memory with the copy engine (it also adds a LoRA term in its epilogue). The CUDA
+backend picks v4 where the input has 3072 or more features and either the output is at least as
+wide, at M <= 16 where the busiest SM gets 2 or more 16-row tiles (e.g. Llama-3-8B's q / o, and
+gate / up as single calls), or narrower, at M = 2..16 (two CTAs of a cluster split K where the
+input has 8192 or more features or M > 8) and at M = 1 with at most 9216 input features (e.g.
+Llama-3-8B's down at M = 2..16, k / v at every M); where a CTA's scales do not fit v4's table,
+v3 / v1; else v3h (v3 with half of the level lookups done in registers instead of shared memory:
+the same results) where the output is at least twice as wide, v3 at M <= 8 where it is at most
+half as wide (faster than v1 there on the H200), v1 elsewhere; FASTFT_NF4_GEMV forces one (see
+gemv_settings). Larger inputs, float32 x and shapes the fused kernels don't take dequantise W
+into a per-device workspace (reused by every layer, see workspace()) and call cuBLAS. Only x
+(and a bias) get gradients: the quantised weight is frozen; backward dequantises again (dx = dy
+@ W), nothing W-sized is saved.
 """
 from __future__ import annotations
 
@@ -508,8 +509,8 @@ class _CudaBackend:
 
 
 # FASTFT_NF4_GEMV picks the CUDA backend's fused small-M kernel: unset or "auto" lets the
-# extension choose (v4 at M <= 8 where in >= 3072 and out >= in, or at M = 2..8 where out < in
-# and its x fits (M = 1 also where in <= 9216), v3h where the output is at least
+# extension choose (v4 at M <= 16 where in >= 3072 and out >= in, or at M = 2..16 where out < in
+# (M = 1 also where in <= 9216), v3h where the output is at least
 # twice as wide as the input, v3 at M <= 8 where it is at most half as wide; v1 elsewhere: what
 # the H200 measured; the module docstring has the whole rule), "v1" / "v2" /
 # "v3" / "v4" force one where it applies. FASTFT_NF4_V3_SPLITS forces v3's K split across CTAs and
@@ -522,7 +523,7 @@ class _CudaBackend:
 # GPU has it, compute capability >= 9.0: a call's CTAs start as the previous kernel's finish
 # and wait for it before touching global memory, which hides the launch).
 # v4: the weight streamed into shared memory by the copy engine (TMA), one CTA per SM (sm_90,
-# M <= 8 where x and 2 stages fit: v3's plan takes the other calls); v3's numerics; it adds a
+# M <= 16 where 2 stages fit: v3's plan takes the other calls); v3's numerics; it adds a
 # low-rank term in its epilogue.
 _GEMV_VARIANTS = {"": 0, "auto": 0, "v1": 1, "v2": 2, "v3": 3, "v3r": 5, "v3h": 6, "v4": 7}
 
