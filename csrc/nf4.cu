@@ -207,13 +207,13 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
     // what auto took before: v1, or v3h where the output is twice the input or wider):
     //   4096 -> 14336  22.1 / 22.4 / 22.2 vs 27.1 / 27.8 / 29.2 (v3h)
     //   3072 -> 8192   13.6 / 13.6 / 13.8 vs 20.7 / 21.6 / 22.4 (v3h)
-    //   3584 -> 18944  32.2 / 33.5 / 34.6 vs 32.9 / 34.5 / 35.4 (v3h)
     //   4096 -> 4096   13.5 / 14.4 / 13.9 vs 13.5 / 14.3 / 15.5
     //   3072 -> 3072   11.0 / 11.3 / 11.3 vs 11.6 / 12.3 / 13.5
     //   14336 -> 4096  27.8 / 27.7 / 28.1 vs 29.5 / 30.6 / 32.3 (run 157)
     //   8192 -> 3072   17.0 / 17.2 / 17.4 vs 19.2 / 20.5 / 22.6
     //   4096 -> 1024    9.2 /  9.2 /  9.4 vs 18.0 / 18.8 / 20.4
-    // (18944 -> 3584: a CTA's scales do not fit v4's table; v1 there.) With a rank-16 LoRA term
+    // (18944 -> 3584: a CTA's scales do not fit v4's table, v1 there; 3584 -> 18944: 9 tiles per
+    // CTA, more than v4 takes, v3h there.) With a rank-16 LoRA term
     // at M = 16: 4096 -> 14336 23.9 vs 35.2, 14336 -> 4096 29.2 vs 34.8. v3h elsewhere where
     // the output is wide.
     const bool v4_wide = a.N >= a.K && a.M <= 16;
@@ -286,6 +286,18 @@ bool nf4_gemv_group_plan(NF4GemvGroup& g, int sms) {
                          v3_cta_rows(one.v3_kparts) * one.v3_splits;
     each_small = each_small && ctas < sms;
     each_ctas += ctas;
+  }
+  // Weights that each fill the GPU alone and each take v4 by the automatic plan go as one v4
+  // call each: v4 has no group form, and at Llama-3-8B's gate/up one v4 call (14.5-22.4 us
+  // at M = 1..16, run 161) takes about what the v3 group spends per weight or less (run 162).
+  if (!each_small && a0.variant == 0) {
+    bool each_v4 = true;
+    for (int s = 0; s < g.count && each_v4; ++s) {
+      NF4GemvArgs one = g.a[s];
+      nf4_gemv_plan(g.w[s], one, sms);
+      each_v4 = one.variant == 7;
+    }
+    if (each_v4) return false;
   }
   int64_t group_ctas = 0;  // grid columns: segment s owns [first[s], first[s + 1])
   for (int s = 0; s < g.count; ++s) {

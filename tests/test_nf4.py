@@ -1800,22 +1800,33 @@ def test_fused_matmul_gpu_v4_two_k_parts(monkeypatch):
 @pytest.mark.gpu
 def test_fused_matmul_gpu_group_only_where_it_pays(monkeypatch):
     """The plan's rule for one launch (nf4.cu, nf4_gemv_group_plan; bench/nf4_group.py): an 8B
-    layer's q/k/v are grouped at every M; its gate/up, each of which fills the GPU alone, where
-    the group takes no more CTAs than the two calls: at every M since the plan stopped taking
-    more CTAs than fit an SM at once (M = 1, 4: 224 CTAs of 2 K parts, where 896 CTAs of 8 had
-    measured slower than two calls). A pair that would take more CTAs together stays two
-    calls: two 5120 -> 18944 weights at M = 1 (592 CTAs of 4 K parts together, 222 of 3 K
-    splits each alone, by a Python mirror of the plan). Either way every y is written and
-    right."""
+    layer's q/k/v are grouped at every M. Weights that each fill the GPU alone go as one v4
+    call each where the automatic plan gives each of them v4 (compute capability 9.0: an 8B
+    layer's gate/up at M = 1..16; not two 5120 -> 18944 weights: 9 tiles per CTA, more than v4
+    takes). Otherwise (also forced v3h, as auto took gate/up before v4) they are grouped where
+    the group takes no more CTAs than the calls: gate/up at every M
+    (M = 1, 4: 224 CTAs of 2 K parts, where 896 CTAs of 8 had measured slower than two calls);
+    two 5120 -> 18944 weights at M = 4 but not at M = 1 (592 CTAs of 4 K parts together, 222 of
+    3 K splits each alone, by a Python mirror of the plan). Either way every y is written and
+    right, and the single calls are v4 where the rule says so."""
     impl = _plan_impl(monkeypatch, min_sms=100)
+    v4 = torch.cuda.get_device_capability()[0] == 9
     qkv = [(4096, 4096), (1024, 4096), (1024, 4096)]
     gate_up = [(14336, 4096), (14336, 4096)]
     wide_pair = [(18944, 5120), (18944, 5120)]
-    for shapes, rows, grouped in ((qkv, 1, True), (qkv, 16, True), (gate_up, 1, True),
-                                  (gate_up, 4, True), (gate_up, 8, True), (gate_up, 16, True),
-                                  (wide_pair, 1, False), (wide_pair, 4, True)):
+    for kernel, shapes, rows, grouped in (
+            ("auto", qkv, 1, True), ("auto", qkv, 16, True),
+            ("auto", gate_up, 1, not v4), ("auto", gate_up, 8, not v4),
+            ("auto", gate_up, 16, not v4), ("auto", wide_pair, 4, True),
+            ("v3h", gate_up, 1, True), ("v3h", gate_up, 4, True), ("v3h", gate_up, 8, True),
+            ("v3h", gate_up, 16, True), ("v3h", wide_pair, 1, False),
+            ("v3h", wide_pair, 4, True)):
+        monkeypatch.setenv("FASTFT_NF4_GEMV", kernel)
         x, calls, refs = _group_case(shapes, rows, torch.bfloat16, True, 16, seed=rows,
                                      device="cuda")
         launches = _group_kernel_launches(lambda: impl.gemv_group(x, calls))
-        assert launches == (1 if grouped else 0), (shapes[0], rows, launches)
-        _check_group(x, calls, refs, torch.bfloat16, (shapes[0], rows))
+        assert launches == (1 if grouped else 0), (kernel, shapes[0], rows, launches)
+        if kernel == "auto" and not grouped:
+            names = profiled_names(lambda: impl.gemv_group(x, calls))
+            assert sum("nf4_gemv_v4_kernel" in n for n in names) == len(shapes), names
+        _check_group(x, calls, refs, torch.bfloat16, (kernel, shapes[0], rows))
