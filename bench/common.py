@@ -132,6 +132,30 @@ def write_result(out_dir, name: str, **fields) -> None:
         json.dump(dict(gpu=gpu_name(), **fields), f, indent=1)
 
 
+def nf4_kernel_label(event_name: str):
+    """A short label of the fused NF4 kernel a profiler event names ("v4<false, __nv_bfloat16, 1,
+    2, 1>", "v3_group<...>", "v1<...>" for nf4_gemv_kernel), or None for any other event."""
+    import re
+
+    m = re.search(r"nf4_gemv_(?:(\w+?)_)?kernel<([^()]*)>", event_name)
+    if m is None:
+        return None
+    return f"{m.group(1) or 'v1'}<{m.group(2)}>"
+
+
+def nf4_kernels_launched(fn, *args) -> list:
+    """The fused NF4 kernels one call fn(*args) launches (nf4_kernel_label's, in launch order):
+    a record of what ran, since a forced kernel that does not apply falls back to another
+    (e.g. "v4" on a shape whose CTAs would take more tiles than v4 takes runs v3)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(*args)
+        torch.cuda.synchronize()
+    labels = [nf4_kernel_label(e.name) for e in prof.events()]
+    return [label for label in labels if label is not None]
+
+
 def use_nf4_kernel(spec: str):
     """FASTFT_NF4_GEMV and v3's forced work split from a spec like "v3h:p8:s2" (":p" the K parts
     per CTA, FASTFT_NF4_V3_KPARTS; ":s" the K splits across CTAs, FASTFT_NF4_V3_SPLITS; ":w" v4's

@@ -17,7 +17,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_nf4 import random_weight  # noqa: E402
-from common import copy_bandwidth_gbps, time_ms, use_nf4_kernel  # noqa: E402
+from common import (copy_bandwidth_gbps, nf4_kernels_launched, time_ms,  # noqa: E402
+                    use_nf4_kernel)
 from fastft.ops import nf4 as nf4_mod  # noqa: E402
 from fastft.ops.nf4 import nf4_dequantize, resolve  # noqa: E402
 
@@ -87,7 +88,7 @@ for name, shapes in GROUPS.items():
                 results[label] = ms
                 emit(group=name, M=rows, rank=rank, calls=label, us=round(ms * 1e3, 2),
                      pct_copy=round(100 * group_bytes / (ms * 1e-3) / (copy * 1e9), 1),
-                     err=max(errs))
+                     err=max(errs), ran=nf4_kernels_launched(fn, x, calls))
             best = min(kernels, key=results.get)
             emit(group=name, M=rows, rank=rank, calls="group / each",
                  auto=round(results[kernels[0]] / results["each"], 3), best=best,

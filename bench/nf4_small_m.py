@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_nf4 import random_weight  # noqa: E402
-from common import time_ms, copy_bandwidth_gbps, use_nf4_kernel  # noqa: E402
+from common import (copy_bandwidth_gbps, nf4_kernels_launched, time_ms,  # noqa: E402
+                    use_nf4_kernel)
 from fastft.ops.nf4 import nf4_matmul, nf4_dequantize, resolve, _CudaBackend  # noqa: E402
 
 tag, out = sys.argv[1], sys.argv[2]
@@ -76,9 +77,11 @@ for shape, (o, i) in shapes.items():
                 assert err < 2e-2 or wrong_by_design, \
                     f"{kernel} is wrong at M={rows} {shape}: relative error {err:.3g}"
                 ms = time_ms(fn, sets)
+                ran = nf4_kernels_launched(fn, *sets[0])  # (a forced kernel may fall back)
             emit(shape=shape, M=rows, kernel=kernel, lora=rank, dtype=dtype_name,
                  us=round(ms * 1e3, 2),
-                 pct_copy=round(100 * (o * i / 2) / (ms * 1e-3) / (copy * 1e9), 1), err=err)
+                 pct_copy=round(100 * (o * i / 2) / (ms * 1e-3) / (copy * 1e9), 1), err=err,
+                 ran=ran)
     del w32
 
 # decode-like chain: x -> up -> down, twice (each call reads what the one before wrote)
