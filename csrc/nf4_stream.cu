@@ -25,20 +25,19 @@
 // x in the stages (runs 151-156): until run 150 each CTA staged all of x in its prologue
 // (after the PDL wait, up to 96 KB), which took 0.9-2.5 us of it, left less room for the ring
 // and kept M = 7, 8 of 14336 -> 4096 off v4. With x copied per window beside the weight, a
-// call at M = 8 took 14.9 instead of 17.8 us at 4096 -> 14336 and 17.7 instead of 26.4 (v3)
-// at 14336 -> 4096; M = 1 at 4096 -> 14336 3% longer (14.5 vs 14.1: the conversion below in
-// the loop). (Run 156 had one x factor per step for all tokens; per token as now: not yet
-// timed.)
+// call at M = 8 took 14.8 instead of 17.8 us at 4096 -> 14336 and 17.2 instead of 26.2 (v3)
+// at 14336 -> 4096; M = 1 at 4096 -> 14336 2% longer (14.5 vs 14.2: the conversion below in
+// the loop; run 161).
 //
-// M = 9..16 (not yet timed; the plan's rule in nf4.cu takes v4 at up to 8): two token tiles
-// (NT 2) of the mma, whose lookups serve both, with two warps per step.
+// M = 9..16 (runs 157-161): two token tiles (NT 2) of the mma, whose lookups serve both, with
+// two warps per step (4096 -> 14336 22.4 us at M = 16 vs v3h's 29.3).
 //
 // Two other forms: SPLIT 2, two warps per step with every other tile each, in 512-value
 // windows (half the stage), for CTAs whose 1024-value stages do not fit two; KPARTS 2, a
 // cluster of two CTAs (grid.y) per row group, each with half of the windows, the second
 // adding its sums into the first's shared memory (distributed shared memory, in part order:
-// deterministic), where the output is narrower than the input (14336 -> 4096 at M = 3..8).
-// Runs 144-149.
+// deterministic), where the output is narrower than the input (the plan's order:
+// nf4_gemv_v4_plan). Runs 144-149, 158-160.
 //
 // Numerics as v3 (see nf4_kernels.cuh) but for bf16 x's scaling: fp16 levels from the same
 // level-pair table (byte -> fp16x2, 32 copies, entries 256 bytes apart), fp16 mma, the step's
