@@ -748,8 +748,9 @@ int v4_cluster_pairs() {
 // (one warp per step), of 512 (two warps per step, each with half the tiles); then two K parts
 // (clusters of two CTAs on two SMs, each with half of the windows), where the second part's
 // scales start at a whole 16-byte unit. Two K parts come first where the output is narrower
-// than the input at 3 or more rows. M = 9..16 (two token tiles of the mma) take two warps per
-// step only (a warp's 4 tiles x 8 sums, as 8 tiles x 4 at M <= 8).
+// than the input and the input has 8192 or more features or M > 8 (below). M = 9..16 (two
+// token tiles of the mma) take two warps per step only (a warp's 4 tiles x 8 sums, as 8 tiles
+// x 4 at M <= 8).
 bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   if (encode_tiled() == nullptr || !nf4_gemv_v3_ok(w, a) || a.K % (1 << w.bs_log2) != 0)
     return false;
