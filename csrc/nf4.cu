@@ -189,9 +189,9 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
     // 3072 -> 8192 10.6 / 10.8 / 10.8 vs 13.4 / 15.6 / 15.9; 4096 -> 4096 9.7 / 10.0 / 10.3 vs
     // v1's 11.4 / 11.6 / 12.1. Since x is copied with each window (run 156, M = 1 / 2 / 4 / 8):
     // 4096 -> 14336 14.5 / 14.3 / 14.3 / 14.9 us vs the previous v4's 14.1 / 14.5 / 15.6 / 17.8.
-    // With a LoRA term (rank 16) v4 adds it in its epilogue at ~no
-    // cost where v3's cost 2-4 us (run 139). Inputs under 3072 features stay v3 (not
-    // measured; 1024 -> 2048, one tile per CTA, was 37% slower with v4 in run 140).
+    // With a LoRA term (rank 16) v4 adds it in its epilogue at ~no cost where v3's cost 2-4 us
+    // (run 139). Inputs under 3072 features stay v3 (not measured; 1024 -> 2048, one tile per
+    // CTA, was 37% slower with v4 in run 140).
     // Where the output is narrower than the input, v4 at 2..16 rows (two K parts where they
     // fit: nf4_gemv_v4_plan), and at 1 row where the input has at most 9216 features (H200,
     // frozen, runs 146-148; v4 vs v3 at M = 1 / 2 / 3 / 4 / 5, us):
@@ -213,9 +213,8 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
     //   8192 -> 3072   17.0 / 17.2 / 17.4 vs 19.2 / 20.5 / 22.6
     //   4096 -> 1024    9.2 /  9.2 /  9.4 vs 18.0 / 18.8 / 20.4
     // (18944 -> 3584: a CTA's scales do not fit v4's table, v1 there; 3584 -> 18944: 9 tiles per
-    // CTA, more than v4 takes, v3h there.) With a rank-16 LoRA term
-    // at M = 16: 4096 -> 14336 23.9 vs 35.2, 14336 -> 4096 29.2 vs 34.8. v3h elsewhere where
-    // the output is wide.
+    // CTA, more than v4 takes, v3h there.) With a rank-16 LoRA term at M = 16: 4096 -> 14336
+    // 23.9 vs 35.2, 14336 -> 4096 29.2 vs 34.8. v3h elsewhere where the output is wide.
     const bool v4_wide = a.N >= a.K && a.M <= 16;
     const bool v4_deep = a.N < a.K && a.M <= 16 && (a.M >= 2 || a.K <= 9216);
     if ((v4_wide || v4_deep) && a.K >= 3072 && a.v4_allowed && nf4_gemv_v4_plan(w, a, sms) &&
