@@ -426,9 +426,9 @@ __global__ void __launch_bounds__(kV4Threads, 1)
                            ((((uint32_t)(2 * (wstep & 3) + (t >> 1))) ^ (uint32_t)g) << 4) +
                            8u * (t & 1) + (uint32_t)(tfirst * 16 + g) * 128u;
   // One tile's step: 16 level pairs from the table, 4 mma per token tile, the sums scaled into
-  // acc. (bf16: undo[u][0 / 1] undo the x scaling of tokens 8u + 2t / + 1, the sums' columns,
-  // folded into the row scales: products formed while the mma run, not after them; run 158:
-  // 14336 -> 4096 at M = 8 17.2 vs 18.8 us with the sums multiplied first)
+  // acc. (undo[u][0 / 1]: 1 for fp16 x; for bf16 they undo the x scaling of tokens 8u + 2t /
+  // + 1, the sums' columns, folded into the row scales: products formed while the mma run, not
+  // after them; run 158: 14336 -> 4096 at M = 8 17.2 vs 18.8 us with the sums multiplied first)
   auto tile_step = [&](uint2 lo, uint2 hi, const uint32_t (&xw)[NT][8], float s_lo, float s_hi,
                        const float (&undo)[NT][2], float (&sums)[4 * NT]) {
     float c[NT][4];
@@ -452,11 +452,10 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     }
 #pragma unroll
     for (int u = 0; u < NT; ++u) {
-      const float u0 = kBf16 ? undo[u][0] : 1.f, u1 = kBf16 ? undo[u][1] : 1.f;
-      sums[4 * u + 0] = fmaf(s_lo * u0, c[u][0], sums[4 * u + 0]);
-      sums[4 * u + 1] = fmaf(s_lo * u1, c[u][1], sums[4 * u + 1]);
-      sums[4 * u + 2] = fmaf(s_hi * u0, c[u][2], sums[4 * u + 2]);
-      sums[4 * u + 3] = fmaf(s_hi * u1, c[u][3], sums[4 * u + 3]);
+      sums[4 * u + 0] = fmaf(s_lo * undo[u][0], c[u][0], sums[4 * u + 0]);
+      sums[4 * u + 1] = fmaf(s_lo * undo[u][1], c[u][1], sums[4 * u + 1]);
+      sums[4 * u + 2] = fmaf(s_hi * undo[u][0], c[u][2], sums[4 * u + 2]);
+      sums[4 * u + 3] = fmaf(s_hi * undo[u][1], c[u][3], sums[4 * u + 3]);
     }
   };
   int s = 0;               // the window's slot (j % S) and that slot's use count parity
