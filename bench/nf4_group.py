@@ -3,7 +3,10 @@ one call per weight, graph-timed in the same process: an 8B layer's q/k/v (4096 
 1024) and gate/up (4096 -> 14336 x 2), with and without a rank-16 LoRA term on each weight.
 One JSON line per case, appended to OUT/nf4_group.jsonl.
 
-    ROWS=1,2,4,8,16 KERNELS=auto,v3,v3h,v3:p16 python bench/nf4_group.py --out OUT
+    ROWS=1,2,4,8,16 KERNELS=auto,v3,v3h,v3:p16 NF4_GROUPS=q/k/v,gate/up \
+        python bench/nf4_group.py --out OUT
+
+NF4_GROUPS: names from ALL_GROUPS (also Qwen2.5-7B's and -14B's gate/up pairs).
 
 KERNELS: the grouped call's kernel choices (FASTFT_NF4_GEMV, and as in nf4_small_m.py ":p8"
 forces v3's K parts, ":s2" its K splits); the calls per weight always take the default.
@@ -27,8 +30,11 @@ parser.add_argument("--out", default="/tmp")
 args = parser.parse_args()
 rows_list = [int(r) for r in os.environ.get("ROWS", "1,2,4,8,16").split(",")]
 kernels = os.environ.get("KERNELS", "auto,v3,v3h,v3:p16").split(",")
-GROUPS = {"q/k/v": [(4096, 4096), (1024, 4096), (1024, 4096)],
-          "gate/up": [(14336, 4096), (14336, 4096)]}
+ALL_GROUPS = {"q/k/v": [(4096, 4096), (1024, 4096), (1024, 4096)],
+              "gate/up": [(14336, 4096), (14336, 4096)],
+              "gate/up 7B": [(18944, 3584), (18944, 3584)],     # Qwen2.5-7B
+              "gate/up 14B": [(13824, 5120), (13824, 5120)]}    # Qwen2.5-14B
+GROUPS = {n: ALL_GROUPS[n] for n in os.environ.get("NF4_GROUPS", "q/k/v,gate/up").split(",")}
 impl = nf4_mod._BACKENDS["cuda"]
 copy = copy_bandwidth_gbps()
 out = open(os.path.join(args.out, "nf4_group.jsonl"), "a")
