@@ -212,9 +212,20 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
     //   14336 -> 4096  27.8 / 27.7 / 28.1 vs 29.5 / 30.6 / 32.3 (run 157)
     //   8192 -> 3072   17.0 / 17.2 / 17.4 vs 19.2 / 20.5 / 22.6
     //   4096 -> 1024    9.2 /  9.2 /  9.4 vs 18.0 / 18.8 / 20.4
-    // (18944 -> 3584: a CTA's scales do not fit v4's table, v1 there; 3584 -> 18944: 9 tiles per
-    // CTA, more than v4 takes, v3h there.) With a rank-16 LoRA term at M = 16: 4096 -> 14336
-    // 23.9 vs 35.2, 14336 -> 4096 29.2 vs 34.8. v3h elsewhere where the output is wide.
+    // Run 167, since a CTA's scales that do not fit the table's holes take an area of their own,
+    // CTAs of 9..16 tiles take two warps per step (M <= 8) and a row's scales need only be whole
+    // 8-byte units (Qwen2.5-7B / -14B's MLPs; v3h / v3 / v1 before), v4 vs before at M = 1 / 2 /
+    // 4 / 8 / 12 / 16, us:
+    //   3584 -> 18944  17.5 / 17.8 / 18.0 / 18.0 vs 22.3 / 23.0 / 23.5 / 25.6 (at 12 / 16 a CTA
+    //                  would take 9 tiles of two token tiles: v3h, 34.5 / 35.9)
+    //   5120 -> 13824  17.2 / 20.0 / 20.2 / 20.4 / 25.5 / 25.9 vs 21.3 / 21.8 / 25.0 / 26.3 /
+    //                  35.1 / 37.2
+    //   18944 -> 3584  (v3 at 1: 21.3) 21.8 / 21.5 / 21.8 / 35.8 / 36.2 vs 27.2 / 29.1 / 35.7 /
+    //                  41.3 / 43.4
+    //   13824 -> 5120  (v3 at 1: 22.8) 19.4 / 19.3 / 20.0 / 31.2 / 31.7 vs 24.2 / 27.1 / 32.7 /
+    //                  42.4 / 44.0
+    // With a rank-16 LoRA term at M = 16: 4096 -> 14336 23.9 vs 35.2, 14336 -> 4096 29.2 vs
+    // 34.8. v3h elsewhere where the output is wide.
     const bool v4_wide = a.N >= a.K && a.M <= 16;
     const bool v4_deep = a.N < a.K && a.M <= 16 && (a.M >= 2 || a.K <= 9216);
     if ((v4_wide || v4_deep) && a.K >= 3072 && a.v4_allowed && nf4_gemv_v4_plan(w, a, sms) &&

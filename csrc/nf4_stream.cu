@@ -11,7 +11,7 @@
 // and the scales overlap the weight's first bytes.
 //
 // Work split: CTA c takes 16-row tiles [c T / G, (c + 1) T / G) of the T = ceil(N / 16) (G
-// CTAs, at most kV4MaxTiles each) and the whole K range. K goes in windows of 1024 values (16
+// CTAs, at most v4_max_tiles each) and the whole K range. K goes in windows of 1024 values (16
 // steps of 64, one quantisation block each): a stage is the CTA's rows x one window, copied
 // as four boxes of rows x 128 bytes by the tensor-map copy (one instruction each: per-row bulk
 // copies cost ~34 ns apiece in run 123, so a call's ~400 of them were most of its time), and
@@ -62,7 +62,13 @@ constexpr int kV4ConsumerThreads = kV4Consumers * 32;
 // split between two warps per step ("split" 2: half the stage, for rings that need the room).
 __host__ __device__ constexpr int v4_window(int split) { return kV4Consumers * kV3Step / split; }
 constexpr int kV4AnchorBytes = 128;  // the static part of the shared memory (see the kernel)
-constexpr int kV4MaxTiles = 8, kV4MaxStages = 32;
+constexpr int kV4MaxStages = 32;
+// The most tiles a CTA takes: 8 per warp of a step (its sums in registers: 8 tiles x 4 at one
+// token tile, 4 x 8 at two), so 16 with two warps per step at one token tile (a box's rows:
+// <= 256; e.g. 3584 -> 18944, 9 tiles per CTA on 132 SMs), else 8.
+__host__ __device__ constexpr int v4_max_tiles(int split, int nt) {
+  return split == 2 && nt == 1 ? 16 : 8;
+}
 constexpr int kV4MaxSmem = 227 * 1024;  // an sm_90 CTA's most shared memory (static + dynamic)
 constexpr int kV4TableSpan = 256 * 256;
 constexpr int kV4Misc = 2048;  // code2 [256] floats, then the barriers
@@ -76,6 +82,12 @@ struct V4Layout {
   int part_windows;  // windows of the first K part (the most any part takes)
   int KBc;         // steps of the first K part (the most any CTA stages)
   int tmax;        // the most tiles a CTA takes
+  // The CTA's scales as float32, in holes of 32 words, holes_row per row: hole h at
+  // scales_at + h * hole_stride. In the level-pair table's 256 holes (the second 128 bytes of
+  // each 256-byte entry) where they fit, else in an area of their own after absmax2 (packed,
+  // 128 bytes apart), which takes room from the ring.
+  int holes_row;
+  uint32_t scales_at, hole_stride;
   // a stage: the weight's window (stage_w bytes: 4 or 2 boxes of rows x 128 bytes), then x's
   // (the window's steps x M tokens x 128 bytes)
   uint32_t a2_area, sums_in, ring, stage_w, stage_bytes;
@@ -91,11 +103,22 @@ struct V4Layout {
     a2_area = kV4TableSpan + kV4Misc;
     // nested: the absmax2 entries of the CTA's scales (see the kernel), with room to spare
     const int64_t a2_bytes = w.nested ? 4 * ((((int64_t)tmax * 16 * KS) >> w.bs2_log2) + 8) : 0;
+    holes_row = (KBc + 31) / 32;
+    const int64_t holes = (int64_t)tmax * 16 * holes_row;
+    uint32_t after_scales = up(a2_area + a2_bytes, 16);
+    if (holes <= 256) {
+      scales_at = 128u;
+      hole_stride = 256u;
+    } else {
+      scales_at = after_scales;
+      hole_stride = 128u;
+      after_scales = up(after_scales + holes * 128, 16);
+    }
     // kparts 2: the second part's sums [row][token] (float32), written by that CTA
-    sums_in = kparts == 1 ? 0 : up(a2_area + a2_bytes, 16);
+    sums_in = kparts == 1 ? 0 : after_scales;
     const int64_t sums_in_bytes = (int64_t)tmax * 16 * a.M * 4;
     // the 128-byte swizzle's 1 KB alignment
-    ring = kparts == 1 ? up(a2_area + a2_bytes, 1024) : up(sums_in + sums_in_bytes, 1024);
+    ring = kparts == 1 ? up(after_scales, 1024) : up(sums_in + sums_in_bytes, 1024);
     stage_w = (uint32_t)(tmax * 16 * (v4_window(split) / 2));
     stage_bytes = stage_w + (uint32_t)(window_steps * a.M * 128);
   }
@@ -283,8 +306,12 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // dependent rounds: the levels, the scales, absmax2, x). Now one round for the levels,
   // code2, absmax2 and the first scales (all loads issued before any store), one for x.
   constexpr int kScaleBytes = NESTED ? 1 : 4;
-  constexpr int kScalesPerUnit = 16 / kScaleBytes;
-  constexpr int kScaleBatch = 4;  // 16-byte units of scales a thread holds in registers
+  // 8-byte units: a row's scales are whole units where the row has a multiple of 8 bytes of
+  // them (e.g. 18944 or 3584 features, nested: 296 / 56 bytes), which 16-byte units were not
+  constexpr int kScalesPerUnit = 8 / kScaleBytes;
+  // 8-byte units of scales a thread holds in registers: 4, as with 16-byte units (run 165: 8
+  // made the decode-like up / down chain at M = 16 29.9 us per call, 4 26.0; main then 28.1)
+  constexpr int kScaleBatch = 4;
   const int64_t blk0 = (int64_t)row0 * L.KS;  // the CTA's first quantisation block
   // the CTA's absmax2 entries: a2_count from a2_first (nested only); blk_rel0: blk0 counted
   // from a2_first's first block, so the loop's absmax2 indices are 32-bit
@@ -292,15 +319,15 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   const int a2_count =
       NESTED ? (int)(((blk0 + (int64_t)rows * L.KS - 1) >> w.bs2_log2) + 1 - a2_first) : 0;
   const int blk_rel0 = NESTED ? (int)(blk0 - (a2_first << w.bs2_log2)) : 0;
-  const int units_row = L.KS / kScalesPerUnit;  // a row's scales in 16-byte units
+  const int units_row = L.KS / kScalesPerUnit;  // a row's scales in 8-byte units
   const int steps_log2 = w.bs_log2 - 6;  // steps (of 64 values) per quantisation block
-  // this K part's scales of a row: blocks from blk_part0, units_part 16-byte units from
+  // this K part's scales of a row: blocks from blk_part0, units_part 8-byte units from
   // unit_part0 (the plan checks that they are whole units)
   const int blk_part0 = KPARTS == 1 ? 0 : step0 >> steps_log2;
   const int units_part = KPARTS == 1 ? units_row : (steps >> steps_log2) / kScalesPerUnit;
   const int unit_part0 = KPARTS == 1 ? 0 : blk_part0 / kScalesPerUnit;
   const int scale_units = rows * units_part;
-  const uint4* scales = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(w.absmax) +
+  const uint2* scales = reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(w.absmax) +
                                                        blk0 * kScaleBytes);
   auto scale_unit = [&](int i) {  // unit i of the CTA's scales (row i / units_part)
     return KPARTS == 1 ? scales + i
@@ -315,7 +342,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     if (NESTED) code2_v = __ldg(w.code2 + tid);
   }
   if (NESTED && tid < a2_count) a2_v = __ldg(w.absmax2 + a2_first + tid);
-  uint4 scale_v[kScaleBatch];
+  uint2 scale_v[kScaleBatch];
 #pragma unroll
   for (int k = 0; k < kScaleBatch; ++k)
     if (tid + k * kV4ConsumerThreads < scale_units)
@@ -333,21 +360,25 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   consumers_sync();  // code2 and absmax2 in place
   NF4_MARK(tid == 0, kTimelineExtra + 2);
 
-  // Every scale of the CTA as float32 into the table's holes (the second 128 bytes of each
-  // 256-byte entry): row r's step b at hole r * holes_row + b / 32, word (b + r) % 32, so the
-  // 16 rows a window's lanes read fall in 16 banks, and the window loop reads one word per
-  // scale (a nested scale costs 3 lookups and an absmax2 index).
-  const int holes_row = (L.KBc + 31) / 32;
+  // Every scale of the CTA as float32 into its holes (V4Layout: the table's, or an area of
+  // their own): row r's step b at hole r * holes_row + b / 32, word (b + r) % 32, so the 16
+  // rows a window's lanes read fall in 16 banks, and the window loop reads one word per scale
+  // (a nested scale costs 3 lookups and an absmax2 index).
+  const int holes_row = L.holes_row;
+  const uint32_t scales_at = L.scales_at, hole_stride = L.hole_stride;
+  auto hole_at = [&](int r, int b) -> uint32_t {  // the hole's first byte
+    return (uint32_t)(r * holes_row + (b >> 5)) * hole_stride + scales_at;
+  };
   auto hole_word = [&](int r, int b) -> uint32_t {
-    return (uint32_t)((r * holes_row + (b >> 5)) * 256 + 128 + 4 * ((b + r) & 31));
+    return hole_at(r, b) + 4u * (uint32_t)((b + r) & 31);
   };
   // Every scale of the unit first, then the stores: the compiler cannot tell the stores from
   // code2_s / a2_s, so a load after a store waits for it; and the common blocksize (64: one
   // step per scale) takes straight-line stores. (A loop per scale made this ~2.2 us of the
   // prologue at 4096 -> 14336, run 141: ~1000 instructions per unit.)
-  auto scales_to_holes = [&](int i, uint4 v) {  // unit i: row i / units_part's 16 bytes
+  auto scales_to_holes = [&](int i, uint2 v) {  // unit i: row i / units_part's 8 bytes
     const int r = i / units_part, bs0 = (i - r * units_part) * kScalesPerUnit;
-    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+    const uint32_t words[2] = {v.x, v.y};
     float sc[kScalesPerUnit];
 #pragma unroll
     for (int k = 0; k < kScalesPerUnit; ++k) {
@@ -362,9 +393,9 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       }
     }
     if (steps_log2 == 0) {
-      // b = bs0 + k: one hole for the unit (bs0 % 16 == 0, so b / 32 = bs0 / 32), words
+      // b = bs0 + k: one hole for the unit (bs0 % 8 == 0, so b / 32 = bs0 / 32), words
       // (bs0 + r + k) % 32 of it
-      const uint32_t hole = (uint32_t)(r * holes_row + (bs0 >> 5)) * 256u + 128u;
+      const uint32_t hole = hole_at(r, bs0);
 #pragma unroll
       for (int k = 0; k < kScalesPerUnit; ++k)
         *reinterpret_cast<float*>(smem + hole + 4u * ((uint32_t)(bs0 + r + k) & 31u)) = sc[k];
@@ -394,11 +425,16 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   const uint32_t lane4 = (uint32_t)lane * 4u;
   // The warp's step of each window (wstep) and its tiles: the CTA's tiles tfirst + SPLIT i,
   // i < my_tiles (all of them with SPLIT 1).
-  constexpr int kMyMaxTiles = kV4MaxTiles / SPLIT;
+  constexpr int kMyMaxTiles = v4_max_tiles(SPLIT, NT) / SPLIT;
   const int wstep = SPLIT == 1 ? warp : warp % kSteps, tfirst = SPLIT == 1 ? 0 : warp / kSteps;
   const int my_tiles = (tiles - tfirst + SPLIT - 1) / SPLIT;
-  // This lane's scales in a window: row lane & 15 of its tile (lane >> 4) + 2 i, wstep
+  // This lane's scales in a window: row lane & 15 of its tile (lane >> 4) + 2 i, wstep. The
+  // rows of i and i + 1 are 32 SPLIT apart, so they share the word (b + row) % 32 and their
+  // holes are scale_row_step bytes apart: one address per window, then an add per tile.
   const int srow = lane & 15, stile = lane >> 4;
+  const int scale_row0 = (tfirst + SPLIT * stile) * 16 + srow;
+  const uint32_t scale_at0 = hole_at(scale_row0, 0);
+  const uint32_t scale_row_step = (uint32_t)(32 * SPLIT * holes_row) * hole_stride;
 
   static_assert(NT == 1 || SPLIT == 2, "two token tiles take half a step's tiles per warp");
   // this lane's x in a stage, token tile u: row wstep M + 8u + g of the x box (token 8u + g of
@@ -464,11 +500,12 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     const int b = j * kSteps + wstep;  // this warp's step (of the K part)
     if (b < steps && probe != 2 && probe != 5) {  // (probes 2, 5: no decode)
       float sc[kMyMaxTiles / 2];
+      const uint32_t scale_at = scale_at0 + (uint32_t)(b >> 5) * hole_stride +
+                                4u * (uint32_t)((b + scale_row0) & 31);
 #pragma unroll
       for (int i = 0; i < kMyMaxTiles / 2; ++i)
         sc[i] = stile + 2 * i < my_tiles
-                    ? *reinterpret_cast<const float*>(
-                          smem + hole_word((tfirst + SPLIT * (stile + 2 * i)) * 16 + srow, b))
+                    ? *reinterpret_cast<const float*>(smem + scale_at + i * scale_row_step)
                     : 0.f;
       mbar_wait(full0 + 8 * s, parity);
       const uint32_t stage = ring + (uint32_t)s * L.stage_bytes;
@@ -739,17 +776,17 @@ int v4_cluster_pairs() {
 
 // v4 takes a call when: the driver has tensor maps; v3 would (nf4_gemv_v3_ok: M <= 16); the
 // quantisation blocks do not straddle rows (K % blocksize == 0) and a row's scales are whole
-// 16-byte pieces at 16-byte aligned addresses (they are loaded 16 bytes at a time); x's rows
-// are 16-byte aligned (its tensor map; the binding's aligned_rows makes them so); one CTA per
-// SM (fewer with fewer tiles) takes at most kV4MaxTiles tiles (a box's rows: <= 256); the
-// CTA's scales fit the table's holes as float32 (16 x tiles x ceil(steps / 32) holes <= 256);
-// and 2 or more stages fit. Tried in order: one K part with stages of 1024 values per row
-// (one warp per step), of 512 (two warps per step, each with half the tiles); then two K parts
-// (clusters of two CTAs on two SMs, each with half of the windows), where the second part's
-// scales start at a whole 16-byte unit. Two K parts come first where the output is narrower
-// than the input and the input has 8192 or more features or M > 8 (below). M = 9..16 (two
-// token tiles of the mma) take two warps per step only (a warp's 4 tiles x 8 sums, as 8 tiles
-// x 4 at M <= 8).
+// 8-byte pieces at 8-byte aligned addresses (they are loaded 8 bytes at a time); x's rows are
+// 16-byte aligned (its tensor map; the binding's aligned_rows makes them so); one CTA per SM
+// (fewer with fewer tiles) takes at most v4_max_tiles tiles; and 2 or more stages fit beside
+// the CTA's scales as float32 (in the table's 256 holes of 32 words where 16 x tiles x
+// ceil(steps / 32) holes fit there, else in an area of their own). Tried in order: one K part
+// with stages of 1024 values per row (one warp per step), of 512 (two warps per step, each
+// with half the tiles); then two K parts (clusters of two CTAs on two SMs, each with half of
+// the windows), where the second part's scales start at a whole 8-byte unit. Two K parts come
+// first where the output is narrower than the input and the input has 8192 or more features or
+// M > 8 (below). M = 9..16 (two token tiles of the mma) take two warps per step only (a warp's
+// 4 tiles x 8 sums, as 8 tiles x 4 at M <= 8).
 bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   if (encode_tiled() == nullptr || !nf4_gemv_v3_ok(w, a) || a.K % (1 << w.bs_log2) != 0)
     return false;
@@ -757,7 +794,7 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   if (reinterpret_cast<uintptr_t>(a.x) % 16 != 0 || a.x_stride % 8 != 0) return false;
   const int scale_bytes = w.nested ? 1 : 4;
   const int64_t row_scale_bytes = (int64_t)(a.K >> w.bs_log2) * scale_bytes;
-  if (row_scale_bytes % 16 != 0 || reinterpret_cast<uintptr_t>(w.absmax) % 16 != 0) return false;
+  if (row_scale_bytes % 8 != 0 || reinterpret_cast<uintptr_t>(w.absmax) % 8 != 0) return false;
   const int64_t tiles = (a.N + 15) / 16;
   const int requested_split = env_int("FASTFT_NF4_V4_SPLIT");
   const int requested_kparts = env_int("FASTFT_NF4_V4_KPARTS");
@@ -776,7 +813,7 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
     if (requested_kparts != 0 && requested_kparts != kparts) continue;
     int64_t groups = std::min<int64_t>(std::max(1, sms / kparts), tiles);
     if (kparts == 2) groups = std::min<int64_t>(groups, v4_cluster_pairs());
-    if (groups < 1 || (tiles + groups - 1) / groups > kV4MaxTiles) continue;
+    if (groups < 1) continue;
     for (int split = 1; split <= 2; ++split) {
       // M = 9..16 (two token tiles): two warps per step only, in either K form; M <= 8: two K
       // parts with one warp per step only (the kernels there are)
@@ -784,11 +821,10 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
       if ((requested_split != 0 && requested_split != split) || (a.M > 8 && split != 2) ||
           (kparts == 2 && split != split_of_two_parts))
         continue;
+      if ((tiles + groups - 1) / groups > v4_max_tiles(split, a.M > 8 ? 2 : 1)) continue;
       const V4Layout L(a, w, (int)groups, split, kparts);
       if (L.ring > (uint32_t)kV4MaxSmem) continue;
-      // every scale of a CTA, as float32, in the table's 256 holes of 32 words (see the kernel)
-      if (L.tmax * 16 * ((L.KBc + 31) / 32) > 256) continue;
-      if (kparts == 2 && (L.KBc >= L.KB || ((L.KBc >> (w.bs_log2 - 6)) * scale_bytes) % 16 != 0))
+      if (kparts == 2 && (L.KBc >= L.KB || ((L.KBc >> (w.bs_log2 - 6)) * scale_bytes) % 8 != 0))
         continue;
       const int stages =
           std::min<int>(kV4MaxStages, (kV4MaxSmem - (int)L.ring) / (int)L.stage_bytes);

@@ -789,7 +789,7 @@ def test_fused_matmul_gpu_x_ranges(backend, variant, monkeypatch):
     """bf16 x far outside fp16's range and far below it (v2 - v4 run their mma in fp16: x is
     scaled by powers of two in the kernel, per token), a zero row, and a row mixing both; in
     4096 (v4's plan takes 5 rows) and 4544 input features (v4's does not: a row's 71 nested
-    scales are not whole 16-byte units)."""
+    scales are not whole 8-byte units)."""
     use_variant(backend, variant, monkeypatch)
     for in_f, rows in ((4544, 5), (4544, 13), (4096, 5)):
         _, packed, state = quantize((1000, in_f), True, device="cuda", seed=50)
@@ -1606,9 +1606,9 @@ def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
     more features and either the output is at least as wide as the input, at up to 16 rows,
     where the busiest CTA takes 2 or more 16-row tiles (4096 -> 14336, 3072 -> 8192, 4096 ->
     4096; with a low-rank term too, added in v4's epilogue), or narrower, at 2..16 rows, and
-    at 1 row with at most 9216 input features (8192 -> 2048 at 1 row, one tile per CTA); v3 /
-    v1 otherwise (1 row of 14336 -> 4096; 18944 -> 3584, whose scales do not fit v4's table;
-    fewer input features: 2048 -> 4096, one tile per CTA: 1024 -> 2048).
+    at 1 row with at most 9216 input features (8192 -> 2048 at 1 row, one tile per CTA;
+    18944 -> 3584, whose scales take an area of their own); v3 / v1 otherwise (1 row of
+    14336 -> 4096; fewer input features: 2048 -> 4096, one tile per CTA: 1024 -> 2048).
     Forced, v4 runs where it fits even outside the rule. Every result against float64."""
     impl = _plan_impl(monkeypatch, min_sms=100)
     if torch.cuda.get_device_capability()[0] < 9:
@@ -1625,7 +1625,7 @@ def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
                                         ((14336, 4096), 9, False, "v4"),
                                         ((14336, 4096), 16, True, "v4"),
                                         ((1024, 4096), 12, False, "v4"),
-                                        ((3584, 18944), 12, False, "other"),
+                                        ((3584, 18944), 12, False, "v4"),
                                         ((4096, 2048), 12, False, "v3"),
                                         ((8192, 3072), 6, True, "v4"),
                                         ((14336, 4096), 2, True, "v4"),
@@ -1721,7 +1721,7 @@ def test_fused_matmul_gpu_v4_two_token_tiles(monkeypatch):
     monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
     for kparts in ("1", "2"):
         monkeypatch.setenv("FASTFT_NF4_V4_KPARTS", kparts)
-        # (K of whole 16-byte units of nested scales per K part: 4096, 6144)
+        # (K of whole 8-byte units of nested scales per K part: 4096, 6144)
         for shape, rows, dtype, nested, rank in (((3990, 4096), 9, torch.bfloat16, True, 16),
                                                  ((2600, 4096), 16, torch.bfloat16, False, 0),
                                                  ((1000, 6144), 13, torch.float16, True, 0),
@@ -1744,6 +1744,62 @@ def test_fused_matmul_gpu_v4_two_token_tiles(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_fused_matmul_gpu_v4_scales_outside_the_table(monkeypatch):
+    """Where a CTA's scales (16 x tiles x ceil(steps / 32) holes of 32 float32) do not fit the
+    level-pair table's 256 holes, v4 puts them in an area of their own (V4Layout) instead of
+    leaving the call to v3: Qwen2.5-7B's down (18944 -> 3584: 320 holes with two K parts, 320
+    with one; a row's nested scales are 296 bytes, its parts' 160 and 136: whole 8-byte units
+    only), Qwen2.5-14B's gate / up (5120 -> 13824: 7 tiles x 3 holes per row), 9216 -> 8000.
+    Each taken by v4 and right against float64 for both dtypes, nested scales or not, a LoRA
+    term, M = 1..16."""
+    impl = _plan_impl(monkeypatch, min_sms=132)  # (the hole counts are the H200's plan)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("v4 needs compute capability 9.0")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
+    for shape, rows, dtype, nested, rank, kparts in (
+            ((3584, 18944), 2, torch.bfloat16, False, 16, None),
+            ((3584, 18944), 5, torch.bfloat16, True, 0, None),
+            ((3584, 18944), 5, torch.bfloat16, True, 16, "1"),
+            ((3584, 18944), 12, torch.float16, False, 0, None),
+            ((3584, 18944), 12, torch.bfloat16, True, 0, "1"),
+            ((13824, 5120), 1, torch.bfloat16, True, 16, None),
+            ((13824, 5120), 16, torch.bfloat16, True, 0, None),
+            ((8000, 9216), 3, torch.float16, True, 16, None)):
+        if kparts:
+            monkeypatch.setenv("FASTFT_NF4_V4_KPARTS", kparts)
+        else:
+            monkeypatch.delenv("FASTFT_NF4_V4_KPARTS", raising=False)
+        x, calls, refs = _group_case([shape], rows, dtype, nested, rank, seed=rows,
+                                     device="cuda")
+        st, bias, y, low = calls[0]
+        taken = v4_template_args(lambda: impl.gemv(x, st, bias, y, low))  # (split, kparts, nt)
+        assert taken is not None and (kparts is None or taken[1] == int(kparts)), \
+            (shape, rows, nested, taken)
+        _check_group(x, calls, refs, dtype, (shape, rows, nested))
+
+
+@pytest.mark.gpu
+def test_fused_matmul_gpu_v4_up_to_16_tiles_per_cta(monkeypatch):
+    """CTAs of 9..16 tiles (3584 -> 18944 on 132 SMs: 9; 1024 -> 20000: 10) take two warps per
+    step at up to 8 rows (each warp's sums of 8 tiles in registers, as with one warp per step
+    of 8 tiles). Taken by v4 in that form, right against float64 for both dtypes, nested
+    scales or not, a LoRA term, scales in the table's holes and in their own area."""
+    impl = _plan_impl(monkeypatch, min_sms=132)  # (the tile counts are the H200's plan)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("v4 needs compute capability 9.0")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
+    for shape, rows, dtype, nested, rank in (((18944, 3584), 1, torch.bfloat16, True, 16),
+                                             ((18944, 3584), 8, torch.bfloat16, False, 0),
+                                             ((20000, 1024), 3, torch.float16, True, 0)):
+        x, calls, refs = _group_case([shape], rows, dtype, nested, rank, seed=rows,
+                                     device="cuda")
+        st, bias, y, low = calls[0]
+        assert v4_template_args(lambda: impl.gemv(x, st, bias, y, low)) == (2, 1, 1), \
+            (shape, rows)
+        _check_group(x, calls, refs, dtype, (shape, rows))
+
+
+@pytest.mark.gpu
 def test_fused_matmul_gpu_v4_two_k_parts(monkeypatch):
     """v4 in clusters of two CTAs, each with half of K's windows (FASTFT_NF4_V4_KPARTS=2, for
     benchmarks; v4's plan tries it first where the output is narrower than the input and the
@@ -1751,7 +1807,7 @@ def test_fused_matmul_gpu_v4_two_k_parts(monkeypatch):
     into the first's shared memory, which adds bias and LoRA term. Right against float64 for
     both dtypes, nested scales or not, blocksize 64 and 128, odd row counts, K of an odd number
     of windows (the parts unequal) and a partial last window (plain scales: nested ones of a row
-    are whole 16-byte units only where K is whole windows); the same bits twice; the kernel
+    are whole 8-byte units only where K is whole windows); the same bits twice; the kernel
     taken is the two-part one."""
     impl = _plan_impl(monkeypatch, min_sms=100)  # (H200: 132)
     if torch.cuda.get_device_capability()[0] < 9:
@@ -1768,7 +1824,10 @@ def test_fused_matmul_gpu_v4_two_k_parts(monkeypatch):
                                              ((3990, 5120), 7, torch.float16, False, 16),
                                              ((1000, 3072), 2, torch.bfloat16, False, 0),
                                              ((2600, 3072), 3, torch.float16, True, 0),
-                                             ((2600, 2304), 3, torch.float16, False, 0)):
+                                             ((2600, 2304), 3, torch.float16, False, 0),
+                                             # nested scales of a row, 56 bytes, and of the
+                                             # parts, 32 and 24: whole 8-byte units only
+                                             ((1000, 3584), 3, torch.bfloat16, True, 0)):
         x, calls, refs = _group_case([shape], rows, dtype, nested, rank, seed=rows,
                                      device="cuda")
         st, bias, y, low = calls[0]
@@ -1779,7 +1838,7 @@ def test_fused_matmul_gpu_v4_two_k_parts(monkeypatch):
         impl.gemv(x, st, bias, y, low)
         assert torch.equal(y, first), (shape, rows, "not deterministic")
     # blocksize 128 (8 scales per window): K parts of 2 windows and of half a window (plain
-    # scales), of 2 and 2 (nested: a part's scales are whole 16-byte units)
+    # scales), of 2 and 2 (nested: a part's scales are whole 8-byte units)
     for rows, in_f, nested in ((1, 2560, False), (4, 4096, True)):
         assert parts_taken(lambda: check_fused_gpu("cuda", rows, (520, in_f), 128,
                                                    torch.bfloat16, nested, True,
@@ -1802,8 +1861,8 @@ def test_fused_matmul_gpu_group_only_where_it_pays(monkeypatch):
     """The plan's rule for one launch (nf4.cu, nf4_gemv_group_plan; bench/nf4_group.py): an 8B
     layer's q/k/v are grouped at every M. Weights that each fill the GPU alone go as one v4
     call each where the automatic plan gives each of them v4 (compute capability 9.0: an 8B
-    layer's gate/up at M = 1..16; not two 5120 -> 18944 weights: 9 tiles per CTA, more than v4
-    takes). Otherwise (also forced v3h, as auto took gate/up before v4) they are grouped where
+    layer's gate/up at M = 1..16, two 5120 -> 18944 weights at M = 4: 9 tiles per CTA, two
+    warps per step). Otherwise (also forced v3h, as auto took gate/up before v4) they are grouped where
     the group takes no more CTAs than the calls: gate/up at every M
     (M = 1, 4: 224 CTAs of 2 K parts, where 896 CTAs of 8 had measured slower than two calls);
     two 5120 -> 18944 weights at M = 4 but not at M = 1 (592 CTAs of 4 K parts together, 222 of
@@ -1817,7 +1876,7 @@ def test_fused_matmul_gpu_group_only_where_it_pays(monkeypatch):
     for kernel, shapes, rows, grouped in (
             ("auto", qkv, 1, True), ("auto", qkv, 16, True),
             ("auto", gate_up, 1, not v4), ("auto", gate_up, 8, not v4),
-            ("auto", gate_up, 16, not v4), ("auto", wide_pair, 4, True),
+            ("auto", gate_up, 16, not v4), ("auto", wide_pair, 4, not v4),
             ("v3h", gate_up, 1, True), ("v3h", gate_up, 4, True), ("v3h", gate_up, 8, True),
             ("v3h", gate_up, 16, True), ("v3h", wide_pair, 1, False),
             ("v3h", wide_pair, 4, True)):
