@@ -224,6 +224,12 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
     //                  41.3 / 43.4
     //   13824 -> 5120  (v3 at 1: 22.8) 19.4 / 19.3 / 20.0 / 31.2 / 31.7 vs 24.2 / 27.1 / 32.7 /
     //                  42.4 / 44.0
+    // and (run 168, M = 1 / 4 / 8 / 16) 3584 -> 3584 7.4 / 7.6 / 7.7 / 12.8 vs v1's 10.0 / 11.7 /
+    // 13.6 / 18.4; 3584 -> 512 4.4 / 4.4 / 4.5 / 6.8 vs 6.0 / 7.8 / 11.5 / 20.5; 5632 -> 2048
+    // 8.1 / 8.1 / 8.1 / 12.6 vs 8.8 / 10.9 / 13.6 / 21.5. At M = 1 with more than 9216 input
+    // features v4 vs v3 (run 168): 13824 -> 5120 19.5 vs 22.9, 18944 -> 3584 22.0 vs 21.3,
+    // 14336 -> 4096 18.6 vs 18.0 (v3 kept there for all three: a rule for the first not yet
+    // run on the GPU).
     // With a rank-16 LoRA term at M = 16: 4096 -> 14336 23.9 vs 35.2, 14336 -> 4096 29.2 vs
     // 34.8. v3h elsewhere where the output is wide.
     const bool v4_wide = a.N >= a.K && a.M <= 16;
