@@ -1607,8 +1607,8 @@ def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
     where the busiest CTA takes 2 or more 16-row tiles (4096 -> 14336, 3072 -> 8192, 4096 ->
     4096; with a low-rank term too, added in v4's epilogue), or narrower, at 2..16 rows, and
     at 1 row with at most 9216 input features (8192 -> 2048 at 1 row, one tile per CTA;
-    18944 -> 3584, whose scales take an area of their own); v3 / v1 otherwise (1 row of
-    14336 -> 4096; fewer input features: 2048 -> 4096, one tile per CTA: 1024 -> 2048).
+    18944 -> 3584 at 12 rows, whose scales take an area of their own); v3 / v1 otherwise (1
+    row of 14336 -> 4096; fewer input features: 2048 -> 4096, one tile per CTA: 1024 -> 2048).
     Forced, v4 runs where it fits even outside the rule. Every result against float64."""
     impl = _plan_impl(monkeypatch, min_sms=100)
     if torch.cuda.get_device_capability()[0] < 9:
