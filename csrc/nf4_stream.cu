@@ -72,6 +72,9 @@ __host__ __device__ constexpr int v4_max_tiles(int split, int nt) {
 constexpr int kV4MaxSmem = 227 * 1024;  // an sm_90 CTA's most shared memory (static + dynamic)
 constexpr int kV4TableSpan = 256 * 256;
 constexpr int kV4Misc = 2048;  // code2 [256] floats, then the barriers
+// The CTA loads its scales in units of this many bytes, so a row's (and a K part's) scales
+// must be whole units at unit-aligned addresses (nf4_gemv_v4_plan checks)
+constexpr int kV4ScaleUnitBytes = 8;
 
 // Where everything lies in the dynamic shared memory (computed alike on the host and the GPU).
 // kparts: the K parts of a row group (1, or 2: a cluster of two CTAs, each with its half of the
@@ -308,7 +311,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   constexpr int kScaleBytes = NESTED ? 1 : 4;
   // 8-byte units: a row's scales are whole units where the row has a multiple of 8 bytes of
   // them (e.g. 18944 or 3584 features, nested: 296 / 56 bytes), which 16-byte units were not
-  constexpr int kScalesPerUnit = 8 / kScaleBytes;
+  constexpr int kScalesPerUnit = kV4ScaleUnitBytes / kScaleBytes;
+  static_assert(sizeof(uint2) == kV4ScaleUnitBytes, "a unit is loaded as one uint2");
   // 8-byte units of scales a thread holds in registers: 4, as with 16-byte units (run 165: 8
   // made the decode-like up / down chain at M = 16 29.9 us per call, 4 26.0; main then 28.1)
   constexpr int kScaleBatch = 4;
@@ -794,7 +798,9 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   if (reinterpret_cast<uintptr_t>(a.x) % 16 != 0 || a.x_stride % 8 != 0) return false;
   const int scale_bytes = w.nested ? 1 : 4;
   const int64_t row_scale_bytes = (int64_t)(a.K >> w.bs_log2) * scale_bytes;
-  if (row_scale_bytes % 8 != 0 || reinterpret_cast<uintptr_t>(w.absmax) % 8 != 0) return false;
+  if (row_scale_bytes % kV4ScaleUnitBytes != 0 ||
+      reinterpret_cast<uintptr_t>(w.absmax) % kV4ScaleUnitBytes != 0)
+    return false;
   const int64_t tiles = (a.N + 15) / 16;
   const int requested_split = env_int("FASTFT_NF4_V4_SPLIT");
   const int requested_kparts = env_int("FASTFT_NF4_V4_KPARTS");
@@ -824,7 +830,8 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
       if ((tiles + groups - 1) / groups > v4_max_tiles(split, a.M > 8 ? 2 : 1)) continue;
       const V4Layout L(a, w, (int)groups, split, kparts);
       if (L.ring > (uint32_t)kV4MaxSmem) continue;
-      if (kparts == 2 && (L.KBc >= L.KB || ((L.KBc >> (w.bs_log2 - 6)) * scale_bytes) % 8 != 0))
+      if (kparts == 2 && (L.KBc >= L.KB ||
+                          ((L.KBc >> (w.bs_log2 - 6)) * scale_bytes) % kV4ScaleUnitBytes != 0))
         continue;
       const int stages =
           std::min<int>(kV4MaxStages, (kV4MaxSmem - (int)L.ring) / (int)L.stage_bytes);
