@@ -5,7 +5,8 @@
 # bench/nf4_small_m.py for both builds (this tree twice, before and after the base, to show the
 # run's own noise). JSON lines and logs under $OUT. KERNELS / BASE_KERNELS / ROWS: see
 # bench/nf4_small_m.py; TESTS: the test files (default the nf4 and fused-LoRA ones); SKIP_TESTS=1
-# skips the tests; DECODE=1 / HOST=1 also time bench/decode_step.py / decode_host.py for both.
+# skips the tests; STOP_ON_FAIL=1 ends the call when they fail; DECODE=1 / HOST=1 also time
+# bench/decode_step.py / decode_host.py for both.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 FASTFT_BUILD_CUDA=1
@@ -24,7 +25,9 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   PYTHONPATH=$PWD:/tmp/site timeout ${TEST_TIMEOUT:-300} python3 -m pytest \
       ${TESTS:-tests/test_nf4.py tests/test_lora_fused.py} -m gpu -q -p no:cacheprovider -rfE \
       -n 4 > "$OUT/tests.log" 2>&1
-  echo "tests rc=$?"; tail -2 "$OUT/tests.log"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+  rc=$?; echo "tests rc=$rc"; tail -2 "$OUT/tests.log"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+  # STOP_ON_FAIL=1: a kernel that hangs or fails in the tests would only waste the benches' time
+  [ -n "${STOP_ON_FAIL:-}" ] && [ $rc -ne 0 ] && { stamp "stopped: tests rc=$rc"; exit $rc; }
 fi
 bench() {  # tag, tree, kernels
   stamp "bench $1"
