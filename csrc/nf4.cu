@@ -228,12 +228,14 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
     // 13.6 / 18.4; 3584 -> 512 4.4 / 4.4 / 4.5 / 6.8 vs 6.0 / 7.8 / 11.5 / 20.5; 5632 -> 2048
     // 8.1 / 8.1 / 8.1 / 12.6 vs 8.8 / 10.9 / 13.6 / 21.5. At M = 1 with more than 9216 input
     // features v4 vs v3 (run 168): 13824 -> 5120 19.5 vs 22.9, 18944 -> 3584 22.0 vs 21.3,
-    // 14336 -> 4096 18.6 vs 18.0 (v3 kept there for all three: a rule for the first not yet
-    // run on the GPU).
+    // 14336 -> 4096 18.6 vs 18.0: so v4 at 1 row also where the output has 5120 or more
+    // features (5120 / 16 tiles over 66 clusters: 4.8 per CTA, where 14336 -> 4096 has 3.9 and
+    // 18944 -> 3584 3.4); with this rule, runs 170-173: 13824 -> 5120 at M = 1 19.5-20.5 us
+    // against main's v3 22.9-23.3 in the same calls.
     // With a rank-16 LoRA term at M = 16: 4096 -> 14336 23.9 vs 35.2, 14336 -> 4096 29.2 vs
     // 34.8. v3h elsewhere where the output is wide.
     const bool v4_wide = a.N >= a.K && a.M <= 16;
-    const bool v4_deep = a.N < a.K && a.M <= 16 && (a.M >= 2 || a.K <= 9216);
+    const bool v4_deep = a.N < a.K && a.M <= 16 && (a.M >= 2 || a.K <= 9216 || a.N >= 5120);
     if ((v4_wide || v4_deep) && a.K >= 3072 && a.v4_allowed && nf4_gemv_v4_plan(w, a, sms) &&
         (v4_deep || ((int64_t)a.N + 15) / 16 > (int64_t)a.v4_ctas)) {
       a.variant = 7;
