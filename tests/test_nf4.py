@@ -1865,10 +1865,10 @@ def test_fused_matmul_gpu_group_only_where_it_pays(monkeypatch):
     layer's q/k/v are grouped at every M. Weights that each fill the GPU alone go as one v4
     call each where the automatic plan gives each of them v4 (compute capability 9.0: an 8B
     layer's gate/up at M = 1..16, two 5120 -> 18944 weights at M = 4: 9 tiles per CTA, two
-    warps per step). Otherwise (also forced v3h, as auto took gate/up before v4) they are grouped where
-    the group takes no more CTAs than the calls: gate/up at every M
-    (M = 1, 4: 224 CTAs of 2 K parts, where 896 CTAs of 8 had measured slower than two calls);
-    two 5120 -> 18944 weights at M = 4 but not at M = 1 (592 CTAs of 4 K parts together, 222 of
+    warps per step). Otherwise (also forced v3h, as auto took gate/up before v4) they are
+    grouped where the group takes no more CTAs than the calls: gate/up at every M (M = 1, 4:
+    224 CTAs of 2 K parts, where 896 CTAs of 8 had measured slower than two calls); two 5120 ->
+    18944 weights at M = 4 but not at M = 1 (592 CTAs of 4 K parts together, 222 of
     3 K splits each alone, by a Python mirror of the plan). Either way every y is written and
     right, and the single calls are v4 where the rule says so."""
     impl = _plan_impl(monkeypatch, min_sms=100)

@@ -511,10 +511,7 @@ class _CudaBackend:
 
 
 # FASTFT_NF4_GEMV picks the CUDA backend's fused small-M kernel: unset or "auto" lets the
-# extension choose (v4 at M <= 16 where in >= 3072 and out >= in, or at M = 2..16 where out < in
-# (M = 1 also where in <= 9216), v3h where the output is at least
-# twice as wide as the input, v3 at M <= 8 where it is at most half as wide; v1 elsewhere: what
-# the H200 measured; the module docstring has the whole rule), "v1" / "v2" /
+# extension choose by what the H200 measured (the rule: the module docstring), "v1" / "v2" /
 # "v3" / "v4" force one where it applies. FASTFT_NF4_V3_SPLITS forces v3's K split across CTAs and
 # FASTFT_NF4_V3_KPARTS (1, 2, 4, 8, or 16: a CTA of 16 warps on 32 rows) how many parts of a
 # CTA's K range its warps take at M <= 8 (tuning). Read on every call, so that one process can
