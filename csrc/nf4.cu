@@ -179,61 +179,18 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   if (a.variant == 0) {
     const bool wide = (int64_t)a.N >= 2 * (int64_t)a.K;
     const bool deep = (int64_t)a.K >= 2 * (int64_t)a.N;
-    // v4 at up to 16 rows where the output is at least as wide as the input, the input has
-    // 3072 or more features and the busiest CTA takes 2 or more tiles: what was measured
-    // (H200, frozen; run 142, after v4's scale decode was made straight-line, M = 1 / 2 / 4):
-    // 4096 -> 14336 14.4 / 14.9 / 15.5 us vs v3h's 17.7 / 18.8 / 20.8 (run 136); 3072 -> 8192
-    // 9.3 / 9.8 / 10.0 vs v3h's 10.1 / 11.3 / 11.5 (auto then); 4096 -> 4096 8.2 / 8.3 / 9.2 vs
-    // v1's 10.1 / 10.3 / 10.9. Run 144, M = 5 / 6 / 8: 4096 -> 14336 15.8 / 17.2 / 17.6 vs v3h's
-    // 22.3 / 22.5 / 23.1 (at 6 and 8 two warps per step then: x was staged whole);
-    // 3072 -> 8192 10.6 / 10.8 / 10.8 vs 13.4 / 15.6 / 15.9; 4096 -> 4096 9.7 / 10.0 / 10.3 vs
-    // v1's 11.4 / 11.6 / 12.1. Since x is copied with each window (run 156, M = 1 / 2 / 4 / 8):
-    // 4096 -> 14336 14.5 / 14.3 / 14.3 / 14.9 us vs the previous v4's 14.1 / 14.5 / 15.6 / 17.8.
-    // With a LoRA term (rank 16) v4 adds it in its epilogue at ~no cost where v3's cost 2-4 us
-    // (run 139). Inputs under 3072 features stay v3 (not measured; 1024 -> 2048, one tile per
-    // CTA, was 37% slower with v4 in run 140).
-    // Where the output is narrower than the input, v4 at 2..16 rows (two K parts where they
-    // fit: nf4_gemv_v4_plan), and at 1 row where the input has at most 9216 features (H200,
-    // frozen, runs 146-148; v4 vs v3 at M = 1 / 2 / 3 / 4 / 5, us):
-    //   14336 -> 4096  18.4 / 18.3 / 19.3 / 19.5 / 20.9 vs 17.5 / 19.6 / 22.0 / 22.9 / 24.4
-    //    8192 -> 3072  11.3 / 11.9 / 13.1 / 13.0 / 13.3 vs 12.1 / 13.5 / 14.3 / 15.5 / 17.5
-    //    8192 -> 2048   9.6 / 10.2 / 11.1 / 11.3 / 11.8 vs 13.1 / 13.5 / 15.2 / 16.9 / 13.3
-    //    9216 -> 2304  12.2 / 12.9 / 13.6 / 13.6 / 14.3 vs 12.2 / 13.6 / 14.9 / 14.8 / 15.8
-    // and at M = 6 / 7 / 8 (two parts): 8192 -> 3072 13.8 / 14.4 / 14.2 vs 18.0 / 18.3 / 18.6,
-    // 8192 -> 2048 12.2 / 12.7 / 12.5 vs 13.7 / 14.2 / 14.6 (v4 with one tile per CTA
-    // included: 8192 -> 2048). Since x is copied with each window (run 156): 14336 -> 4096
-    // 18.5 / 18.2 / 17.2 / 17.4 / 17.6 / 17.8 / 17.7 us at M = 2..8 (v3 at 7, 8 before: 25.9 /
-    // 26.4); at M = 1 v4 19.3 vs v3 17.4. At M = 9 / 12 / 16 (two token tiles; run 158, v4 vs
-    // what auto took before: v1, or v3h where the output is twice the input or wider):
-    //   4096 -> 14336  22.1 / 22.4 / 22.2 vs 27.1 / 27.8 / 29.2 (v3h)
-    //   3072 -> 8192   13.6 / 13.6 / 13.8 vs 20.7 / 21.6 / 22.4 (v3h)
-    //   4096 -> 4096   13.5 / 14.4 / 13.9 vs 13.5 / 14.3 / 15.5
-    //   3072 -> 3072   11.0 / 11.3 / 11.3 vs 11.6 / 12.3 / 13.5
-    //   14336 -> 4096  27.8 / 27.7 / 28.1 vs 29.5 / 30.6 / 32.3 (run 157)
-    //   8192 -> 3072   17.0 / 17.2 / 17.4 vs 19.2 / 20.5 / 22.6
-    //   4096 -> 1024    9.2 /  9.2 /  9.4 vs 18.0 / 18.8 / 20.4
-    // Run 167, since a CTA's scales that do not fit the table's holes take an area of their own,
-    // CTAs of 9..16 tiles take two warps per step (M <= 8) and a row's scales need only be whole
-    // 8-byte units (Qwen2.5-7B / -14B's MLPs; v3h / v3 / v1 before), v4 vs before at M = 1 / 2 /
-    // 4 / 8 / 12 / 16, us:
-    //   3584 -> 18944  17.5 / 17.8 / 18.0 / 18.0 vs 22.3 / 23.0 / 23.5 / 25.6 (at 12 / 16 a CTA
-    //                  would take 9 tiles of two token tiles: v3h, 34.5 / 35.9)
-    //   5120 -> 13824  17.2 / 20.0 / 20.2 / 20.4 / 25.5 / 25.9 vs 21.3 / 21.8 / 25.0 / 26.3 /
-    //                  35.1 / 37.2
-    //   18944 -> 3584  (v3 at 1: 21.3) 21.8 / 21.5 / 21.8 / 35.8 / 36.2 vs 27.2 / 29.1 / 35.7 /
-    //                  41.3 / 43.4
-    //   13824 -> 5120  (v3 at 1: 22.8) 19.4 / 19.3 / 20.0 / 31.2 / 31.7 vs 24.2 / 27.1 / 32.7 /
-    //                  42.4 / 44.0
-    // and (run 168, M = 1 / 4 / 8 / 16) 3584 -> 3584 7.4 / 7.6 / 7.7 / 12.8 vs v1's 10.0 / 11.7 /
-    // 13.6 / 18.4; 3584 -> 512 4.4 / 4.4 / 4.5 / 6.8 vs 6.0 / 7.8 / 11.5 / 20.5; 5632 -> 2048
-    // 8.1 / 8.1 / 8.1 / 12.6 vs 8.8 / 10.9 / 13.6 / 21.5. At M = 1 with more than 9216 input
-    // features v4 vs v3 (run 168): 13824 -> 5120 19.5 vs 22.9, 18944 -> 3584 22.0 vs 21.3,
-    // 14336 -> 4096 18.6 vs 18.0: so v4 at 1 row also where the output has 5120 or more
-    // features (5120 / 16 tiles over 66 clusters: 4.8 per CTA, where 14336 -> 4096 has 3.9 and
-    // 18944 -> 3584 3.4); with this rule, runs 170-173: 13824 -> 5120 at M = 1 19.5-20.5 us
-    // against main's v3 22.9-23.3 in the same calls.
-    // With a rank-16 LoRA term at M = 16: 4096 -> 14336 23.9 vs 35.2, 14336 -> 4096 29.2 vs
-    // 34.8. v3h elsewhere where the output is wide.
+    // v4 (csrc/nf4_stream.cu) at up to 16 rows where the input has 3072 or more features and
+    // - the output is at least as wide as the input and the busiest CTA takes 2 or more tiles
+    //   (runs 136-144, 156-158, 167-168; e.g. 4096 -> 14336 at M = 1 14.4 us vs v3h's 17.7);
+    // - the output is narrower than the input, at 2..16 rows (two K parts where they fit:
+    //   nf4_gemv_v4_plan; runs 146-149, 156-158, 167), and at 1 row where the input has at
+    //   most 9216 features or the output 5120 or more (runs 146-148, 168-173: 13824 -> 5120
+    //   19.5 us vs v3's 22.9; 14336 -> 4096 and 18944 -> 3584 stay v3 at M = 1, ~3% faster
+    //   there: 5120 / 16 tiles over 66 clusters is 4.8 per CTA, those 3.9 and 3.4).
+    // v4 adds a LoRA term in its epilogue at ~no cost where v3's cost 2-4 us (run 139). Inputs
+    // under 3072 features stay v3 (1024 -> 2048, one tile per CTA, was 37% slower with v4 in
+    // run 140). The numbers per shape and M: bench/RESULTS.md ("The weight through the copy
+    // engine") and the runs' JSON. Elsewhere v3h where the output is wide.
     const bool v4_wide = a.N >= a.K && a.M <= 16;
     const bool v4_deep = a.N < a.K && a.M <= 16 && (a.M >= 2 || a.K <= 9216 || a.N >= 5120);
     if ((v4_wide || v4_deep) && a.K >= 3072 && a.v4_allowed && nf4_gemv_v4_plan(w, a, sms) &&
