@@ -11,6 +11,13 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 FASTFT_BUILD_CUDA=1
 T0=$(date +%s); stamp() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
+# SHAPES unquoted on a command line loses its '>' to a redirection (run 177: the benches then
+# failed after the build and tests had taken their time): check it before anything runs
+shapes_pattern='^[0-9]+->[0-9]+(,[0-9]+->[0-9]+)*$'
+if [ -n "${SHAPES:-}" ] && ! [[ "$SHAPES" =~ $shapes_pattern ]]; then
+  echo "SHAPES='$SHAPES' is not in->out pairs such as 4096->14336,14336->4096 (quote it)" >&2
+  exit 2
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
     .whl/*.whl > "$OUT/wheels.log" 2>&1 || tail -5 "$OUT/wheels.log"
 stamp build
