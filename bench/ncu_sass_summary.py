@@ -1,5 +1,6 @@
 """Summary of an Nsight Compute source page (SASS, CSV; bench/nf4_ncu_source.sh): instructions
-executed and warp-stall samples by opcode, and the instructions with the most samples.
+executed and warp-stall samples by opcode, the instructions with the most samples, and (where
+the page has the column) those with the most excess shared-memory wavefronts (bank conflicts).
 
     python bench/ncu_sass_summary.py sass.csv [TOP]
 """
@@ -45,6 +46,15 @@ def main(path, top=30):
         why = " ".join(f"{c}={v:.0f}" for v, c in why if v)
         print(f"  {i:5d} {r['Address']:>6s} {number(r[samples]):6.0f} {number(r[executed]):8.0f}"
               f"  {why:40s} {r['Source'][:60]}")
+    excess = next((c for c in columns if c.startswith("L1 Wavefronts Shared Excessive")), None)
+    if excess:
+        total = sum(number(r[excess]) for r in rows)
+        print(f"excess shared-memory wavefronts {total:.0f}; top instructions (index, address, "
+              "excess, executed, source):")
+        for i, r in sorted(enumerate(rows), key=lambda ir: -number(ir[1][excess]))[:top]:
+            if number(r[excess]) > 0:
+                print(f"  {i:5d} {r['Address']:>6s} {number(r[excess]):8.0f} "
+                      f"{number(r[executed]):8.0f}  {r['Source'][:70]}")
 
 
 if __name__ == "__main__":

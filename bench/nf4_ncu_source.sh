@@ -7,6 +7,8 @@
 # details page. Why: the ablations of runs 28-29 split v3's time into launch, setup, loop and
 # split-K sum; this says which instructions the warps wait on (run 133 found v4's stalls on
 # instruction fetch: cold caches make them larger here than in a timed loop).
+# CACHE=none keeps the caches warm from the launches before (ncu flushes them by default, run
+# 184: instruction-fetch stalls 3.1 per issue flushed, 0.1 warm).
 # Usage (after bench/device.sh has built fastft._C): CASES="1 14336 4096" VARIANT=v4 bash bench/nf4_ncu_source.sh OUTDIR
 OUT=${1:-/tmp/ncu-source}; mkdir -p "$OUT"
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}
@@ -14,7 +16,7 @@ echo "ncu: $NCU"
 IFS=';' read -ra CASE_LIST <<< "${CASES:-1 14336 4096;1 4096 14336}"
 for case in "${CASE_LIST[@]}"; do
   tag=$(echo $case | tr ' ' '_')
-  FASTFT_NF4_GEMV=${VARIANT:-v3h} timeout 180 $NCU --clock-control none -k regex:nf4_gemv \
+  FASTFT_NF4_GEMV=${VARIANT:-v3h} timeout 180 $NCU --clock-control none --cache-control ${CACHE:-all} -k regex:nf4_gemv \
     --launch-skip 3 --launch-count 1 --set full --import-source yes -f -o "$OUT/report_$tag" \
     python3 bench/nf4_gemv_once.py $case > "$OUT/profile_$tag.log" 2>&1
   echo "profile $case rc=$?"
