@@ -4,10 +4,10 @@
 # wavefronts and data-bank reads / writes (the tensor-map copies write the banks too), the
 # ALU / FMA / tensor / LSU pipes, issue activity and stall reasons. One profiled launch per
 # case (after 3 warm ones). Usage (after fastft._C is built): bash bench/nf4_ncu_pipes.sh OUTDIR
-# CASES="M OUT IN;..." (default the bar's two shapes at M = 1 and 4); CACHE=none keeps the caches
-# (instruction caches included) warm from the launches before instead of flushing them (ncu's
-# default, under which a 20 us kernel fetches all its code cold); SOURCE=1 adds the per-SASS
-# source counters (shared-memory bank conflicts by instruction).
+# CASES="M OUT IN;..." (default 4096->14336 at M = 1, 4 and 14336->4096 at M = 4); CACHE=none
+# keeps the caches (instruction caches included) warm from the launches before instead of
+# flushing them (ncu's default, under which a 20 us kernel fetches all its code cold); SOURCE=1
+# adds the per-SASS source counters (shared-memory bank conflicts by instruction).
 OUT=${1:-/tmp/ncu}; mkdir -p "$OUT"
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}
 echo "ncu: $NCU"
