@@ -1,9 +1,14 @@
 """Where the v4 NF4 kernel's time goes (bench only): each shape and M timed with
 FASTFT_NF4_V4_PROBE = 0 (the kernel), 1 (its weight copies alone), 2 (copies, table, scales and
 x staging, no decode), 3 (everything but the weight copies: the decode of stale shared memory),
-4 (the kernel with the ring filled without waiting for x: the order before run 132), 5 (no
-copies, no decode: the prologue and epilogue), the weight frozen as in generate. Probes 1-3
-and 5 give wrong results by design: only times are reported.
+4 (the kernel with the ring filled without waiting for the scales), 5 (no copies, no decode:
+the prologue and epilogue), the weight frozen as in generate. Probes 6-11 need
+bench/patches/nf4_v4_probes_6_11.patch applied to the kernel (runs 188-189): 6 (window 0 only
+once the prologue's loads are issued), 7 (that and no wait for the scales), 8 (no global loads
+in the prologue), 9 (its scales constant), 10 (the standard levels and code2 from constant
+memory), 11 (no table lookups in the decode). Probes 1-3, 5, 8, 9 and 11 give wrong results
+by design: only times are reported; for 4, 6, 7 and 10 the record also says whether y equals
+the kernel's (probe 0) bit for bit.
 
     [PROBES=0,5] python bench/nf4_v4_probe.py OUT.jsonl
 """
@@ -28,12 +33,18 @@ for text in os.environ.get("SHAPES", "4096->14336,14336->4096").split(","):
     for rows in rows_list:
         sets = [(torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16), p, s)
                 for p, s in weights]
+        reference = None
         for probe in (int(v) for v in os.environ.get("PROBES", "0,1,2,3,4,5").split(",")):
             # (":q": FASTFT_NF4_V4_PROBE, which use_nf4_kernel sets or clears)
             with use_nf4_kernel(os.environ.get("KERNEL", "v4:f") + f":q{probe}"):
                 ms = time_ms(lambda x, p, s: nf4_matmul(x, p, s, backend="cuda"), sets)
+                y = nf4_matmul(*sets[0], backend="cuda")
             rec = dict(shape=text, M=rows, probe=probe, us=round(ms * 1e3, 2),
                        pct_copy=round(100 * (out_f * in_f / 2) / (ms * 1e-3) / (copy * 1e9), 1),
                        copy_gbps=copy)
+            if probe == 0:
+                reference = y
+            elif probe in (4, 6, 7, 10) and reference is not None:
+                rec["same_y"] = bool(torch.equal(y, reference))
             print(json.dumps(rec), flush=True)
             out.write(json.dumps(rec) + "\n")
