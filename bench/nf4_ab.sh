@@ -6,7 +6,9 @@
 # run's own noise). JSON lines and logs under $OUT. KERNELS / BASE_KERNELS / ROWS: see
 # bench/nf4_small_m.py; TESTS: the test files (default the nf4 and fused-LoRA ones); SKIP_TESTS=1
 # skips the tests; STOP_ON_FAIL=1 ends the call when they fail; DECODE=1 / HOST=1 also time
-# bench/decode_step.py / decode_host.py for both.
+# bench/decode_step.py / decode_host.py for both. ALT_TREE=dir: a third tree (made like the base
+# one), built and timed as "alt" with BASE_KERNELS (DECODE_ALT=1: by DECODE=1 too), to compare two
+# variants of a change with main in one call.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 FASTFT_BUILD_CUDA=1
@@ -24,8 +26,12 @@ stamp build
 ( MAX_JOBS=8 python3 setup.py build_ext --inplace > "$OUT/build_new.log" 2>&1; echo "new build rc=$?" ) &
 ( cd _base_tree && MAX_JOBS=8 python3 setup.py build_ext --inplace > "$OUT/build_base.log" 2>&1
   echo "base build rc=$?" ) &
+if [ -n "${ALT_TREE:-}" ]; then
+  ( cd "$ALT_TREE" && MAX_JOBS=8 python3 setup.py build_ext --inplace > "$OUT/build_alt.log" 2>&1
+    echo "alt build rc=$?" ) &
+fi
 wait
-for d in . _base_tree; do [ -e $d/fastft/triton_kernels ] || ln -s ../triton_kernels $d/fastft/triton_kernels; done
+for d in . _base_tree ${ALT_TREE:-}; do [ -e $d/fastft/triton_kernels ] || ln -s ../triton_kernels $d/fastft/triton_kernels; done
 grep -E "error" "$OUT/build_new.log" | head -5
 if [ -z "${SKIP_TESTS:-}" ]; then
   stamp tests
@@ -44,10 +50,12 @@ bench() {  # tag, tree, kernels
 }
 bench new "$PWD" "${KERNELS:-auto,v3h,v1}"
 bench base "$PWD/_base_tree" "${BASE_KERNELS:-auto,v3h,v1}"
+[ -n "${ALT_TREE:-}" ] && bench alt "$(cd "$ALT_TREE" && pwd)" "${BASE_KERNELS:-auto,v3h,v1}"
 bench new2 "$PWD" "${BASE_KERNELS:-auto,v3h,v1}"
 decode_both() {  # script, tag, lines to show: bench/<script>.py for both builds (logs only)
-  for b in new base; do
+  for b in new base ${DECODE_ALT:+alt}; do
     tree=$PWD; [ $b = base ] && tree=$PWD/_base_tree
+    [ $b = alt ] && tree=$(cd "$ALT_TREE" && pwd)
     stamp "$1 $b"
     PYTHONPATH=$tree:/tmp/site timeout 240 python3 bench/$1.py --out "$OUT/$2_$b" \
         > "$OUT/$2_$b.log" 2>&1
