@@ -469,33 +469,41 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // acc. (undo[u][0 / 1]: 1 for fp16 x; for bf16 they undo the x scaling of tokens 8u + 2t /
   // + 1, the sums' columns, folded into the row scales: products formed while the mma run, not
   // after them; run 158: 14336 -> 4096 at M = 8 17.2 vs 18.8 us with the sums multiplied first)
+  // At one token tile the 4 mma go in two chains (even and odd q), added before the scaling:
+  // in one chain of 4 each mma waited ~24 cycles for the one before (the SASS's stall counts:
+  // ~12% fewer per window with two).
   auto tile_step = [&](uint2 lo, uint2 hi, const uint32_t (&xw)[NT][8], float s_lo, float s_hi,
                        const float (&undo)[NT][2], float (&sums)[4 * NT]) {
-    float c[NT][4];
-#pragma unroll
-    for (int u = 0; u < NT; ++u) c[u][0] = c[u][1] = c[u][2] = c[u][3] = 0.f;
+    uint32_t a[16];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       // mma q: byte 2q of the lane's 8 (values 16t + 4q, +1) and byte 2q + 1 (+2, +3)
       const uint32_t wl = q < 2 ? lo.x : lo.y, wh = q < 2 ? hi.x : hi.y;
-      uint32_t a0, a1, a2, a3;
       if (q & 1) {
-        a0 = v3_pair<2>(smem, wl, lane4); a1 = v3_pair<2>(smem, wh, lane4);
-        a2 = v3_pair<3>(smem, wl, lane4); a3 = v3_pair<3>(smem, wh, lane4);
+        a[4 * q + 0] = v3_pair<2>(smem, wl, lane4); a[4 * q + 1] = v3_pair<2>(smem, wh, lane4);
+        a[4 * q + 2] = v3_pair<3>(smem, wl, lane4); a[4 * q + 3] = v3_pair<3>(smem, wh, lane4);
       } else {
-        a0 = v3_pair<0>(smem, wl, lane4); a1 = v3_pair<0>(smem, wh, lane4);
-        a2 = v3_pair<1>(smem, wl, lane4); a3 = v3_pair<1>(smem, wh, lane4);
+        a[4 * q + 0] = v3_pair<0>(smem, wl, lane4); a[4 * q + 1] = v3_pair<0>(smem, wh, lane4);
+        a[4 * q + 2] = v3_pair<1>(smem, wl, lane4); a[4 * q + 3] = v3_pair<1>(smem, wh, lane4);
       }
+    }
+    float c[2][NT][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int u = 0; u < NT; ++u) c[h][u][0] = c[h][u][1] = c[h][u][2] = c[h][u][3] = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
 #pragma unroll
       for (int u = 0; u < NT; ++u)
-        mma_f16_16816(c[u], a0, a1, a2, a3, xw[u][2 * q], xw[u][2 * q + 1]);
-    }
+        mma_f16_16816(c[NT == 1 ? q & 1 : 0][u], a[4 * q], a[4 * q + 1], a[4 * q + 2], a[4 * q + 3],
+                      xw[u][2 * q], xw[u][2 * q + 1]);
 #pragma unroll
     for (int u = 0; u < NT; ++u) {
-      sums[4 * u + 0] = fmaf(s_lo * undo[u][0], c[u][0], sums[4 * u + 0]);
-      sums[4 * u + 1] = fmaf(s_lo * undo[u][1], c[u][1], sums[4 * u + 1]);
-      sums[4 * u + 2] = fmaf(s_hi * undo[u][0], c[u][2], sums[4 * u + 2]);
-      sums[4 * u + 3] = fmaf(s_hi * undo[u][1], c[u][3], sums[4 * u + 3]);
+      sums[4 * u + 0] = fmaf(s_lo * undo[u][0], c[0][u][0] + c[1][u][0], sums[4 * u + 0]);
+      sums[4 * u + 1] = fmaf(s_lo * undo[u][1], c[0][u][1] + c[1][u][1], sums[4 * u + 1]);
+      sums[4 * u + 2] = fmaf(s_hi * undo[u][0], c[0][u][2] + c[1][u][2], sums[4 * u + 2]);
+      sums[4 * u + 3] = fmaf(s_hi * undo[u][1], c[0][u][3] + c[1][u][3], sums[4 * u + 3]);
     }
   };
   int s = 0;               // the window's slot (j % S) and that slot's use count parity
@@ -513,6 +521,21 @@ __global__ void __launch_bounds__(kV4Threads, 1)
                     : 0.f;
       mbar_wait(full0 + 8 * s, parity);
       const uint32_t stage = ring + (uint32_t)s * L.stage_bytes;
+      const uint32_t at = stage + lane_at;
+      // this lane's weight words of its tiles `tile` and `tile + 1` (rows g and g + 8 of each)
+      auto load_pair = [&](int tile, uint2 (&wv)[4]) {
+        const uint32_t at0 = at + (uint32_t)(tile * SPLIT * 16) * 128u;
+        wv[0] = lds64(at0);
+        wv[1] = lds64(at0 + 8u * 128u);
+        if (tile + 1 < my_tiles) {
+          wv[2] = lds64(at0 + (uint32_t)(SPLIT * 16) * 128u);
+          wv[3] = lds64(at0 + (uint32_t)(SPLIT * 16 + 8) * 128u);
+        }
+      };
+      // the pairs' weight words in two buffers, used in turn (a copy from one to the other
+      // cost 8 moves per pair in the SASS)
+      uint2 wbuf[2][4];
+      load_pair(0, wbuf[0]);
       uint32_t xw[NT][8];  // the token tiles' mma b fragments
       float undo[NT][2];    // (bf16) see tile_step
 #pragma unroll
@@ -546,35 +569,21 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         xw[u][0] = x0.x; xw[u][1] = x0.y; xw[u][2] = x0.z; xw[u][3] = x0.w;
         xw[u][4] = x1.x; xw[u][5] = x1.y; xw[u][6] = x1.z; xw[u][7] = x1.w;
       }
-      const uint32_t at = stage + lane_at;
-      // this lane's weight words of its tiles `tile` and `tile + 1` (rows g and g + 8 of each)
-      auto load_pair = [&](int tile, uint2 (&wv)[4]) {
-        const uint32_t at0 = at + (uint32_t)(tile * SPLIT * 16) * 128u;
-        wv[0] = lds64(at0);
-        wv[1] = lds64(at0 + 8u * 128u);
-        if (tile + 1 < my_tiles) {
-          wv[2] = lds64(at0 + (uint32_t)(SPLIT * 16) * 128u);
-          wv[3] = lds64(at0 + (uint32_t)(SPLIT * 16 + 8) * 128u);
-        }
-      };
       // tiles two at a time (two independent chains of lookups and mma for the scheduler to
       // interleave), the odd last one alone (4 tiles at a time spilled: 17 warps leave ptxas
       // 96 registers); the next pair's weight words loaded before this pair's lookups, so
       // their latency is not on the chain
-      uint2 cur[4], next[4];
-      load_pair(0, cur);
 #pragma unroll
       for (int tile = 0; tile < kMyMaxTiles; tile += 2) {
         if (tile >= my_tiles) break;
-        if (tile + 2 < my_tiles) load_pair(tile + 2, next);
+        uint2 (&cur)[4] = wbuf[(tile >> 1) & 1];
+        if (tile + 2 < my_tiles) load_pair(tile + 2, wbuf[((tile >> 1) + 1) & 1]);
         const float lo0 = __shfl_sync(0xffffffffu, sc[tile >> 1], g);
         const float hi0 = __shfl_sync(0xffffffffu, sc[tile >> 1], g + 8);
         const float lo1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 16 + g);
         const float hi1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 24 + g);
         tile_step(cur[0], cur[1], xw, lo0, hi0, undo, acc[tile]);
         if (tile + 1 < my_tiles) tile_step(cur[2], cur[3], xw, lo1, hi1, undo, acc[tile + 1]);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) cur[k] = next[k];
       }
     } else {
       mbar_wait(full0 + 8 * s, parity);
