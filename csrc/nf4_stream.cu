@@ -487,23 +487,27 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         a[4 * q + 2] = v3_pair<1>(smem, wl, lane4); a[4 * q + 3] = v3_pair<1>(smem, wh, lane4);
       }
     }
-    float c[2][NT][4];
+    constexpr int kChains = NT == 1 ? 2 : 1;  // (two token tiles are two chains already)
+    float c[kChains][NT][4];
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
+    for (int h = 0; h < kChains; ++h)
 #pragma unroll
       for (int u = 0; u < NT; ++u) c[h][u][0] = c[h][u][1] = c[h][u][2] = c[h][u][3] = 0.f;
 #pragma unroll
     for (int q = 0; q < 4; ++q)
 #pragma unroll
       for (int u = 0; u < NT; ++u)
-        mma_f16_16816(c[NT == 1 ? q & 1 : 0][u], a[4 * q], a[4 * q + 1], a[4 * q + 2], a[4 * q + 3],
+        mma_f16_16816(c[q % kChains][u], a[4 * q], a[4 * q + 1], a[4 * q + 2], a[4 * q + 3],
                       xw[u][2 * q], xw[u][2 * q + 1]);
 #pragma unroll
     for (int u = 0; u < NT; ++u) {
-      sums[4 * u + 0] = fmaf(s_lo * undo[u][0], c[0][u][0] + c[1][u][0], sums[4 * u + 0]);
-      sums[4 * u + 1] = fmaf(s_lo * undo[u][1], c[0][u][1] + c[1][u][1], sums[4 * u + 1]);
-      sums[4 * u + 2] = fmaf(s_hi * undo[u][0], c[0][u][2] + c[1][u][2], sums[4 * u + 2]);
-      sums[4 * u + 3] = fmaf(s_hi * undo[u][1], c[0][u][3] + c[1][u][3], sums[4 * u + 3]);
+      float v[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v[k] = kChains == 2 ? c[0][u][k] + c[kChains - 1][u][k] : c[0][u][k];
+      sums[4 * u + 0] = fmaf(s_lo * undo[u][0], v[0], sums[4 * u + 0]);
+      sums[4 * u + 1] = fmaf(s_lo * undo[u][1], v[1], sums[4 * u + 1]);
+      sums[4 * u + 2] = fmaf(s_hi * undo[u][0], v[2], sums[4 * u + 2]);
+      sums[4 * u + 3] = fmaf(s_hi * undo[u][1], v[3], sums[4 * u + 3]);
     }
   };
   int s = 0;               // the window's slot (j % S) and that slot's use count parity
