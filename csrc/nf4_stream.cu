@@ -501,9 +501,13 @@ __global__ void __launch_bounds__(kV4Threads, 1)
                       xw[u][2 * q], xw[u][2 * q + 1]);
 #pragma unroll
     for (int u = 0; u < NT; ++u) {
-      float v[4];
+      float v[4];  // the chains' sums
 #pragma unroll
-      for (int k = 0; k < 4; ++k) v[k] = kChains == 2 ? c[0][u][k] + c[kChains - 1][u][k] : c[0][u][k];
+      for (int k = 0; k < 4; ++k) {
+        v[k] = c[0][u][k];
+#pragma unroll
+        for (int h = 1; h < kChains; ++h) v[k] += c[h][u][k];
+      }
       sums[4 * u + 0] = fmaf(s_lo * undo[u][0], v[0], sums[4 * u + 0]);
       sums[4 * u + 1] = fmaf(s_lo * undo[u][1], v[1], sums[4 * u + 1]);
       sums[4 * u + 2] = fmaf(s_hi * undo[u][0], v[2], sums[4 * u + 2]);
