@@ -31,7 +31,8 @@ if [ -n "${ALT_TREE:-}" ]; then
     echo "alt build rc=$?" ) &
 fi
 wait
-for d in . _base_tree ${ALT_TREE:-}; do [ -e $d/fastft/triton_kernels ] || ln -s ../triton_kernels $d/fastft/triton_kernels; done
+alt_dir=${ALT_TREE:+$(cd "$ALT_TREE" && pwd)}  # (absolute: the benches run from here)
+for d in . _base_tree ${alt_dir}; do [ -e $d/fastft/triton_kernels ] || ln -s ../triton_kernels $d/fastft/triton_kernels; done
 grep -E "error" "$OUT/build_new.log" | head -5
 if [ -z "${SKIP_TESTS:-}" ]; then
   stamp tests
@@ -50,12 +51,12 @@ bench() {  # tag, tree, kernels
 }
 bench new "$PWD" "${KERNELS:-auto,v3h,v1}"
 bench base "$PWD/_base_tree" "${BASE_KERNELS:-auto,v3h,v1}"
-[ -n "${ALT_TREE:-}" ] && bench alt "$(cd "$ALT_TREE" && pwd)" "${BASE_KERNELS:-auto,v3h,v1}"
+[ -n "$alt_dir" ] && bench alt "$alt_dir" "${BASE_KERNELS:-auto,v3h,v1}"
 bench new2 "$PWD" "${BASE_KERNELS:-auto,v3h,v1}"
 decode_both() {  # script, tag, lines to show: bench/<script>.py for both builds (logs only)
   for b in new base ${DECODE_ALT:+alt}; do
     tree=$PWD; [ $b = base ] && tree=$PWD/_base_tree
-    [ $b = alt ] && tree=$(cd "$ALT_TREE" && pwd)
+    [ $b = alt ] && tree=$alt_dir
     stamp "$1 $b"
     PYTHONPATH=$tree:/tmp/site timeout 240 python3 bench/$1.py --out "$OUT/$2_$b" \
         > "$OUT/$2_$b.log" 2>&1
