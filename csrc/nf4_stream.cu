@@ -426,6 +426,12 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   NF4_MARK(tid == 0 && a.weights_frozen, kTimelineWaited);
   if (lr.xa && part == 0) lora_prefetch<T>(a, lr, row0, rows);
   const int g = lane >> 2, t = lane & 3;
+  // The weight rows of mma rows g and g + 8 of a tile: wr and wr + 8, wr = 0, 2, 4, 6, 1, 3, 5,
+  // 7 for g = 0..7. A half-warp's weight words (LDS.64, lanes g = 0..3 or 4..7) then come from
+  // four rows whose step chunks the 128-byte swizzle (chunk ^ row) puts in 8 different chunks:
+  // rows g and g ^ 1 share a chunk pair, so with wr = g every weight load took 4 wavefronts
+  // instead of 2 (run 185: 2 excess per execution on each LDS.64).
+  const int wr = ((g & 3) << 1) | (g >> 2);
   const uint32_t lane4 = (uint32_t)lane * 4u;
   // The warp's step of each window (wstep) and its tiles: the CTA's tiles tfirst + SPLIT i,
   // i < my_tiles (all of them with SPLIT 1).
@@ -453,18 +459,18 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     x_at0[u] = x_row * 128u + ((((uint32_t)(2 * t)) ^ (x_row & 7u)) << 4);
     x_at1[u] = x_row * 128u + ((((uint32_t)(2 * t + 1)) ^ (x_row & 7u)) << 4);
   }
-  // acc[tile][4u + k]: token tile u's mma sums (rows g, g + 8 x tokens 8u + 2t, + 1)
+  // acc[tile][4u + k]: token tile u's mma sums (rows wr, wr + 8 x tokens 8u + 2t, + 1)
   float acc[kMyMaxTiles][4 * NT];
 #pragma unroll
   for (int i = 0; i < kMyMaxTiles; ++i)
 #pragma unroll
     for (int k = 0; k < 4 * NT; ++k) acc[i][k] = 0.f;
   // this lane's 8 bytes of step wstep in a row r of a stage: box wstep / 4, then the 128-byte
-  // swizzle (16-byte chunk c of row r at chunk c ^ (r & 7); here r & 7 = g), from the warp's
+  // swizzle (16-byte chunk c of row r at chunk c ^ (r & 7); here r & 7 = wr), from the warp's
   // first tile
   const uint32_t lane_at = (uint32_t)(wstep >> 2) * box_bytes +
-                           ((((uint32_t)(2 * (wstep & 3) + (t >> 1))) ^ (uint32_t)g) << 4) +
-                           8u * (t & 1) + (uint32_t)(tfirst * 16 + g) * 128u;
+                           ((((uint32_t)(2 * (wstep & 3) + (t >> 1))) ^ (uint32_t)wr) << 4) +
+                           8u * (t & 1) + (uint32_t)(tfirst * 16 + wr) * 128u;
   // One tile's step: 16 level pairs from the table, 4 mma per token tile, the sums scaled into
   // acc. (undo[u][0 / 1]: 1 for fp16 x; for bf16 they undo the x scaling of tokens 8u + 2t /
   // + 1, the sums' columns, folded into the row scales: products formed while the mma run, not
@@ -530,7 +536,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       mbar_wait(full0 + 8 * s, parity);
       const uint32_t stage = ring + (uint32_t)s * L.stage_bytes;
       const uint32_t at = stage + lane_at;
-      // this lane's weight words of its tiles `tile` and `tile + 1` (rows g and g + 8 of each)
+      // this lane's weight words of its tiles `tile` and `tile + 1` (rows wr and wr + 8 of each)
       auto load_pair = [&](int tile, uint2 (&wv)[4]) {
         const uint32_t at0 = at + (uint32_t)(tile * SPLIT * 16) * 128u;
         wv[0] = lds64(at0);
@@ -586,10 +592,10 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         if (tile >= my_tiles) break;
         uint2 (&cur)[4] = wbuf[(tile >> 1) & 1];
         if (tile + 2 < my_tiles) load_pair(tile + 2, wbuf[((tile >> 1) + 1) & 1]);
-        const float lo0 = __shfl_sync(0xffffffffu, sc[tile >> 1], g);
-        const float hi0 = __shfl_sync(0xffffffffu, sc[tile >> 1], g + 8);
-        const float lo1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 16 + g);
-        const float hi1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 24 + g);
+        const float lo0 = __shfl_sync(0xffffffffu, sc[tile >> 1], wr);
+        const float hi0 = __shfl_sync(0xffffffffu, sc[tile >> 1], wr + 8);
+        const float lo1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 16 + wr);
+        const float hi1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 24 + wr);
         tile_step(cur[0], cur[1], xw, lo0, hi0, undo, acc[tile]);
         if (tile + 1 < my_tiles) tile_step(cur[2], cur[3], xw, lo1, hi1, undo, acc[tile + 1]);
       }
@@ -619,10 +625,10 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     float* p = sums + (wstep * L.tmax + tfirst + SPLIT * tile) * kTileSums;
 #pragma unroll
     for (int u = 0; u < NT; ++u) {
-      p[g * 8 * NT + 8 * u + 2 * t] = acc[tile][4 * u + 0];
-      p[g * 8 * NT + 8 * u + 2 * t + 1] = acc[tile][4 * u + 1];
-      p[(g + 8) * 8 * NT + 8 * u + 2 * t] = acc[tile][4 * u + 2];
-      p[(g + 8) * 8 * NT + 8 * u + 2 * t + 1] = acc[tile][4 * u + 3];
+      p[wr * 8 * NT + 8 * u + 2 * t] = acc[tile][4 * u + 0];
+      p[wr * 8 * NT + 8 * u + 2 * t + 1] = acc[tile][4 * u + 1];
+      p[(wr + 8) * 8 * NT + 8 * u + 2 * t] = acc[tile][4 * u + 2];
+      p[(wr + 8) * 8 * NT + 8 * u + 2 * t + 1] = acc[tile][4 * u + 3];
     }
   }
   consumers_sync();
