@@ -438,10 +438,12 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   constexpr int kMyMaxTiles = v4_max_tiles(SPLIT, NT) / SPLIT;
   const int wstep = SPLIT == 1 ? warp : warp % kSteps, tfirst = SPLIT == 1 ? 0 : warp / kSteps;
   const int my_tiles = (tiles - tfirst + SPLIT - 1) / SPLIT;
-  // This lane's scales in a window: row lane & 15 of its tile (lane >> 4) + 2 i, wstep. The
-  // rows of i and i + 1 are 32 SPLIT apart, so they share the word (b + row) % 32 and their
-  // holes are scale_row_step bytes apart: one address per window, then an add per tile.
-  const int srow = lane & 15, stile = lane >> 4;
+  // This lane's scales in a window: row srow of its tile (lane >> 4) + 2 i, wstep, srow the
+  // weight row of mma row lane & 15 (so lanes g and g + 8 hold the scales lane (g, t) needs:
+  // rows wr and wr + 8). The rows of i and i + 1 are 32 SPLIT apart, so they share the word
+  // (b + row) % 32 and their holes are scale_row_step bytes apart: one address per window,
+  // then an add per tile.
+  const int srow = (((lane & 3) << 1) | ((lane >> 2) & 1)) + (lane & 8), stile = lane >> 4;
   const int scale_row0 = (tfirst + SPLIT * stile) * 16 + srow;
   const uint32_t scale_at0 = hole_at(scale_row0, 0);
   const uint32_t scale_row_step = (uint32_t)(32 * SPLIT * holes_row) * hole_stride;
@@ -592,10 +594,10 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         if (tile >= my_tiles) break;
         uint2 (&cur)[4] = wbuf[(tile >> 1) & 1];
         if (tile + 2 < my_tiles) load_pair(tile + 2, wbuf[((tile >> 1) + 1) & 1]);
-        const float lo0 = __shfl_sync(0xffffffffu, sc[tile >> 1], wr);
-        const float hi0 = __shfl_sync(0xffffffffu, sc[tile >> 1], wr + 8);
-        const float lo1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 16 + wr);
-        const float hi1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 24 + wr);
+        const float lo0 = __shfl_sync(0xffffffffu, sc[tile >> 1], g);
+        const float hi0 = __shfl_sync(0xffffffffu, sc[tile >> 1], g + 8);
+        const float lo1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 16 + g);
+        const float hi1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 24 + g);
         tile_step(cur[0], cur[1], xw, lo0, hi0, undo, acc[tile]);
         if (tile + 1 < my_tiles) tile_step(cur[2], cur[3], xw, lo1, hi1, undo, acc[tile + 1]);
       }
@@ -614,32 +616,36 @@ __global__ void __launch_bounds__(kV4Threads, 1)
 
   // ---- the warps' sums, added in warp order, over the ring (every copy has landed)
   consumers_sync();
-  // [wstep][tile < tmax][16 rows][8 NT tokens]: 8 KB per tile with SPLIT 1 (a stage's weight
-  // takes 8 KB per tile, and there are 2 or more stages), 4 NT KB with SPLIT 2 (the weight's
-  // 4 KB per tile and a stage's x, 16 KB at NT = 2, in each of 2 or more stages)
-  constexpr int kTileSums = 128 * NT;
+  // [wstep][CTA row < 16 tmax][token < M]: only the tokens the call has, so the reads below
+  // (thread i: entry i of each wstep) are consecutive words (the [wstep][tile][16 rows][8 NT
+  // tokens] layout before gave them 8-way bank conflicts at M = 1, 4-way at M = 2). At most the
+  // 8 NT KB per tile with SPLIT 1 (a stage's weight takes 8 KB per tile, and there are 2 or more
+  // stages), 4 NT KB with SPLIT 2 (the weight's 4 KB per tile and a stage's x, 16 KB at NT = 2,
+  // in each of 2 or more stages).
+  const int wstep_sums = L.tmax * 16 * M;
   float* sums = reinterpret_cast<float*>(smem + L.ring);
 #pragma unroll
   for (int tile = 0; tile < kMyMaxTiles; ++tile) {
     if (tile >= my_tiles) break;
-    float* p = sums + (wstep * L.tmax + tfirst + SPLIT * tile) * kTileSums;
+    float* p = sums + wstep * wstep_sums + ((tfirst + SPLIT * tile) * 16 + wr) * M;
 #pragma unroll
-    for (int u = 0; u < NT; ++u) {
-      p[wr * 8 * NT + 8 * u + 2 * t] = acc[tile][4 * u + 0];
-      p[wr * 8 * NT + 8 * u + 2 * t + 1] = acc[tile][4 * u + 1];
-      p[(wr + 8) * 8 * NT + 8 * u + 2 * t] = acc[tile][4 * u + 2];
-      p[(wr + 8) * 8 * NT + 8 * u + 2 * t + 1] = acc[tile][4 * u + 3];
-    }
+    for (int u = 0; u < NT; ++u)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {  // the sums' columns: tokens 8u + 2t + c
+        const int m = 8 * u + 2 * t + c;
+        if (m < M) {
+          p[m] = acc[tile][4 * u + c];                 // row wr
+          p[8 * M + m] = acc[tile][4 * u + 2 + c];     // row wr + 8
+        }
+      }
   }
   consumers_sync();
   NF4_MARK(tid == 0, kTimelineSummed);
   // y[m][row0 + r] for i = r M + m: this CTA's sum (over the warps, in warp order)
   auto cta_sum = [&](int i) {
-    const int m = i % M, r = i / M;  // r: the CTA's row
     float v = 0.f;
 #pragma unroll
-    for (int ws = 0; ws < kSteps; ++ws)
-      v += sums[(ws * L.tmax + (r >> 4)) * kTileSums + (r & 15) * 8 * NT + m];
+    for (int ws = 0; ws < kSteps; ++ws) v += sums[ws * wstep_sums + i];
     return v;
   };
   float* sums_in = reinterpret_cast<float*>(smem + L.sums_in);
