@@ -616,36 +616,36 @@ __global__ void __launch_bounds__(kV4Threads, 1)
 
   // ---- the warps' sums, added in warp order, over the ring (every copy has landed)
   consumers_sync();
-  // [wstep][CTA row < 16 tmax][token < M]: only the tokens the call has, so the reads below
-  // (thread i: entry i of each wstep) are consecutive words (the [wstep][tile][16 rows][8 NT
-  // tokens] layout before gave them 8-way bank conflicts at M = 1, 4-way at M = 2). At most the
-  // 8 NT KB per tile with SPLIT 1 (a stage's weight takes 8 KB per tile, and there are 2 or more
-  // stages), 4 NT KB with SPLIT 2 (the weight's 4 KB per tile and a stage's x, 16 KB at NT = 2,
-  // in each of 2 or more stages).
-  const int wstep_sums = L.tmax * 16 * M;
+  // [wstep][tile < tmax][16 mma rows][8 NT tokens] (mma rows, as the warps hold them: in
+  // weight rows, lanes g = 0..3 of a half-warp's 8-byte stores would hit rows 0, 2, 4, 6, two
+  // banks each, run 195): 8 KB per tile with SPLIT 1 (a stage's weight takes 8 KB per tile, and
+  // there are 2 or more stages), 4 NT KB with SPLIT 2 (the weight's 4 KB per tile and a stage's
+  // x, 16 KB at NT = 2, in each of 2 or more stages)
+  constexpr int kTileSums = 128 * NT;
   float* sums = reinterpret_cast<float*>(smem + L.ring);
 #pragma unroll
   for (int tile = 0; tile < kMyMaxTiles; ++tile) {
     if (tile >= my_tiles) break;
-    float* p = sums + wstep * wstep_sums + ((tfirst + SPLIT * tile) * 16 + wr) * M;
+    float* p = sums + (wstep * L.tmax + tfirst + SPLIT * tile) * kTileSums;
 #pragma unroll
-    for (int u = 0; u < NT; ++u)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {  // the sums' columns: tokens 8u + 2t + c
-        const int m = 8 * u + 2 * t + c;
-        if (m < M) {
-          p[m] = acc[tile][4 * u + c];                 // row wr
-          p[8 * M + m] = acc[tile][4 * u + 2 + c];     // row wr + 8
-        }
-      }
+    for (int u = 0; u < NT; ++u) {
+      p[g * 8 * NT + 8 * u + 2 * t] = acc[tile][4 * u + 0];
+      p[g * 8 * NT + 8 * u + 2 * t + 1] = acc[tile][4 * u + 1];
+      p[(g + 8) * 8 * NT + 8 * u + 2 * t] = acc[tile][4 * u + 2];
+      p[(g + 8) * 8 * NT + 8 * u + 2 * t + 1] = acc[tile][4 * u + 3];
+    }
   }
   consumers_sync();
   NF4_MARK(tid == 0, kTimelineSummed);
   // y[m][row0 + r] for i = r M + m: this CTA's sum (over the warps, in warp order)
   auto cta_sum = [&](int i) {
+    const int m = i % M, r = i / M;  // r: the CTA's row
+    // the mma row of weight row r & 15 of its tile (wr's map inverted)
+    const int mma_row = (((r & 1) << 2) | ((r & 7) >> 1)) + (r & 8);
     float v = 0.f;
 #pragma unroll
-    for (int ws = 0; ws < kSteps; ++ws) v += sums[ws * wstep_sums + i];
+    for (int ws = 0; ws < kSteps; ++ws)
+      v += sums[(ws * L.tmax + (r >> 4)) * kTileSums + mma_row * 8 * NT + m];
     return v;
   };
   float* sums_in = reinterpret_cast<float*>(smem + L.sums_in);
