@@ -21,12 +21,14 @@ Rank 0 saves each run with save_on_main (adapter; merged_16bit for ddp / fsdp2).
 """
 from __future__ import annotations
 
+import faulthandler
 import gc
 import json
 import os
 import socket
 import sys
 import time
+import warnings
 import weakref
 
 import pytest
@@ -180,6 +182,8 @@ def trainable_state(model) -> dict:
 # ---------------------------------------------------------------- the distributed worker
 
 def run_worker(rank, world, port, model_dir, out_dir, modes, device_kind="cpu", qlora=False):
+    # a crash in native code (a SIGSEGV seen once in CI) prints every thread's Python stack
+    faulthandler.enable(all_threads=True)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -346,21 +350,36 @@ def _cpu_run(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("dist")
     model_dir = save_model_dir(base / "model")
-    out_dir = str(base / "out")
-    os.makedirs(out_dir)
     modes = [m for m in CPU_MODES if m != "sft_ddp" or _have_trl_and_loader()] + [FULL_MODE]
-    # spawn, never fork: a child forked from a pytest worker whose OpenMP pool earlier tests had
-    # started deadlocked in its first matmul (seen under `pytest -n auto`), and a forked child
-    # cannot use CUDA either.
-    method = "spawn"
-    ctx = mp.start_processes(run_worker, args=(2, _free_port(), model_dir, out_dir, modes),
-                             nprocs=2, join=False, start_method=method)
-    deadline = time.monotonic() + 600
-    while not ctx.join(timeout=10):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the 2-process gloo job did not finish in 600 s")
+
+    def gloo_job(out_dir):
+        os.makedirs(out_dir)
+        # spawn, never fork: a child forked from a pytest worker whose OpenMP pool earlier tests
+        # had started deadlocked in its first matmul (seen under `pytest -n auto`), and a forked
+        # child cannot use CUDA either.
+        ctx = mp.start_processes(run_worker, args=(2, _free_port(), model_dir, out_dir, modes),
+                                 nprocs=2, join=False, start_method="spawn")
+        deadline = time.monotonic() + 600
+        while not ctx.join(timeout=10):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail("the 2-process gloo job did not finish in 600 s")
+
+    # One rerun, only for a worker killed by a signal. CI once lost a rank to SIGSEGV inside
+    # malloc on torch's gloo transport thread (dmesg: pt_gloo_runloop, libc __libc_malloc), heap
+    # corruption that ~290 later runs of the same job here did not reproduce. A Python error, a
+    # wrong result or a second crash still fails; the first crash stays visible as a warning
+    # (and faulthandler in the worker prints every thread's stack to the captured stderr).
+    out_dir = str(base / "out")
+    try:
+        gloo_job(out_dir)
+    except mp.ProcessExitedException as exc:
+        if exc.exit_code is None or exc.exit_code >= 0:
+            raise
+        warnings.warn(f"the 2-process gloo job lost a worker to {exc.signal_name}; running it once more")
+        out_dir = str(base / "out_rerun")
+        gloo_job(out_dir)
     reports = [json.load(open(os.path.join(out_dir, f"report_rank{r}.json"))) for r in range(2)]
 
     refs = {}
