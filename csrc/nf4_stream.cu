@@ -426,12 +426,15 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   NF4_MARK(tid == 0 && a.weights_frozen, kTimelineWaited);
   if (lr.xa && part == 0) lora_prefetch<T>(a, lr, row0, rows);
   const int g = lane >> 2, t = lane & 3;
-  // The weight rows of mma rows g and g + 8 of a tile: wr and wr + 8, wr = 0, 2, 4, 6, 1, 3, 5,
-  // 7 for g = 0..7. A half-warp's weight words (LDS.64, lanes g = 0..3 or 4..7) then come from
-  // four rows whose step chunks the 128-byte swizzle (chunk ^ row) puts in 8 different chunks:
-  // rows g and g ^ 1 share a chunk pair, so with wr = g every weight load took 4 wavefronts
-  // instead of 2 (run 185: 2 excess per execution on each LDS.64).
-  const int wr = ((g & 3) << 1) | (g >> 2);
+  // The weight rows of mma rows g and g + 8 of a tile: wr and wr + 8, wr = g ^ 4 for odd g
+  // (0, 5, 2, 7, 4, 1, 6, 3: its own inverse). A half-warp's weight words (LDS.64, lanes
+  // g = 0..3 or 4..7) then come from one row of each pair {2k, 2k + 1}, whose step chunks the
+  // 128-byte swizzle (chunk ^ row) puts in 8 different chunks: rows 2k and 2k + 1 share a chunk
+  // pair, so with wr = g every weight load took 4 wavefronts instead of 2 (run 185: 2 excess per
+  // execution on each LDS.64). And cta_sum's reads stay conflict-free at M = 8 and 16 (4 and 2
+  // consecutive rows a warp: mma rows of distinct banks), which the map before (0, 2, 4, 6, 1,
+  // 3, 5, 7) made 2-way.
+  const int wr = g ^ ((g & 1) << 2);
   const uint32_t lane4 = (uint32_t)lane * 4u;
   // The warp's step of each window (wstep) and its tiles: the CTA's tiles tfirst + SPLIT i,
   // i < my_tiles (all of them with SPLIT 1).
@@ -443,7 +446,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // rows wr and wr + 8). The rows of i and i + 1 are 32 SPLIT apart, so they share the word
   // (b + row) % 32 and their holes are scale_row_step bytes apart: one address per window,
   // then an add per tile.
-  const int srow = (((lane & 3) << 1) | ((lane >> 2) & 1)) + (lane & 8), stile = lane >> 4;
+  const int srow = (lane & 15) ^ ((lane & 1) << 2), stile = lane >> 4;
   const int scale_row0 = (tfirst + SPLIT * stile) * 16 + srow;
   const uint32_t scale_at0 = hole_at(scale_row0, 0);
   const uint32_t scale_row_step = (uint32_t)(32 * SPLIT * holes_row) * hole_stride;
@@ -640,8 +643,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // y[m][row0 + r] for i = r M + m: this CTA's sum (over the warps, in warp order)
   auto cta_sum = [&](int i) {
     const int m = i % M, r = i / M;  // r: the CTA's row
-    // the mma row of weight row r & 15 of its tile (wr's map inverted)
-    const int mma_row = (((r & 1) << 2) | ((r & 7) >> 1)) + (r & 8);
+    // the mma row of weight row r & 15 of its tile (wr's map is its own inverse)
+    const int mma_row = (r & 15) ^ ((r & 1) << 2);
     float v = 0.f;
 #pragma unroll
     for (int ws = 0; ws < kSteps; ++ws)
