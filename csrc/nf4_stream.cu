@@ -128,6 +128,16 @@ struct V4Layout {
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// The weight row that mma row r (0..7) of a tile's half reads: r ^ 4 for odd r (0, 5, 2, 7, 4,
+// 1, 6, 3; rows r + 8 read + 8), its own inverse. A half-warp's weight words (LDS.64, lanes
+// g = 0..3 or 4..7: mma rows g and g + 8) then come from one row of each pair {2k, 2k + 1},
+// whose step chunks the 128-byte swizzle (chunk ^ row) puts in 8 different chunks; rows 2k and
+// 2k + 1 share a chunk pair, so with the weight row = the mma row every weight load took 4
+// wavefronts instead of 2 (run 185: 2 excess per execution on each LDS.64). And cta_sum's
+// reads stay conflict-free at M = 8 and 16 (4 and 2 consecutive rows a warp: mma rows of
+// distinct banks), which the map before (0, 2, 4, 6, 1, 3, 5, 7) made 2-way.
+__device__ __forceinline__ int v4_row_swap(int r) { return r ^ ((r & 1) << 2); }
+
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return (uint32_t)__cvta_generic_to_shared(p);
 }
@@ -426,15 +436,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   NF4_MARK(tid == 0 && a.weights_frozen, kTimelineWaited);
   if (lr.xa && part == 0) lora_prefetch<T>(a, lr, row0, rows);
   const int g = lane >> 2, t = lane & 3;
-  // The weight rows of mma rows g and g + 8 of a tile: wr and wr + 8, wr = g ^ 4 for odd g
-  // (0, 5, 2, 7, 4, 1, 6, 3: its own inverse). A half-warp's weight words (LDS.64, lanes
-  // g = 0..3 or 4..7) then come from one row of each pair {2k, 2k + 1}, whose step chunks the
-  // 128-byte swizzle (chunk ^ row) puts in 8 different chunks: rows 2k and 2k + 1 share a chunk
-  // pair, so with wr = g every weight load took 4 wavefronts instead of 2 (run 185: 2 excess per
-  // execution on each LDS.64). And cta_sum's reads stay conflict-free at M = 8 and 16 (4 and 2
-  // consecutive rows a warp: mma rows of distinct banks), which the map before (0, 2, 4, 6, 1,
-  // 3, 5, 7) made 2-way.
-  const int wr = g ^ ((g & 1) << 2);
+  const int wr = v4_row_swap(g);  // the weight rows of mma rows g, g + 8: wr, wr + 8
   const uint32_t lane4 = (uint32_t)lane * 4u;
   // The warp's step of each window (wstep) and its tiles: the CTA's tiles tfirst + SPLIT i,
   // i < my_tiles (all of them with SPLIT 1).
@@ -446,7 +448,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // rows wr and wr + 8). The rows of i and i + 1 are 32 SPLIT apart, so they share the word
   // (b + row) % 32 and their holes are scale_row_step bytes apart: one address per window,
   // then an add per tile.
-  const int srow = (lane & 15) ^ ((lane & 1) << 2), stile = lane >> 4;
+  const int srow = v4_row_swap(lane & 15), stile = lane >> 4;
   const int scale_row0 = (tfirst + SPLIT * stile) * 16 + srow;
   const uint32_t scale_at0 = hole_at(scale_row0, 0);
   const uint32_t scale_row_step = (uint32_t)(32 * SPLIT * holes_row) * hole_stride;
@@ -643,8 +645,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // y[m][row0 + r] for i = r M + m: this CTA's sum (over the warps, in warp order)
   auto cta_sum = [&](int i) {
     const int m = i % M, r = i / M;  // r: the CTA's row
-    // the mma row of weight row r & 15 of its tile (wr's map is its own inverse)
-    const int mma_row = (r & 15) ^ ((r & 1) << 2);
+    const int mma_row = v4_row_swap(r & 15);  // (its own inverse)
     float v = 0.f;
 #pragma unroll
     for (int ws = 0; ws < kSteps; ++ws)
