@@ -203,8 +203,11 @@ struct V4Maps {
   CUtensorMap x;
 };
 
-// NT: token tiles of 8 (mma n), 2 for M = 9..16 (then SPLIT 2: a warp's 4 tiles x 8 sums)
-template <bool NESTED, typename T, int SPLIT, int KPARTS, int NT>
+// NT: token tiles of 8 (mma n), 2 for M = 9..16 (then SPLIT 2: a warp's 4 tiles x 8 sums).
+// ONE: M = 1, where only the mma's column 0 is a token: bf16 x's factor is one number per warp
+// step, folded into the row scales once per window instead of into each tile's sums, and the
+// other columns' sums are not formed (per tile 8 fewer FMUL / FFMA / FADD of the loop's ~75).
+template <bool NESTED, typename T, int SPLIT, int KPARTS, int NT, bool ONE>
 __global__ void __launch_bounds__(kV4Threads, 1)
     nf4_gemv_v4_kernel(const NF4Weight w, const NF4GemvArgs a, const __grid_constant__ V4Maps maps,
                        const NF4LowRank lr, const int probe) {
@@ -454,6 +457,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   const uint32_t scale_row_step = (uint32_t)(32 * SPLIT * holes_row) * hole_stride;
 
   static_assert(NT == 1 || SPLIT == 2, "two token tiles take half a step's tiles per warp");
+  static_assert(!ONE || NT == 1, "one token is one token tile");
   // this lane's x in a stage, token tile u: row wstep M + 8u + g of the x box (token 8u + g of
   // step wstep), 16-byte chunks 2t and 2t + 1 (values 16t .. 16t + 15) at their 128-byte
   // swizzle positions
@@ -521,6 +525,11 @@ __global__ void __launch_bounds__(kV4Threads, 1)
 #pragma unroll
         for (int h = 1; h < kChains; ++h) v[k] += c[h][u][k];
       }
+      if (ONE) {  // column 0 only; the scales carry x's factor already
+        sums[0] = fmaf(s_lo, v[0], sums[0]);
+        sums[2] = fmaf(s_hi, v[2], sums[2]);
+        continue;
+      }
       sums[4 * u + 0] = fmaf(s_lo * undo[u][0], v[0], sums[4 * u + 0]);
       sums[4 * u + 1] = fmaf(s_lo * undo[u][1], v[1], sums[4 * u + 1]);
       sums[4 * u + 2] = fmaf(s_hi * undo[u][0], v[2], sums[4 * u + 2]);
@@ -584,8 +593,14 @@ __global__ void __launch_bounds__(kV4Threads, 1)
           x1 = bf16x8_scaled_to_fp16(x1, shift);
           // token g's factor; the sums' columns are tokens 2t, 2t + 1 (lanes 8t, 8t + 4)
           const float token_undo = pow2f(-shift);
-          undo[u][0] = __shfl_sync(0xffffffffu, token_undo, 8 * t);
-          undo[u][1] = __shfl_sync(0xffffffffu, token_undo, 8 * t + 4);
+          if (ONE) {  // token 0's (lane 0's), into the scales of this window's tiles
+            const float undo0 = __shfl_sync(0xffffffffu, token_undo, 0);
+#pragma unroll
+            for (int i = 0; i < kMyMaxTiles / 2; ++i) sc[i] *= undo0;
+          } else {
+            undo[u][0] = __shfl_sync(0xffffffffu, token_undo, 8 * t);
+            undo[u][1] = __shfl_sync(0xffffffffu, token_undo, 8 * t + 4);
+          }
         }
         xw[u][0] = x0.x; xw[u][1] = x0.y; xw[u][2] = x0.z; xw[u][3] = x0.w;
         xw[u][4] = x1.x; xw[u][5] = x1.y; xw[u][6] = x1.z; xw[u][7] = x1.w;
@@ -754,7 +769,7 @@ int env_int(const char* name) {
   return v ? std::atoi(v) : 0;
 }
 
-template <bool NESTED, typename T, int SPLIT, int KPARTS, int NT>
+template <bool NESTED, typename T, int SPLIT, int KPARTS, int NT, bool ONE = false>
 bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
                     cudaStream_t stream) {
   const V4Layout L(a, w, a.v4_ctas, SPLIT, KPARTS);
@@ -763,9 +778,9 @@ bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& 
   maps.m[1] = maps.m[0];
   if (L.tmax > 1 && !encode_weight_map(&maps.m[1], a, w, (L.tmax - 1) * 16)) return false;
   if (!encode_x_map(&maps.x, a, v4_window(SPLIT) / kV3Step)) return false;
-  auto kernel = nf4_gemv_v4_kernel<NESTED, T, SPLIT, KPARTS, NT>;
-  allow_dynamic_smem<nf4_gemv_v4_kernel<NESTED, T, SPLIT, KPARTS, NT>>(kV4MaxSmem -
-                                                                       kV4AnchorBytes);
+  auto kernel = nf4_gemv_v4_kernel<NESTED, T, SPLIT, KPARTS, NT, ONE>;
+  allow_dynamic_smem<nf4_gemv_v4_kernel<NESTED, T, SPLIT, KPARTS, NT, ONE>>(kV4MaxSmem -
+                                                                            kV4AnchorBytes);
   launch_kernel(kernel, dim3((unsigned)a.v4_ctas, KPARTS), kV4Threads,
                 (size_t)(L.ring + (uint32_t)a.v4_stages * L.stage_bytes - kV4AnchorBytes), stream,
                 a.pdl, KPARTS, w, a, maps, lr, env_int("FASTFT_NF4_V4_PROBE"));
@@ -777,6 +792,11 @@ bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& 
   if (a.M > 8)  // two token tiles: two warps per step (the plan's only form there)
     return a.v4_kparts == 2 ? launch_gemv_v4<NESTED, T, 2, 2, 2>(w, a, lr, stream)
                             : launch_gemv_v4<NESTED, T, 2, 1, 2>(w, a, lr, stream);
+  if (a.M == 1) {
+    if (a.v4_kparts == 2) return launch_gemv_v4<NESTED, T, 1, 2, 1, true>(w, a, lr, stream);
+    return a.v4_split == 2 ? launch_gemv_v4<NESTED, T, 2, 1, 1, true>(w, a, lr, stream)
+                           : launch_gemv_v4<NESTED, T, 1, 1, 1, true>(w, a, lr, stream);
+  }
   if (a.v4_kparts == 2) return launch_gemv_v4<NESTED, T, 1, 2, 1>(w, a, lr, stream);
   return a.v4_split == 2 ? launch_gemv_v4<NESTED, T, 2, 1, 1>(w, a, lr, stream)
                          : launch_gemv_v4<NESTED, T, 1, 1, 1>(w, a, lr, stream);
@@ -785,9 +805,9 @@ bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& 
 // How many clusters of two v4 CTAs (one per SM each) the GPU runs at once (0: none)
 int v4_cluster_pairs() {
   static const int pairs = [] {
-    auto kernel = nf4_gemv_v4_kernel<true, __nv_bfloat16, 1, 2, 1>;
-    allow_dynamic_smem<nf4_gemv_v4_kernel<true, __nv_bfloat16, 1, 2, 1>>(kV4MaxSmem -
-                                                                      kV4AnchorBytes);
+    auto kernel = nf4_gemv_v4_kernel<true, __nv_bfloat16, 1, 2, 1, false>;
+    allow_dynamic_smem<nf4_gemv_v4_kernel<true, __nv_bfloat16, 1, 2, 1, false>>(kV4MaxSmem -
+                                                                             kV4AnchorBytes);
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(1, 2);
     config.blockDim = dim3(kV4Threads);

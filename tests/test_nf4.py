@@ -807,6 +807,23 @@ def test_fused_matmul_gpu_x_ranges(backend, variant, monkeypatch):
         assert torch.equal(y[2], torch.zeros_like(y[2])), "a zero row of x gives zeros"
         for i in (0, 1, 3, 4):
             assert rel_err(y[i], ref[i]) < RTOL[torch.bfloat16], (rows, i, rel_err(y[i], ref[i]))
+    # one row (v4's one-token kernel folds the row's factor of each step into the scales): far
+    # above / below fp16's range, huge and tiny values side by side, and sizes that change from
+    # one 64-value step to the next (each step's factor differs), in both of v4's K forms
+    _, packed, state = quantize((1000, 4096), True, device="cuda", seed=52)
+    w = nf4_dequantize(packed, state, dtype=torch.float32, backend="torch").double()
+    g = torch.Generator().manual_seed(53)
+    steps = torch.arange(4096) // 64
+    for kparts in ("0", "2"):  # (FASTFT_NF4_V4_KPARTS: v4 only; 0: its plan's choice)
+        monkeypatch.setenv("FASTFT_NF4_V4_KPARTS", kparts)
+        for case, factor in (("huge", 1e30), ("tiny", 1e-30),
+                             ("mixed", torch.where(torch.arange(4096) % 2 == 0, 1e6, 1e-6)),
+                             ("per step", 10.0 ** (steps % 13 - 6).double())):
+            x = torch.randn(1, 4096, generator=g).double() * factor
+            x = x.to(device="cuda", dtype=torch.bfloat16)
+            y = nf4_matmul(x, packed, state, backend=backend)
+            err = rel_err(y[0], (x.double() @ w.t())[0])
+            assert err < RTOL[torch.bfloat16], (kparts, case, err)
 
 
 def test_gemv_settings_from_environment(monkeypatch):
@@ -1670,9 +1687,10 @@ def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
 def v4_template_args(fn):
     """(SPLIT, KPARTS, NT) of the one v4 kernel fn() launched (from its name), or None."""
     names = [n for n in profiled_names(fn) if "nf4_gemv_v4_kernel" in n]
+    # <NESTED, T, SPLIT, KPARTS, NT, ONE>
     args = {tuple(int(v) for v in m) for n in names
-            for m in re.findall(
-                r"nf4_gemv_v4_kernel<[^<>]*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*>", n)}
+            for m in re.findall(r"nf4_gemv_v4_kernel<[^<>]*?,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,"
+                                r"\s*(?:true|false)\s*>", n)}
     assert len(args) == (1 if names else 0), names
     return args.pop() if args else None
 
