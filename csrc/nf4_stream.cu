@@ -72,6 +72,7 @@ __host__ __device__ constexpr int v4_max_tiles(int split, int nt) {
 constexpr int kV4MaxSmem = 227 * 1024;  // an sm_90 CTA's most shared memory (static + dynamic)
 constexpr int kV4TableSpan = 256 * 256;
 constexpr int kV4Misc = 2048;  // code2 [256] floats, then the barriers
+constexpr int kV4MaxBoxSteps = 256;  // a tensor-map box's most elements in a dimension
 // The CTA loads its scales in units of this many bytes, so a row's (and a K part's) scales
 // must be whole units at unit-aligned addresses (nf4_gemv_v4_plan checks)
 constexpr int kV4ScaleUnitBytes = 8;
@@ -92,10 +93,17 @@ struct V4Layout {
   int holes_row;
   uint32_t scales_at, hole_stride;
   // a stage: the weight's window (stage_w bytes: 4 or 2 boxes of rows x 128 bytes), then x's
-  // (the window's steps x M tokens x 128 bytes)
+  // (the window's steps x M tokens x 128 bytes) unless x_whole
   uint32_t a2_area, sums_in, ring, stage_w, stage_bytes;
+  // x_whole (M = 1, the part's steps one box: at most 256): all of the part's x in one copy,
+  // before the ring (x_area: a 128-byte row per step, swizzled as in a stage), converted once
+  // (bf16 times a power of two per step, whose undo factor is x_factors' float of the step),
+  // and none in the stages
+  bool x_whole;
+  uint32_t x_factors, x_area;
+  // one: the kernel for M = 1 (ONE) is asked for (a compile-time false in the other kernels)
   __host__ __device__ V4Layout(const NF4GemvArgs& a, const NF4Weight& w, int groups, int split,
-                               int kparts) {
+                               int kparts, bool one) {
     KB = a.K / kV3Step;
     KS = a.K >> w.bs_log2;
     const int window_steps = v4_window(split) / kV3Step;
@@ -120,10 +128,17 @@ struct V4Layout {
     // kparts 2: the second part's sums [row][token] (float32), written by that CTA
     sums_in = kparts == 1 ? 0 : after_scales;
     const int64_t sums_in_bytes = (int64_t)tmax * 16 * a.M * 4;
-    // the 128-byte swizzle's 1 KB alignment
-    ring = kparts == 1 ? up(after_scales, 1024) : up(sums_in + sums_in_bytes, 1024);
+    int64_t before_ring = kparts == 1 ? (int64_t)after_scales : sums_in + sums_in_bytes;
+    x_whole = one && KBc <= kV4MaxBoxSteps;
+    x_factors = x_area = 0;
+    if (x_whole) {
+      x_factors = up(before_ring, 16);
+      x_area = up(x_factors + 4 * KBc, 1024);  // (the 128-byte swizzle's 1 KB alignment)
+      before_ring = x_area + 128 * KBc;
+    }
+    ring = up(before_ring, 1024);
     stage_w = (uint32_t)(tmax * 16 * (v4_window(split) / 2));
-    stage_bytes = stage_w + (uint32_t)(window_steps * a.M * 128);
+    stage_bytes = stage_w + (x_whole ? 0u : (uint32_t)(window_steps * a.M * 128));
   }
 };
 
@@ -207,6 +222,9 @@ struct V4Maps {
 // ONE: M = 1, where only the mma's column 0 is a token: bf16 x's factor is one number per warp
 // step, folded into the row scales once per window instead of into each tile's sums, and the
 // other columns' sums are not formed (per tile 8 fewer FMUL / FFMA / FADD of the loop's ~75).
+// And x comes in one copy for the whole part (V4Layout::x_whole), converted to fp16 once,
+// every quad of the CTA a step at a time, before the loop: in the loop a warp converted its
+// step's x in the 4 lanes of token 0, with the other 28 idle (~60 of ~516 instructions).
 template <bool NESTED, typename T, int SPLIT, int KPARTS, int NT, bool ONE>
 __global__ void __launch_bounds__(kV4Threads, 1)
     nf4_gemv_v4_kernel(const NF4Weight w, const NF4GemvArgs a, const __grid_constant__ V4Maps maps,
@@ -220,7 +238,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   if (smem_addr(dynamic_smem) != smem_addr(smem) + kV4AnchorBytes) __trap();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int N = a.N, K = a.K, M = a.M;
-  const V4Layout L(a, w, (int)gridDim.x, SPLIT, KPARTS);
+  const V4Layout L(a, w, (int)gridDim.x, SPLIT, KPARTS, ONE);
   constexpr int kWindow = v4_window(SPLIT), kWindowBytes = kWindow / 2;
   constexpr int kBoxes = kWindowBytes / 128, kSteps = kWindow / kV3Step;  // per window
   // grid (row groups, K parts): the row group's tiles, this part's windows [w_begin, w_end)
@@ -236,6 +254,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   const int step0 = w_begin * kSteps;                          // the part's first step
   const int steps = KPARTS == 1 ? L.KB : min(L.KB - step0, L.part_windows * kSteps);
   const int S = a.v4_stages;
+  if (ONE && !L.x_whole) __trap();  // (the launch takes ONE only where x is one box)
   const uint32_t box_bytes = (uint32_t)tiles * 16u * 128u;  // one box; a stage holds kV4Boxes
 
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
@@ -245,6 +264,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   const uint32_t empty0 = full0 + 8 * kV4MaxStages;  // the consumers are done with slot s
   const uint32_t scales_ready = empty0 + 8 * kV4MaxStages;  // the scales are in place
   const uint32_t sums_in_full = scales_ready + 8;  // (K parts) the second part's sums have arrived
+  const uint32_t x_full = sums_in_full + 8;  // (ONE) the part's x has landed
   const uint32_t ring = table + L.ring;
 
   NF4_MARK(tid == 0, kTimelineStartNs);  // (bench/nf4_timeline.cu only)
@@ -257,6 +277,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     }
     mbar_init(scales_ready, kV4Consumers);
     if (KPARTS > 1) mbar_init(sums_in_full, kV4Consumers);
+    if (ONE) mbar_init(x_full, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -284,6 +305,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         const uint32_t dst = ring + (uint32_t)s * L.stage_bytes, bar = full0 + 8 * s;
         if (probe == 3 || probe == 5) {  // (probes: no copies)
           mbar_arrive(bar);
+          if (ONE && j == 0) mbar_arrive(x_full);
           continue;
         }
         // (box_bytes: this CTA's rows, which may be a tile fewer than the stage has room for)
@@ -291,6 +313,18 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         for (int k = 0; k < kBoxes; ++k)
           box_copy(dst + k * box_bytes, map, (w_begin + j) * kWindowBytes + 128 * k, row0, bar);
         if (j == 0 && a.weights_frozen) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+        if (ONE) {  // the part's x, once: values 0..63, token 0, the part's steps
+          if (j == 0) {
+            mbar_expect_tx(x_full, 128u * (uint32_t)L.KBc);
+            asm volatile(
+                "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+                "[%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(table + L.x_area),
+                "l"(reinterpret_cast<uint64_t>(&maps.x)), "r"(0), "r"(0), "r"(step0),
+                "r"(x_full)
+                : "memory");
+          }
+          continue;
+        }
         // x's box: values 0..63, tokens 0..M-1, the window's steps
         asm volatile(
             "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
@@ -314,6 +348,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       __syncwarp();
       if (lane == 0) mbar_arrive(empty0 + 8 * (j % S));
     }
+    if (ONE) mbar_wait(x_full, 0u);
     if (KPARTS > 1) asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
     return;
   }
@@ -439,6 +474,36 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   NF4_MARK(tid == 0 && a.weights_frozen, kTimelineWaited);
   if (lr.xa && part == 0) lora_prefetch<T>(a, lr, row0, rows);
   const int g = lane >> 2, t = lane & 3;
+  float* x_factors = reinterpret_cast<float*>(smem + L.x_factors);
+  if (ONE) {
+    // The part's x into fp16 in place: quad (warp, g) takes steps 8 warp + g + 128 i, lane t
+    // values 16t .. 16t + 15 (16-byte chunks 2t and 2t + 1 of the step's swizzled row), with
+    // the factor of the loop's conversion (see there). Rounds are warp-uniform (shuffles).
+    mbar_wait(x_full, 0u);
+    if (kBf16) {
+      for (int first = warp * 8; first < steps; first += kV4Consumers * 8) {
+        const int b = first + g;
+        const uint32_t row = table + L.x_area + 128u * (uint32_t)b;
+        const uint32_t at0 = row + ((((uint32_t)(2 * t)) ^ ((uint32_t)b & 7u)) << 4);
+        const uint32_t at1 = row + ((((uint32_t)(2 * t + 1)) ^ ((uint32_t)b & 7u)) << 4);
+        uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
+        if (b < steps) {
+          x0 = lds128(at0);
+          x1 = lds128(at1);
+        }
+        uint32_t mx = max(bf16x8_max_abs_bits(x0), bf16x8_max_abs_bits(x1));
+        mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const int shift = x_scale_shift(mx);
+        if (b < steps) {
+          v3_store16(at0, bf16x8_scaled_to_fp16(x0, shift));
+          v3_store16(at1, bf16x8_scaled_to_fp16(x1, shift));
+          if (t == 0) x_factors[b] = pow2f(-shift);
+        }
+      }
+      consumers_sync();  // every step converted
+    }
+  }
   const int wr = v4_row_swap(g);  // the weight rows of mma rows g, g + 8: wr, wr + 8
   const uint32_t lane4 = (uint32_t)lane * 4u;
   // The warp's step of each window (wstep) and its tiles: the CTA's tiles tfirst + SPLIT i,
@@ -461,6 +526,10 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // this lane's x in a stage, token tile u: row wstep M + 8u + g of the x box (token 8u + g of
   // step wstep), 16-byte chunks 2t and 2t + 1 (values 16t .. 16t + 15) at their 128-byte
   // swizzle positions
+  // (ONE) this lane's x of step b in x_area: x_one0 / x_one1 + 128 b (b & 7 = wstep & 7:
+  // a window's steps are a multiple of 8)
+  const uint32_t x_one0 = table + L.x_area + ((((uint32_t)(2 * t)) ^ ((uint32_t)wstep & 7u)) << 4);
+  const uint32_t x_one1 = table + L.x_area + ((((uint32_t)(2 * t + 1)) ^ ((uint32_t)wstep & 7u)) << 4);
   bool has_token[NT];
   uint32_t x_at0[NT], x_at1[NT];
 #pragma unroll
@@ -571,6 +640,21 @@ __global__ void __launch_bounds__(kV4Threads, 1)
 #pragma unroll
       for (int u = 0; u < NT; ++u) {
         uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
+        if (ONE) {  // converted before the loop: token 0's lanes load it, the scales take its factor
+          if (g == 0) {
+            x0 = lds128(x_one0 + 128u * (uint32_t)b);
+            x1 = lds128(x_one1 + 128u * (uint32_t)b);
+          }
+          undo[u][0] = undo[u][1] = 1.f;
+          if (kBf16) {
+            const float undo0 = x_factors[b];
+#pragma unroll
+            for (int i = 0; i < kMyMaxTiles / 2; ++i) sc[i] *= undo0;
+          }
+          xw[u][0] = x0.x; xw[u][1] = x0.y; xw[u][2] = x0.z; xw[u][3] = x0.w;
+          xw[u][4] = x1.x; xw[u][5] = x1.y; xw[u][6] = x1.z; xw[u][7] = x1.w;
+          continue;
+        }
         if (has_token[u]) {
           x0 = lds128(stage + L.stage_w + x_at0[u]);
           x1 = lds128(stage + L.stage_w + x_at1[u]);
@@ -593,14 +677,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
           x1 = bf16x8_scaled_to_fp16(x1, shift);
           // token g's factor; the sums' columns are tokens 2t, 2t + 1 (lanes 8t, 8t + 4)
           const float token_undo = pow2f(-shift);
-          if (ONE) {  // token 0's (lane 0's), into the scales of this window's tiles
-            const float undo0 = __shfl_sync(0xffffffffu, token_undo, 0);
-#pragma unroll
-            for (int i = 0; i < kMyMaxTiles / 2; ++i) sc[i] *= undo0;
-          } else {
-            undo[u][0] = __shfl_sync(0xffffffffu, token_undo, 8 * t);
-            undo[u][1] = __shfl_sync(0xffffffffu, token_undo, 8 * t + 4);
-          }
+          undo[u][0] = __shfl_sync(0xffffffffu, token_undo, 8 * t);
+          undo[u][1] = __shfl_sync(0xffffffffu, token_undo, 8 * t + 4);
         }
         xw[u][0] = x0.x; xw[u][1] = x0.y; xw[u][2] = x0.z; xw[u][3] = x0.w;
         xw[u][4] = x1.x; xw[u][5] = x1.y; xw[u][6] = x1.z; xw[u][7] = x1.w;
@@ -772,12 +850,13 @@ int env_int(const char* name) {
 template <bool NESTED, typename T, int SPLIT, int KPARTS, int NT, bool ONE = false>
 bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
                     cudaStream_t stream) {
-  const V4Layout L(a, w, a.v4_ctas, SPLIT, KPARTS);
+  const V4Layout L(a, w, a.v4_ctas, SPLIT, KPARTS, ONE);
   V4Maps maps;
   if (!encode_weight_map(&maps.m[0], a, w, L.tmax * 16)) return false;
   maps.m[1] = maps.m[0];
   if (L.tmax > 1 && !encode_weight_map(&maps.m[1], a, w, (L.tmax - 1) * 16)) return false;
-  if (!encode_x_map(&maps.x, a, v4_window(SPLIT) / kV3Step)) return false;
+  if (ONE != L.x_whole) return false;
+  if (!encode_x_map(&maps.x, a, ONE ? L.KBc : v4_window(SPLIT) / kV3Step)) return false;
   auto kernel = nf4_gemv_v4_kernel<NESTED, T, SPLIT, KPARTS, NT, ONE>;
   allow_dynamic_smem<nf4_gemv_v4_kernel<NESTED, T, SPLIT, KPARTS, NT, ONE>>(kV4MaxSmem -
                                                                             kV4AnchorBytes);
@@ -792,7 +871,7 @@ bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& 
   if (a.M > 8)  // two token tiles: two warps per step (the plan's only form there)
     return a.v4_kparts == 2 ? launch_gemv_v4<NESTED, T, 2, 2, 2>(w, a, lr, stream)
                             : launch_gemv_v4<NESTED, T, 2, 1, 2>(w, a, lr, stream);
-  if (a.M == 1) {
+  if (V4Layout(a, w, a.v4_ctas, a.v4_split, a.v4_kparts, a.M == 1).x_whole) {  // ONE kernels
     if (a.v4_kparts == 2) return launch_gemv_v4<NESTED, T, 1, 2, 1, true>(w, a, lr, stream);
     return a.v4_split == 2 ? launch_gemv_v4<NESTED, T, 2, 1, 1, true>(w, a, lr, stream)
                            : launch_gemv_v4<NESTED, T, 1, 1, 1, true>(w, a, lr, stream);
@@ -881,7 +960,7 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
           (kparts == 2 && split != split_of_two_parts))
         continue;
       if ((tiles + groups - 1) / groups > v4_max_tiles(split, a.M > 8 ? 2 : 1)) continue;
-      const V4Layout L(a, w, (int)groups, split, kparts);
+      const V4Layout L(a, w, (int)groups, split, kparts, a.M == 1);
       if (L.ring > (uint32_t)kV4MaxSmem) continue;
       if (kparts == 2 && (L.KBc >= L.KB ||
                           ((L.KBc >> (w.bs_log2 - 6)) * scale_bytes) % kV4ScaleUnitBytes != 0))
