@@ -824,6 +824,9 @@ def test_fused_matmul_gpu_x_ranges(backend, variant, monkeypatch):
             y = nf4_matmul(x, packed, state, backend=backend)
             err = rel_err(y[0], (x.double() @ w.t())[0])
             assert err < RTOL[torch.bfloat16], (kparts, case, err)
+        zero = torch.zeros(1, 4096, device="cuda", dtype=torch.bfloat16)
+        assert torch.equal(nf4_matmul(zero, packed, state, backend=backend),
+                           torch.zeros(1, 1000, device="cuda", dtype=torch.bfloat16)), kparts
 
 
 def test_gemv_settings_from_environment(monkeypatch):
