@@ -183,16 +183,15 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
     // - the output is at least as wide as the input and the busiest CTA takes 2 or more tiles
     //   (runs 136-144, 156-158, 167-168; e.g. 4096 -> 14336 at M = 1 14.4 us vs v3h's 17.7);
     // - the output is narrower than the input, at 2..16 rows (two K parts where they fit:
-    //   nf4_gemv_v4_plan; runs 146-149, 156-158, 167), and at 1 row where the input has at
-    //   most 9216 features or the output 5120 or more (runs 146-148, 168-173: 13824 -> 5120
-    //   19.5 us vs v3's 22.9; 14336 -> 4096 and 18944 -> 3584 stay v3 at M = 1, ~3% faster
-    //   there: 5120 / 16 tiles over 66 clusters is 4.8 per CTA, those 3.9 and 3.4).
+    //   nf4_gemv_v4_plan; runs 146-149, 156-158, 167), and at 1 row (run 200: with the
+    //   one-token kernels 14336 -> 4096 and 18944 -> 3584 no longer stay v3, which was ~3%
+    //   faster than v4 there before them, runs 168, 193).
     // v4 adds a LoRA term in its epilogue at ~no cost where v3's cost 2-4 us (run 139). Inputs
     // under 3072 features stay v3 (1024 -> 2048, one tile per CTA, was 37% slower with v4 in
     // run 140). The numbers per shape and M: bench/RESULTS.md ("The weight through the copy
     // engine") and the runs' JSON. Elsewhere v3h where the output is wide.
     const bool v4_wide = a.N >= a.K && a.M <= 16;
-    const bool v4_deep = a.N < a.K && a.M <= 16 && (a.M >= 2 || a.K <= 9216 || a.N >= 5120);
+    const bool v4_deep = a.N < a.K && a.M <= 16;
     if ((v4_wide || v4_deep) && a.K >= 3072 && a.v4_allowed && nf4_gemv_v4_plan(w, a, sms) &&
         (v4_deep || ((int64_t)a.N + 15) / 16 > (int64_t)a.v4_ctas)) {
       a.variant = 7;

@@ -1625,11 +1625,10 @@ def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
     """The plan's v4 rule (nf4.cu, auto): the copy-engine kernel where the input has 3072 or
     more features and either the output is at least as wide as the input, at up to 16 rows,
     where the busiest CTA takes 2 or more 16-row tiles (4096 -> 14336, 3072 -> 8192, 4096 ->
-    4096; with a low-rank term too, added in v4's epilogue), or narrower, at 2..16 rows, and
-    at 1 row with at most 9216 input features or 5120 or more output features (8192 -> 2048
-    at 1 row, one tile per CTA; 13824 -> 5120; 18944 -> 3584 at 12 rows, whose scales take an
-    area of their own); v3 / v1 otherwise (1 row of 14336 -> 4096 and of 18944 -> 3584; fewer
-    input features: 2048 -> 4096, one tile per CTA: 1024 -> 2048).
+    4096; with a low-rank term too, added in v4's epilogue), or narrower, at 1..16 rows (8192
+    -> 2048 at 1 row, one tile per CTA; 13824 -> 5120; 14336 -> 4096 and 18944 -> 3584 at 1
+    row; 18944 -> 3584 at 12 rows, whose scales take an area of their own); v3 / v1 otherwise
+    (fewer input features: 2048 -> 4096, one tile per CTA: 1024 -> 2048).
     Forced, v4 runs where it fits even outside the rule. Every result against float64."""
     impl = _plan_impl(monkeypatch, min_sms=100)
     if torch.cuda.get_device_capability()[0] < 9:
@@ -1648,14 +1647,14 @@ def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
                                         ((1024, 4096), 12, False, "v4"),
                                         ((3584, 18944), 12, False, "v4"),
                                         ((5120, 13824), 1, False, "v4"),
-                                        ((3584, 18944), 1, False, "v3"),
+                                        ((3584, 18944), 1, False, "v4"),
                                         ((4096, 2048), 12, False, "v3"),
                                         ((8192, 3072), 6, True, "v4"),
                                         ((14336, 4096), 2, True, "v4"),
                                         ((4096, 4096), 1, True, "v4"),
-                                        ((4096, 14336), 1, True, "v3"),
+                                        ((4096, 14336), 1, True, "v4"),
                                         ((2048, 1024), 4, True, "v3"),
-                                        ((4096, 14336), 1, False, "v3"),
+                                        ((4096, 14336), 1, False, "v4"),
                                         ((4096, 14336), 2, False, "v4"),
                                         ((4096, 14336), 4, True, "v4"),
                                         ((4096, 14336), 6, False, "v4"),
