@@ -73,9 +73,18 @@ constexpr int kV4MaxSmem = 227 * 1024;  // an sm_90 CTA's most shared memory (st
 constexpr int kV4TableSpan = 256 * 256;
 constexpr int kV4Misc = 2048;  // code2 [256] floats, then the barriers
 constexpr int kV4MaxBoxSteps = 256;  // a tensor-map box's most elements in a dimension
-// The CTA loads its scales in units of this many bytes, so a row's (and a K part's) scales
-// must be whole units at unit-aligned addresses (nf4_gemv_v4_plan checks)
+// The CTA loads its scales in units of 8 bytes, or of 4 where a row's nested scales are not
+// whole 8-byte units (e.g. 11008 or 8960 features: 172 / 140 bytes; the kernels' UNIT), so a
+// row's (and a K part's) scales must be whole units at unit-aligned addresses
+// (v4_scale_unit, nf4_gemv_v4_plan)
 constexpr int kV4ScaleUnitBytes = 8;
+
+// A scale unit's 32-bit words
+__device__ __forceinline__ void unit_words(uint2 v, uint32_t (&words)[2]) {
+  words[0] = v.x;
+  words[1] = v.y;
+}
+__device__ __forceinline__ void unit_words(uint32_t v, uint32_t (&words)[1]) { words[0] = v; }
 
 // Where everything lies in the dynamic shared memory (computed alike on the host and the GPU).
 // kparts: the K parts of a row group (1, or 2: a cluster of two CTAs, each with its half of the
@@ -226,7 +235,8 @@ struct V4Maps {
 // every quad of the CTA a step at a time, before the loop: in the loop a warp converted its
 // step's x in the 4 lanes of token 0, with the other 28 idle (ptxas: the window loop of the
 // nested bf16 one-part kernel 430 instructions with this, 516 without).
-template <bool NESTED, typename T, int SPLIT, int KPARTS, int NT, bool ONE>
+// UNIT: the scales' load unit in bytes (kV4ScaleUnitBytes; 4 only with NESTED).
+template <bool NESTED, typename T, int SPLIT, int KPARTS, int NT, bool ONE, int UNIT>
 __global__ void __launch_bounds__(kV4Threads, 1)
     nf4_gemv_v4_kernel(const NF4Weight w, const NF4GemvArgs a, const __grid_constant__ V4Maps maps,
                        const NF4LowRank lr, const int probe) {
@@ -359,12 +369,14 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // code2, absmax2 and the first scales (all loads issued before any store), one for x.
   constexpr int kScaleBytes = NESTED ? 1 : 4;
   // 8-byte units: a row's scales are whole units where the row has a multiple of 8 bytes of
-  // them (e.g. 18944 or 3584 features, nested: 296 / 56 bytes), which 16-byte units were not
-  constexpr int kScalesPerUnit = kV4ScaleUnitBytes / kScaleBytes;
-  static_assert(sizeof(uint2) == kV4ScaleUnitBytes, "a unit is loaded as one uint2");
-  // 8-byte units of scales a thread holds in registers: 4, as with 16-byte units (run 165: 8
+  // them (e.g. 18944 or 3584 features, nested: 296 / 56 bytes), which 16-byte units were not;
+  // 4-byte units (UNIT 4, nested) where it has a multiple of 4 only
+  static_assert(UNIT == 8 || (UNIT == 4 && NESTED), "8-byte units, or 4 for nested scales");
+  using Unit = typename std::conditional<UNIT == 8, uint2, uint32_t>::type;
+  constexpr int kScalesPerUnit = UNIT / kScaleBytes;
+  // units of scales a thread holds in registers: 32 bytes, as 4 8-byte units (run 165: 8 such
   // made the decode-like up / down chain at M = 16 29.9 us per call, 4 26.0; main then 28.1)
-  constexpr int kScaleBatch = 4;
+  constexpr int kScaleBatch = 32 / UNIT;
   const int64_t blk0 = (int64_t)row0 * L.KS;  // the CTA's first quantisation block
   // the CTA's absmax2 entries: a2_count from a2_first (nested only); blk_rel0: blk0 counted
   // from a2_first's first block, so the loop's absmax2 indices are 32-bit
@@ -372,16 +384,16 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   const int a2_count =
       NESTED ? (int)(((blk0 + (int64_t)rows * L.KS - 1) >> w.bs2_log2) + 1 - a2_first) : 0;
   const int blk_rel0 = NESTED ? (int)(blk0 - (a2_first << w.bs2_log2)) : 0;
-  const int units_row = L.KS / kScalesPerUnit;  // a row's scales in 8-byte units
+  const int units_row = L.KS / kScalesPerUnit;  // a row's scales in units
   const int steps_log2 = w.bs_log2 - 6;  // steps (of 64 values) per quantisation block
-  // this K part's scales of a row: blocks from blk_part0, units_part 8-byte units from
-  // unit_part0 (the plan checks that they are whole units)
+  // this K part's scales of a row: blocks from blk_part0, units_part units from unit_part0
+  // (the plan checks that they are whole units)
   const int blk_part0 = KPARTS == 1 ? 0 : step0 >> steps_log2;
   const int units_part = KPARTS == 1 ? units_row : (steps >> steps_log2) / kScalesPerUnit;
   const int unit_part0 = KPARTS == 1 ? 0 : blk_part0 / kScalesPerUnit;
   const int scale_units = rows * units_part;
-  const uint2* scales = reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(w.absmax) +
-                                                       blk0 * kScaleBytes);
+  const Unit* scales = reinterpret_cast<const Unit*>(static_cast<const uint8_t*>(w.absmax) +
+                                                     blk0 * kScaleBytes);
   auto scale_unit = [&](int i) {  // unit i of the CTA's scales (row i / units_part)
     return KPARTS == 1 ? scales + i
                        : scales + (i / units_part) * units_row + unit_part0 + i % units_part;
@@ -395,7 +407,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     if (NESTED) code2_v = __ldg(w.code2 + tid);
   }
   if (NESTED && tid < a2_count) a2_v = __ldg(w.absmax2 + a2_first + tid);
-  uint2 scale_v[kScaleBatch];
+  Unit scale_v[kScaleBatch];
 #pragma unroll
   for (int k = 0; k < kScaleBatch; ++k)
     if (tid + k * kV4ConsumerThreads < scale_units)
@@ -429,9 +441,10 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // code2_s / a2_s, so a load after a store waits for it; and the common blocksize (64: one
   // step per scale) takes straight-line stores. (A loop per scale made this ~2.2 us of the
   // prologue at 4096 -> 14336, run 141: ~1000 instructions per unit.)
-  auto scales_to_holes = [&](int i, uint2 v) {  // unit i: row i / units_part's 8 bytes
+  auto scales_to_holes = [&](int i, Unit v) {  // unit i: row i / units_part's UNIT bytes
     const int r = i / units_part, bs0 = (i - r * units_part) * kScalesPerUnit;
-    const uint32_t words[2] = {v.x, v.y};
+    uint32_t words[UNIT / 4];
+    unit_words(v, words);
     float sc[kScalesPerUnit];
 #pragma unroll
     for (int k = 0; k < kScalesPerUnit; ++k) {
@@ -446,7 +459,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       }
     }
     if (steps_log2 == 0) {
-      // b = bs0 + k: one hole for the unit (bs0 % 8 == 0, so b / 32 = bs0 / 32), words
+      // b = bs0 + k: one hole for the unit (bs0 a multiple of kScalesPerUnit, a power of two
+      // up to 8, so b / 32 = bs0 / 32), words
       // (bs0 + r + k) % 32 of it
       const uint32_t hole = hole_at(r, bs0);
 #pragma unroll
@@ -848,7 +862,7 @@ int env_int(const char* name) {
   return v ? std::atoi(v) : 0;
 }
 
-template <bool NESTED, typename T, int SPLIT, int KPARTS, int NT, bool ONE = false>
+template <bool NESTED, typename T, int UNIT, int SPLIT, int KPARTS, int NT, bool ONE = false>
 bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
                     cudaStream_t stream) {
   const V4Layout L(a, w, a.v4_ctas, SPLIT, KPARTS, ONE);
@@ -858,36 +872,47 @@ bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& 
   if (L.tmax > 1 && !encode_weight_map(&maps.m[1], a, w, (L.tmax - 1) * 16)) return false;
   if (ONE != L.x_whole) return false;
   if (!encode_x_map(&maps.x, a, ONE ? L.KBc : v4_window(SPLIT) / kV3Step)) return false;
-  auto kernel = nf4_gemv_v4_kernel<NESTED, T, SPLIT, KPARTS, NT, ONE>;
-  allow_dynamic_smem<nf4_gemv_v4_kernel<NESTED, T, SPLIT, KPARTS, NT, ONE>>(kV4MaxSmem -
-                                                                            kV4AnchorBytes);
+  auto kernel = nf4_gemv_v4_kernel<NESTED, T, SPLIT, KPARTS, NT, ONE, UNIT>;
+  allow_dynamic_smem<nf4_gemv_v4_kernel<NESTED, T, SPLIT, KPARTS, NT, ONE, UNIT>>(
+      kV4MaxSmem - kV4AnchorBytes);
   launch_kernel(kernel, dim3((unsigned)a.v4_ctas, KPARTS), kV4Threads,
                 (size_t)(L.ring + (uint32_t)a.v4_stages * L.stage_bytes - kV4AnchorBytes), stream,
                 a.pdl, KPARTS, w, a, maps, lr, env_int("FASTFT_NF4_V4_PROBE"));
   return true;
 }
-template <bool NESTED, typename T>
+template <bool NESTED, typename T, int UNIT>
 bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
                     cudaStream_t stream) {
   if (a.M > 8)  // two token tiles: two warps per step (the plan's only form there)
-    return a.v4_kparts == 2 ? launch_gemv_v4<NESTED, T, 2, 2, 2>(w, a, lr, stream)
-                            : launch_gemv_v4<NESTED, T, 2, 1, 2>(w, a, lr, stream);
+    return a.v4_kparts == 2 ? launch_gemv_v4<NESTED, T, UNIT, 2, 2, 2>(w, a, lr, stream)
+                            : launch_gemv_v4<NESTED, T, UNIT, 2, 1, 2>(w, a, lr, stream);
   if (V4Layout(a, w, a.v4_ctas, a.v4_split, a.v4_kparts, a.M == 1).x_whole) {  // ONE kernels
-    if (a.v4_kparts == 2) return launch_gemv_v4<NESTED, T, 1, 2, 1, true>(w, a, lr, stream);
-    return a.v4_split == 2 ? launch_gemv_v4<NESTED, T, 2, 1, 1, true>(w, a, lr, stream)
-                           : launch_gemv_v4<NESTED, T, 1, 1, 1, true>(w, a, lr, stream);
+    if (a.v4_kparts == 2) return launch_gemv_v4<NESTED, T, UNIT, 1, 2, 1, true>(w, a, lr, stream);
+    return a.v4_split == 2 ? launch_gemv_v4<NESTED, T, UNIT, 2, 1, 1, true>(w, a, lr, stream)
+                           : launch_gemv_v4<NESTED, T, UNIT, 1, 1, 1, true>(w, a, lr, stream);
   }
-  if (a.v4_kparts == 2) return launch_gemv_v4<NESTED, T, 1, 2, 1>(w, a, lr, stream);
-  return a.v4_split == 2 ? launch_gemv_v4<NESTED, T, 2, 1, 1>(w, a, lr, stream)
-                         : launch_gemv_v4<NESTED, T, 1, 1, 1>(w, a, lr, stream);
+  if (a.v4_kparts == 2) return launch_gemv_v4<NESTED, T, UNIT, 1, 2, 1>(w, a, lr, stream);
+  return a.v4_split == 2 ? launch_gemv_v4<NESTED, T, UNIT, 2, 1, 1>(w, a, lr, stream)
+                         : launch_gemv_v4<NESTED, T, UNIT, 1, 1, 1>(w, a, lr, stream);
+}
+
+// The unit (bytes) v4 loads w's scales in: 8 where a row's scales are whole 8-byte units at
+// 8-byte aligned addresses; 4 (nested scales only: plain ones would take 16 more kernels for
+// rows of an odd number of blocks, rare) where they are whole 4-byte ones; 0: neither, no v4.
+int v4_scale_unit(const NF4Weight& w, const NF4GemvArgs& a) {
+  const int64_t row_bytes = (int64_t)(a.K >> w.bs_log2) * (w.nested ? 1 : 4);
+  const uintptr_t at = reinterpret_cast<uintptr_t>(w.absmax);
+  if (row_bytes % 8 == 0 && at % 8 == 0) return 8;
+  if (w.nested && row_bytes % 4 == 0 && at % 4 == 0) return 4;
+  return 0;
 }
 
 // How many clusters of two v4 CTAs (one per SM each) the GPU runs at once (0: none)
 int v4_cluster_pairs() {
   static const int pairs = [] {
-    auto kernel = nf4_gemv_v4_kernel<true, __nv_bfloat16, 1, 2, 1, false>;
-    allow_dynamic_smem<nf4_gemv_v4_kernel<true, __nv_bfloat16, 1, 2, 1, false>>(kV4MaxSmem -
-                                                                             kV4AnchorBytes);
+    auto kernel = nf4_gemv_v4_kernel<true, __nv_bfloat16, 1, 2, 1, false, kV4ScaleUnitBytes>;
+    allow_dynamic_smem<nf4_gemv_v4_kernel<true, __nv_bfloat16, 1, 2, 1, false, kV4ScaleUnitBytes>>(
+        kV4MaxSmem - kV4AnchorBytes);
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(1, 2);
     config.blockDim = dim3(kV4Threads);
@@ -913,14 +938,15 @@ int v4_cluster_pairs() {
 
 // v4 takes a call when: the driver has tensor maps; v3 would (nf4_gemv_v3_ok: M <= 16); the
 // quantisation blocks do not straddle rows (K % blocksize == 0) and a row's scales are whole
-// 8-byte pieces at 8-byte aligned addresses (they are loaded 8 bytes at a time); x's rows are
+// 8-byte pieces at 8-byte aligned addresses, or nested ones whole 4-byte pieces (they are
+// loaded in such units: v4_scale_unit); x's rows are
 // 16-byte aligned (its tensor map; the binding's aligned_rows makes them so); one CTA per SM
 // (fewer with fewer tiles) takes at most v4_max_tiles tiles; and 2 or more stages fit beside
 // the CTA's scales as float32 (in the table's 256 holes of 32 words where 16 x tiles x
 // ceil(steps / 32) holes fit there, else in an area of their own). Tried in order: one K part
 // with stages of 1024 values per row (one warp per step), of 512 (two warps per step, each
 // with half the tiles); then two K parts (clusters of two CTAs on two SMs, each with half of
-// the windows), where the second part's scales start at a whole 8-byte unit. Two K parts come
+// the windows), where the second part's scales start at a whole unit. Two K parts come
 // first where the output is narrower than the input and the input has 8192 or more features or
 // M > 8 (below). M = 9..16 (two token tiles of the mma) take two warps per step only (a warp's
 // 4 tiles x 8 sums, as 8 tiles x 4 at M <= 8).
@@ -930,10 +956,8 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   // x is copied by its tensor map (encode_x_map)
   if (reinterpret_cast<uintptr_t>(a.x) % 16 != 0 || a.x_stride % 8 != 0) return false;
   const int scale_bytes = w.nested ? 1 : 4;
-  const int64_t row_scale_bytes = (int64_t)(a.K >> w.bs_log2) * scale_bytes;
-  if (row_scale_bytes % kV4ScaleUnitBytes != 0 ||
-      reinterpret_cast<uintptr_t>(w.absmax) % kV4ScaleUnitBytes != 0)
-    return false;
+  const int unit = v4_scale_unit(w, a);
+  if (unit == 0) return false;
   const int64_t tiles = (a.N + 15) / 16;
   const int requested_split = env_int("FASTFT_NF4_V4_SPLIT");
   const int requested_kparts = env_int("FASTFT_NF4_V4_KPARTS");
@@ -964,7 +988,7 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
       const V4Layout L(a, w, (int)groups, split, kparts, a.M == 1);
       if (L.ring > (uint32_t)kV4MaxSmem) continue;
       if (kparts == 2 && (L.KBc >= L.KB ||
-                          ((L.KBc >> (w.bs_log2 - 6)) * scale_bytes) % kV4ScaleUnitBytes != 0))
+                          ((L.KBc >> (w.bs_log2 - 6)) * scale_bytes) % unit != 0))
         continue;
       const int stages =
           std::min<int>(kV4MaxStages, (kV4MaxSmem - (int)L.ring) / (int)L.stage_bytes);
@@ -981,11 +1005,16 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
 
 bool nf4_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
                  cudaStream_t stream) {
-  if (a.dtype == kBF16)
-    return w.nested ? launch_gemv_v4<true, __nv_bfloat16>(w, a, lr, stream)
-                    : launch_gemv_v4<false, __nv_bfloat16>(w, a, lr, stream);
-  return w.nested ? launch_gemv_v4<true, __half>(w, a, lr, stream)
-                  : launch_gemv_v4<false, __half>(w, a, lr, stream);
+  const int unit = v4_scale_unit(w, a);
+  if (unit == 0) return false;  // (the plan does not take such calls)
+  if (a.dtype == kBF16) {
+    if (!w.nested) return launch_gemv_v4<false, __nv_bfloat16, 8>(w, a, lr, stream);
+    return unit == 8 ? launch_gemv_v4<true, __nv_bfloat16, 8>(w, a, lr, stream)
+                     : launch_gemv_v4<true, __nv_bfloat16, 4>(w, a, lr, stream);
+  }
+  if (!w.nested) return launch_gemv_v4<false, __half, 8>(w, a, lr, stream);
+  return unit == 8 ? launch_gemv_v4<true, __half, 8>(w, a, lr, stream)
+                   : launch_gemv_v4<true, __half, 4>(w, a, lr, stream);
 }
 
 }  // namespace fastft

@@ -789,7 +789,7 @@ def test_fused_matmul_gpu_x_ranges(backend, variant, monkeypatch):
     """bf16 x far outside fp16's range and far below it (v2 - v4 run their mma in fp16: x is
     scaled by powers of two in the kernel, per token), a zero row, and a row mixing both; in
     4096 (v4's plan takes 5 rows) and 4544 input features (v4's does not: a row's 71 nested
-    scales are not whole 8-byte units)."""
+    scales are not whole 4-byte units)."""
     use_variant(backend, variant, monkeypatch)
     for in_f, rows in ((4544, 5), (4544, 13), (4096, 5)):
         _, packed, state = quantize((1000, in_f), True, device="cuda", seed=50)
@@ -1627,7 +1627,8 @@ def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
     where the busiest CTA takes 2 or more 16-row tiles (4096 -> 14336, 3072 -> 8192, 4096 ->
     4096; with a low-rank term too, added in v4's epilogue), or narrower, at 1..16 rows (8192
     -> 2048 at 1 row, one tile per CTA; 13824 -> 5120; 14336 -> 4096 and 18944 -> 3584 at 1
-    row; 18944 -> 3584 at 12 rows, whose scales take an area of their own); v3 / v1 otherwise
+    row; 18944 -> 3584 at 12 rows, whose scales take an area of their own; 11008 -> 4096 at 1
+    row, whose nested scales are loaded in 4-byte units); v3 / v1 otherwise
     (fewer input features: 2048 -> 4096, one tile per CTA: 1024 -> 2048).
     Forced, v4 runs where it fits even outside the rule. Every result against float64."""
     impl = _plan_impl(monkeypatch, min_sms=100)
@@ -1648,6 +1649,7 @@ def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
                                         ((3584, 18944), 12, False, "v4"),
                                         ((5120, 13824), 1, False, "v4"),
                                         ((3584, 18944), 1, False, "v4"),
+                                        ((4096, 11008), 1, False, "v4"),
                                         ((4096, 2048), 12, False, "v3"),
                                         ((8192, 3072), 6, True, "v4"),
                                         ((14336, 4096), 2, True, "v4"),
@@ -1686,15 +1688,21 @@ def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
         _check_group(x, calls, refs, dtype, ((14336, 4096), rows, "low rank"))
 
 
-def v4_template_args(fn):
-    """(SPLIT, KPARTS, NT) of the one v4 kernel fn() launched (from its name), or None."""
+def v4_kernel_args(fn):
+    """(SPLIT, KPARTS, NT, UNIT) of the one v4 kernel fn() launched (from its name), or None."""
     names = [n for n in profiled_names(fn) if "nf4_gemv_v4_kernel" in n]
-    # <NESTED, T, SPLIT, KPARTS, NT, ONE>
+    # <NESTED, T, SPLIT, KPARTS, NT, ONE, UNIT>
     args = {tuple(int(v) for v in m) for n in names
             for m in re.findall(r"nf4_gemv_v4_kernel<[^<>]*?,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,"
-                                r"\s*(?:true|false)\s*>", n)}
+                                r"\s*(?:true|false)\s*,\s*(\d+)\s*>", n)}
     assert len(args) == (1 if names else 0), names
     return args.pop() if args else None
+
+
+def v4_template_args(fn):
+    """(SPLIT, KPARTS, NT) of the one v4 kernel fn() launched (from its name), or None."""
+    found = v4_kernel_args(fn)
+    return found and found[:3]
 
 
 @pytest.mark.gpu
@@ -1799,6 +1807,44 @@ def test_fused_matmul_gpu_v4_scales_outside_the_table(monkeypatch):
         assert taken is not None and (kparts is None or taken[1] == int(kparts)), \
             (shape, rows, nested, taken)
         _check_group(x, calls, refs, dtype, (shape, rows, nested))
+
+
+@pytest.mark.gpu
+def test_fused_matmul_gpu_v4_nested_scales_in_4_byte_units(monkeypatch):
+    """Where a row's nested scales are a multiple of 4 bytes but not of 8 (11008 input
+    features: 172 bytes, e.g. Llama-2-7B's down; 8960: 140, Qwen2.5-1.5B's), v4 loads them 4
+    bytes at a time (UNIT 4) instead of leaving the call to v3, the plan's own choice too: one
+    and two K parts (parts of 96 and 76 scales), M = 1 (x whole), 2..8 and 12 (two token
+    tiles), both dtypes, a LoRA term. Right against float64. Plain scales of such rows are
+    whole 8-byte units (688 bytes): UNIT 8 as before."""
+    impl = _plan_impl(monkeypatch, min_sms=100)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("v4 needs compute capability 9.0")
+    for shape, rows, dtype, nested, rank, kparts, unit in (
+            ((4096, 11008), 1, torch.bfloat16, True, 16, None, 4),
+            ((4096, 11008), 1, torch.bfloat16, True, 0, "1", 4),
+            ((4096, 11008), 4, torch.float16, True, 16, None, 4),
+            ((4096, 11008), 5, torch.bfloat16, True, 0, "1", 4),
+            ((4096, 11008), 12, torch.bfloat16, True, 16, None, 4),
+            ((4096, 11008), 16, torch.float16, True, 0, "1", 4),
+            ((1536, 8960), 1, torch.float16, True, 0, None, 4),
+            ((1536, 8960), 8, torch.bfloat16, True, 16, None, 4),
+            ((4096, 11008), 3, torch.bfloat16, False, 0, None, 8)):
+        if kparts:
+            monkeypatch.setenv("FASTFT_NF4_V4_KPARTS", kparts)
+        else:
+            monkeypatch.delenv("FASTFT_NF4_V4_KPARTS", raising=False)
+        x, calls, refs = _group_case([shape], rows, dtype, nested, rank, seed=rows,
+                                     device="cuda")
+        st, bias, y, low = calls[0]
+        taken = v4_kernel_args(lambda: impl.gemv(x, st, bias, y, low))
+        assert taken is not None and taken[3] == unit, (shape, rows, nested, taken)
+        assert kparts is None or taken[1] == int(kparts), (shape, rows, taken)
+        _check_group(x, calls, refs, dtype, (shape, rows, nested))
+        first = y.clone()
+        y.fill_(float("nan"))
+        impl.gemv(x, st, bias, y, low)
+        assert torch.equal(y, first), (shape, rows, "not deterministic")
 
 
 @pytest.mark.gpu

@@ -25,13 +25,14 @@ is scaled into fp16 per token and 64-value step, where v3 scales per token) and 
 weight and x into shared memory with the copy engine (it also adds a LoRA term in its epilogue).
 The CUDA backend picks v4 where the input has 3072 or more features and either the output is at
 least as wide, at M <= 16 where the busiest SM gets 2 or more 16-row tiles (e.g. Llama-3-8B's q /
-o, and gate / up as single calls), or narrower, at M = 2..16 (two CTAs of a cluster split K where
-the input has 8192 or more features or M > 8), at M = 1..16 (e.g. Llama-3-8B's down, k / v;
-Qwen2.5-7B's and -14B's MLPs likewise); where a CTA would take more than 16 tiles (8 at M > 8), a row's scales are
-not whole 8-byte pieces (e.g. 4544 input features, nested) or two stages do not fit, v3 / v1; else
-v3h (v3 with half of the level lookups done in registers instead of shared memory: the same
-results) where the output is at least twice as wide, v3 at M <= 8 where it is at most half as wide
-(faster than v1 there on the H200), v1 elsewhere; FASTFT_NF4_GEMV forces one (see gemv_settings).
+o, and gate / up as single calls), or narrower, at M = 1..16 (two CTAs of a cluster split K where
+the input has 8192 or more features or M > 8; e.g. Llama-3-8B's down, k / v; Qwen2.5-7B's and
+-14B's MLPs likewise); where a CTA would take more than 16 tiles (8 at M > 8), a row's scales are
+not whole 4-byte pieces (nested, e.g. 4544 input features) or 8-byte pieces (plain scales), or two
+stages do not fit, v3 / v1; else v3h (v3 with half of the level lookups done in registers
+instead of shared memory: the same results) where the output is at least twice as wide, v3 at
+M <= 8 where it is at most half as wide (faster than v1 there on the H200), v1 elsewhere;
+FASTFT_NF4_GEMV forces one (see gemv_settings).
 Larger inputs, float32 x and shapes the fused kernels don't take dequantise W into a per-device
 workspace (reused by every layer, see workspace()) and call cuBLAS. Only x (and a bias) get
 gradients: the quantised weight is frozen; backward dequantises again (dx = dy @ W), nothing
