@@ -1443,6 +1443,18 @@ def _group_case(shapes, rows, dtype, nested, rank, seed, device):
     return x, calls, refs
 
 
+def _v4_case(monkeypatch, env, shape, rows, dtype, nested, rank):
+    """Sets each of env's variables (None: unsets it), then _group_case of one weight on the
+    GPU: x, calls, refs and the call (st, bias, y, low)."""
+    for name, value in env.items():
+        if value:
+            monkeypatch.setenv(name, value)
+        else:
+            monkeypatch.delenv(name, raising=False)
+    x, calls, refs = _group_case([shape], rows, dtype, nested, rank, seed=rows, device="cuda")
+    return x, calls, refs, calls[0]
+
+
 def _check_group(x, calls, refs, dtype, what):
     eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
     for i, ((_, _, y, _), (ref, w)) in enumerate(zip(calls, refs)):
@@ -1796,13 +1808,8 @@ def test_fused_matmul_gpu_v4_scales_outside_the_table(monkeypatch):
             ((13824, 5120), 1, torch.bfloat16, True, 16, None),
             ((13824, 5120), 16, torch.bfloat16, True, 0, None),
             ((8000, 9216), 3, torch.float16, True, 16, None)):
-        if kparts:
-            monkeypatch.setenv("FASTFT_NF4_V4_KPARTS", kparts)
-        else:
-            monkeypatch.delenv("FASTFT_NF4_V4_KPARTS", raising=False)
-        x, calls, refs = _group_case([shape], rows, dtype, nested, rank, seed=rows,
-                                     device="cuda")
-        st, bias, y, low = calls[0]
+        x, calls, refs, (st, bias, y, low) = _v4_case(
+            monkeypatch, {"FASTFT_NF4_V4_KPARTS": kparts}, shape, rows, dtype, nested, rank)
         taken = v4_template_args(lambda: impl.gemv(x, st, bias, y, low))  # (split, kparts, nt)
         assert taken is not None and (kparts is None or taken[1] == int(kparts)), \
             (shape, rows, nested, taken)
@@ -1830,13 +1837,8 @@ def test_fused_matmul_gpu_v4_nested_scales_in_4_byte_units(monkeypatch):
             ((1536, 8960), 1, torch.float16, True, 0, None, 4),
             ((1536, 8960), 8, torch.bfloat16, True, 16, None, 4),
             ((4096, 11008), 3, torch.bfloat16, False, 0, None, 8)):
-        if kparts:
-            monkeypatch.setenv("FASTFT_NF4_V4_KPARTS", kparts)
-        else:
-            monkeypatch.delenv("FASTFT_NF4_V4_KPARTS", raising=False)
-        x, calls, refs = _group_case([shape], rows, dtype, nested, rank, seed=rows,
-                                     device="cuda")
-        st, bias, y, low = calls[0]
+        x, calls, refs, (st, bias, y, low) = _v4_case(
+            monkeypatch, {"FASTFT_NF4_V4_KPARTS": kparts}, shape, rows, dtype, nested, rank)
         taken = v4_kernel_args(lambda: impl.gemv(x, st, bias, y, low))
         assert taken is not None and taken[3] == unit, (shape, rows, nested, taken)
         assert kparts is None or taken[1] == int(kparts), (shape, rows, taken)
