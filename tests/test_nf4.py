@@ -1466,6 +1466,16 @@ def _check_group(x, calls, refs, dtype, what):
         assert rel_err(y, ref) < RTOL[dtype], (what, i, rel_err(y, ref))
 
 
+def _check_group_twice(impl, x, calls, refs, dtype, what):
+    """_check_group of one call, then the call again into a poisoned y: the same bits."""
+    _check_group(x, calls, refs, dtype, what)
+    st, bias, y, low = calls[0]
+    first = y.clone()
+    y.fill_(float("nan"))
+    impl.gemv(x, st, bias, y, low)
+    assert torch.equal(y, first), (what, "not deterministic")
+
+
 def _group_kernel_launches(fn) -> int:
     """How many launches of the grouped v3 kernel fn() makes."""
     return sum("nf4_gemv_v3_group_kernel" in n for n in profiled_names(fn))
@@ -1779,11 +1789,7 @@ def test_fused_matmul_gpu_v4_two_token_tiles(monkeypatch):
             st, bias, y, low = calls[0]
             assert v4_template_args(lambda: impl.gemv(x, st, bias, y, low)) == \
                 (2, int(kparts), 2), (shape, rows, kparts)
-            _check_group(x, calls, refs, dtype, (shape, rows, kparts))
-            first = y.clone()
-            y.fill_(float("nan"))
-            impl.gemv(x, st, bias, y, low)
-            assert torch.equal(y, first), (shape, rows, kparts, "not deterministic")
+            _check_group_twice(impl, x, calls, refs, dtype, (shape, rows, kparts))
 
 
 @pytest.mark.gpu
@@ -1842,11 +1848,7 @@ def test_fused_matmul_gpu_v4_nested_scales_in_4_byte_units(monkeypatch):
         taken = v4_kernel_args(lambda: impl.gemv(x, st, bias, y, low))
         assert taken is not None and taken[3] == unit, (shape, rows, nested, taken)
         assert kparts is None or taken[1] == int(kparts), (shape, rows, taken)
-        _check_group(x, calls, refs, dtype, (shape, rows, nested))
-        first = y.clone()
-        y.fill_(float("nan"))
-        impl.gemv(x, st, bias, y, low)
-        assert torch.equal(y, first), (shape, rows, "not deterministic")
+        _check_group_twice(impl, x, calls, refs, dtype, (shape, rows, nested))
 
 
 @pytest.mark.gpu
@@ -1903,11 +1905,7 @@ def test_fused_matmul_gpu_v4_two_k_parts(monkeypatch):
                                      device="cuda")
         st, bias, y, low = calls[0]
         assert parts_taken(lambda: impl.gemv(x, st, bias, y, low)) == 2, (shape, rows)
-        _check_group(x, calls, refs, dtype, (shape, rows))
-        first = y.clone()
-        y.fill_(float("nan"))
-        impl.gemv(x, st, bias, y, low)
-        assert torch.equal(y, first), (shape, rows, "not deterministic")
+        _check_group_twice(impl, x, calls, refs, dtype, (shape, rows))
     # blocksize 128 (8 scales per window): K parts of 2 windows and of half a window (plain
     # scales), of 2 and 2 (nested: a part's scales are whole 8-byte units)
     for rows, in_f, nested in ((1, 2560, False), (4, 4096, True)):
