@@ -7,10 +7,11 @@ two builds in one device call: run it once per build, TAG naming the build.
 A kernel may carry v3's work split: "v3h:p4" forces 4 K parts per CTA (FASTFT_NF4_V3_KPARTS),
 "v3h:p8:s2" also 2 K splits across CTAs (FASTFT_NF4_V3_SPLITS); "auto:f" the default kernel with
 the weight frozen (fastft.ops.nf4.frozen_weights: its loads before the PDL wait, as generate).
-DTYPE=fp16 times fp16 x (default bf16). LORA=r adds a rank-r low-rank term (a LoRA adapter's
-scale * xa @ bᵀ, added by the kernel where it can), called through the CUDA backend's gemv as the
-fused LoRA layers call it.
+DTYPE=fp16 times fp16 x (default bf16); SCALES=plain gives the weights float32 absmax (not
+nested). LORA=r adds a rank-r low-rank term (a LoRA adapter's scale * xa @ bᵀ, added by the kernel
+where it can), called through the CUDA backend's gemv as the fused LoRA layers call it.
 """
+import dataclasses
 import json
 import os
 import sys
@@ -37,7 +38,21 @@ for text in os.environ.get("SHAPES", "4096->14336,14336->4096").split(","):
 # enough copies of each weight that the calls cycle through more than twice the 50 MB L2 (a
 # decoding model's weights come from DRAM)
 copies = {s: max(3, -(-2 * 50 * 2 ** 20 // (o * i // 2))) for s, (o, i) in shapes.items()}
-weights = {s: [random_weight(o, i, seed) for seed in range(copies[s])]
+# SCALES=plain: each weight's nested absmax decoded into plain float32 absmax (4 bytes per block
+# instead of 1: what the kernels' prologue then only copies)
+plain_scales = os.environ.get("SCALES", "nested") == "plain"
+
+
+def plain(packed, state):
+    s2 = state.state2
+    idx = torch.arange(state.absmax.numel(), device=state.absmax.device) // s2.blocksize
+    absmax = s2.code[state.absmax.long()] * s2.absmax[idx] + state.offset
+    return packed, dataclasses.replace(state, absmax=absmax.float().contiguous(), offset=None,
+                                       state2=None)
+
+
+weights = {s: [(plain if plain_scales else lambda p, st: (p, st))(*random_weight(o, i, seed))
+               for seed in range(copies[s])]
            for s, (o, i) in shapes.items()}
 copy = copy_bandwidth_gbps()
 f = open(out, "a")
@@ -79,6 +94,7 @@ for shape, (o, i) in shapes.items():
                 ms = time_ms(fn, sets)
                 ran = nf4_kernels_launched(fn, *sets[0])  # (a forced kernel may fall back)
             emit(shape=shape, M=rows, kernel=kernel, lora=rank, dtype=dtype_name,
+                 scales="plain" if plain_scales else "nested",
                  us=round(ms * 1e3, 2),
                  pct_copy=round(100 * (o * i / 2) / (ms * 1e-3) / (copy * 1e9), 1), err=err,
                  ran=ran)
