@@ -378,7 +378,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // made the decode-like up / down chain at M = 16 29.9 us per call, 4 26.0; main then 28.1,
   // nested: the unrolled decode); 64 bytes of float32 scales, which need no decode: a CTA's
   // are 4x the nested bytes (28 KB at 4096 -> 14336), and each batch beyond the first costs a
-  // round trip (run 205: 15.4 vs 13.0 us at M = 1 with 32-byte batches)
+  // round trip (runs 205-206, float32 scales at 4096 -> 14336, M = 1: 15.2 us with 32-byte
+  // batches, 13.4 with 64; nested 13.0)
   constexpr int kScaleBatch = (NESTED ? 32 : 64) / UNIT;
   const int64_t blk0 = (int64_t)row0 * L.KS;  // the CTA's first quantisation block
   // the CTA's absmax2 entries: a2_count from a2_first (nested only); blk_rel0: blk0 counted
