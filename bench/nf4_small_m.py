@@ -51,9 +51,12 @@ def plain(packed, state):
                                        state2=None)
 
 
-weights = {s: [(plain if plain_scales else lambda p, st: (p, st))(*random_weight(o, i, seed))
-               for seed in range(copies[s])]
-           for s, (o, i) in shapes.items()}
+def weight(out_f, in_f, seed):
+    packed, state = random_weight(out_f, in_f, seed)
+    return plain(packed, state) if plain_scales else (packed, state)
+
+
+weights = {s: [weight(o, i, seed) for seed in range(copies[s])] for s, (o, i) in shapes.items()}
 copy = copy_bandwidth_gbps()
 f = open(out, "a")
 
