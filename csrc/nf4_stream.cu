@@ -161,6 +161,11 @@ struct V4Layout {
 // reads stay conflict-free at M = 8 and 16 (4 and 2 consecutive rows a warp: mma rows of
 // distinct banks), which the map before (0, 2, 4, 6, 1, 3, 5, 7) made 2-way.
 __device__ __forceinline__ int v4_row_swap(int r) { return r ^ ((r & 1) << 2); }
+// Where 16-byte chunk c of row r of a box (128-byte rows) lies in its row under the tensor
+// maps' 128-byte swizzle: chunk c ^ (r & 7)
+__device__ __forceinline__ uint32_t swizzled_chunk(uint32_t r, uint32_t c) {
+  return (c ^ (r & 7u)) << 4;
+}
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return (uint32_t)__cvta_generic_to_shared(p);
@@ -503,8 +508,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       for (int first = warp * 8; first < steps; first += kV4Consumers * 8) {
         const int b = first + g;
         const uint32_t row = table + L.x_area + 128u * (uint32_t)b;
-        const uint32_t at0 = row + ((((uint32_t)(2 * t)) ^ ((uint32_t)b & 7u)) << 4);
-        const uint32_t at1 = row + ((((uint32_t)(2 * t + 1)) ^ ((uint32_t)b & 7u)) << 4);
+        const uint32_t at0 = row + swizzled_chunk((uint32_t)b, 2u * t);
+        const uint32_t at1 = row + swizzled_chunk((uint32_t)b, 2u * t + 1u);
         uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
         if (b < steps) {
           x0 = lds128(at0);
@@ -547,16 +552,16 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // swizzle positions
   // (ONE) this lane's x of step b in x_area: x_one0 / x_one1 + 128 b (b & 7 = wstep & 7:
   // a window's steps are a multiple of 8)
-  const uint32_t x_one0 = table + L.x_area + ((((uint32_t)(2 * t)) ^ ((uint32_t)wstep & 7u)) << 4);
-  const uint32_t x_one1 = table + L.x_area + ((((uint32_t)(2 * t + 1)) ^ ((uint32_t)wstep & 7u)) << 4);
+  const uint32_t x_one0 = table + L.x_area + swizzled_chunk((uint32_t)wstep, 2u * t);
+  const uint32_t x_one1 = table + L.x_area + swizzled_chunk((uint32_t)wstep, 2u * t + 1u);
   bool has_token[NT];
   uint32_t x_at0[NT], x_at1[NT];
 #pragma unroll
   for (int u = 0; u < NT; ++u) {
     has_token[u] = 8 * u + g < M;
     const uint32_t x_row = (uint32_t)(wstep * M + 8 * u + g);
-    x_at0[u] = x_row * 128u + ((((uint32_t)(2 * t)) ^ (x_row & 7u)) << 4);
-    x_at1[u] = x_row * 128u + ((((uint32_t)(2 * t + 1)) ^ (x_row & 7u)) << 4);
+    x_at0[u] = x_row * 128u + swizzled_chunk(x_row, 2u * t);
+    x_at1[u] = x_row * 128u + swizzled_chunk(x_row, 2u * t + 1u);
   }
   // acc[tile][4u + k]: token tile u's mma sums (rows wr, wr + 8 x tokens 8u + 2t, + 1)
   float acc[kMyMaxTiles][4 * NT];
@@ -564,11 +569,10 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   for (int i = 0; i < kMyMaxTiles; ++i)
 #pragma unroll
     for (int k = 0; k < 4 * NT; ++k) acc[i][k] = 0.f;
-  // this lane's 8 bytes of step wstep in a row r of a stage: box wstep / 4, then the 128-byte
-  // swizzle (16-byte chunk c of row r at chunk c ^ (r & 7); here r & 7 = wr), from the warp's
-  // first tile
+  // this lane's 8 bytes of step wstep in a row r of a stage: box wstep / 4, then its 16-byte
+  // chunk in the swizzled row (r & 7 = wr), from the warp's first tile
   const uint32_t lane_at = (uint32_t)(wstep >> 2) * box_bytes +
-                           ((((uint32_t)(2 * (wstep & 3) + (t >> 1))) ^ (uint32_t)wr) << 4) +
+                           swizzled_chunk((uint32_t)wr, (uint32_t)(2 * (wstep & 3) + (t >> 1))) +
                            8u * (t & 1) + (uint32_t)(tfirst * 16 + wr) * 128u;
   // One tile's step: 16 level pairs from the table, 4 mma per token tile, the sums scaled into
   // acc. (undo[u][0 / 1]: 1 for fp16 x; for bf16 they undo the x scaling of tokens 8u + 2t /
