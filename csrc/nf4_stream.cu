@@ -30,7 +30,11 @@
 // the loop; run 161).
 //
 // M = 9..16 (runs 157-161): two token tiles (NT 2) of the mma, whose lookups serve both, with
-// two warps per step (4096 -> 14336 22.4 us at M = 16 vs v3h's 29.3).
+// two warps per step (4096 -> 14336 22.4 us at M = 16 vs v3h's 29.3). With bf16 x there the
+// levels come in two bf16 parts and x goes to the mma as it is (v4_store_two_part_levels; run
+// 208: 14336 -> 4096 0.88-0.92x, 4096 -> 4096 and 4096 -> 1024 0.81-0.85x, 4096 -> 14336
+// level, a decoding step at 16 rows 2.19 vs 2.24 ms). At one token tile the same was slower
+// (run 209: 4096 -> 14336 1.14-1.19x at M = 2..8), so M <= 8 keep fp16 levels.
 //
 // Two other forms: SPLIT 2, two warps per step with every other tile each, in 512-value
 // windows (half the stage), for CTAs whose 1024-value stages do not fit two; KPARTS 2, a
@@ -43,8 +47,9 @@
 // level-pair table (byte -> fp16x2, 32 copies, entries 256 bytes apart), fp16 mma, the step's
 // float32 scale applied to the float32 sum of its 4 mma; bf16 x times a power of two per token
 // and step (the token's largest |x| of the step in [2^14, 2^15); v3: of the whole row), undone
-// on the step's sums. The k permutation of v3: lane (g, t) holds values
-// 16t .. 16t + 15 of a step.
+// on the step's sums. bf16 x at two token tiles instead: bf16 mma of x as it is with each
+// level's two bf16 parts (closer to it than its fp16 value). The k permutation of v3: lane
+// (g, t) holds values 16t .. 16t + 15 of a step.
 #include <cstdlib>
 
 #include <cuda.h>
@@ -167,6 +172,43 @@ __device__ __forceinline__ uint32_t swizzled_chunk(uint32_t r, uint32_t c) {
   return (c ^ (r & 7u)) << 4;
 }
 
+// Two-part levels (bf16 x at two token tiles: kTwoPart in the kernel): each level as bf16 top
+// = bf16(level) plus bf16 tail = bf16(level - top), which together are within ~2^-17 of it
+// (fp16 alone: 2^-12), so the mma take bf16 x as it is: no conversion to fp16, no power of
+// two per token and step (and no undo on the sums), at the price of twice the mma and 8-byte
+// lookups. Entry e of the table (256 bytes apart, as v3_store_level_pair's): 16 copies
+// of {top pair, tail pair} (pairs as there: (code[e >> 4], code[e & 15])) in its first 128
+// bytes, copy c at 8 c, so a half-warp's LDS.64 (lane & 15 = its copy) meets no bank twice; the
+// other 128 bytes stay the scales' hole.
+__device__ __forceinline__ void v4_store_two_part_levels(uint32_t table, int e, float hi,
+                                                         float lo) {
+  const __nv_bfloat162 top = __floats2bfloat162_rn(hi, lo);
+  const __nv_bfloat162 tail =
+      __floats2bfloat162_rn(hi - __low2float(top), lo - __high2float(top));
+  const uint32_t t0 = *reinterpret_cast<const uint32_t*>(&top);
+  const uint32_t t1 = *reinterpret_cast<const uint32_t*>(&tail);
+  const uint32_t entry = table + (uint32_t)e * 256u;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v3_store16(entry + 16u * ((j + e) & 7), make_uint4(t0, t1, t0, t1));
+}
+// {top pair, tail pair} of byte J of `word` (lane8 = (lane & 15) * 8; see v3_pair, whose
+// selector this shares)
+template <int J>
+__device__ __forceinline__ uint2 v4_two_part_pair(const unsigned char* anchor, uint32_t word,
+                                                  uint32_t lane8) {
+  const uint32_t off = __byte_perm(word, lane8, 0x7604 | (J << 4));
+  return *reinterpret_cast<const uint2*>(anchor + off);
+}
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a1,
+                                               uint32_t a2, uint32_t a3, uint32_t b0,
+                                               uint32_t b1) {
+  asm(  // no side effects: free to schedule
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return (uint32_t)__cvta_generic_to_shared(p);
 }
@@ -274,6 +316,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   const uint32_t box_bytes = (uint32_t)tiles * 16u * 128u;  // one box; a stage holds kV4Boxes
 
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+  constexpr bool kTwoPart = kBf16 && NT == 2;  // two-part levels (v4_store_two_part_levels)
   const uint32_t table = smem_addr(smem);
   float* code2_s = reinterpret_cast<float*>(smem + kV4TableSpan);
   const uint32_t full0 = smem_addr(code2_s + 256);  // full[s] at full0 + 8 s: slot s has landed
@@ -422,7 +465,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     if (tid + k * kV4ConsumerThreads < scale_units)
       scale_v[k] = __ldg(scale_unit(tid + k * kV4ConsumerThreads));
   if (tid < 256) {  // the level-pair table as v3's
-    v3_store_level_pair(table, tid, level_hi, level_lo);
+    if (kTwoPart) v4_store_two_part_levels(table, tid, level_hi, level_lo);
+    else v3_store_level_pair(table, tid, level_hi, level_lo);
     if (NESTED) code2_s[tid] = code2_v;
   }
   NF4_MARK(tid == 0, kTimelineExtra + 1);  // this thread's levels have arrived
@@ -529,7 +573,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     }
   }
   const int wr = v4_row_swap(g);  // the weight rows of mma rows g, g + 8: wr, wr + 8
-  const uint32_t lane4 = (uint32_t)lane * 4u;
+  const uint32_t lane4 = (uint32_t)lane * 4u, lane8 = (uint32_t)(lane & 15) * 8u;
   // The warp's step of each window (wstep) and its tiles: the CTA's tiles tfirst + SPLIT i,
   // i < my_tiles (all of them with SPLIT 1).
   constexpr int kMyMaxTiles = v4_max_tiles(SPLIT, NT) / SPLIT;
@@ -583,6 +627,45 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // ~12% fewer per window with two).
   auto tile_step = [&](uint2 lo, uint2 hi, const uint32_t (&xw)[NT][8], float s_lo, float s_hi,
                        const float (&undo)[NT][2], float (&sums)[4 * NT]) {
+    if constexpr (kTwoPart) {
+      // Each mma takes 8 weight rows, their tops as its rows 0..7 and their tails as rows
+      // 8..15 (v4_store_two_part_levels: a lookup's {top, tail} are a fragment's a0, a1 or
+      // a2, a3 as one LDS.64 leaves them; tops and tails in fragments of their own cost a move
+      // per word), so row r's sum is the mma's rows r + r + 8; mma (q, 0) the rows wr, (q, 1)
+      // wr + 8. x as it is: no undo.
+      float c[2][NT][4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int u = 0; u < NT; ++u) c[h][u][0] = c[h][u][1] = c[h][u][2] = c[h][u][3] = 0.f;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        // mma q: byte 2q of the lane's 8 (values 16t + 4q, +1) and byte 2q + 1 (+2, +3)
+        const uint32_t wl = q < 2 ? lo.x : lo.y, wh = q < 2 ? hi.x : hi.y;
+        uint2 p[4];  // (rows wr, k 2t..) (wr, 2t + 8..) (wr + 8, 2t..) (wr + 8, 2t + 8..)
+        if (q & 1) {
+          p[0] = v4_two_part_pair<2>(smem, wl, lane8); p[1] = v4_two_part_pair<3>(smem, wl, lane8);
+          p[2] = v4_two_part_pair<2>(smem, wh, lane8); p[3] = v4_two_part_pair<3>(smem, wh, lane8);
+        } else {
+          p[0] = v4_two_part_pair<0>(smem, wl, lane8); p[1] = v4_two_part_pair<1>(smem, wl, lane8);
+          p[2] = v4_two_part_pair<0>(smem, wh, lane8); p[3] = v4_two_part_pair<1>(smem, wh, lane8);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int u = 0; u < NT; ++u)
+            mma_bf16_16816(c[h][u], p[2 * h].x, p[2 * h].y, p[2 * h + 1].x, p[2 * h + 1].y,
+                           xw[u][2 * q], xw[u][2 * q + 1]);
+      }
+#pragma unroll
+      for (int u = 0; u < NT; ++u) {
+        sums[4 * u + 0] = fmaf(s_lo, c[0][u][0] + c[0][u][2], sums[4 * u + 0]);
+        sums[4 * u + 1] = fmaf(s_lo, c[0][u][1] + c[0][u][3], sums[4 * u + 1]);
+        sums[4 * u + 2] = fmaf(s_hi, c[1][u][0] + c[1][u][2], sums[4 * u + 2]);
+        sums[4 * u + 3] = fmaf(s_hi, c[1][u][1] + c[1][u][3], sums[4 * u + 3]);
+      }
+      return;
+    }
     uint32_t a[16];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -683,7 +766,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
           x1 = lds128(stage + L.stage_w + x_at1[u]);
         }
         undo[u][0] = undo[u][1] = 1.f;
-        if (kBf16) {
+        if (kBf16 && !kTwoPart) {
           // bf16 x into fp16 for the mma, in each warp's own fragments: token g's values of
           // the step (lanes (g, 0..3)) times a power of two 2^shift that puts their largest |x|
           // in [2^14, 2^15) (x_scale_shift: exact unless a value is ~2^31 times smaller than
