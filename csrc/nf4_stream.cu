@@ -1039,7 +1039,7 @@ int v4_cluster_pairs() {
 // with half the tiles); then two K parts (clusters of two CTAs on two SMs, each with half of
 // the windows), where the second part's scales start at a whole unit. Two K parts come
 // first where the output is narrower than the input and the input has 8192 or more features or
-// M > 8 (below). M = 9..16 (two token tiles of the mma) take two warps per step only (a warp's
+// M > 8, but not at M = 1 with K <= 16384 (below). M = 9..16 (two token tiles of the mma) take two warps per step only (a warp's
 // 4 tiles x 8 sums, as 8 tiles x 4 at M <= 8).
 bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   if (encode_tiled() == nullptr || !nf4_gemv_v3_ok(w, a) || a.K % (1 << w.bs_log2) != 0)
@@ -1060,8 +1060,12 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   //    8192 -> 2048  9.2 / 9.1 / 9.1 / 9.2 / 15.4 / 15.8 vs 9.6 / 9.6 / 9.6 / 9.5 / 21.0 / 21.1
   //    4096 -> 1024  6.2 / 6.2 / 6.1 / 6.1 / 9.2 / 9.3 vs 4.5 / 4.6 / 4.6 / 4.7 / 11.1 / 11.2
   // (3072 -> 1024: one part at every M, 3.7-3.9 us at M <= 8 vs 5.3-5.4; at 12 / 16 two parts do
-  // not fit the plan.)
-  const bool two_first = a.N < a.K && (a.K >= 8192 || a.M > 8);
+  // not fit the plan.) At one row, where one part's x is one box (the one-token kernels: K <=
+  // 16384), one part first: run 210, two parts vs one, us, each twice: 14336 -> 4096 15.8-16.0
+  // vs 15.4-15.6, 11008 -> 4096 13.6-13.8 vs 13.2-13.6, 8192 -> 2048 8.8-9.4 vs 8.5-8.7 (at M
+  // = 2..8 one part was 5-10% slower; 18944 -> 3584 at M = 1, not one box, 25.2 vs 17.7).
+  const bool one_token_whole = a.M == 1 && a.K / kV3Step <= kV4MaxBoxSteps;
+  const bool two_first = a.N < a.K && (a.K >= 8192 || a.M > 8) && !one_token_whole;
   for (int n = 0; n < 2; ++n) {
     const int kparts = two_first ? 2 - n : 1 + n;
     if (requested_kparts != 0 && requested_kparts != kparts) continue;

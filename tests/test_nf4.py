@@ -1876,7 +1876,8 @@ def test_fused_matmul_gpu_v4_up_to_16_tiles_per_cta(monkeypatch):
 def test_fused_matmul_gpu_v4_two_k_parts(monkeypatch):
     """v4 in clusters of two CTAs, each with half of K's windows (FASTFT_NF4_V4_KPARTS=2, for
     benchmarks; v4's plan tries it first where the output is narrower than the input and the
-    input has 8192 or more features or there are 9..16 rows): the second part adds its sums
+    input has 8192 or more features or there are 9..16 rows, but not at one row with an input
+    of up to 16384 features): the second part adds its sums
     into the first's shared memory, which adds bias and LoRA term. Right against float64 for
     both dtypes, nested scales or not, blocksize 64 and 128, odd row counts, K of an odd number
     of windows (the parts unequal) and a partial last window (plain scales: nested ones of a row
@@ -1913,10 +1914,11 @@ def test_fused_matmul_gpu_v4_two_k_parts(monkeypatch):
                                                    torch.bfloat16, nested, True,
                                                    seed=rows)) == 2, (rows, in_f)
     # v4's own plan where the output is narrower than the input: two K parts first where the
-    # input has 8192 or more features or at 9..16 rows, one first elsewhere
+    # input has 8192 or more features or at 9..16 rows, one first elsewhere and at one row
+    # where one part's x is one box (K <= 16384: the one-token kernels)
     monkeypatch.delenv("FASTFT_NF4_V4_KPARTS")
-    for shape, rows, want in (((4096, 14336), 1, 2), ((4096, 14336), 2, 2),
-                              ((4096, 14336), 3, 2), ((4096, 14336), 12, 2),
+    for shape, rows, want in (((4096, 14336), 1, 1), ((3584, 18944), 1, 2),
+                              ((4096, 14336), 2, 2), ((4096, 14336), 3, 2), ((4096, 14336), 12, 2),
                               ((1024, 4096), 1, 1), ((1024, 4096), 8, 1), ((1024, 4096), 12, 2)):
         x, calls, refs = _group_case([shape], rows, torch.bfloat16, True, 0, seed=9,
                                      device="cuda")
