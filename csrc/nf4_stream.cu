@@ -664,51 +664,51 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         sums[4 * u + 2] = fmaf(s_hi, c[1][u][0] + c[1][u][2], sums[4 * u + 2]);
         sums[4 * u + 3] = fmaf(s_hi, c[1][u][1] + c[1][u][3], sums[4 * u + 3]);
       }
-      return;
-    }
-    uint32_t a[16];
+    } else {
+      uint32_t a[16];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      // mma q: byte 2q of the lane's 8 (values 16t + 4q, +1) and byte 2q + 1 (+2, +3)
-      const uint32_t wl = q < 2 ? lo.x : lo.y, wh = q < 2 ? hi.x : hi.y;
-      if (q & 1) {
-        a[4 * q + 0] = v3_pair<2>(smem, wl, lane4); a[4 * q + 1] = v3_pair<2>(smem, wh, lane4);
-        a[4 * q + 2] = v3_pair<3>(smem, wl, lane4); a[4 * q + 3] = v3_pair<3>(smem, wh, lane4);
-      } else {
-        a[4 * q + 0] = v3_pair<0>(smem, wl, lane4); a[4 * q + 1] = v3_pair<0>(smem, wh, lane4);
-        a[4 * q + 2] = v3_pair<1>(smem, wl, lane4); a[4 * q + 3] = v3_pair<1>(smem, wh, lane4);
+      for (int q = 0; q < 4; ++q) {
+        // mma q: byte 2q of the lane's 8 (values 16t + 4q, +1) and byte 2q + 1 (+2, +3)
+        const uint32_t wl = q < 2 ? lo.x : lo.y, wh = q < 2 ? hi.x : hi.y;
+        if (q & 1) {
+          a[4 * q + 0] = v3_pair<2>(smem, wl, lane4); a[4 * q + 1] = v3_pair<2>(smem, wh, lane4);
+          a[4 * q + 2] = v3_pair<3>(smem, wl, lane4); a[4 * q + 3] = v3_pair<3>(smem, wh, lane4);
+        } else {
+          a[4 * q + 0] = v3_pair<0>(smem, wl, lane4); a[4 * q + 1] = v3_pair<0>(smem, wh, lane4);
+          a[4 * q + 2] = v3_pair<1>(smem, wl, lane4); a[4 * q + 3] = v3_pair<1>(smem, wh, lane4);
+        }
       }
-    }
-    constexpr int kChains = NT == 1 ? 2 : 1;  // (two token tiles are two chains already)
-    float c[kChains][NT][4];
+      constexpr int kChains = NT == 1 ? 2 : 1;  // (two token tiles are two chains already)
+      float c[kChains][NT][4];
 #pragma unroll
-    for (int h = 0; h < kChains; ++h)
+      for (int h = 0; h < kChains; ++h)
 #pragma unroll
-      for (int u = 0; u < NT; ++u) c[h][u][0] = c[h][u][1] = c[h][u][2] = c[h][u][3] = 0.f;
+        for (int u = 0; u < NT; ++u) c[h][u][0] = c[h][u][1] = c[h][u][2] = c[h][u][3] = 0.f;
 #pragma unroll
-    for (int q = 0; q < 4; ++q)
+      for (int q = 0; q < 4; ++q)
 #pragma unroll
-      for (int u = 0; u < NT; ++u)
-        mma_f16_16816(c[q % kChains][u], a[4 * q], a[4 * q + 1], a[4 * q + 2], a[4 * q + 3],
-                      xw[u][2 * q], xw[u][2 * q + 1]);
+        for (int u = 0; u < NT; ++u)
+          mma_f16_16816(c[q % kChains][u], a[4 * q], a[4 * q + 1], a[4 * q + 2], a[4 * q + 3],
+                        xw[u][2 * q], xw[u][2 * q + 1]);
 #pragma unroll
-    for (int u = 0; u < NT; ++u) {
-      float v[4];  // the chains' sums
+      for (int u = 0; u < NT; ++u) {
+        float v[4];  // the chains' sums
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        v[k] = c[0][u][k];
+        for (int k = 0; k < 4; ++k) {
+          v[k] = c[0][u][k];
 #pragma unroll
-        for (int h = 1; h < kChains; ++h) v[k] += c[h][u][k];
+          for (int h = 1; h < kChains; ++h) v[k] += c[h][u][k];
+        }
+        if (ONE) {  // column 0 only; the scales carry x's factor already
+          sums[0] = fmaf(s_lo, v[0], sums[0]);
+          sums[2] = fmaf(s_hi, v[2], sums[2]);
+          continue;
+        }
+        sums[4 * u + 0] = fmaf(s_lo * undo[u][0], v[0], sums[4 * u + 0]);
+        sums[4 * u + 1] = fmaf(s_lo * undo[u][1], v[1], sums[4 * u + 1]);
+        sums[4 * u + 2] = fmaf(s_hi * undo[u][0], v[2], sums[4 * u + 2]);
+        sums[4 * u + 3] = fmaf(s_hi * undo[u][1], v[3], sums[4 * u + 3]);
       }
-      if (ONE) {  // column 0 only; the scales carry x's factor already
-        sums[0] = fmaf(s_lo, v[0], sums[0]);
-        sums[2] = fmaf(s_hi, v[2], sums[2]);
-        continue;
-      }
-      sums[4 * u + 0] = fmaf(s_lo * undo[u][0], v[0], sums[4 * u + 0]);
-      sums[4 * u + 1] = fmaf(s_lo * undo[u][1], v[1], sums[4 * u + 1]);
-      sums[4 * u + 2] = fmaf(s_hi * undo[u][0], v[2], sums[4 * u + 2]);
-      sums[4 * u + 3] = fmaf(s_hi * undo[u][1], v[3], sums[4 * u + 3]);
     }
   };
   int s = 0;               // the window's slot (j % S) and that slot's use count parity
@@ -1039,8 +1039,8 @@ int v4_cluster_pairs() {
 // with half the tiles); then two K parts (clusters of two CTAs on two SMs, each with half of
 // the windows), where the second part's scales start at a whole unit. Two K parts come
 // first where the output is narrower than the input and the input has 8192 or more features or
-// M > 8, but not at M = 1 with K <= 16384 (below). M = 9..16 (two token tiles of the mma) take two warps per step only (a warp's
-// 4 tiles x 8 sums, as 8 tiles x 4 at M <= 8).
+// M > 8, but not at M = 1 with K <= 16384 (below). M = 9..16 (two token tiles of the mma)
+// take two warps per step only (a warp's 4 tiles x 8 sums, as 8 tiles x 4 at M <= 8).
 bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   if (encode_tiled() == nullptr || !nf4_gemv_v3_ok(w, a) || a.K % (1 << w.bs_log2) != 0)
     return false;
