@@ -21,18 +21,20 @@ nf4_dequantize rounds it, so they differ from dequantise + matmul only in the fl
 order). CUDA's v2 and v3 (in_features % 64 == 0, blocksize >= 64) multiply by the NF4 levels
 rounded to fp16 and apply each block's float32 scale to the float32 sums, i.e. W to 2^-11 per
 level; v3 spends ~2 instructions per packed byte; v4 (sm_90) has the same numerics (but bf16 x
-is scaled into fp16 per token and 64-value step, where v3 scales per token) and streams the
-weight and x into shared memory with the copy engine (it also adds a LoRA term in its epilogue).
+is scaled into fp16 per token and 64-value step, where v3 scales per token; at 9..16 rows bf16 x
+goes to bf16 mma as it is, against each level as two bf16 parts: W to ~2^-17 per level) and
+streams the weight and x into shared memory with the copy engine (it also adds a LoRA term in its
+epilogue).
 The CUDA backend picks v4 where the input has 3072 or more features and either the output is at
 least as wide, at M <= 16 where the busiest SM gets 2 or more 16-row tiles (e.g. Llama-3-8B's q /
 o, and gate / up as single calls), or narrower, at M = 1..16 (two CTAs of a cluster split K where
-the input has 8192 or more features or M > 8; e.g. Llama-3-8B's down, k / v; Qwen2.5-7B's and
--14B's MLPs likewise); where a CTA would take more than 16 tiles (8 at M > 8), a row's scales are
-not whole 4-byte pieces (nested, e.g. 4544 input features) or 8-byte pieces (plain scales), or two
-stages do not fit, v3 / v1; else v3h (v3 with half of the level lookups done in registers
-instead of shared memory: the same results) where the output is at least twice as wide, v3 at
-M <= 8 where it is at most half as wide (faster than v1 there on the H200), v1 elsewhere;
-FASTFT_NF4_GEMV forces one (see gemv_settings).
+the input has 8192 or more features or M > 8, except at M = 1 with up to 16384 input features;
+e.g. Llama-3-8B's down, k / v; Qwen2.5-7B's and -14B's MLPs likewise); where a CTA would take
+more than 16 tiles (8 at M > 8), a row's scales are not whole 4-byte pieces (nested, e.g. 4544
+input features) or 8-byte pieces (plain scales), or two stages do not fit, v3 / v1; else v3h (v3
+with half of the level lookups done in registers instead of shared memory: the same results)
+where the output is at least twice as wide, v3 at M <= 8 where it is at most half as wide (faster
+than v1 there on the H200), v1 elsewhere; FASTFT_NF4_GEMV forces one (see gemv_settings).
 Larger inputs, float32 x and shapes the fused kernels don't take dequantise W into a per-device
 workspace (reused by every layer, see workspace()) and call cuBLAS. Only x (and a bias) get
 gradients: the quantised weight is frozen; backward dequantises again (dx = dy @ W), nothing
