@@ -191,14 +191,6 @@ __device__ __forceinline__ void v4_store_two_part_levels(uint32_t table, int e, 
 #pragma unroll
   for (int j = 0; j < 8; ++j) v3_store16(entry + 16u * ((j + e) & 7), make_uint4(t0, t1, t0, t1));
 }
-// {top pair, tail pair} of byte J of `word` (lane8 = (lane & 15) * 8; see v3_pair, whose
-// selector this shares)
-template <int J>
-__device__ __forceinline__ uint2 v4_two_part_pair(const unsigned char* anchor, uint32_t word,
-                                                  uint32_t lane8) {
-  const uint32_t off = __byte_perm(word, lane8, 0x7604 | (J << 4));
-  return *reinterpret_cast<const uint2*>(anchor + off);
-}
 __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a1,
                                                uint32_t a2, uint32_t a3, uint32_t b0,
                                                uint32_t b1) {
@@ -631,8 +623,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       // Each mma takes 8 weight rows, their tops as its rows 0..7 and their tails as rows
       // 8..15 (v4_store_two_part_levels: a lookup's {top, tail} are a fragment's a0, a1 or
       // a2, a3 as one LDS.64 leaves them; tops and tails in fragments of their own cost a move
-      // per word), so row r's sum is the mma's rows r + r + 8; mma (q, 0) the rows wr, (q, 1)
-      // wr + 8. x as it is: no undo.
+      // per word), so weight row r's sum is the mma's row r plus its row r + 8; mma (q, 0)
+      // takes the rows wr, (q, 1) wr + 8. x as it is: no undo.
       float c[2][NT][4];
 #pragma unroll
       for (int h = 0; h < 2; ++h)
@@ -642,13 +634,15 @@ __global__ void __launch_bounds__(kV4Threads, 1)
       for (int q = 0; q < 4; ++q) {
         // mma q: byte 2q of the lane's 8 (values 16t + 4q, +1) and byte 2q + 1 (+2, +3)
         const uint32_t wl = q < 2 ? lo.x : lo.y, wh = q < 2 ? hi.x : hi.y;
-        uint2 p[4];  // (rows wr, k 2t..) (wr, 2t + 8..) (wr + 8, 2t..) (wr + 8, 2t + 8..)
+        // {top pair, tail pair} of (rows wr, k 2t..) (wr, 2t + 8..) (wr + 8, 2t..) (wr + 8,
+        // 2t + 8..)
+        uint2 p[4];
         if (q & 1) {
-          p[0] = v4_two_part_pair<2>(smem, wl, lane8); p[1] = v4_two_part_pair<3>(smem, wl, lane8);
-          p[2] = v4_two_part_pair<2>(smem, wh, lane8); p[3] = v4_two_part_pair<3>(smem, wh, lane8);
+          p[0] = v3_pair<2, uint2>(smem, wl, lane8); p[1] = v3_pair<3, uint2>(smem, wl, lane8);
+          p[2] = v3_pair<2, uint2>(smem, wh, lane8); p[3] = v3_pair<3, uint2>(smem, wh, lane8);
         } else {
-          p[0] = v4_two_part_pair<0>(smem, wl, lane8); p[1] = v4_two_part_pair<1>(smem, wl, lane8);
-          p[2] = v4_two_part_pair<0>(smem, wh, lane8); p[3] = v4_two_part_pair<1>(smem, wh, lane8);
+          p[0] = v3_pair<0, uint2>(smem, wl, lane8); p[1] = v3_pair<1, uint2>(smem, wl, lane8);
+          p[2] = v3_pair<0, uint2>(smem, wh, lane8); p[3] = v3_pair<1, uint2>(smem, wh, lane8);
         }
 #pragma unroll
         for (int h = 0; h < 2; ++h)
