@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_nf4 import random_weight  # noqa: E402
 from common import (copy_bandwidth_gbps, nf4_kernels_launched, time_ms,  # noqa: E402
                     use_nf4_kernel)
-from fastft.ops.nf4 import nf4_matmul, nf4_dequantize, resolve, _CudaBackend  # noqa: E402
+from fastft.ops.nf4 import (nf4_matmul, nf4_dequantize, reference_block_scales,  # noqa: E402
+                             resolve, _CudaBackend)
 
 tag, out = sys.argv[1], sys.argv[2]
 kernels = os.environ.get("KERNELS", "auto").split(",")
@@ -44,9 +45,7 @@ plain_scales = os.environ.get("SCALES", "nested") == "plain"
 
 
 def plain(packed, state):
-    s2 = state.state2
-    idx = torch.arange(state.absmax.numel(), device=state.absmax.device) // s2.blocksize
-    absmax = s2.code[state.absmax.long()] * s2.absmax[idx] + state.offset
+    absmax = reference_block_scales(resolve(packed, state))
     return packed, dataclasses.replace(state, absmax=absmax.float().contiguous(), offset=None,
                                        state2=None)
 
