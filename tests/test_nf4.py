@@ -1877,8 +1877,8 @@ def test_fused_matmul_gpu_v4_two_k_parts(monkeypatch):
     """v4 in clusters of two CTAs, each with half of K's windows (FASTFT_NF4_V4_KPARTS=2, for
     benchmarks; v4's plan tries it first where the output is narrower than the input and the
     input has 8192 or more features or there are 9..16 rows, but not at one row with an input
-    of up to 16384 features): the second part adds its sums
-    into the first's shared memory, which adds bias and LoRA term. Right against float64 for
+    of up to 16384 features): the second part adds its sums into the first's shared memory,
+    which adds bias and LoRA term. Right against float64 for
     both dtypes, nested scales or not, blocksize 64 and 128, odd row counts, K of an odd number
     of windows (the parts unequal) and a partial last window (plain scales: nested ones of a row
     are whole 8-byte units only where K is whole windows); the same bits twice; the kernel
