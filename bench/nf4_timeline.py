@@ -23,6 +23,9 @@ ROOT = os.path.dirname(HERE)
 SLOT = dict(start_ns=0, sm=1, start=2, waited=3, table=4, staged=5, summed=6, end=7, end_ns=8,
             extra=9, warp_loop_end=16, iter=32)
 ITERS = 8  # kTimelineIters: loop iterations timed per warp
+# v4's finer marks (kTimelineExtra + k, nf4_stream.cu; only v4 sets them)
+EXTRA_NAMES = {0: "warps started", 1: "levels in", 2: "table synced", 3: "x landed (M = 1)",
+               4: "x converted (M = 1)", 5: "window 0 landed"}
 DEFAULT_CASES = ";".join(
     [f"{m} 14336 4096 1" for m in (1, 4, 8, 16)] + [f"{m} 4096 14336 1" for m in (1, 4, 8)]
     + ["1 14336 4096 0", "1 4096 14336 0"])
@@ -180,8 +183,9 @@ def main():
               f"{s['call_to_call_start_mean']:.2f}, SM {s['sm_ghz']:.2f} GHz")
         print("   phases (median CTA, us): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
         if s["extra_marks_us_from_start"]:
+            marks = s["extra_marks_us_from_start"]
             print("   finer marks (us from the CTA's start): " + ", ".join(
-                f"{k}: {v:.2f}" for k, v in s["extra_marks_us_from_start"].items()))
+                f"{EXTRA_NAMES.get(k, k)} {v:.2f}" for k, v in marks.items()))
         print("   iterations (us): " + " ".join(f"{v:.2f}" for v in s["iteration_us_median"])
               + "; of which waiting for scales: "
               + " ".join(f"{v:.2f}" for v in s["iteration_scales_wait_us_median"]))

@@ -540,6 +540,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     // values 16t .. 16t + 15 (16-byte chunks 2t and 2t + 1 of the step's swizzled row), with
     // the factor of the loop's conversion (see there). Rounds are warp-uniform (shuffles).
     mbar_wait(x_full, 0u);
+    NF4_MARK(tid == 0, kTimelineExtra + 3);  // the part's x has landed
     if (kBf16) {
       for (int first = warp * 8; first < steps; first += kV4Consumers * 8) {
         const int b = first + g;
@@ -562,6 +563,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         }
       }
       consumers_sync();  // every step converted
+      NF4_MARK(tid == 0, kTimelineExtra + 4);
     }
   }
   const int wr = v4_row_swap(g);  // the weight rows of mma rows g, g + 8: wr, wr + 8
@@ -719,6 +721,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
                     ? *reinterpret_cast<const float*>(smem + scale_at + i * scale_row_step)
                     : 0.f;
       mbar_wait(full0 + 8 * s, parity);
+      NF4_MARK(tid == 0 && j == 0, kTimelineExtra + 5);  // window 0 has landed
       const uint32_t stage = ring + (uint32_t)s * L.stage_bytes;
       const uint32_t at = stage + lane_at;
       // this lane's weight words of its tiles `tile` and `tile + 1` (rows wr and wr + 8 of each)
