@@ -25,7 +25,7 @@ SLOT = dict(start_ns=0, sm=1, start=2, waited=3, table=4, staged=5, summed=6, en
 ITERS = 8  # kTimelineIters: loop iterations timed per warp
 # v4's finer marks (kTimelineExtra + k, nf4_stream.cu; only v4 sets them)
 EXTRA_NAMES = {0: "warps started", 1: "levels in", 2: "table synced", 3: "x landed (M = 1)",
-               4: "x converted (M = 1)", 5: "window 0 landed"}
+               4: "x converted (M = 1)", 5: "window 0 landed", 6: "last window landed"}
 DEFAULT_CASES = ";".join(
     [f"{m} 14336 4096 1" for m in (1, 4, 8, 16)] + [f"{m} 4096 14336 1" for m in (1, 4, 8)]
     + ["1 14336 4096 0", "1 4096 14336 0"])

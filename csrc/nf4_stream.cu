@@ -722,6 +722,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
                     : 0.f;
       mbar_wait(full0 + 8 * s, parity);
       NF4_MARK(tid == 0 && j == 0, kTimelineExtra + 5);  // window 0 has landed
+      NF4_MARK(tid == 0 && j == windows - 1, kTimelineExtra + 6);  // the last window too
       const uint32_t stage = ring + (uint32_t)s * L.stage_bytes;
       const uint32_t at = stage + lane_at;
       // this lane's weight words of its tiles `tile` and `tile + 1` (rows wr and wr + 8 of each)
