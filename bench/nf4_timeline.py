@@ -117,7 +117,7 @@ def summarise(meta, raw):
             break
         it_len.append(float(np.median(us(nxt - st)[ok])))
         it_scale.append(float(np.median(us(iters[1:, :, :, k, 1] - st)[ok])))
-    # a kernel's own finer marks (slots 9..15, v4's prologue): median us from the CTA's start
+    # a kernel's own finer marks (slots 9..15: v4's, EXTRA_NAMES): median us from the CTA's start
     steady_tl = tl[1:] if calls > 1 else tl
     extra = {}
     for k in range(7):

@@ -83,7 +83,7 @@ enum TimelineSlot {
   kTimelineStartNs = 0, kTimelineSm = 1, kTimelineStart = 2, kTimelineWaited = 3,
   kTimelineTable = 4, kTimelineStaged = 5, kTimelineSummed = 6, kTimelineEnd = 7,
   kTimelineEndNs = 8,
-  kTimelineExtra = 9,  // + 0..6: a kernel's own finer marks (v4: its prologue's steps)
+  kTimelineExtra = 9,  // + 0..6: a kernel's own finer marks (v4: its prologue, windows 0 and last)
   kTimelineWarpLoopEnd = 16,  // + warp
   // + (warp * kTimelineIters + iteration) * 2: the iteration's start, then its scales computed
   kTimelineIter = 32
