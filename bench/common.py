@@ -160,7 +160,8 @@ def use_nf4_kernel(spec: str):
     """FASTFT_NF4_GEMV and v3's forced work split from a spec like "v3h:p8:s2" (":p" the K parts
     per CTA, FASTFT_NF4_V3_KPARTS; ":s" the K splits across CTAs, FASTFT_NF4_V3_SPLITS; ":w" v4's
     warps per step, FASTFT_NF4_V4_SPLIT; ":k" v4's K parts, FASTFT_NF4_V4_KPARTS; ":q" v4's
-    timing probe, FASTFT_NF4_V4_PROBE (nf4_stream.cu: wrong results but for 4); ":f" the
+    timing probe, FASTFT_NF4_V4_PROBE (nf4_stream.cu: wrong results but for 4); ":c" v4's most
+    row groups (CTAs), FASTFT_NF4_V4_CTAS; ":f" the
     weights frozen: the calls made inside the returned context load the weight before the PDL
     wait, as in generate). Returns that context (a no-op without ":f")."""
     import contextlib
@@ -174,6 +175,7 @@ def use_nf4_kernel(spec: str):
     os.environ.pop("FASTFT_NF4_V4_SPLIT", None)
     os.environ.pop("FASTFT_NF4_V4_KPARTS", None)
     os.environ.pop("FASTFT_NF4_V4_PROBE", None)
+    os.environ.pop("FASTFT_NF4_V4_CTAS", None)
     frozen = False
     for opt in opts:
         if opt == "f":
@@ -181,5 +183,5 @@ def use_nf4_kernel(spec: str):
             continue
         os.environ[{"p": "FASTFT_NF4_V3_KPARTS", "s": "FASTFT_NF4_V3_SPLITS",
                     "w": "FASTFT_NF4_V4_SPLIT", "k": "FASTFT_NF4_V4_KPARTS",
-                    "q": "FASTFT_NF4_V4_PROBE"}[opt[0]]] = opt[1:]
+                    "q": "FASTFT_NF4_V4_PROBE", "c": "FASTFT_NF4_V4_CTAS"}[opt[0]]] = opt[1:]
     return frozen_weights() if frozen else contextlib.nullcontext()

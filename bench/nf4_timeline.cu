@@ -393,11 +393,11 @@ int main(int argc, char** argv) {
       "\"sms\": %d, \"us_nf4\": %.3f, \"us_v3_loads4\": %.3f, \"us_v3_loads8\": %.3f, "
       "\"us_v3_loads256\": %.3f, \"us_v3_loads_prefetch\": %.3f, \"us_tiled1\": %.3f, "
       "\"us_rows64B\": %.3f, \"us_rows128B\": %.3f, \"us_rows512B\": %.3f, "
-      "\"packed_bytes\": %lld, \"timeline_ctas\": %d, \"timeline_slots\": %d}\n",
+      "\"packed_bytes\": %lld, \"timeline_ctas\": %d, \"timeline_slots\": %d, \"v4_kparts\": %d}\n",
       M, N, K, calls, (int)frozen, a0.variant, a0.v3_decode, a0.v3_kparts, a0.v3_splits,
       a0.v3_steps, ctas, sms, us_nf4, lt.v3_4, lt.v3_8, lt.v3_256, lt.v3_prefetch, lt.tiled,
       lt.rows64, lt.rows128, lt.rows512,
       (long long)(numel / 2), kTimelineCtas,
-      kTimelineSlots);
+      kTimelineSlots, v4 ? std::max(1, (int)a0.v4_kparts) : 1);
   return 0;
 }

@@ -124,8 +124,36 @@ def summarise(meta, raw):
         v = steady_tl[:, :, SLOT["extra"] + k]
         if (v > 0).any():
             extra[k] = float(np.median(us(v - steady_tl[:, :, SLOT["start"]])[v > 0]))
+    # Across calls: call c's weight-independent work waits (PDL) for every CTA of call c - 1, so
+    # its time is set by its slowest CTA after that release (release: call c - 1's last end in
+    # global ns). Per steady call: the release -> waited latency and each CTA's end after the
+    # release, as percentiles; and the tiles of the CTAs ending last (as the kernel splits them).
+    tiles_total = (meta["N"] + 15) // 16
+    G = meta["ctas"] // meta.get("v4_kparts", 1)  # (timeline CTA = blockIdx.y G + blockIdx.x)
+    cta_tiles = np.array([((b % G + 1) * tiles_total) // G - ((b % G) * tiles_total) // G
+                          for b in range(meta["ctas"])])
+    after_release, waited_lag, late_tiles = [], [], []
+    for c in range(1, calls):
+        release = tl[c - 1, :, SLOT["end_ns"]].max()
+        t = tl[c]
+        waited_ns = t[:, SLOT["start_ns"]] + (t[:, SLOT["waited"]] - t[:, SLOT["start"]]) / ghz
+        ends = (t[:, SLOT["end_ns"]] - release) / 1000.0
+        after_release.append([pct(ends, q) for q in (0, 50, 90, 100)])
+        waited_lag.append([pct((waited_ns - release) / 1000.0, q) for q in (0, 50, 100)])
+        late = np.argsort(ends)[-max(1, len(ends) // 10):]
+        late_tiles.extend(cta_tiles[late].tolist())
+    release_summary = {
+        "end_after_release_p0_p50_p90_p100": np.mean(after_release, axis=0).tolist()
+        if after_release else None,
+        "waited_after_release_p0_p50_p100": np.mean(waited_lag, axis=0).tolist()
+        if waited_lag else None,
+        "tiles_of_last_tenth": {int(k): int(v) for k, v in
+                                zip(*np.unique(late_tiles, return_counts=True))},
+        "tiles_all": {int(k): int(v) for k, v in zip(*np.unique(cta_tiles, return_counts=True))},
+    }
     copy_rate = meta.get("copy_gbs")
     return {
+        "after_release": release_summary,
         **meta,
         "sm_ghz": ghz,
         "pct_copy_nf4": (100.0 * meta["packed_bytes"] / (meta["us_nf4"] * 1e3) / copy_rate
@@ -189,6 +217,13 @@ def main():
         print("   iterations (us): " + " ".join(f"{v:.2f}" for v in s["iteration_us_median"])
               + "; of which waiting for scales: "
               + " ".join(f"{v:.2f}" for v in s["iteration_scales_wait_us_median"]))
+        r = s["after_release"]
+        if r["end_after_release_p0_p50_p90_p100"]:
+            print("   after call c - 1's last CTA ended (us, steady calls' mean): waited p0/p50/p100 "
+                  + "/".join(f"{v:.2f}" for v in r["waited_after_release_p0_p50_p100"])
+                  + ", CTA ends p0/p50/p90/p100 "
+                  + "/".join(f"{v:.2f}" for v in r["end_after_release_p0_p50_p90_p100"])
+                  + f"; tiles per CTA {r['tiles_all']}, of the last tenth {r['tiles_of_last_tenth']}")
         d = s["calls_detail"][min(1, len(s["calls_detail"]) - 1)]
         print(f"   call 1: starts p50/p100 {d['start_p50_p100'][0]:.2f}/{d['start_p50_p100'][1]:.2f}, "
               f"ends p0/p50/p100 {d['end_p0_p50_p100'][0]:.2f}/{d['end_p0_p50_p100'][1]:.2f}/"

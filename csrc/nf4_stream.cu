@@ -1050,6 +1050,7 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   const int64_t tiles = (a.N + 15) / 16;
   const int requested_split = env_int("FASTFT_NF4_V4_SPLIT");
   const int requested_kparts = env_int("FASTFT_NF4_V4_KPARTS");
+  const int requested_ctas = env_int("FASTFT_NF4_V4_CTAS");
   // two K parts first where the output is narrower than the input and either the input has
   // 8192 or more features or there are 9..16 rows; one first elsewhere. H200, frozen, run 160
   // (since x is copied with each window), two parts vs one at M = 1 / 2 / 4 / 8 / 12 / 16, us:
@@ -1068,8 +1069,19 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
     const int kparts = two_first ? 2 - n : 1 + n;
     if (requested_kparts != 0 && requested_kparts != kparts) continue;
     int64_t groups = std::min<int64_t>(std::max(1, sms / kparts), tiles);
+    // (FASTFT_NF4_V4_CTAS: at most this many row groups, as many as fit, for benchmarks)
+    if (requested_ctas > 0) groups = std::min<int64_t>(groups, requested_ctas);
     if (kparts == 2) groups = std::min<int64_t>(groups, v4_cluster_pairs());
     if (groups < 1) continue;
+    // As few row groups as keep the longest one's tiles (896 tiles on 132 SMs: 128 groups of 7,
+    // not 104 of 7 and 28 of 6): the SMs left free take the next call's CTAs at once, so that
+    // they load and decode their scales before the call ends. Otherwise the SM that ends a call
+    // last starts the next one's CTA only then, prologue and all (run 218's timeline: the
+    // slowest CTA's end came 13.3 us after the previous call's, its median 10.3). Run 219:
+    // M = 1 14336 -> 4096 14.75 / 15.57 vs 15.52 / 16.22 us, 4096 -> 14336 M = 4 13.86 / 13.94
+    // vs 14.33 / 14.39, up + down chain M = 1 13.11 / 13.63 vs 13.81 / 14.23; M = 16 level.
+    if (requested_ctas == 0)
+      groups = (tiles + (tiles + groups - 1) / groups - 1) / ((tiles + groups - 1) / groups);
     for (int split = 1; split <= 2; ++split) {
       // M = 9..16 (two token tiles): two warps per step only, in either K form; M <= 8: two K
       // parts with one warp per step only (the kernels there are)
