@@ -1612,7 +1612,7 @@ def _plan_impl(monkeypatch, min_sms):
     if torch.cuda.get_device_properties(0).multi_processor_count < min_sms:
         pytest.skip("the expectations are the H200's plan (132 SMs)")
     for var in ("FASTFT_NF4_GEMV", "FASTFT_NF4_V3_SPLITS", "FASTFT_NF4_V3_KPARTS",
-                "FASTFT_NF4_V4_SPLIT", "FASTFT_NF4_V4_KPARTS"):
+                "FASTFT_NF4_V4_SPLIT", "FASTFT_NF4_V4_KPARTS", "FASTFT_NF4_V4_CTAS"):
         monkeypatch.delenv(var, raising=False)
     return nf4_mod._BACKENDS["cuda"]
 
