@@ -1077,11 +1077,14 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
     // not 104 of 7 and 28 of 6): the SMs left free take the next call's CTAs at once, so that
     // they load and decode their scales before the call ends. Otherwise the SM that ends a call
     // last starts the next one's CTA only then, prologue and all (run 218's timeline: the
-    // slowest CTA's end came 13.3 us after the previous call's, its median 10.3). Run 219:
-    // M = 1 14336 -> 4096 14.75 / 15.57 vs 15.52 / 16.22 us, 4096 -> 14336 M = 4 13.86 / 13.94
-    // vs 14.33 / 14.39, up + down chain M = 1 13.11 / 13.63 vs 13.81 / 14.23; M = 16 level.
-    if (requested_ctas == 0)
-      groups = (tiles + (tiles + groups - 1) / groups - 1) / ((tiles + groups - 1) / groups);
+    // slowest CTA's end came 13.3 us after the previous call's, its median 10.3). Run 220, this
+    // rule vs the old count in one build, M = 1, us: 14336 -> 4096 14.73 vs 15.54, 18944 -> 3584
+    // 16.97 vs 17.63, 4096 -> 4096 7.27 vs 7.67; most other shapes and M 1-5% faster; slower at
+    // 4096 -> 4096 M = 4 (8.52 vs 8.25) and the M = 16 up + down chain (23.78 vs 22.83).
+    if (requested_ctas == 0) {
+      const int64_t longest = (tiles + groups - 1) / groups;  // tiles of the longest group
+      groups = (tiles + longest - 1) / longest;
+    }
     for (int split = 1; split <= 2; ++split) {
       // M = 9..16 (two token tiles): two warps per step only, in either K form; M <= 8: two K
       // parts with one warp per step only (the kernels there are)
