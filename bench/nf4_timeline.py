@@ -66,19 +66,22 @@ def summarise(meta, raw):
     # [call, cta, warp, iteration, (start, scales ready)]; 0 where the warp had no such iteration
     iters = tl[:, :, SLOT["iter"]:SLOT["iter"] + 16 * ITERS * 2].reshape(calls, ctas, 16, ITERS, 2)[
         :, :, :warps]
-    # SM clock (cycles per ns) from all CTAs of all calls: total cycles over total ns
-    d_clk = (tl[:, :, SLOT["end"]] - tl[:, :, SLOT["start"]]).ravel()
-    d_ns = (tl[:, :, SLOT["end_ns"]] - tl[:, :, SLOT["start_ns"]]).ravel()
+    # CTAs that set their end marks: all but v4's second K part (it returns once its sums are
+    # in the first part's shared memory), whose end-based numbers would be garbage
+    ended = (tl[:, :, SLOT["end_ns"]] > 0) & (tl[:, :, SLOT["end"]] > 0)
+    # SM clock (cycles per ns) from the ended CTAs of all calls: total cycles over total ns
+    d_clk = (tl[:, :, SLOT["end"]] - tl[:, :, SLOT["start"]])[ended]
+    d_ns = (tl[:, :, SLOT["end_ns"]] - tl[:, :, SLOT["start_ns"]])[ended]
     ghz = float(d_clk.sum() / max(d_ns.sum(), 1))
     us = lambda cycles: cycles / ghz / 1000.0  # noqa: E731
     per_call = []
     for c in range(calls):
-        t = tl[c]
-        t0 = t[:, SLOT["start_ns"]].min()
-        start = (t[:, SLOT["start_ns"]] - t0) / 1000.0
+        t0 = tl[c][:, SLOT["start_ns"]].min()
+        start = (tl[c][:, SLOT["start_ns"]] - t0) / 1000.0
+        t = tl[c][ended[c]]  # (the phases and ends: ended CTAs only)
         end = (t[:, SLOT["end_ns"]] - t0) / 1000.0
         first_wait_slot = "table" if meta["frozen"] else "waited"
-        loop_end = loop_ends[c].max(axis=1)
+        loop_end = loop_ends[c][ended[c]].max(axis=1)
         phases = {
             "to_table" if meta["frozen"] else "to_wait": us(t[:, SLOT[first_wait_slot]] - t[:, SLOT["start"]]),
             "wait" if meta["frozen"] else "table": us(
@@ -86,7 +89,7 @@ def summarise(meta, raw):
                 else (t[:, SLOT["table"]] - t[:, SLOT["waited"]])),
             "stage_x": us(t[:, SLOT["staged"]] - np.maximum(t[:, SLOT["waited"]], t[:, SLOT["table"]])),
             "loop_slowest_warp": us(loop_end - t[:, SLOT["staged"]]),
-            "loop_fastest_warp": us(loop_ends[c].min(axis=1) - t[:, SLOT["staged"]]),
+            "loop_fastest_warp": us(loop_ends[c][ended[c]].min(axis=1) - t[:, SLOT["staged"]]),
             "sum_parts": us(t[:, SLOT["summed"]] - loop_end),
             "write_y": us(t[:, SLOT["end"]] - t[:, SLOT["summed"]]),
             "cta_total": us(t[:, SLOT["end"]] - t[:, SLOT["start"]]),
@@ -97,7 +100,7 @@ def summarise(meta, raw):
             "start_p50_p100": [pct(start, 50), pct(start, 100)],
             "end_p0_p50_p100": [pct(end, 0), pct(end, 50), pct(end, 100)],
             "phases_p50_p100": {k: [pct(v, 50), pct(v, 100)] for k, v in phases.items()},
-            "ctas_per_sm_max": int(np.bincount(t[:, SLOT["sm"]].astype(np.int64)).max()),
+            "ctas_per_sm_max": int(np.bincount(tl[c][:, SLOT["sm"]].astype(np.int64)).max()),
         })
     gaps = [(per_call[c + 1]["t0_ns"] - per_call[c]["t0_ns"]) / 1000.0 - per_call[c]["span"]
             for c in range(calls - 1)]
@@ -137,11 +140,11 @@ def summarise(meta, raw):
         release = tl[c - 1, :, SLOT["end_ns"]].max()
         t = tl[c]
         waited_ns = t[:, SLOT["start_ns"]] + (t[:, SLOT["waited"]] - t[:, SLOT["start"]]) / ghz
-        ends = (t[:, SLOT["end_ns"]] - release) / 1000.0
+        ends = (t[ended[c], SLOT["end_ns"]] - release) / 1000.0
         after_release.append([pct(ends, q) for q in (0, 50, 90, 100)])
         waited_lag.append([pct((waited_ns - release) / 1000.0, q) for q in (0, 50, 100)])
         late = np.argsort(ends)[-max(1, len(ends) // 10):]
-        late_tiles.extend(cta_tiles[late].tolist())
+        late_tiles.extend(cta_tiles[ended[c]][late].tolist())
     release_summary = {
         "end_after_release_p0_p50_p90_p100": np.mean(after_release, axis=0).tolist()
         if after_release else None,
