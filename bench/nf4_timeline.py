@@ -204,6 +204,7 @@ def main():
         results.append(s)
         ph = s["phase_median_mean"]
         print(f"M={s['M']:2d} {s['K']}->{s['N']} frozen={s['frozen']} kparts={s['v3_kparts']} "
+              f"v4_kparts={s.get('v4_kparts', 1)} "
               f"splits={s['v3_splits']} ctas={s['ctas']}: {s['us_nf4']:.2f} us/call "
               f"({s['pct_copy_nf4']:.1f}% copy); loads only: v3 pattern {s['us_v3_loads4']:.2f} "
               f"(8 ahead {s['us_v3_loads8']:.2f}, L2 256B {s['us_v3_loads256']:.2f}, bulk "
