@@ -156,6 +156,12 @@ def nf4_kernels_launched(fn, *args) -> list:
     return [label for label in labels if label is not None]
 
 
+# use_nf4_kernel's spec options: letter -> the setting it sets
+NF4_KERNEL_OPTIONS = {"p": "FASTFT_NF4_V3_KPARTS", "s": "FASTFT_NF4_V3_SPLITS",
+                      "w": "FASTFT_NF4_V4_SPLIT", "k": "FASTFT_NF4_V4_KPARTS",
+                      "q": "FASTFT_NF4_V4_PROBE", "c": "FASTFT_NF4_V4_CTAS"}
+
+
 def use_nf4_kernel(spec: str):
     """FASTFT_NF4_GEMV and v3's forced work split from a spec like "v3h:p8:s2" (":p" the K parts
     per CTA, FASTFT_NF4_V3_KPARTS; ":s" the K splits across CTAs, FASTFT_NF4_V3_SPLITS; ":w" v4's
@@ -170,18 +176,12 @@ def use_nf4_kernel(spec: str):
 
     name, *opts = spec.split(":")
     os.environ["FASTFT_NF4_GEMV"] = name
-    os.environ.pop("FASTFT_NF4_V3_KPARTS", None)
-    os.environ.pop("FASTFT_NF4_V3_SPLITS", None)
-    os.environ.pop("FASTFT_NF4_V4_SPLIT", None)
-    os.environ.pop("FASTFT_NF4_V4_KPARTS", None)
-    os.environ.pop("FASTFT_NF4_V4_PROBE", None)
-    os.environ.pop("FASTFT_NF4_V4_CTAS", None)
+    for var in NF4_KERNEL_OPTIONS.values():  # (a spec sets only what it names)
+        os.environ.pop(var, None)
     frozen = False
     for opt in opts:
         if opt == "f":
             frozen = True
             continue
-        os.environ[{"p": "FASTFT_NF4_V3_KPARTS", "s": "FASTFT_NF4_V3_SPLITS",
-                    "w": "FASTFT_NF4_V4_SPLIT", "k": "FASTFT_NF4_V4_KPARTS",
-                    "q": "FASTFT_NF4_V4_PROBE", "c": "FASTFT_NF4_V4_CTAS"}[opt[0]]] = opt[1:]
+        os.environ[NF4_KERNEL_OPTIONS[opt[0]]] = opt[1:]
     return frozen_weights() if frozen else contextlib.nullcontext()
