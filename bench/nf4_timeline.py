@@ -79,9 +79,10 @@ def summarise(meta, raw):
         t0 = tl[c][:, SLOT["start_ns"]].min()
         start = (tl[c][:, SLOT["start_ns"]] - t0) / 1000.0
         t = tl[c][ended[c]]  # (the phases and ends: ended CTAs only)
+        warp_loop_ends = loop_ends[c][ended[c]]
         end = (t[:, SLOT["end_ns"]] - t0) / 1000.0
         first_wait_slot = "table" if meta["frozen"] else "waited"
-        loop_end = loop_ends[c][ended[c]].max(axis=1)
+        loop_end = warp_loop_ends.max(axis=1)
         phases = {
             "to_table" if meta["frozen"] else "to_wait": us(t[:, SLOT[first_wait_slot]] - t[:, SLOT["start"]]),
             "wait" if meta["frozen"] else "table": us(
@@ -89,7 +90,7 @@ def summarise(meta, raw):
                 else (t[:, SLOT["table"]] - t[:, SLOT["waited"]])),
             "stage_x": us(t[:, SLOT["staged"]] - np.maximum(t[:, SLOT["waited"]], t[:, SLOT["table"]])),
             "loop_slowest_warp": us(loop_end - t[:, SLOT["staged"]]),
-            "loop_fastest_warp": us(loop_ends[c][ended[c]].min(axis=1) - t[:, SLOT["staged"]]),
+            "loop_fastest_warp": us(warp_loop_ends.min(axis=1) - t[:, SLOT["staged"]]),
             "sum_parts": us(t[:, SLOT["summed"]] - loop_end),
             "write_y": us(t[:, SLOT["end"]] - t[:, SLOT["summed"]]),
             "cta_total": us(t[:, SLOT["end"]] - t[:, SLOT["start"]]),

@@ -938,8 +938,8 @@ bool encode_x_map(CUtensorMap* map, const NF4GemvArgs& a, int steps) {
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// An integer setting from the environment (unset: 0). v4 reads three, for benchmarks and tests
-// only:
+// An integer setting from the environment (unset: 0). v4 reads four, for benchmarks and tests
+// only (FASTFT_NF4_V4_CTAS: see nf4_gemv_v4_plan):
 // FASTFT_NF4_V4_PROBE (bench/nf4_v4_probe.py): 1 = the copies alone (no decode), 2 = no
 // decode, 3 = no copies (the decode of stale data), 5 = neither (the prologue and the
 // epilogue): wrong results; 4 = the ring filled without waiting for the scales (right
