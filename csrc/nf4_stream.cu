@@ -822,13 +822,23 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // weight rows, lanes g = 0..3 of a half-warp's 8-byte stores would hit rows 0, 2, 4, 6, two
   // banks each, run 195): 8 KB per tile with SPLIT 1 (a stage's weight takes 8 KB per tile, and
   // there are 2 or more stages), 4 NT KB with SPLIT 2 (the weight's 4 KB per tile and a stage's
-  // x, 16 KB at NT = 2, in each of 2 or more stages)
-  constexpr int kTileSums = 128 * NT;
+  // x, 16 KB at NT = 2, in each of 2 or more stages). ONE: token 0's column alone (lanes t = 0),
+  // [wstep][tile][16 mma rows], so the 32 rows a warp of cta_sum reads are 32 consecutive
+  // words (with 8 columns a row they fell in 4 banks: each of its loads 8-way conflicted)
+  constexpr int kRowSums = ONE ? 1 : 8 * NT;  // floats per mma row
+  constexpr int kTileSums = 16 * kRowSums;
   float* sums = reinterpret_cast<float*>(smem + L.ring);
 #pragma unroll
   for (int tile = 0; tile < kMyMaxTiles; ++tile) {
     if (tile >= my_tiles) break;
     float* p = sums + (wstep * L.tmax + tfirst + SPLIT * tile) * kTileSums;
+    if (ONE) {
+      if (t == 0) {
+        p[g] = acc[tile][0];
+        p[g + 8] = acc[tile][2];
+      }
+      continue;
+    }
 #pragma unroll
     for (int u = 0; u < NT; ++u) {
       p[g * 8 * NT + 8 * u + 2 * t] = acc[tile][4 * u + 0];
@@ -846,7 +856,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     float v = 0.f;
 #pragma unroll
     for (int ws = 0; ws < kSteps; ++ws)
-      v += sums[(ws * L.tmax + (r >> 4)) * kTileSums + mma_row * 8 * NT + m];
+      v += sums[(ws * L.tmax + (r >> 4)) * kTileSums + mma_row * kRowSums + m];
     return v;
   };
   float* sums_in = reinterpret_cast<float*>(smem + L.sums_in);
