@@ -57,6 +57,43 @@ def pct(v, q):
     return float(np.percentile(v, q)) if len(v) else float("nan")
 
 
+CTA_MARKS = ("start", "scales", "x_landed", "x_converted", "window0", "last_window", "loop_end",
+             "end")
+
+
+def by_start_quarter(tl, ghz):
+    """Each CTA's marks in us after the previous call's last CTA ended (its release), medians
+    over the steady calls' CTAs grouped by their start (quarters, then the last-ending tenth):
+    which chain sets the late CTAs' end (run 232: their prologue, not their first window). tl:
+    [calls, ctas, slots] of one case; marks a CTA did not set are NaN."""
+    rows = []
+    for c in range(1, tl.shape[0]):
+        t = tl[c]
+        release = tl[c - 1, :, SLOT["end_ns"]].max()
+
+        def mark(slot):  # a clock mark as global us after the release
+            v = t[:, slot]
+            return np.where(v > 0, (t[:, SLOT["start_ns"]] + (v - t[:, SLOT["start"]]) / ghz
+                                    - release) / 1000.0, np.nan)
+        warp_ends = t[:, SLOT["warp_loop_end"]:SLOT["warp_loop_end"] + 16].max(axis=1)
+        rows.append(np.stack([
+            (t[:, SLOT["start_ns"]] - release) / 1000.0, mark(SLOT["table"]),
+            mark(SLOT["extra"] + 3), mark(SLOT["extra"] + 4), mark(SLOT["extra"] + 5),
+            mark(SLOT["extra"] + 6),
+            (t[:, SLOT["start_ns"]] + (warp_ends - t[:, SLOT["start"]]) / ghz - release) / 1000.0,
+            (t[:, SLOT["end_ns"]] - release) / 1000.0], axis=1)[t[:, SLOT["end_ns"]] > 0])
+    if not rows:
+        return {}
+    a = np.concatenate(rows)
+    edges = np.percentile(a[:, 0], [25, 50, 75])
+    quarter = np.searchsorted(edges, a[:, 0], side="left")
+    groups = {f"start q{k + 1}": a[quarter == k] for k in range(4)}
+    groups["last-ending tenth"] = a[a[:, -1] >= np.percentile(a[:, -1], 90)]
+    return {name: {m: float(np.nanmedian(g[:, i])) if np.isfinite(g[:, i]).any() else None
+                   for i, m in enumerate(CTA_MARKS)}
+            for name, g in groups.items() if len(g)}
+
+
 def summarise(meta, raw):
     calls, ctas = meta["calls"], meta["ctas"]
     tl = raw.reshape(-1, meta["timeline_ctas"], meta["timeline_slots"])[:calls, :ctas].astype(
@@ -158,6 +195,7 @@ def summarise(meta, raw):
     copy_rate = meta.get("copy_gbs")
     return {
         "after_release": release_summary,
+        "by_start_quarter": by_start_quarter(tl, ghz),
         **meta,
         "sm_ghz": ghz,
         "pct_copy_nf4": (100.0 * meta["packed_bytes"] / (meta["us_nf4"] * 1e3) / copy_rate
@@ -229,6 +267,10 @@ def main():
                   + ", CTA ends p0/p50/p90/p100 "
                   + "/".join(f"{v:.2f}" for v in r["end_after_release_p0_p50_p90_p100"])
                   + f"; tiles per CTA {r['tiles_all']}, of the last tenth {r['tiles_of_last_tenth']}")
+        if s["by_start_quarter"]:
+            print("   CTAs by start (medians, us after the previous call ended): " + "; ".join(
+                f"{name}: " + " ".join(f"{m} {v:.2f}" for m, v in marks.items() if v is not None)
+                for name, marks in s["by_start_quarter"].items()))
         d = s["calls_detail"][min(1, len(s["calls_detail"]) - 1)]
         print(f"   call 1: starts p50/p100 {d['start_p50_p100'][0]:.2f}/{d['start_p50_p100'][1]:.2f}, "
               f"ends p0/p50/p100 {d['end_p0_p50_p100'][0]:.2f}/{d['end_p0_p50_p100'][1]:.2f}/"
