@@ -71,16 +71,13 @@ def by_start_quarter(tl, ghz):
         t = tl[c]
         release = tl[c - 1, :, SLOT["end_ns"]].max()
 
-        def mark(slot):  # a clock mark as global us after the release
-            v = t[:, slot]
+        def mark(v):  # clock marks (0: not set) as global us after the release
             return np.where(v > 0, (t[:, SLOT["start_ns"]] + (v - t[:, SLOT["start"]]) / ghz
                                     - release) / 1000.0, np.nan)
         warp_ends = t[:, SLOT["warp_loop_end"]:SLOT["warp_loop_end"] + 16].max(axis=1)
         rows.append(np.stack([
-            (t[:, SLOT["start_ns"]] - release) / 1000.0, mark(SLOT["table"]),
-            mark(SLOT["extra"] + 3), mark(SLOT["extra"] + 4), mark(SLOT["extra"] + 5),
-            mark(SLOT["extra"] + 6),
-            (t[:, SLOT["start_ns"]] + (warp_ends - t[:, SLOT["start"]]) / ghz - release) / 1000.0,
+            (t[:, SLOT["start_ns"]] - release) / 1000.0, mark(t[:, SLOT["table"]]),
+            *(mark(t[:, SLOT["extra"] + k]) for k in (3, 4, 5, 6)), mark(warp_ends),
             (t[:, SLOT["end_ns"]] - release) / 1000.0], axis=1)[t[:, SLOT["end_ns"]] > 0])
     if not rows:
         return {}
