@@ -103,6 +103,10 @@ def summarise(meta, raw):
     # CTAs that set their end marks: all but v4's second K part (it returns once its sums are
     # in the first part's shared memory), whose end-based numbers would be garbage
     ended = (tl[:, :, SLOT["end_ns"]] > 0) & (tl[:, :, SLOT["end"]] > 0)
+    if not ended.any():
+        # (run 237: FASTFT_NF4_V4_PROBE=1's decoding warps return before the epilogue)
+        raise ValueError("no CTA set its end marks (a v4 timing probe whose warps return "
+                         "before the epilogue, such as FASTFT_NF4_V4_PROBE=1?): nothing to time")
     # SM clock (cycles per ns) from the ended CTAs of all calls: total cycles over total ns
     d_clk = (tl[:, :, SLOT["end"]] - tl[:, :, SLOT["start"]])[ended]
     d_ns = (tl[:, :, SLOT["end_ns"]] - tl[:, :, SLOT["start_ns"]])[ended]
@@ -233,7 +237,11 @@ def main():
         meta = json.loads(proc.stdout.strip().splitlines()[-1])
         meta["copy_gbs"] = rate
         raw = np.fromfile(binp, dtype=np.uint64)
-        s = summarise(meta, raw)
+        try:
+            s = summarise(meta, raw)
+        except ValueError as e:
+            print(f"case {case}: {e}")
+            continue
         np.savez_compressed(os.path.join(out_dir, "tl_M{}_{}_{}_f{}.npz".format(*args[:4])),
                             tl=raw.reshape(-1, meta["timeline_ctas"], meta["timeline_slots"])[
                                 :calls, :meta["ctas"]])

@@ -1,9 +1,10 @@
 """bench/nf4_timeline.py's per-CTA summary by start time (which chain sets a call's last CTA),
-on a synthetic timeline whose answer is known."""
+on a synthetic timeline whose answer is known; a timeline without end marks is refused."""
 import os
 import sys
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "bench"))
@@ -34,3 +35,18 @@ def test_by_start_quarter_groups_ctas_by_start_and_times_marks_from_the_release(
     assert np.isclose(q4["loop_end"], 0.25 + 4.5)
     assert np.isclose(last["start"], 0.3) and np.isclose(last["end"], 0.3 + 5.0 + 0.7)
     assert q1["x_landed"] is None  # a mark no CTA set
+
+
+def test_summarise_refuses_a_timeline_whose_ctas_set_no_end_marks():
+    """FASTFT_NF4_V4_PROBE=1 (the copies alone) returns from the decoding warps before the
+    epilogue: the summary names that instead of failing inside numpy (run 237), and main goes
+    on to the next case."""
+    slot, calls, ctas = nf4_timeline.SLOT, 2, 4
+    slots = slot["iter"] + 16 * nf4_timeline.ITERS * 2
+    tl = np.zeros((calls, ctas, slots), dtype=np.uint64)
+    tl[:, :, slot["start_ns"]] = 1_000
+    tl[:, :, slot["start"]] = 5_000
+    meta = dict(calls=calls, ctas=ctas, timeline_ctas=ctas, timeline_slots=slots, v3_kparts=0,
+                variant=7, frozen=1)
+    with pytest.raises(ValueError, match="no CTA set its end marks"):
+        nf4_timeline.summarise(meta, tl.reshape(-1))
