@@ -39,8 +39,8 @@ def test_by_start_quarter_groups_ctas_by_start_and_times_marks_from_the_release(
 
 def test_summarise_refuses_a_timeline_whose_ctas_set_no_end_marks():
     """FASTFT_NF4_V4_PROBE=1 (the copies alone) returns from the decoding warps before the
-    epilogue: the summary names that instead of failing inside numpy (run 237), and main goes
-    on to the next case."""
+    epilogue: the summary names that instead of failing inside numpy (run 237; main prints it
+    and goes on to the next case)."""
     slot, calls, ctas = nf4_timeline.SLOT, 2, 4
     slots = slot["iter"] + 16 * nf4_timeline.ITERS * 2
     tl = np.zeros((calls, ctas, slots), dtype=np.uint64)
