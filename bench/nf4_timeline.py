@@ -57,6 +57,12 @@ def pct(v, q):
     return float(np.percentile(v, q)) if len(v) else float("nan")
 
 
+def global_ns(t, clock, ghz):
+    """A CTA's clock64 marks `clock` (cycles) as global-timer ns: its start in both clocks is the
+    common point. t: [ctas, slots] of one call."""
+    return t[:, SLOT["start_ns"]] + (clock - t[:, SLOT["start"]]) / ghz
+
+
 CTA_MARKS = ("start", "scales", "x_landed", "x_converted", "window0", "last_window", "loop_end",
              "end")
 
@@ -72,8 +78,7 @@ def by_start_quarter(tl, ghz):
         release = tl[c - 1, :, SLOT["end_ns"]].max()
 
         def mark(v):  # clock marks (0: not set) as global us after the release
-            return np.where(v > 0, (t[:, SLOT["start_ns"]] + (v - t[:, SLOT["start"]]) / ghz
-                                    - release) / 1000.0, np.nan)
+            return np.where(v > 0, (global_ns(t, v, ghz) - release) / 1000.0, np.nan)
         warp_ends = t[:, SLOT["warp_loop_end"]:SLOT["warp_loop_end"] + 16].max(axis=1)
         rows.append(np.stack([
             (t[:, SLOT["start_ns"]] - release) / 1000.0, mark(t[:, SLOT["table"]]),
@@ -178,7 +183,7 @@ def summarise(meta, raw):
     for c in range(1, calls):
         release = tl[c - 1, :, SLOT["end_ns"]].max()
         t = tl[c]
-        waited_ns = t[:, SLOT["start_ns"]] + (t[:, SLOT["waited"]] - t[:, SLOT["start"]]) / ghz
+        waited_ns = global_ns(t, t[:, SLOT["waited"]], ghz)
         ends = (t[ended[c], SLOT["end_ns"]] - release) / 1000.0
         after_release.append([pct(ends, q) for q in (0, 50, 90, 100)])
         waited_lag.append([pct((waited_ns - release) / 1000.0, q) for q in (0, 50, 100)])
