@@ -7,7 +7,7 @@ two builds in one device call: run it once per build, TAG naming the build.
 A kernel may carry v3's work split: "v3h:p4" forces 4 K parts per CTA (FASTFT_NF4_V3_KPARTS),
 "v3h:p8:s2" also 2 K splits across CTAs (FASTFT_NF4_V3_SPLITS); "auto:f" the default kernel with
 the weight frozen (fastft.ops.nf4.frozen_weights: its loads before the PDL wait, as generate).
-DTYPE=fp16 times fp16 x (default bf16); SCALES=plain gives the weights float32 absmax (not
+CHAIN_ROWS=1,4,16 the chain's rows (default 1,16). DTYPE=fp16 times fp16 x (default bf16); SCALES=plain gives the weights float32 absmax (not
 nested). LORA=r adds a rank-r low-rank term (a LoRA adapter's scale * xa @ bᵀ, added by the kernel
 where it can), called through the CUDA backend's gemv as the fused LoRA layers call it.
 """
@@ -107,7 +107,7 @@ if "4096->14336" not in shapes or "14336->4096" not in shapes:
     sys.exit(0)
 pairs = [(weights["4096->14336"][k], weights["14336->4096"][k]) for k in range(2)]
 for kernel in (k for k in kernels if k.split(":")[0] == "auto"):
-    for rows in (1, 16):
+    for rows in (int(r) for r in os.environ.get("CHAIN_ROWS", "1,16").split(",")):
         x0 = torch.randn(rows, 4096, device="cuda", dtype=dtype)
 
         def chain(x):
