@@ -228,10 +228,15 @@ void launch_gemv_call(GemvCall& call) {
   FASTFT_CHECK(call.lr.xa == nullptr || a.variant != 2,
               "fastft nf4: the low-rank term is not implemented in the v2 kernel "
               "(FASTFT_NF4_GEMV=v2): add it after the call");
-  at::Tensor scratch;
+  at::Tensor scratch, x_half;
   if (const int64_t floats = scratch_floats(a)) {
     scratch = at::empty({floats}, call.x.options().dtype(at::kFloat));
     point_into_scratch(a, scratch.data_ptr<float>(), nf4_gemv_counter_tag());
+  }
+  if (const int64_t floats = nf4_gemv_x_half_floats(a)) {  // (a.x_half / x_undo: null else)
+    x_half = at::empty({floats}, call.x.options().dtype(at::kFloat));
+    a.x_half = x_half.data_ptr();
+    a.x_undo = x_half.data_ptr<float>() + (int64_t)a.M * a.K / 2;
   }
   FASTFT_CHECK(nf4_gemv(call.w, a, call.lr, stream_of(call.x)),
               "fastft nf4: the driver could not describe the weight to the copy engine for the v4 "

@@ -83,6 +83,12 @@ struct NF4GemvArgs {
   bool v4_allowed;
   unsigned char v4_split;
   unsigned char v4_kparts;
+  // v4 with bf16 x at M = 9..16: scratch of nf4_gemv_x_half_floats(a) floats where that is not
+  // 0 (else null), x in fp16 [M][K] (x_half) and then a float per token (x_undo): see
+  // v4_x_half_kernel. (Last, so the fields above keep their offsets: the other kernels' SASS
+  // changed in constant-bank offsets only, bench/sass_compare.py.)
+  void* x_half;
+  float* x_undo;
 };
 // Optional for nf4_gemv: a low-rank term added to y, as a LoRA adapter adds it
 // (y += scale * xa bᵀ): xa [M, rank] = x Aᵀ and b [N, rank], both in x's dtype, rows 16-byte
@@ -121,6 +127,9 @@ bool nf4_gemv_v3_ok(const NF4Weight& w, const NF4GemvArgs& a);
 // shared-memory stages by tensor-map copies, one CTA per SM, M <= 16. nf4_gemv_v4_plan: whether it
 // takes the call (then a.v4_ctas / a.v4_stages / a.v4_split / a.v4_kparts are set).
 bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms);
+// Scratch floats v4 needs for this planned call (bf16 x at M = 9..16: x in fp16 and a factor
+// per token), or 0: then a.x_half / a.x_undo stay null.
+int64_t nf4_gemv_x_half_floats(const NF4GemvArgs& a);
 // False when the driver could not describe the weight to the copy engine (nothing launched).
 bool nf4_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
                  cudaStream_t stream);

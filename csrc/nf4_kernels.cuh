@@ -1194,14 +1194,13 @@ constexpr int kV3WideSmem = kV3WideSpan - kV3AnchorBytes + 256 * 4 + 32 * 4;
 // reaches past the 128-byte static array into the dynamic shared memory on purpose (see the
 // kernel's check); it stays a plain C++ load because that is what lets ptxas fold the anchor's
 // address into the LDS as a uniform register (an asm ld.shared from a register base costs one
-// IADD per byte: checked in the SASS of nvcc 13.0). Entry: the table entry's copy as loaded
-// (uint2 for v4's two-part levels, with lane4 = (lane & 15) * 8: v4_store_two_part_levels).
-template <int J, typename Entry = uint32_t>
-__device__ __forceinline__ Entry v3_pair(const unsigned char* anchor, uint32_t word,
-                                         uint32_t lane4) {
+// IADD per byte: checked in the SASS of nvcc 13.0).
+template <int J>
+__device__ __forceinline__ uint32_t v3_pair(const unsigned char* anchor, uint32_t word,
+                                            uint32_t lane4) {
   // offset bytes: [0] = lane4's byte 0, [1] = word's byte J, [2], [3] = lane4's (zero)
   const uint32_t off = __byte_perm(word, lane4, 0x7604 | (J << 4));
-  return *reinterpret_cast<const Entry*>(anchor + off);
+  return *reinterpret_cast<const uint32_t*>(anchor + off);
 }
 
 // The NF4 levels as fp16, split into low and high bytes for __byte_perm lookups: lo[r] byte i =

@@ -30,11 +30,13 @@
 // the loop; run 161).
 //
 // M = 9..16 (runs 157-161): two token tiles (NT 2) of the mma, whose lookups serve both, with
-// two warps per step (4096 -> 14336 22.4 us at M = 16 vs v3h's 29.3). With bf16 x there the
-// levels come in two bf16 parts and x goes to the mma as it is (v4_store_two_part_levels; run
-// 208: 14336 -> 4096 0.88-0.92x, 4096 -> 4096 and 4096 -> 1024 0.81-0.85x, 4096 -> 14336
-// level, a decoding step at 16 rows 2.19 vs 2.24 ms). At one token tile the same was slower
-// (run 209: 4096 -> 14336 1.14-1.19x at M = 2..8), so M <= 8 keep fp16 levels.
+// two warps per step (4096 -> 14336 22.4 us at M = 16 vs v3h's 29.3). bf16 x there comes to
+// the kernel in fp16 (v4_x_half_kernel, a power of two per token; run 240: 4096 -> 14336 at
+// M = 9..16 17.8-18.7 us vs 20.3-21.9 with runs 208-209's bf16 mma of x as it is against each
+// level's two bf16 parts, 14336 -> 4096 22.7-24.4 vs 24.9-25.8, 4096 -> 4096 10.4-11.0 vs
+// 11.1-12.0, 4096 -> 1024 7.7-7.9 vs 7.8-8.4). At M = 2..8 the same was slower (the convert
+// kernel's ~1 us in series; 4096 -> 1024 5.7-6.5 vs 5.0-5.5 us), so x is converted in the
+// loop there.
 //
 // Two other forms: SPLIT 2, two warps per step with every other tile each, in 512-value
 // windows (half the stage), for CTAs whose 1024-value stages do not fit two; KPARTS 2, a
@@ -47,9 +49,9 @@
 // level-pair table (byte -> fp16x2, 32 copies, entries 256 bytes apart), fp16 mma, the step's
 // float32 scale applied to the float32 sum of its 4 mma; bf16 x times a power of two per token
 // and step (the token's largest |x| of the step in [2^14, 2^15); v3: of the whole row), undone
-// on the step's sums. bf16 x at two token tiles instead: bf16 mma of x as it is with each
-// level's two bf16 parts (closer to it than its fp16 value). The k permutation of v3: lane
-// (g, t) holds values 16t .. 16t + 15 of a step.
+// on the step's sums; at two token tiles per token over the whole row (v4_x_half_kernel),
+// undone on its final sums. The k permutation of v3: lane (g, t) holds values 16t .. 16t + 15
+// of a step.
 #include <cstdlib>
 
 #include <cuda.h>
@@ -172,35 +174,6 @@ __device__ __forceinline__ uint32_t swizzled_chunk(uint32_t r, uint32_t c) {
   return (c ^ (r & 7u)) << 4;
 }
 
-// Two-part levels (bf16 x at two token tiles: kTwoPart in the kernel): each level as bf16 top
-// = bf16(level) plus bf16 tail = bf16(level - top), which together are within ~2^-17 of it
-// (fp16 alone: 2^-12), so the mma take bf16 x as it is: no conversion to fp16, no power of
-// two per token and step (and no undo on the sums), at the price of twice the mma and 8-byte
-// lookups. Entry e of the table (256 bytes apart, as v3_store_level_pair's): 16 copies
-// of {top pair, tail pair} (pairs as there: (code[e >> 4], code[e & 15])) in its first 128
-// bytes, copy c at 8 c, so a half-warp's LDS.64 (lane & 15 = its copy) meets no bank twice; the
-// other 128 bytes stay the scales' hole.
-__device__ __forceinline__ void v4_store_two_part_levels(uint32_t table, int e, float hi,
-                                                         float lo) {
-  const __nv_bfloat162 top = __floats2bfloat162_rn(hi, lo);
-  const __nv_bfloat162 tail =
-      __floats2bfloat162_rn(hi - __low2float(top), lo - __high2float(top));
-  const uint32_t t0 = *reinterpret_cast<const uint32_t*>(&top);
-  const uint32_t t1 = *reinterpret_cast<const uint32_t*>(&tail);
-  const uint32_t entry = table + (uint32_t)e * 256u;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) v3_store16(entry + 16u * ((j + e) & 7), make_uint4(t0, t1, t0, t1));
-}
-__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a1,
-                                               uint32_t a2, uint32_t a3, uint32_t b0,
-                                               uint32_t b1) {
-  asm(  // no side effects: free to schedule
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return (uint32_t)__cvta_generic_to_shared(p);
 }
@@ -307,8 +280,10 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   if (ONE && !L.x_whole) __trap();  // (the launch takes ONE only where x is one box)
   const uint32_t box_bytes = (uint32_t)tiles * 16u * 128u;  // one box; a stage holds kV4Boxes
 
-  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
-  constexpr bool kTwoPart = kBf16 && NT == 2;  // two-part levels (v4_store_two_part_levels)
+  // bf16 x at two token tiles comes as fp16, each token times a power of two
+  // (v4_x_half_kernel), its factor (a.x_undo) undone on its sums in the epilogue
+  constexpr bool kXHalf = std::is_same<T, __nv_bfloat16>::value && NT == 2;
+  constexpr bool kXBf16 = std::is_same<T, __nv_bfloat16>::value && !kXHalf;  // x as bf16
   const uint32_t table = smem_addr(smem);
   float* code2_s = reinterpret_cast<float*>(smem + kV4TableSpan);
   const uint32_t full0 = smem_addr(code2_s + 256);  // full[s] at full0 + 8 s: slot s has landed
@@ -457,8 +432,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     if (tid + k * kV4ConsumerThreads < scale_units)
       scale_v[k] = __ldg(scale_unit(tid + k * kV4ConsumerThreads));
   if (tid < 256) {  // the level-pair table as v3's
-    if (kTwoPart) v4_store_two_part_levels(table, tid, level_hi, level_lo);
-    else v3_store_level_pair(table, tid, level_hi, level_lo);
+    v3_store_level_pair(table, tid, level_hi, level_lo);
     if (NESTED) code2_s[tid] = code2_v;
   }
   NF4_MARK(tid == 0, kTimelineExtra + 1);  // this thread's levels have arrived
@@ -541,7 +515,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     // the factor of the loop's conversion (see there). Rounds are warp-uniform (shuffles).
     mbar_wait(x_full, 0u);
     NF4_MARK(tid == 0, kTimelineExtra + 3);  // the part's x has landed
-    if (kBf16) {
+    if (kXBf16) {
       for (int first = warp * 8; first < steps; first += kV4Consumers * 8) {
         const int b = first + g;
         const uint32_t row = table + L.x_area + 128u * (uint32_t)b;
@@ -567,7 +541,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     }
   }
   const int wr = v4_row_swap(g);  // the weight rows of mma rows g, g + 8: wr, wr + 8
-  const uint32_t lane4 = (uint32_t)lane * 4u, lane8 = (uint32_t)(lane & 15) * 8u;
+  const uint32_t lane4 = (uint32_t)lane * 4u;
   // The warp's step of each window (wstep) and its tiles: the CTA's tiles tfirst + SPLIT i,
   // i < my_tiles (all of them with SPLIT 1).
   constexpr int kMyMaxTiles = v4_max_tiles(SPLIT, NT) / SPLIT;
@@ -613,98 +587,58 @@ __global__ void __launch_bounds__(kV4Threads, 1)
                            swizzled_chunk((uint32_t)wr, (uint32_t)(2 * (wstep & 3) + (t >> 1))) +
                            8u * (t & 1) + (uint32_t)(tfirst * 16 + wr) * 128u;
   // One tile's step: 16 level pairs from the table, 4 mma per token tile, the sums scaled into
-  // acc. (undo[u][0 / 1]: 1 for fp16 x; for bf16 they undo the x scaling of tokens 8u + 2t /
-  // + 1, the sums' columns, folded into the row scales: products formed while the mma run, not
-  // after them; run 158: 14336 -> 4096 at M = 8 17.2 vs 18.8 us with the sums multiplied first)
+  // acc. (undo[u][0 / 1]: 1 but for bf16 x at M = 2..8, where they undo the x scaling of tokens
+  // 2t / + 1, the sums' columns, folded into the row scales: products formed while the mma
+  // run, not after them; run 158: 14336 -> 4096 at M = 8 17.2 vs 18.8 us with the sums
+  // multiplied first)
   // At one token tile the 4 mma go in two chains (even and odd q), added before the scaling:
   // in one chain of 4 each mma waited ~24 cycles for the one before (the SASS's stall counts:
   // ~12% fewer per window with two).
   auto tile_step = [&](uint2 lo, uint2 hi, const uint32_t (&xw)[NT][8], float s_lo, float s_hi,
                        const float (&undo)[NT][2], float (&sums)[4 * NT]) {
-    if constexpr (kTwoPart) {
-      // Each mma takes 8 weight rows, their tops as its rows 0..7 and their tails as rows
-      // 8..15 (v4_store_two_part_levels: a lookup's {top, tail} are a fragment's a0, a1 or
-      // a2, a3 as one LDS.64 leaves them; tops and tails in fragments of their own cost a move
-      // per word), so weight row r's sum is the mma's row r plus its row r + 8; mma (q, 0)
-      // takes the rows wr, (q, 1) wr + 8. x as it is: no undo.
-      float c[2][NT][4];
+    uint32_t a[16];
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int u = 0; u < NT; ++u) c[h][u][0] = c[h][u][1] = c[h][u][2] = c[h][u][3] = 0.f;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        // mma q: byte 2q of the lane's 8 (values 16t + 4q, +1) and byte 2q + 1 (+2, +3)
-        const uint32_t wl = q < 2 ? lo.x : lo.y, wh = q < 2 ? hi.x : hi.y;
-        // {top pair, tail pair} of (rows wr, k 2t..) (wr, 2t + 8..) (wr + 8, 2t..) (wr + 8,
-        // 2t + 8..)
-        uint2 p[4];
-        if (q & 1) {
-          p[0] = v3_pair<2, uint2>(smem, wl, lane8); p[1] = v3_pair<3, uint2>(smem, wl, lane8);
-          p[2] = v3_pair<2, uint2>(smem, wh, lane8); p[3] = v3_pair<3, uint2>(smem, wh, lane8);
-        } else {
-          p[0] = v3_pair<0, uint2>(smem, wl, lane8); p[1] = v3_pair<1, uint2>(smem, wl, lane8);
-          p[2] = v3_pair<0, uint2>(smem, wh, lane8); p[3] = v3_pair<1, uint2>(smem, wh, lane8);
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int u = 0; u < NT; ++u)
-            mma_bf16_16816(c[h][u], p[2 * h].x, p[2 * h].y, p[2 * h + 1].x, p[2 * h + 1].y,
-                           xw[u][2 * q], xw[u][2 * q + 1]);
+    for (int q = 0; q < 4; ++q) {
+      // mma q: byte 2q of the lane's 8 (values 16t + 4q, +1) and byte 2q + 1 (+2, +3)
+      const uint32_t wl = q < 2 ? lo.x : lo.y, wh = q < 2 ? hi.x : hi.y;
+      if (q & 1) {
+        a[4 * q + 0] = v3_pair<2>(smem, wl, lane4); a[4 * q + 1] = v3_pair<2>(smem, wh, lane4);
+        a[4 * q + 2] = v3_pair<3>(smem, wl, lane4); a[4 * q + 3] = v3_pair<3>(smem, wh, lane4);
+      } else {
+        a[4 * q + 0] = v3_pair<0>(smem, wl, lane4); a[4 * q + 1] = v3_pair<0>(smem, wh, lane4);
+        a[4 * q + 2] = v3_pair<1>(smem, wl, lane4); a[4 * q + 3] = v3_pair<1>(smem, wh, lane4);
       }
+    }
+    constexpr int kChains = NT == 1 ? 2 : 1;  // (two token tiles are two chains already)
+    float c[kChains][NT][4];
 #pragma unroll
-      for (int u = 0; u < NT; ++u) {
-        sums[4 * u + 0] = fmaf(s_lo, c[0][u][0] + c[0][u][2], sums[4 * u + 0]);
-        sums[4 * u + 1] = fmaf(s_lo, c[0][u][1] + c[0][u][3], sums[4 * u + 1]);
-        sums[4 * u + 2] = fmaf(s_hi, c[1][u][0] + c[1][u][2], sums[4 * u + 2]);
-        sums[4 * u + 3] = fmaf(s_hi, c[1][u][1] + c[1][u][3], sums[4 * u + 3]);
+    for (int h = 0; h < kChains; ++h)
+#pragma unroll
+      for (int u = 0; u < NT; ++u) c[h][u][0] = c[h][u][1] = c[h][u][2] = c[h][u][3] = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+#pragma unroll
+      for (int u = 0; u < NT; ++u)
+        mma_f16_16816(c[q % kChains][u], a[4 * q], a[4 * q + 1], a[4 * q + 2], a[4 * q + 3],
+                      xw[u][2 * q], xw[u][2 * q + 1]);
+#pragma unroll
+    for (int u = 0; u < NT; ++u) {
+      float v[4];  // the chains' sums
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        v[k] = c[0][u][k];
+#pragma unroll
+        for (int h = 1; h < kChains; ++h) v[k] += c[h][u][k];
       }
-    } else {
-      uint32_t a[16];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        // mma q: byte 2q of the lane's 8 (values 16t + 4q, +1) and byte 2q + 1 (+2, +3)
-        const uint32_t wl = q < 2 ? lo.x : lo.y, wh = q < 2 ? hi.x : hi.y;
-        if (q & 1) {
-          a[4 * q + 0] = v3_pair<2>(smem, wl, lane4); a[4 * q + 1] = v3_pair<2>(smem, wh, lane4);
-          a[4 * q + 2] = v3_pair<3>(smem, wl, lane4); a[4 * q + 3] = v3_pair<3>(smem, wh, lane4);
-        } else {
-          a[4 * q + 0] = v3_pair<0>(smem, wl, lane4); a[4 * q + 1] = v3_pair<0>(smem, wh, lane4);
-          a[4 * q + 2] = v3_pair<1>(smem, wl, lane4); a[4 * q + 3] = v3_pair<1>(smem, wh, lane4);
-        }
+      if (ONE) {  // column 0 only; the scales carry x's factor already
+        sums[0] = fmaf(s_lo, v[0], sums[0]);
+        sums[2] = fmaf(s_hi, v[2], sums[2]);
+        continue;
       }
-      constexpr int kChains = NT == 1 ? 2 : 1;  // (two token tiles are two chains already)
-      float c[kChains][NT][4];
-#pragma unroll
-      for (int h = 0; h < kChains; ++h)
-#pragma unroll
-        for (int u = 0; u < NT; ++u) c[h][u][0] = c[h][u][1] = c[h][u][2] = c[h][u][3] = 0.f;
-#pragma unroll
-      for (int q = 0; q < 4; ++q)
-#pragma unroll
-        for (int u = 0; u < NT; ++u)
-          mma_f16_16816(c[q % kChains][u], a[4 * q], a[4 * q + 1], a[4 * q + 2], a[4 * q + 3],
-                        xw[u][2 * q], xw[u][2 * q + 1]);
-#pragma unroll
-      for (int u = 0; u < NT; ++u) {
-        float v[4];  // the chains' sums
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          v[k] = c[0][u][k];
-#pragma unroll
-          for (int h = 1; h < kChains; ++h) v[k] += c[h][u][k];
-        }
-        if (ONE) {  // column 0 only; the scales carry x's factor already
-          sums[0] = fmaf(s_lo, v[0], sums[0]);
-          sums[2] = fmaf(s_hi, v[2], sums[2]);
-          continue;
-        }
-        sums[4 * u + 0] = fmaf(s_lo * undo[u][0], v[0], sums[4 * u + 0]);
-        sums[4 * u + 1] = fmaf(s_lo * undo[u][1], v[1], sums[4 * u + 1]);
-        sums[4 * u + 2] = fmaf(s_hi * undo[u][0], v[2], sums[4 * u + 2]);
-        sums[4 * u + 3] = fmaf(s_hi * undo[u][1], v[3], sums[4 * u + 3]);
-      }
+      sums[4 * u + 0] = fmaf(s_lo * undo[u][0], v[0], sums[4 * u + 0]);
+      sums[4 * u + 1] = fmaf(s_lo * undo[u][1], v[1], sums[4 * u + 1]);
+      sums[4 * u + 2] = fmaf(s_hi * undo[u][0], v[2], sums[4 * u + 2]);
+      sums[4 * u + 3] = fmaf(s_hi * undo[u][1], v[3], sums[4 * u + 3]);
     }
   };
   int s = 0;               // the window's slot (j % S) and that slot's use count parity
@@ -750,7 +684,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
             x1 = lds128(x_one1 + 128u * (uint32_t)b);
           }
           undo[u][0] = undo[u][1] = 1.f;
-          if (kBf16) {
+          if (kXBf16) {
             const float undo0 = x_factors[b];
 #pragma unroll
             for (int i = 0; i < kMyMaxTiles / 2; ++i) sc[i] *= undo0;
@@ -764,7 +698,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
           x1 = lds128(stage + L.stage_w + x_at1[u]);
         }
         undo[u][0] = undo[u][1] = 1.f;
-        if (kBf16 && !kTwoPart) {
+        if (kXBf16) {
           // bf16 x into fp16 for the mma, in each warp's own fragments: token g's values of
           // the step (lanes (g, 0..3)) times a power of two 2^shift that puts their largest |x|
           // in [2^14, 2^15) (x_scale_shift: exact unless a value is ~2^31 times smaller than
@@ -895,6 +829,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     const int m = i % M, r = i / M;  // r: the CTA's row
     float v = cta_sum(i);
     if (KPARTS > 1) v += sums_in[i];  // (the parts in order: deterministic)
+    if (kXHalf) v *= a.x_undo[m];  // (a power of two: exact)
     if (bias) v += to_f32(bias[row0 + r]);
     // round(round(x Wᵀ + bias) + term), as v3 (add_low_rank's roundings)
     if (lr.xa) v = to_f32(from_f32<T>(v)) + lora_term<T>(lr, m, row0 + r);
@@ -979,12 +914,76 @@ bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& 
                 a.pdl, KPARTS, w, a, maps, lr, env_int("FASTFT_NF4_V4_PROBE"));
   return true;
 }
+// bf16 x [M][K] into fp16 for v4 at M = 9..16 (kXHalf in the kernel), as v3 scales the x it
+// stages: each token times the power of two 2^shift that puts its largest |x| in [2^14, 2^15)
+// (x_scale_shift), and undo[m] = 2^-shift for v4's epilogue. One CTA per token, its units (8
+// values) in registers up to kXHalfHeld each (K <= 8192), the rest read twice. Small enough
+// to sit beside a v4 CTA on its SM (the plan leaves kXHalfRoom of shared memory; 48 registers
+// a thread, where 17 warps of 96 leave 13 K), so that it never holds an SM a v4 CTA waits for.
+constexpr int kXHalfThreads = 256, kXHalfHeld = 4, kXHalfRoom = 2048;
+__global__ void __launch_bounds__(kXHalfThreads, 5)
+    v4_x_half_kernel(const __nv_bfloat16* x, int64_t x_stride, int K, __half* out, float* undo) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __shared__ uint32_t warp_max[kXHalfThreads / 32];
+  gemv_wait_for_previous();  // x is the previous kernel's output
+  const int m = (int)blockIdx.x, tid = (int)threadIdx.x, units = K / 8;
+  const uint4* row = reinterpret_cast<const uint4*>(x + (int64_t)m * x_stride);
+  uint4 held[kXHalfHeld];
+  uint32_t mx = 0u;
+#pragma unroll
+  for (int i = 0; i < kXHalfHeld; ++i) {
+    const int u = tid + i * kXHalfThreads;
+    if (u < units) {
+      held[i] = __ldg(row + u);
+      mx = max(mx, bf16x8_max_abs_bits(held[i]));
+    }
+  }
+  for (int u = tid + kXHalfHeld * kXHalfThreads; u < units; u += kXHalfThreads)
+    mx = max(mx, bf16x8_max_abs_bits(__ldg(row + u)));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if ((tid & 31) == 0) warp_max[tid >> 5] = mx;
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kXHalfThreads / 32; ++i) mx = max(mx, warp_max[i]);
+  const int shift = x_scale_shift(mx);
+  uint4* out_row = reinterpret_cast<uint4*>(out + (int64_t)m * K);
+#pragma unroll
+  for (int i = 0; i < kXHalfHeld; ++i) {
+    const int u = tid + i * kXHalfThreads;
+    if (u < units) out_row[u] = bf16x8_scaled_to_fp16(held[i], shift);
+  }
+  for (int u = tid + kXHalfHeld * kXHalfThreads; u < units; u += kXHalfThreads)
+    out_row[u] = bf16x8_scaled_to_fp16(__ldg(row + u), shift);
+  if (tid == 0) undo[m] = pow2f(-shift);
+#endif
+}
+
+// Whether x goes through v4_x_half_kernel first: bf16 at two token tiles
+bool v4_x_half(const NF4GemvArgs& a) { return a.dtype == kBF16 && a.M > 8; }
+
 template <bool NESTED, typename T, int UNIT>
 bool launch_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
                     cudaStream_t stream) {
-  if (a.M > 8)  // two token tiles: two warps per step (the plan's only form there)
-    return a.v4_kparts == 2 ? launch_gemv_v4<NESTED, T, UNIT, 2, 2, 2>(w, a, lr, stream)
-                            : launch_gemv_v4<NESTED, T, UNIT, 2, 1, 2>(w, a, lr, stream);
+  if (a.M > 8) {  // two token tiles: two warps per step (the plan's only form there)
+    NF4GemvArgs b = a;
+    if (std::is_same<T, __nv_bfloat16>::value) {  // x into fp16 first, into the binding's scratch
+      if (a.x_half == nullptr) return false;
+      static const bool carveout = [] {  // (beside a v4 CTA: all of the SM's shared memory)
+        cudaFuncSetAttribute(v4_x_half_kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             cudaSharedmemCarveoutMaxShared);
+        return true;
+      }();
+      (void)carveout;
+      launch_kernel(v4_x_half_kernel, dim3((unsigned)a.M), kXHalfThreads, 0, stream, a.pdl, 1,
+                    static_cast<const __nv_bfloat16*>(a.x), a.x_stride, a.K,
+                    static_cast<__half*>(a.x_half), a.x_undo);
+      b.x = a.x_half;
+      b.x_stride = a.K;
+    }
+    return a.v4_kparts == 2 ? launch_gemv_v4<NESTED, T, UNIT, 2, 2, 2>(w, b, lr, stream)
+                            : launch_gemv_v4<NESTED, T, UNIT, 2, 1, 2>(w, b, lr, stream);
+  }
   if (V4Layout(a, w, a.v4_ctas, a.v4_split, a.v4_kparts, a.M == 1).x_whole) {  // ONE kernels
     if (a.v4_kparts == 2) return launch_gemv_v4<NESTED, T, UNIT, 1, 2, 1, true>(w, a, lr, stream);
     return a.v4_split == 2 ? launch_gemv_v4<NESTED, T, UNIT, 2, 1, 1, true>(w, a, lr, stream)
@@ -1074,6 +1073,8 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   // vs 15.4-15.6, 11008 -> 4096 13.6-13.8 vs 13.2-13.6, 8192 -> 2048 8.8-9.4 vs 8.5-8.7 (at M
   // = 2..8 one part was 5-10% slower; 18944 -> 3584 at M = 1, not one box, 25.2 vs 17.7).
   const bool one_token_whole = a.M == 1 && a.K / kV3Step <= kV4MaxBoxSteps;
+  // the shared memory a CTA may take (room left for a v4_x_half_kernel CTA where that runs)
+  const int smem = kV4MaxSmem - (v4_x_half(a) ? kXHalfRoom : 0);
   const bool two_first = a.N < a.K && (a.K >= 8192 || a.M > 8) && !one_token_whole;
   for (int n = 0; n < 2; ++n) {
     const int kparts = two_first ? 2 - n : 1 + n;
@@ -1104,12 +1105,11 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
         continue;
       if ((tiles + groups - 1) / groups > v4_max_tiles(split, a.M > 8 ? 2 : 1)) continue;
       const V4Layout L(a, w, (int)groups, split, kparts, a.M == 1);
-      if (L.ring > (uint32_t)kV4MaxSmem) continue;
+      if (L.ring > (uint32_t)smem) continue;
       if (kparts == 2 && (L.KBc >= L.KB ||
                           ((L.KBc >> (w.bs_log2 - 6)) * scale_bytes) % unit != 0))
         continue;
-      const int stages =
-          std::min<int>(kV4MaxStages, (kV4MaxSmem - (int)L.ring) / (int)L.stage_bytes);
+      const int stages = std::min<int>(kV4MaxStages, (smem - (int)L.ring) / (int)L.stage_bytes);
       if (stages < 2) continue;
       a.v4_ctas = (int)groups;
       a.v4_stages = stages;
@@ -1119,6 +1119,10 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
     }
   }
   return false;
+}
+
+int64_t nf4_gemv_x_half_floats(const NF4GemvArgs& a) {
+  return a.variant == 7 && v4_x_half(a) ? (int64_t)a.M * a.K / 2 + a.M : 0;
 }
 
 bool nf4_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,

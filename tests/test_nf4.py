@@ -1793,6 +1793,42 @@ def test_fused_matmul_gpu_v4_two_token_tiles(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_fused_matmul_gpu_v4_bf16_x_converted_first(monkeypatch):
+    """bf16 x at 9..16 rows reaches v4 in fp16: v4_x_half_kernel scales each token by a power
+    of two over its whole row first, v4's epilogue undoes it. Right against float64 with tokens
+    1e16 apart in size (bf16; 1e4 for fp16), a token of zeros, a LoRA term and a bias, in both
+    K forms, nested scales or not, the same bits twice; the converter runs once before the v4
+    kernel there, and not for bf16 at 2..8 rows (converted in v4's loop) or for fp16 x."""
+    impl = _plan_impl(monkeypatch, min_sms=100)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("v4 needs compute capability 9.0")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
+    for kparts in ("1", "2"):
+        monkeypatch.setenv("FASTFT_NF4_V4_KPARTS", kparts)
+        for shape, rows, dtype, nested, rank in (((3990, 4096), 9, torch.bfloat16, True, 16),
+                                                 ((2600, 4096), 16, torch.bfloat16, False, 0),
+                                                 ((1000, 6144), 12, torch.bfloat16, True, 0),
+                                                 ((2600, 4096), 8, torch.bfloat16, True, 16),
+                                                 ((1000, 6144), 13, torch.float16, True, 0)):
+            x, calls, refs = _group_case([shape], rows, dtype, nested, rank, seed=rows,
+                                         device="cuda")
+            x_before = x.double()
+            big = 1e8 if dtype == torch.bfloat16 else 100.0  # (fp16's range ends at 65504)
+            x[1] *= big
+            x[0] /= big
+            x[2] = 0
+            refs = [(ref + (x.double() - x_before) @ w.t(), w) for ref, w in refs]
+            st, bias, y, low = calls[0]
+            what = (shape, rows, dtype, kparts)
+            names = profiled_names(lambda: impl.gemv(x, st, bias, y, low))
+            kernels = [n for n in names if "v4_x_half_kernel" in n or "nf4_gemv_v4_kernel" in n]
+            converted = dtype == torch.bfloat16 and rows > 8
+            assert len(kernels) == 1 + converted, (what, kernels)
+            assert ("v4_x_half_kernel" in kernels[0]) == converted, (what, kernels)
+            _check_group_twice(impl, x, calls, refs, dtype, what)
+
+
+@pytest.mark.gpu
 def test_fused_matmul_gpu_v4_scales_outside_the_table(monkeypatch):
     """Where a CTA's scales (16 x tiles x ceil(steps / 32) holes of 32 float32) do not fit the
     level-pair table's 256 holes, v4 puts them in an area of their own (V4Layout) instead of
