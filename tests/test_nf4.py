@@ -1734,7 +1734,8 @@ def test_fused_matmul_gpu_v4_one_or_two_warps_per_step(monkeypatch):
     stages would not fit two in shared memory). The plan takes the first where it fits, else
     the second; FASTFT_NF4_V4_SPLIT (for benchmarks) asks for one of them only. Each right
     against float64 at odd row counts, both dtypes, nested scales or not, a partial last tile,
-    CTAs with one tile (the second warp of a step idle) and a LoRA term."""
+    CTAs with one tile (the second warp of a step idle) and a LoRA term. bf16 x is converted
+    in the loop at these row counts: no v4_x_half_kernel before it."""
     impl = _plan_impl(monkeypatch, min_sms=132)
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("v4 needs compute capability 9.0")
@@ -1759,6 +1760,8 @@ def test_fused_matmul_gpu_v4_one_or_two_warps_per_step(monkeypatch):
             got = split_taken(lambda: impl.gemv(x, st, bias, y, low))
             want = {0: 1, 1: 1, 2: 2}[split]  # (x is in the stages: one warp per step fits)
             assert got == want, (shape, rows, split, got)
+            names = profiled_names(lambda: impl.gemv(x, st, bias, y, low))
+            assert not any("v4_x_half_kernel" in n for n in names), (shape, rows, split)
             _check_group(x, calls, refs, dtype, (shape, rows, split))
 
 
@@ -1767,7 +1770,9 @@ def test_fused_matmul_gpu_v4_two_token_tiles(monkeypatch):
     """v4 at 9..16 rows (forced here; where auto takes it: the rule test): two token tiles of
     the mma, two warps per step, one K part or two (FASTFT_NF4_V4_KPARTS). Right against float64
     for both dtypes, nested scales or not, odd row counts, a partial last tile, a LoRA term, x
-    rows far apart in size in one call; the same bits twice; the kernel taken has NT = 2."""
+    rows far apart in size and a row of zeros in one call; the same bits twice; the kernel taken
+    has NT = 2, and bf16 x reaches it in fp16 (v4_x_half_kernel runs first: a power of two per
+    token over its whole row, undone in v4's epilogue), fp16 x as it is."""
     impl = _plan_impl(monkeypatch, min_sms=100)  # (H200: 132)
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("v4 needs compute capability 9.0")
@@ -1781,51 +1786,21 @@ def test_fused_matmul_gpu_v4_two_token_tiles(monkeypatch):
                                                  ((4096, 2048), 11, torch.float16, False, 16)):
             x, calls, refs = _group_case([shape], rows, dtype, nested, rank, seed=rows,
                                          device="cuda")
+            x_before = x.double()
             if dtype == torch.bfloat16:  # one token 1e16 times the size of another
-                x_before = x.double()
                 x[1] *= 1e8
                 x[2] *= 1e-8
-                refs = [(ref + (x.double() - x_before) @ w.t(), w) for ref, w in refs]
+            x[3] = 0
+            refs = [(ref + (x.double() - x_before) @ w.t(), w) for ref, w in refs]
             st, bias, y, low = calls[0]
             assert v4_template_args(lambda: impl.gemv(x, st, bias, y, low)) == \
                 (2, int(kparts), 2), (shape, rows, kparts)
+            kernels = [n for n in profiled_names(lambda: impl.gemv(x, st, bias, y, low))
+                       if "v4_x_half_kernel" in n or "nf4_gemv_v4_kernel" in n]
+            converted = dtype == torch.bfloat16
+            assert len(kernels) == 1 + converted, (shape, rows, kparts, kernels)
+            assert ("v4_x_half_kernel" in kernels[0]) == converted, (shape, rows, kparts, kernels)
             _check_group_twice(impl, x, calls, refs, dtype, (shape, rows, kparts))
-
-
-@pytest.mark.gpu
-def test_fused_matmul_gpu_v4_bf16_x_converted_first(monkeypatch):
-    """bf16 x at 9..16 rows reaches v4 in fp16: v4_x_half_kernel scales each token by a power
-    of two over its whole row first, v4's epilogue undoes it. Right against float64 with tokens
-    1e16 apart in size (bf16; 1e4 for fp16), a token of zeros, a LoRA term and a bias, in both
-    K forms, nested scales or not, the same bits twice; the converter runs once before the v4
-    kernel there, and not for bf16 at 2..8 rows (converted in v4's loop) or for fp16 x."""
-    impl = _plan_impl(monkeypatch, min_sms=100)
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("v4 needs compute capability 9.0")
-    monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
-    for kparts in ("1", "2"):
-        monkeypatch.setenv("FASTFT_NF4_V4_KPARTS", kparts)
-        for shape, rows, dtype, nested, rank in (((3990, 4096), 9, torch.bfloat16, True, 16),
-                                                 ((2600, 4096), 16, torch.bfloat16, False, 0),
-                                                 ((1000, 6144), 12, torch.bfloat16, True, 0),
-                                                 ((2600, 4096), 8, torch.bfloat16, True, 16),
-                                                 ((1000, 6144), 13, torch.float16, True, 0)):
-            x, calls, refs = _group_case([shape], rows, dtype, nested, rank, seed=rows,
-                                         device="cuda")
-            x_before = x.double()
-            big = 1e8 if dtype == torch.bfloat16 else 100.0  # (fp16's range ends at 65504)
-            x[1] *= big
-            x[0] /= big
-            x[2] = 0
-            refs = [(ref + (x.double() - x_before) @ w.t(), w) for ref, w in refs]
-            st, bias, y, low = calls[0]
-            what = (shape, rows, dtype, kparts)
-            names = profiled_names(lambda: impl.gemv(x, st, bias, y, low))
-            kernels = [n for n in names if "v4_x_half_kernel" in n or "nf4_gemv_v4_kernel" in n]
-            converted = dtype == torch.bfloat16 and rows > 8
-            assert len(kernels) == 1 + converted, (what, kernels)
-            assert ("v4_x_half_kernel" in kernels[0]) == converted, (what, kernels)
-            _check_group_twice(impl, x, calls, refs, dtype, what)
 
 
 @pytest.mark.gpu
