@@ -7,9 +7,10 @@ two builds in one device call: run it once per build, TAG naming the build.
 A kernel may carry v3's work split: "v3h:p4" forces 4 K parts per CTA (FASTFT_NF4_V3_KPARTS),
 "v3h:p8:s2" also 2 K splits across CTAs (FASTFT_NF4_V3_SPLITS); "auto:f" the default kernel with
 the weight frozen (fastft.ops.nf4.frozen_weights: its loads before the PDL wait, as generate).
-CHAIN_ROWS=1,4,16 the chain's rows (default 1,16). DTYPE=fp16 times fp16 x (default bf16); SCALES=plain gives the weights float32 absmax (not
-nested). LORA=r adds a rank-r low-rank term (a LoRA adapter's scale * xa @ bᵀ, added by the kernel
-where it can), called through the CUDA backend's gemv as the fused LoRA layers call it.
+CHAIN_ROWS=1,4,16 the chain's rows (default 1,16). DTYPE=fp16 times fp16 x (default bf16);
+SCALES=plain gives the weights float32 absmax (not nested). LORA=r adds a rank-r low-rank term
+(a LoRA adapter's scale * xa @ bᵀ, added by the kernel where it can), called through the CUDA
+backend's gemv as the fused LoRA layers call it.
 """
 import dataclasses
 import json
