@@ -321,6 +321,12 @@ int main(int argc, char** argv) {
       a.partial = scratch;
       a.counters = reinterpret_cast<unsigned long long*>(scratch + partials);
     }
+    if (const int64_t floats = nf4_gemv_x_half_floats(a)) {  // (bf16 x at 9..16 rows, v4)
+      float* x_half;
+      CHECK(cudaMalloc(&x_half, floats * sizeof(float)));
+      a.x_half = x_half;
+      a.x_undo = x_half + (int64_t)M * K / 2;
+    }
   }
   CHECK(cudaStreamSynchronize(stream));
   const NF4LowRank lr{};

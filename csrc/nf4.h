@@ -130,7 +130,8 @@ bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms);
 // Scratch floats v4 needs for this planned call (bf16 x at M = 9..16: x in fp16 and a factor
 // per token), or 0: then a.x_half / a.x_undo stay null.
 int64_t nf4_gemv_x_half_floats(const NF4GemvArgs& a);
-// False when the driver could not describe the weight to the copy engine (nothing launched).
+// False (nothing launched) when the driver could not describe the weight to the copy engine,
+// or a.x_half is null where nf4_gemv_x_half_floats(a) asks for scratch.
 bool nf4_gemv_v4(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
                  cudaStream_t stream);
 // Chooses a.variant and its launch shape for a.M, a.N, a.K on a device with `sms` SMs.
