@@ -1710,9 +1710,11 @@ def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
         _check_group(x, calls, refs, dtype, ((14336, 4096), rows, "low rank"))
 
 
-def v4_kernel_args(fn):
-    """(SPLIT, KPARTS, NT, UNIT) of the one v4 kernel fn() launched (from its name), or None."""
-    names = [n for n in profiled_names(fn) if "nf4_gemv_v4_kernel" in n]
+def v4_kernel_args(fn, names=None):
+    """(SPLIT, KPARTS, NT, UNIT) of the one v4 kernel fn() launched (from its name), or None;
+    from `names`, a profile of fn() already taken, where given."""
+    names = [n for n in (profiled_names(fn) if names is None else names)
+             if "nf4_gemv_v4_kernel" in n]
     # <NESTED, T, SPLIT, KPARTS, NT, ONE, UNIT>
     args = {tuple(int(v) for v in m) for n in names
             for m in re.findall(r"nf4_gemv_v4_kernel<[^<>]*?,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,"
@@ -1721,9 +1723,9 @@ def v4_kernel_args(fn):
     return args.pop() if args else None
 
 
-def v4_template_args(fn):
+def v4_template_args(fn, names=None):
     """(SPLIT, KPARTS, NT) of the one v4 kernel fn() launched (from its name), or None."""
-    found = v4_kernel_args(fn)
+    found = v4_kernel_args(fn, names)
     return found and found[:3]
 
 
@@ -1741,8 +1743,8 @@ def test_fused_matmul_gpu_v4_one_or_two_warps_per_step(monkeypatch):
         pytest.skip("v4 needs compute capability 9.0")
     monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
 
-    def split_taken(fn):  # the SPLIT template argument of the v4 kernel fn() launched, or None
-        found = v4_template_args(fn)
+    def split_taken(names):  # the SPLIT template argument of the v4 kernel launched, or None
+        found = v4_template_args(None, names)
         assert found is None or found[1] == 1, found  # (one K part)
         return found and found[0]
 
@@ -1757,10 +1759,10 @@ def test_fused_matmul_gpu_v4_one_or_two_warps_per_step(monkeypatch):
             x, calls, refs = _group_case([shape], rows, dtype, nested, rank, seed=rows + split,
                                          device="cuda")
             st, bias, y, low = calls[0]
-            got = split_taken(lambda: impl.gemv(x, st, bias, y, low))
+            names = profiled_names(lambda: impl.gemv(x, st, bias, y, low))
+            got = split_taken(names)
             want = {0: 1, 1: 1, 2: 2}[split]  # (x is in the stages: one warp per step fits)
             assert got == want, (shape, rows, split, got)
-            names = profiled_names(lambda: impl.gemv(x, st, bias, y, low))
             assert not any("v4_x_half_kernel" in n for n in names), (shape, rows, split)
             _check_group(x, calls, refs, dtype, (shape, rows, split))
 
@@ -1793,10 +1795,9 @@ def test_fused_matmul_gpu_v4_two_token_tiles(monkeypatch):
             x[3] = 0
             refs = [(ref + (x.double() - x_before) @ w.t(), w) for ref, w in refs]
             st, bias, y, low = calls[0]
-            assert v4_template_args(lambda: impl.gemv(x, st, bias, y, low)) == \
-                (2, int(kparts), 2), (shape, rows, kparts)
-            kernels = [n for n in profiled_names(lambda: impl.gemv(x, st, bias, y, low))
-                       if "v4_x_half_kernel" in n or "nf4_gemv_v4_kernel" in n]
+            names = profiled_names(lambda: impl.gemv(x, st, bias, y, low))
+            assert v4_template_args(None, names) == (2, int(kparts), 2), (shape, rows, kparts)
+            kernels = [n for n in names if "v4_x_half_kernel" in n or "nf4_gemv_v4_kernel" in n]
             converted = dtype == torch.bfloat16
             assert len(kernels) == 1 + converted, (shape, rows, kparts, kernels)
             assert ("v4_x_half_kernel" in kernels[0]) == converted, (shape, rows, kparts, kernels)
