@@ -40,12 +40,13 @@ def time_ms(fn, input_sets, warmup=5, iters=30, graph=True):
     return statistics.median(times)
 
 
-def _time_graph_ms(fn, input_sets, warmup, iters, calls_per_graph=None):
+def capture_graph(fn, input_sets, warmup, calls):
+    """A CUDA graph of `calls` calls fn(*inputs), cycling through input_sets, after
+    max(warmup, len(input_sets)) warm-up calls on a side stream (as capture requires)."""
     n = len(input_sets)
-    calls = calls_per_graph or max(n, 10)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture requires
+    with torch.cuda.stream(side):
         for i in range(max(warmup, n)):
             fn(*input_sets[i % n])
     torch.cuda.current_stream().wait_stream(side)
@@ -54,6 +55,12 @@ def _time_graph_ms(fn, input_sets, warmup, iters, calls_per_graph=None):
     with torch.cuda.graph(g):
         for i in range(calls):
             fn(*input_sets[i % n])
+    return g
+
+
+def _time_graph_ms(fn, input_sets, warmup, iters, calls_per_graph=None):
+    calls = calls_per_graph or max(len(input_sets), 10)
+    g = capture_graph(fn, input_sets, warmup, calls)
     g.replay()
     torch.cuda.synchronize()
     times = []

@@ -16,27 +16,30 @@ import statistics
 import sys
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_nf4 import random_weight  # noqa: E402
-from common import use_nf4_kernel  # noqa: E402
+from common import capture_graph, use_nf4_kernel  # noqa: E402
 from fastft.ops.nf4 import nf4_matmul  # noqa: E402
 
 out = sys.argv[1]
 kernels = os.environ.get("KERNELS", "auto:f,auto:f:q6").split(",")
 rows_list = [int(r) for r in os.environ.get("ROWS", "1").split(",")]
 dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[os.environ.get("DTYPE", "bf16")]
-up = [random_weight(14336, 4096, seed) for seed in range(2)]
-down = [random_weight(4096, 14336, 10 + seed) for seed in range(2)]
-
-
-square = [random_weight(4096, 4096, 20 + seed) for seed in range(8)]
+square = os.environ.get("CHAIN", "updown") == "square"
+if square:
+    squares = [random_weight(4096, 4096, 20 + seed) for seed in range(8)]
+else:
+    up = [random_weight(14336, 4096, seed) for seed in range(2)]
+    down = [random_weight(4096, 14336, 10 + seed) for seed in range(2)]
+calls_per_chain = 8 if square else 4
 probes = []  # (CHAIN=square) the probe of each call, in turn
 
 
 def chain(x):
-    if os.environ.get("CHAIN", "updown") == "square":
-        for i, (p, s) in enumerate(square):
+    if square:
+        for i, (p, s) in enumerate(squares):
             if probes:
                 os.environ["FASTFT_NF4_V4_PROBE"] = probes[i % len(probes)]
             x = nf4_matmul(x, p, s, backend="cuda")
@@ -53,17 +56,7 @@ for rows in rows_list:
         spec, _, turns = spec.partition("|")
         probes[:] = [spec.split(":q")[1].split(":")[0]] + turns.split("|") if turns else []
         with use_nf4_kernel(spec):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    chain(x0)
-            torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for _ in range(10):
-                    chain(x0)
+            g = capture_graph(chain, [(x0,)], warmup=3, calls=10)
             for _ in range(5):
                 g.replay()
             torch.cuda.synchronize()
@@ -73,9 +66,7 @@ for rows in rows_list:
                 g.replay()
             end.record()
             end.synchronize()
-            calls = 10 * (8 if os.environ.get("CHAIN", "updown") == "square" else 4)
-            us_per_call = start.elapsed_time(end) * 1e3 / (20 * calls)
-            from torch.profiler import ProfilerActivity, profile
+            us_per_call = start.elapsed_time(end) * 1e3 / (20 * 10 * calls_per_chain)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
                     g.replay()
