@@ -215,6 +215,23 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
                : "r"(addr));
   return v;
 }
+// Where the kernels' static anchor (the level-pair table's start) lies in a CTA's shared
+// window: after the 1 KB the GPU reserves (ptxas 13.0 for sm_90: the symbol's offset 0x400, the
+// CTA's cluster rank in the address's top byte). The 2-tile loop checks it before it runs.
+constexpr uint32_t kV4AnchorAt = 0x400;
+// The fp16x2 level pair of byte J of `word` (v3_pair's), for lane_hi = lane * 4 | the table's
+// address less kV4AnchorAt (zero low 16 bits): the byte permute forms [lane * 4, byte J, the
+// address's top bytes] and the load adds kV4AnchorAt as its immediate, so there is no add per
+// lookup (ptxas, given v3_pair's form in a loop sized for 2 tiles, kept the table's address in
+// a vector register and added it before every lookup: 32 more instructions a 2-tile window).
+template <int J>
+__device__ __forceinline__ uint32_t v4_pair(uint32_t word, uint32_t lane_hi) {
+  uint32_t v;
+  asm("ld.shared.b32 %0, [%1+%2];\n"
+      : "=r"(v)
+      : "r"(__byte_perm(word, lane_hi, 0x7604 | (J << 4))), "n"(kV4AnchorAt));
+  return v;
+}
 __device__ __forceinline__ uint2 lds64(uint32_t addr) {
   uint2 v;
   asm volatile("ld.shared.v2.b32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
@@ -544,7 +561,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   const uint32_t lane4 = (uint32_t)lane * 4u;
   // The warp's step of each window (wstep) and its tiles: the CTA's tiles tfirst + SPLIT i,
   // i < my_tiles (all of them with SPLIT 1).
-  constexpr int kMyMaxTiles = v4_max_tiles(SPLIT, NT) / SPLIT;
+  constexpr int kWarpMaxTiles = v4_max_tiles(SPLIT, NT) / SPLIT;  // (a warp's, SPLIT 2: half)
   const int wstep = SPLIT == 1 ? warp : warp % kSteps, tfirst = SPLIT == 1 ? 0 : warp / kSteps;
   const int my_tiles = (tiles - tfirst + SPLIT - 1) / SPLIT;
   // This lane's scales in a window: row srow of its tile (lane >> 4) + 2 i, wstep, srow the
@@ -575,183 +592,6 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     x_at0[u] = x_row * 128u + swizzled_chunk(x_row, 2u * t);
     x_at1[u] = x_row * 128u + swizzled_chunk(x_row, 2u * t + 1u);
   }
-  // acc[tile][4u + k]: token tile u's mma sums (rows wr, wr + 8 x tokens 8u + 2t, + 1)
-  float acc[kMyMaxTiles][4 * NT];
-#pragma unroll
-  for (int i = 0; i < kMyMaxTiles; ++i)
-#pragma unroll
-    for (int k = 0; k < 4 * NT; ++k) acc[i][k] = 0.f;
-  // this lane's 8 bytes of step wstep in a row r of a stage: box wstep / 4, then its 16-byte
-  // chunk in the swizzled row (r & 7 = wr), from the warp's first tile
-  const uint32_t lane_at = (uint32_t)(wstep >> 2) * box_bytes +
-                           swizzled_chunk((uint32_t)wr, (uint32_t)(2 * (wstep & 3) + (t >> 1))) +
-                           8u * (t & 1) + (uint32_t)(tfirst * 16 + wr) * 128u;
-  // One tile's step: 16 level pairs from the table, 4 mma per token tile, the sums scaled into
-  // acc. (undo[u][0 / 1]: 1 but for bf16 x at M = 2..8, where they undo the x scaling of tokens
-  // 2t / + 1, the sums' columns, folded into the row scales: products formed while the mma
-  // run, not after them; run 158: 14336 -> 4096 at M = 8 17.2 vs 18.8 us with the sums
-  // multiplied first)
-  // At one token tile the 4 mma go in two chains (even and odd q), added before the scaling:
-  // in one chain of 4 each mma waited ~24 cycles for the one before (the SASS's stall counts:
-  // ~12% fewer per window with two).
-  auto tile_step = [&](uint2 lo, uint2 hi, const uint32_t (&xw)[NT][8], float s_lo, float s_hi,
-                       const float (&undo)[NT][2], float (&sums)[4 * NT]) {
-    uint32_t a[16];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      // mma q: byte 2q of the lane's 8 (values 16t + 4q, +1) and byte 2q + 1 (+2, +3)
-      const uint32_t wl = q < 2 ? lo.x : lo.y, wh = q < 2 ? hi.x : hi.y;
-      if (q & 1) {
-        a[4 * q + 0] = v3_pair<2>(smem, wl, lane4); a[4 * q + 1] = v3_pair<2>(smem, wh, lane4);
-        a[4 * q + 2] = v3_pair<3>(smem, wl, lane4); a[4 * q + 3] = v3_pair<3>(smem, wh, lane4);
-      } else {
-        a[4 * q + 0] = v3_pair<0>(smem, wl, lane4); a[4 * q + 1] = v3_pair<0>(smem, wh, lane4);
-        a[4 * q + 2] = v3_pair<1>(smem, wl, lane4); a[4 * q + 3] = v3_pair<1>(smem, wh, lane4);
-      }
-    }
-    constexpr int kChains = NT == 1 ? 2 : 1;  // (two token tiles are two chains already)
-    float c[kChains][NT][4];
-#pragma unroll
-    for (int h = 0; h < kChains; ++h)
-#pragma unroll
-      for (int u = 0; u < NT; ++u) c[h][u][0] = c[h][u][1] = c[h][u][2] = c[h][u][3] = 0.f;
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-#pragma unroll
-      for (int u = 0; u < NT; ++u)
-        mma_f16_16816(c[q % kChains][u], a[4 * q], a[4 * q + 1], a[4 * q + 2], a[4 * q + 3],
-                      xw[u][2 * q], xw[u][2 * q + 1]);
-#pragma unroll
-    for (int u = 0; u < NT; ++u) {
-      float v[4];  // the chains' sums
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        v[k] = c[0][u][k];
-#pragma unroll
-        for (int h = 1; h < kChains; ++h) v[k] += c[h][u][k];
-      }
-      if (ONE) {  // column 0 only; the scales carry x's factor already
-        sums[0] = fmaf(s_lo, v[0], sums[0]);
-        sums[2] = fmaf(s_hi, v[2], sums[2]);
-        continue;
-      }
-      sums[4 * u + 0] = fmaf(s_lo * undo[u][0], v[0], sums[4 * u + 0]);
-      sums[4 * u + 1] = fmaf(s_lo * undo[u][1], v[1], sums[4 * u + 1]);
-      sums[4 * u + 2] = fmaf(s_hi * undo[u][0], v[2], sums[4 * u + 2]);
-      sums[4 * u + 3] = fmaf(s_hi * undo[u][1], v[3], sums[4 * u + 3]);
-    }
-  };
-  int s = 0;               // the window's slot (j % S) and that slot's use count parity
-  unsigned parity = 0u;    // ((j / S) & 1), kept without divisions
-  for (int j = 0; j < windows; ++j) {
-    const int b = j * kSteps + wstep;  // this warp's step (of the K part)
-    if (b < steps && probe != 2 && probe != 5) {  // (probes 2, 5: no decode)
-      float sc[kMyMaxTiles / 2];
-      const uint32_t scale_at = scale_at0 + (uint32_t)(b >> 5) * hole_stride +
-                                4u * (uint32_t)((b + scale_row0) & 31);
-#pragma unroll
-      for (int i = 0; i < kMyMaxTiles / 2; ++i)
-        sc[i] = stile + 2 * i < my_tiles
-                    ? *reinterpret_cast<const float*>(smem + scale_at + i * scale_row_step)
-                    : 0.f;
-      mbar_wait(full0 + 8 * s, parity);
-      NF4_MARK(tid == 0 && j == 0, kTimelineExtra + 5);  // window 0 has landed
-      NF4_MARK(tid == 0 && j == windows - 1, kTimelineExtra + 6);  // the last window too
-      const uint32_t stage = ring + (uint32_t)s * L.stage_bytes;
-      const uint32_t at = stage + lane_at;
-      // this lane's weight words of its tiles `tile` and `tile + 1` (rows wr and wr + 8 of each)
-      auto load_pair = [&](int tile, uint2 (&wv)[4]) {
-        const uint32_t at0 = at + (uint32_t)(tile * SPLIT * 16) * 128u;
-        wv[0] = lds64(at0);
-        wv[1] = lds64(at0 + 8u * 128u);
-        if (tile + 1 < my_tiles) {
-          wv[2] = lds64(at0 + (uint32_t)(SPLIT * 16) * 128u);
-          wv[3] = lds64(at0 + (uint32_t)(SPLIT * 16 + 8) * 128u);
-        }
-      };
-      // the pairs' weight words in two buffers, used in turn (a copy from one to the other
-      // cost 8 moves per pair in the SASS)
-      uint2 wbuf[2][4];
-      load_pair(0, wbuf[0]);
-      uint32_t xw[NT][8];  // the token tiles' mma b fragments
-      float undo[NT][2];    // (bf16) see tile_step
-#pragma unroll
-      for (int u = 0; u < NT; ++u) {
-        uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
-        if (ONE) {  // converted before the loop: token 0's lanes load it, the scales take its factor
-          if (g == 0) {
-            x0 = lds128(x_one0 + 128u * (uint32_t)b);
-            x1 = lds128(x_one1 + 128u * (uint32_t)b);
-          }
-          undo[u][0] = undo[u][1] = 1.f;
-          if (kXBf16) {
-            const float undo0 = x_factors[b];
-#pragma unroll
-            for (int i = 0; i < kMyMaxTiles / 2; ++i) sc[i] *= undo0;
-          }
-          xw[u][0] = x0.x; xw[u][1] = x0.y; xw[u][2] = x0.z; xw[u][3] = x0.w;
-          xw[u][4] = x1.x; xw[u][5] = x1.y; xw[u][6] = x1.z; xw[u][7] = x1.w;
-          continue;
-        }
-        if (has_token[u]) {
-          x0 = lds128(stage + L.stage_w + x_at0[u]);
-          x1 = lds128(stage + L.stage_w + x_at1[u]);
-        }
-        undo[u][0] = undo[u][1] = 1.f;
-        if (kXBf16) {
-          // bf16 x into fp16 for the mma, in each warp's own fragments: token g's values of
-          // the step (lanes (g, 0..3)) times a power of two 2^shift that puts their largest |x|
-          // in [2^14, 2^15) (x_scale_shift: exact unless a value is ~2^31 times smaller than
-          // that largest), 2^-shift undone on the mma's sums of that token's column. (Runs
-          // 151-155: one converter warp for the whole window was the pipeline's slowest stage,
-          // ~1 us per window at 14336 -> 4096, M = 2; bf16 levels would bias each level by up
-          // to 2^-9; one factor for all tokens of a step, run 156, loses a token ~2^31 times
-          // smaller than another.)
-          uint32_t mx = max(bf16x8_max_abs_bits(x0), bf16x8_max_abs_bits(x1));
-          mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const int shift = x_scale_shift(mx);
-          x0 = bf16x8_scaled_to_fp16(x0, shift);
-          x1 = bf16x8_scaled_to_fp16(x1, shift);
-          // token g's factor; the sums' columns are tokens 2t, 2t + 1 (lanes 8t, 8t + 4)
-          const float token_undo = pow2f(-shift);
-          undo[u][0] = __shfl_sync(0xffffffffu, token_undo, 8 * t);
-          undo[u][1] = __shfl_sync(0xffffffffu, token_undo, 8 * t + 4);
-        }
-        xw[u][0] = x0.x; xw[u][1] = x0.y; xw[u][2] = x0.z; xw[u][3] = x0.w;
-        xw[u][4] = x1.x; xw[u][5] = x1.y; xw[u][6] = x1.z; xw[u][7] = x1.w;
-      }
-      // tiles two at a time (two independent chains of lookups and mma for the scheduler to
-      // interleave), the odd last one alone (4 tiles at a time spilled: 17 warps leave ptxas
-      // 96 registers); the next pair's weight words loaded before this pair's lookups, so
-      // their latency is not on the chain
-#pragma unroll
-      for (int tile = 0; tile < kMyMaxTiles; tile += 2) {
-        if (tile >= my_tiles) break;
-        uint2 (&cur)[4] = wbuf[(tile >> 1) & 1];
-        if (tile + 2 < my_tiles) load_pair(tile + 2, wbuf[((tile >> 1) + 1) & 1]);
-        const float lo0 = __shfl_sync(0xffffffffu, sc[tile >> 1], g);
-        const float hi0 = __shfl_sync(0xffffffffu, sc[tile >> 1], g + 8);
-        const float lo1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 16 + g);
-        const float hi1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 24 + g);
-        tile_step(cur[0], cur[1], xw, lo0, hi0, undo, acc[tile]);
-        if (tile + 1 < my_tiles) tile_step(cur[2], cur[3], xw, lo1, hi1, undo, acc[tile + 1]);
-      }
-    } else {
-      mbar_wait(full0 + 8 * s, parity);
-    }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(empty0 + 8 * s);
-    if (++s == S) {
-      s = 0;
-      parity ^= 1u;
-    }
-  }
-
-  NF4_MARK(lane == 0, kTimelineWarpLoopEnd + warp);
-
-  // ---- the warps' sums, added in warp order, over the ring (every copy has landed)
-  consumers_sync();
   // [wstep][tile < tmax][16 mma rows][8 NT tokens] (mma rows, as the warps hold them: in
   // weight rows, lanes g = 0..3 of a half-warp's 8-byte stores would hit rows 0, 2, 4, 6, two
   // banks each, run 195): 8 KB per tile with SPLIT 1 (a stage's weight takes 8 KB per tile, and
@@ -762,24 +602,237 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   constexpr int kRowSums = ONE ? 1 : 8 * NT;  // floats per mma row
   constexpr int kTileSums = 16 * kRowSums;
   float* sums = reinterpret_cast<float*>(smem + L.ring);
+  // The window loop, then the warp's sums into `sums`, with arrays and loops for a warp of at
+  // most kMyMaxTiles tiles: kWarpMaxTiles, or 2 (one warp per step, one token) where the CTA
+  // has at most 2 tiles (14336 -> 4096, 4096 -> 4096, 4096 -> 1024 on 132 SMs).
+  // Why the second: with 2 tiles a window, the 8-tile loop spent ~40% of a window's
+  // instructions outside the tiles' lookups and mma (run 237: at 14336 -> 4096, M = 1, that
+  // loop took 9.2 us a CTA against 7.2 at 4096 -> 14336, the same bytes a CTA, with or without
+  // the copies; ptxas, nested bf16, a 2-tile window: one token 199 instructions, 161 sized for
+  // 2; M = 2..8 336 and 265). A branch, not a kernel of its own: two v4 kernels taking turns
+  // (a model's projections of other shapes) cost ~0.8-2 us a call more than one kernel for
+  // all (runs 245-247: the up / down chain at M = 1 14.5 us a call with a kernel of its own for
+  // down against 12.7 with one kernel for both). As this branch (run 249, frozen, M = 1, us,
+  // against main in the same call): 14336 -> 4096 14.63-14.76 vs 15.56, 4096 -> 4096 7.36-7.48
+  // vs 7.66, 4096 -> 1024 4.26-4.29 vs 4.58, the up / down chain 13.08-13.34 vs 13.57.
+  auto consume = [&](auto max_tiles) {
+    constexpr int kMyMaxTiles = decltype(max_tiles)::value;
+    constexpr bool kTwoTiles = kMyMaxTiles == 2 && kWarpMaxTiles != 2;
+    const uint32_t lane_hi = lane4 | (table - kV4AnchorAt);  // (kTwoTiles: v4_pair)
+    // acc[tile][4u + k]: token tile u's mma sums (rows wr, wr + 8 x tokens 8u + 2t, + 1)
+    float acc[kMyMaxTiles][4 * NT];
 #pragma unroll
-  for (int tile = 0; tile < kMyMaxTiles; ++tile) {
-    if (tile >= my_tiles) break;
-    float* p = sums + (wstep * L.tmax + tfirst + SPLIT * tile) * kTileSums;
-    if (ONE) {
-      if (t == 0) {
-        p[g] = acc[tile][0];
-        p[g + 8] = acc[tile][2];
+    for (int i = 0; i < kMyMaxTiles; ++i)
+#pragma unroll
+      for (int k = 0; k < 4 * NT; ++k) acc[i][k] = 0.f;
+    // this lane's 8 bytes of step wstep in a row r of a stage: box wstep / 4, then its 16-byte
+    // chunk in the swizzled row (r & 7 = wr), from the warp's first tile
+    const uint32_t lane_at = (uint32_t)(wstep >> 2) * box_bytes +
+                             swizzled_chunk((uint32_t)wr, (uint32_t)(2 * (wstep & 3) + (t >> 1))) +
+                             8u * (t & 1) + (uint32_t)(tfirst * 16 + wr) * 128u;
+    // One tile's step: 16 level pairs from the table, 4 mma per token tile, the sums scaled into
+    // acc. (undo[u][0 / 1]: 1 but for bf16 x at M = 2..8, where they undo the x scaling of tokens
+    // 2t / + 1, the sums' columns, folded into the row scales: products formed while the mma
+    // run, not after them; run 158: 14336 -> 4096 at M = 8 17.2 vs 18.8 us with the sums
+    // multiplied first)
+    // At one token tile the 4 mma go in two chains (even and odd q), added before the scaling:
+    // in one chain of 4 each mma waited ~24 cycles for the one before (the SASS's stall counts:
+    // ~12% fewer per window with two).
+    auto tile_step = [&](uint2 lo, uint2 hi, const uint32_t (&xw)[NT][8], float s_lo, float s_hi,
+                         const float (&undo)[NT][2], float (&sums)[4 * NT]) {
+      uint32_t a[16];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        // mma q: byte 2q of the lane's 8 (values 16t + 4q, +1) and byte 2q + 1 (+2, +3)
+        const uint32_t wl = q < 2 ? lo.x : lo.y, wh = q < 2 ? hi.x : hi.y;
+        if (kTwoTiles) {
+          if (q & 1) {
+            a[4 * q + 0] = v4_pair<2>(wl, lane_hi); a[4 * q + 1] = v4_pair<2>(wh, lane_hi);
+            a[4 * q + 2] = v4_pair<3>(wl, lane_hi); a[4 * q + 3] = v4_pair<3>(wh, lane_hi);
+          } else {
+            a[4 * q + 0] = v4_pair<0>(wl, lane_hi); a[4 * q + 1] = v4_pair<0>(wh, lane_hi);
+            a[4 * q + 2] = v4_pair<1>(wl, lane_hi); a[4 * q + 3] = v4_pair<1>(wh, lane_hi);
+          }
+        } else if (q & 1) {
+          a[4 * q + 0] = v3_pair<2>(smem, wl, lane4); a[4 * q + 1] = v3_pair<2>(smem, wh, lane4);
+          a[4 * q + 2] = v3_pair<3>(smem, wl, lane4); a[4 * q + 3] = v3_pair<3>(smem, wh, lane4);
+        } else {
+          a[4 * q + 0] = v3_pair<0>(smem, wl, lane4); a[4 * q + 1] = v3_pair<0>(smem, wh, lane4);
+          a[4 * q + 2] = v3_pair<1>(smem, wl, lane4); a[4 * q + 3] = v3_pair<1>(smem, wh, lane4);
+        }
       }
-      continue;
-    }
+      constexpr int kChains = NT == 1 ? 2 : 1;  // (two token tiles are two chains already)
+      float c[kChains][NT][4];
 #pragma unroll
-    for (int u = 0; u < NT; ++u) {
-      p[g * 8 * NT + 8 * u + 2 * t] = acc[tile][4 * u + 0];
-      p[g * 8 * NT + 8 * u + 2 * t + 1] = acc[tile][4 * u + 1];
-      p[(g + 8) * 8 * NT + 8 * u + 2 * t] = acc[tile][4 * u + 2];
-      p[(g + 8) * 8 * NT + 8 * u + 2 * t + 1] = acc[tile][4 * u + 3];
+      for (int h = 0; h < kChains; ++h)
+#pragma unroll
+        for (int u = 0; u < NT; ++u) c[h][u][0] = c[h][u][1] = c[h][u][2] = c[h][u][3] = 0.f;
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+#pragma unroll
+        for (int u = 0; u < NT; ++u)
+          mma_f16_16816(c[q % kChains][u], a[4 * q], a[4 * q + 1], a[4 * q + 2], a[4 * q + 3],
+                        xw[u][2 * q], xw[u][2 * q + 1]);
+#pragma unroll
+      for (int u = 0; u < NT; ++u) {
+        float v[4];  // the chains' sums
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          v[k] = c[0][u][k];
+#pragma unroll
+          for (int h = 1; h < kChains; ++h) v[k] += c[h][u][k];
+        }
+        if (ONE) {  // column 0 only; the scales carry x's factor already
+          sums[0] = fmaf(s_lo, v[0], sums[0]);
+          sums[2] = fmaf(s_hi, v[2], sums[2]);
+          continue;
+        }
+        sums[4 * u + 0] = fmaf(s_lo * undo[u][0], v[0], sums[4 * u + 0]);
+        sums[4 * u + 1] = fmaf(s_lo * undo[u][1], v[1], sums[4 * u + 1]);
+        sums[4 * u + 2] = fmaf(s_hi * undo[u][0], v[2], sums[4 * u + 2]);
+        sums[4 * u + 3] = fmaf(s_hi * undo[u][1], v[3], sums[4 * u + 3]);
+      }
+    };
+    int s = 0;               // the window's slot (j % S) and that slot's use count parity
+    unsigned parity = 0u;    // ((j / S) & 1), kept without divisions
+    for (int j = 0; j < windows; ++j) {
+      const int b = j * kSteps + wstep;  // this warp's step (of the K part)
+      if (b < steps && probe != 2 && probe != 5) {  // (probes 2, 5: no decode)
+        float sc[kMyMaxTiles / 2];
+        const uint32_t scale_at = scale_at0 + (uint32_t)(b >> 5) * hole_stride +
+                                  4u * (uint32_t)((b + scale_row0) & 31);
+#pragma unroll
+        for (int i = 0; i < kMyMaxTiles / 2; ++i)
+          sc[i] = stile + 2 * i < my_tiles
+                      ? *reinterpret_cast<const float*>(smem + scale_at + i * scale_row_step)
+                      : 0.f;
+        mbar_wait(full0 + 8 * s, parity);
+        NF4_MARK(tid == 0 && j == 0, kTimelineExtra + 5);  // window 0 has landed
+        NF4_MARK(tid == 0 && j == windows - 1, kTimelineExtra + 6);  // the last window too
+        const uint32_t stage = ring + (uint32_t)s * L.stage_bytes;
+        const uint32_t at = stage + lane_at;
+        // this lane's weight words of its tiles `tile` and `tile + 1` (rows wr and wr + 8 of each)
+        auto load_pair = [&](int tile, uint2 (&wv)[4]) {
+          const uint32_t at0 = at + (uint32_t)(tile * SPLIT * 16) * 128u;
+          wv[0] = lds64(at0);
+          wv[1] = lds64(at0 + 8u * 128u);
+          if (tile + 1 < my_tiles) {
+            wv[2] = lds64(at0 + (uint32_t)(SPLIT * 16) * 128u);
+            wv[3] = lds64(at0 + (uint32_t)(SPLIT * 16 + 8) * 128u);
+          }
+        };
+        // the pairs' weight words in two buffers, used in turn (a copy from one to the other
+        // cost 8 moves per pair in the SASS)
+        uint2 wbuf[2][4];
+        load_pair(0, wbuf[0]);
+        uint32_t xw[NT][8];  // the token tiles' mma b fragments
+        float undo[NT][2];    // (bf16) see tile_step
+#pragma unroll
+        for (int u = 0; u < NT; ++u) {
+          uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
+          if (ONE) {  // converted before the loop: token 0's lanes load it, the scales take its factor
+            if (g == 0) {
+              x0 = lds128(x_one0 + 128u * (uint32_t)b);
+              x1 = lds128(x_one1 + 128u * (uint32_t)b);
+            }
+            undo[u][0] = undo[u][1] = 1.f;
+            if (kXBf16) {
+              const float undo0 = x_factors[b];
+#pragma unroll
+              for (int i = 0; i < kMyMaxTiles / 2; ++i) sc[i] *= undo0;
+            }
+            xw[u][0] = x0.x; xw[u][1] = x0.y; xw[u][2] = x0.z; xw[u][3] = x0.w;
+            xw[u][4] = x1.x; xw[u][5] = x1.y; xw[u][6] = x1.z; xw[u][7] = x1.w;
+            continue;
+          }
+          if (has_token[u]) {
+            x0 = lds128(stage + L.stage_w + x_at0[u]);
+            x1 = lds128(stage + L.stage_w + x_at1[u]);
+          }
+          undo[u][0] = undo[u][1] = 1.f;
+          if (kXBf16) {
+            // bf16 x into fp16 for the mma, in each warp's own fragments: token g's values of
+            // the step (lanes (g, 0..3)) times a power of two 2^shift that puts their largest |x|
+            // in [2^14, 2^15) (x_scale_shift: exact unless a value is ~2^31 times smaller than
+            // that largest), 2^-shift undone on the mma's sums of that token's column. (Runs
+            // 151-155: one converter warp for the whole window was the pipeline's slowest stage,
+            // ~1 us per window at 14336 -> 4096, M = 2; bf16 levels would bias each level by up
+            // to 2^-9; one factor for all tokens of a step, run 156, loses a token ~2^31 times
+            // smaller than another.)
+            uint32_t mx = max(bf16x8_max_abs_bits(x0), bf16x8_max_abs_bits(x1));
+            mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const int shift = x_scale_shift(mx);
+            x0 = bf16x8_scaled_to_fp16(x0, shift);
+            x1 = bf16x8_scaled_to_fp16(x1, shift);
+            // token g's factor; the sums' columns are tokens 2t, 2t + 1 (lanes 8t, 8t + 4)
+            const float token_undo = pow2f(-shift);
+            undo[u][0] = __shfl_sync(0xffffffffu, token_undo, 8 * t);
+            undo[u][1] = __shfl_sync(0xffffffffu, token_undo, 8 * t + 4);
+          }
+          xw[u][0] = x0.x; xw[u][1] = x0.y; xw[u][2] = x0.z; xw[u][3] = x0.w;
+          xw[u][4] = x1.x; xw[u][5] = x1.y; xw[u][6] = x1.z; xw[u][7] = x1.w;
+        }
+        // tiles two at a time (two independent chains of lookups and mma for the scheduler to
+        // interleave), the odd last one alone (4 tiles at a time spilled: 17 warps leave ptxas
+        // 96 registers); the next pair's weight words loaded before this pair's lookups, so
+        // their latency is not on the chain
+#pragma unroll
+        for (int tile = 0; tile < kMyMaxTiles; tile += 2) {
+          if (tile >= my_tiles) break;
+          uint2 (&cur)[4] = wbuf[(tile >> 1) & 1];
+          if (tile + 2 < my_tiles) load_pair(tile + 2, wbuf[((tile >> 1) + 1) & 1]);
+          const float lo0 = __shfl_sync(0xffffffffu, sc[tile >> 1], g);
+          const float hi0 = __shfl_sync(0xffffffffu, sc[tile >> 1], g + 8);
+          const float lo1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 16 + g);
+          const float hi1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 24 + g);
+          tile_step(cur[0], cur[1], xw, lo0, hi0, undo, acc[tile]);
+          if (tile + 1 < my_tiles) tile_step(cur[2], cur[3], xw, lo1, hi1, undo, acc[tile + 1]);
+        }
+      } else {
+        mbar_wait(full0 + 8 * s, parity);
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty0 + 8 * s);
+      if (++s == S) {
+        s = 0;
+        parity ^= 1u;
+      }
     }
+
+    NF4_MARK(lane == 0, kTimelineWarpLoopEnd + warp);
+
+    // ---- the warps' sums, added in warp order, over the ring (every copy has landed)
+    consumers_sync();  // (then into `sums`, see above)
+#pragma unroll
+    for (int tile = 0; tile < kMyMaxTiles; ++tile) {
+      if (tile >= my_tiles) break;
+      float* p = sums + (wstep * L.tmax + tfirst + SPLIT * tile) * kTileSums;
+      if (ONE) {
+        if (t == 0) {
+          p[g] = acc[tile][0];
+          p[g + 8] = acc[tile][2];
+        }
+        continue;
+      }
+#pragma unroll
+      for (int u = 0; u < NT; ++u) {
+        p[g * 8 * NT + 8 * u + 2 * t] = acc[tile][4 * u + 0];
+        p[g * 8 * NT + 8 * u + 2 * t + 1] = acc[tile][4 * u + 1];
+        p[(g + 8) * 8 * NT + 8 * u + 2 * t] = acc[tile][4 * u + 2];
+        p[(g + 8) * 8 * NT + 8 * u + 2 * t + 1] = acc[tile][4 * u + 3];
+      }
+    }
+  };
+  // (one token only for now: in the M = 2..8 kernels the branch made ptxas's 8-tile loop 43
+  // instructions longer, at 95 registers; probe 6: the 8-tile loop throughout, for comparison)
+  if constexpr (ONE && SPLIT == 1) {
+    if (my_tiles <= 2 && (table & 0xFFFFu) == kV4AnchorAt && probe != 6)
+      consume(std::integral_constant<int, 2>{});
+    else
+      consume(std::integral_constant<int, kWarpMaxTiles>{});
+  } else {
+    consume(std::integral_constant<int, kWarpMaxTiles>{});
   }
   consumers_sync();
   NF4_MARK(tid == 0, kTimelineSummed);
@@ -888,7 +941,8 @@ bool encode_x_map(CUtensorMap* map, const NF4GemvArgs& a, int steps) {
 // FASTFT_NF4_V4_PROBE (bench/nf4_v4_probe.py): 1 = the copies alone (no decode), 2 = no
 // decode, 3 = no copies (the decode of stale data), 5 = neither (the prologue and the
 // epilogue): wrong results; 4 = the ring filled without waiting for the scales (right
-// results: the order before run 132, for comparison).
+// results: the order before run 132, for comparison); 6 = the 8-tile window loop where the
+// loop for CTAs of at most 2 tiles would run (right results, the same bits: its test).
 // FASTFT_NF4_V4_SPLIT, FASTFT_NF4_V4_KPARTS: 1 or 2 warps per step, 1 or 2 K parts, that one
 // only (v4 does not take a call where it does not fit); 0: the plan chooses.
 int env_int(const char* name) {

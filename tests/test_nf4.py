@@ -1768,6 +1768,41 @@ def test_fused_matmul_gpu_v4_one_or_two_warps_per_step(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_fused_matmul_gpu_v4_two_tile_loop(monkeypatch):
+    """At one row, a CTA of at most 2 tiles (14336 -> 4096, 4096 -> 4096, 4096 -> 1024, a
+    partial last tile; all on 132 SMs) runs v4's window loop sized for 2 tiles, whose lookups
+    form the table's whole shared address in the byte permute. Right against float64 for both
+    dtypes, nested scales or not, a LoRA term, two K parts, and bit for bit what the 8-tile
+    loop gives on the same call (FASTFT_NF4_V4_PROBE=6); so are CTAs of 3 tiles (6000 -> 4096,
+    the 8-tile loop either way) and 2..8 rows (the loop for 2 tiles is the one-token kernels'
+    only)."""
+    impl = _plan_impl(monkeypatch, min_sms=132)  # (the tile counts are the H200's plan)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("v4 needs compute capability 9.0")
+    monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
+    for shape, rows, dtype, nested, rank, kparts in (
+            ((4096, 14336), 1, torch.bfloat16, True, 16, None),
+            ((4096, 4096), 1, torch.float16, False, 0, None),
+            ((1000, 4096), 1, torch.bfloat16, False, 16, None),  # one tile, part of one
+            ((4000, 3072), 1, torch.bfloat16, True, 0, None),
+            ((1000, 4096), 1, torch.float16, True, 0, "2"),
+            ((6000, 4096), 1, torch.bfloat16, True, 0, None),
+            ((4096, 4096), 3, torch.bfloat16, True, 16, None)):
+        x, calls, refs, (st, bias, y, low) = _v4_case(
+            monkeypatch, {"FASTFT_NF4_V4_KPARTS": kparts, "FASTFT_NF4_V4_PROBE": None}, shape,
+            rows, dtype, nested, rank)
+        what = (shape, rows, dtype, nested, kparts)
+        taken = v4_template_args(lambda: impl.gemv(x, st, bias, y, low))
+        assert taken == (1, int(kparts or 1), 1), (what, taken)
+        _check_group(x, calls, refs, dtype, what)
+        first = y.clone()
+        monkeypatch.setenv("FASTFT_NF4_V4_PROBE", "6")
+        y.fill_(float("nan"))
+        impl.gemv(x, st, bias, y, low)
+        assert torch.equal(y, first), (what, "the 8-tile loop gives other bits")
+
+
+@pytest.mark.gpu
 def test_fused_matmul_gpu_v4_two_token_tiles(monkeypatch):
     """v4 at 9..16 rows (forced here; where auto takes it: the rule test): two token tiles of
     the mma, two warps per step, one K part or two (FASTFT_NF4_V4_KPARTS). Right against float64
