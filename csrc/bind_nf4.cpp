@@ -205,10 +205,11 @@ GemvCall prepare_gemv(const at::Tensor& x, const at::Tensor& packed, const at::T
 // (nf4_gemv_x_half_floats). Not zeroed: the counters carry the call's tag, so the kernel never
 // depends on what an earlier call (eager, compiled or a graph replay) left there, and the x
 // copy is written before it is read.
+// the partials' floats rounded up to even, so the 8-byte counters after them are 8-aligned
+int64_t partials_floats(const NF4GemvArgs& a) { return (nf4_gemv_partial_floats(a) + 1) / 2 * 2; }
 int64_t split_k_floats(const NF4GemvArgs& a) {
   if (!nf4_gemv_needs_scratch(a)) return 0;
-  const int64_t partials = (nf4_gemv_partial_floats(a) + 1) / 2 * 2;  // counters 8-aligned
-  return partials + 2 * nf4_gemv_counters(a);
+  return partials_floats(a) + 2 * nf4_gemv_counters(a);
 }
 // where the x copy starts: 16-byte aligned, as x's tensor map needs
 int64_t x_half_at(const NF4GemvArgs& a) { return (split_k_floats(a) + 3) / 4 * 4; }
@@ -221,8 +222,7 @@ int64_t scratch_floats(const NF4GemvArgs& a) {
 void point_into_scratch(NF4GemvArgs& a, float* at, unsigned long long tag) {
   if (nf4_gemv_needs_scratch(a)) {
     a.partial = at;
-    a.counters =
-        reinterpret_cast<unsigned long long*>(at + (nf4_gemv_partial_floats(a) + 1) / 2 * 2);
+    a.counters = reinterpret_cast<unsigned long long*>(at + partials_floats(a));
     a.counter_tag = tag;
   }
   if (nf4_gemv_x_half_floats(a)) {  // (else a.x_half / x_undo stay null)
