@@ -199,14 +199,15 @@ GemvCall prepare_gemv(const at::Tensor& x, const at::Tensor& packed, const at::T
   return call;
 }
 
+// the partials' floats rounded up to even, so the 8-byte counters after them are 8-aligned
+int64_t partials_floats(const NF4GemvArgs& a) { return (nf4_gemv_partial_floats(a) + 1) / 2 * 2; }
+
 // A call's float32 scratch, in one allocation (stream-ordered by the caching allocator,
 // captured into a CUDA graph's pool under capture): split K's partials and the row blocks'
 // completion counters, then v4's fp16 copy of bf16 x at 9..16 rows and its factors
 // (nf4_gemv_x_half_floats). Not zeroed: the counters carry the call's tag, so the kernel never
 // depends on what an earlier call (eager, compiled or a graph replay) left there, and the x
 // copy is written before it is read.
-// the partials' floats rounded up to even, so the 8-byte counters after them are 8-aligned
-int64_t partials_floats(const NF4GemvArgs& a) { return (nf4_gemv_partial_floats(a) + 1) / 2 * 2; }
 int64_t split_k_floats(const NF4GemvArgs& a) {
   if (!nf4_gemv_needs_scratch(a)) return 0;
   return partials_floats(a) + 2 * nf4_gemv_counters(a);
