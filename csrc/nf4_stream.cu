@@ -310,6 +310,69 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   const uint32_t x_full = sums_in_full + 8;  // (ONE) the part's x has landed
   const uint32_t ring = table + L.ring;
 
+  // The prologue, in as few global round trips as possible (run 132: the prologue and
+  // epilogue alone took 7.1 us of the 15.7 us call, as long as the weight's copies, in four
+  // dependent rounds: the levels, the scales, absmax2, x). Now one round for the levels,
+  // code2, absmax2 and the first scales (all loads issued before any store), one for x.
+  constexpr int kScaleBytes = NESTED ? 1 : 4;
+  // 8-byte units: a row's scales are whole units where the row has a multiple of 8 bytes of
+  // them (e.g. 18944 or 3584 features, nested: 296 / 56 bytes), which 16-byte units were not;
+  // 4-byte units (UNIT 4, nested) where it has a multiple of 4 only
+  static_assert(UNIT == 8 || (UNIT == 4 && NESTED), "8-byte units, or 4 for nested scales");
+  using Unit = typename std::conditional<UNIT == 8, uint2, uint32_t>::type;
+  constexpr int kScalesPerUnit = UNIT / kScaleBytes;
+  // units of scales a thread holds in registers: 32 bytes, as 4 8-byte units (run 165: 8 such
+  // made the decode-like up / down chain at M = 16 29.9 us per call, 4 26.0; main then 28.1,
+  // nested: the unrolled decode); 64 bytes of float32 scales, which need no decode: a CTA's
+  // are 4x the nested bytes (28 KB at 4096 -> 14336), and each batch beyond the first costs a
+  // round trip (runs 205-206, float32 scales at 4096 -> 14336, M = 1: 15.2 us with 32-byte
+  // batches, 13.4 with 64; nested 13.0)
+  constexpr int kScaleBatch = (NESTED ? 32 : 64) / UNIT;
+  const int64_t blk0 = (int64_t)row0 * L.KS;  // the CTA's first quantisation block
+  // the CTA's absmax2 entries: a2_count from a2_first (nested only); blk_rel0: blk0 counted
+  // from a2_first's first block, so the loop's absmax2 indices are 32-bit
+  const int64_t a2_first = NESTED ? (blk0 >> w.bs2_log2) : 0;
+  const int a2_count =
+      NESTED ? (int)(((blk0 + (int64_t)rows * L.KS - 1) >> w.bs2_log2) + 1 - a2_first) : 0;
+  const int blk_rel0 = NESTED ? (int)(blk0 - (a2_first << w.bs2_log2)) : 0;
+  const int units_row = L.KS / kScalesPerUnit;  // a row's scales in units
+  const int steps_log2 = w.bs_log2 - 6;  // steps (of 64 values) per quantisation block
+  // this K part's scales of a row: blocks from blk_part0, units_part units from unit_part0
+  // (the plan checks that they are whole units)
+  const int blk_part0 = KPARTS == 1 ? 0 : step0 >> steps_log2;
+  const int units_part = KPARTS == 1 ? units_row : (steps >> steps_log2) / kScalesPerUnit;
+  const int unit_part0 = KPARTS == 1 ? 0 : blk_part0 / kScalesPerUnit;
+  const int scale_units = rows * units_part;
+  const Unit* scales = reinterpret_cast<const Unit*>(static_cast<const uint8_t*>(w.absmax) +
+                                                     blk0 * kScaleBytes);
+  auto scale_unit = [&](int i) {  // unit i of the CTA's scales (row i / units_part)
+    return KPARTS == 1 ? scales + i
+                       : scales + (i / units_part) * units_row + unit_part0 + i % units_part;
+  };
+  float* a2_s = reinterpret_cast<float*>(smem + L.a2_area);
+  float level_hi = 0.f, level_lo = 0.f, code2_v = 0.f, a2_v = 0.f, offset = 0.f;
+  Unit scale_v[kScaleBatch];
+  auto load_prologue = [&]() {
+    if (NESTED) offset = __ldg(w.offset);
+    if (tid < 256) {
+      level_hi = __ldg(w.code + (tid >> 4));
+      level_lo = __ldg(w.code + (tid & 15));
+      if (NESTED) code2_v = __ldg(w.code2 + tid);
+    }
+    if (NESTED && tid < a2_count) a2_v = __ldg(w.absmax2 + a2_first + tid);
+#pragma unroll
+    for (int k = 0; k < kScaleBatch; ++k)
+      if (tid + k * kV4ConsumerThreads < scale_units)
+        scale_v[k] = __ldg(scale_unit(tid + k * kV4ConsumerThreads));
+  };
+  // With the weight frozen the consumers issue these loads first thing, before the barriers
+  // are made (their round trip is the prologue's longest step: the scales come from DRAM
+  // while the other SMs stream), else after the PDL wait. Run 255, M = 1, timeline: the
+  // table complete 2.11 us after the CTA's start at 4096 -> 14336, 2.72 with the loads after
+  // the barriers (probe 9); bench/nf4_small_m.py against main: 14336 -> 4096 13.5 vs 14.6 us,
+  // 4096 -> 4096 6.5-6.7 vs 7.3, the up / down chain 12.4-12.6 vs 13.1.
+  const bool early_loads = a.weights_frozen && probe != 9;
+
   NF4_MARK(tid == 0, kTimelineStartNs);  // (bench/nf4_timeline.cu only)
   NF4_MARK(tid == 0, kTimelineSm);
   NF4_MARK(tid == 0, kTimelineStart);
@@ -323,6 +386,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     if (ONE) mbar_init(x_full, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
+  if (early_loads && warp < kV4Consumers) load_prologue();
   __syncthreads();
   // K parts: every thread arrives here, once this CTA's barriers exist, and waits (long since
   // complete) before it leaves: the second part's before it arrives on the first part's barrier
@@ -395,59 +459,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     if (KPARTS > 1) asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
     return;
   }
-  // The prologue, in as few global round trips as possible (run 132: the prologue and
-  // epilogue alone took 7.1 us of the 15.7 us call, as long as the weight's copies, in four
-  // dependent rounds: the levels, the scales, absmax2, x). Now one round for the levels,
-  // code2, absmax2 and the first scales (all loads issued before any store), one for x.
-  constexpr int kScaleBytes = NESTED ? 1 : 4;
-  // 8-byte units: a row's scales are whole units where the row has a multiple of 8 bytes of
-  // them (e.g. 18944 or 3584 features, nested: 296 / 56 bytes), which 16-byte units were not;
-  // 4-byte units (UNIT 4, nested) where it has a multiple of 4 only
-  static_assert(UNIT == 8 || (UNIT == 4 && NESTED), "8-byte units, or 4 for nested scales");
-  using Unit = typename std::conditional<UNIT == 8, uint2, uint32_t>::type;
-  constexpr int kScalesPerUnit = UNIT / kScaleBytes;
-  // units of scales a thread holds in registers: 32 bytes, as 4 8-byte units (run 165: 8 such
-  // made the decode-like up / down chain at M = 16 29.9 us per call, 4 26.0; main then 28.1,
-  // nested: the unrolled decode); 64 bytes of float32 scales, which need no decode: a CTA's
-  // are 4x the nested bytes (28 KB at 4096 -> 14336), and each batch beyond the first costs a
-  // round trip (runs 205-206, float32 scales at 4096 -> 14336, M = 1: 15.2 us with 32-byte
-  // batches, 13.4 with 64; nested 13.0)
-  constexpr int kScaleBatch = (NESTED ? 32 : 64) / UNIT;
-  const int64_t blk0 = (int64_t)row0 * L.KS;  // the CTA's first quantisation block
-  // the CTA's absmax2 entries: a2_count from a2_first (nested only); blk_rel0: blk0 counted
-  // from a2_first's first block, so the loop's absmax2 indices are 32-bit
-  const int64_t a2_first = NESTED ? (blk0 >> w.bs2_log2) : 0;
-  const int a2_count =
-      NESTED ? (int)(((blk0 + (int64_t)rows * L.KS - 1) >> w.bs2_log2) + 1 - a2_first) : 0;
-  const int blk_rel0 = NESTED ? (int)(blk0 - (a2_first << w.bs2_log2)) : 0;
-  const int units_row = L.KS / kScalesPerUnit;  // a row's scales in units
-  const int steps_log2 = w.bs_log2 - 6;  // steps (of 64 values) per quantisation block
-  // this K part's scales of a row: blocks from blk_part0, units_part units from unit_part0
-  // (the plan checks that they are whole units)
-  const int blk_part0 = KPARTS == 1 ? 0 : step0 >> steps_log2;
-  const int units_part = KPARTS == 1 ? units_row : (steps >> steps_log2) / kScalesPerUnit;
-  const int unit_part0 = KPARTS == 1 ? 0 : blk_part0 / kScalesPerUnit;
-  const int scale_units = rows * units_part;
-  const Unit* scales = reinterpret_cast<const Unit*>(static_cast<const uint8_t*>(w.absmax) +
-                                                     blk0 * kScaleBytes);
-  auto scale_unit = [&](int i) {  // unit i of the CTA's scales (row i / units_part)
-    return KPARTS == 1 ? scales + i
-                       : scales + (i / units_part) * units_row + unit_part0 + i % units_part;
-  };
-  float* a2_s = reinterpret_cast<float*>(smem + L.a2_area);
-  float level_hi = 0.f, level_lo = 0.f, code2_v = 0.f, a2_v = 0.f;
-  const float offset = NESTED ? __ldg(w.offset) : 0.f;
-  if (tid < 256) {
-    level_hi = __ldg(w.code + (tid >> 4));
-    level_lo = __ldg(w.code + (tid & 15));
-    if (NESTED) code2_v = __ldg(w.code2 + tid);
-  }
-  if (NESTED && tid < a2_count) a2_v = __ldg(w.absmax2 + a2_first + tid);
-  Unit scale_v[kScaleBatch];
-#pragma unroll
-  for (int k = 0; k < kScaleBatch; ++k)
-    if (tid + k * kV4ConsumerThreads < scale_units)
-      scale_v[k] = __ldg(scale_unit(tid + k * kV4ConsumerThreads));
+  if (!early_loads) load_prologue();
   if (tid < 256) {  // the level-pair table as v3's
     v3_store_level_pair(table, tid, level_hi, level_lo);
     if (NESTED) code2_s[tid] = code2_v;
@@ -476,9 +488,22 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // Every scale of the unit first, then the stores: the compiler cannot tell the stores from
   // code2_s / a2_s, so a load after a store waits for it; and the common blocksize (64: one
   // step per scale) takes straight-line stores. (A loop per scale made this ~2.2 us of the
-  // prologue at 4096 -> 14336, run 141: ~1000 instructions per unit.)
+  // prologue at 4096 -> 14336, run 141: ~1000 instructions per unit; ~180 until run 255, ~90
+  // since, with one absmax2 entry per unit and no integer division: the step took 0.94
+  // instead of 1.05 us there, as it mostly waits for the scales' loads.)
+  const float inv_units = 1.f / (float)units_part;
   auto scales_to_holes = [&](int i, Unit v) {  // unit i: row i / units_part's UNIT bytes
-    const int r = i / units_part, bs0 = (i - r * units_part) * kScalesPerUnit;
+    // r = i / units_part without the integer division's ~25 instructions: the float product
+    // is within one of the quotient (i < 2^22)
+    int r = __float2int_rz(__int2float_rn(i) * inv_units);
+    r -= r * units_part > i ? 1 : 0;
+    r += (r + 1) * units_part <= i ? 1 : 0;
+    const int bs0 = (i - r * units_part) * kScalesPerUnit;
+    // the unit's absmax2 entry: one for all of its blocks, as the first is a multiple of
+    // kScalesPerUnit (rows and K parts are whole units) and an entry spans 8 or more blocks
+    // (the plan; bitsandbytes': 256)
+    const int unit_block = blk_rel0 + r * L.KS + blk_part0 + bs0;
+    const float a2 = NESTED ? a2_s[unit_block >> w.bs2_log2] : 0.f;
     uint32_t words[UNIT / 4];
     unit_words(v, words);
     float sc[kScalesPerUnit];
@@ -486,10 +511,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     for (int k = 0; k < kScalesPerUnit; ++k) {
       if (NESTED) {
         const int q = (words[k >> 2] >> (8 * (k & 3))) & 0xFF;
-        sc[k] = __fadd_rn(
-            __fmul_rn(code2_s[q],
-                      a2_s[(blk_rel0 + r * L.KS + blk_part0 + bs0 + k) >> w.bs2_log2]),
-            offset);
+        sc[k] = __fadd_rn(__fmul_rn(code2_s[q], a2), offset);
       } else {
         sc[k] = __uint_as_float(words[k]);
       }
@@ -942,7 +964,9 @@ bool encode_x_map(CUtensorMap* map, const NF4GemvArgs& a, int steps) {
 // decode, 3 = no copies (the decode of stale data), 5 = neither (the prologue and the
 // epilogue): wrong results; 4 = the ring filled without waiting for the scales (right
 // results: the order before run 132, for comparison); 6 = the 8-tile window loop where the
-// loop for CTAs of at most 2 tiles would run (right results, the same bits: its test).
+// loop for CTAs of at most 2 tiles would run (right results, the same bits: its test); 9 = the
+// prologue's loads after the barriers are made, with the weight frozen too (right results:
+// the order before run 255).
 // FASTFT_NF4_V4_SPLIT, FASTFT_NF4_V4_KPARTS: 1 or 2 warps per step, 1 or 2 K parts, that one
 // only (v4 does not take a call where it does not fit); 0: the plan chooses.
 int env_int(const char* name) {
@@ -1105,6 +1129,8 @@ int v4_cluster_pairs() {
 bool nf4_gemv_v4_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
   if (encode_tiled() == nullptr || !nf4_gemv_v3_ok(w, a) || a.K % (1 << w.bs_log2) != 0)
     return false;
+  // a scale unit's blocks share one absmax2 entry (nested: entries of 8 or more blocks)
+  if (w.nested && w.bs2_log2 < 3) return false;
   // x is copied by its tensor map (encode_x_map)
   if (reinterpret_cast<uintptr_t>(a.x) % 16 != 0 || a.x_stride % 8 != 0) return false;
   const int scale_bytes = w.nested ? 1 : 4;

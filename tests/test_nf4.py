@@ -1803,6 +1803,31 @@ def test_fused_matmul_gpu_v4_two_tile_loop(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_fused_matmul_gpu_v4_needs_absmax2_entries_of_8_blocks(monkeypatch):
+    """v4's prologue takes one absmax2 entry per scale unit (up to 8 blocks), so a nested state
+    whose absmax2 entries span fewer blocks (bitsandbytes' span 256) is not v4's: the plan
+    takes another kernel, right against float64 at 1 and 4 rows."""
+    _plan_impl(monkeypatch, min_sms=1)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("v4 needs compute capability 9.0")
+    _, packed, bnb_state = quantize((1024, 4096), True, device="cuda")
+    own = NF4State.from_bnb(bnb_state)
+    entries = -(-own.absmax.numel() // 4)
+    g = torch.Generator().manual_seed(7)
+    a2 = (torch.rand(entries, generator=g) + 0.5).cuda()
+    small = NF4State(absmax=own.absmax, shape=own.shape, dtype=own.dtype,
+                     offset=float(own.offset),
+                     state2=nf4_mod.NF4NestedState(a2, own.state2.code, 4))
+    w = nf4_dequantize(packed, small, dtype=torch.float32, backend="torch").double()
+    for rows in (1, 4):
+        x = torch.randn(rows, 4096, generator=g).to("cuda", torch.bfloat16)
+        names = profiled_names(lambda: nf4_matmul(x, packed, small, backend="cuda"))
+        assert names and not any("nf4_gemv_v4_kernel" in n for n in names), names
+        y = nf4_matmul(x, packed, small, backend="cuda")
+        assert rel_err(y, x.double() @ w.t()) < RTOL[torch.bfloat16], rows
+
+
+@pytest.mark.gpu
 def test_fused_matmul_gpu_v4_two_token_tiles(monkeypatch):
     """v4 at 9..16 rows (forced here; where auto takes it: the rule test): two token tiles of
     the mma, two warps per step, one K part or two (FASTFT_NF4_V4_KPARTS). Right against float64
