@@ -1617,6 +1617,17 @@ def _plan_impl(monkeypatch, min_sms):
     return nf4_mod._BACKENDS["cuda"]
 
 
+def _v4_impl(monkeypatch, min_sms, force=True):
+    """_plan_impl on a GPU that has v4 (compute capability 9.0; skips elsewhere), with
+    FASTFT_NF4_GEMV=v4 where `force` (else the plan chooses)."""
+    impl = _plan_impl(monkeypatch, min_sms)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("v4 needs compute capability 9.0")
+    if force:
+        monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
+    return impl
+
+
 def _v3_cta_warps(fn) -> list:
     """The warps per CTA (the last template argument) of each one-weight v3 kernel fn() launches."""
     import re
@@ -1653,9 +1664,7 @@ def test_fused_matmul_gpu_v4_where_out_at_least_in_and_few_rows(monkeypatch):
     row, whose nested scales are loaded in 4-byte units); v3 / v1 otherwise
     (fewer input features: 2048 -> 4096, one tile per CTA: 1024 -> 2048).
     Forced, v4 runs where it fits even outside the rule. Every result against float64."""
-    impl = _plan_impl(monkeypatch, min_sms=100)
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("v4 needs compute capability 9.0")
+    impl = _v4_impl(monkeypatch, min_sms=100, force=False)
 
     def kernels(fn):
         names = profiled_names(fn)
@@ -1738,10 +1747,7 @@ def test_fused_matmul_gpu_v4_one_or_two_warps_per_step(monkeypatch):
     against float64 at odd row counts, both dtypes, nested scales or not, a partial last tile,
     CTAs with one tile (the second warp of a step idle) and a LoRA term. bf16 x is converted
     in the loop at these row counts: no v4_x_half_kernel before it."""
-    impl = _plan_impl(monkeypatch, min_sms=132)
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("v4 needs compute capability 9.0")
-    monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
+    impl = _v4_impl(monkeypatch, min_sms=132)
 
     def split_taken(names):  # the SPLIT template argument of the v4 kernel launched, or None
         found = v4_template_args(None, names)
@@ -1776,10 +1782,7 @@ def test_fused_matmul_gpu_v4_two_tile_loop(monkeypatch):
     loop gives on the same call (FASTFT_NF4_V4_PROBE=6); so are CTAs of 3 tiles (6000 -> 4096,
     the 8-tile loop either way) and 2..8 rows (the loop for 2 tiles is the one-token kernels'
     only)."""
-    impl = _plan_impl(monkeypatch, min_sms=132)  # (the tile counts are the H200's plan)
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("v4 needs compute capability 9.0")
-    monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
+    impl = _v4_impl(monkeypatch, min_sms=132)  # (the tile counts are the H200's plan)
     for shape, rows, dtype, nested, rank, kparts in (
             ((4096, 14336), 1, torch.bfloat16, True, 16, None),
             ((4096, 4096), 1, torch.float16, False, 0, None),
@@ -1807,9 +1810,7 @@ def test_fused_matmul_gpu_v4_needs_absmax2_entries_of_8_blocks(monkeypatch):
     """v4's prologue takes one absmax2 entry per scale unit (up to 8 blocks), so a nested state
     whose absmax2 entries span fewer blocks (bitsandbytes' span 256) is not v4's: the plan
     takes another kernel, right against float64 at 1 and 4 rows."""
-    _plan_impl(monkeypatch, min_sms=1)
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("v4 needs compute capability 9.0")
+    _v4_impl(monkeypatch, min_sms=1, force=False)
     _, packed, bnb_state = quantize((1024, 4096), True, device="cuda")
     own = NF4State.from_bnb(bnb_state)
     entries = -(-own.absmax.numel() // 4)
@@ -1835,10 +1836,7 @@ def test_fused_matmul_gpu_v4_two_token_tiles(monkeypatch):
     rows far apart in size and a row of zeros in one call; the same bits twice; the kernel taken
     has NT = 2, and bf16 x reaches it in fp16 (v4_x_half_kernel runs first: a power of two per
     token over its whole row, undone in v4's epilogue), fp16 x as it is."""
-    impl = _plan_impl(monkeypatch, min_sms=100)  # (H200: 132)
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("v4 needs compute capability 9.0")
-    monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
+    impl = _v4_impl(monkeypatch, min_sms=100)  # (H200: 132)
     for kparts in ("1", "2"):
         monkeypatch.setenv("FASTFT_NF4_V4_KPARTS", kparts)
         # (K of whole 8-byte units of nested scales per K part: 4096, 6144)
@@ -1873,10 +1871,7 @@ def test_fused_matmul_gpu_v4_scales_outside_the_table(monkeypatch):
     only), Qwen2.5-14B's gate / up (5120 -> 13824: 7 tiles x 3 holes per row), 9216 -> 8000.
     Each taken by v4 and right against float64 for both dtypes, nested scales or not, a LoRA
     term, M = 1..16."""
-    impl = _plan_impl(monkeypatch, min_sms=132)  # (the hole counts are the H200's plan)
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("v4 needs compute capability 9.0")
-    monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
+    impl = _v4_impl(monkeypatch, min_sms=132)  # (the hole counts are the H200's plan)
     for shape, rows, dtype, nested, rank, kparts in (
             ((3584, 18944), 2, torch.bfloat16, False, 16, None),
             ((3584, 18944), 5, torch.bfloat16, True, 0, None),
@@ -1902,9 +1897,7 @@ def test_fused_matmul_gpu_v4_nested_scales_in_4_byte_units(monkeypatch):
     and two K parts (parts of 96 and 76 scales), M = 1 (x whole), 2..8 and 12 (two token
     tiles), both dtypes, a LoRA term. Right against float64. Plain scales of such rows are
     whole 8-byte units (688 bytes): UNIT 8 as before."""
-    impl = _plan_impl(monkeypatch, min_sms=100)
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("v4 needs compute capability 9.0")
+    impl = _v4_impl(monkeypatch, min_sms=100, force=False)
     for shape, rows, dtype, nested, rank, kparts, unit in (
             ((4096, 11008), 1, torch.bfloat16, True, 16, None, 4),
             ((4096, 11008), 1, torch.bfloat16, True, 0, "1", 4),
@@ -1929,10 +1922,7 @@ def test_fused_matmul_gpu_v4_up_to_16_tiles_per_cta(monkeypatch):
     step at up to 8 rows (each warp's sums of 8 tiles in registers, as with one warp per step
     of 8 tiles). Taken by v4 in that form, right against float64 for both dtypes, nested
     scales or not, a LoRA term, scales in the table's holes and in their own area."""
-    impl = _plan_impl(monkeypatch, min_sms=132)  # (the tile counts are the H200's plan)
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("v4 needs compute capability 9.0")
-    monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
+    impl = _v4_impl(monkeypatch, min_sms=132)  # (the tile counts are the H200's plan)
     for shape, rows, dtype, nested, rank in (((18944, 3584), 1, torch.bfloat16, True, 16),
                                              ((18944, 3584), 8, torch.bfloat16, False, 0),
                                              ((20000, 1024), 3, torch.float16, True, 0)):
@@ -1955,10 +1945,7 @@ def test_fused_matmul_gpu_v4_two_k_parts(monkeypatch):
     of windows (the parts unequal) and a partial last window (plain scales: nested ones of a row
     are whole 8-byte units only where K is whole windows); the same bits twice; the kernel
     taken is the two-part one."""
-    impl = _plan_impl(monkeypatch, min_sms=100)  # (H200: 132)
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("v4 needs compute capability 9.0")
-    monkeypatch.setenv("FASTFT_NF4_GEMV", "v4")
+    impl = _v4_impl(monkeypatch, min_sms=100)  # (H200: 132)
 
     def parts_taken(fn):  # the KPARTS template argument of the v4 kernel fn() launched, or None
         found = v4_template_args(fn)
