@@ -2,7 +2,7 @@
 
 At one new token per sequence, eager decoding is bound by the host, not the GPU: an 8-layer
 Llama-3.1-8B-shaped QLoRA forward takes ~18 ms of Python and kernel launches on the H200's
-host against ~2 ms of GPU work (bench/RESULTS.md, run 73). So for_inference has `generate` use
+host against ~2 ms of GPU work (bench/RUNS.md, run 73). So for_inference has `generate` use
 transformers' static KV cache, whose decoding steps have fixed shapes and fixed addresses
 (input_ids (B, 1), a 4-D mask as long as the cache, the cache's tensors updated in place), and
 replays each such step from a CUDA graph captured the first time its shapes are seen.
@@ -261,7 +261,7 @@ def _allow_deferred_stop_checks():
     host queues the next step's graph while the GPU runs this one; the one step too many is then
     undone (its token dropped; a returned cache cropped). transformers enables it on MPS only;
     with graphs a CUDA step is ~6 ms of GPU against ~1 ms of generate's Python, which the
-    synchronous check ran one after the other (bench/RESULTS.md, runs 90-93). Other models'
+    synchronous check ran one after the other (bench/RUNS.md, runs 90-93). Other models'
     calls keep the check transformers chooses: the subclass defers only for this module's caches.
     Returns the undo."""
     try:
