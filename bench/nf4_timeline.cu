@@ -314,18 +314,10 @@ int main(int argc, char** argv) {
     nf4_gemv_plan(w, a, sms);
     // the call's number in the tag's serial bits (the timeline's index; a valid counter tag)
     a.counter_tag = (0xFFFull << 52) | ((unsigned long long)c << 24);
-    if (nf4_gemv_needs_scratch(a)) {
+    if (const int64_t floats = nf4_gemv_scratch_floats(a)) {
       float* scratch;
-      const int64_t partials = (nf4_gemv_partial_floats(a) + 1) / 2 * 2;
-      CHECK(cudaMalloc(&scratch, (partials + 2 * nf4_gemv_counters(a)) * sizeof(float)));
-      a.partial = scratch;
-      a.counters = reinterpret_cast<unsigned long long*>(scratch + partials);
-    }
-    if (const int64_t floats = nf4_gemv_x_half_floats(a)) {  // (bf16 x at 9..16 rows, v4)
-      float* x_half;
-      CHECK(cudaMalloc(&x_half, floats * sizeof(float)));
-      a.x_half = x_half;
-      a.x_undo = x_half + (int64_t)M * K / 2;
+      CHECK(cudaMalloc(&scratch, floats * sizeof(float)));
+      nf4_gemv_point_into_scratch(a, scratch, a.counter_tag);
     }
   }
   CHECK(cudaStreamSynchronize(stream));

@@ -199,40 +199,6 @@ GemvCall prepare_gemv(const at::Tensor& x, const at::Tensor& packed, const at::T
   return call;
 }
 
-// the partials' floats rounded up to even, so the 8-byte counters after them are 8-aligned
-int64_t partials_floats(const NF4GemvArgs& a) { return (nf4_gemv_partial_floats(a) + 1) / 2 * 2; }
-
-// A call's float32 scratch, in one allocation (stream-ordered by the caching allocator,
-// captured into a CUDA graph's pool under capture): split K's partials and the row blocks'
-// completion counters, then v4's fp16 copy of bf16 x at 9..16 rows and its factors
-// (nf4_gemv_x_half_floats). Not zeroed: the counters carry the call's tag, so the kernel never
-// depends on what an earlier call (eager, compiled or a graph replay) left there, and the x
-// copy is written before it is read.
-int64_t split_k_floats(const NF4GemvArgs& a) {
-  if (!nf4_gemv_needs_scratch(a)) return 0;
-  return partials_floats(a) + 2 * nf4_gemv_counters(a);
-}
-// where the x copy starts: 16-byte aligned, as x's tensor map needs
-int64_t x_half_at(const NF4GemvArgs& a) { return (split_k_floats(a) + 3) / 4 * 4; }
-
-int64_t scratch_floats(const NF4GemvArgs& a) {
-  const int64_t x_half = nf4_gemv_x_half_floats(a);
-  return x_half ? x_half_at(a) + x_half : split_k_floats(a);
-}
-
-void point_into_scratch(NF4GemvArgs& a, float* at, unsigned long long tag) {
-  if (nf4_gemv_needs_scratch(a)) {
-    a.partial = at;
-    a.counters = reinterpret_cast<unsigned long long*>(at + partials_floats(a));
-    a.counter_tag = tag;
-  }
-  if (nf4_gemv_x_half_floats(a)) {  // (else a.x_half / x_undo stay null)
-    float* x_half = at + x_half_at(a);
-    a.x_half = x_half;
-    a.x_undo = x_half + (int64_t)a.M * a.K / 2;  // (M K halves before them)
-  }
-}
-
 const char* launch_hint(bool pdl) {
   return pdl ? " (nf4_gemv, launched with programmatic dependent launch; if the driver or a "
                "graph capture rejects that, FASTFT_NF4_PDL=0 turns it off)"
@@ -246,10 +212,11 @@ void launch_gemv_call(GemvCall& call) {
   FASTFT_CHECK(call.lr.xa == nullptr || a.variant != 2,
               "fastft nf4: the low-rank term is not implemented in the v2 kernel "
               "(FASTFT_NF4_GEMV=v2): add it after the call");
+  // (stream-ordered by the caching allocator; under capture, from the CUDA graph's pool)
   at::Tensor scratch;
-  if (const int64_t floats = scratch_floats(a)) {
+  if (const int64_t floats = nf4_gemv_scratch_floats(a)) {
     scratch = at::empty({floats}, call.x.options().dtype(at::kFloat));
-    point_into_scratch(a, scratch.data_ptr<float>(), nf4_gemv_counter_tag());
+    nf4_gemv_point_into_scratch(a, scratch.data_ptr<float>(), nf4_gemv_counter_tag());
   }
   FASTFT_CHECK(nf4_gemv(call.w, a, call.lr, stream_of(call.x)),
               "fastft nf4: the driver could not describe the weight to the copy engine for the v4 "
@@ -314,15 +281,15 @@ void gemv_group(const at::Tensor& x, at::TensorList packed, at::TensorList absma
     return;
   }
   int64_t floats = 0;
-  for (int s = 0; s < g.count; ++s) floats += scratch_floats(g.a[s]);
+  for (int s = 0; s < g.count; ++s) floats += nf4_gemv_scratch_floats(g.a[s]);
   at::Tensor scratch;
   if (floats > 0) {
     scratch = at::empty({floats}, xa.options().dtype(at::kFloat));
     const unsigned long long tag = nf4_gemv_counter_tag();
     float* at = scratch.data_ptr<float>();
     for (int s = 0; s < g.count; ++s) {
-      const int64_t mine = scratch_floats(g.a[s]);
-      if (mine > 0) point_into_scratch(g.a[s], at, tag);
+      const int64_t mine = nf4_gemv_scratch_floats(g.a[s]);
+      if (mine > 0) nf4_gemv_point_into_scratch(g.a[s], at, tag);
       at += mine;
     }
   }

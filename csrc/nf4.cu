@@ -188,7 +188,7 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms) {
     //   faster than v4 there before them, runs 168, 193).
     // v4 adds a LoRA term in its epilogue at ~no cost where v3's cost 2-4 us (run 139). Inputs
     // under 3072 features stay v3 (1024 -> 2048, one tile per CTA, was 37% slower with v4 in
-    // run 140). The numbers per shape and M: bench/RESULTS.md ("The weight through the copy
+    // run 140). The numbers per shape and M: bench/RUNS.md ("The weight through the copy
     // engine") and the runs' JSON. Elsewhere v3h where the output is wide.
     const bool v4_wide = a.N >= a.K && a.M <= 16;
     const bool v4_deep = a.N < a.K && a.M <= 16;
@@ -315,6 +315,39 @@ bool nf4_gemv_needs_scratch(const NF4GemvArgs& a) {
   // row blocks, which cannot be known cheaply here, so always)
   if (a.variant == 3) return a.v3_splits > 1;
   return a.variant == 2 || a.split > 1;
+}
+
+// The scratch's layout, in one place for every caller (the torch binding, bench/nf4_timeline.cu):
+// split K's partials (rounded up to even floats, so that the 8-byte counters after them are
+// 8-aligned), the counters, then v4's fp16 copy of x (16-byte aligned, as x's tensor map
+// needs) and its factor per token after its M K halves.
+namespace {
+int64_t split_k_partials_floats(const NF4GemvArgs& a) {
+  return (nf4_gemv_partial_floats(a) + 1) / 2 * 2;
+}
+int64_t split_k_floats(const NF4GemvArgs& a) {
+  if (!nf4_gemv_needs_scratch(a)) return 0;
+  return split_k_partials_floats(a) + 2 * nf4_gemv_counters(a);
+}
+int64_t x_half_at(const NF4GemvArgs& a) { return (split_k_floats(a) + 3) / 4 * 4; }
+}  // namespace
+
+int64_t nf4_gemv_scratch_floats(const NF4GemvArgs& a) {
+  const int64_t x_half = nf4_gemv_x_half_floats(a);
+  return x_half ? x_half_at(a) + x_half : split_k_floats(a);
+}
+
+void nf4_gemv_point_into_scratch(NF4GemvArgs& a, float* at, unsigned long long tag) {
+  if (nf4_gemv_needs_scratch(a)) {
+    a.partial = at;
+    a.counters = reinterpret_cast<unsigned long long*>(at + split_k_partials_floats(a));
+    a.counter_tag = tag;
+  }
+  if (nf4_gemv_x_half_floats(a)) {  // (else a.x_half / x_undo stay null)
+    float* x_half = at + x_half_at(a);
+    a.x_half = x_half;
+    a.x_undo = x_half + (int64_t)a.M * a.K / 2;
+  }
 }
 
 namespace {

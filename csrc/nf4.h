@@ -139,6 +139,12 @@ void nf4_gemv_plan(const NF4Weight& w, NF4GemvArgs& a, int sms);
 bool nf4_gemv_needs_scratch(const NF4GemvArgs& a);
 int64_t nf4_gemv_partial_floats(const NF4GemvArgs& a);
 int64_t nf4_gemv_counters(const NF4GemvArgs& a);  // one per row block of the chosen kernel
+// A planned call's float32 scratch (split K's partials and counters, v4's fp16 copy of x),
+// in floats (0: none), and a's pointers into such scratch at `at` (tag: nf4_gemv_counter_tag()).
+// Not zeroed: the counters carry the call's tag, so a kernel never depends on what an earlier
+// call left there, and the x copy is written before it is read.
+int64_t nf4_gemv_scratch_floats(const NF4GemvArgs& a);
+void nf4_gemv_point_into_scratch(NF4GemvArgs& a, float* at, unsigned long long tag);
 // False only where v4 could not launch (see nf4_gemv_v4).
 bool nf4_gemv(const NF4Weight& w, const NF4GemvArgs& a, const NF4LowRank& lr,
               cudaStream_t stream);
