@@ -349,6 +349,43 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     return KPARTS == 1 ? scales + i
                        : scales + (i / units_part) * units_row + unit_part0 + i % units_part;
   };
+  // The order the consumers take the units in: unit_of(i) for i = tid, tid + 512, ... A
+  // unit's k-th scale goes to bank (its first block + its row + k) % 32 (the holes below), so
+  // 32 lanes on consecutive units of a row (8 scales each) met 4 banks: 8-way conflicts at
+  // 14336 -> 4096 (28 units a row), 2-way at 4096 -> 14336 (8), and the scales' decode
+  // took ~0.9 us of a 14336 -> 4096 call (run 264: 12.8 vs 13.7 us without it). Where the
+  // blocks are 64 values (one step a scale), a warp takes kGroupRows rows x kGroupUnits units
+  // (row fastest) instead: 32 banks. (Its loads: 8-byte units in 32-byte row pieces, the same
+  // sectors as before.) Run 265: 14336 -> 4096 M = 1 13.28 vs 13.64 us, other calls level.
+  constexpr int kGroupRows = kScalesPerUnit, kGroupUnits = 32 / kScalesPerUnit;
+  // (probe 17: the old order, for comparison)
+  const bool units_spread = steps_log2 == 0 && units_part % kGroupUnits == 0 &&
+                            rows % kGroupRows == 0 && probe != 17;
+  // Place i: spread, i = 32 g + lane (g: its warp group) takes row q * kGroupRows + lane %
+  // kGroupRows and unit (g - q * groups_band) * kGroupUnits + lane / kGroupRows of it, q =
+  // g / groups_band (groups_band = units_part / kGroupUnits: a band's warp groups); else row
+  // q = i / units_part, unit i - q * units_part. One division either way, by a float product
+  // within one of the quotient (i < 2^22), as the old order's; the parameters of the two:
+  const int place_shift = units_spread ? 5 : 0;
+  const int place_div = units_spread ? units_part / kGroupUnits : units_part;
+  const float place_inv = 1.f / (float)place_div;
+  const int place_row_mul = units_spread ? kGroupRows : 1;
+  const int place_row_add = units_spread ? lane % kGroupRows : 0;
+  const int place_unit_mul = units_spread ? kGroupUnits : 1;
+  const int place_unit_add = units_spread ? lane / kGroupRows : 0;
+  auto place = [&](int i, int& r, int& u) {
+    const int n = i >> place_shift;
+    int q = __float2int_rz(__int2float_rn(n) * place_inv);
+    q -= q * place_div > n ? 1 : 0;
+    q += (q + 1) * place_div <= n ? 1 : 0;
+    r = q * place_row_mul + place_row_add;
+    u = (n - q * place_div) * place_unit_mul + place_unit_add;
+  };
+  auto unit_of = [&](int i) {  // the unit (of the CTA's scales) place i takes
+    int r, u;
+    place(i, r, u);
+    return r * units_part + u;
+  };
   float* a2_s = reinterpret_cast<float*>(smem + L.a2_area);
   float level_hi = 0.f, level_lo = 0.f, code2_v = 0.f, a2_v = 0.f, offset = 0.f;
   Unit scale_v[kScaleBatch];
@@ -363,7 +400,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
 #pragma unroll
     for (int k = 0; k < kScaleBatch; ++k)
       if (tid + k * kV4ConsumerThreads < scale_units)
-        scale_v[k] = __ldg(scale_unit(tid + k * kV4ConsumerThreads));
+        scale_v[k] = __ldg(scale_unit(unit_of(tid + k * kV4ConsumerThreads)));
   };
   // With the weight frozen the consumers issue these loads first thing, before the barriers
   // are made (their round trip is the prologue's longest step: the scales come from DRAM
@@ -491,14 +528,11 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // prologue at 4096 -> 14336, run 141: ~1000 instructions per unit; ~180 until run 255, ~90
   // since, with one absmax2 entry per unit and no integer division: the step took 0.94
   // instead of 1.05 us there, as it mostly waits for the scales' loads.)
-  const float inv_units = 1.f / (float)units_part;
-  auto scales_to_holes = [&](int i, Unit v) {  // unit i: row i / units_part's UNIT bytes
-    // r = i / units_part without the integer division's ~25 instructions: the float product
-    // is within one of the quotient (i < 2^22)
-    int r = __float2int_rz(__int2float_rn(i) * inv_units);
-    r -= r * units_part > i ? 1 : 0;
-    r += (r + 1) * units_part <= i ? 1 : 0;
-    const int bs0 = (i - r * units_part) * kScalesPerUnit;
+  auto scales_to_holes = [&](int i, Unit v) {  // place i's unit: UNIT bytes of row r
+    // (the divisions by place(): the integer division's ~25 instructions would be more)
+    int r, u;
+    place(i, r, u);
+    const int bs0 = u * kScalesPerUnit;
     // the unit's absmax2 entry: one for all of its blocks, as the first is a multiple of
     // kScalesPerUnit (rows and K parts are whole units) and an entry spans 8 or more blocks
     // (the plan; bitsandbytes': 256)
@@ -536,7 +570,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     if (tid + k * kV4ConsumerThreads < scale_units)
       scales_to_holes(tid + k * kV4ConsumerThreads, scale_v[k]);
   for (int i = tid + kScaleBatch * kV4ConsumerThreads; i < scale_units; i += kV4ConsumerThreads)
-    scales_to_holes(i, __ldg(scale_unit(i)));
+    scales_to_holes(i, __ldg(scale_unit(unit_of(i))));
   NF4_MARK(tid == 0, kTimelineTable);
 
   consumers_sync();  // the table and the scales' holes complete
@@ -966,7 +1000,8 @@ bool encode_x_map(CUtensorMap* map, const NF4GemvArgs& a, int steps) {
 // results: the order before run 132, for comparison); 6 = the 8-tile window loop where the
 // loop for CTAs of at most 2 tiles would run (right results, the same bits: its test); 9 = the
 // prologue's loads after the barriers are made, with the weight frozen too (right results:
-// the order before run 255).
+// the order before run 255); 17 = the scales' decode with consecutive units a warp (right
+// results, the same bits: the order before run 265).
 // FASTFT_NF4_V4_SPLIT, FASTFT_NF4_V4_KPARTS: 1 or 2 warps per step, 1 or 2 K parts, that one
 // only (v4 does not take a call where it does not fit); 0: the plan chooses.
 int env_int(const char* name) {

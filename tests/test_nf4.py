@@ -1806,6 +1806,36 @@ def test_fused_matmul_gpu_v4_two_tile_loop(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_fused_matmul_gpu_v4_scales_decoded_by_row_groups(monkeypatch):
+    """v4's prologue decodes the scales into their holes with a warp on several rows at once
+    (bank-conflict-free stores) where the blocks are 64 values, the row's units fill whole
+    warp groups and the CTA's rows whole row groups; elsewhere (a partial last tile, K parts
+    of an odd number of units, bigger blocks) in the old order. Either way right against
+    float64 and bit for bit what the old order gives on the same call
+    (FASTFT_NF4_V4_PROBE=17): one and more rows, two token tiles, both dtypes, nested and
+    float32 scales, a LoRA term, two K parts."""
+    impl = _v4_impl(monkeypatch, min_sms=132)
+    for shape, rows, dtype, nested, rank, kparts in (
+            ((4096, 14336), 1, torch.bfloat16, True, 16, None),  # 28 units a row
+            ((14336, 4096), 4, torch.float16, True, 0, None),  # 8 units a row
+            ((14336, 4096), 16, torch.bfloat16, True, 0, None),  # two token tiles
+            ((4096, 4096), 1, torch.bfloat16, False, 0, None),  # float32: 32 units a row
+            ((1004, 4096), 3, torch.float16, True, 16, None),  # the last CTA: 12 rows
+            ((4096, 14336), 3, torch.bfloat16, True, 0, "2")):  # K parts of 14 units
+        x, calls, refs, (st, bias, y, low) = _v4_case(
+            monkeypatch, {"FASTFT_NF4_V4_KPARTS": kparts, "FASTFT_NF4_V4_PROBE": None}, shape,
+            rows, dtype, nested, rank)
+        what = (shape, rows, dtype, nested, kparts)
+        assert v4_template_args(lambda: impl.gemv(x, st, bias, y, low)) is not None, what
+        _check_group(x, calls, refs, dtype, what)
+        first = y.clone()
+        monkeypatch.setenv("FASTFT_NF4_V4_PROBE", "17")
+        y.fill_(float("nan"))
+        impl.gemv(x, st, bias, y, low)
+        assert torch.equal(y, first), (what, "the old decode order gives other bits")
+
+
+@pytest.mark.gpu
 def test_fused_matmul_gpu_v4_needs_absmax2_entries_of_8_blocks(monkeypatch):
     """v4's prologue takes one absmax2 entry per scale unit (up to 8 blocks), so a nested state
     whose absmax2 entries span fewer blocks (bitsandbytes' span 256) is not v4's: the plan
