@@ -1773,6 +1773,17 @@ def test_fused_matmul_gpu_v4_one_or_two_warps_per_step(monkeypatch):
             _check_group(x, calls, refs, dtype, (shape, rows, split))
 
 
+def _same_bits_with_probe(monkeypatch, impl, x, call, probe, what):
+    """The v4 call (st, bias, y, low; y already checked) again into a poisoned y with
+    FASTFT_NF4_V4_PROBE=probe, a form that must give the same bits: compared bit for bit."""
+    st, bias, y, low = call
+    first = y.clone()
+    monkeypatch.setenv("FASTFT_NF4_V4_PROBE", probe)
+    y.fill_(float("nan"))
+    impl.gemv(x, st, bias, y, low)
+    assert torch.equal(y, first), (what, f"probe {probe} gives other bits")
+
+
 @pytest.mark.gpu
 def test_fused_matmul_gpu_v4_two_tile_loop(monkeypatch):
     """At one row, a CTA of at most 2 tiles (14336 -> 4096, 4096 -> 4096, 4096 -> 1024, a
@@ -1798,11 +1809,7 @@ def test_fused_matmul_gpu_v4_two_tile_loop(monkeypatch):
         taken = v4_template_args(lambda: impl.gemv(x, st, bias, y, low))
         assert taken == (1, int(kparts or 1), 1), (what, taken)
         _check_group(x, calls, refs, dtype, what)
-        first = y.clone()
-        monkeypatch.setenv("FASTFT_NF4_V4_PROBE", "6")
-        y.fill_(float("nan"))
-        impl.gemv(x, st, bias, y, low)
-        assert torch.equal(y, first), (what, "the 8-tile loop gives other bits")
+        _same_bits_with_probe(monkeypatch, impl, x, calls[0], "6", what)  # the 8-tile loop
 
 
 @pytest.mark.gpu
@@ -1828,11 +1835,7 @@ def test_fused_matmul_gpu_v4_scales_decoded_by_row_groups(monkeypatch):
         what = (shape, rows, dtype, nested, kparts)
         assert v4_template_args(lambda: impl.gemv(x, st, bias, y, low)) is not None, what
         _check_group(x, calls, refs, dtype, what)
-        first = y.clone()
-        monkeypatch.setenv("FASTFT_NF4_V4_PROBE", "17")
-        y.fill_(float("nan"))
-        impl.gemv(x, st, bias, y, low)
-        assert torch.equal(y, first), (what, "the old decode order gives other bits")
+        _same_bits_with_probe(monkeypatch, impl, x, calls[0], "17", what)  # the old order
 
 
 @pytest.mark.gpu
