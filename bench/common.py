@@ -173,10 +173,10 @@ def use_nf4_kernel(spec: str):
     """FASTFT_NF4_GEMV and v3's forced work split from a spec like "v3h:p8:s2" (":p" the K parts
     per CTA, FASTFT_NF4_V3_KPARTS; ":s" the K splits across CTAs, FASTFT_NF4_V3_SPLITS; ":w" v4's
     warps per step, FASTFT_NF4_V4_SPLIT; ":k" v4's K parts, FASTFT_NF4_V4_KPARTS; ":q" v4's
-    timing probe, FASTFT_NF4_V4_PROBE (nf4_stream.cu: wrong results but for 4, 6 and 9); ":c" v4's most
-    row groups (CTAs), FASTFT_NF4_V4_CTAS; ":f" the
-    weights frozen: the calls made inside the returned context load the weight before the PDL
-    wait, as in generate). Returns that context (a no-op without ":f")."""
+    timing probe, FASTFT_NF4_V4_PROBE (nf4_stream.cu: wrong results but for 4, 6, 9 and 17);
+    ":c" v4's most row groups (CTAs), FASTFT_NF4_V4_CTAS; ":f" the weights frozen: the calls
+    made inside the returned context load the weight before the PDL wait, as in generate).
+    Returns that context (a no-op without ":f")."""
     import contextlib
 
     from fastft.ops.nf4 import frozen_weights

@@ -89,8 +89,8 @@ for shape, (o, i) in shapes.items():
             sets = [(x, p, s) for x, (p, s) in zip(xs, weights[shape])]
             with use_nf4_kernel(kernel):
                 err = ((fn(*sets[0]).float() - want).norm() / want.norm()).item()
-                # (v4's timing probes but 4 compute wrong results: nf4_stream.cu)
-                wrong_by_design = any(opt[:1] == "q" and opt[1:] != "4"
+                # (v4's timing probes but 4, 6, 9 and 17 compute wrong results: nf4_stream.cu)
+                wrong_by_design = any(opt[:1] == "q" and opt[1:] not in ("4", "6", "9", "17")
                                       for opt in kernel.split(":")[1:])
                 assert err < 2e-2 or wrong_by_design, \
                     f"{kernel} is wrong at M={rows} {shape}: relative error {err:.3g}"
