@@ -345,11 +345,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   const int scale_units = rows * units_part;
   const Unit* scales = reinterpret_cast<const Unit*>(static_cast<const uint8_t*>(w.absmax) +
                                                      blk0 * kScaleBytes);
-  auto scale_unit = [&](int i) {  // unit i of the CTA's scales (row i / units_part)
-    return KPARTS == 1 ? scales + i
-                       : scales + (i / units_part) * units_row + unit_part0 + i % units_part;
-  };
-  // The order the consumers take the units in: unit_of(i) for i = tid, tid + 512, ... A
+  // The order the consumers take the units in: place(i) for i = tid, tid + 512, ... A
   // unit's k-th scale goes to bank (its first block + its row + k) % 32 (the holes below), so
   // 32 lanes on consecutive units of a row (8 scales each) met 4 banks: 8-way conflicts at
   // 14336 -> 4096 (28 units a row), 2-way at 4096 -> 14336 (8), and the scales' decode
@@ -381,10 +377,10 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     r = q * place_row_mul + place_row_add;
     u = (n - q * place_div) * place_unit_mul + place_unit_add;
   };
-  auto unit_of = [&](int i) {  // the unit (of the CTA's scales) place i takes
+  auto scale_at = [&](int i) {  // place i's unit in global memory (unit u of row r's part)
     int r, u;
     place(i, r, u);
-    return r * units_part + u;
+    return scales + (r * units_row + unit_part0 + u);  // (one 64-bit add)
   };
   float* a2_s = reinterpret_cast<float*>(smem + L.a2_area);
   float level_hi = 0.f, level_lo = 0.f, code2_v = 0.f, a2_v = 0.f, offset = 0.f;
@@ -400,7 +396,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
 #pragma unroll
     for (int k = 0; k < kScaleBatch; ++k)
       if (tid + k * kV4ConsumerThreads < scale_units)
-        scale_v[k] = __ldg(scale_unit(unit_of(tid + k * kV4ConsumerThreads)));
+        scale_v[k] = __ldg(scale_at(tid + k * kV4ConsumerThreads));
   };
   // With the weight frozen the consumers issue these loads first thing, before the barriers
   // are made (their round trip is the prologue's longest step: the scales come from DRAM
@@ -570,7 +566,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     if (tid + k * kV4ConsumerThreads < scale_units)
       scales_to_holes(tid + k * kV4ConsumerThreads, scale_v[k]);
   for (int i = tid + kScaleBatch * kV4ConsumerThreads; i < scale_units; i += kV4ConsumerThreads)
-    scales_to_holes(i, __ldg(scale_unit(unit_of(i))));
+    scales_to_holes(i, __ldg(scale_at(i)));
   NF4_MARK(tid == 0, kTimelineTable);
 
   consumers_sync();  // the table and the scales' holes complete
