@@ -5,9 +5,10 @@
 # bench/nf4_small_m.py for both builds (this tree twice, before and after the base, to show the
 # run's own noise). JSON lines and logs under $OUT. KERNELS / BASE_KERNELS / ROWS: see
 # bench/nf4_small_m.py; TESTS: the test files (default the nf4 and fused-LoRA ones); SKIP_TESTS=1
-# skips the tests; STOP_ON_FAIL=1 ends the call when they fail; DECODE=1 / HOST=1 also time
-# bench/decode_step.py / decode_host.py for both. ALT_TREE=dir: a third tree (made like the base
-# one), built and timed as "alt" with BASE_KERNELS (DECODE_ALT=1: by DECODE=1 too), to compare two
+# skips the tests; ROUNDS=n times each build n times in turn; STOP_ON_FAIL=1 ends the call when
+# they fail; DECODE=1 / HOST=1 also time bench/decode_step.py / decode_host.py for both.
+# ALT_TREE=dir: a third tree (made like the base one), built and timed as "alt" with
+# BASE_KERNELS (DECODE_ALT=1: by DECODE=1 too), to compare two
 # variants of a change with main in one call.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -53,6 +54,13 @@ bench new "$PWD" "${KERNELS:-auto,v3h,v1}"
 bench base "$PWD/_base_tree" "${BASE_KERNELS:-auto,v3h,v1}"
 [ -n "$alt_dir" ] && bench alt "$alt_dir" "${BASE_KERNELS:-auto,v3h,v1}"
 bench new2 "$PWD" "${BASE_KERNELS:-auto,v3h,v1}"
+# ROUNDS=n (default 1): n - 1 more rounds of base, alt, new (tags base2, alt2, new3, ...), since
+# one pass per build left differences of a few percent that the next pass did not repeat (run 267)
+for ((round = 2; round <= ${ROUNDS:-1}; round++)); do
+  bench base$round "$PWD/_base_tree" "${BASE_KERNELS:-auto,v3h,v1}"
+  [ -n "$alt_dir" ] && bench alt$round "$alt_dir" "${BASE_KERNELS:-auto,v3h,v1}"
+  bench new$((round + 1)) "$PWD" "${BASE_KERNELS:-auto,v3h,v1}"
+done
 decode_both() {  # script, tag, lines to show: bench/<script>.py for both builds (logs only)
   for b in new base ${DECODE_ALT:+alt}; do
     tree=$PWD; [ $b = base ] && tree=$PWD/_base_tree
