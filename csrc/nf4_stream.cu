@@ -277,7 +277,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   extern __shared__ __align__(16) unsigned char dynamic_smem[];
   if (smem_addr(dynamic_smem) != smem_addr(smem) + kV4AnchorBytes) __trap();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int N = a.N, K = a.K, M = a.M;
+  const int N = a.N, K = a.K, M = ONE ? 1 : a.M;  // (ONE kernels run only where a.M is 1: x_whole)
   const V4Layout L(a, w, (int)gridDim.x, SPLIT, KPARTS, ONE);
   constexpr int kWindow = v4_window(SPLIT), kWindowBytes = kWindow / 2;
   constexpr int kBoxes = kWindowBytes / 128, kSteps = kWindow / kV3Step;  // per window
