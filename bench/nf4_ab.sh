@@ -8,8 +8,8 @@
 # skips the tests; ROUNDS=n times each build n times in turn; STOP_ON_FAIL=1 ends the call when
 # they fail; DECODE=1 / HOST=1 also time bench/decode_step.py / decode_host.py for both.
 # ALT_TREE=dir: a third tree (made like the base one), built and timed as "alt" with
-# BASE_KERNELS (DECODE_ALT=1: by DECODE=1 too), to compare two
-# variants of a change with main in one call.
+# BASE_KERNELS (DECODE_ALT=1: by DECODE=1 too), to compare two variants of a change with main in
+# one call.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 FASTFT_BUILD_CUDA=1
