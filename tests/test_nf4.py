@@ -1466,14 +1466,20 @@ def _check_group(x, calls, refs, dtype, what):
         assert rel_err(y, ref) < RTOL[dtype], (what, i, rel_err(y, ref))
 
 
-def _check_group_twice(impl, x, calls, refs, dtype, what):
-    """_check_group of one call, then the call again into a poisoned y: the same bits."""
-    _check_group(x, calls, refs, dtype, what)
-    st, bias, y, low = calls[0]
+def _same_bits_again(impl, x, call, what, why):
+    """The call (st, bias, y, low; y already checked) again into a poisoned y: compared bit for
+    bit with the first y (why: the failure's words)."""
+    st, bias, y, low = call
     first = y.clone()
     y.fill_(float("nan"))
     impl.gemv(x, st, bias, y, low)
-    assert torch.equal(y, first), (what, "not deterministic")
+    assert torch.equal(y, first), (what, why)
+
+
+def _check_group_twice(impl, x, calls, refs, dtype, what):
+    """_check_group of one call, then the call again into a poisoned y: the same bits."""
+    _check_group(x, calls, refs, dtype, what)
+    _same_bits_again(impl, x, calls[0], what, "not deterministic")
 
 
 def _group_kernel_launches(fn) -> int:
@@ -1774,14 +1780,9 @@ def test_fused_matmul_gpu_v4_one_or_two_warps_per_step(monkeypatch):
 
 
 def _same_bits_with_probe(monkeypatch, impl, x, call, probe, what):
-    """The v4 call (st, bias, y, low; y already checked) again into a poisoned y with
-    FASTFT_NF4_V4_PROBE=probe, a form that must give the same bits: compared bit for bit."""
-    st, bias, y, low = call
-    first = y.clone()
+    """_same_bits_again with FASTFT_NF4_V4_PROBE=probe, a form that must give the same bits."""
     monkeypatch.setenv("FASTFT_NF4_V4_PROBE", probe)
-    y.fill_(float("nan"))
-    impl.gemv(x, st, bias, y, low)
-    assert torch.equal(y, first), (what, f"probe {probe} gives other bits")
+    _same_bits_again(impl, x, call, what, f"probe {probe} gives other bits")
 
 
 @pytest.mark.gpu
