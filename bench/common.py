@@ -167,13 +167,15 @@ def nf4_kernels_launched(fn, *args) -> list:
 NF4_KERNEL_OPTIONS = {"p": "FASTFT_NF4_V3_KPARTS", "s": "FASTFT_NF4_V3_SPLITS",
                       "w": "FASTFT_NF4_V4_SPLIT", "k": "FASTFT_NF4_V4_KPARTS",
                       "q": "FASTFT_NF4_V4_PROBE", "c": "FASTFT_NF4_V4_CTAS"}
+# v4's timing probes (":q") that still compute right results (nf4_stream.cu); the others do not
+NF4_V4_RIGHT_PROBES = ("4", "6", "9", "17")
 
 
 def use_nf4_kernel(spec: str):
     """FASTFT_NF4_GEMV and v3's forced work split from a spec like "v3h:p8:s2" (":p" the K parts
     per CTA, FASTFT_NF4_V3_KPARTS; ":s" the K splits across CTAs, FASTFT_NF4_V3_SPLITS; ":w" v4's
     warps per step, FASTFT_NF4_V4_SPLIT; ":k" v4's K parts, FASTFT_NF4_V4_KPARTS; ":q" v4's
-    timing probe, FASTFT_NF4_V4_PROBE (nf4_stream.cu: wrong results but for 4, 6, 9 and 17);
+    timing probe, FASTFT_NF4_V4_PROBE (wrong results but for NF4_V4_RIGHT_PROBES);
     ":c" v4's most row groups (CTAs), FASTFT_NF4_V4_CTAS; ":f" the weights frozen: the calls
     made inside the returned context load the weight before the PDL wait, as in generate).
     Returns that context (a no-op without ":f")."""

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_nf4 import random_weight  # noqa: E402
-from common import (copy_bandwidth_gbps, nf4_kernels_launched, time_ms,  # noqa: E402
-                    use_nf4_kernel)
+from common import (NF4_V4_RIGHT_PROBES, copy_bandwidth_gbps, nf4_kernels_launched,  # noqa: E402
+                    time_ms, use_nf4_kernel)
 from fastft.ops.nf4 import (nf4_matmul, nf4_dequantize, reference_block_scales,  # noqa: E402
                              resolve, _CudaBackend)
 
@@ -89,8 +89,7 @@ for shape, (o, i) in shapes.items():
             sets = [(x, p, s) for x, (p, s) in zip(xs, weights[shape])]
             with use_nf4_kernel(kernel):
                 err = ((fn(*sets[0]).float() - want).norm() / want.norm()).item()
-                # (v4's timing probes but 4, 6, 9 and 17 compute wrong results: nf4_stream.cu)
-                wrong_by_design = any(opt[:1] == "q" and opt[1:] not in ("4", "6", "9", "17")
+                wrong_by_design = any(opt[:1] == "q" and opt[1:] not in NF4_V4_RIGHT_PROBES
                                       for opt in kernel.split(":")[1:])
                 assert err < 2e-2 or wrong_by_design, \
                     f"{kernel} is wrong at M={rows} {shape}: relative error {err:.3g}"
