@@ -24,17 +24,19 @@ void nf4_dequantize(const NF4Weight& w, int64_t numel, void* out, int out_dtype,
   dispatch_float(out_dtype, [&](auto tag) {
     using T = decltype(tag);
     T* o = static_cast<T*>(out);
-    const bool aligned = reinterpret_cast<uintptr_t>(w.packed) % 4 == 0 &&
-                         reinterpret_cast<uintptr_t>(out) % 16 == 0;
+    using Unit = DequantUnit<T>;
+    const bool aligned =
+        reinterpret_cast<uintptr_t>(w.packed) % sizeof(typename Unit::Word) == 0 &&
+        reinterpret_cast<uintptr_t>(out) % 16 == 0;
     int64_t start = 0;
     if (aligned) {
-      const int64_t units = numel / 8;
+      const int64_t units = numel / Unit::kValues;
       if (units > 0) {
         const int64_t per_block = kThreads * kUnits;
         const int64_t blocks = (units + per_block - 1) / per_block;
         nf4_dequant_vec<T><<<(unsigned)blocks, kThreads, 0, stream>>>(w, units, o);
       }
-      start = units * 8;
+      start = units * Unit::kValues;
     }
     if (start < numel) {
       const int64_t blocks = std::min<int64_t>((numel - start + kThreads - 1) / kThreads, 8192);
