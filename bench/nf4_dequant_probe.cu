@@ -17,6 +17,8 @@
 //   order_cs   order with evict-first (streaming) stores
 //   order2     order with code2[q] loaded before the barrier too (all of a thread's loads first)
 //   order_*    order with other threads / units a thread
+//   bulk       order, the block's values written by one bulk copy from shared memory
+//   order_pf   order, each block first asking L2 for the words of the block a wave later
 //   wide       order, but a lane loads 16 packed bytes and the warp transposes them through
 //              shared memory, so that the stores stay 512 contiguous bytes a warp
 // and access-pattern ceilings, their values made by bit operations (not checked):
@@ -61,7 +63,7 @@ __device__ __forceinline__ float nested_scale(float c2, float a2, float offset) 
   return __fadd_rn(__fmul_rn(c2, a2), offset);
 }
 
-enum Kind { kOrder = 1, kShfl, kGather, kCs, kPattern, kOrder2, kWriteOnly, kPatternL256 };
+enum Kind { kOrder = 1, kShfl, kGather, kCs, kPattern, kOrder2, kWriteOnly, kPatternL256, kOrderPf };
 
 __device__ __forceinline__ uint32_t load_word(const uint32_t* p, bool l256) {
   uint32_t v;
@@ -72,6 +74,8 @@ __device__ __forceinline__ uint32_t load_word(const uint32_t* p, bool l256) {
   return v;
 }
 
+constexpr int kPrefetchBlocks = 1056;  // 8 blocks on each of the H200's 132 SMs: one wave
+
 // The base kernel's work split (UNITS units a thread, THREADS apart), every global load of a
 // thread issued before its first value is made; V: a Kind.
 template <int V, int UNITS, int THREADS>
@@ -81,6 +85,11 @@ __global__ void __launch_bounds__(THREADS) probe_flat(const NF4Weight w, int64_t
   const int lane = threadIdx.x & 31;
   const uint32_t* words = reinterpret_cast<const uint32_t*>(w.packed);
   const int64_t first = (int64_t)blockIdx.x * (THREADS * UNITS) + threadIdx.x;
+  if (V == kOrderPf && threadIdx.x < THREADS * UNITS / 32) {
+    // the words of the block one wave later into L2: a 128-byte line a thread
+    const int64_t line = (int64_t)(blockIdx.x + kPrefetchBlocks) * THREADS * UNITS + threadIdx.x * 32;
+    if (line < units) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(words + line));
+  }
   uint32_t word[UNITS];
   float part[UNITS];  // plain: the scale; nested: absmax2 of the unit's block
   int q[UNITS];
@@ -108,7 +117,7 @@ __global__ void __launch_bounds__(THREADS) probe_flat(const NF4Weight w, int64_t
     for (int u = 0; u < UNITS; ++u) c2[u] = __ldg(table + q[u]);
   }
   float mylevel = 0.f;
-  if (V == kOrder || V == kCs || V == kOrder2) {
+  if (V == kOrder || V == kCs || V == kOrder2 || V == kOrderPf) {
     if (threadIdx.x < 16) lut[threadIdx.x] = __ldg(w.code + threadIdx.x);
     __syncthreads();
   } else if (V == kShfl) {
@@ -144,6 +153,58 @@ __global__ void __launch_bounds__(THREADS) probe_flat(const NF4Weight w, int64_t
       v[2 * j + 1] = __fmul_rn(ll, scale);
     }
     if (i < units) store16(out + i * kVal, v, V == kCs);
+  }
+}
+
+// "bulk": order, but the block's 16 KB of values go to shared memory and out by one bulk copy
+// (cp.async.bulk), so that the SM writes whole lines without its load / store unit.
+__global__ void __launch_bounds__(256) probe_bulk(const NF4Weight w, int64_t units,
+                                                  bf16* __restrict__ out) {
+  __shared__ float lut[16];
+  __shared__ alignas(128) uint4 stage[1024];
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(w.packed);
+  const int64_t base = (int64_t)blockIdx.x * 1024, first = base + threadIdx.x;
+  uint32_t word[4];
+  float part[4];
+  int q[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int64_t i = min(first + u * 256, units - 1);
+    const int64_t blk = (i * kVal) >> w.bs_log2;
+    word[u] = __ldg(words + i);
+    if (w.nested) {
+      q[u] = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
+      part[u] = __ldg(w.absmax2 + (blk >> w.bs2_log2));
+    } else {
+      q[u] = 0;
+      part[u] = __ldg(static_cast<const float*>(w.absmax) + blk);
+    }
+  }
+  const float offset = w.nested ? __ldg(w.offset) : 0.f;
+  if (threadIdx.x < 16) lut[threadIdx.x] = __ldg(w.code + threadIdx.x);
+  __syncthreads();
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const float scale =
+        w.nested ? nested_scale(__ldg(w.code2 + q[u]), part[u], offset) : part[u];
+    Vec<bf16, kVal> raw;
+#pragma unroll
+    for (int j = 0; j < kVal / 2; ++j) {
+      const uint32_t byte = (word[u] >> (8 * j)) & 0xFFu;
+      raw.v[2 * j] = __float2bfloat16_rn(__fmul_rn(lut[byte >> 4], scale));
+      raw.v[2 * j + 1] = __float2bfloat16_rn(__fmul_rn(lut[byte & 15u], scale));
+    }
+    stage[u * 256 + threadIdx.x] = *reinterpret_cast<const uint4*>(&raw);
+  }
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const uint32_t bytes = (uint32_t)(min((int64_t)1024, units - base) * 16);
+    const uint32_t src = (uint32_t)__cvta_generic_to_shared(stage);
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n"
+                 ::"l"(out + base * kVal), "r"(src), "r"(bytes) : "memory");
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
   }
 }
 
@@ -309,6 +370,8 @@ static const Config kConfigs[] = {
     {"order_t512", probe_flat<kOrder, 4, 512>, 512, 4, true},
     {"order_t512_u2", probe_flat<kOrder, 2, 512>, 512, 2, true},
     {"wide", probe_wide, 256, 4, true},
+    {"bulk", probe_bulk, 256, 4, true},
+    {"order_pf", probe_flat<kOrderPf, 4, 256>, 256, 4, true},
     {"pattern", probe_flat<kPattern, 4, 256>, 256, 4, false},
     {"pattern_l256", probe_flat<kPatternL256, 4, 256>, 256, 4, false},
     {"pattern_u8", probe_flat<kPattern, 8, 256>, 256, 8, false},
