@@ -58,11 +58,6 @@ __device__ __forceinline__ void store16(bf16* p, const float (&v)[kVal], bool st
     *reinterpret_cast<Vec<bf16, kVal>*>(p) = raw;
 }
 
-// The nested scale from its loaded parts, in bitsandbytes' order (multiply, round, add, round).
-__device__ __forceinline__ float nested_scale(float c2, float a2, float offset) {
-  return __fadd_rn(__fmul_rn(c2, a2), offset);
-}
-
 enum Kind { kOrder = 1, kShfl, kGather, kCs, kPattern, kOrder2, kWriteOnly, kPatternL256, kOrderPf };
 
 __device__ __forceinline__ uint32_t load_word(const uint32_t* p, bool l256) {
@@ -101,15 +96,11 @@ __global__ void __launch_bounds__(THREADS) probe_flat(const NF4Weight w, int64_t
     if (V == kWriteOnly) {
       q[u] = 0;
       part[u] = 1.f;
-    } else if (w.nested) {
-      q[u] = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
-      part[u] = __ldg(w.absmax2 + (blk >> w.bs2_log2));
     } else {
-      q[u] = 0;
-      part[u] = __ldg(static_cast<const float*>(w.absmax) + blk);
+      load_scale_parts(w, blk, q[u], part[u]);
     }
   }
-  const float offset = w.nested ? __ldg(w.offset) : 0.f;
+  const float offset = nested_offset(w);
   float c2[UNITS];
   if (V == kOrder2) {
     const float* table = w.nested ? w.code2 : w.code;  // plain: a harmless valid load
@@ -127,9 +118,10 @@ __global__ void __launch_bounds__(THREADS) probe_flat(const NF4Weight w, int64_t
   for (int u = 0; u < UNITS; ++u) {
     const int64_t i = first + (int64_t)u * THREADS;
     const bool bits = V == kPattern || V == kPatternL256 || V == kWriteOnly;
-    const float scale = bits || !w.nested
-        ? part[u]
-        : nested_scale(V == kOrder2 ? c2[u] : __ldg(w.code2 + q[u]), part[u], offset);
+    float scale = part[u];
+    if (!bits && w.nested)  // order2: scale_from_parts with code2[q] already loaded
+      scale = V == kOrder2 ? __fadd_rn(__fmul_rn(c2[u], part[u]), offset)
+                           : scale_from_parts(w, q[u], part[u], offset);
     float v[kVal];
 #pragma unroll
     for (int j = 0; j < kVal / 2; ++j) {
@@ -172,21 +164,14 @@ __global__ void __launch_bounds__(256) probe_bulk(const NF4Weight w, int64_t uni
     const int64_t i = min(first + u * 256, units - 1);
     const int64_t blk = (i * kVal) >> w.bs_log2;
     word[u] = __ldg(words + i);
-    if (w.nested) {
-      q[u] = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
-      part[u] = __ldg(w.absmax2 + (blk >> w.bs2_log2));
-    } else {
-      q[u] = 0;
-      part[u] = __ldg(static_cast<const float*>(w.absmax) + blk);
-    }
+    load_scale_parts(w, blk, q[u], part[u]);
   }
-  const float offset = w.nested ? __ldg(w.offset) : 0.f;
+  const float offset = nested_offset(w);
   if (threadIdx.x < 16) lut[threadIdx.x] = __ldg(w.code + threadIdx.x);
   __syncthreads();
 #pragma unroll
   for (int u = 0; u < 4; ++u) {
-    const float scale =
-        w.nested ? nested_scale(__ldg(w.code2 + q[u]), part[u], offset) : part[u];
+    const float scale = scale_from_parts(w, q[u], part[u], offset);
     Vec<bf16, kVal> raw;
 #pragma unroll
     for (int j = 0; j < kVal / 2; ++j) {
@@ -225,15 +210,9 @@ __global__ void __launch_bounds__(256) probe_wide(const NF4Weight w, int64_t uni
   for (int u = 0; u < 4; ++u) {
     const int64_t i = min(warp_first + u * 32 + lane, units - 1);
     const int64_t blk = (i * kVal) >> w.bs_log2;
-    if (w.nested) {
-      q[u] = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
-      part[u] = __ldg(w.absmax2 + (blk >> w.bs2_log2));
-    } else {
-      q[u] = 0;
-      part[u] = __ldg(static_cast<const float*>(w.absmax) + blk);
-    }
+    load_scale_parts(w, blk, q[u], part[u]);
   }
-  const float offset = w.nested ? __ldg(w.offset) : 0.f;
+  const float offset = nested_offset(w);
   const float mylevel = __ldg(w.code + (lane & 15));
   stage[threadIdx.x] = raw;
   __syncwarp();
@@ -242,8 +221,7 @@ __global__ void __launch_bounds__(256) probe_wide(const NF4Weight w, int64_t uni
   for (int u = 0; u < 4; ++u) {
     const int64_t i = warp_first + u * 32 + lane;
     const uint32_t word = staged[u * 32 + lane];
-    const float scale =
-        w.nested ? nested_scale(__ldg(w.code2 + q[u]), part[u], offset) : part[u];
+    const float scale = scale_from_parts(w, q[u], part[u], offset);
     float v[kVal];
 #pragma unroll
     for (int j = 0; j < kVal / 2; ++j) {
@@ -261,7 +239,7 @@ __global__ void __launch_bounds__(kThreads) probe_persist(const NF4Weight w, int
                                                           bf16* __restrict__ out) {
   __shared__ float lut[16];
   if (threadIdx.x < 16) lut[threadIdx.x] = __ldg(w.code + threadIdx.x);
-  const float offset = w.nested ? __ldg(w.offset) : 0.f;
+  const float offset = nested_offset(w);
   __syncthreads();
   const uint32_t* words = reinterpret_cast<const uint32_t*>(w.packed);
   const int64_t chunk = kThreads * kUnits;
@@ -275,13 +253,7 @@ __global__ void __launch_bounds__(kThreads) probe_persist(const NF4Weight w, int
       const int64_t i = min(c * chunk + threadIdx.x + (int64_t)u * kThreads, units - 1);
       const int64_t blk = (i * kVal) >> w.bs_log2;
       wd[u] = __ldg(words + i);
-      if (w.nested) {
-        qq[u] = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
-        pt[u] = __ldg(w.absmax2 + (blk >> w.bs2_log2));
-      } else {
-        qq[u] = 0;
-        pt[u] = __ldg(static_cast<const float*>(w.absmax) + blk);
-      }
+      load_scale_parts(w, blk, qq[u], pt[u]);
     }
   };
   int64_t c = blockIdx.x;
@@ -292,8 +264,7 @@ __global__ void __launch_bounds__(kThreads) probe_persist(const NF4Weight w, int
 #pragma unroll
     for (int u = 0; u < kUnits; ++u) {
       const int64_t i = c * chunk + threadIdx.x + (int64_t)u * kThreads;
-      const float scale =
-          w.nested ? nested_scale(__ldg(w.code2 + q[u]), part[u], offset) : part[u];
+      const float scale = scale_from_parts(w, q[u], part[u], offset);
       float v[kVal];
 #pragma unroll
       for (int j = 0; j < kVal / 2; ++j) {

@@ -14,14 +14,31 @@
 namespace fastft {
 namespace {
 
-// `offset` is w.offset[0] when nested (callers load it once).
-__device__ __forceinline__ float block_scale(const NF4Weight& w, int64_t blk, float offset) {
+// A block's scale in two halves, so that callers can issue the loads early: its parts (nested:
+// the 8-bit absmax and absmax2; plain: the float32 scale itself), then the scale from them
+// (nested: code2[q] * absmax2 + offset, multiply then add, each rounded, as bitsandbytes).
+__device__ __forceinline__ void load_scale_parts(const NF4Weight& w, int64_t blk, int& q,
+                                                 float& part) {
   if (w.nested) {
-    const int q = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
-    const float scaled = __fmul_rn(__ldg(w.code2 + q), __ldg(w.absmax2 + (blk >> w.bs2_log2)));
-    return __fadd_rn(scaled, offset);
+    q = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
+    part = __ldg(w.absmax2 + (blk >> w.bs2_log2));
+  } else {
+    q = 0;
+    part = __ldg(static_cast<const float*>(w.absmax) + blk);
   }
-  return __ldg(static_cast<const float*>(w.absmax) + blk);
+}
+
+// `offset` is w.offset[0] when nested (callers load it once).
+__device__ __forceinline__ float scale_from_parts(const NF4Weight& w, int q, float part,
+                                                  float offset) {
+  return w.nested ? __fadd_rn(__fmul_rn(__ldg(w.code2 + q), part), offset) : part;
+}
+
+__device__ __forceinline__ float block_scale(const NF4Weight& w, int64_t blk, float offset) {
+  int q;
+  float part;
+  load_scale_parts(w, blk, q, part);
+  return scale_from_parts(w, q, part, offset);
 }
 
 __device__ __forceinline__ float nested_offset(const NF4Weight& w) {
@@ -221,25 +238,16 @@ __global__ void __launch_bounds__(kThreads) nf4_dequant_vec(const NF4Weight w, i
 #pragma unroll
   for (int u = 0; u < kUnits; ++u) {  // units kThreads apart: coalesced loads and stores
     const int64_t i = min(first + (int64_t)u * kThreads, units - 1);
-    // a unit's values lie in one block (blocksize >= 32 > kValues, both powers of two)
-    const int64_t blk = (i * kValues) >> w.bs_log2;
     word[u] = __ldg(words + i);
-    if (w.nested) {
-      q[u] = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
-      part[u] = __ldg(w.absmax2 + (blk >> w.bs2_log2));
-    } else {
-      q[u] = 0;
-      part[u] = __ldg(static_cast<const float*>(w.absmax) + blk);
-    }
+    // a unit's values lie in one block (blocksize >= 32 > kValues, both powers of two)
+    load_scale_parts(w, (i * kValues) >> w.bs_log2, q[u], part[u]);
   }
   const float offset = nested_offset(w);
   load_levels(w.code, lut);
 #pragma unroll
   for (int u = 0; u < kUnits; ++u) {
     const int64_t i = first + (int64_t)u * kThreads;
-    // block_scale's arithmetic on the loaded parts
-    const float scale =
-        w.nested ? __fadd_rn(__fmul_rn(__ldg(w.code2 + q[u]), part[u]), offset) : part[u];
+    const float scale = scale_from_parts(w, q[u], part[u], offset);
     float v[kValues];
 #pragma unroll
     for (int j = 0; j < kValues / 2; ++j) {
