@@ -126,10 +126,13 @@ def dequantize(packed, absmax, absmax2, code2, offset, code, blocksize, blocksiz
     rows = 256  # 4 KB packed in, 16 KB bf16 out per program: fewer, longer programs
     grid = (triton.cdiv(triton.cdiv(n_bytes, _BYTES_PER_ROW), rows),)
     nested = absmax2 is not None
+    # Measured on the H200 at 14336x4096, bf16 (run 279): nested 39.2 us with 8 warps against
+    # 40.1 with 4; plain float32 absmax 44.3-44.8 us with 8 warps against 40.4-40.7 with 4.
+    warps = 8 if nested else 4
     _nf4_dequant[grid](packed, absmax, absmax2 if nested else absmax,
                        code2 if nested else code, offset if nested else code, code, out, numel,
                        n_bytes, _log2(blocksize), _log2(blocksize2) if nested else 0,
-                       NESTED=nested, ROWS=rows, INTERPRETER=_interpreted(), num_warps=8,
+                       NESTED=nested, ROWS=rows, INTERPRETER=_interpreted(), num_warps=warps,
                        enable_fp_fusion=False)
 
 
