@@ -34,16 +34,9 @@
 #include <cstring>
 #include <vector>
 
-using namespace fastft;
+#include "cuda_probe.cuh"
 
-#define CHECK(x)                                                                          \
-  do {                                                                                    \
-    cudaError_t e_ = (x);                                                                 \
-    if (e_ != cudaSuccess) {                                                              \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                       \
-    }                                                                                     \
-  } while (0)
+using namespace fastft;
 
 using bf16 = __nv_bfloat16;
 constexpr int kVal = 8;  // values per unit (one 16-byte bf16 store)
@@ -309,15 +302,6 @@ __global__ void __launch_bounds__(256) copy_flat(const uint4* __restrict__ src,
 #pragma unroll
   for (int k = 0; k < 4; ++k)
     if (first + k * 256 < n) dst[first + k * 256] = v[k];
-}
-
-__global__ void fill_bytes(uint8_t* p, int64_t n, uint32_t seed) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    uint32_t h = (uint32_t)i * 2654435761u ^ seed;
-    h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
-    p[i] = (uint8_t)h;
-  }
 }
 
 using Kernel = void (*)(NF4Weight, int64_t, bf16*);

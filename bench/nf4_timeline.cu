@@ -22,26 +22,9 @@
 #include <vector>
 #include <algorithm>
 
+#include "cuda_probe.cuh"
+
 using namespace fastft;
-
-#define CHECK(x)                                                                         \
-  do {                                                                                   \
-    cudaError_t e_ = (x);                                                                \
-    if (e_ != cudaSuccess) {                                                             \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                      \
-    }                                                                                    \
-  } while (0)
-
-// Random bytes from a hash of the index (no curand): fresh data, never zeros.
-__global__ void fill_bytes(uint8_t* p, int64_t n, uint32_t seed) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    uint32_t h = (uint32_t)i * 2654435761u ^ seed;
-    h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
-    p[i] = (uint8_t)h;
-  }
-}
 
 // x in [-1, 1) as bf16.
 __global__ void fill_x(__nv_bfloat16* x, int64_t n) {
