@@ -12,6 +12,8 @@
 The weights are random codes and scales (timing does not depend on the values); bitsandbytes
 gets the same tensors through its QuantState. Several weight copies rotate so the packed
 weight (29 MB) is not served from the 50 MB L2."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -38,6 +40,13 @@ def random_weight(out_f, in_f, seed):
                      state2=NF4NestedState(absmax2, code2, 256))
     return packed, state
 
+
+def plain_absmax(packed, state):
+    """The same weight with its nested absmax decoded into plain float32 absmax (bitsandbytes
+    without double quantisation: 4 bytes of scale per block instead of 1)."""
+    absmax = nf4_mod.reference_block_scales(nf4_mod.resolve(packed, state))
+    return packed, dataclasses.replace(state, absmax=absmax.float().contiguous(), offset=None,
+                                       state2=None)
 
 def bnb_state(state):
     """The same weight as a bitsandbytes QuantState, or None without a working bitsandbytes."""

@@ -11,19 +11,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_nf4 import random_weight  # noqa: E402
+from bench_nf4 import plain_absmax, random_weight  # noqa: E402
 from common import copy_bandwidth_gbps, time_ms  # noqa: E402
-from fastft.ops.nf4 import NF4State, nf4_dequantize  # noqa: E402
+from fastft.ops.nf4 import nf4_dequantize  # noqa: E402
 
 OUT_F, IN_F = 14336, 4096
-
-
-def plain(packed, state):
-    """The same codes with float32 absmax (bitsandbytes without double quantisation)."""
-    blocks = state.absmax.numel()
-    g = torch.Generator(device="cuda").manual_seed(blocks)
-    absmax = torch.rand(blocks, device="cuda", generator=g) + 0.5
-    return packed, NF4State(absmax=absmax, shape=state.shape, blocksize=state.blocksize)
 
 
 def main():
@@ -31,7 +23,7 @@ def main():
     copy = copy_bandwidth_gbps()
     n = OUT_F * IN_F
     nested = [random_weight(OUT_F, IN_F, seed) for seed in range(2)]
-    for scales, weights in (("nested", nested), ("plain", [plain(*w) for w in nested])):
+    for scales, weights in (("nested", nested), ("plain", [plain_absmax(*w) for w in nested])):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             outs = [torch.empty(n, dtype=dtype, device="cuda") for _ in weights]
             for backend in ("cuda", "triton"):

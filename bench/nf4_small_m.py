@@ -12,7 +12,6 @@ SCALES=plain gives the weights float32 absmax (not nested). LORA=r adds a rank-r
 (a LoRA adapter's scale * xa @ bᵀ, added by the kernel where it can), called through the CUDA
 backend's gemv as the fused LoRA layers call it.
 """
-import dataclasses
 import json
 import os
 import sys
@@ -20,11 +19,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_nf4 import random_weight  # noqa: E402
+from bench_nf4 import plain_absmax, random_weight  # noqa: E402
 from common import (NF4_V4_RIGHT_PROBES, copy_bandwidth_gbps, nf4_kernels_launched,  # noqa: E402
                     time_ms, use_nf4_kernel)
-from fastft.ops.nf4 import (nf4_matmul, nf4_dequantize, reference_block_scales,  # noqa: E402
-                             resolve, _CudaBackend)
+from fastft.ops.nf4 import nf4_matmul, nf4_dequantize, resolve, _CudaBackend  # noqa: E402
 
 tag, out = sys.argv[1], sys.argv[2]
 kernels = os.environ.get("KERNELS", "auto").split(",")
@@ -45,15 +43,9 @@ copies = {s: max(3, -(-2 * 50 * 2 ** 20 // (o * i // 2))) for s, (o, i) in shape
 plain_scales = os.environ.get("SCALES", "nested") == "plain"
 
 
-def plain(packed, state):
-    absmax = reference_block_scales(resolve(packed, state))
-    return packed, dataclasses.replace(state, absmax=absmax.float().contiguous(), offset=None,
-                                       state2=None)
-
-
 def weight(out_f, in_f, seed):
     packed, state = random_weight(out_f, in_f, seed)
-    return plain(packed, state) if plain_scales else (packed, state)
+    return plain_absmax(packed, state) if plain_scales else (packed, state)
 
 
 weights = {s: [weight(o, i, seed) for seed in range(copies[s])] for s, (o, i) in shapes.items()}
