@@ -28,7 +28,6 @@
 #include "nf4_kernels.cuh"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
