@@ -369,22 +369,25 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   const int place_row_add = units_spread ? lane % kGroupRows : 0;
   const int place_unit_mul = units_spread ? kGroupUnits : 1;
   const int place_unit_add = units_spread ? lane / kGroupRows : 0;
-  auto place = [&](int i, int& r, int& u) {
+  // (each place is computed once: kept from its unit's load to its decode)
+  struct Place {
+    int r, u;  // unit u of row r's part
+  };
+  auto place = [&](int i) {
     const int n = i >> place_shift;
     int q = __float2int_rz(__int2float_rn(n) * place_inv);
     q -= q * place_div > n ? 1 : 0;
     q += (q + 1) * place_div <= n ? 1 : 0;
-    r = q * place_row_mul + place_row_add;
-    u = (n - q * place_div) * place_unit_mul + place_unit_add;
+    return Place{q * place_row_mul + place_row_add,
+                 (n - q * place_div) * place_unit_mul + place_unit_add};
   };
-  auto scale_at = [&](int i) {  // place i's unit in global memory (unit u of row r's part)
-    int r, u;
-    place(i, r, u);
-    return scales + (r * units_row + unit_part0 + u);  // (one 64-bit add)
+  auto scale_at = [&](Place p) {  // the unit in global memory
+    return scales + (p.r * units_row + unit_part0 + p.u);  // (one 64-bit add)
   };
   float* a2_s = reinterpret_cast<float*>(smem + L.a2_area);
   float level_hi = 0.f, level_lo = 0.f, code2_v = 0.f, a2_v = 0.f, offset = 0.f;
   Unit scale_v[kScaleBatch];
+  Place place_v[kScaleBatch];
   auto load_prologue = [&]() {
     if (NESTED) offset = __ldg(w.offset);
     if (tid < 256) {
@@ -395,8 +398,10 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     if (NESTED && tid < a2_count) a2_v = __ldg(w.absmax2 + a2_first + tid);
 #pragma unroll
     for (int k = 0; k < kScaleBatch; ++k)
-      if (tid + k * kV4ConsumerThreads < scale_units)
-        scale_v[k] = __ldg(scale_at(tid + k * kV4ConsumerThreads));
+      if (tid + k * kV4ConsumerThreads < scale_units) {
+        place_v[k] = place(tid + k * kV4ConsumerThreads);
+        scale_v[k] = __ldg(scale_at(place_v[k]));
+      }
   };
   // With the weight frozen the consumers issue these loads first thing, before the barriers
   // are made (their round trip is the prologue's longest step: the scales come from DRAM
@@ -524,10 +529,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // prologue at 4096 -> 14336, run 141: ~1000 instructions per unit; ~180 until run 255, ~90
   // since, with one absmax2 entry per unit and no integer division: the step took 0.94
   // instead of 1.05 us there, as it mostly waits for the scales' loads.)
-  auto scales_to_holes = [&](int i, Unit v) {  // place i's unit: UNIT bytes of row r
-    // (the divisions by place(): the integer division's ~25 instructions would be more)
-    int r, u;
-    place(i, r, u);
+  auto scales_to_holes = [&](Place p, Unit v) {  // the unit's UNIT bytes, of row p.r
+    const int r = p.r, u = p.u;
     const int bs0 = u * kScalesPerUnit;
     // the unit's absmax2 entry: one for all of its blocks, as the first is a multiple of
     // kScalesPerUnit (rows and K parts are whole units) and an entry spans 8 or more blocks
@@ -564,9 +567,11 @@ __global__ void __launch_bounds__(kV4Threads, 1)
 #pragma unroll
   for (int k = 0; k < kScaleBatch; ++k)
     if (tid + k * kV4ConsumerThreads < scale_units)
-      scales_to_holes(tid + k * kV4ConsumerThreads, scale_v[k]);
-  for (int i = tid + kScaleBatch * kV4ConsumerThreads; i < scale_units; i += kV4ConsumerThreads)
-    scales_to_holes(i, __ldg(scale_at(i)));
+      scales_to_holes(place_v[k], scale_v[k]);
+  for (int i = tid + kScaleBatch * kV4ConsumerThreads; i < scale_units; i += kV4ConsumerThreads) {
+    const Place p = place(i);
+    scales_to_holes(p, __ldg(scale_at(p)));
+  }
   NF4_MARK(tid == 0, kTimelineTable);
 
   consumers_sync();  // the table and the scales' holes complete
