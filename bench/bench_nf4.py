@@ -48,6 +48,7 @@ def plain_absmax(packed, state):
     return packed, dataclasses.replace(state, absmax=absmax.float().contiguous(), offset=None,
                                        state2=None)
 
+
 def bnb_state(state):
     """The same weight as a bitsandbytes QuantState, or None without a working bitsandbytes."""
     try:
