@@ -174,6 +174,17 @@ __device__ __forceinline__ uint32_t swizzled_chunk(uint32_t r, uint32_t c) {
   return (c ^ (r & 7u)) << 4;
 }
 
+// v as changed here, for the compiler's middle end: a loop's lane constants so marked at the
+// top of each pass stay values carried by the loop instead of being formed again inside it
+// from %tid and the parameters (ptxas 13.0, nested bf16: the window loop at two token tiles
+// 354 instructions a window instead of 384, at M = 2..8 666 instead of 687, at M = 1 476
+// instead of 489; runs 284, 286). It emits nothing, so ptxas may still form them again where
+// registers run short (a shuffle that hides the value from ptxas too took the two-token loop
+// to 330 but spilled more; its build, with other changes, was not faster: run 285).
+template <typename V>
+__device__ __forceinline__ void loop_carried(V& v) {
+  asm volatile("" : "+r"(v));
+}
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return (uint32_t)__cvta_generic_to_shared(p);
 }
@@ -636,19 +647,11 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   // this lane's x in a stage, token tile u: row wstep M + 8u + g of the x box (token 8u + g of
   // step wstep), 16-byte chunks 2t and 2t + 1 (values 16t .. 16t + 15) at their 128-byte
   // swizzle positions
-  // (ONE) this lane's x of step b in x_area: x_one0 / x_one1 + 128 b (b & 7 = wstep & 7:
-  // a window's steps are a multiple of 8)
+  // (ONE) this lane's x of step b in x_area: x_one0 + 128 b, chunk 2t + 1 at x_one0 ^ 16 + 128 b
+  // (b & 7 = wstep & 7: a window's steps are a multiple of 8)
   const uint32_t x_one0 = table + L.x_area + swizzled_chunk((uint32_t)wstep, 2u * t);
-  const uint32_t x_one1 = table + L.x_area + swizzled_chunk((uint32_t)wstep, 2u * t + 1u);
-  bool has_token[NT];
-  uint32_t x_at0[NT], x_at1[NT];
-#pragma unroll
-  for (int u = 0; u < NT; ++u) {
-    has_token[u] = 8 * u + g < M;
-    const uint32_t x_row = (uint32_t)(wstep * M + 8 * u + g);
-    x_at0[u] = x_row * 128u + swizzled_chunk(x_row, 2u * t);
-    x_at1[u] = x_row * 128u + swizzled_chunk(x_row, 2u * t + 1u);
-  }
+  const uint32_t x_row0 = (uint32_t)(wstep * M + g);
+  const uint32_t x_at0 = x_row0 * 128u + swizzled_chunk(x_row0, 2u * t);
   // [wstep][tile < tmax][16 mma rows][8 NT tokens] (mma rows, as the warps hold them: in
   // weight rows, lanes g = 0..3 of a half-warp's 8-byte stores would hit rows 0, 2, 4, 6, two
   // banks each, run 195): 8 KB per tile with SPLIT 1 (a stage's weight takes 8 KB per tile, and
@@ -752,22 +755,41 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     };
     int s = 0;               // the window's slot (j % S) and that slot's use count parity
     unsigned parity = 0u;    // ((j / S) & 1), kept without divisions
-    for (int j = 0; j < windows; ++j) {
-      const int b = j * kSteps + wstep;  // this warp's step (of the K part)
-      if (b < steps && probe != 2 && probe != 5) {  // (probes 2, 5: no decode)
+    // the loop's lane constants (loop_carried)
+    uint32_t at_lane = ring + lane_at;  // this lane's weight words in slot 0
+    uint32_t stage_bytes = L.stage_bytes, hole_bytes = hole_stride, scale_lane = scale_at0;
+    int scale_row = scale_row0, steps_part = steps;
+    int scale_tiles = my_tiles - stile;  // this lane's scale tile i: its tile stile + 2 i
+    // x: token tile u's chunk 2t at x_lane + 1024 u, chunk 2t + 1 there ^ 16 (rows 8 apart
+    // share their swizzle; stages and x_area are 1 KB aligned)
+    uint32_t x_lane = ONE ? x_one0 : L.stage_w + x_at0;
+    int lane_g = g, lane_t = t;
+    int decode = probe != 2 && probe != 5;  // (probes 2, 5: no decode)
+    int b = wstep;  // this warp's step of window j (of the K part): j kSteps + wstep
+    for (int j = 0; j < windows; ++j, b += kSteps) {
+      loop_carried(at_lane); loop_carried(stage_bytes); loop_carried(hole_bytes);
+      loop_carried(scale_lane); loop_carried(scale_row); loop_carried(steps_part);
+      loop_carried(scale_tiles); loop_carried(x_lane); loop_carried(lane_g);
+      loop_carried(lane_t); loop_carried(decode); loop_carried(b);
+      if (b < steps_part && decode) {
+        // (bench/nf4_timeline.cu: the window's start, then its landing, per warp)
+        NF4_MARK(lane_g + lane_t == 0 && j < kTimelineIters,
+                 kTimelineIter + (warp * kTimelineIters + j) * 2);
         float sc[kMyMaxTiles / 2];
-        const uint32_t scale_at = scale_at0 + (uint32_t)(b >> 5) * hole_stride +
-                                  4u * (uint32_t)((b + scale_row0) & 31);
+        const uint32_t scale_at = scale_lane + (uint32_t)(b >> 5) * hole_bytes +
+                                  4u * (uint32_t)((b + scale_row) & 31);
 #pragma unroll
         for (int i = 0; i < kMyMaxTiles / 2; ++i)
-          sc[i] = stile + 2 * i < my_tiles
+          sc[i] = 2 * i < scale_tiles
                       ? *reinterpret_cast<const float*>(smem + scale_at + i * scale_row_step)
                       : 0.f;
         mbar_wait(full0 + 8 * s, parity);
         NF4_MARK(tid == 0 && j == 0, kTimelineExtra + 5);  // window 0 has landed
         NF4_MARK(tid == 0 && j == windows - 1, kTimelineExtra + 6);  // the last window too
-        const uint32_t stage = ring + (uint32_t)s * L.stage_bytes;
-        const uint32_t at = stage + lane_at;
+        NF4_MARK(lane_g + lane_t == 0 && j < kTimelineIters,
+                 kTimelineIter + (warp * kTimelineIters + j) * 2 + 1);
+        const uint32_t stage = ring + (uint32_t)s * stage_bytes;
+        const uint32_t at = at_lane + (uint32_t)s * stage_bytes;
         // this lane's weight words of its tiles `tile` and `tile + 1` (rows wr and wr + 8 of each)
         auto load_pair = [&](int tile, uint2 (&wv)[4]) {
           const uint32_t at0 = at + (uint32_t)(tile * SPLIT * 16) * 128u;
@@ -788,9 +810,9 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         for (int u = 0; u < NT; ++u) {
           uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
           if (ONE) {  // converted before the loop: token 0's lanes load it, the scales take its factor
-            if (g == 0) {
-              x0 = lds128(x_one0 + 128u * (uint32_t)b);
-              x1 = lds128(x_one1 + 128u * (uint32_t)b);
+            if (lane_g == 0) {
+              x0 = lds128(x_lane + 128u * (uint32_t)b);
+              x1 = lds128((x_lane ^ 16u) + 128u * (uint32_t)b);
             }
             undo[u][0] = undo[u][1] = 1.f;
             if (kXBf16) {
@@ -802,9 +824,9 @@ __global__ void __launch_bounds__(kV4Threads, 1)
             xw[u][4] = x1.x; xw[u][5] = x1.y; xw[u][6] = x1.z; xw[u][7] = x1.w;
             continue;
           }
-          if (has_token[u]) {
-            x0 = lds128(stage + L.stage_w + x_at0[u]);
-            x1 = lds128(stage + L.stage_w + x_at1[u]);
+          if (8 * u + lane_g < M) {
+            x0 = lds128(stage + x_lane + 1024u * u);
+            x1 = lds128(stage + ((x_lane + 1024u * u) ^ 16u));
           }
           undo[u][0] = undo[u][1] = 1.f;
           if (kXBf16) {
@@ -824,8 +846,8 @@ __global__ void __launch_bounds__(kV4Threads, 1)
             x1 = bf16x8_scaled_to_fp16(x1, shift);
             // token g's factor; the sums' columns are tokens 2t, 2t + 1 (lanes 8t, 8t + 4)
             const float token_undo = pow2f(-shift);
-            undo[u][0] = __shfl_sync(0xffffffffu, token_undo, 8 * t);
-            undo[u][1] = __shfl_sync(0xffffffffu, token_undo, 8 * t + 4);
+            undo[u][0] = __shfl_sync(0xffffffffu, token_undo, 8 * lane_t);
+            undo[u][1] = __shfl_sync(0xffffffffu, token_undo, 8 * lane_t + 4);
           }
           xw[u][0] = x0.x; xw[u][1] = x0.y; xw[u][2] = x0.z; xw[u][3] = x0.w;
           xw[u][4] = x1.x; xw[u][5] = x1.y; xw[u][6] = x1.z; xw[u][7] = x1.w;
@@ -839,10 +861,10 @@ __global__ void __launch_bounds__(kV4Threads, 1)
           if (tile >= my_tiles) break;
           uint2 (&cur)[4] = wbuf[(tile >> 1) & 1];
           if (tile + 2 < my_tiles) load_pair(tile + 2, wbuf[((tile >> 1) + 1) & 1]);
-          const float lo0 = __shfl_sync(0xffffffffu, sc[tile >> 1], g);
-          const float hi0 = __shfl_sync(0xffffffffu, sc[tile >> 1], g + 8);
-          const float lo1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 16 + g);
-          const float hi1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 24 + g);
+          const float lo0 = __shfl_sync(0xffffffffu, sc[tile >> 1], lane_g);
+          const float hi0 = __shfl_sync(0xffffffffu, sc[tile >> 1], lane_g + 8);
+          const float lo1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 16 + lane_g);
+          const float hi1 = __shfl_sync(0xffffffffu, sc[tile >> 1], 24 + lane_g);
           tile_step(cur[0], cur[1], xw, lo0, hi0, undo, acc[tile]);
           if (tile + 1 < my_tiles) tile_step(cur[2], cur[3], xw, lo1, hi1, undo, acc[tile + 1]);
         }
@@ -850,7 +872,7 @@ __global__ void __launch_bounds__(kV4Threads, 1)
         mbar_wait(full0 + 8 * s, parity);
       }
       __syncwarp();
-      if (lane == 0) mbar_arrive(empty0 + 8 * s);
+      if (lane_g + lane_t == 0) mbar_arrive(empty0 + 8 * s);
       if (++s == S) {
         s = 0;
         parity ^= 1u;
@@ -891,11 +913,18 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   } else {
     consume(std::integral_constant<int, kWarpMaxTiles>{});
   }
+  // The epilogue's elements (r, m), i = r M + m: thread tid takes token m_mine = tid % M of the
+  // CTA's rows tid / M + k rows_pass (threads at or past rows_pass M: none), so bf16 x's undo
+  // factor is one load a thread, issued before the barrier, and an element takes no division.
+  // (Per element, i / M, i % M and an L2 round trip for a.x_undo[m]: ~1.8 us from the sums to
+  // the end at 4096 -> 14336, M = 16, in run 284's timeline.)
+  const int m_mine = tid % M, rows_pass = kV4ConsumerThreads / M;
+  const bool epilogue_thread = tid < rows_pass * M;
+  const float undo_mine = kXHalf ? a.x_undo[m_mine] : 1.f;
   consumers_sync();
   NF4_MARK(tid == 0, kTimelineSummed);
-  // y[m][row0 + r] for i = r M + m: this CTA's sum (over the warps, in warp order)
-  auto cta_sum = [&](int i) {
-    const int m = i % M, r = i / M;  // r: the CTA's row
+  // y[m][row0 + r]: this CTA's sum (over the warps, in warp order)
+  auto cta_sum = [&](int r, int m) {
     const int mma_row = v4_row_swap(r & 15);  // (its own inverse)
     float v = 0.f;
 #pragma unroll
@@ -909,9 +938,10 @@ __global__ void __launch_bounds__(kV4Threads, 1)
     // then one arrival per warp on that CTA's barrier. The wait: that CTA's barrier exists.
     asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
     const uint32_t remote = cluster_addr(smem_addr(sums_in), 0u);
-    for (int i = tid; i < rows * M; i += kV4ConsumerThreads)
-      asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(remote + 4u * (uint32_t)i),
-                   "f"(cta_sum(i))
+    for (int r = tid / M; epilogue_thread && r < rows; r += rows_pass)
+      asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(
+                       remote + 4u * (uint32_t)(r * M + m_mine)),
+                   "f"(cta_sum(r, m_mine))
                    : "memory");
     asm volatile("fence.acq_rel.cluster;\n" ::: "memory");
     __syncwarp();
@@ -935,11 +965,11 @@ __global__ void __launch_bounds__(kV4Threads, 1)
   }
   const T* bias = static_cast<const T*>(a.bias);
   T* y = static_cast<T*>(a.y);
-  for (int i = tid; i < rows * M; i += kV4ConsumerThreads) {
-    const int m = i % M, r = i / M;  // r: the CTA's row
-    float v = cta_sum(i);
-    if (KPARTS > 1) v += sums_in[i];  // (the parts in order: deterministic)
-    if (kXHalf) v *= a.x_undo[m];  // (a power of two: exact)
+  for (int r = tid / M; epilogue_thread && r < rows; r += rows_pass) {
+    const int m = m_mine;
+    float v = cta_sum(r, m);
+    if (KPARTS > 1) v += sums_in[r * M + m];  // (the parts in order: deterministic)
+    if (kXHalf) v *= undo_mine;  // (a power of two: exact)
     if (bias) v += to_f32(bias[row0 + r]);
     // round(round(x Wᵀ + bias) + term), as v3 (add_low_rank's roundings)
     if (lr.xa) v = to_f32(from_f32<T>(v)) + lora_term<T>(lr, m, row0 + r);
